@@ -1,0 +1,166 @@
+"""Datasets and minibatch index schedules.
+
+Datasets are plain NumPy arrays in a frozen dataclass; they are validated here, at
+the data boundary, so that bad values never reach a compiled step.
+
+Two schedules, both ``[num_steps, batch_size]`` int32 index arrays built up front so a
+whole run can be one ``lax.scan``:
+
+* ``seed_schedule`` — the seed's "epoch": every step draws ``batch_size`` distinct
+  indices at random (``randperm(n)[:batch_size]``), independently of other steps.
+  kdjax calls these *steps*.
+* ``epoch_schedule`` — real epochs: each epoch is a fresh permutation cut into
+  ``n // batch_size`` minibatches (the ragged tail is dropped so shapes stay static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Dataset", "synthetic", "digits", "load_npz", "validate_arrays",
+           "seed_schedule", "epoch_schedule"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train/test arrays: ``x`` float ``[n, features]``, ``y`` int32 ``[n]``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def validate_arrays(x, y, where: str, num_classes: int | None = None):
+    """Check one (features, labels) pair; return them as (float32, int32) NumPy arrays.
+
+    Raises ValueError/TypeError naming ``where``, what was expected and what came.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2:
+        raise ValueError(f"{where}: expected features of shape [n, features], got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"{where}: expected numeric features, got dtype {x.dtype}")
+    if y.ndim != 1:
+        raise ValueError(f"{where}: expected labels of shape [n], got shape {y.shape}")
+    if len(x) != len(y):
+        raise ValueError(f"{where}: expected as many labels as examples ({len(x)}), got {len(y)}")
+    if len(x) == 0:
+        raise ValueError(f"{where}: expected at least one example, got 0")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
+            raise TypeError(f"{where}: expected integer class labels, got dtype {y.dtype}")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.sum(~np.isfinite(x)))
+        raise ValueError(f"{where}: expected finite features, got {bad} NaN/inf values")
+    if y.min() < 0:
+        raise ValueError(f"{where}: expected labels >= 0, got minimum label {y.min()}")
+    if num_classes is not None and y.max() >= num_classes:
+        raise ValueError(f"{where}: expected labels < {num_classes}, got maximum label {y.max()}")
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _make(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
+    x_train, y_train = validate_arrays(x_train, y_train, f"{name} train")
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), np.asarray(y_test).max() if len(y_test) else 0)) + 1
+    x_train, y_train = validate_arrays(x_train, y_train, f"{name} train", num_classes)
+    x_test, y_test = validate_arrays(x_test, y_test, f"{name} test", num_classes)
+    if x_test.shape[1] != x_train.shape[1]:
+        raise ValueError(f"{name}: expected test features of width {x_train.shape[1]} "
+                         f"(as train), got {x_test.shape[1]}")
+    return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes))
+
+
+def synthetic(num_samples: int = 500, input_dim: int = 50, num_classes: int = 5,
+              seed: int = 42, test_samples: int = 500) -> Dataset:
+    """The seed's data: x ~ N(0, 1), labels uniform in [0, num_classes), independent of x.
+
+    The labels carry no signal, so held-out accuracy is chance (1 / num_classes);
+    training accuracy measures memorisation, as in the seed.
+    """
+    rng = np.random.default_rng(seed)
+    n = num_samples + test_samples
+    x = rng.standard_normal((n, input_dim), dtype=np.float32)
+    y = rng.integers(0, num_classes, size=n).astype(np.int32)
+    return _make("synthetic", x[:num_samples], y[:num_samples], x[num_samples:],
+                 y[num_samples:], num_classes)
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download).
+
+    Stratified train/test split; features scaled to [0, 1] (pixel values are 0..16).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the digits data set needs scikit-learn: pip install 'kdjax[cli]'") from e
+    bunch = load_digits()
+    x, y = bunch.data.astype(np.float32) / 16.0, bunch.target.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test[idx[: int(round(test_fraction * len(idx)))]] = True
+    return _make("digits", x[~test], y[~test], x[test], y[test], 10)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_npz(path: str | os.PathLike) -> Dataset:
+    """Load a user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: expected an existing .npz file, got no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise ValueError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, "
+                                 f"missing {', '.join(missing)} (found {', '.join(f.files) or 'none'})")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+    except ValueError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, OSError, pickle refusal, ...
+        raise ValueError(f"{path}: expected a readable .npz archive, got {type(e).__name__}: {e}") from e
+    name = os.path.basename(path)
+    return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+
+
+def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: str):
+    if batch_size < 1 or batch_size > num_samples:
+        raise ValueError(f"batch_size: expected 1 <= batch_size <= {num_samples} (examples), "
+                         f"got {batch_size}")
+    if count < 1:
+        raise ValueError(f"{what}: expected a positive count, got {count}")
+
+
+def seed_schedule(rng: jax.Array, num_samples: int, batch_size: int, steps: int) -> jax.Array:
+    """``[steps, batch_size]`` indices; row k = a random permutation of n, first batch_size."""
+    _check_schedule_args(num_samples, batch_size, steps, "steps")
+    keys = jax.random.split(rng, steps)
+    rows = jax.vmap(lambda k: jax.random.permutation(k, num_samples)[:batch_size])(keys)
+    return rows.astype(jnp.int32)
+
+
+def epoch_schedule(rng: jax.Array, num_samples: int, batch_size: int, epochs: int) -> jax.Array:
+    """``[epochs * (n // batch_size), batch_size]`` indices: shuffled passes over the data."""
+    _check_schedule_args(num_samples, batch_size, epochs, "epochs")
+    per_epoch = num_samples // batch_size
+    keys = jax.random.split(rng, epochs)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num_samples))(keys)
+    rows = perms[:, : per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
+    return rows.astype(jnp.int32)

@@ -1,0 +1,87 @@
+"""Teacher and student MLPs (flax.linen) with the seed's architectures.
+
+Layer names match the PyTorch seed (``fc1`` ...), so ``kdjax.convert`` maps a
+``state_dict`` by name. Kernels are stored ``[in, out]`` (Flax) where PyTorch
+stores ``[out, in]``.
+
+Default init is PyTorch's ``nn.Linear`` init: weight and bias both drawn from
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that
+bound), so training from scratch behaves statistically like the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+__all__ = ["TeacherMLP", "StudentMLP", "torch_linear_init", "param_count"]
+
+
+def torch_linear_init(fan_in: int):
+    """Initializer for U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's nn.Linear."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _linear(features: int, fan_in: int, name: str, dtype) -> nn.Dense:
+    init = torch_linear_init(fan_in)
+    return nn.Dense(features, name=name, kernel_init=init, bias_init=init,
+                    dtype=dtype, param_dtype=dtype)
+
+
+def _check_input(x, where: str):
+    if x.ndim != 2:
+        raise ValueError(f"{where}: expected inputs of shape [batch, features], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where}: expected floating-point inputs, got dtype {x.dtype}")
+
+
+class TeacherMLP(nn.Module):
+    """fc1 -> relu -> dropout -> fc2 -> relu -> dropout -> fc3 -> relu -> fc4.
+
+    Widths: hidden, hidden, hidden // 2, num_classes. Dropout (rate ``dropout_rate``)
+    is active only when called with ``train=True`` and an ``rngs={"dropout": key}``.
+    """
+
+    hidden_dim: int = 256
+    num_classes: int = 5
+    dropout_rate: float = 0.3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        _check_input(x, "TeacherMLP")
+        h, d = self.hidden_dim, self.dtype
+        x = nn.relu(_linear(h, x.shape[-1], "fc1", d)(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout1")(x)
+        x = nn.relu(_linear(h, h, "fc2", d)(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout2")(x)
+        x = nn.relu(_linear(h // 2, h, "fc3", d)(x))
+        return _linear(self.num_classes, h // 2, "fc4", d)(x)
+
+
+class StudentMLP(nn.Module):
+    """fc1 -> relu -> fc2. ``train`` is accepted (and ignored) for a uniform API."""
+
+    hidden_dim: int = 64
+    num_classes: int = 5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # no dropout in the student
+        _check_input(x, "StudentMLP")
+        x = nn.relu(_linear(self.hidden_dim, x.shape[-1], "fc1", self.dtype)(x))
+        return _linear(self.num_classes, self.hidden_dim, "fc2", self.dtype)(x)
+
+
+def param_count(params) -> int:
+    """Total number of scalars in a params pytree."""
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

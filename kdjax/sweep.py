@@ -1,0 +1,83 @@
+"""Many students as one compiled program: ``vmap`` over (temperature, alpha, seed).
+
+Each member of a sweep has its own init, index schedule and dropout key (from its
+seed) and its own temperature/alpha (traced arrays); the data and the cached teacher
+logits are shared. N students cost about N students of compute and one compilation,
+and a new grid of values with the same size reuses that compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.data import epoch_schedule, seed_schedule
+from kdjax.train import create_train_state, evaluate, make_hyper, make_train_step, run_steps
+
+__all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
+           "evaluate_members", "sweep_hyper"]
+
+
+def grid(temperatures: Sequence[float], alphas: Sequence[float], seeds: Sequence[int]):
+    """Flatten the Cartesian product into three equal-length NumPy arrays (T-major)."""
+    rows = list(itertools.product(temperatures, alphas, seeds))
+    if not rows:
+        raise ValueError("grid: expected at least one temperature, alpha and seed, got an empty axis")
+    t, a, s = (np.asarray(col) for col in zip(*rows))
+    return t.astype(np.float64), a.astype(np.float64), s.astype(np.int64)
+
+
+def member_keys(seeds) -> dict[str, jax.Array]:
+    """Per-member keys for init, schedule and dropout, derived from integer seeds."""
+    base = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(base)
+    return {"init": split[:, 0], "schedule": split[:, 1], "dropout": split[:, 2]}
+
+
+def init_members(model, init_keys, input_dim: int, learning_rate=1e-3):
+    """A batched ``TrainState``: one member per key (leading axis N)."""
+    make = functools.partial(create_train_state, model, input_dim=input_dim,
+                             learning_rate=learning_rate)
+    return jax.vmap(make)(init_keys)
+
+
+def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
+                     epochs: int | None = None):
+    """``[N, steps, batch]`` schedules: the seed's random minibatches, or real epochs."""
+    if (steps is None) == (epochs is None):
+        raise ValueError("member_schedules: expected exactly one of steps or epochs")
+    if steps is not None:
+        make = functools.partial(seed_schedule, num_samples=num_samples,
+                                 batch_size=batch_size, steps=steps)
+    else:
+        make = functools.partial(epoch_schedule, num_samples=num_samples,
+                                 batch_size=batch_size, epochs=epochs)
+    return jax.vmap(make)(schedule_keys)
+
+
+def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None):
+    """Jitted ``vmap`` of ``run_steps`` over members.
+
+    Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``schedules``,
+    ``rngs`` and the fields of ``hyper`` batched on axis 0 and ``data`` shared.
+    """
+    step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
+    run = functools.partial(run_steps, step=step)
+    hyper_axes = 0 if objective == "kd" else None
+    vrun = jax.vmap(run, in_axes=(0, None, 0, 0, hyper_axes))
+    return jax.jit(vrun, donate_argnums=0)
+
+
+def evaluate_members(model, params, x, y):
+    """``evaluate`` for every member: ``{"loss": [N], "accuracy": [N]}``."""
+    return jax.vmap(functools.partial(evaluate, model), in_axes=(0, None, None))(params, x, y)
+
+
+def sweep_hyper(temperatures, alphas, dtype=jnp.float32):
+    """Validated, batched ``Hyper`` for a sweep."""
+    return make_hyper(np.asarray(temperatures), np.asarray(alphas), dtype)

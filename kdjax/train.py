@@ -1,0 +1,205 @@
+"""Train state, the pure train step, fused (``lax.scan``) runs and evaluation.
+
+The whole training story in one place:
+
+* ``TrainState`` holds only arrays (step, params, optimizer state), so it can be
+  donated, vmapped and checkpointed; the model and optimizer are bound into the
+  step with ``functools.partial`` (changing them is a new program, by design).
+* ``train_step(state, batch, rng, hyper, teacher_params)`` is one optimizer step for
+  one of two objectives: ``"ce"`` (cross-entropy; the teacher and the standard
+  student) or ``"kd"`` (``distillation_loss`` against a frozen teacher).
+* ``run_steps`` scans that step over a precomputed ``[steps, batch]`` index schedule
+  with the whole dataset on device: one compiled program per run (or per chunk).
+* Hyperparameters are traced: temperature and alpha live in ``Hyper``, the learning
+  rate in the optimizer state (``optax.inject_hyperparams``). New values reuse the
+  compiled program.
+
+Dropout keys are ``fold_in(rng, state.step)``: a run is a function of its base key and
+the step count only, so chunked, looped, fused and resumed runs agree exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard_ce
+
+__all__ = ["TrainState", "Hyper", "make_hyper", "adam", "create_train_state",
+           "train_step", "make_train_step", "run_steps", "make_run", "predict_logits",
+           "evaluate", "set_learning_rate", "OBJECTIVES"]
+
+OBJECTIVES = ("ce", "kd")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; arrays only."""
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class Hyper:
+    """Distillation hyperparameters as arrays (scalars, or ``[n]`` inside a vmapped sweep).
+
+    Build with ``make_hyper``, which validates and fixes the dtype, so every call with
+    new values hits the same compiled program.
+    """
+
+    temperature: jax.Array
+    alpha: jax.Array
+
+
+def make_hyper(temperature=3.0, alpha=0.7, dtype=jnp.float32) -> Hyper:
+    """Validated ``Hyper``: temperature finite and > 0, alpha in [0, 1] (each element)."""
+    for t in np.ravel(np.asarray(temperature, dtype=np.float64)):
+        check_temperature(t)
+    for a in np.ravel(np.asarray(alpha, dtype=np.float64)):
+        check_alpha(a)
+    return Hyper(jnp.asarray(temperature, dtype), jnp.asarray(alpha, dtype))
+
+
+def adam(learning_rate=1e-3, dtype=jnp.float32) -> optax.GradientTransformation:
+    """The seed's optimizer, ``torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8)``.
+
+    The learning rate is injected into the optimizer state (a traced array), so
+    changing it does not recompile; the betas and eps are static constants.
+    """
+    factory = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"),
+                                       hyperparam_dtype=dtype)
+    return factory(learning_rate=learning_rate)
+
+
+def create_train_state(model, rng: jax.Array, input_dim: int, *, learning_rate=1e-3,
+                       tx: optax.GradientTransformation | None = None) -> TrainState:
+    """Initialise ``model`` for ``[batch, input_dim]`` inputs and its optimizer state.
+
+    ``tx`` defaults to ``adam(learning_rate)`` in the model's dtype.
+    """
+    if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
+        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
+    lr = float(learning_rate)
+    if not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
+    dtype = getattr(model, "dtype", jnp.float32)
+    params = model.init(rng, jnp.zeros((1, int(input_dim)), dtype))["params"]
+    tx = adam(lr, dtype) if tx is None else tx
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def set_learning_rate(state: TrainState, learning_rate) -> TrainState:
+    """Same state with a new learning rate (for states built with ``kdjax.adam``)."""
+    hp = state.opt_state.hyperparams
+    new = dict(hp, learning_rate=jnp.asarray(learning_rate, hp["learning_rate"].dtype))
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=new))
+
+
+def _loss_fn(params, batch, rng, hyper, teacher_params, *, model, objective, teacher):
+    logits = model.apply({"params": params}, batch["x"], train=True, rngs={"dropout": rng})
+    if objective == "ce":
+        return jnp.mean(hard_ce(logits, batch["y"]))
+    if "teacher_logits" in batch:
+        t_logits = batch["teacher_logits"]
+    else:
+        t_logits = teacher.apply({"params": teacher_params}, batch["x"], train=False)
+    return distillation_loss(logits, t_logits, batch["y"], hyper.temperature, hyper.alpha)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
+               hyper: Hyper | None = None, teacher_params=None, *, model, tx,
+               objective: str = "kd", teacher=None):
+    """One optimizer step. Pure: returns ``(new_state, {"loss": loss})``.
+
+    Args:
+      state: the ``TrainState`` to update.
+      batch: ``{"x": [B, D], "y": [B]}`` plus, for ``objective="kd"``, either
+        ``"teacher_logits": [B, C]`` (cached) or nothing, in which case the teacher
+        runs online (eval mode) from ``teacher_params``.
+      rng: base key; dropout uses ``fold_in(rng, state.step)``.
+      hyper: temperature and alpha (``objective="kd"`` only).
+      teacher_params: the frozen teacher's params (online distillation only).
+      model, tx, objective, teacher: bound with ``functools.partial``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if objective == "kd":
+        if hyper is None:
+            raise ValueError("hyper: objective 'kd' needs a Hyper (see kdjax.make_hyper), got None")
+        if "teacher_logits" not in batch and (teacher is None or teacher_params is None):
+            raise ValueError("objective 'kd': expected batch['teacher_logits'] or both a bound "
+                             "teacher and teacher_params, got neither")
+    key = jax.random.fold_in(rng, state.step)
+    loss_fn = functools.partial(_loss_fn, model=model, objective=objective, teacher=teacher)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, hyper, teacher_params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+
+
+def make_train_step(model, objective: str = "kd", *, tx=None, teacher=None, jit: bool = True):
+    """Bind ``model``/``tx``/``objective``/``teacher`` into ``train_step``; jit with donation.
+
+    With ``jit=False`` the pure, unjitted step is returned (to scan, vmap or wrap).
+    The jitted step donates ``state``: do not reuse the state you passed in.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    tx = adam() if tx is None else tx
+    step = functools.partial(train_step, model=model, tx=tx, objective=objective, teacher=teacher)
+    return jax.jit(step, donate_argnums=0) if jit else step
+
+
+def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Array,
+              rng: jax.Array, hyper: Hyper | None = None, teacher_params=None, *, step):
+    """Many steps as one ``lax.scan``: batch k is ``data[schedule[k]]``.
+
+    Args:
+      data: full arrays on device, ``{"x", "y"}`` and optionally ``"teacher_logits"``
+        (cached teacher outputs for every example).
+      schedule: ``[steps, batch]`` int indices (``kdjax.data.seed_schedule`` or
+        ``epoch_schedule``).
+      step: an unjitted step from ``make_train_step(..., jit=False)``.
+
+    Returns:
+      ``(final_state, {"loss": [steps]})``.
+    """
+
+    def body(state, idx):
+        batch = {name: jnp.take(arr, idx, axis=0) for name, arr in data.items()}
+        return step(state, batch, rng, hyper, teacher_params)
+
+    return jax.lax.scan(body, state, schedule)
+
+
+def make_run(model, objective: str = "kd", *, tx=None, teacher=None):
+    """A jitted, state-donating ``run_steps`` for this model and objective.
+
+    Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The program is
+    compiled once per (shapes, dtypes); feed it fixed-size chunks of the schedule to
+    drive a progress bar without recompiling.
+    """
+    step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
+    return jax.jit(functools.partial(run_steps, step=step), donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict_logits(model, params, x):
+    """Eval-mode logits (no dropout) of ``model`` on ``x``: the teacher-logit cache."""
+    return model.apply({"params": params}, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def evaluate(model, params, x, y):
+    """``{"loss": mean CE, "accuracy": fraction correct}`` of ``model`` (eval mode) on (x, y)."""
+    logits = model.apply({"params": params}, x, train=False)
+    return {"loss": jnp.mean(hard_ce(logits, y)),
+            "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))}
