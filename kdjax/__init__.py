@@ -20,6 +20,7 @@ from kdjax.train import (
     predict_logits,
     run_steps,
     set_learning_rate,
+    state_from_params,
     train_step,
 )
 
@@ -31,5 +32,5 @@ __all__ = [
     "StudentMLP", "TeacherMLP", "param_count",
     "Hyper", "TrainState", "adam", "create_train_state", "evaluate", "make_hyper",
     "make_run", "make_train_step", "predict_logits", "run_steps", "set_learning_rate",
-    "train_step",
+    "state_from_params", "train_step",
 ]

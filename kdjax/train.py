@@ -33,7 +33,7 @@ from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard
 
 __all__ = ["TrainState", "Hyper", "make_hyper", "adam", "create_train_state",
            "train_step", "make_train_step", "run_steps", "make_run", "predict_logits",
-           "evaluate", "set_learning_rate", "OBJECTIVES"]
+           "evaluate", "set_learning_rate", "state_from_params", "OBJECTIVES"]
 
 OBJECTIVES = ("ce", "kd")
 
@@ -93,6 +93,15 @@ def create_train_state(model, rng: jax.Array, input_dim: int, *, learning_rate=1
     dtype = getattr(model, "dtype", jnp.float32)
     params = model.init(rng, jnp.zeros((1, int(input_dim)), dtype))["params"]
     tx = adam(lr, dtype) if tx is None else tx
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_from_params(params, *, learning_rate=1e-3, tx=None) -> TrainState:
+    """A fresh ``TrainState`` (step 0, new optimizer state) around existing params,
+    e.g. weights converted from PyTorch with ``kdjax.convert.torch_to_flax``."""
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    tx = adam(float(learning_rate), dtype) if tx is None else tx
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

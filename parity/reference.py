@@ -1,0 +1,91 @@
+"""A small PyTorch implementation of the seed's semantics, written for parity checks.
+
+Same models, loss, optimizer and training loops as ``08_distillation.py``, with two
+doors left open so kdjax and this reference can be fed identical inputs:
+
+* the minibatch index schedule is passed in (``[steps, batch]`` indices) instead of
+  drawn inside the loop with ``torch.randperm``;
+* the teacher's dropout masks can be passed in (``[2, batch, hidden]`` 0/1 per step).
+
+Works in float32 and float64 (``model.double()``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TeacherMLP(nn.Module):
+    def __init__(self, input_dim: int, hidden_dim: int = 256, num_classes: int = 5, p: float = 0.3):
+        super().__init__()
+        self.p = p
+        self.fc1 = nn.Linear(input_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.fc3 = nn.Linear(hidden_dim, hidden_dim // 2)
+        self.fc4 = nn.Linear(hidden_dim // 2, num_classes)
+
+    def _dropout(self, h, mask):
+        if mask is not None:  # injected keep-mask, scaled as inverted dropout
+            return h * mask / (1 - self.p)
+        return F.dropout(h, self.p, self.training)
+
+    def forward(self, x, masks=None):
+        m1, m2 = (None, None) if masks is None else masks
+        h = self._dropout(F.relu(self.fc1(x)), m1)
+        h = self._dropout(F.relu(self.fc2(h)), m2)
+        return self.fc4(F.relu(self.fc3(h)))
+
+
+class StudentMLP(nn.Module):
+    def __init__(self, input_dim: int, hidden_dim: int = 64, num_classes: int = 5):
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x, masks=None):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def soft_term(student_logits, teacher_logits, temperature):
+    """kl_div(log_softmax(s/T), softmax(t/T), 'batchmean'), not yet scaled by T^2."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+
+
+def hard_term(student_logits, labels):
+    return F.cross_entropy(student_logits, labels)
+
+
+def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, alpha=0.7):
+    soft = soft_term(student_logits, teacher_logits, temperature) * temperature**2
+    return alpha * soft + (1 - alpha) * hard_term(student_logits, labels)
+
+
+def train(model, x, y, schedule, *, objective="ce", teacher=None, temperature=3.0, alpha=0.7,
+          lr=1e-3, masks=None):
+    """The seed's loop: one Adam step per row of ``schedule``; returns the per-step losses.
+
+    ``objective`` is "ce" (teacher or standard student) or "kd" (distil from ``teacher``
+    in eval mode). ``masks[k]`` are the teacher's dropout masks for step k (optional).
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if teacher is not None:
+        teacher.eval()
+    losses = []
+    for k, idx in enumerate(schedule):
+        model.train()
+        xb, yb = x[idx], y[idx]
+        opt.zero_grad()
+        logits = model(xb, None if masks is None else masks[k])
+        if objective == "ce":
+            loss = F.cross_entropy(logits, yb)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(xb)
+            loss = distillation_loss(logits, t_logits, yb, temperature, alpha)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,54 @@
+"""A suite that cannot fail proves nothing: break kdjax's loss on purpose, watch parity fail."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("torch")
+
+import kdjax.losses as L  # noqa: E402
+import kdjax.train  # noqa: E402
+from parity.checks import Ctx, run_check  # noqa: E402
+
+original_soft_kl = L.soft_kl
+
+
+def kl_mean_over_classes(s, t, temperature=1.0):
+    """'mean' reduction: also divides by the number of classes."""
+    return original_soft_kl(s, t, temperature) / s.shape[-1]
+
+
+def kl_swapped(s, t, temperature=1.0):
+    """KL(student || teacher) instead of KL(teacher || student)."""
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(t) / temperature, -1)
+    log_q = jax.nn.log_softmax(s / temperature, -1)
+    return jnp.sum(jnp.exp(log_q) * (log_q - log_p), -1)
+
+
+def loss_without_t2(s, t, y, temperature=3.0, alpha=0.7):
+    soft = jnp.mean(L.soft_kl(s, t, temperature))
+    return alpha * soft + (1 - alpha) * jnp.mean(L.hard_ce(s, y))
+
+
+MUTANTS = {
+    "drop T^2": ("distillation_loss", loss_without_t2),
+    "KL 'mean' not 'batchmean'": ("soft_kl", kl_mean_over_classes),
+    "student/teacher swapped in KL": ("soft_kl", kl_swapped),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_parity_catches_mutant(mutant, monkeypatch):
+    attr, fn = MUTANTS[mutant]
+    monkeypatch.setattr(L, attr, fn)
+    if hasattr(kdjax.train, attr):
+        monkeypatch.setattr(kdjax.train, attr, fn)
+    for dtype in ("float64", "float32"):
+        rows = run_check("loss", Ctx(dtype)) + run_check("grads", Ctx(dtype))
+        failed = [r.name for r in rows if not r.passed]
+        assert failed, f"parity did not notice the mutant '{mutant}' in {dtype}"
+
+
+def test_unmutated_loss_passes():
+    rows = run_check("loss", Ctx("float64")) + run_check("grads", Ctx("float64"))
+    assert all(r.passed for r in rows)
