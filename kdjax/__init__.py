@@ -7,7 +7,7 @@ fused runs in ``kdjax.train``, data and schedules in ``kdjax.data``, vmapped swe
 
 from kdjax import convert, data, losses, models, sweep, train
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
-from kdjax.models import StudentMLP, TeacherMLP, param_count
+from kdjax.models import MLP, StudentMLP, TeacherMLP, param_count
 from kdjax.train import (
     Hyper,
     TrainState,
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "convert", "data", "losses", "models", "sweep", "train",
     "distillation_loss", "hard_ce", "soft_kl",
-    "StudentMLP", "TeacherMLP", "param_count",
+    "MLP", "StudentMLP", "TeacherMLP", "param_count",
     "Hyper", "TrainState", "adam", "create_train_state", "evaluate", "make_hyper",
     "make_run", "make_train_step", "predict_logits", "run_steps", "set_learning_rate",
     "state_from_params", "train_step",

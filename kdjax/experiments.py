@@ -1,14 +1,15 @@
 """Whole training runs on a ``Dataset``: one model, or many seeds/hyperparameters at once.
 
 These are the workflows the CLI runs, as library functions returning arrays and
-plain dicts. Each run is a compiled ``lax.scan`` fed in chunks so a progress
-callback can fire between chunks (no per-step host round trip).
+plain dicts. Each run is a compiled ``lax.scan`` fed in chunks, so a callback can
+move a progress bar or evaluate between chunks (no per-step host round trip).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -17,11 +18,12 @@ import numpy as np
 
 from kdjax import sweep
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
-from kdjax.train import Hyper, create_train_state, make_run, predict_logits
+from kdjax.train import Hyper, create_train_state, evaluate, make_run, predict_logits
 
-__all__ = ["RunConfig", "fit", "fit_members", "teacher_logits_for"]
+__all__ = ["RunConfig", "fit", "fit_members", "teacher_logits_for", "evaluate_on", "mean_ci"]
 
-Progress = Callable[[int, int], None]  # (steps done, steps total)
+# on_chunk(steps done, steps total, state): called after every compiled chunk
+OnChunk = Callable[[int, int, object], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,7 @@ class RunConfig:
             raise ValueError(f"epochs: expected a positive int, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {self.batch_size}")
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
     def schedule(self, key, num_samples: int):
@@ -52,33 +54,56 @@ class RunConfig:
             return epoch_schedule(key, num_samples, self.batch_size, self.epochs)
         return seed_schedule(key, num_samples, self.batch_size, self.steps)
 
+    def describe(self) -> str:
+        if self.epochs is not None:
+            return f"{self.epochs} epochs (shuffled passes) of batch {self.batch_size}"
+        return f"{self.steps} steps (one random minibatch of {self.batch_size} each)"
+
 
 @functools.lru_cache(maxsize=None)
-def _run(model, objective, members: bool):
-    # One compiled program per (model, objective), reused by every later fit.
-    return sweep.make_sweep_run(model, objective) if members else make_run(model, objective)
+def _run(model, objective, members: bool, shared_schedule: bool = False,
+         member_teacher_logits: bool = False):
+    # One compiled program per configuration, reused by every later fit.
+    if members:
+        return sweep.make_sweep_run(model, objective, shared_schedule=shared_schedule,
+                                    member_teacher_logits=member_teacher_logits)
+    return make_run(model, objective)
 
 
-def _chunks(total: int, pieces: int = 20) -> list[tuple[int, int]]:
-    size = max(1, -(-total // pieces))
+def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
+    size = size or max(1, -(-total // 20))  # ~20 chunks for a progress bar
     return [(a, min(a + size, total)) for a in range(0, total, size)]
 
 
 def _device_data(ds: Dataset, teacher_logits=None) -> dict:
     d = {"x": jnp.asarray(ds.x_train), "y": jnp.asarray(ds.y_train)}
     if teacher_logits is not None:
-        d["teacher_logits"] = teacher_logits
+        d["teacher_logits"] = jnp.asarray(teacher_logits)
     return d
 
 
-def teacher_logits_for(teacher, teacher_params, ds: Dataset):
-    """The eval-mode teacher's logits on every training example (computed once)."""
-    return predict_logits(teacher, teacher_params, jnp.asarray(ds.x_train))
+def teacher_logits_for(teacher, teacher_params, ds: Dataset, members: bool = False):
+    """The eval-mode teacher's logits on every training example (computed once).
+
+    With ``members=True``, ``teacher_params`` is batched (one teacher per member) and
+    the result is ``[N, n, classes]``.
+    """
+    x = jnp.asarray(ds.x_train)
+    if members:
+        return jax.vmap(functools.partial(predict_logits, teacher), in_axes=(0, None))(teacher_params, x)
+    return predict_logits(teacher, teacher_params, x)
+
+
+def evaluate_on(model, params, x, y, members: bool = False) -> dict:
+    """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    out = sweep.evaluate_members(model, params, x, y) if members else evaluate(model, params, x, y)
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
         hyper: Hyper | None = None, teacher_logits=None, state=None,
-        progress: Progress | None = None):
+        chunk: int | None = None, on_chunk: OnChunk | None = None):
     """Train one model; returns ``(state, losses [steps] as NumPy)``.
 
     Keys come from ``seed`` exactly as in ``fit_members``, so member i of a sweep
@@ -92,31 +117,53 @@ def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
     data = _device_data(ds, teacher_logits)
     run, losses = _run(model, objective, False), []
     args = (hyper,) if objective == "kd" else ()
-    for a, b in _chunks(len(schedule)):
+    for a, b in _chunks(len(schedule), chunk):
         state, m = run(state, data, schedule[a:b], keys["dropout"], *args)
         losses.append(m["loss"])
-        if progress is not None:
-            progress(b, len(schedule))
+        if on_chunk is not None:
+            on_chunk(b, len(schedule), state)
     return state, np.asarray(jnp.concatenate(losses))
 
 
 def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                 hyper: Hyper | None = None, teacher_logits=None,
-                progress: Progress | None = None):
+                chunk: int | None = None, on_chunk: OnChunk | None = None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
-    ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``.
+    ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
+    ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
+    member). Members with equal seeds share init and minibatches (a paired design);
+    when all seeds are equal, one schedule is shared by all members.
     Returns ``(batched state, losses [N, steps] as NumPy)``.
     """
+    seeds = np.asarray(seeds)
     keys = sweep.member_keys(seeds)
-    schedules = jax.vmap(functools.partial(cfg.schedule, num_samples=len(ds.y_train)))(keys["schedule"])
+    shared = len(set(seeds.tolist())) == 1
+    if shared:
+        schedules = cfg.schedule(keys["schedule"][0], len(ds.y_train))
+    else:
+        schedules = jax.vmap(functools.partial(cfg.schedule, num_samples=len(ds.y_train)))(keys["schedule"])
     states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
+    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
     data = _device_data(ds, teacher_logits)
-    run, losses = _run(model, objective, True), []
+    run, losses = _run(model, objective, True, shared, per_member_teacher), []
     args = (hyper,) if objective == "kd" else (None,)
-    for a, b in _chunks(schedules.shape[1]):
-        states, m = run(states, data, schedules[:, a:b], keys["dropout"], *args)
+    total = schedules.shape[-2]
+    for a, b in _chunks(total, chunk):
+        part = schedules[a:b] if shared else schedules[:, a:b]
+        states, m = run(states, data, part, keys["dropout"], *args)
         losses.append(m["loss"])
-        if progress is not None:
-            progress(b, schedules.shape[1])
+        if on_chunk is not None:
+            on_chunk(b, total, states)
     return states, np.asarray(jnp.concatenate(losses, axis=1))
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (0 for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float(v.mean()), 0.0
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-__all__ = ["TeacherMLP", "StudentMLP", "torch_linear_init", "param_count"]
+__all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "param_count"]
 
 
 def torch_linear_init(fan_in: int):
@@ -80,6 +80,29 @@ class StudentMLP(nn.Module):
         _check_input(x, "StudentMLP")
         x = nn.relu(_linear(self.hidden_dim, x.shape[-1], "fc1", self.dtype)(x))
         return _linear(self.num_classes, self.hidden_dim, "fc2", self.dtype)(x)
+
+
+class MLP(nn.Module):
+    """A plain ReLU MLP: ``fc1 .. fc{k}`` hidden layers of ``hidden_dims``, then ``fc{k+1}``.
+
+    Dropout (``dropout_rate``, default off) after every hidden layer when ``train=True``.
+    E.g. Hinton et al.'s MNIST nets: ``MLP((1200, 1200), 10)`` and ``MLP((800, 800), 10)``.
+    """
+
+    hidden_dims: tuple[int, ...] = (800, 800)
+    num_classes: int = 10
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        _check_input(x, "MLP")
+        widths = (x.shape[-1], *self.hidden_dims)
+        for i, h in enumerate(self.hidden_dims):
+            x = nn.relu(_linear(h, widths[i], f"fc{i + 1}", self.dtype)(x))
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"dropout{i + 1}")(x)
+        return _linear(self.num_classes, widths[-1], f"fc{len(self.hidden_dims) + 1}", self.dtype)(x)
 
 
 def param_count(params) -> int:

@@ -60,16 +60,23 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
     return jax.vmap(make)(schedule_keys)
 
 
-def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None):
+def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
+                   shared_schedule: bool = False, member_teacher_logits: bool = False):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
-    Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``schedules``,
-    ``rngs`` and the fields of ``hyper`` batched on axis 0 and ``data`` shared.
+    Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
+    the fields of ``hyper`` batched on axis 0 and ``data`` shared. ``schedules`` is
+    ``[N, steps, batch]``, or one ``[steps, batch]`` schedule for every member when
+    ``shared_schedule`` (a sweep over temperature x alpha at one seed: every member
+    sees the same minibatches, so the first layer is one wide matmul for all members).
+    With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]``:
+    member i distills from its own teacher (e.g. one teacher per seed).
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     run = functools.partial(run_steps, step=step)
     hyper_axes = 0 if objective == "kd" else None
-    vrun = jax.vmap(run, in_axes=(0, None, 0, 0, hyper_axes))
+    data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
+    vrun = jax.vmap(run, in_axes=(0, data_axes, None if shared_schedule else 0, 0, hyper_axes))
     return jax.jit(vrun, donate_argnums=0)
 
 

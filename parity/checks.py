@@ -205,6 +205,13 @@ def check_forward(ctx: Ctx) -> list[Result]:
             want = mref(ctx.t(x)).cpu().numpy()
         got = mj.apply({"params": to_flax(mref, ctx)}, jnp.asarray(x, ctx.jdtype), train=False)
         out.append(compare(name, ctx, got, want, TOL[ctx.dtype]["logits"]))
+    torch.manual_seed(2)
+    mlp_ref = ref.MLP(D, (40, 30), C).to(ctx.tdtype).to(ctx.torch_device)
+    with torch.no_grad():
+        want = mlp_ref(ctx.t(x)).cpu().numpy()
+    got = kdjax.MLP((40, 30), C, dtype=ctx.jdtype).apply({"params": to_flax(mlp_ref, ctx)},
+                                                         jnp.asarray(x, ctx.jdtype))
+    out.append(compare("forward MLP (benchmark nets)", ctx, got, want, TOL[ctx.dtype]["logits"]))
     return out
 
 

@@ -48,6 +48,22 @@ class StudentMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class MLP(nn.Module):
+    """A plain ReLU MLP (fc1 .. fc{k+1}), no dropout: the benchmarks' hinton/wide nets."""
+
+    def __init__(self, input_dim: int, hidden_dims=(800, 800), num_classes: int = 10):
+        super().__init__()
+        widths = [input_dim, *hidden_dims, num_classes]
+        for i in range(len(widths) - 1):
+            setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
+        self.depth = len(widths) - 1
+
+    def forward(self, x, masks=None):
+        for i in range(1, self.depth):
+            x = F.relu(getattr(self, f"fc{i}")(x))
+        return getattr(self, f"fc{self.depth}")(x)
+
+
 def soft_term(student_logits, teacher_logits, temperature):
     """kl_div(log_softmax(s/T), softmax(t/T), 'batchmean'), not yet scaled by T^2."""
     return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),

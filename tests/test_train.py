@@ -215,3 +215,23 @@ def test_import_kdjax_does_not_import_torch():
     code = "import sys, kdjax, kdjax.convert, kdjax.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shared_schedule_sweep_equals_individual_runs(setup):
+    """A temperature x alpha sweep at one seed: one schedule for all members."""
+    s = setup
+    temps, alphas, seeds = sweep.grid([1.0, 4.0], [0.3, 0.9], [5])
+    keys = sweep.member_keys(seeds)
+    sched = kdata.seed_schedule(keys["schedule"][0], 500, 64, STEPS)
+    run = sweep.make_sweep_run(s["student"], "kd", shared_schedule=True)
+    d = dict(s["d"], teacher_logits=s["tlogits"])
+    final, losses = run(sweep.init_members(s["student"], keys["init"], 50), d, sched,
+                        keys["dropout"], sweep.sweep_hyper(temps, alphas))
+    single = kdjax.make_run(s["student"], "kd")
+    for i in range(4):
+        st = kdjax.create_train_state(s["student"], keys["init"][i], 50)
+        one, one_loss = single(st, d, sched, keys["dropout"][i], kdjax.make_hyper(temps[i], alphas[i]))
+        np.testing.assert_allclose(np.asarray(losses["loss"][i]), np.asarray(one_loss["loss"]),
+                                   rtol=1e-5, atol=1e-6)
+    # members differ only by hyperparameters, and those were used
+    assert not np.allclose(np.asarray(losses["loss"][0]), np.asarray(losses["loss"][3]))

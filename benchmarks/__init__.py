@@ -1,0 +1,1 @@
+"""``python -m benchmarks``: timing of kdjax's hot train step against PyTorch."""

@@ -1,0 +1,111 @@
+"""python -m benchmarks [--preset seed|hinton|wide|all] [--device cpu|gpu|tpu]
+                       [--steps N] [--repeats N] [--json FILE]"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
+    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "all"], default="all")
+    ap.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: per preset)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--impl", nargs="*", default=None,
+                    help="time only these (torch_eager, torch_compile, kdjax_step, kdjax_fused, kdjax_sweep)")
+    ap.add_argument("--json", dest="json_path", default=None)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        print("benchmarks: error: --steps and --repeats must be positive", file=sys.stderr)
+        return 2
+    if args.device:
+        os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[args.device]
+
+    import jax
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.bench import IMPLS, PRESETS, bench_preset, matmul_peak
+
+    which = tuple(args.impl) if args.impl else IMPLS
+    if set(which) - set(IMPLS):
+        print(f"benchmarks: error: --impl expected some of {', '.join(IMPLS)}, got "
+              f"{', '.join(sorted(set(which) - set(IMPLS)))}", file=sys.stderr)
+        return 2
+
+    console = Console(width=max(130, Console().width))
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    dev = jax.devices()[0]
+    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    out = {
+        "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
+        "backend": jax.default_backend(), "torch_device": torch_device,
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": __import__("jaxlib").__version__, "torch": torch.__version__,
+                     "flax": __import__("flax").__version__, "optax": __import__("optax").__version__},
+        "threads": {"cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+        "presets": {},
+    }
+    start = time.perf_counter()
+    with console.status("measuring matmul peak") as status:
+        peak = matmul_peak(torch_device, n=2048 if dev.platform == "cpu" else 8192)
+        out["peak"] = peak
+        out["peak_gflops"] = max(peak["jax"], peak["torch"])
+        for name in names:
+            p = PRESETS[name]
+            if args.steps:
+                p = dataclasses.replace(p, steps=args.steps, sweep_steps=max(1, min(p.sweep_steps, args.steps)))
+            out["presets"][name] = bench_preset(p, args.repeats, torch_device, out["peak_gflops"],
+                                                on_progress=status.update, which=which)
+    out["wall_s"] = time.perf_counter() - start
+
+    console.print(f"device {out['device']}; torch on {torch_device}; {out['versions']}; "
+                  f"threads {out['threads']}")
+    console.print(f"matmul peak (float32, {peak['n']}^3, best of 10): JAX {peak['jax']:.1f} GFLOP/s, "
+                  f"torch {peak['torch']:.1f} GFLOP/s -> peak {out['peak_gflops']:.1f}")
+    for name, res in out["presets"].items():
+        t = Table(title=f"preset {name}: teacher {res['shapes']['teacher']}, student "
+                        f"{res['shapes']['student']}, batch {res['shapes']['batch']}")
+        for col in ("impl", "µs/step med", "min", "max", "steps/s", "GFLOP/s", "% peak",
+                    "compile s", "× torch_eager"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in res["results"].items():
+            if "error" in r:
+                t.add_row(impl, "[red]failed[/]", "", "", "", "", "", "", r["error"][:60])
+                continue
+            us = r["us_per_step"]
+            t.add_row(impl + (" (per student)" if r["per_student_step"] else ""),
+                      f"{us['median']:.1f}", f"{us['min']:.1f}", f"{us['max']:.1f}",
+                      f"{r['steps_per_s']:.0f}", f"{r['gflops']:.2f}", f"{100 * r['frac_peak']:.1f}",
+                      "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
+                      f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.1f}")
+        console.print(t)
+    console.print(f"total {out['wall_s']:.0f} s")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""PNG plots for the CLI (matplotlib, Agg backend). Each writes one file atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from kdjax.checkpoint import atomic_write_bytes
+
+
+def _figure(**kw):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(**kw)
+
+
+def _save(plt, fig, path) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return os.fspath(path)
+
+
+def softmax_temperature(path, logits, temperatures, probs, entropies) -> str:
+    plt, fig, ax = _figure(figsize=(6.5, 4))
+    k = len(logits)
+    width = 0.8 / len(temperatures)
+    for i, (T, p, h) in enumerate(zip(temperatures, probs, entropies)):
+        ax.bar(np.arange(k) + i * width - 0.4 + width / 2, p, width, label=f"T={T:g} (H={h:.2f})")
+    ax.set_xticks(range(k), [f"class {c}\nlogit {z:g}" for c, z in enumerate(logits)])
+    ax.set_ylabel("softmax(z / T)")
+    ax.set_title("Higher temperature -> softer distribution")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def learning_curves(path, curves: dict, title: str) -> str:
+    """curves: name -> [members, steps] per-step minibatch losses (mean and range shown)."""
+    plt, fig, ax = _figure(figsize=(6.5, 4))
+    for name, c in curves.items():
+        c = np.atleast_2d(np.asarray(c))
+        steps = np.arange(1, c.shape[1] + 1)
+        ax.plot(steps, c.mean(0), label=f"{name} (mean of {c.shape[0]})")
+        if c.shape[0] > 1:
+            ax.fill_between(steps, c.min(0), c.max(0), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("minibatch training loss")
+    ax.set_title(title)
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def comparison(path, names, means, halfwidths, gain, title: str, ylabel: str) -> str:
+    """Bars with 95% CIs, plus the paired gain of distillation with its CI."""
+    plt, fig, (ax, ax2) = _figure(ncols=2, figsize=(8, 4), gridspec_kw={"width_ratios": [3, 1]})
+    ax.bar(names, means, yerr=halfwidths, capsize=6, color=["#777", "#4a7", "#47a"][: len(names)])
+    lo = min(m - h for m, h in zip(means, halfwidths))
+    ax.set_ylim(max(0.0, lo - 0.1), min(1.0, max(m + h for m, h in zip(means, halfwidths)) + 0.05))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    g, gh = gain
+    ax2.errorbar([0], [g], yerr=[gh], fmt="o", capsize=8, color="#47a")
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set_xticks([0], ["distilled -\nstandard"])
+    ax2.set_title("paired gain (95% CI)")
+    return _save(plt, fig, path)
+
+
+def hyper_sweeps(path, temps, t_mean, t_ci, alphas, a_mean, a_ci, ylabel: str) -> str:
+    plt, fig, (ax1, ax2) = _figure(ncols=2, figsize=(9, 3.8))
+    ax1.errorbar(temps, t_mean, yerr=t_ci, fmt="o-", capsize=5)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("temperature T (alpha = 0.7)")
+    ax1.set_ylabel(ylabel)
+    ax2.errorbar(alphas, a_mean, yerr=a_ci, fmt="o-", capsize=5, color="C1")
+    ax2.set_xlabel("alpha (T = 3)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def heatmap(path, temps, alphas, values, title: str) -> str:
+    """values: [len(temps), len(alphas)] mean test accuracy."""
+    plt, fig, ax = _figure(figsize=(1.2 * len(alphas) + 2.5, 0.6 * len(temps) + 2))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("temperature")
+    for i in range(len(temps)):
+        for j in range(len(alphas)):
+            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="mean test accuracy")
+    ax.set_title(title)
+    return _save(plt, fig, path)
