@@ -3,8 +3,8 @@
 Datasets are plain NumPy arrays in a frozen dataclass; they are validated here, at
 the data boundary, so that bad values never reach a compiled step.
 
-Two schedules, both ``[num_steps, batch_size]`` int32 index arrays built up front so a
-whole run can be one ``lax.scan``:
+Two schedules, both ``[num_steps, batch_size]`` int32 NumPy index arrays built up front
+(from a JAX key) so a whole run can be one ``lax.scan``:
 
 * ``seed_schedule`` — the seed's "epoch": every step draws ``batch_size`` distinct
   indices at random (``randperm(n)[:batch_size]``), independently of other steps.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -125,17 +126,18 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: expected an existing .npz file, got no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: expected a readable .npz archive, got a file that is not one")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in NPZ_KEYS if k not in f.files]
-            if missing:
-                raise ValueError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, "
-                                 f"missing {', '.join(missing)} (found {', '.join(f.files) or 'none'})")
-            arrays = {k: f[k] for k in NPZ_KEYS}
-    except ValueError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, OSError, pickle refusal, ...
+            found = list(f.files)
+            arrays = {k: f[k] for k in NPZ_KEYS if k in found}
+    except Exception as e:  # zipfile.BadZipFile, OSError, pickled object arrays, ...
         raise ValueError(f"{path}: expected a readable .npz archive, got {type(e).__name__}: {e}") from e
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, missing {', '.join(missing)} "
+                         f"(found {', '.join(found) or 'none'})")
     name = os.path.basename(path)
     return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
 
@@ -148,19 +150,27 @@ def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: st
         raise ValueError(f"{what}: expected a positive count, got {count}")
 
 
-def seed_schedule(rng: jax.Array, num_samples: int, batch_size: int, steps: int) -> jax.Array:
-    """``[steps, batch_size]`` indices; row k = a random permutation of n, first batch_size."""
+def _generator(rng) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key (raw ``uint32[2]`` or typed)."""
+    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return np.random.default_rng(np.asarray(rng, dtype=np.uint32).ravel().tolist())
+
+
+# Schedules are built with NumPy from the key: they are data, not computation, and
+# compiling a vmapped permutation costs about a second on CPU for every new shape.
+def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndarray:
+    """``[steps, batch_size]`` int32 indices; row k = a random permutation of n, first batch_size."""
     _check_schedule_args(num_samples, batch_size, steps, "steps")
-    keys = jax.random.split(rng, steps)
-    rows = jax.vmap(lambda k: jax.random.permutation(k, num_samples)[:batch_size])(keys)
-    return rows.astype(jnp.int32)
+    g = _generator(rng)
+    rows = np.stack([g.permutation(num_samples)[:batch_size] for _ in range(steps)])
+    return rows.astype(np.int32)
 
 
-def epoch_schedule(rng: jax.Array, num_samples: int, batch_size: int, epochs: int) -> jax.Array:
-    """``[epochs * (n // batch_size), batch_size]`` indices: shuffled passes over the data."""
+def epoch_schedule(rng, num_samples: int, batch_size: int, epochs: int) -> np.ndarray:
+    """``[epochs * (n // batch_size), batch_size]`` int32 indices: shuffled passes over the data."""
     _check_schedule_args(num_samples, batch_size, epochs, "epochs")
+    g = _generator(rng)
     per_epoch = num_samples // batch_size
-    keys = jax.random.split(rng, epochs)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, num_samples))(keys)
-    rows = perms[:, : per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
-    return rows.astype(jnp.int32)
+    rows = np.concatenate([g.permutation(num_samples)[: per_epoch * batch_size] for _ in range(epochs)])
+    return rows.reshape(epochs * per_epoch, batch_size).astype(np.int32)

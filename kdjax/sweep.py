@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data import epoch_schedule, seed_schedule
-from kdjax.train import create_train_state, evaluate, make_hyper, make_train_step, run_steps
+from kdjax.train import (FAST_COMPILE, evaluate, init_state_impl, make_hyper, make_train_step,
+                         run_steps)
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
            "evaluate_members", "sweep_hyper"]
@@ -32,18 +33,26 @@ def grid(temperatures: Sequence[float], alphas: Sequence[float], seeds: Sequence
     return t.astype(np.float64), a.astype(np.float64), s.astype(np.int64)
 
 
-def member_keys(seeds) -> dict[str, jax.Array]:
-    """Per-member keys for init, schedule and dropout, derived from integer seeds."""
-    base = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
-    split = jax.vmap(lambda k: jax.random.split(k, 3))(base)
-    return {"init": split[:, 0], "schedule": split[:, 1], "dropout": split[:, 2]}
+def member_keys(seeds) -> dict[str, np.ndarray]:
+    """Per-member raw ``uint32[2]`` PRNG keys for init, schedule and dropout.
+
+    Derived with NumPy's ``SeedSequence`` (built for spawning independent streams from
+    one integer), so no program is compiled just to make keys. Arrays ``[N, 2]``.
+    """
+    words = np.stack([np.random.SeedSequence(int(s)).generate_state(6, np.uint32)
+                      for s in np.ravel(seeds)])
+    return {"init": words[:, 0:2], "schedule": words[:, 2:4], "dropout": words[:, 4:6]}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3), compiler_options=FAST_COMPILE)
+def _init_members(model, init_keys, input_dim: int, learning_rate: float):
+    make = functools.partial(init_state_impl, model, input_dim=input_dim, learning_rate=learning_rate)
+    return jax.vmap(make)(init_keys)
 
 
 def init_members(model, init_keys, input_dim: int, learning_rate=1e-3):
     """A batched ``TrainState``: one member per key (leading axis N)."""
-    make = functools.partial(create_train_state, model, input_dim=input_dim,
-                             learning_rate=learning_rate)
-    return jax.vmap(make)(init_keys)
+    return _init_members(model, init_keys, int(input_dim), float(learning_rate))
 
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
@@ -57,7 +66,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
     else:
         make = functools.partial(epoch_schedule, num_samples=num_samples,
                                  batch_size=batch_size, epochs=epochs)
-    return jax.vmap(make)(schedule_keys)
+    return np.stack([make(k) for k in schedule_keys])
 
 
 def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
@@ -80,6 +89,7 @@ def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
     return jax.jit(vrun, donate_argnums=0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def evaluate_members(model, params, x, y):
     """``evaluate`` for every member: ``{"loss": [N], "accuracy": [N]}``."""
     return jax.vmap(functools.partial(evaluate, model), in_axes=(0, None, None))(params, x, y)

@@ -1,0 +1,167 @@
+"""The kdjax command end to end (subprocesses, tiny configs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")))
+    return e
+
+
+def kdjax(env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kdjax", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_png(path):
+    assert path.exists(), path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5000  # a real figure, not an empty canvas
+
+
+def test_demo_all_sections(env, tmp_path):
+    out = tmp_path / "demo"
+    p = kdjax(env, "demo", "--out", out, "--seeds", 2, "--quick", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for title in ("DEMO 1", "DEMO 2", "DEMO 3", "DEMO 4", "DEMO 5", "HELD-OUT"):
+        assert title in p.stdout
+    assert "112,389" in p.stdout and "3,589" in p.stdout and "31.31x" in p.stdout
+    r = json.loads((out / "results.json").read_text())
+    for png in r["plots"].values():
+        assert_png(out / png)
+    assert set(r["plots"]) == {"softmax_temperature", "learning_curves", "hyperparameters", "digits_comparison"}
+    # demo 1 equals the seed's formula
+    z = np.array([2.0, 1.0, 0.5, 0.2])
+    for T, probs, h in zip(r["temperature_effect"]["temperatures"], r["temperature_effect"]["probs"],
+                           r["temperature_effect"]["entropy"]):
+        p_ref = np.exp(z / T) / np.exp(z / T).sum()
+        np.testing.assert_allclose(probs, p_ref, atol=1e-6)
+        np.testing.assert_allclose(h, -(p_ref * np.log(p_ref + 1e-10)).sum(), atol=1e-6)
+    assert r["seed_comparison"]["param_counts"]["teacher"] == 112389
+    assert len(r["seed_comparison"]["accuracy"]["distilled"]["train"]) == 2
+    assert 0.5 < r["digits"]["mean_ci"]["teacher"][0] <= 1.0  # real held-out learning
+
+
+def test_demo_json_stdout(env):
+    p = kdjax(env, "demo", "--sections", "1,2", "--json", "--seeds", 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout)  # stdout holds only the JSON
+    assert r["soft_vs_hard"]["soft_T3"][0][0] == pytest.approx(0.3966, abs=1e-4)
+
+
+def test_distill_writes_results_plots_and_checkpoints(env, tmp_path):
+    out = tmp_path / "d"
+    p = kdjax(env, "distill", "--dataset", "digits", "--epochs", 6, "--lr", 0.003, "--seeds", 2,
+              "--teacher-hidden", 64, "--student-hidden", 16, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["test_accuracy"]["distilled"]) == 2 and r["teacher_test_accuracy"] > 0.5
+    assert_png(out / "learning_curves.png")
+    assert_png(out / "comparison.png")
+    for ck in ("teacher.ckpt", "student_distilled.ckpt", "student_standard.ckpt"):
+        assert (out / ck).exists()
+    # the saved teacher can be loaded back
+    out2 = tmp_path / "d2"
+    p = kdjax(env, "distill", "--dataset", "digits", "--epochs", 1, "--seeds", 2, "--teacher-hidden", 64,
+              "--student-hidden", 16, "--teacher", out / "teacher.ckpt", "--out", out2, "--no-plots")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r2 = json.loads((out2 / "results.json").read_text())
+    assert r2["teacher_test_accuracy"] == pytest.approx(r["teacher_test_accuracy"])
+    assert not (out2 / "comparison.png").exists()
+
+
+def test_distill_npz_and_torch_teacher(env, tmp_path):
+    torch = pytest.importorskip("torch")
+    from parity.reference import TeacherMLP
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    torch.manual_seed(0)
+    torch.save(TeacherMLP(6, 32, 2).state_dict(), tmp_path / "t.pt")
+    p = kdjax(env, "distill", "--dataset", tmp_path / "d.npz", "--teacher", tmp_path / "t.pt",
+              "--teacher-hidden", 32, "--student-hidden", 8, "--steps", 10, "--batch-size", 16,
+              "--seeds", 2, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["dataset"] == "d.npz"
+    # wrong architecture for that state_dict: one clear line
+    p = kdjax(env, "distill", "--dataset", tmp_path / "d.npz", "--teacher", tmp_path / "t.pt",
+              "--teacher-hidden", 16, "--steps", 5, "--batch-size", 16)
+    assert p.returncode == 2 and "expected shape" in p.stderr
+
+
+def test_sweep_heatmap(env, tmp_path):
+    out = tmp_path / "s"
+    p = kdjax(env, "sweep", "--dataset", "synthetic", "--temperatures", 1, 4, "--alphas", 0.3, 0.9,
+              "--seeds", 2, "--steps", 20, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert np.array(r["test_accuracy"]).shape == (2, 2, 2)
+    assert_png(out / "sweep_heatmap.png")
+    # an existing results.json is not overwritten without --overwrite
+    p = kdjax(env, "sweep", "--steps", 5, "--seeds", 1, "--out", out)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    p = kdjax(env, "sweep", "--steps", 5, "--seeds", 1, "--temperatures", 2, "--alphas", 0.5,
+              "--out", out, "--overwrite", "--no-plots")
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _npz(tmp_path, **over):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.standard_normal((20, 3)), "y_train": rng.integers(0, 2, 20),
+              "x_test": rng.standard_normal((5, 3)), "y_test": rng.integers(0, 2, 5)}
+    arrays.update(over)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _not_npz(tmp_path):
+    path = tmp_path / "x.npz"
+    path.write_text("hello")
+    return path
+
+
+@pytest.mark.parametrize("case,words", [
+    ("unknown dataset", ["--dataset", "mnist"]),
+    ("missing key", ["missing", "y_test"]),
+    ("mismatched lengths", ["as many labels as examples", "20"]),
+    ("nan features", ["finite", "NaN"]),
+    ("negative labels", ["labels >= 0", "-1"]),
+    ("temperature <= 0", ["temperature", "> 0", "0.0"]),
+    ("alpha > 1", ["alpha", "[0, 1]", "1.5"]),
+    ("not an npz", ["readable .npz"]),
+    ("bad steps", ["--steps", "positive integer"]),
+])
+def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
+    base = ["distill", "--steps", 5, "--batch-size", 4, "--seeds", 1]
+    args = {
+        "unknown dataset": lambda: base + ["--dataset", "mnist"],
+        "missing key": lambda: base + ["--dataset", _npz(tmp_path, y_test=None)],
+        "mismatched lengths": lambda: base + ["--dataset", _npz(tmp_path, y_train=np.zeros(19, int))],
+        "nan features": lambda: base + ["--dataset", _npz(tmp_path, x_train=np.full((20, 3), np.nan))],
+        "negative labels": lambda: base + ["--dataset", _npz(tmp_path, y_train=-np.ones(20, int))],
+        "temperature <= 0": lambda: base + ["--temperature", 0],
+        "alpha > 1": lambda: base + ["--alpha", 1.5],
+        "not an npz": lambda: base + ["--dataset", _not_npz(tmp_path)],
+        "bad steps": lambda: ["distill", "--steps", 0],
+    }[case]()
+    p = kdjax(env, *args, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdjax: error:"), p.stderr
+    assert "Traceback" not in p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
