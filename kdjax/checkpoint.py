@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-__all__ = ["save", "load", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["save", "load", "save_rotating", "load_latest", "atomic_write_bytes", "atomic_write_text"]
 
 MAGIC = b"kdjax-checkpoint v1 "
 
@@ -80,3 +80,37 @@ def load(path: str | os.PathLike, target=None):
                              f"shapes {want}, got {got}")
         tree = serialization.from_state_dict(target, tree)
     return tree, meta
+
+
+def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
+    """``save``, keeping the previous checkpoint as ``<path>.prev``.
+
+    A crash at any point leaves at least one complete checkpoint: the new one, or the
+    previous one (as ``path`` or ``path.prev``).
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    save(path, tree, meta)
+
+
+def load_latest(path: str | os.PathLike, target=None):
+    """Load ``path``, or ``path.prev`` if ``path`` is missing or corrupted.
+
+    Returns ``(tree, meta, used_path, problem)`` where ``problem`` is the error message
+    of a corrupted ``path`` (None if it was fine); raises ``FileNotFoundError`` if
+    neither exists and ``ValueError`` if neither is usable.
+    """
+    path = os.fspath(path)
+    problem = None
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            tree, meta = load(candidate, target)
+            return tree, meta, candidate, problem
+        except ValueError as e:
+            problem = problem or str(e)
+    if problem:
+        raise ValueError(problem)
+    raise FileNotFoundError(path)

@@ -43,7 +43,7 @@ class Reporter:
         self.console.rule(f"[bold]{title}")
 
     def line(self, text: str):
-        self.console.print(text, markup=False, highlight=False)
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def table(self, title: str, columns, rows):
         from rich.table import Table
@@ -214,19 +214,59 @@ def _load_teacher(path: str, teacher, ds):
     return params
 
 
+_IDENTITY = ("dataset", "teacher_hidden", "student_hidden", "steps", "epochs", "batch_size", "lr",
+             "seeds", "seed", "temperature", "alpha", "teacher", "checkpoint_every")
+
+
+def _phase(args, rep, name, model, objective, ds, cfg, seeds, **kw):
+    """``fit_members`` with crash-safe checkpoints under ``--out/checkpoints/<name>.ckpt``
+    (every ``--checkpoint-every`` steps) and ``--resume`` from the latest good one."""
+    from flax import serialization
+
+    from kdjax import checkpoint, sweep
+    from kdjax.experiments import fit_members
+
+    out = getattr(args, "out", None)
+    path = os.path.join(out, "checkpoints", f"{name}.ckpt") if out else None
+    identity = {k: getattr(args, k, None) for k in _IDENTITY}
+    start = None
+    if getattr(args, "resume", False) and path:
+        try:
+            tree, meta, used, problem = checkpoint.load_latest(path)
+        except FileNotFoundError:
+            tree = None
+        if tree is not None:
+            if problem:
+                rep.line(f"warning: {problem}; resuming from {used}")
+            if meta.get("config") != identity:
+                raise UsageError(f"--resume: {used} was written by a run with a different config "
+                                 f"({meta.get('config')}); use the same arguments or a new --out")
+            fresh = sweep.init_members(model, sweep.member_keys(seeds)["init"], ds.input_dim,
+                                       cfg.learning_rate)
+            start = (serialization.from_state_dict(fresh, tree["states"]), np.asarray(tree["losses"]))
+            rep.line(f"{name}: resuming at step {start[1].shape[1]} from {used}")
+
+    def save(done, states, losses):
+        checkpoint.save_rotating(path, {"states": states, "losses": losses},
+                                 {"config": identity, "phase": name, "done": done})
+
+    with rep.progress(name, _total_steps(cfg, ds)) as advance:
+        return fit_members(model, objective, ds, cfg, seeds, chunk=getattr(args, "checkpoint_every", None),
+                           start=start, on_checkpoint=save if path else None,
+                           on_chunk=lambda d, t, s: advance(d), **kw)
+
+
 def _teachers(args, rep, teacher, ds, cfg, seeds):
     """Per-seed teachers trained here, or one loaded teacher: (logits, params of seed 0)."""
     import jax
 
-    from kdjax.experiments import fit_members, teacher_logits_for
+    from kdjax.experiments import teacher_logits_for
 
     if args.teacher:
         params = _load_teacher(args.teacher, teacher, ds)
         rep.line(f"teacher loaded from {args.teacher}")
         return teacher_logits_for(teacher, params, ds), params
-    steps = _total_steps(cfg, ds)
-    with rep.progress("teachers", steps) as advance:
-        states, _ = fit_members(teacher, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
+    states, _ = _phase(args, rep, "teachers", teacher, "ce", ds, cfg, seeds)
     return (teacher_logits_for(teacher, states.params, ds, members=True),
             jax.tree_util.tree_map(lambda a: a[0], states.params))
 
@@ -239,10 +279,12 @@ def cmd_distill(args, rep: Reporter) -> int:
     import jax
 
     from kdjax import checkpoint, plots
-    from kdjax.experiments import evaluate_on, fit_members, mean_ci
+    from kdjax.experiments import evaluate_on, mean_ci
     from kdjax.models import StudentMLP, TeacherMLP
     from kdjax.train import make_hyper
 
+    if args.resume and not args.out:
+        raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
     ds = _dataset(args.dataset, args.seed)
     cfg = _run_config(args)
     hyper = make_hyper(np.full(args.seeds, args.temperature), np.full(args.seeds, args.alpha))
@@ -253,12 +295,9 @@ def cmd_distill(args, rep: Reporter) -> int:
              f"{ds.num_classes} classes; {cfg.describe()}; T = {args.temperature:g}, "
              f"alpha = {args.alpha:g}; {args.seeds} seed(s)")
     logits, t_params = _teachers(args, rep, teacher, ds, cfg, seeds)
-    steps = _total_steps(cfg, ds)
-    with rep.progress("standard students", steps) as advance:
-        s_states, s_losses = fit_members(student, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
-    with rep.progress("distilled students", steps) as advance:
-        d_states, d_losses = fit_members(student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
-                                         on_chunk=lambda d, t, s: advance(d))
+    s_states, s_losses = _phase(args, rep, "standard", student, "ce", ds, cfg, seeds)
+    d_states, d_losses = _phase(args, rep, "distilled", student, "kd", ds, cfg, seeds,
+                                hyper=hyper, teacher_logits=logits)
     t_acc = evaluate_on(teacher, t_params, ds.x_test, ds.y_test)["accuracy"]
     acc = {"standard": evaluate_on(student, s_states.params, ds.x_test, ds.y_test, members=True)["accuracy"],
            "distilled": evaluate_on(student, d_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]}
@@ -310,7 +349,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     student = StudentMLP(args.student_hidden, ds.num_classes)
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
-    logits, _ = _teachers(argparse.Namespace(**{**vars(args), "seeds": 1}), rep, teacher, ds, cfg, seeds[:1])
+    logits, _ = _teachers(argparse.Namespace(**{**vars(args), "seeds": 1, "out": None}), rep, teacher, ds,
+                          cfg, seeds[:1])
     if logits.ndim == 3:
         logits = logits[0]  # one teacher (seed 0) for the whole grid
     with rep.progress(f"{len(T)} students", _total_steps(cfg, ds)) as advance:
@@ -388,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(distill, seeds_default=4)
     distill.add_argument("--temperature", type=float, default=3.0)
     distill.add_argument("--alpha", type=float, default=0.7)
+    distill.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                         help="with --out: checkpoint every K steps (default: every ~5%% of the run)")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue an interrupted run from the checkpoints in --out")
     _common_output(distill)
     distill.set_defaults(func=cmd_distill)
 

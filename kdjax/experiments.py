@@ -132,13 +132,20 @@ def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
 
 def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                 hyper: Hyper | None = None, teacher_logits=None,
-                chunk: int | None = None, on_chunk: OnChunk | None = None):
+                chunk: int | None = None, on_chunk: OnChunk | None = None,
+                start=None, on_checkpoint=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
     ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
     member). Members with equal seeds share init and minibatches (a paired design);
     when all seeds are equal, one schedule is shared by all members.
+
+    Resuming: ``start=(states, losses_so_far)`` continues a run of the same config
+    from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
+    ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
+    depend only on the seeds and dropout keys on the step count, so a resumed run
+    ends bitwise where an uninterrupted one does.
     Returns ``(batched state, losses [N, steps] as NumPy)``.
     """
     seeds = np.asarray(seeds)
@@ -148,19 +155,30 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
         schedules = cfg.schedule(keys["schedule"][0], len(ds.y_train))
     else:
         schedules = np.stack([cfg.schedule(k, len(ds.y_train)) for k in keys["schedule"]])
-    states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
+    if start is None:
+        states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
+        losses, done = [], 0
+    else:
+        states, so_far = start
+        losses, done = [np.asarray(so_far)], int(np.shape(so_far)[1])
     per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
     data = _device_data(ds, teacher_logits)
-    run, losses = _run(model, objective, True, shared, per_member_teacher), []
+    run = _run(model, objective, True, shared, per_member_teacher)
     args = (hyper,) if objective == "kd" else (None,)
     total = schedules.shape[-2]
     for a, b in _chunks(total, chunk):
+        if b <= done:
+            continue
+        if a < done:
+            raise ValueError(f"start: resumed at step {done}, not a chunk boundary of chunk={chunk}")
         part = schedules[a:b] if shared else schedules[:, a:b]
         states, m = run(states, data, part, keys["dropout"], *args)
-        losses.append(m["loss"])
+        losses.append(np.asarray(m["loss"]))
+        if on_checkpoint is not None:
+            on_checkpoint(b, states, np.concatenate(losses, axis=1))
         if on_chunk is not None:
             on_chunk(b, total, states)
-    return states, np.asarray(jnp.concatenate(losses, axis=1))
+    return states, np.concatenate(losses, axis=1)
 
 
 # Student-t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% intervals).

@@ -36,11 +36,16 @@ def _linear(features: int, fan_in: int, name: str, dtype) -> nn.Dense:
                     dtype=dtype, param_dtype=dtype)
 
 
-def _check_input(x, where: str):
+def _check_input(module: nn.Module, x, where: str):
     if x.ndim != 2:
         raise ValueError(f"{where}: expected inputs of shape [batch, features], got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{where}: expected floating-point inputs, got dtype {x.dtype}")
+    if module.has_variable("params", "fc1"):  # applying existing params: widths must agree
+        built = module.variables["params"]["fc1"]["kernel"].shape[0]
+        if x.shape[1] != built:
+            raise ValueError(f"{where}: expected inputs with {built} features (the params were built "
+                             f"for {built}), got {x.shape[1]}")
 
 
 class TeacherMLP(nn.Module):
@@ -57,7 +62,7 @@ class TeacherMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        _check_input(x, "TeacherMLP")
+        _check_input(self, x, "TeacherMLP")
         h, d = self.hidden_dim, self.dtype
         x = nn.relu(_linear(h, x.shape[-1], "fc1", d)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout1")(x)
@@ -77,7 +82,7 @@ class StudentMLP(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout in the student
-        _check_input(x, "StudentMLP")
+        _check_input(self, x, "StudentMLP")
         x = nn.relu(_linear(self.hidden_dim, x.shape[-1], "fc1", self.dtype)(x))
         return _linear(self.num_classes, self.hidden_dim, "fc2", self.dtype)(x)
 
@@ -96,7 +101,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        _check_input(x, "MLP")
+        _check_input(self, x, "MLP")
         widths = (x.shape[-1], *self.hidden_dims)
         for i, h in enumerate(self.hidden_dims):
             x = nn.relu(_linear(h, widths[i], f"fc{i + 1}", self.dtype)(x))

@@ -194,13 +194,34 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
 
     Returns:
       ``(final_state, {"loss": [steps]})``.
+
+    Shapes and dtypes are checked here, at trace time (free at run time). Index
+    *values* cannot be checked inside the compiled scan (``jnp.take`` does not raise
+    on an out-of-range index): build schedules with ``kdjax.data``, which checks them.
     """
+    _check_run_inputs(data, schedule)
 
     def body(state, idx):
         batch = {name: jnp.take(arr, idx, axis=0) for name, arr in data.items()}
         return step(state, batch, rng, hyper, teacher_params)
 
     return jax.lax.scan(body, state, schedule)
+
+
+def _check_run_inputs(data, schedule) -> None:
+    if "x" not in data or "y" not in data:
+        raise ValueError(f"data: expected keys 'x' and 'y' (optionally 'teacher_logits'), got {sorted(data)}")
+    n = data["x"].shape[0]
+    for name, arr in data.items():
+        if arr.shape[0] != n:
+            raise ValueError(f"data['{name}']: expected {n} rows (as data['x']), got shape {arr.shape}")
+    if not jnp.issubdtype(data["y"].dtype, jnp.integer):
+        raise TypeError(f"data['y']: expected integer class labels, got dtype {data['y'].dtype}")
+    if schedule.ndim != 2 or not jnp.issubdtype(schedule.dtype, jnp.integer):
+        raise ValueError(f"schedule: expected integer indices of shape [steps, batch], got "
+                         f"{schedule.dtype}{list(schedule.shape)}")
+    if schedule.shape[0] == 0 or schedule.shape[1] == 0:
+        raise ValueError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
 
 
 def make_run(model, objective: str = "kd", *, tx=None, teacher=None):

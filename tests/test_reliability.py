@@ -1,0 +1,231 @@
+"""Validation at the boundaries, determinism, crash-safe checkpoints and exact resume."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax import checkpoint, data, experiments
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_model_input_width_mismatch():
+    model = kdjax.TeacherMLP(16, 3)
+    params = kdjax.create_train_state(model, jax.random.PRNGKey(0), 12).params
+    with pytest.raises(ValueError, match=r"expected inputs with 12 features .* got 9"):
+        model.apply({"params": params}, jnp.ones((4, 9)))
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(input_dim=0), ValueError, ["input_dim", "positive", "0"]),
+    (dict(input_dim=3.5), ValueError, ["input_dim", "3.5"]),
+    (dict(input_dim=4, learning_rate=-1.0), ValueError, ["learning_rate", "-1.0"]),
+    (dict(input_dim=4, learning_rate=float("nan")), ValueError, ["learning_rate", "nan"]),
+])
+def test_create_train_state_errors(kwargs, exc, words):
+    with pytest.raises(exc) as e:
+        kdjax.create_train_state(kdjax.StudentMLP(4, 2), jax.random.PRNGKey(0), **kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_run_entry_checks_shapes_at_trace_time():
+    model = kdjax.StudentMLP(4, 2)
+    run = kdjax.make_run(model, "ce")
+    st = lambda: kdjax.create_train_state(model, jax.random.PRNGKey(0), 3)
+    x, y = jnp.ones((10, 3)), jnp.zeros(10, jnp.int32)
+    sched = data.seed_schedule(jax.random.PRNGKey(0), 10, 4, 2)
+    with pytest.raises(ValueError, match=r"data\['y'\]: expected 10 rows"):
+        run(st(), {"x": x, "y": y[:9]}, sched, jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match=r"integer class labels, got dtype float32"):
+        run(st(), {"x": x, "y": y.astype(jnp.float32)}, sched, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"schedule: expected integer indices .* got float32"):
+        run(st(), {"x": x, "y": y}, sched.astype(np.float32), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"keys 'x' and 'y'"):
+        run(st(), {"x": x}, sched, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("x,y,words", [
+    (np.ones((5, 2)), np.array([0, 1, 0, 1]), ["as many labels as examples (5)", "got 4"]),
+    (np.ones(5), np.zeros(5, int), ["[n, features]", "(5,)"]),
+    (np.ones((5, 2)), np.zeros((5, 1), int), ["labels of shape [n]", "(5, 1)"]),
+    (np.full((5, 2), np.inf), np.zeros(5, int), ["finite", "10 NaN/inf"]),
+    (np.ones((5, 2)), np.array([0, 1, -2, 0, 1]), ["labels >= 0", "-2"]),
+    (np.ones((5, 2)), np.array([0.5, 1, 2, 0, 1]), ["integer class labels", "float64"]),
+    (np.ones((0, 2)), np.zeros(0, int), ["at least one example", "0"]),
+    (np.array([["a", "b"]] * 5), np.zeros(5, int), ["numeric features", "<U1"]),
+])
+def test_dataset_validation(x, y, words):
+    with pytest.raises((ValueError, TypeError)) as e:
+        data.validate_arrays(x, y, "mine")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert str(e.value).startswith("mine:")
+
+
+def test_labels_beyond_num_classes_and_schedule_bounds():
+    with pytest.raises(ValueError, match=r"labels < 3, got maximum label 3"):
+        data.validate_arrays(np.ones((4, 2)), np.array([0, 1, 2, 3]), "d", num_classes=3)
+    with pytest.raises(ValueError, match=r"batch_size: expected 1 <= batch_size <= 10 .* got 0"):
+        data.seed_schedule(jax.random.PRNGKey(0), 10, 0, 3)
+    with pytest.raises(ValueError, match=r"steps: expected a positive count, got 0"):
+        data.seed_schedule(jax.random.PRNGKey(0), 10, 2, 0)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(steps=0), ["steps", "0"]), (dict(batch_size=0), ["batch_size", "0"]),
+    (dict(learning_rate=0.0), ["learning_rate", "0.0"]), (dict(epochs=0), ["epochs", "0"]),
+])
+def test_run_config_validation(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        experiments.RunConfig(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+DETERMINISM_SCRIPT = r"""
+import hashlib, jax, numpy as np, kdjax
+from kdjax import data, experiments
+ds = data.synthetic(200, 10, 3, seed=1, test_samples=10)
+cfg = experiments.RunConfig(steps=40, batch_size=16)
+t = kdjax.TeacherMLP(32, 3)
+ts, tl = experiments.fit_members(t, "ce", ds, cfg, [0, 1])  # dropout on
+logits = experiments.teacher_logits_for(t, ts.params, ds, members=True)
+h = kdjax.make_hyper(np.array([2.0, 4.0]), np.array([0.5, 0.9]))
+ss, sl = experiments.fit_members(kdjax.StudentMLP(8, 3), "kd", ds, cfg, [0, 1], hyper=h, teacher_logits=logits)
+d = hashlib.sha256()
+for leaf in jax.tree_util.tree_leaves((ts, ss)) + [tl, sl]:
+    d.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+print(d.hexdigest())
+"""
+
+
+def test_same_seed_bitwise_identical_in_one_process_and_across_processes():
+    ns: dict = {}
+    exec(DETERMINISM_SCRIPT.replace("print(d.hexdigest())", "out = d.hexdigest()"), ns)
+    first = ns["out"]
+    exec(DETERMINISM_SCRIPT.replace("print(d.hexdigest())", "out = d.hexdigest()"), ns)
+    assert ns["out"] == first
+    runs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], capture_output=True, text=True,
+                           check=True).stdout.strip() for _ in range(2)]
+    assert runs[0] == runs[1] == first
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state():
+    return kdjax.create_train_state(kdjax.StudentMLP(4, 2), jax.random.PRNGKey(0), 3)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    st = _state()
+    checkpoint.save(tmp_path / "a.ckpt", st, {"step": 7})
+    back, meta = checkpoint.load(tmp_path / "a.ckpt", target=_state())
+    assert meta == {"step": 7} and isinstance(back, kdjax.TrainState)
+    for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # no temp files left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_damaged_checkpoint_names_the_file_and_prev_still_works(tmp_path, damage):
+    path = tmp_path / "run.ckpt"
+    checkpoint.save_rotating(path, {"w": np.arange(100.0)}, {"n": 1})
+    checkpoint.save_rotating(path, {"w": np.arange(100.0) * 2}, {"n": 2})
+    raw = path.read_bytes()
+    path.write_bytes({"truncate": raw[: len(raw) // 2], "flip": raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:],
+                      "garbage": b"hello", "empty": b""}[damage])
+    with pytest.raises(ValueError) as e:
+        checkpoint.load(path)
+    assert str(path) in str(e.value)
+    tree, meta, used, problem = checkpoint.load_latest(path)
+    assert used == str(path) + ".prev" and meta == {"n": 1} and str(path) in problem
+    np.testing.assert_array_equal(tree["w"], np.arange(100.0))
+
+
+def test_checkpoint_shape_mismatch(tmp_path):
+    checkpoint.save(tmp_path / "a.ckpt", _state())
+    other = kdjax.create_train_state(kdjax.StudentMLP(5, 2), jax.random.PRNGKey(0), 3)
+    with pytest.raises(ValueError, match="does not match the model"):
+        checkpoint.load(tmp_path / "a.ckpt", target=other)
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+ARGS = ["distill", "--steps", "4000", "--seeds", "2", "--checkpoint-every", "40", "--no-plots", "--quiet"]
+
+
+def _kdjax(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "kdjax", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _leaves(path):
+    tree, _ = checkpoint.load(path)
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
+    full = tmp_path / "full"
+    p = _kdjax(ARGS + ["--out", str(full)], env)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+
+    part = tmp_path / "part"
+    p = _kdjax(ARGS + ["--out", str(part)], env)
+    ckpt = part / "checkpoints" / "teachers.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)  # a real kill, mid-training
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    _, meta, _, _ = checkpoint.load_latest(ckpt)
+    assert 0 < meta["done"] < 4000, "the kill did not land mid-run"
+    assert not (part / "results.json").exists()
+
+    p = _kdjax(ARGS + ["--out", str(part), "--resume"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "teachers: resuming at step" in out
+    for name in ("teacher.ckpt", "student_standard.ckpt", "student_distilled.ckpt"):
+        for a, b in zip(_leaves(full / name), _leaves(part / name)):
+            np.testing.assert_array_equal(a, b)  # bitwise
+
+    # a corrupted latest checkpoint: resume warns, uses the previous one, same result
+    part2 = tmp_path / "part2"
+    p = _kdjax(ARGS + ["--out", str(part2), "--checkpoint-every", "400"], env)
+    assert p.wait(timeout=300) == 0
+    os.remove(part2 / "results.json")
+    bad = part2 / "checkpoints" / "distilled.ckpt"
+    bad.write_bytes(bad.read_bytes()[:100])
+    p = _kdjax(ARGS + ["--out", str(part2), "--checkpoint-every", "400", "--resume"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"warning: {bad}: checkpoint is truncated or corrupted" in out
+    for a, b in zip(_leaves(full / "student_distilled.ckpt"), _leaves(part2 / "student_distilled.ckpt")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    p = _kdjax(["distill", "--steps", "40", "--seeds", "1", "--out", str(out), "--no-plots"], env)
+    assert p.wait(timeout=300) == 0
+    os.remove(out / "results.json")
+    p = _kdjax(["distill", "--steps", "40", "--seeds", "1", "--alpha", "0.2", "--out", str(out),
+                "--resume"], env)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "different config" in err and len(err.strip().splitlines()) == 1
