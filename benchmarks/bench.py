@@ -81,6 +81,9 @@ class Impl:
 
     name = ""
 
+    def __init__(self, p: Preset, inp: "Inputs"):
+        self.p, self.inp = p, inp
+
     def setup(self) -> float | None: ...
 
     def run(self) -> tuple[float, int]: ...
@@ -102,6 +105,11 @@ class Inputs:
         # both sides start from the same weights
         self.teacher_params = kdjax.convert.torch_to_flax(self.t_teacher.state_dict())
         self.student_params = kdjax.convert.torch_to_flax(self.t_student.state_dict())
+
+    def cached_data(self, teacher) -> dict:
+        """The dataset on device with the teacher's logits computed once (the fused path)."""
+        x, y = jnp.asarray(self.x), jnp.asarray(self.y)
+        return {"x": x, "y": y, "teacher_logits": kdjax.predict_logits(teacher, self.teacher_params, x)}
 
 
 class TorchEager(Impl):
@@ -150,9 +158,6 @@ class KdjaxStep(Impl):
 
     name = "kdjax_step"
 
-    def __init__(self, p: Preset, inp: Inputs):
-        self.p, self.inp = p, inp
-
     def setup(self):
         teacher, student = self.p.jax_models()
         self.fn = kdjax.make_train_step(student, "kd", teacher=teacher)
@@ -185,14 +190,9 @@ class KdjaxFused(Impl):
 
     name = "kdjax_fused"
 
-    def __init__(self, p: Preset, inp: Inputs):
-        self.p, self.inp = p, inp
-
     def setup(self):
         teacher, student = self.p.jax_models()
-        x, y = jnp.asarray(self.inp.x), jnp.asarray(self.inp.y)
-        tl = kdjax.predict_logits(teacher, self.inp.teacher_params, x)
-        self.data = {"x": x, "y": y, "teacher_logits": tl}
+        self.data = self.inp.cached_data(teacher)
         self.state = kdjax.state_from_params(self.inp.student_params)
         self.schedule = jnp.asarray(self.inp.schedule)
         self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(3.0, 0.7)
@@ -215,14 +215,9 @@ class KdjaxSweep(Impl):
 
     name = "kdjax_sweep"
 
-    def __init__(self, p: Preset, inp: Inputs):
-        self.p, self.inp = p, inp
-
     def setup(self):
         teacher, student = self.p.jax_models()
-        x, y = jnp.asarray(self.inp.x), jnp.asarray(self.inp.y)
-        tl = kdjax.predict_logits(teacher, self.inp.teacher_params, x)
-        self.data = {"x": x, "y": y, "teacher_logits": tl}
+        self.data = self.inp.cached_data(teacher)
         # a temperature x alpha grid at one seed: same init and minibatches for every member
         temps, alphas, seeds = sweep.grid(SWEEP_T, SWEEP_ALPHA, [0])
         keys = sweep.member_keys(seeds)
