@@ -15,7 +15,7 @@ import numpy as np
 from kdjax import data
 from kdjax.experiments import (RunConfig, evaluate_on, fit_members, mean_ci,
                                teacher_logits_for)
-from kdjax.models import StudentMLP, TeacherMLP, param_count
+from kdjax.models import StudentMLP, TeacherMLP
 from kdjax.train import make_hyper
 
 SEED_LOGITS = (2.0, 1.0, 0.5, 0.2)
@@ -25,8 +25,16 @@ DEMO5_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 DEMO5_ALPHAS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
-def _take(tree, i):
-    return jax.tree_util.tree_map(lambda a: a[i], tree)
+def _member_param_count(batched_params) -> int:
+    """Parameters of one member of a batched params tree (from shapes; no device work)."""
+    return sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(batched_params))
+
+
+@jax.jit
+def _softened(logits, temperatures):
+    """softmax(z / T) and the seed's entropy -sum p log(p + 1e-10), for every T."""
+    p = jax.nn.softmax(logits[None, :] / temperatures[:, None], axis=-1)
+    return p, -jnp.sum(p * jnp.log(p + 1e-10), axis=-1)
 
 
 def _fmt(mean_half) -> str:
@@ -37,15 +45,12 @@ def _fmt(mean_half) -> str:
 def temperature_effect(rep) -> dict:
     """Demo 1: softmax(z / T) and its entropy -sum p log(p + 1e-10), as in the seed."""
     rep.section("DEMO 1: Temperature effect on softmax")
-    z = jnp.asarray(SEED_LOGITS)
-    rows, out = [], {"logits": list(SEED_LOGITS), "temperatures": list(SEED_TEMPERATURES),
-                     "probs": [], "entropy": []}
-    for T in SEED_TEMPERATURES:
-        p = jax.nn.softmax(z / T)
-        h = float(-jnp.sum(p * jnp.log(p + 1e-10)))
-        out["probs"].append([float(v) for v in p])
-        out["entropy"].append(h)
-        rows.append([f"{T:g}", ", ".join(f"{v:.4f}" for v in p), f"{h:.4f}"])
+    probs, entropy = (np.asarray(a) for a in _softened(np.asarray(SEED_LOGITS, np.float32),
+                                                         np.asarray(SEED_TEMPERATURES, np.float32)))
+    out = {"logits": list(SEED_LOGITS), "temperatures": list(SEED_TEMPERATURES),
+           "probs": probs.tolist(), "entropy": entropy.tolist()}
+    rows = [[f"{T:g}", ", ".join(f"{v:.4f}" for v in p), f"{h:.4f}"]
+            for T, p, h in zip(SEED_TEMPERATURES, probs, entropy)]
     rep.table(f"logits {list(SEED_LOGITS)}", ["T", "probabilities", "entropy"], rows)
     rep.line("Higher temperature -> softer (more uniform) distribution: more of the teacher's "
              "knowledge about the non-argmax classes is visible.")
@@ -55,10 +60,10 @@ def temperature_effect(rep) -> dict:
 def soft_vs_hard(rep) -> dict:
     """Demo 2: one-hot labels vs the teacher's softened distribution at T = 3."""
     rep.section("DEMO 2: Soft vs hard labels")
-    t = jnp.asarray(SEED_TEACHER_ROWS)
-    soft = jax.nn.softmax(t / 3.0, axis=1)
-    hard = jax.nn.one_hot(jnp.array([0, 0]), 4)
-    rows = [[str(list(r)), str([float(v) for v in h]), ", ".join(f"{v:.4f}" for v in s)]
+    soft = np.stack([np.asarray(_softened(np.asarray(row, np.float32), np.float32([3.0]))[0][0])
+                     for row in SEED_TEACHER_ROWS])
+    hard = np.eye(4)[[0, 0]]
+    rows = [[str(list(r)), str(h.tolist()), ", ".join(f"{v:.4f}" for v in s)]
             for r, h, s in zip(SEED_TEACHER_ROWS, hard, soft)]
     rep.table("teacher rows, hard label 0", ["teacher logits", "hard (one-hot)", "soft (T=3)"], rows)
     rep.line("Soft labels encode similarity between classes; hard labels do not.")
@@ -92,7 +97,7 @@ def seed_comparison(rep, seeds) -> dict:
 
     rep.section("DEMO 3: Basic knowledge distillation — the teacher")
     t_states, t_losses, t_accs = _train_logged(rep, teacher, "ce", ds, cfg, seeds, "teacher")
-    n_t, n_s = param_count(_take(t_states.params, 0)), None
+    n_t = _member_param_count(t_states.params)
     rep.line(f"Seed data: {len(ds.y_train)} examples x {ds.input_dim} features, {ds.num_classes} "
              f"random labels; {cfg.describe()}.")
     rep.line(f"Teacher parameters: {n_t:,}")
@@ -107,7 +112,7 @@ def seed_comparison(rep, seeds) -> dict:
     hyper = make_hyper(np.full(len(seeds), 3.0), np.full(len(seeds), 0.7))
     d_states, d_losses, d_accs = _train_logged(rep, student, "kd", ds, cfg, seeds, "distilled student",
                                                hyper=hyper, teacher_logits=logits)
-    n_s = param_count(_take(s_states.params, 0))
+    n_s = _member_param_count(s_states.params)
     rep.line(f"Student parameters: {n_s:,}; compression ratio {n_t / n_s:.2f}x")
     _log_every_20(rep, "standard ", s_losses[0], s_accs[0])
     _log_every_20(rep, "distilled", d_losses[0], d_accs[0])
@@ -153,7 +158,7 @@ def hyperparameters(rep, seeds) -> dict:
     temps = np.repeat([c[0] for c in configs], len(seeds))
     alphas = np.repeat([c[1] for c in configs], len(seeds))
     member_seeds = np.tile(seeds, len(configs))
-    logits = jnp.tile(t_logits, (len(configs), 1, 1))  # member i distills from its seed's teacher
+    logits = np.tile(np.asarray(t_logits), (len(configs), 1, 1))  # member i: its seed's teacher
     with rep.progress(f"{len(temps)} students", cfg.steps) as advance:
         states, _ = fit_members(student, "kd", ds, cfg, member_seeds, hyper=make_hyper(temps, alphas),
                                 teacher_logits=logits, on_chunk=lambda d, t, s: advance(d))

@@ -65,7 +65,9 @@ def make_hyper(temperature=3.0, alpha=0.7, dtype=jnp.float32) -> Hyper:
         check_temperature(t)
     for a in np.ravel(np.asarray(alpha, dtype=np.float64)):
         check_alpha(a)
-    return Hyper(jnp.asarray(temperature, dtype), jnp.asarray(alpha, dtype))
+    # convert on the host: no device program is compiled just to cast two scalars
+    np_dtype = np.dtype(dtype)
+    return Hyper(jnp.asarray(np.asarray(temperature, np_dtype)), jnp.asarray(np.asarray(alpha, np_dtype)))
 
 
 def adam(learning_rate=1e-3, dtype=jnp.float32) -> optax.GradientTransformation:
