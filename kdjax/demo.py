@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data
-from kdjax.experiments import (RunConfig, evaluate_on, fit_members, mean_ci,
+from kdjax.experiments import (RunConfig, evaluate_on, fit, fit_members, mean_ci,
                                teacher_logits_for)
 from kdjax.models import StudentMLP, TeacherMLP
 from kdjax.train import make_hyper
@@ -147,21 +147,20 @@ def seed_comparison(rep, seeds) -> dict:
 
 def hyperparameters(rep, seeds) -> dict:
     """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the seed's demo-5 data."""
-    rep.section("DEMO 5: Hyperparameter tuning (one vmapped program for both sweeps)")
+    rep.section("DEMO 5: Hyperparameter tuning (one teacher; both sweeps x seeds as one vmapped program)")
     ds = data.synthetic(400, 40, 4, seed=42, test_samples=400)
     cfg = RunConfig(steps=80, batch_size=64)
     teacher, student = TeacherMLP(200, 4), StudentMLP(50, 4)
-    with rep.progress("teachers", cfg.steps) as advance:
-        t_states, _ = fit_members(teacher, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
-    t_logits = teacher_logits_for(teacher, t_states.params, ds, members=True)  # [S, n, C]
+    # as in the seed: one teacher, then a student per configuration (here x seeds)
+    t_state, _ = fit(teacher, "ce", ds, cfg, seeds[0])
+    t_logits = teacher_logits_for(teacher, t_state.params, ds)
     configs = [(T, 0.7) for T in DEMO5_TEMPERATURES] + [(3.0, a) for a in DEMO5_ALPHAS]
     temps = np.repeat([c[0] for c in configs], len(seeds))
     alphas = np.repeat([c[1] for c in configs], len(seeds))
-    member_seeds = np.tile(seeds, len(configs))
-    logits = np.tile(np.asarray(t_logits), (len(configs), 1, 1))  # member i: its seed's teacher
+    member_seeds = np.tile(seeds, len(configs))  # a seed's students share init and minibatches
     with rep.progress(f"{len(temps)} students", cfg.steps) as advance:
         states, _ = fit_members(student, "kd", ds, cfg, member_seeds, hyper=make_hyper(temps, alphas),
-                                teacher_logits=logits, on_chunk=lambda d, t, s: advance(d))
+                                teacher_logits=t_logits, on_chunk=lambda d, t, s: advance(d))
     acc = evaluate_on(student, states.params, ds.x_train, ds.y_train, members=True)["accuracy"]
     acc = acc.reshape(len(configs), len(seeds))
     stats = [mean_ci(a) for a in acc]
