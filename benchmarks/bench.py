@@ -10,7 +10,6 @@ layer, backward twice that except the first layer's unneeded input gradient).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 import time
 import traceback

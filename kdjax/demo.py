@@ -103,7 +103,6 @@ def seed_comparison(rep, seeds) -> dict:
     rep.line(f"Teacher parameters: {n_t:,}")
     _log_every_20(rep, "teacher", t_losses[0], t_accs[0])
     t_train = evaluate_on(teacher, t_states.params, ds.x_train, ds.y_train, members=True)["accuracy"]
-    t_test = evaluate_on(teacher, t_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
     rep.line(f"Teacher final training accuracy (seed {seeds[0]}): {t_train[0]:.4f}")
 
     rep.section("DEMO 4: Student training comparison (T = 3, alpha = 0.7)")

@@ -21,7 +21,7 @@ the step count only, so chunked, looped, fused and resumed runs agree exactly.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import jax

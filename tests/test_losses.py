@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, softmax, xlogy
 
-import kdjax
 from kdjax import distillation_loss, hard_ce, soft_kl
 
 

@@ -1,6 +1,5 @@
 """Validation at the boundaries, determinism, crash-safe checkpoints and exact resume."""
 
-import hashlib
 import os
 import signal
 import subprocess
