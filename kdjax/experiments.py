@@ -173,12 +173,13 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
             raise ValueError(f"start: resumed at step {done}, not a chunk boundary of chunk={chunk}")
         part = schedules[a:b] if shared else schedules[:, a:b]
         states, m = run(states, data, part, keys["dropout"], *args)
-        losses.append(np.asarray(m["loss"]))
+        losses.append(m["loss"])  # stays on device: no host sync between chunks
         if on_checkpoint is not None:
-            on_checkpoint(b, states, np.concatenate(losses, axis=1))
+            losses = [np.concatenate([np.asarray(x) for x in losses], axis=1)]
+            on_checkpoint(b, states, losses[0])
         if on_chunk is not None:
             on_chunk(b, total, states)
-    return states, np.concatenate(losses, axis=1)
+    return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
 
 
 # Student-t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% intervals).
