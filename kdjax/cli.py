@@ -48,7 +48,8 @@ class Reporter:
     def table(self, title: str, columns, rows):
         from rich.table import Table
 
-        t = Table(title=title, title_justify="left")
+        t = Table()  # the title on its own line: rich would wrap it to the table's width
+        self.console.print(title, style="italic", highlight=False)
         for i, c in enumerate(columns):
             t.add_column(c, justify="left" if i == 0 else "right")
         for r in rows:

@@ -8,6 +8,8 @@ init and minibatch order for the standard and the distilled student of a pair).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from kdjax import data
 from kdjax.experiments import (RunConfig, evaluate_on, fit, fit_members, mean_ci,
                                teacher_logits_for)
 from kdjax.models import StudentMLP, TeacherMLP
-from kdjax.train import make_hyper
+from kdjax.train import FAST_COMPILE, make_hyper
 
 SEED_LOGITS = (2.0, 1.0, 0.5, 0.2)
 SEED_TEMPERATURES = (1.0, 2.0, 5.0, 10.0)
@@ -30,11 +32,18 @@ def _member_param_count(batched_params) -> int:
     return sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(batched_params))
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 def _softened(logits, temperatures):
-    """softmax(z / T) and the seed's entropy -sum p log(p + 1e-10), for every T."""
-    p = jax.nn.softmax(logits[None, :] / temperatures[:, None], axis=-1)
+    """softmax(z / T) and the seed's entropy -sum p log(p + 1e-10): ``[rows, T, C]``, ``[rows, T]``."""
+    p = jax.nn.softmax(logits[:, None, :] / temperatures[None, :, None], axis=-1)
     return p, -jnp.sum(p * jnp.log(p + 1e-10), axis=-1)
+
+
+def _soft_table():
+    """Demos 1 and 2 in one small program: every row at every temperature either uses."""
+    rows = np.asarray((SEED_LOGITS, *SEED_TEACHER_ROWS), np.float32)
+    temps = np.asarray((*SEED_TEMPERATURES, 3.0), np.float32)
+    return tuple(np.asarray(a) for a in _softened(rows, temps))
 
 
 def _fmt(mean_half) -> str:
@@ -45,8 +54,7 @@ def _fmt(mean_half) -> str:
 def temperature_effect(rep) -> dict:
     """Demo 1: softmax(z / T) and its entropy -sum p log(p + 1e-10), as in the seed."""
     rep.section("DEMO 1: Temperature effect on softmax")
-    probs, entropy = (np.asarray(a) for a in _softened(np.asarray(SEED_LOGITS, np.float32),
-                                                         np.asarray(SEED_TEMPERATURES, np.float32)))
+    probs, entropy = (a[0, :len(SEED_TEMPERATURES)] for a in _soft_table())
     out = {"logits": list(SEED_LOGITS), "temperatures": list(SEED_TEMPERATURES),
            "probs": probs.tolist(), "entropy": entropy.tolist()}
     rows = [[f"{T:g}", ", ".join(f"{v:.4f}" for v in p), f"{h:.4f}"]
@@ -60,8 +68,7 @@ def temperature_effect(rep) -> dict:
 def soft_vs_hard(rep) -> dict:
     """Demo 2: one-hot labels vs the teacher's softened distribution at T = 3."""
     rep.section("DEMO 2: Soft vs hard labels")
-    soft = np.stack([np.asarray(_softened(np.asarray(row, np.float32), np.float32([3.0]))[0][0])
-                     for row in SEED_TEACHER_ROWS])
+    soft = _soft_table()[0][1:, -1]  # the teacher rows at T = 3
     hard = np.eye(4)[[0, 0]]
     rows = [[str(list(r)), str(h.tolist()), ", ".join(f"{v:.4f}" for v in s)]
             for r, h, s in zip(SEED_TEACHER_ROWS, hard, soft)]
@@ -76,6 +83,20 @@ def _log_every_20(rep, name, losses, accs):
     for k, acc in enumerate(accs):
         step = 20 * (k + 1)
         rep.line(f"  {name} step {step:3d}: loss = {losses[step - 1]:.4f}, train acc = {acc:.4f}")
+
+
+def _pairs(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
+    """``fit_members`` arguments training standard and distilled students as one program.
+
+    Members 0..n-1 are standard students: alpha = 0 makes the distillation loss exactly
+    the hard-label cross-entropy (bitwise; see tests/test_train.py). Members n..2n-1
+    distill with ``alpha``. Members i and n + i share a seed (hence init and
+    minibatches) and teacher i's logits, so their difference is a paired comparison.
+    """
+    n, logits = len(seeds), np.asarray(teacher_logits)
+    return {"seeds": np.concatenate([seeds, seeds]),
+            "hyper": make_hyper(np.full(2 * n, temperature), np.repeat([0.0, alpha], n)),
+            "teacher_logits": np.concatenate([logits, logits])}
 
 
 def _train_logged(rep, model, objective, ds, cfg, seeds, label, **kw):
@@ -102,24 +123,24 @@ def seed_comparison(rep, seeds) -> dict:
              f"random labels; {cfg.describe()}.")
     rep.line(f"Teacher parameters: {n_t:,}")
     _log_every_20(rep, "teacher", t_losses[0], t_accs[0])
-    t_train = evaluate_on(teacher, t_states.params, ds.x_train, ds.y_train, members=True)["accuracy"]
-    rep.line(f"Teacher final training accuracy (seed {seeds[0]}): {t_train[0]:.4f}")
+    rep.line(f"Teacher final training accuracy (seed {seeds[0]}): {t_accs[0, -1]:.4f}")
 
     rep.section("DEMO 4: Student training comparison (T = 3, alpha = 0.7)")
-    logits = teacher_logits_for(teacher, t_states.params, ds, members=True)
-    s_states, s_losses, s_accs = _train_logged(rep, student, "ce", ds, cfg, seeds, "standard student")
-    hyper = make_hyper(np.full(len(seeds), 3.0), np.full(len(seeds), 0.7))
-    d_states, d_losses, d_accs = _train_logged(rep, student, "kd", ds, cfg, seeds, "distilled student",
-                                               hyper=hyper, teacher_logits=logits)
-    n_s = _member_param_count(s_states.params)
+    n = len(seeds)
+    pairs = _pairs(seeds, teacher_logits_for(teacher, t_states.params, ds, members=True), 3.0, 0.7)
+    st_states, st_losses, st_accs = _train_logged(rep, student, "kd", ds, cfg, pairs.pop("seeds"),
+                                                  "students (standard + distilled)", **pairs)
+    n_s = _member_param_count(st_states.params)
     rep.line(f"Student parameters: {n_s:,}; compression ratio {n_t / n_s:.2f}x")
-    _log_every_20(rep, "standard ", s_losses[0], s_accs[0])
-    _log_every_20(rep, "distilled", d_losses[0], d_accs[0])
-    acc = {}
-    for name, model, st in [("teacher", teacher, t_states), ("standard", student, s_states),
-                            ("distilled", student, d_states)]:
-        acc[name] = {"train": evaluate_on(model, st.params, ds.x_train, ds.y_train, members=True)["accuracy"],
-                     "test": evaluate_on(model, st.params, ds.x_test, ds.y_test, members=True)["accuracy"]}
+    _log_every_20(rep, "standard ", st_losses[0], st_accs[0])
+    _log_every_20(rep, "distilled", st_losses[n], st_accs[n])
+    t_acc = {split: evaluate_on(teacher, t_states.params, x, y, members=True)["accuracy"]
+             for split, x, y in [("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)]}
+    s_acc = {split: evaluate_on(student, st_states.params, x, y, members=True)["accuracy"]
+             for split, x, y in [("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)]}
+    acc = {"teacher": t_acc, "standard": {k: v[:n] for k, v in s_acc.items()},
+           "distilled": {k: v[n:] for k, v in s_acc.items()}}
+    s_losses, d_losses = st_losses[:n], st_losses[n:]
     a0 = {k: float(v["train"][0]) for k, v in acc.items()}
     rep.table(f"the seed's single run (seed {seeds[0]}), training accuracy", ["model", "accuracy"],
               [["teacher", f"{a0['teacher']:.4f}"], ["student (standard)", f"{a0['standard']:.4f}"],
@@ -129,7 +150,7 @@ def seed_comparison(rep, seeds) -> dict:
     gain = {split: mean_ci(acc["distilled"][split] - acc["standard"][split]) for split in ("train", "test")}
     rows = [[name, _fmt(stats[name]["train"]), _fmt(stats[name]["test"])] for name in acc]
     rows.append(["distilled - standard (paired)", _fmt(gain["train"]), _fmt(gain["test"])])
-    rep.table(f"over {len(seeds)} seeds (one vmapped program per model): mean ± 95% CI",
+    rep.table(f"over {len(seeds)} seeds (teachers one vmapped program, students another): mean ± 95% CI",
               ["model", "train accuracy", "held-out accuracy"], rows)
     rep.line("The seed's labels are random: held-out accuracy is chance (0.2) for every model; "
              "training accuracy measures memorisation of 500 random labels, not learning.")
@@ -187,15 +208,13 @@ def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = 16,
     with rep.progress("teachers", steps) as advance:
         t_states, t_losses = fit_members(teacher, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
     logits = teacher_logits_for(teacher, t_states.params, ds, members=True)
-    with rep.progress("standard students", steps) as advance:
-        s_states, s_losses = fit_members(student, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
-    hyper = make_hyper(np.full(len(seeds), temperature), np.full(len(seeds), alpha))
-    with rep.progress("distilled students", steps) as advance:
-        d_states, d_losses = fit_members(student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
-                                         on_chunk=lambda d, t, s: advance(d))
-    acc = {name: evaluate_on(m, st.params, ds.x_test, ds.y_test, members=True)["accuracy"]
-           for name, m, st in [("teacher", teacher, t_states), ("standard", student, s_states),
-                               ("distilled", student, d_states)]}
+    n, pairs = len(seeds), _pairs(seeds, logits, temperature, alpha)
+    with rep.progress("students (standard + distilled)", steps) as advance:
+        st_states, st_losses = fit_members(student, "kd", ds, cfg, on_chunk=lambda d, t, s: advance(d), **pairs)
+    t_acc = evaluate_on(teacher, t_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
+    s_acc = evaluate_on(student, st_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
+    acc = {"teacher": t_acc, "standard": s_acc[:n], "distilled": s_acc[n:]}
+    s_losses, d_losses = st_losses[:n], st_losses[n:]
     stats = {k: mean_ci(v) for k, v in acc.items()}
     gain = mean_ci(acc["distilled"] - acc["standard"])
     rows = [[k, _fmt(v)] for k, v in stats.items()]

@@ -12,7 +12,6 @@ import functools
 import math
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,21 +87,13 @@ def teacher_logits_for(teacher, teacher_params, ds: Dataset, members: bool = Fal
     With ``members=True``, ``teacher_params`` is batched (one teacher per member) and
     the result is ``[N, n, classes]``.
     """
-    x = jnp.asarray(ds.x_train)
-    if members:
-        return _member_logits(teacher, teacher_params, x)
-    return predict_logits(teacher, teacher_params, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _member_logits(model, params, x):
-    return jax.vmap(functools.partial(predict_logits, model), in_axes=(0, None))(params, x)
+    return predict_logits(teacher, teacher_params, jnp.asarray(ds.x_train), members=members)
 
 
 def evaluate_on(model, params, x, y, members: bool = False) -> dict:
     """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
-    out = sweep.evaluate_members(model, params, x, y) if members else evaluate(model, params, x, y)
+    out = evaluate(model, params, x, y, members=members)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -127,7 +118,7 @@ def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
         losses.append(m["loss"])
         if on_chunk is not None:
             on_chunk(b, len(schedule), state)
-    return state, np.asarray(jnp.concatenate(losses))
+    return state, np.concatenate([np.asarray(x) for x in losses])
 
 
 def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,

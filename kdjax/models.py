@@ -6,18 +6,24 @@ stores ``[out, in]``.
 
 Default init is PyTorch's ``nn.Linear`` init: weight and bias both drawn from
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that
-bound), so training from scratch behaves statistically like the reference.
+bound), so training from scratch behaves statistically like the reference. Two ways
+to get it: Flax's ``model.init(key, x)`` (``jax.random``, traceable), and
+``init_params`` (NumPy on the host), which kdjax's own training uses because it
+compiles nothing (on CPU, compiling the random-number code of a jitted init took
+0.3-0.5 s per model, longer than training the seed's student).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
-__all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "param_count"]
+__all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "init_params", "param_count"]
 
 
 def torch_linear_init(fan_in: int):
@@ -108,6 +114,42 @@ class MLP(nn.Module):
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"dropout{i + 1}")(x)
         return _linear(self.num_classes, widths[-1], f"fc{len(self.hidden_dims) + 1}", self.dtype)(x)
+
+
+@functools.cache
+def _param_shapes(model, input_dim: int):
+    # abstract evaluation of Flax's init: the params tree (shapes, dtypes) without running it
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    x = jax.ShapeDtypeStruct((1, input_dim), getattr(model, "dtype", jnp.float32))
+    return jax.eval_shape(model.init, key, x)["params"]
+
+
+def init_params(model, key, input_dim: int):
+    """Params of a kdjax model for ``[batch, input_dim]`` inputs, drawn on the host.
+
+    Every layer ``fc*`` gets kernel ``[in, out]`` and bias ``[out]`` from
+    U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's ``nn.Linear`` init, as ``model.init``), from
+    NumPy's generator seeded with ``key``: a JAX PRNG key, raw ``uint32`` key words
+    or an int. Same tree, shapes and dtypes as ``model.init(key, x)["params"]``; the
+    draws differ. Returns NumPy arrays; nothing is compiled.
+    """
+    if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
+        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
+    shapes = _param_shapes(model, int(input_dim))
+    if not all(n.startswith("fc") and n[2:].isdigit() and set(v) == {"kernel", "bias"}
+               for n, v in shapes.items()):
+        raise TypeError(f"init_params: expected a kdjax model (dense layers fc1..fcK with kernel "
+                        f"and bias), got layers {sorted(shapes)}")
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    gen = np.random.default_rng(np.asarray(key, np.uint64).ravel().tolist())
+    params = {}
+    for name in sorted(shapes, key=lambda n: int(n[2:])):  # fc1, fc2, ... fc10 in order
+        layer = shapes[name]
+        bound = 1.0 / math.sqrt(layer["kernel"].shape[0])
+        params[name] = {k: gen.uniform(-bound, bound, layer[k].shape).astype(layer[k].dtype)
+                        for k in ("kernel", "bias")}
+    return params
 
 
 def param_count(params) -> int:

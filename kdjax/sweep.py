@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data import epoch_schedule, seed_schedule
-from kdjax.train import (FAST_COMPILE, evaluate, init_state_impl, make_hyper, make_train_step,
-                         run_steps)
+from kdjax.models import init_params
+from kdjax.train import evaluate, make_hyper, make_train_step, run_steps, state_from_params
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
            "evaluate_members", "sweep_hyper"]
@@ -44,15 +44,17 @@ def member_keys(seeds) -> dict[str, np.ndarray]:
     return {"init": words[:, 0:2], "schedule": words[:, 2:4], "dropout": words[:, 4:6]}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3), compiler_options=FAST_COMPILE)
-def _init_members(model, init_keys, input_dim: int, learning_rate: float):
-    make = functools.partial(init_state_impl, model, input_dim=input_dim, learning_rate=learning_rate)
-    return jax.vmap(make)(init_keys)
-
-
 def init_members(model, init_keys, input_dim: int, learning_rate=1e-3):
-    """A batched ``TrainState``: one member per key (leading axis N)."""
-    return _init_members(model, init_keys, int(input_dim), float(learning_rate))
+    """A batched ``TrainState``: one member per key (leading axis N).
+
+    Member i's params are ``kdjax.models.init_params(model, init_keys[i], input_dim)``,
+    so a member starts exactly where ``create_train_state`` with the same key does.
+    """
+    params = [init_params(model, k, input_dim) for k in init_keys]
+    if not params:
+        raise ValueError("init_keys: expected at least one key, got none")
+    stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *params)
+    return state_from_params(stacked, learning_rate=learning_rate, members=True)
 
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
@@ -89,10 +91,9 @@ def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
     return jax.jit(vrun, donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def evaluate_members(model, params, x, y):
     """``evaluate`` for every member: ``{"loss": [N], "accuracy": [N]}``."""
-    return jax.vmap(functools.partial(evaluate, model), in_axes=(0, None, None))(params, x, y)
+    return evaluate(model, params, x, y, members=True)
 
 
 def sweep_hyper(temperatures, alphas, dtype=jnp.float32):

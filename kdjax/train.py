@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard_ce
+from kdjax.models import init_params
 
 __all__ = ["TrainState", "Hyper", "make_hyper", "adam", "create_train_state",
            "train_step", "make_train_step", "run_steps", "make_run", "predict_logits",
@@ -81,44 +82,46 @@ def adam(learning_rate=1e-3, dtype=jnp.float32) -> optax.GradientTransformation:
     return factory(learning_rate=learning_rate)
 
 
-def create_train_state(model, rng: jax.Array, input_dim: int, *, learning_rate=1e-3,
+def create_train_state(model, rng, input_dim: int, *, learning_rate=1e-3,
                        tx: optax.GradientTransformation | None = None) -> TrainState:
     """Initialise ``model`` for ``[batch, input_dim]`` inputs and its optimizer state.
 
-    ``tx`` defaults to ``adam(learning_rate)`` in the model's dtype.
+    Params come from ``kdjax.models.init_params`` (PyTorch's ``nn.Linear`` init, drawn
+    on the host from ``rng``: a JAX key, raw key words or an int). ``tx`` defaults to
+    ``adam(learning_rate)`` in the model's dtype.
     """
-    if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
-        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
+    return state_from_params(init_params(model, rng, input_dim), learning_rate=learning_rate, tx=tx)
+
+
+def state_from_params(params, *, learning_rate=1e-3, tx=None, members: bool = False) -> TrainState:
+    """A fresh ``TrainState`` (step 0, new optimizer state) around existing params,
+    e.g. weights converted from PyTorch with ``kdjax.convert.torch_to_flax``.
+
+    With ``members=True`` every leaf of ``params`` has a leading member axis, and so
+    does every leaf of the returned state (the input of a vmapped sweep run).
+    """
     lr = float(learning_rate)
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
-    return _init_state(model, rng, int(input_dim), lr, tx)
+    return _new_state(params, lr, tx, bool(members))
 
 
-# Init runs once per model: compiling it without LLVM optimisation makes it ~3x faster
-# to compile on CPU, at no cost that matters.
+# Compiling without LLVM optimisation: ~3x faster to compile on CPU, for programs
+# that run once and take microseconds.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def init_state_impl(model, rng, input_dim: int, learning_rate: float, tx=None) -> TrainState:
-    """The pure initialisation behind ``create_train_state`` (no checks; vmappable)."""
-    dtype = getattr(model, "dtype", jnp.float32)
-    params = model.init(rng, jnp.zeros((1, input_dim), dtype))["params"]
+def _new_state_one(params, learning_rate: float, tx) -> TrainState:
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
     tx = adam(learning_rate, dtype) if tx is None else tx
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-# One compiled program per model, instead of op-by-op dispatch of every initializer.
-_init_state = jax.jit(init_state_impl, static_argnums=(0, 2, 3, 4), compiler_options=FAST_COMPILE)
-
-
-def state_from_params(params, *, learning_rate=1e-3, tx=None) -> TrainState:
-    """A fresh ``TrainState`` (step 0, new optimizer state) around existing params,
-    e.g. weights converted from PyTorch with ``kdjax.convert.torch_to_flax``."""
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    tx = adam(float(learning_rate), dtype) if tx is None else tx
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+# One small program builds the optimizer state, instead of a compiled op per leaf.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3), compiler_options=FAST_COMPILE)
+def _new_state(params, learning_rate: float, tx, members: bool) -> TrainState:
+    new = functools.partial(_new_state_one, learning_rate=learning_rate, tx=tx)
+    return jax.vmap(new)(params) if members else new(params)
 
 
 def set_learning_rate(state: TrainState, learning_rate) -> TrainState:
@@ -237,15 +240,37 @@ def make_run(model, objective: str = "kd", *, tx=None, teacher=None):
     return jax.jit(functools.partial(run_steps, step=step), donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def predict_logits(model, params, x):
-    """Eval-mode logits (no dropout) of ``model`` on ``x``: the teacher-logit cache."""
+def _logits(model, params, x):
     return model.apply({"params": params}, x, train=False)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def evaluate(model, params, x, y):
-    """``{"loss": mean CE, "accuracy": fraction correct}`` of ``model`` (eval mode) on (x, y)."""
-    logits = model.apply({"params": params}, x, train=False)
+def _metrics(model, params, x, y):
+    logits = _logits(model, params, x)
     return {"loss": jnp.mean(hard_ce(logits, y)),
             "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))}
+
+
+def _over_members(fn, model, members: bool, n_shared: int):
+    # members: params batched on axis 0, the data arguments shared
+    fn = functools.partial(fn, model)
+    return jax.vmap(fn, in_axes=(0,) + (None,) * n_shared) if members else fn
+
+
+# Evaluation runs a handful of times per model: compile it fast (see FAST_COMPILE).
+@functools.partial(jax.jit, static_argnums=0, static_argnames="members", compiler_options=FAST_COMPILE)
+def predict_logits(model, params, x, members: bool = False):
+    """Eval-mode logits (no dropout) of ``model`` on ``x``: the teacher-logit cache.
+
+    With ``members=True``, ``params`` is batched (one model per member) and the result
+    is ``[N, n, classes]``.
+    """
+    return _over_members(_logits, model, members, 1)(params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="members", compiler_options=FAST_COMPILE)
+def evaluate(model, params, x, y, members: bool = False):
+    """``{"loss": mean CE, "accuracy": fraction correct}`` of ``model`` (eval mode) on (x, y).
+
+    With ``members=True``, ``params`` is batched and each metric is ``[N]``.
+    """
+    return _over_members(_metrics, model, members, 2)(params, x, y)

@@ -40,6 +40,45 @@ def test_init_is_torch_uniform():
         assert np.any(np.asarray(params[layer]["bias"]) != 0)  # biases are not zero-init
 
 
+@pytest.mark.parametrize("model", [kdjax.TeacherMLP(32, 3), kdjax.StudentMLP(8, 3),
+                                   kdjax.MLP((16, 12, 8), 4)])
+def test_host_init_has_flax_init_tree(model):
+    """init_params builds exactly the tree model.init builds (names, shapes, dtypes)."""
+    host = kdjax.models.init_params(model, 0, 7)
+    flax_params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 7)))["params"]
+    assert jax.tree_util.tree_structure(host) == jax.tree_util.tree_structure(flax_params)
+    for a, b in zip(jax.tree_util.tree_leaves(host), jax.tree_util.tree_leaves(flax_params)):
+        assert isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+    # and it runs through the model
+    assert model.apply({"params": host}, jnp.ones((2, 7))).shape[-1] in (3, 4)
+
+
+def test_host_init_keys():
+    """Same key -> same params; a JAX key, its raw words and a typed key agree; keys differ."""
+    m = kdjax.StudentMLP(8, 3)
+    leaves = lambda k: jax.tree_util.tree_leaves(kdjax.models.init_params(m, k, 5))
+    legacy = jax.random.PRNGKey(3)
+    for a, b in zip(leaves(legacy), leaves(np.asarray(legacy))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(leaves(legacy), leaves(jax.random.wrap_key_data(legacy))):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(leaves(legacy)[1], leaves(jax.random.PRNGKey(4))[1])
+    np.testing.assert_array_equal(leaves(7)[1], leaves(7)[1])
+
+
+def test_host_init_rejects_bad_input():
+    with pytest.raises(ValueError, match="input_dim"):
+        kdjax.models.init_params(kdjax.StudentMLP(8, 3), 0, 0)
+
+    class Other(kdjax.models.nn.Module):
+        @kdjax.models.nn.compact
+        def __call__(self, x):
+            return kdjax.models.nn.Dense(2, name="head")(x)
+
+    with pytest.raises(TypeError, match="kdjax model"):
+        kdjax.models.init_params(Other(), 0, 3)
+
+
 def test_dropout_only_in_train_mode():
     model = kdjax.TeacherMLP(64, 3)
     params = init(model, 10)

@@ -235,3 +235,44 @@ def test_shared_schedule_sweep_equals_individual_runs(setup):
                                    rtol=1e-5, atol=1e-6)
     # members differ only by hyperparameters, and those were used
     assert not np.allclose(np.asarray(losses["loss"][0]), np.asarray(losses["loss"][3]))
+
+
+def test_alpha_zero_distillation_is_cross_entropy_bitwise(setup):
+    """alpha = 0 makes the KD objective the hard-label CE exactly (the demo trains its
+    standard students this way, in the same program as the distilled ones)."""
+    s = setup
+    ce, ce_loss = kdjax.make_run(s["student"], "ce")(fresh(s["student"]), s["d"], s["schedule"], s["rng"])
+    d = dict(s["d"], teacher_logits=s["tlogits"])
+    kd, kd_loss = kdjax.make_run(s["student"], "kd")(fresh(s["student"]), d, s["schedule"], s["rng"],
+                                                     kdjax.make_hyper(5.0, 0.0))
+    np.testing.assert_array_equal(np.asarray(ce_loss["loss"]), np.asarray(kd_loss["loss"]))
+    for a, b in zip(jax.tree_util.tree_leaves(ce), jax.tree_util.tree_leaves(kd)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_members_start_where_single_states_start(setup):
+    keys = sweep.member_keys([4, 9])
+    states = sweep.init_members(setup["student"], keys["init"], 50, learning_rate=3e-3)
+    for i in range(2):
+        one = kdjax.create_train_state(setup["student"], keys["init"][i], 50, learning_rate=3e-3)
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], states)
+        for a, b in zip(jax.tree_util.tree_leaves(member), jax.tree_util.tree_leaves(one)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(states.opt_state.hyperparams["learning_rate"][1]) == pytest.approx(3e-3)
+
+
+def test_member_evaluation_equals_single(setup):
+    s = setup
+    keys = sweep.member_keys([0, 1, 2])
+    params = sweep.init_members(s["student"], keys["init"], 50).params
+    x, y = s["d"]["x"][:100], s["d"]["y"][:100]
+    many = kdjax.evaluate(s["student"], params, x, y, members=True)
+    logits = kdjax.predict_logits(s["student"], params, x, members=True)
+    assert logits.shape == (3, 100, 5) and many["accuracy"].shape == (3,)
+    for i in range(3):
+        p = jax.tree_util.tree_map(lambda a, i=i: a[i], params)
+        one = kdjax.evaluate(s["student"], p, x, y)
+        np.testing.assert_allclose(np.asarray(many["loss"][i]), np.asarray(one["loss"]), rtol=1e-6)
+        assert float(many["accuracy"][i]) == float(one["accuracy"])
+        np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(kdjax.predict_logits(s["student"], p, x)),
+                                   rtol=1e-6, atol=1e-6)
