@@ -5,7 +5,7 @@ fused runs in ``kdjax.train``, data and schedules in ``kdjax.data``, vmapped swe
 ``kdjax.sweep``, PyTorch weight conversion in ``kdjax.convert``.
 """
 
-from kdjax import checkpoint, convert, data, experiments, losses, models, sweep, train
+from kdjax import checkpoint, convert, data, errors, experiments, losses, models, sweep, train
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
 from kdjax.models import MLP, StudentMLP, TeacherMLP, param_count
 from kdjax.train import (
@@ -27,7 +27,7 @@ from kdjax.train import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "checkpoint", "convert", "data", "experiments", "losses", "models", "sweep", "train",
+    "checkpoint", "convert", "data", "errors", "experiments", "losses", "models", "sweep", "train",
     "distillation_loss", "hard_ce", "soft_kl",
     "MLP", "StudentMLP", "TeacherMLP", "param_count",
     "Hyper", "TrainState", "adam", "create_train_state", "evaluate", "make_hyper",

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import serialization
 
+from kdjax.errors import InputError
+
 __all__ = ["save", "load", "save_rotating", "load_latest", "atomic_write_bytes", "atomic_write_text"]
 
 MAGIC = b"kdjax-checkpoint v1 "
@@ -63,20 +65,20 @@ def load(path: str | os.PathLike, target=None):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ValueError(f"{path}: expected a readable kdjax checkpoint, got {e.strerror}") from e
+        raise InputError(f"{path}: expected a readable kdjax checkpoint, got {e.strerror}") from e
     header, _, payload = raw.partition(b"\n")
     if not header.startswith(MAGIC):
-        raise ValueError(f"{path}: expected a kdjax checkpoint (header {MAGIC.decode().strip()!r}), "
+        raise InputError(f"{path}: expected a kdjax checkpoint (header {MAGIC.decode().strip()!r}), "
                          f"got something else")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
-        raise ValueError(f"{path}: checkpoint is truncated or corrupted (checksum mismatch)")
+        raise InputError(f"{path}: checkpoint is truncated or corrupted (checksum mismatch)")
     blob = serialization.msgpack_restore(payload)
     tree, meta = blob["tree"], json.loads(blob["meta"])
     if target is not None:
         want = jax.tree_util.tree_map(np.shape, serialization.to_state_dict(target))
         got = jax.tree_util.tree_map(np.shape, tree)
         if want != got:
-            raise ValueError(f"{path}: checkpoint does not match the model: expected "
+            raise InputError(f"{path}: checkpoint does not match the model: expected "
                              f"shapes {want}, got {got}")
         tree = serialization.from_state_dict(target, tree)
     return tree, meta
@@ -112,5 +114,5 @@ def load_latest(path: str | os.PathLike, target=None):
         except ValueError as e:
             problem = problem or str(e)
     if problem:
-        raise ValueError(problem)
+        raise InputError(problem)
     raise FileNotFoundError(path)

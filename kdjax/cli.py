@@ -1,7 +1,10 @@
 """The ``kdjax`` command: ``demo``, ``distill`` and ``sweep``.
 
-User mistakes (bad arguments, unreadable or invalid data, out-of-range
-hyperparameters) print one line ``kdjax: error: ...`` and exit with status 2.
+User mistakes (bad arguments, invalid data, out-of-range hyperparameters: a
+``UsageError`` here, ``kdjax.errors.InputError``/``InputTypeError`` in the library)
+print one line ``kdjax: error: ...`` and exit with status 2; a path the OS refuses
+prints its reason and exits 1. Any other exception is a kdjax bug: it keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 import time
 
 import numpy as np
+
+from kdjax.errors import InputError, InputTypeError
 
 EXIT_USAGE = 2
 
@@ -280,28 +285,33 @@ def cmd_distill(args, rep: Reporter) -> int:
     import jax
 
     from kdjax import checkpoint, plots
-    from kdjax.experiments import evaluate_on, mean_ci
+    from kdjax.experiments import evaluate_on, mean_ci, paired_students
+    from kdjax.losses import check_alpha, check_temperature
     from kdjax.models import StudentMLP, TeacherMLP
-    from kdjax.train import make_hyper
 
     if args.resume and not args.out:
         raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
+    check_temperature(args.temperature)  # before anything is trained
+    check_alpha(args.alpha)
     ds = _dataset(args.dataset, args.seed)
     cfg = _run_config(args)
-    hyper = make_hyper(np.full(args.seeds, args.temperature), np.full(args.seeds, args.alpha))
     seeds = list(range(args.seed, args.seed + args.seeds))
+    n = len(seeds)
     teacher = TeacherMLP(args.teacher_hidden, ds.num_classes)
     student = StudentMLP(args.student_hidden, ds.num_classes)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, {ds.input_dim} features, "
              f"{ds.num_classes} classes; {cfg.describe()}; T = {args.temperature:g}, "
              f"alpha = {args.alpha:g}; {args.seeds} seed(s)")
     logits, t_params = _teachers(args, rep, teacher, ds, cfg, seeds)
-    s_states, s_losses = _phase(args, rep, "standard", student, "ce", ds, cfg, seeds)
-    d_states, d_losses = _phase(args, rep, "distilled", student, "kd", ds, cfg, seeds,
-                                hyper=hyper, teacher_logits=logits)
+    # standard (members :n) and distilled (n:) students, one program; pairs share a seed
+    pairs = paired_students(seeds, logits, args.temperature, args.alpha)
+    st_states, st_losses = _phase(args, rep, "students", student, "kd", ds, cfg, pairs.pop("seeds"), **pairs)
+    s_params = jax.tree_util.tree_map(lambda a: a[:n], st_states.params)
+    d_params = jax.tree_util.tree_map(lambda a: a[n:], st_states.params)
+    s_losses, d_losses = st_losses[:n], st_losses[n:]
     t_acc = evaluate_on(teacher, t_params, ds.x_test, ds.y_test)["accuracy"]
-    acc = {"standard": evaluate_on(student, s_states.params, ds.x_test, ds.y_test, members=True)["accuracy"],
-           "distilled": evaluate_on(student, d_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]}
+    s_acc = evaluate_on(student, st_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
+    acc = {"standard": s_acc[:n], "distilled": s_acc[n:]}
     stats = {k: mean_ci(v) for k, v in acc.items()}
     gain = mean_ci(acc["distilled"] - acc["standard"])
     rep.table("test accuracy (mean ± 95% CI over seeds)", ["model", "test accuracy"],
@@ -317,9 +327,9 @@ def cmd_distill(args, rep: Reporter) -> int:
         meta = {"dataset": ds.name, "input_dim": ds.input_dim, "num_classes": ds.num_classes}
         checkpoint.save(os.path.join(args.out, "teacher.ckpt"), {"params": t_params},
                         meta | {"model": "TeacherMLP", "hidden_dim": args.teacher_hidden})
-        checkpoint.save(os.path.join(args.out, "student_distilled.ckpt"), {"params": take0(d_states.params)},
+        checkpoint.save(os.path.join(args.out, "student_distilled.ckpt"), {"params": take0(d_params)},
                         meta | {"model": "StudentMLP", "hidden_dim": args.student_hidden, "seed": seeds[0]})
-        checkpoint.save(os.path.join(args.out, "student_standard.ckpt"), {"params": take0(s_states.params)},
+        checkpoint.save(os.path.join(args.out, "student_standard.ckpt"), {"params": take0(s_params)},
                         meta | {"model": "StudentMLP", "hidden_dim": args.student_hidden, "seed": seeds[0]})
     figs = {
         "learning_curves": lambda: plots.learning_curves(
@@ -470,6 +480,10 @@ def main(argv=None) -> int:
         args.out = _prepare_out(args.out, args.overwrite)
         rep = Reporter(json_mode=args.json, quiet=args.quiet)
         return args.func(args, rep)
-    except (UsageError, ValueError, TypeError) as e:
+    except (UsageError, InputError, InputTypeError) as e:
         print(f"kdjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a path we cannot read or write: the OS's reason, in one line
+        print(f"kdjax: error: {e}", file=sys.stderr)
+        return 1
+    # anything else is a bug in kdjax: it keeps its traceback

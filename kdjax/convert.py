@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from kdjax.errors import InputError
+
 __all__ = ["torch_to_flax", "flax_to_torch"]
 
 _FLAX_NAME = {"weight": "kernel", "bias": "bias"}
@@ -35,11 +37,11 @@ def _check_against(converted: dict, like, what: str) -> None:
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         fmt = lambda keys: ", ".join(f"{a}.{b}" for a, b in keys) or "none"
-        raise ValueError(f"{what}: keys differ from the model's; missing {fmt(missing)}; "
+        raise InputError(f"{what}: keys differ from the model's; missing {fmt(missing)}; "
                          f"unexpected {fmt(extra)}")
     for key, shape in want.items():
         if got[key] != tuple(shape):
-            raise ValueError(f"{what}: {key[0]}.{key[1]} expected shape {tuple(shape)}, "
+            raise InputError(f"{what}: {key[0]}.{key[1]} expected shape {tuple(shape)}, "
                              f"got {got[key]}")
 
 
@@ -58,12 +60,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], like=None) -> dict:
     for key, value in state_dict.items():
         layer, _, name = key.rpartition(".")
         if not layer or name not in _FLAX_NAME:
-            raise ValueError(f"state_dict: expected keys '<layer>.weight' or '<layer>.bias', "
+            raise InputError(f"state_dict: expected keys '<layer>.weight' or '<layer>.bias', "
                              f"got {key!r}")
         arr = _to_numpy(value)
         want_ndim = 2 if name == "weight" else 1
         if arr.ndim != want_ndim:
-            raise ValueError(f"state_dict: {key} expected {want_ndim}-D, got shape {arr.shape}")
+            raise InputError(f"state_dict: {key} expected {want_ndim}-D, got shape {arr.shape}")
         params.setdefault(layer, {})[_FLAX_NAME[name]] = arr.T.copy() if name == "weight" else arr.copy()
     if like is not None:
         _check_against(params, like, "state_dict")
@@ -79,15 +81,15 @@ def flax_to_torch(params: Mapping[str, Mapping[str, Any]], like=None) -> dict:
     out: dict[str, np.ndarray] = {}
     for layer, leaves in params.items():
         if not isinstance(leaves, Mapping):
-            raise ValueError(f"params: expected {{layer: {{'kernel', 'bias'}}}}, got {layer!r} "
+            raise InputError(f"params: expected {{layer: {{'kernel', 'bias'}}}}, got {layer!r} "
                              f"-> {type(leaves).__name__}")
         for name, value in leaves.items():
             if name not in _TORCH_NAME:
-                raise ValueError(f"params: expected leaves 'kernel' or 'bias', got {layer}.{name}")
+                raise InputError(f"params: expected leaves 'kernel' or 'bias', got {layer}.{name}")
             arr = _to_numpy(value)
             want_ndim = 2 if name == "kernel" else 1
             if arr.ndim != want_ndim:
-                raise ValueError(f"params: {layer}.{name} expected {want_ndim}-D, got shape {arr.shape}")
+                raise InputError(f"params: {layer}.{name} expected {want_ndim}-D, got shape {arr.shape}")
             out[f"{layer}.{_TORCH_NAME[name]}"] = arr.T.copy() if name == "kernel" else arr.copy()
     if like is not None:
         like_tree = torch_to_flax(like)

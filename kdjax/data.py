@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.errors import InputError, InputTypeError
+
 __all__ = ["Dataset", "synthetic", "digits", "load_npz", "validate_arrays",
            "seed_schedule", "epoch_schedule"]
 
@@ -50,25 +52,25 @@ def validate_arrays(x, y, where: str, num_classes: int | None = None):
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 2:
-        raise ValueError(f"{where}: expected features of shape [n, features], got shape {x.shape}")
+        raise InputError(f"{where}: expected features of shape [n, features], got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise TypeError(f"{where}: expected numeric features, got dtype {x.dtype}")
+        raise InputTypeError(f"{where}: expected numeric features, got dtype {x.dtype}")
     if y.ndim != 1:
-        raise ValueError(f"{where}: expected labels of shape [n], got shape {y.shape}")
+        raise InputError(f"{where}: expected labels of shape [n], got shape {y.shape}")
     if len(x) != len(y):
-        raise ValueError(f"{where}: expected as many labels as examples ({len(x)}), got {len(y)}")
+        raise InputError(f"{where}: expected as many labels as examples ({len(x)}), got {len(y)}")
     if len(x) == 0:
-        raise ValueError(f"{where}: expected at least one example, got 0")
+        raise InputError(f"{where}: expected at least one example, got 0")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
-            raise TypeError(f"{where}: expected integer class labels, got dtype {y.dtype}")
+            raise InputTypeError(f"{where}: expected integer class labels, got dtype {y.dtype}")
     if not np.all(np.isfinite(x)):
         bad = int(np.sum(~np.isfinite(x)))
-        raise ValueError(f"{where}: expected finite features, got {bad} NaN/inf values")
+        raise InputError(f"{where}: expected finite features, got {bad} NaN/inf values")
     if y.min() < 0:
-        raise ValueError(f"{where}: expected labels >= 0, got minimum label {y.min()}")
+        raise InputError(f"{where}: expected labels >= 0, got minimum label {y.min()}")
     if num_classes is not None and y.max() >= num_classes:
-        raise ValueError(f"{where}: expected labels < {num_classes}, got maximum label {y.max()}")
+        raise InputError(f"{where}: expected labels < {num_classes}, got maximum label {y.max()}")
     return x.astype(np.float32), y.astype(np.int32)
 
 
@@ -79,7 +81,7 @@ def _make(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train", num_classes)
     x_test, y_test = validate_arrays(x_test, y_test, f"{name} test", num_classes)
     if x_test.shape[1] != x_train.shape[1]:
-        raise ValueError(f"{name}: expected test features of width {x_train.shape[1]} "
+        raise InputError(f"{name}: expected test features of width {x_train.shape[1]} "
                          f"(as train), got {x_test.shape[1]}")
     return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes))
 
@@ -125,18 +127,18 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     """Load a user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: expected an existing .npz file, got no such file")
+        raise InputError(f"{path}: expected an existing .npz file, got no such file")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: expected a readable .npz archive, got a file that is not one")
+        raise InputError(f"{path}: expected a readable .npz archive, got a file that is not one")
     try:
         with np.load(path, allow_pickle=False) as f:
             found = list(f.files)
             arrays = {k: f[k] for k in NPZ_KEYS if k in found}
     except Exception as e:  # zipfile.BadZipFile, OSError, pickled object arrays, ...
-        raise ValueError(f"{path}: expected a readable .npz archive, got {type(e).__name__}: {e}") from e
+        raise InputError(f"{path}: expected a readable .npz archive, got {type(e).__name__}: {e}") from e
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
-        raise ValueError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, missing {', '.join(missing)} "
+        raise InputError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, missing {', '.join(missing)} "
                          f"(found {', '.join(found) or 'none'})")
     name = os.path.basename(path)
     return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
@@ -144,10 +146,10 @@ def load_npz(path: str | os.PathLike) -> Dataset:
 
 def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: str):
     if batch_size < 1 or batch_size > num_samples:
-        raise ValueError(f"batch_size: expected 1 <= batch_size <= {num_samples} (examples), "
+        raise InputError(f"batch_size: expected 1 <= batch_size <= {num_samples} (examples), "
                          f"got {batch_size}")
     if count < 1:
-        raise ValueError(f"{what}: expected a positive count, got {count}")
+        raise InputError(f"{what}: expected a positive count, got {count}")
 
 
 def _generator(rng) -> np.random.Generator:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data
-from kdjax.experiments import (RunConfig, evaluate_on, fit, fit_members, mean_ci,
+from kdjax.experiments import (RunConfig, evaluate_on, fit, fit_members, mean_ci, paired_students,
                                teacher_logits_for)
 from kdjax.models import StudentMLP, TeacherMLP
 from kdjax.train import FAST_COMPILE, make_hyper
@@ -85,20 +85,6 @@ def _log_every_20(rep, name, losses, accs):
         rep.line(f"  {name} step {step:3d}: loss = {losses[step - 1]:.4f}, train acc = {acc:.4f}")
 
 
-def _pairs(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
-    """``fit_members`` arguments training standard and distilled students as one program.
-
-    Members 0..n-1 are standard students: alpha = 0 makes the distillation loss exactly
-    the hard-label cross-entropy (bitwise; see tests/test_train.py). Members n..2n-1
-    distill with ``alpha``. Members i and n + i share a seed (hence init and
-    minibatches) and teacher i's logits, so their difference is a paired comparison.
-    """
-    n, logits = len(seeds), np.asarray(teacher_logits)
-    return {"seeds": np.concatenate([seeds, seeds]),
-            "hyper": make_hyper(np.full(2 * n, temperature), np.repeat([0.0, alpha], n)),
-            "teacher_logits": np.concatenate([logits, logits])}
-
-
 def _train_logged(rep, model, objective, ds, cfg, seeds, label, **kw):
     """fit_members in 20-step chunks, recording every member's training accuracy."""
     accs = []
@@ -127,7 +113,7 @@ def seed_comparison(rep, seeds) -> dict:
 
     rep.section("DEMO 4: Student training comparison (T = 3, alpha = 0.7)")
     n = len(seeds)
-    pairs = _pairs(seeds, teacher_logits_for(teacher, t_states.params, ds, members=True), 3.0, 0.7)
+    pairs = paired_students(seeds, teacher_logits_for(teacher, t_states.params, ds, members=True), 3.0, 0.7)
     st_states, st_losses, st_accs = _train_logged(rep, student, "kd", ds, cfg, pairs.pop("seeds"),
                                                   "students (standard + distilled)", **pairs)
     n_s = _member_param_count(st_states.params)
@@ -208,7 +194,7 @@ def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = 16,
     with rep.progress("teachers", steps) as advance:
         t_states, t_losses = fit_members(teacher, "ce", ds, cfg, seeds, on_chunk=lambda d, t, s: advance(d))
     logits = teacher_logits_for(teacher, t_states.params, ds, members=True)
-    n, pairs = len(seeds), _pairs(seeds, logits, temperature, alpha)
+    n, pairs = len(seeds), paired_students(seeds, logits, temperature, alpha)
     with rep.progress("students (standard + distilled)", steps) as advance:
         st_states, st_losses = fit_members(student, "kd", ds, cfg, on_chunk=lambda d, t, s: advance(d), **pairs)
     t_acc = evaluate_on(teacher, t_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]

@@ -17,9 +17,11 @@ import numpy as np
 
 from kdjax import sweep
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
-from kdjax.train import Hyper, create_train_state, evaluate, make_run, predict_logits
+from kdjax.errors import InputError
+from kdjax.train import Hyper, create_train_state, evaluate, make_hyper, make_run, predict_logits
 
-__all__ = ["RunConfig", "fit", "fit_members", "teacher_logits_for", "evaluate_on", "mean_ci", "t975"]
+__all__ = ["RunConfig", "fit", "fit_members", "paired_students", "teacher_logits_for", "evaluate_on",
+           "mean_ci", "t975"]
 
 # on_chunk(steps done, steps total, state): called after every compiled chunk
 OnChunk = Callable[[int, int, object], None]
@@ -40,13 +42,13 @@ class RunConfig:
 
     def __post_init__(self):
         if self.epochs is None and self.steps < 1:
-            raise ValueError(f"steps: expected a positive int, got {self.steps}")
+            raise InputError(f"steps: expected a positive int, got {self.steps}")
         if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs: expected a positive int, got {self.epochs}")
+            raise InputError(f"epochs: expected a positive int, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size}")
+            raise InputError(f"batch_size: expected a positive int, got {self.batch_size}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
+            raise InputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
     def schedule(self, key, num_samples: int):
         if self.epochs is not None:
@@ -161,7 +163,7 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
         if b <= done:
             continue
         if a < done:
-            raise ValueError(f"start: resumed at step {done}, not a chunk boundary of chunk={chunk}")
+            raise InputError(f"start: resumed at step {done}, not a chunk boundary of chunk={chunk}")
         part = schedules[a:b] if shared else schedules[:, a:b]
         states, m = run(states, data, part, keys["dropout"], *args)
         losses.append(m["loss"])  # stays on device: no host sync between chunks
@@ -173,6 +175,28 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
     return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
 
 
+def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
+    """``fit_members`` keyword arguments (``seeds``, ``hyper``, ``teacher_logits``) that
+    train standard and distilled students as one vmapped program.
+
+    With n seeds: members 0..n-1 are standard students, because alpha = 0 makes
+    ``distillation_loss`` exactly the hard-label cross-entropy (bitwise; see
+    tests/test_train.py); members n..2n-1 distill at ``temperature`` and ``alpha``.
+    Members i and n + i share seed i, hence init and minibatches, and teacher i when
+    ``teacher_logits`` is per seed (``[n, examples, classes]``); a single teacher's
+    ``[examples, classes]`` is shared by all. Split results with ``[:n]`` and ``[n:]``.
+    """
+    seeds, logits = np.asarray(seeds), np.asarray(teacher_logits)
+    n = len(seeds)
+    if logits.ndim == 3:
+        if logits.shape[0] != n:
+            raise InputError(f"teacher_logits: expected one teacher per seed ({n}), got {logits.shape[0]}")
+        logits = np.concatenate([logits, logits])
+    return {"seeds": np.concatenate([seeds, seeds]),
+            "hyper": make_hyper(np.full(2 * n, temperature), np.repeat([0.0, alpha], n)),
+            "teacher_logits": logits}
+
+
 # Student-t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% intervals).
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
          2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
@@ -182,7 +206,7 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
 def t975(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom (95% two-sided)."""
     if df < 1:
-        raise ValueError(f"df: expected >= 1, got {df}")
+        raise InputError(f"df: expected >= 1, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
     z = 1.959964  # Cornish-Fisher expansion around the normal quantile; error < 1e-4 here

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.errors import InputError, InputTypeError
+
 __all__ = ["soft_kl", "hard_ce", "distillation_loss", "check_temperature", "check_alpha"]
 
 
@@ -26,9 +28,9 @@ def _concrete_scalar(name: str, value):
         return None
     arr = np.asarray(value)
     if arr.ndim != 0:
-        raise ValueError(f"{name}: expected a scalar, got an array of shape {arr.shape}")
+        raise InputError(f"{name}: expected a scalar, got an array of shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name}: expected a real number, got dtype {arr.dtype}")
+        raise InputTypeError(f"{name}: expected a real number, got dtype {arr.dtype}")
     return float(arr)
 
 
@@ -36,37 +38,37 @@ def check_temperature(temperature) -> None:
     """Raise ValueError unless a concrete temperature is finite and > 0."""
     t = _concrete_scalar("temperature", temperature)
     if t is not None and not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature: expected a finite number > 0, got {t}")
+        raise InputError(f"temperature: expected a finite number > 0, got {t}")
 
 
 def check_alpha(alpha) -> None:
     """Raise ValueError unless a concrete alpha lies in [0, 1]."""
     a = _concrete_scalar("alpha", alpha)
     if a is not None and not (0.0 <= a <= 1.0):  # NaN fails both comparisons
-        raise ValueError(f"alpha: expected a number in [0, 1], got {a}")
+        raise InputError(f"alpha: expected a number in [0, 1], got {a}")
 
 
 def _check_logits(name: str, logits) -> None:
     if logits.ndim != 2:
-        raise ValueError(f"{name}: expected shape [batch, num_classes], got shape {logits.shape}")
+        raise InputError(f"{name}: expected shape [batch, num_classes], got shape {logits.shape}")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"{name}: expected a floating-point dtype, got {logits.dtype}")
+        raise InputTypeError(f"{name}: expected a floating-point dtype, got {logits.dtype}")
     if logits.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty batch, got shape {logits.shape}")
+        raise InputError(f"{name}: expected a non-empty batch, got shape {logits.shape}")
 
 
 def _check_labels(labels, logits_shape) -> None:
     batch, num_classes = logits_shape
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels: expected an integer dtype (class indices), got {labels.dtype}")
+        raise InputTypeError(f"labels: expected an integer dtype (class indices), got {labels.dtype}")
     if labels.shape != (batch,):
-        raise ValueError(f"labels: expected shape ({batch},) to match logits {logits_shape}, "
+        raise InputError(f"labels: expected shape ({batch},) to match logits {logits_shape}, "
                          f"got shape {labels.shape}")
     if not isinstance(labels, jax.core.Tracer):
         values = np.asarray(labels)
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"labels: expected values in [0, {num_classes}), "
+            raise InputError(f"labels: expected values in [0, {num_classes}), "
                              f"got values in [{lo}, {hi}]")
 
 
@@ -96,7 +98,7 @@ def soft_kl(student_logits, teacher_logits, temperature=1.0):
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits: expected the student's shape {student_logits.shape}, "
+        raise InputError(f"teacher_logits: expected the student's shape {student_logits.shape}, "
                          f"got {teacher_logits.shape}")
     check_temperature(temperature)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)

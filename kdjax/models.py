@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from kdjax.errors import InputError, InputTypeError
+
 __all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "init_params", "param_count"]
 
 
@@ -44,13 +46,13 @@ def _linear(features: int, fan_in: int, name: str, dtype) -> nn.Dense:
 
 def _check_input(module: nn.Module, x, where: str):
     if x.ndim != 2:
-        raise ValueError(f"{where}: expected inputs of shape [batch, features], got shape {x.shape}")
+        raise InputError(f"{where}: expected inputs of shape [batch, features], got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{where}: expected floating-point inputs, got dtype {x.dtype}")
+        raise InputTypeError(f"{where}: expected floating-point inputs, got dtype {x.dtype}")
     if module.has_variable("params", "fc1"):  # applying existing params: widths must agree
         built = module.variables["params"]["fc1"]["kernel"].shape[0]
         if x.shape[1] != built:
-            raise ValueError(f"{where}: expected inputs with {built} features (the params were built "
+            raise InputError(f"{where}: expected inputs with {built} features (the params were built "
                              f"for {built}), got {x.shape[1]}")
 
 
@@ -134,11 +136,11 @@ def init_params(model, key, input_dim: int):
     draws differ. Returns NumPy arrays; nothing is compiled.
     """
     if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
-        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
+        raise InputError(f"input_dim: expected a positive int, got {input_dim!r}")
     shapes = _param_shapes(model, int(input_dim))
     if not all(n.startswith("fc") and n[2:].isdigit() and set(v) == {"kernel", "bias"}
                for n, v in shapes.items()):
-        raise TypeError(f"init_params: expected a kdjax model (dense layers fc1..fcK with kernel "
+        raise InputTypeError(f"init_params: expected a kdjax model (dense layers fc1..fcK with kernel "
                         f"and bias), got layers {sorted(shapes)}")
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)

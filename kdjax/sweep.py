@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data import epoch_schedule, seed_schedule
+from kdjax.errors import InputError
 from kdjax.models import init_params
 from kdjax.train import evaluate, make_hyper, make_train_step, run_steps, state_from_params
 
@@ -28,7 +29,7 @@ def grid(temperatures: Sequence[float], alphas: Sequence[float], seeds: Sequence
     """Flatten the Cartesian product into three equal-length NumPy arrays (T-major)."""
     rows = list(itertools.product(temperatures, alphas, seeds))
     if not rows:
-        raise ValueError("grid: expected at least one temperature, alpha and seed, got an empty axis")
+        raise InputError("grid: expected at least one temperature, alpha and seed, got an empty axis")
     t, a, s = (np.asarray(col) for col in zip(*rows))
     return t.astype(np.float64), a.astype(np.float64), s.astype(np.int64)
 
@@ -52,7 +53,7 @@ def init_members(model, init_keys, input_dim: int, learning_rate=1e-3):
     """
     params = [init_params(model, k, input_dim) for k in init_keys]
     if not params:
-        raise ValueError("init_keys: expected at least one key, got none")
+        raise InputError("init_keys: expected at least one key, got none")
     stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *params)
     return state_from_params(stacked, learning_rate=learning_rate, members=True)
 
@@ -61,7 +62,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
                      epochs: int | None = None):
     """``[N, steps, batch]`` schedules: the seed's random minibatches, or real epochs."""
     if (steps is None) == (epochs is None):
-        raise ValueError("member_schedules: expected exactly one of steps or epochs")
+        raise InputError("member_schedules: expected exactly one of steps or epochs")
     if steps is not None:
         make = functools.partial(seed_schedule, num_samples=num_samples,
                                  batch_size=batch_size, steps=steps)

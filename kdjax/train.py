@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax.errors import InputError, InputTypeError
 from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard_ce
 from kdjax.models import init_params
 
@@ -102,7 +103,7 @@ def state_from_params(params, *, learning_rate=1e-3, tx=None, members: bool = Fa
     """
     lr = float(learning_rate)
     if not (np.isfinite(lr) and lr > 0):
-        raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
+        raise InputError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
     return _new_state(params, lr, tx, bool(members))
 
 
@@ -158,12 +159,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       model, tx, objective, teacher: bound with ``functools.partial``.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        raise InputError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if objective == "kd":
         if hyper is None:
-            raise ValueError("hyper: objective 'kd' needs a Hyper (see kdjax.make_hyper), got None")
+            raise InputError("hyper: objective 'kd' needs a Hyper (see kdjax.make_hyper), got None")
         if "teacher_logits" not in batch and (teacher is None or teacher_params is None):
-            raise ValueError("objective 'kd': expected batch['teacher_logits'] or both a bound "
+            raise InputError("objective 'kd': expected batch['teacher_logits'] or both a bound "
                              "teacher and teacher_params, got neither")
     key = jax.random.fold_in(rng, state.step)
     loss_fn = functools.partial(_loss_fn, model=model, objective=objective, teacher=teacher)
@@ -180,7 +181,7 @@ def make_train_step(model, objective: str = "kd", *, tx=None, teacher=None, jit:
     The jitted step donates ``state``: do not reuse the state you passed in.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        raise InputError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     tx = adam() if tx is None else tx
     step = functools.partial(train_step, model=model, tx=tx, objective=objective, teacher=teacher)
     return jax.jit(step, donate_argnums=0) if jit else step
@@ -215,18 +216,18 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
 
 def _check_run_inputs(data, schedule) -> None:
     if "x" not in data or "y" not in data:
-        raise ValueError(f"data: expected keys 'x' and 'y' (optionally 'teacher_logits'), got {sorted(data)}")
+        raise InputError(f"data: expected keys 'x' and 'y' (optionally 'teacher_logits'), got {sorted(data)}")
     n = data["x"].shape[0]
     for name, arr in data.items():
         if arr.shape[0] != n:
-            raise ValueError(f"data['{name}']: expected {n} rows (as data['x']), got shape {arr.shape}")
+            raise InputError(f"data['{name}']: expected {n} rows (as data['x']), got shape {arr.shape}")
     if not jnp.issubdtype(data["y"].dtype, jnp.integer):
-        raise TypeError(f"data['y']: expected integer class labels, got dtype {data['y'].dtype}")
+        raise InputTypeError(f"data['y']: expected integer class labels, got dtype {data['y'].dtype}")
     if schedule.ndim != 2 or not jnp.issubdtype(schedule.dtype, jnp.integer):
-        raise ValueError(f"schedule: expected integer indices of shape [steps, batch], got "
+        raise InputError(f"schedule: expected integer indices of shape [steps, batch], got "
                          f"{schedule.dtype}{list(schedule.shape)}")
     if schedule.shape[0] == 0 or schedule.shape[1] == 0:
-        raise ValueError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
+        raise InputError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
 
 
 def make_run(model, objective: str = "kd", *, tx=None, teacher=None):

@@ -165,3 +165,27 @@ def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
     assert "Traceback" not in p.stderr
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """Only user mistakes become one-line exit-2 errors; a plain ValueError from inside
+    kdjax or a dependency is a bug and must not be disguised as bad input."""
+    from kdjax import cli
+
+    def bug(args, rep):
+        raise ValueError("an internal failure")
+
+    monkeypatch.setenv("KDJAX_CACHE_DIR", "off")
+    monkeypatch.setattr(cli, "cmd_demo", bug)  # build_parser binds cmd_demo when main runs
+    with pytest.raises(ValueError, match="internal failure"):
+        cli.main(["demo", "--quiet"])
+
+
+def test_unwritable_out_one_line_exit_1(env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    p = kdjax(env, "demo", "--sections", 1, "--out", blocker / "sub", timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdjax: error:") and "Traceback" not in p.stderr
+    assert "sub" in lines[0]

@@ -208,7 +208,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     p = _kdjax(ARGS + ["--out", str(part2), "--checkpoint-every", "400"], env)
     assert p.wait(timeout=300) == 0
     os.remove(part2 / "results.json")
-    bad = part2 / "checkpoints" / "distilled.ckpt"
+    bad = part2 / "checkpoints" / "students.ckpt"
     bad.write_bytes(bad.read_bytes()[:100])
     p = _kdjax(ARGS + ["--out", str(part2), "--checkpoint-every", "400", "--resume"], env)
     out, err = p.communicate(timeout=300)
