@@ -2,7 +2,9 @@
 
 The loss is in ``kdjax.losses``, the models in ``kdjax.models``, the train step and
 fused runs in ``kdjax.train``, data and schedules in ``kdjax.data``, vmapped sweeps in
-``kdjax.sweep``, PyTorch weight conversion in ``kdjax.convert``.
+``kdjax.sweep``, PyTorch weight conversion in ``kdjax.convert``, whole runs in
+``kdjax.experiments``, checkpoints in ``kdjax.checkpoint``, and the exceptions raised
+for user mistakes in ``kdjax.errors``.
 """
 
 from kdjax import checkpoint, convert, data, errors, experiments, losses, models, sweep, train
