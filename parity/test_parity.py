@@ -4,7 +4,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from parity.checks import CHECKS, DTYPES, Ctx, run_check  # noqa: E402
+import numpy as np  # noqa: E402
+
+from parity.checks import CHECKS, DTYPES, TOL, Ctx, compare, run_check  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -16,3 +18,18 @@ def test_parity(name, dtype):
     assert not failed, "\n".join(
         f"{r.name} [{r.dtype}]: max abs {r.max_abs:.3e}, max rel {r.max_rel:.3e}, "
         f"atol {r.atol:g} rtol {r.rtol:g} {r.note}" for r in failed)
+
+
+def test_float64_tolerance_admits_rounding_not_error():
+    """float64 must allow a few ulp at any magnitude (CPU and CUDA libm differ there) and
+    nothing that looks like an algorithmic difference."""
+    tol, ctx = TOL["float64"]["loss"], Ctx("float64")
+
+    def passes(got, want):
+        return compare("x", ctx, {"v": np.float64(got)}, {"v": np.float64(want)}, tol).passed
+
+    big = 4096.0 + 0.3  # a loss of logits +-1e3; one ulp here is 9.1e-13 > atol
+    assert passes(big + 4 * np.spacing(big), big)
+    assert not passes(big * (1 + 1e-12), big)
+    assert passes(0.5 + 5e-13, 0.5)
+    assert not passes(0.5 + 1e-11, 0.5)
