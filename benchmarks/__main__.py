@@ -1,5 +1,5 @@
 """python -m benchmarks [--preset seed|hinton|wide|all] [--device cpu|gpu|tpu]
-                       [--steps N] [--repeats N] [--json FILE]"""
+                       [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -23,10 +23,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# --precision -> (jax_default_matmul_precision, torch.set_float32_matmul_precision). JAX's
+# own default on recent GPUs is TF32 while torch's is full float32: timing each at its
+# default would compare different arithmetic, so both sides are set alike.
+PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat32", "high")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
     ap.add_argument("--preset", choices=["seed", "hinton", "wide", "all"], default="all")
     ap.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None)
+    ap.add_argument("--precision", choices=list(PRECISIONS), default="highest",
+                    help="float32 matmul precision, set alike for JAX and torch (default: highest, "
+                         "true float32; on CPUs both are the same)")
     ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: per preset)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--impl", nargs="*", default=None,
@@ -43,6 +52,9 @@ def main(argv=None) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
+
+    jax.config.update("jax_default_matmul_precision", PRECISIONS[args.precision][0])
+    torch.set_float32_matmul_precision(PRECISIONS[args.precision][1])
 
     from benchmarks.bench import IMPLS, PRESETS, bench_preset, matmul_peak
 
@@ -62,6 +74,8 @@ def main(argv=None) -> int:
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": __import__("jaxlib").__version__, "torch": torch.__version__,
                      "flax": __import__("flax").__version__, "optax": __import__("optax").__version__},
+        "precision": {"option": args.precision, "jax": PRECISIONS[args.precision][0],
+                      "torch": torch.get_float32_matmul_precision()},
         "threads": {"cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
                     "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
         "presets": {},
@@ -80,7 +94,7 @@ def main(argv=None) -> int:
     out["wall_s"] = time.perf_counter() - start
 
     console.print(f"device {out['device']}; torch on {torch_device}; {out['versions']}; "
-                  f"threads {out['threads']}")
+                  f"threads {out['threads']}; float32 matmul precision {out['precision']}")
     console.print(f"matmul peak (float32, {peak['n']}^3, best of 10): JAX {peak['jax']:.1f} GFLOP/s, "
                   f"torch {peak['torch']:.1f} GFLOP/s -> peak {out['peak_gflops']:.1f}")
     for name, res in out["presets"].items():
