@@ -221,7 +221,8 @@ def _load_teacher(path: str, teacher, ds):
 
 
 _IDENTITY = ("dataset", "teacher_hidden", "student_hidden", "steps", "epochs", "batch_size", "lr",
-             "seeds", "seed", "temperature", "alpha", "teacher", "checkpoint_every")
+             "seeds", "seed", "temperature", "alpha", "temperatures", "alphas", "teacher",
+             "checkpoint_every")
 
 
 def _phase(args, rep, name, model, objective, ds, cfg, seeds, **kw):
@@ -234,7 +235,7 @@ def _phase(args, rep, name, model, objective, ds, cfg, seeds, **kw):
 
     out = getattr(args, "out", None)
     path = os.path.join(out, "checkpoints", f"{name}.ckpt") if out else None
-    identity = {k: getattr(args, k, None) for k in _IDENTITY}
+    identity = {k: getattr(args, k) for k in _IDENTITY if hasattr(args, k)}
     start = None
     if getattr(args, "resume", False) and path:
         try:
@@ -281,6 +282,11 @@ def _total_steps(cfg, ds) -> int:
     return cfg.steps if cfg.epochs is None else (len(ds.y_train) // cfg.batch_size) * cfg.epochs
 
 
+def _check_resume(args) -> None:
+    if args.resume and not args.out:
+        raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
+
+
 def cmd_distill(args, rep: Reporter) -> int:
     import jax
 
@@ -289,8 +295,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     from kdjax.losses import check_alpha, check_temperature
     from kdjax.models import StudentMLP, TeacherMLP
 
-    if args.resume and not args.out:
-        raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
+    _check_resume(args)
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
     ds = _dataset(args.dataset, args.seed)
@@ -346,10 +351,11 @@ def cmd_distill(args, rep: Reporter) -> int:
 
 def cmd_sweep(args, rep: Reporter) -> int:
     from kdjax import plots, sweep
-    from kdjax.experiments import evaluate_on, fit_members, mean_ci
+    from kdjax.experiments import evaluate_on, mean_ci
     from kdjax.models import StudentMLP, TeacherMLP
     from kdjax.train import make_hyper
 
+    _check_resume(args)
     ds = _dataset(args.dataset, args.seed)
     cfg = _run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
@@ -360,13 +366,13 @@ def cmd_sweep(args, rep: Reporter) -> int:
     student = StudentMLP(args.student_hidden, ds.num_classes)
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
-    logits, _ = _teachers(argparse.Namespace(**{**vars(args), "seeds": 1, "out": None}), rep, teacher, ds,
+    # one teacher (the first seed) for the whole grid; both phases checkpoint under --out
+    logits, _ = _teachers(argparse.Namespace(**{**vars(args), "seeds": 1}), rep, teacher, ds,
                           cfg, seeds[:1])
     if logits.ndim == 3:
-        logits = logits[0]  # one teacher (seed 0) for the whole grid
-    with rep.progress(f"{len(T)} students", _total_steps(cfg, ds)) as advance:
-        states, _ = fit_members(student, "kd", ds, cfg, S, hyper=hyper, teacher_logits=logits,
-                                on_chunk=lambda d, t, s: advance(d))
+        logits = logits[0]
+    states, _ = _phase(args, rep, "students", student, "kd", ds, cfg, S, hyper=hyper,
+                       teacher_logits=logits)
     acc = evaluate_on(student, states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
     acc = acc.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
@@ -423,6 +429,13 @@ def _training_args(p, seeds_default: int):
                    help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch)")
 
 
+def _resumable(p):
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                   help="with --out: checkpoint every K steps (default: every ~5%% of the run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoints in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdjax", description="Knowledge distillation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -439,10 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(distill, seeds_default=4)
     distill.add_argument("--temperature", type=float, default=3.0)
     distill.add_argument("--alpha", type=float, default=0.7)
-    distill.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
-                         help="with --out: checkpoint every K steps (default: every ~5%% of the run)")
-    distill.add_argument("--resume", action="store_true",
-                         help="continue an interrupted run from the checkpoints in --out")
+    _resumable(distill)
     _common_output(distill)
     distill.set_defaults(func=cmd_distill)
 
@@ -450,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(sw, seeds_default=2)
     sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     sw.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    _resumable(sw)
     _common_output(sw)
     sw.set_defaults(func=cmd_sweep)
     return parser

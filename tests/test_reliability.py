@@ -1,5 +1,6 @@
 """Validation at the boundaries, determinism, crash-safe checkpoints and exact resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -218,6 +219,38 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+SWEEP_ARGS = ["sweep", "--steps", "4000", "--seeds", "2", "--temperatures", "1", "4", "--alphas", "0.5",
+              "0.9", "--checkpoint-every", "40", "--no-plots", "--quiet"]
+
+
+def test_sweep_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
+    full = tmp_path / "full"
+    p = _kdjax(SWEEP_ARGS + ["--out", str(full)], env)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+
+    part = tmp_path / "part"
+    p = _kdjax(SWEEP_ARGS + ["--out", str(part)], env)
+    ckpt = part / "checkpoints" / "students.ckpt"  # the teacher is done; the grid is mid-run
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    _, meta, _, _ = checkpoint.load_latest(ckpt)
+    assert 0 < meta["done"] < 4000, "the kill did not land mid-run"
+
+    p = _kdjax(SWEEP_ARGS + ["--out", str(part), "--resume"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "teachers: resuming at step 4000" in out and "students: resuming at step" in out
+    for a, b in zip(_leaves(full / "checkpoints" / "students.ckpt"), _leaves(ckpt)):
+        np.testing.assert_array_equal(a, b)  # bitwise
+    results = [json.loads((d / "results.json").read_text()) for d in (full, part)]
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
+
+
 def test_resume_with_other_config_is_refused(tmp_path):
     env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
     out = tmp_path / "o"
@@ -226,5 +259,14 @@ def test_resume_with_other_config_is_refused(tmp_path):
     os.remove(out / "results.json")
     p = _kdjax(["distill", "--steps", "40", "--seeds", "1", "--alpha", "0.2", "--out", str(out),
                 "--resume"], env)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "different config" in err and len(err.strip().splitlines()) == 1
+
+    # a sweep over another grid is refused too
+    sw = ["sweep", "--steps", "40", "--seeds", "1", "--temperatures", "2", "--out", str(out)]
+    p = _kdjax(sw + ["--alphas", "0.5", "--no-plots"], env)
+    assert p.wait(timeout=300) == 0
+    os.remove(out / "results.json")
+    p = _kdjax(sw + ["--alphas", "0.7", "--resume"], env)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2 and "different config" in err and len(err.strip().splitlines()) == 1
