@@ -19,7 +19,8 @@ import numpy as np
 from kdjax.data import epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.models import init_params
-from kdjax.train import evaluate, make_hyper, make_train_step, run_steps, state_from_params
+from kdjax.train import (CheckedRun, evaluate, make_hyper, make_train_step, run_steps,
+                         state_from_params)
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
            "evaluate_members", "sweep_hyper"]
@@ -82,14 +83,15 @@ def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
     ``shared_schedule`` (a sweep over temperature x alpha at one seed: every member
     sees the same minibatches, so the first layer is one wide matmul for all members).
     With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]``:
-    member i distills from its own teacher (e.g. one teacher per seed).
+    member i distills from its own teacher (e.g. one teacher per seed). Schedules with
+    an index outside the data's rows are refused on the host (``train.CheckedRun``).
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     run = functools.partial(run_steps, step=step)
     hyper_axes = 0 if objective == "kd" else None
     data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
     vrun = jax.vmap(run, in_axes=(0, data_axes, None if shared_schedule else 0, 0, hyper_axes))
-    return jax.jit(vrun, donate_argnums=0)
+    return CheckedRun(jax.jit(vrun, donate_argnums=0))
 
 
 def evaluate_members(model, params, x, y):

@@ -203,7 +203,8 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
 
     Shapes and dtypes are checked here, at trace time (free at run time). Index
     *values* cannot be checked inside the compiled scan (``jnp.take`` does not raise
-    on an out-of-range index): build schedules with ``kdjax.data``, which checks them.
+    on an out-of-range index; it returns NaN features and garbage labels): the runs
+    from ``make_run`` and ``kdjax.sweep.make_sweep_run`` check them on the host.
     """
     _check_run_inputs(data, schedule)
 
@@ -235,10 +236,33 @@ def make_run(model, objective: str = "kd", *, tx=None, teacher=None):
 
     Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The program is
     compiled once per (shapes, dtypes); feed it fixed-size chunks of the schedule to
-    drive a progress bar without recompiling.
+    drive a progress bar without recompiling. A concrete schedule with an index outside
+    ``[0, len(data["x"]))`` raises ``InputError`` before anything runs.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    return jax.jit(functools.partial(run_steps, step=step), donate_argnums=0)
+    return CheckedRun(jax.jit(functools.partial(run_steps, step=step), donate_argnums=0))
+
+
+class CheckedRun:
+    """A jitted ``run(state, data, schedule, ...)`` with a host-side bounds check of a
+    concrete ``schedule`` (a traced one is passed through). Every other attribute
+    (``lower``, ``trace``, ...) is the jitted function's."""
+
+    def __init__(self, run):
+        self.jitted = run
+        functools.update_wrapper(self, run)
+
+    def __call__(self, state, data, schedule, *args, **kwargs):
+        if not isinstance(schedule, jax.core.Tracer) and np.size(schedule):
+            idx, n = np.asarray(schedule), np.shape(data["x"])[0]
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= n:
+                raise InputError(f"schedule: expected indices in [0, {n}) (the rows of data['x']), "
+                                 f"got values from {lo} to {hi}")
+        return self.jitted(state, data, schedule, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
 
 
 def _logits(model, params, x):

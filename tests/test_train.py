@@ -112,6 +112,26 @@ def test_new_hyperparameters_do_not_recompile(setup):
     assert not np.allclose(np.asarray(l2["loss"][1:]), np.asarray(l3["loss"][1:]))
 
 
+@pytest.mark.parametrize("bad", [500, -1])
+def test_out_of_range_schedule_is_refused_before_running(setup, bad):
+    """jnp.take inside the scan would read NaN features and garbage labels for these."""
+    s = setup
+    schedule = np.array(s["schedule"])
+    schedule[3, 7] = bad
+    run = kdjax.make_run(s["student"], "ce")
+    state = fresh(s["student"])
+    with pytest.raises(ValueError, match=rf"schedule: expected indices in \[0, 500\).*{bad}"):
+        run(state, s["d"], schedule, s["rng"])
+    assert run._cache_size() == 0  # refused before compiling
+    np.asarray(state.params["fc1"]["kernel"])  # and the state was not donated
+    states = sweep.init_members(s["student"], sweep.member_keys([0, 1])["init"], 50)
+    vrun = sweep.make_sweep_run(s["student"], "ce")
+    with pytest.raises(ValueError, match="schedule: expected indices"):
+        vrun(states, s["d"], np.stack([s["schedule"], schedule]), sweep.member_keys([0, 1])["dropout"], None)
+    # in range, the same call runs
+    run(state, s["d"], s["schedule"], s["rng"])
+
+
 def test_learning_rate_is_used(setup):
     s = setup
     run = kdjax.make_run(s["student"], "ce")
