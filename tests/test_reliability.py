@@ -177,15 +177,15 @@ def _leaves(path):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+def _full_then_killed(args, tmp_path, phase):
+    """Run ``args`` to the end in ``full``; run it again in ``part`` and SIGKILL it as soon
+    as the ``phase`` checkpoint exists (mid-run: 4000 steps, a checkpoint every 40)."""
     env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
-    full = tmp_path / "full"
-    p = _kdjax(ARGS + ["--out", str(full)], env)
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = _kdjax(args + ["--out", str(full)], env)
     assert p.wait(timeout=300) == 0, p.stderr.read()
-
-    part = tmp_path / "part"
-    p = _kdjax(ARGS + ["--out", str(part)], env)
-    ckpt = part / "checkpoints" / "teachers.ckpt"
+    p = _kdjax(args + ["--out", str(part)], env)
+    ckpt = part / "checkpoints" / f"{phase}.ckpt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.005)
@@ -195,6 +195,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     _, meta, _, _ = checkpoint.load_latest(ckpt)
     assert 0 < meta["done"] < 4000, "the kill did not land mid-run"
     assert not (part / "results.json").exists()
+    return env, full, part
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    env, full, part = _full_then_killed(ARGS, tmp_path, "teachers")
 
     p = _kdjax(ARGS + ["--out", str(part), "--resume"], env)
     out, err = p.communicate(timeout=300)
@@ -224,22 +229,9 @@ SWEEP_ARGS = ["sweep", "--steps", "4000", "--seeds", "2", "--temperatures", "1",
 
 
 def test_sweep_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
-    full = tmp_path / "full"
-    p = _kdjax(SWEEP_ARGS + ["--out", str(full)], env)
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-
-    part = tmp_path / "part"
-    p = _kdjax(SWEEP_ARGS + ["--out", str(part)], env)
-    ckpt = part / "checkpoints" / "students.ckpt"  # the teacher is done; the grid is mid-run
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.005)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    _, meta, _, _ = checkpoint.load_latest(ckpt)
-    assert 0 < meta["done"] < 4000, "the kill did not land mid-run"
+    # killed once the teacher is done and the grid is mid-run
+    env, full, part = _full_then_killed(SWEEP_ARGS, tmp_path, "students")
+    ckpt = part / "checkpoints" / "students.ckpt"
 
     p = _kdjax(SWEEP_ARGS + ["--out", str(part), "--resume"], env)
     out, err = p.communicate(timeout=300)
