@@ -7,8 +7,9 @@ both, and returns ``Result`` rows: max abs / max rel error against a tolerance.
 
 Tolerances (DESIGN.md): float64 separates algorithmic bugs from rounding, so every
 comparison there is atol 1e-12 plus rtol 1e-14 (about 45 ulp; it only matters above
-magnitude ~100, where 1e-12 is less than one ulp). float32 checks the shipped path: logits and loss
-atol 1e-6 / rtol 1e-5, gradients atol 1e-5 / rtol 1e-4, one Adam step atol 1e-7.
+magnitude ~100, where 1e-12 is less than one ulp). float32 checks the shipped path:
+logits and loss atol 1e-6 / rtol 1e-5, gradients atol 1e-5 / rtol 1e-4, one Adam step
+atol 1e-7.
 Long float32 runs are compared by loss curve only (see ``RUN_LOSS_TOL_F32``).
 """
 
