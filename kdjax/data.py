@@ -154,7 +154,7 @@ def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: st
 
 def _generator(rng) -> np.random.Generator:
     """A NumPy generator seeded from a JAX key (raw ``uint32[2]`` or typed)."""
-    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return np.random.default_rng(np.asarray(rng, dtype=np.uint32).ravel().tolist())
 

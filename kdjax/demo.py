@@ -4,27 +4,58 @@ Each section prints through a ``Reporter`` (see ``kdjax.cli``) and returns a pla
 dict for ``results.json``. Sections 3-6 train many models at once: every multi-seed
 comparison is one vmapped program, and a teacher/student pair shares its seed (same
 init and minibatch order for the standard and the distilled student of a pair).
+``CompileAhead`` compiles the later sections' programs on a background thread while
+the earlier sections train.
 """
 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data
-from kdjax.experiments import (RunConfig, evaluate_on, fit, fit_members, mean_ci, paired_students,
-                               teacher_logits_for)
-from kdjax.models import StudentMLP, TeacherMLP
-from kdjax.train import FAST_COMPILE, make_hyper
+from kdjax.experiments import (RunConfig, compile_members, evaluate_on, fit_members, mean_ci,
+                               paired_students, teacher_logits_for)
+from kdjax.models import StudentMLP, TeacherMLP, init_params
+from kdjax.train import FAST_COMPILE, SHORT_RUN_COMPILE, evaluate, make_hyper, predict_logits
 
 SEED_LOGITS = (2.0, 1.0, 0.5, 0.2)
 SEED_TEMPERATURES = (1.0, 2.0, 5.0, 10.0)
 SEED_TEACHER_ROWS = ((3.0, 1.5, 0.8, 0.5), (2.0, 1.8, 1.5, 1.0))
 DEMO5_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 DEMO5_ALPHAS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+DIGITS_STUDENT_HIDDEN = 16
+
+
+def _seed_problem():
+    """Demos 3 and 4: the seed's data, schedule and models."""
+    return (data.synthetic(500, 50, 5, seed=42, test_samples=500), RunConfig(steps=100, batch_size=64),
+            TeacherMLP(256, 5), StudentMLP(64, 5))
+
+
+def _demo5_problem():
+    """Demo 5: the seed's smaller data and models."""
+    return (data.synthetic(400, 40, 4, seed=42, test_samples=400), RunConfig(steps=80, batch_size=64),
+            TeacherMLP(200, 4), StudentMLP(50, 4))
+
+
+def _demo5_members(seeds):
+    """Both sweeps x seeds as one set of members: ``(configs, member seeds, Hyper)``."""
+    configs = [(T, 0.7) for T in DEMO5_TEMPERATURES] + [(3.0, a) for a in DEMO5_ALPHAS]
+    temps = np.repeat([c[0] for c in configs], len(seeds))
+    alphas = np.repeat([c[1] for c in configs], len(seeds))
+    member_seeds = np.tile(seeds, len(configs))  # a seed's students share init and minibatches
+    return configs, member_seeds, make_hyper(temps, alphas)
+
+
+def _digits_problem(epochs, student_hidden):
+    """The held-out section: digits, real epochs, a dropout teacher and a small student."""
+    return (data.digits(), RunConfig(epochs=epochs, batch_size=64),
+            TeacherMLP(256, 10), StudentMLP(student_hidden, 10))
 
 
 def _member_param_count(batched_params) -> int:
@@ -92,15 +123,14 @@ def _train_logged(rep, model, objective, ds, cfg, seeds, label, **kw):
         def on_chunk(done, total, states):
             accs.append(evaluate_on(model, states.params, ds.x_train, ds.y_train, members=True)["accuracy"])
             advance(done)
-        states, losses = fit_members(model, objective, ds, cfg, seeds, chunk=20, on_chunk=on_chunk, **kw)
+        states, losses = fit_members(model, objective, ds, cfg, seeds, chunk=20, on_chunk=on_chunk,
+                                     compiler_options=SHORT_RUN_COMPILE, **kw)
     return states, losses, np.stack(accs, axis=1)  # [N, chunks]
 
 
 def seed_comparison(rep, seeds) -> dict:
     """Demos 3 and 4 on the seed's data: teacher, standard student, distilled student."""
-    ds = data.synthetic(500, 50, 5, seed=42, test_samples=500)
-    cfg = RunConfig(steps=100, batch_size=64)
-    teacher, student = TeacherMLP(256, 5), StudentMLP(64, 5)
+    ds, cfg, teacher, student = _seed_problem()
 
     rep.section("DEMO 3: Basic knowledge distillation — the teacher")
     t_states, t_losses, t_accs = _train_logged(rep, teacher, "ce", ds, cfg, seeds, "teacher")
@@ -154,19 +184,14 @@ def seed_comparison(rep, seeds) -> dict:
 def hyperparameters(rep, seeds) -> dict:
     """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the seed's demo-5 data."""
     rep.section("DEMO 5: Hyperparameter tuning (one teacher; both sweeps x seeds as one vmapped program)")
-    ds = data.synthetic(400, 40, 4, seed=42, test_samples=400)
-    cfg = RunConfig(steps=80, batch_size=64)
-    teacher, student = TeacherMLP(200, 4), StudentMLP(50, 4)
+    ds, cfg, teacher, student = _demo5_problem()
     # as in the seed: one teacher, then a student per configuration (here x seeds)
-    t_state, _ = fit(teacher, "ce", ds, cfg, seeds[0])
-    t_logits = teacher_logits_for(teacher, t_state.params, ds)
-    configs = [(T, 0.7) for T in DEMO5_TEMPERATURES] + [(3.0, a) for a in DEMO5_ALPHAS]
-    temps = np.repeat([c[0] for c in configs], len(seeds))
-    alphas = np.repeat([c[1] for c in configs], len(seeds))
-    member_seeds = np.tile(seeds, len(configs))  # a seed's students share init and minibatches
-    with rep.progress(f"{len(temps)} students", cfg.steps) as advance:
-        states, _ = fit_members(student, "kd", ds, cfg, member_seeds, hyper=make_hyper(temps, alphas),
-                                teacher_logits=t_logits, on_chunk=lambda d, t, s: advance(d))
+    t_states, _ = fit_members(teacher, "ce", ds, cfg, seeds[:1], compiler_options=SHORT_RUN_COMPILE)
+    t_logits = np.asarray(teacher_logits_for(teacher, t_states.params, ds, members=True))[0]
+    configs, member_seeds, hyper = _demo5_members(seeds)
+    with rep.progress(f"{len(member_seeds)} students", cfg.steps) as advance:
+        states, _ = fit_members(student, "kd", ds, cfg, member_seeds, hyper=hyper, teacher_logits=t_logits,
+                                on_chunk=lambda d, t, s: advance(d), compiler_options=SHORT_RUN_COMPILE)
     acc = evaluate_on(student, states.params, ds.x_train, ds.y_train, members=True)["accuracy"]
     acc = acc.reshape(len(configs), len(seeds))
     stats = [mean_ci(a) for a in acc]
@@ -180,13 +205,11 @@ def hyperparameters(rep, seeds) -> dict:
             "accuracy": acc.tolist(), "config": {"steps": cfg.steps, "batch_size": cfg.batch_size}}
 
 
-def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = 16,
+def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_STUDENT_HIDDEN,
                    temperature: float = 3.0, alpha: float = 0.7) -> dict:
     """Beyond the seed: held-out test accuracy on scikit-learn's digits."""
     rep.section("HELD-OUT: distillation on real data (scikit-learn digits, 8x8 images)")
-    ds = data.digits()
-    cfg = RunConfig(epochs=epochs, batch_size=64)
-    teacher, student = TeacherMLP(256, 10), StudentMLP(student_hidden, 10)
+    ds, cfg, teacher, student = _digits_problem(epochs, student_hidden)
     rep.line(f"{len(ds.y_train)} train / {len(ds.y_test)} test images, 10 classes; {cfg.describe()}; "
              f"teacher {teacher.hidden_dim}-wide with dropout 0.3, student {student_hidden}-wide; "
              f"T = {temperature:g}, alpha = {alpha:g}; {len(seeds)} seeds.")
@@ -215,3 +238,89 @@ def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = 16,
             "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
             "paired_gain": gain, "verdict": verdict,
             "losses": {"teacher": t_losses, "standard": s_losses, "distilled": d_losses}}
+
+
+# ----------------------------------------------------------------------------- compiling ahead
+
+class CompileAhead:
+    """Compiles the programs of the chosen sections on one background thread, in the
+    order the sections run them, while earlier sections train (XLA compiles with the GIL
+    released). Each job calls the functions its section calls, with the same shapes, so
+    the section finds its programs compiled, or waits for the one still compiling.
+
+    Use as a context manager around the sections: leaving normally waits for the jobs
+    (re-raising any error); leaving on an exception cancels the jobs not yet started.
+    """
+
+    def __init__(self, sections, seeds, digits_epochs: int = 30):
+        jobs = []
+        if 3 in sections or 4 in sections:
+            jobs.append(functools.partial(_compile_seed_comparison, seeds))
+        if 5 in sections:
+            jobs.append(functools.partial(_compile_hyperparameters, seeds))
+        if 6 in sections:
+            jobs.append(functools.partial(_compile_digits, seeds, digits_epochs))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdjax-compile")
+        self._jobs = [self._pool.submit(job) for job in jobs]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return False
+        for job in self._jobs:
+            job.result()
+        self._pool.shutdown()
+        return False
+
+
+def _params_like(model, input_dim: int, members: int):
+    """Placeholder batched params (only shapes and dtypes are used: compiling)."""
+    one = init_params(model, 0, input_dim)
+    return jax.tree_util.tree_map(lambda a: np.broadcast_to(a, (members, *a.shape)), one)
+
+
+def _compile_evaluate(model, members: int, x, y):
+    params = _params_like(model, x.shape[-1], members)
+    evaluate.lower(model, params, jax.device_put(x), jax.device_put(y), members=True).compile()
+
+
+def _compile_predict(model, members: int, x):
+    params = _params_like(model, x.shape[-1], members)
+    predict_logits.lower(model, params, jax.device_put(x), members=True).compile()
+
+
+def _compile_seed_comparison(seeds):
+    ds, cfg, teacher, student = _seed_problem()
+    n = len(seeds)
+    compile_members(teacher, "ce", ds, cfg, seeds, chunk=20, compiler_options=SHORT_RUN_COMPILE)
+    _compile_evaluate(teacher, n, ds.x_train, ds.y_train)  # x_test: same shapes
+    _compile_predict(teacher, n, ds.x_train)
+    placeholder = np.zeros((n, len(ds.y_train), ds.num_classes), np.float32)
+    compile_members(student, "kd", ds, cfg, chunk=20, compiler_options=SHORT_RUN_COMPILE,
+                    **paired_students(seeds, placeholder, 3.0, 0.7))
+    _compile_evaluate(student, 2 * n, ds.x_train, ds.y_train)
+
+
+def _compile_hyperparameters(seeds):
+    ds, cfg, teacher, student = _demo5_problem()
+    compile_members(teacher, "ce", ds, cfg, seeds[:1], compiler_options=SHORT_RUN_COMPILE)
+    _compile_predict(teacher, 1, ds.x_train)
+    _, member_seeds, hyper = _demo5_members(seeds)
+    placeholder = np.zeros((len(ds.y_train), ds.num_classes), np.float32)
+    compile_members(student, "kd", ds, cfg, member_seeds, hyper=hyper, teacher_logits=placeholder,
+                    compiler_options=SHORT_RUN_COMPILE)
+    _compile_evaluate(student, len(member_seeds), ds.x_train, ds.y_train)
+
+
+def _compile_digits(seeds, epochs):
+    ds, cfg, teacher, student = _digits_problem(epochs, DIGITS_STUDENT_HIDDEN)
+    n = len(seeds)
+    compile_members(teacher, "ce", ds, cfg, seeds)
+    _compile_predict(teacher, n, ds.x_train)
+    _compile_evaluate(teacher, n, ds.x_test, ds.y_test)
+    placeholder = np.zeros((n, len(ds.y_train), ds.num_classes), np.float32)
+    compile_members(student, "kd", ds, cfg, **paired_students(seeds, placeholder, 3.0, 0.7))
+    _compile_evaluate(student, 2 * n, ds.x_test, ds.y_test)

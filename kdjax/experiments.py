@@ -12,7 +12,7 @@ import functools
 import math
 from typing import Callable, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from kdjax import sweep
@@ -20,8 +20,8 @@ from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.train import Hyper, create_train_state, evaluate, make_hyper, make_run, predict_logits
 
-__all__ = ["RunConfig", "fit", "fit_members", "paired_students", "teacher_logits_for", "evaluate_on",
-           "mean_ci", "t975"]
+__all__ = ["RunConfig", "fit", "fit_members", "compile_members", "paired_students", "teacher_logits_for",
+           "evaluate_on", "mean_ci", "t975"]
 
 # on_chunk(steps done, steps total, state): called after every compiled chunk
 OnChunk = Callable[[int, int, object], None]
@@ -61,14 +61,20 @@ class RunConfig:
         return f"{self.steps} steps (one random minibatch of {self.batch_size} each)"
 
 
-@functools.lru_cache(maxsize=None)
 def _run(model, objective, members: bool, shared_schedule: bool = False,
-         member_teacher_logits: bool = False):
+         member_teacher_logits: bool = False, compiler_options=None):
+    options = tuple(sorted((compiler_options or {}).items()))
+    return _cached_run(model, objective, members, shared_schedule, member_teacher_logits, options)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, options):
     # One compiled program per configuration, reused by every later fit.
+    options = dict(options) or None
     if members:
         return sweep.make_sweep_run(model, objective, shared_schedule=shared_schedule,
-                                    member_teacher_logits=member_teacher_logits)
-    return make_run(model, objective)
+                                    member_teacher_logits=member_teacher_logits, compiler_options=options)
+    return make_run(model, objective, compiler_options=options)
 
 
 def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
@@ -76,10 +82,16 @@ def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + size, total)) for a in range(0, total, size)]
 
 
+def _on_device(a):
+    # jax.device_put copies host data as is; jnp.asarray would compile a small program
+    # per new shape on the way (JAX 0.10)
+    return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
+
+
 def _device_data(ds: Dataset, teacher_logits=None) -> dict:
-    d = {"x": jnp.asarray(ds.x_train), "y": jnp.asarray(ds.y_train)}
+    d = {"x": _on_device(ds.x_train), "y": _on_device(ds.y_train)}
     if teacher_logits is not None:
-        d["teacher_logits"] = jnp.asarray(teacher_logits)
+        d["teacher_logits"] = _on_device(teacher_logits)
     return d
 
 
@@ -89,12 +101,12 @@ def teacher_logits_for(teacher, teacher_params, ds: Dataset, members: bool = Fal
     With ``members=True``, ``teacher_params`` is batched (one teacher per member) and
     the result is ``[N, n, classes]``.
     """
-    return predict_logits(teacher, teacher_params, jnp.asarray(ds.x_train), members=members)
+    return predict_logits(teacher, teacher_params, _on_device(ds.x_train), members=members)
 
 
 def evaluate_on(model, params, x, y, members: bool = False) -> dict:
     """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = _on_device(x), _on_device(y)
     out = evaluate(model, params, x, y, members=members)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -126,7 +138,7 @@ def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
 def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                 hyper: Hyper | None = None, teacher_logits=None,
                 chunk: int | None = None, on_chunk: OnChunk | None = None,
-                start=None, on_checkpoint=None):
+                start=None, on_checkpoint=None, compiler_options=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -138,26 +150,19 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
     from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
     ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
     depend only on the seeds and dropout keys on the step count, so a resumed run
-    ends bitwise where an uninterrupted one does.
+    ends bitwise where an uninterrupted one does. ``compiler_options`` go to ``jax.jit``
+    (e.g. ``kdjax.train.SHORT_RUN_COMPILE``).
     Returns ``(batched state, losses [N, steps] as NumPy)``.
     """
-    seeds = np.asarray(seeds)
-    keys = sweep.member_keys(seeds)
-    shared = len(set(seeds.tolist())) == 1
-    if shared:
-        schedules = cfg.schedule(keys["schedule"][0], len(ds.y_train))
-    else:
-        schedules = np.stack([cfg.schedule(k, len(ds.y_train)) for k in keys["schedule"]])
+    run, schedules, keys, data, args = _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits,
+                                                      compiler_options)
+    shared = schedules.ndim == 2
     if start is None:
         states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
         losses, done = [], 0
     else:
         states, so_far = start
         losses, done = [np.asarray(so_far)], int(np.shape(so_far)[1])
-    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
-    data = _device_data(ds, teacher_logits)
-    run = _run(model, objective, True, shared, per_member_teacher)
-    args = (hyper,) if objective == "kd" else (None,)
     total = schedules.shape[-2]
     for a, b in _chunks(total, chunk):
         if b <= done:
@@ -173,6 +178,40 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
         if on_chunk is not None:
             on_chunk(b, total, states)
     return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
+
+
+def _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits, compiler_options):
+    """What a ``fit_members`` run feeds its program: ``(run, schedules, keys, data, args)``."""
+    seeds = np.asarray(seeds)
+    keys = sweep.member_keys(seeds)
+    if len(set(seeds.tolist())) == 1:  # one schedule shared by every member
+        schedules = cfg.schedule(keys["schedule"][0], len(ds.y_train))
+    else:
+        schedules = np.stack([cfg.schedule(k, len(ds.y_train)) for k in keys["schedule"]])
+    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
+    run = _run(model, objective, True, schedules.ndim == 2, per_member_teacher, compiler_options)
+    args = (hyper,) if objective == "kd" else (None,)
+    return run, schedules, keys, _device_data(ds, teacher_logits), args
+
+
+def compile_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+                    hyper: Hyper | None = None, teacher_logits=None, chunk: int | None = None,
+                    compiler_options=None) -> None:
+    """Compile, without running, the programs ``fit_members`` runs with these arguments
+    (one per distinct chunk length). Only shapes and dtypes matter, so ``teacher_logits``
+    and ``hyper`` may be placeholders (zeros of the right shape, any valid values).
+
+    Meant for a background thread: XLA compiles with the GIL released, so the next
+    run's program compiles while the current run trains, and the later ``fit_members``
+    finds it in JAX's in-memory cache (or waits for it if it is still compiling).
+    """
+    run, schedules, keys, data, args = _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits,
+                                                      compiler_options)
+    states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
+    total = schedules.shape[-2]
+    for size in sorted({b - a for a, b in _chunks(total, chunk)}):
+        part = schedules[:size] if schedules.ndim == 2 else schedules[:, :size]
+        run.lower(states, data, part, keys["dropout"], *args).compile()
 
 
 def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> dict:

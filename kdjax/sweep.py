@@ -74,7 +74,8 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
 
 
 def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
-                   shared_schedule: bool = False, member_teacher_logits: bool = False):
+                   shared_schedule: bool = False, member_teacher_logits: bool = False,
+                   compiler_options=None):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
     Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
@@ -85,13 +86,14 @@ def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
     With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]``:
     member i distills from its own teacher (e.g. one teacher per seed). Schedules with
     an index outside the data's rows are refused on the host (``train.CheckedRun``).
+    ``compiler_options`` go to ``jax.jit``.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     run = functools.partial(run_steps, step=step)
     hyper_axes = 0 if objective == "kd" else None
     data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
     vrun = jax.vmap(run, in_axes=(0, data_axes, None if shared_schedule else 0, 0, hyper_axes))
-    return CheckedRun(jax.jit(vrun, donate_argnums=0))
+    return CheckedRun(jax.jit(vrun, donate_argnums=0, compiler_options=compiler_options))
 
 
 def evaluate_members(model, params, x, y):
