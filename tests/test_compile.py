@@ -108,17 +108,18 @@ class _Quiet:
         yield lambda done: None
 
 
-def test_demo_compile_ahead_leaves_nothing_for_the_sections():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_demo_compile_ahead_leaves_nothing_for_the_sections(workers):
     """demo.CompileAhead compiles exactly the programs sections 3-6 run: run after it,
     the sections compile nothing. (A placeholder with the wrong shape, dtype or compile
     option would show up here as a compile on the main thread.)"""
-    seeds = [7, 8, 9]  # a member count no other test uses: nothing is cached before
+    if jax.default_backend() != "cpu":
+        pytest.skip("CompileAhead runs on the CPU backend only")
+    seeds = [7, 8, 9] if workers == 1 else [4, 5, 6, 7]  # member counts no other test uses
     with compiles() as ahead:
-        with demo.CompileAhead({3, 4, 5, 6}, seeds, digits_epochs=2):
+        with demo.CompileAhead({3, 4, 5, 6}, seeds, digits_epochs=2, workers=workers):
             pass  # leaving waits for the background jobs
     assert ahead and all(thread.startswith("kdjax-compile") for thread, _ in ahead)
-    # teachers and students of demos 3-4, of demo 5 and of digits (42 steps, chunks of 3)
-    assert sum(name == "jit(run_steps)" for _, name in ahead) == 6
     with compiles() as seen:
         demo.seed_comparison(_Quiet(), seeds)
         demo.hyperparameters(_Quiet(), seeds)
@@ -127,20 +128,26 @@ def test_demo_compile_ahead_leaves_nothing_for_the_sections():
 
 
 def test_compile_ahead_reports_a_failed_job_and_cancels_on_error(monkeypatch):
-    monkeypatch.setattr(demo, "_compile_hyperparameters", lambda seeds: 1 / 0)
+    monkeypatch.setattr(demo, "_compile_demo5_students", lambda seeds: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         with demo.CompileAhead({5}, [1, 2]):
             pass
     # a section fails while the first job still runs: the second job never starts
     ran, gate = [], threading.Event()
-    monkeypatch.setattr(demo, "_compile_seed_comparison", lambda seeds: (gate.wait(10), ran.append("seed")))
-    monkeypatch.setattr(demo, "_compile_hyperparameters", lambda seeds: ran.append("demo5"))
+    monkeypatch.setattr(demo, "_compile_seed_teachers", lambda seeds: (gate.wait(10), ran.append("seed")))
+    monkeypatch.setattr(demo, "_compile_seed_students", lambda seeds: ran.append("students"))
     with pytest.raises(KeyError):
-        with demo.CompileAhead({3, 5}, [1, 2]) as ahead:
+        with demo.CompileAhead({3}, [1, 2], workers=1) as ahead:
             raise KeyError("a section failed")
     gate.set()
     ahead._pool.shutdown(wait=True)
     assert ran == ["seed"]
+
+
+def test_compile_ahead_only_on_cpu(monkeypatch):
+    monkeypatch.setattr(demo.jax, "default_backend", lambda: "gpu")
+    with demo.CompileAhead({3, 4, 5, 6}, [1, 2]) as ahead:
+        assert ahead._jobs == []
 
 
 def test_member_keys_make_no_device_program():
