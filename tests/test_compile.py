@@ -128,6 +128,7 @@ def test_demo_compile_ahead_leaves_nothing_for_the_sections(workers):
 
 
 def test_compile_ahead_reports_a_failed_job_and_cancels_on_error(monkeypatch):
+    monkeypatch.setattr(demo.jax, "default_backend", lambda: "cpu")  # the jobs run on CPU only
     monkeypatch.setattr(demo, "_compile_demo5_students", lambda seeds: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         with demo.CompileAhead({5}, [1, 2]):
