@@ -490,7 +490,7 @@ def _enable_compile_cache() -> None:
 def _settle_imports() -> None:
     """Import JAX, Flax and optax, then hide the ~120k objects they allocate from the
     garbage collector (``gc.freeze``). Tracing creates many short-lived objects, and
-    every full collection would otherwise re-scan all of them: ~0.3 s of a demo run."""
+    every full collection would otherwise re-scan all of them: ~0.5 s of a demo run."""
     import kdjax.experiments  # noqa: F401  (jax, flax, optax)
 
     gc.freeze()
