@@ -1,5 +1,10 @@
 """Teacher and student MLPs (flax.linen) with the seed's architectures.
 
+Inputs are ``[batch, features]``; inputs of higher rank (e.g. ``[batch, 8, 8, 1]``
+images) are flattened to ``[batch, -1]`` first, in row-major (NHWC) order, like a
+``nn.Flatten`` in front of the PyTorch model (which flattens NCHW: the same order
+only when there is one channel).
+
 Layer names match the PyTorch seed (``fc1`` ...), so ``kdjax.convert`` maps a
 ``state_dict`` by name. Kernels are stored ``[in, out]`` (Flax) where PyTorch
 stores ``[out, in]``.
@@ -15,7 +20,6 @@ compiles nothing (on CPU, compiling the random-number code of a jitted init took
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -25,7 +29,8 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "init_params", "param_count"]
+__all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "init_params", "param_count",
+           "MLP_MODELS"]
 
 
 def torch_linear_init(fan_in: int):
@@ -45,15 +50,19 @@ def _linear(features: int, fan_in: int, name: str, dtype) -> nn.Dense:
 
 
 def _check_input(module: nn.Module, x, where: str):
-    if x.ndim != 2:
-        raise InputError(f"{where}: expected inputs of shape [batch, features], got shape {x.shape}")
+    """Validate at trace time and flatten ``[batch, ...]`` to ``[batch, features]``."""
+    if x.ndim < 2:
+        raise InputError(f"{where}: expected inputs of shape [batch, features] (or [batch, ...], "
+                         f"flattened), got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputTypeError(f"{where}: expected floating-point inputs, got dtype {x.dtype}")
+    x = x.reshape(x.shape[0], -1)
     if module.has_variable("params", "fc1"):  # applying existing params: widths must agree
         built = module.variables["params"]["fc1"]["kernel"].shape[0]
         if x.shape[1] != built:
             raise InputError(f"{where}: expected inputs with {built} features (the params were built "
                              f"for {built}), got {x.shape[1]}")
+    return x
 
 
 class TeacherMLP(nn.Module):
@@ -70,7 +79,7 @@ class TeacherMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        _check_input(self, x, "TeacherMLP")
+        x = _check_input(self, x, "TeacherMLP")
         h, d = self.hidden_dim, self.dtype
         x = nn.relu(_linear(h, x.shape[-1], "fc1", d)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout1")(x)
@@ -90,7 +99,7 @@ class StudentMLP(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout in the student
-        _check_input(self, x, "StudentMLP")
+        x = _check_input(self, x, "StudentMLP")
         x = nn.relu(_linear(self.hidden_dim, x.shape[-1], "fc1", self.dtype)(x))
         return _linear(self.num_classes, self.hidden_dim, "fc2", self.dtype)(x)
 
@@ -109,7 +118,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        _check_input(self, x, "MLP")
+        x = _check_input(self, x, "MLP")
         widths = (x.shape[-1], *self.hidden_dims)
         for i, h in enumerate(self.hidden_dims):
             x = nn.relu(_linear(h, widths[i], f"fc{i + 1}", self.dtype)(x))
@@ -118,7 +127,10 @@ class MLP(nn.Module):
         return _linear(self.num_classes, widths[-1], f"fc{len(self.hidden_dims) + 1}", self.dtype)(x)
 
 
-@functools.cache
+# The models whose params ``init_params`` draws on the host (``create_train_state`` uses it).
+MLP_MODELS = (TeacherMLP, StudentMLP, MLP)
+
+
 def _param_shapes(model, input_dim: int):
     # abstract evaluation of Flax's init: the params tree (shapes, dtypes) without running it
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)

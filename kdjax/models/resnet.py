@@ -1,0 +1,213 @@
+"""ResNets in torchvision's layout (BasicBlock), channels-last, with PyTorch's BatchNorm.
+
+Module names follow torchvision's ``state_dict`` so ``kdjax.convert`` maps weights by
+name: ``conv1, bn1, layer{i}.{j}.conv1/bn1/conv2/bn2, layer{i}.{j}.downsample.0/.1,
+fc``. Inputs are NHWC ``[batch, height, width, channels]`` (PyTorch's are NCHW:
+``x.transpose(0, 2, 3, 1)``); a global average pool precedes ``fc``, so no flatten
+order is involved.
+
+Two points where Flax's defaults are not PyTorch's, both matched here:
+
+* ``BatchNorm``: PyTorch normalises a training batch with its *biased* variance but
+  updates ``running_var`` with the *unbiased* one, and weights the new batch by
+  ``momentum=0.1`` (Flax: 0.99 on the old value, biased variance throughout).
+* Padding: PyTorch's symmetric ``padding=1`` of a 3x3 convolution is not ``"SAME"``
+  at stride 2 (which pads 0 before and 1 after an even size): padding is explicit.
+
+Init is torchvision's: convolutions kaiming-normal (fan_out, ReLU gain, untruncated),
+BatchNorm weight 1 and bias 0, ``fc`` PyTorch's ``nn.Linear`` init.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.errors import InputError, InputTypeError
+from kdjax.models.mlp import torch_linear_init
+
+__all__ = ["BatchNorm", "BasicBlock", "ResNet", "resnet18", "STEMS"]
+
+STEMS = ("cifar", "imagenet")
+
+# torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out),
+# fan_out = out_channels * kh * kw (Flax's fan_out of a [kh, kw, in, out] kernel).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated
+
+
+class BatchNorm(nn.Module):
+    r"""PyTorch's ``nn.BatchNorm2d`` (or ``1d``) over the last axis.
+
+    Training (``train=True``): :math:`y = (x - \mu_B) / \sqrt{\sigma^2_B + \epsilon}
+    \cdot w + b` with the batch mean and *biased* variance over every axis but the
+    last, and the running statistics updated as
+    :math:`r_\mu \leftarrow (1 - m) r_\mu + m \mu_B`,
+    :math:`r_{\sigma^2} \leftarrow (1 - m) r_{\sigma^2} + m \sigma^2_B \frac{n}{n - 1}`
+    (``m = momentum``, ``n`` values per channel). Evaluation: the running statistics.
+    Params ``scale`` (PyTorch ``weight``) and ``bias``; ``batch_stats`` ``mean``
+    (``running_mean``) and ``var`` (``running_var``). Initialisation does not update
+    the statistics.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.dtype))
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            n = x.size // c
+            if n < 2:
+                raise InputError(f"BatchNorm: expected more than 1 value per channel in training "
+                                 f"(as PyTorch), got input shape {x.shape}")
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean.reshape((1,) * len(axes) + (c,))), axes)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        shape = (1,) * len(axes) + (c,)
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
+
+
+def _padding(kernel_size: int):
+    """PyTorch's symmetric ``padding=kernel_size // 2`` (torchvision's 1x1, 3x3 and 7x7)."""
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+def _conv(features: int, kernel_size: int, stride: int, name: str, dtype) -> nn.Conv:
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                   padding=_padding(kernel_size), use_bias=False, kernel_init=_conv_init,
+                   dtype=dtype, param_dtype=dtype, name=name)
+
+
+class _Downsample(nn.Module):
+    """torchvision's ``downsample = Sequential(conv1x1, BatchNorm2d)``: names ``0``, ``1``."""
+
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = _conv(self.features, 1, self.stride, "0", self.dtype)(x)
+        return BatchNorm(dtype=self.dtype, name="1")(x, train)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride) -> bn -> relu -> conv3x3 -> bn, plus the shortcut, -> relu."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
+        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+        y = _conv(self.features, 3, 1, "conv2", self.dtype)(y)
+        y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = _Downsample(self.features, self.stride, self.dtype, name="downsample")(x, train)
+        return nn.relu(y + x)
+
+
+class _Stage(nn.Module):
+    """torchvision's ``layer{i}``: a Sequential of blocks named ``0``, ``1``, ..."""
+
+    features: int
+    num_blocks: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for j in range(self.num_blocks):
+            x = BasicBlock(self.features, self.stride if j == 0 else 1, self.dtype, name=str(j))(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """A BasicBlock ResNet: stem, ``len(stage_sizes)`` stages, global average pool, ``fc``.
+
+    Args:
+      stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` (ResNet-18).
+      widths: channels per stage; the stem has ``widths[0]``. Stage i > 0 halves the
+        spatial size (stride 2 in its first block).
+      num_classes: outputs of ``fc``.
+      stem: ``"imagenet"`` (7x7/2 conv, BatchNorm, ReLU, 3x3/2 max pool: torchvision's)
+        or ``"cifar"`` (3x3/1 conv, BatchNorm, ReLU, no pool: the usual CIFAR variant).
+
+    Called as ``apply(variables, x, train=bool)`` on NHWC ``x``; ``train=True`` uses
+    batch statistics and needs ``mutable=["batch_stats"]`` (the train step does that).
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+    num_classes: int = 10
+    stem: str = "cifar"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        self._check_config()
+        self._check_input(x)
+        d = self.dtype
+        if self.stem == "imagenet":
+            x = _conv(self.widths[0], 7, 2, "conv1", d)(x)
+        else:
+            x = _conv(self.widths[0], 3, 1, "conv1", d)(x)
+        x = nn.relu(BatchNorm(dtype=d, name="bn1")(x, train))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
+            x = _Stage(w, n, 1 if i == 0 else 2, d, name=f"layer{i + 1}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        init = torch_linear_init(x.shape[-1])
+        return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, dtype=d, param_dtype=d,
+                        name="fc")(x)
+
+    def _check_config(self):
+        if self.stem not in STEMS:
+            raise InputError(f"ResNet stem: expected one of {STEMS}, got {self.stem!r}")
+        sizes, widths = tuple(self.stage_sizes), tuple(self.widths)
+        if not sizes or len(sizes) != len(widths):
+            raise InputError(f"ResNet: expected as many stage_sizes as widths (at least one), got "
+                             f"stage_sizes {sizes} and widths {widths}")
+        if min(sizes) < 1 or min(widths) < 1:
+            raise InputError(f"ResNet: expected positive stage_sizes and widths, got {sizes} and {widths}")
+
+    def _check_input(self, x):
+        if x.ndim != 4:
+            raise InputError(f"ResNet: expected NHWC images [batch, height, width, channels], got shape "
+                             f"{x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise InputTypeError(f"ResNet: expected floating-point images, got dtype {x.dtype}")
+        nchw = "; it looks like NCHW (PyTorch's layout): pass x.transpose(0, 2, 3, 1)"
+        if self.has_variable("params", "conv1"):  # applying existing params: channels must agree
+            channels = self.variables["params"]["conv1"]["kernel"].shape[2]
+            if x.shape[-1] != channels:
+                hint = nchw if x.shape[1] == channels else ""
+                raise InputError(f"ResNet: expected NHWC images with {channels} channels (the params' "
+                                 f"conv1), got shape {x.shape}{hint}")
+        elif x.shape[1] in (1, 3) and x.shape[-1] > 4:
+            raise InputError(f"ResNet: expected NHWC images [batch, height, width, channels], got shape "
+                             f"{x.shape}{nchw}")
+
+
+def resnet18(num_classes: int = 1000, stem: str = "imagenet", dtype=jnp.float32) -> ResNet:
+    """torchvision's ``resnet18`` layout (11,689,512 parameters with 1000 classes)."""
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, stem, dtype)
