@@ -1,13 +1,30 @@
-"""PyTorch ``state_dict`` <-> Flax params, on NumPy arrays (kdjax never imports torch).
+"""PyTorch ``state_dict`` <-> Flax variables, on NumPy arrays (kdjax never imports torch).
 
-PyTorch ``nn.Linear`` stores ``weight`` as ``[out, in]``; Flax ``nn.Dense`` stores
-``kernel`` as ``[in, out]``. The mapping is by name::
+The mapping is by name (``torch_name`` is the rule): a Flax variable at
+``collection/m1/m2/.../leaf`` is the PyTorch entry ``"m1.m2....<name>"``, and the
+layout is converted where the two libraries differ::
 
-    "fc1.weight" [out, in]  <->  params["fc1"]["kernel"] [in, out]   (transposed)
-    "fc1.bias"   [out]      <->  params["fc1"]["bias"]   [out]
+    params      kernel [in, out]             <-> weight [out, in]            Linear (transposed)
+    params      kernel [kh, kw, in, out]     <-> weight [out, in, kh, kw]    Conv2d
+    params      kernel [k, in, out]          <-> weight [out, in, k]         Conv1d
+    params      scale, bias                  <-> weight, bias                BatchNorm, LayerNorm
+    params      embedding [V, D]             <-> weight [V, D]               Embedding
+    batch_stats mean, var                    <-> running_mean, running_var   BatchNorm
+                (not kept)                   <-  num_batches_tracked         BatchNorm
+
+``torch_to_variables(state_dict, like)`` converts a whole ``state_dict`` into a
+variables tree with exactly the structure, shapes and dtypes of ``like``, and names
+every missing, unexpected and mis-shaped key in one ``InputError``;
+``variables_to_torch`` is its inverse. ``torch_to_flax`` / ``flax_to_torch`` are
+the v1 functions for params of Linear layers only.
+
+**A Linear after a flatten.** PyTorch flattens NCHW activations in (C, H, W) order,
+Flax NHWC ones in (H, W, C) order, so such a Linear's input features come in another
+order. Names cannot reveal it: pass ``linear_after_flatten={"fc": (C, H, W)}`` to
+permute that layer's input rows (kdjax's ResNet pools globally and needs none).
 
 Pass torch tensors as they are (they are read through ``.detach().cpu().numpy()``,
-duck-typed) or as NumPy arrays. The round trip is exact.
+duck-typed) or as NumPy arrays. Round trips are exact.
 """
 
 from __future__ import annotations
@@ -16,9 +33,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["torch_to_flax", "flax_to_torch"]
+__all__ = ["torch_name", "torch_to_variables", "variables_to_torch", "torch_to_flax", "flax_to_torch"]
 
 _FLAX_NAME = {"weight": "kernel", "bias": "bias"}
 _TORCH_NAME = {v: k for k, v in _FLAX_NAME.items()}
@@ -94,4 +111,144 @@ def flax_to_torch(params: Mapping[str, Mapping[str, Any]], like=None) -> dict:
     if like is not None:
         like_tree = torch_to_flax(like)
         _check_against(torch_to_flax(out), like_tree, "params")
+    return out
+
+
+# ----------------------------------------------------------------------------- any model
+
+_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+               ("params", "embedding"): "weight", ("batch_stats", "mean"): "running_mean",
+               ("batch_stats", "var"): "running_var"}
+# Flax kernel axes -> PyTorch weight axes, by rank (Linear, Conv1d, Conv2d)
+_TO_TORCH_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
+
+
+def torch_name(collection: str, path) -> str:
+    """The name rule: the PyTorch ``state_dict`` key of the Flax variable
+    ``variables[collection][path[0]]...[path[-1]]``.
+
+    Module names are joined with dots (kdjax names Sequential children ``"0"``,
+    ``"1"``, ... as torch does) and the leaf is renamed by kind (``kernel``/``scale``/
+    ``embedding`` -> ``weight``, ``mean``/``var`` -> ``running_mean``/``running_var``).
+
+    >>> torch_name("params", ("layer1", "0", "downsample", "0", "kernel"))
+    'layer1.0.downsample.0.weight'
+    >>> torch_name("batch_stats", ("bn1", "var"))
+    'bn1.running_var'
+    """
+    *modules, leaf = path
+    if (collection, leaf) not in _LEAF_NAMES:
+        raise InputError(f"variables: no PyTorch name for {collection}/{'/'.join(path)} (expected leaves "
+                         f"{sorted({f'{c}/{n}' for c, n in _LEAF_NAMES})})")
+    return ".".join([*modules, _LEAF_NAMES[(collection, leaf)]])
+
+
+def _leaves(tree, prefix=()):
+    """``{path tuple: leaf}`` of a nested mapping."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, prefix + (str(k),)))
+        return out
+    return {prefix: tree}
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _to_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
+    return arr.transpose(_TO_TORCH_AXES[arr.ndim]) if leaf == "kernel" and arr.ndim in _TO_TORCH_AXES else arr
+
+
+def _from_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim in _TO_TORCH_AXES:
+        return arr.transpose(np.argsort(_TO_TORCH_AXES[arr.ndim]))
+    return arr
+
+
+def _flatten_permuted(weight: np.ndarray, chw, name: str, inverse: bool = False) -> np.ndarray:
+    """A Linear weight ``[out, C*H*W]`` fed by a (C, H, W) flatten, reordered for an
+    (H, W, C) flatten (``inverse``: back)."""
+    c, h, w = chw
+    if weight.ndim != 2 or weight.shape[1] != c * h * w:
+        raise InputError(f"linear_after_flatten: {name} expected a weight [out, {c * h * w}] for (C, H, W) = "
+                         f"{tuple(chw)}, got shape {weight.shape}")
+    if inverse:
+        return weight.reshape(-1, h, w, c).transpose(0, 3, 1, 2).reshape(weight.shape[0], -1)
+    return weight.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def torch_to_variables(state_dict: Mapping[str, Any], like, *,
+                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None) -> dict:
+    """A PyTorch ``state_dict`` as a Flax variables dict shaped exactly like ``like``.
+
+    Args:
+      state_dict: torch tensors or NumPy arrays by PyTorch name.
+      like: the target's variables (or ``jax.eval_shape(model.init, key, x)``): its
+        structure, shapes and dtypes are the result's (values are cast to its dtypes).
+      linear_after_flatten: ``{torch module name: (C, H, W)}`` for Linear layers fed by
+        a flatten of NCHW activations (see the module docstring).
+
+    Raises:
+      InputError: naming every missing, unexpected and mis-shaped key at once
+        (``num_batches_tracked`` is accepted and dropped).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise InputTypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    permute = dict(linear_after_flatten or {})
+    want = {}  # torch name -> (collection + path, like leaf)
+    for path, leaf in _leaves(like).items():
+        want[torch_name(path[0], path[1:])] = (path, leaf)
+    got = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    misshaped, flat = [], {}
+    for name in sorted(set(want) & set(got)):
+        path, leaf = want[name]
+        arr = _to_numpy(got[name])
+        module = name.rpartition(".")[0]
+        if module in permute and path[-1] == "kernel":
+            arr = _flatten_permuted(arr, permute[module], name)
+        arr = _from_torch_layout(path[-1], arr)
+        if arr.shape != tuple(np.shape(leaf)):
+            torch_shape = _to_torch_layout(path[-1], np.empty(np.shape(leaf), np.int8)).shape
+            misshaped.append(f"{name} expected shape {torch_shape}, got {tuple(_to_numpy(got[name]).shape)}")
+            continue
+        flat[path] = np.array(arr, dtype=leaf.dtype)
+    if missing or unexpected or misshaped:
+        fmt = lambda items: ", ".join(items) or "none"
+        raise InputError(f"state_dict does not match the model: missing {fmt(missing)}; unexpected "
+                         f"{fmt(unexpected)}; mis-shaped {fmt(misshaped)}")
+    unknown = set(permute) - {n.rpartition(".")[0] for n in want}
+    if unknown:
+        raise InputError(f"linear_after_flatten: expected names of Linear layers, got {sorted(unknown)}")
+    return _nest(flat)
+
+
+def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
+                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None) -> dict:
+    """The inverse of ``torch_to_variables``: ``{torch name: NumPy array}``.
+
+    BatchNorm layers also get ``num_batches_tracked`` (an int64 scalar, this value;
+    PyTorch reads it only when ``momentum=None``) so that ``load_state_dict`` with
+    ``strict=True`` accepts the result; ``None`` leaves it out. Load with
+    ``{k: torch.from_numpy(v) for k, v in ...}``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in _leaves(variables).items():
+        arr = _to_torch_layout(path[-1], _to_numpy(leaf))
+        name = torch_name(path[0], path[1:])
+        module = name.rpartition(".")[0]
+        if path[-1] == "kernel" and module in (linear_after_flatten or {}):
+            arr = _flatten_permuted(arr, linear_after_flatten[module], name, inverse=True)
+        out[name] = arr.copy()
+        if num_batches_tracked is not None and path[0] == "batch_stats" and path[-1] == "mean":
+            out[name.rpartition(".")[0] + ".num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
     return out

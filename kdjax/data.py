@@ -25,13 +25,14 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["Dataset", "synthetic", "digits", "load_npz", "validate_arrays",
+__all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
            "seed_schedule", "epoch_schedule"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train/test arrays: ``x`` float ``[n, features]``, ``y`` int32 ``[n]``."""
+    """Train/test arrays: ``x`` float ``[n, features]`` or images ``[n, height, width,
+    channels]`` (NHWC; any ``[n, ...]``), ``y`` int32 ``[n]``."""
 
     name: str
     x_train: np.ndarray
@@ -42,7 +43,13 @@ class Dataset:
 
     @property
     def input_dim(self) -> int:
-        return int(self.x_train.shape[1])
+        """Features per example (flattened)."""
+        return int(np.prod(self.x_train.shape[1:]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, e.g. ``(8, 8, 1)``."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
 def validate_arrays(x, y, where: str, num_classes: int | None = None):
@@ -51,8 +58,9 @@ def validate_arrays(x, y, where: str, num_classes: int | None = None):
     Raises ValueError/TypeError naming ``where``, what was expected and what came.
     """
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != 2:
-        raise InputError(f"{where}: expected features of shape [n, features], got shape {x.shape}")
+    if x.ndim < 2:
+        raise InputError(f"{where}: expected features of shape [n, features] (or images [n, height, "
+                         f"width, channels]), got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise InputTypeError(f"{where}: expected numeric features, got dtype {x.dtype}")
     if y.ndim != 1:
@@ -80,9 +88,9 @@ def _make(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
         num_classes = int(max(y_train.max(), np.asarray(y_test).max() if len(y_test) else 0)) + 1
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train", num_classes)
     x_test, y_test = validate_arrays(x_test, y_test, f"{name} test", num_classes)
-    if x_test.shape[1] != x_train.shape[1]:
-        raise InputError(f"{name}: expected test features of width {x_train.shape[1]} "
-                         f"(as train), got {x_test.shape[1]}")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise InputError(f"{name}: expected test examples of shape {x_train.shape[1:]} "
+                         f"(as train), got {x_test.shape[1:]}")
     return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes))
 
 
@@ -101,10 +109,23 @@ def synthetic(num_samples: int = 500, input_dim: int = 50, num_classes: int = 5,
                  y[num_samples:], num_classes)
 
 
-def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+def synthetic_images(num_samples: int = 500, shape=(8, 8, 3), num_classes: int = 5,
+                     seed: int = 42, test_samples: int = 500) -> Dataset:
+    """``synthetic`` with NHWC images: the same draws as ``synthetic(..., input_dim=prod(shape))``,
+    reshaped to ``[n, *shape]`` (random labels: training accuracy is memorisation)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"shape: expected (height, width, channels) of positive ints, got {shape}")
+    flat = synthetic(num_samples, int(np.prod(shape)), num_classes, seed, test_samples)
+    return _make("synthetic images", flat.x_train.reshape(-1, *shape), flat.y_train,
+                 flat.x_test.reshape(-1, *shape), flat.y_test, num_classes)
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0, images: bool = False) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download).
 
-    Stratified train/test split; features scaled to [0, 1] (pixel values are 0..16).
+    Stratified train/test split; features scaled to [0, 1] (pixel values are 0..16);
+    ``[n, 64]``, or NHWC images ``[n, 8, 8, 1]`` with ``images=True``.
     """
     try:
         from sklearn.datasets import load_digits
@@ -117,7 +138,9 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         test[idx[: int(round(test_fraction * len(idx)))]] = True
-    return _make("digits", x[~test], y[~test], x[test], y[test], 10)
+    if images:
+        x = x.reshape(-1, 8, 8, 1)
+    return _make("digits images" if images else "digits", x[~test], y[~test], x[test], y[test], 10)
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

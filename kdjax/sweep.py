@@ -18,8 +18,7 @@ import numpy as np
 
 from kdjax.data import epoch_schedule, seed_schedule
 from kdjax.errors import InputError
-from kdjax.models import init_params
-from kdjax.train import (CheckedRun, evaluate, make_hyper, make_train_step, run_steps,
+from kdjax.train import (CheckedRun, evaluate, init_variables, make_hyper, make_train_step, run_steps,
                          state_from_params)
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
@@ -46,17 +45,18 @@ def member_keys(seeds) -> dict[str, np.ndarray]:
     return {"init": words[:, 0:2], "schedule": words[:, 2:4], "dropout": words[:, 4:6]}
 
 
-def init_members(model, init_keys, input_dim: int, learning_rate=1e-3):
+def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None):
     """A batched ``TrainState``: one member per key (leading axis N).
 
-    Member i's params are ``kdjax.models.init_params(model, init_keys[i], input_dim)``,
-    so a member starts exactly where ``create_train_state`` with the same key does.
+    ``example_input`` is an example batch or an int ``input_dim``, as in
+    ``create_train_state``; member i starts exactly where ``create_train_state(model,
+    init_keys[i], example_input)`` does (params, ``model_state`` and optimizer state).
     """
-    params = [init_params(model, k, input_dim) for k in init_keys]
-    if not params:
-        raise InputError("init_keys: expected at least one key, got none")
-    stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *params)
-    return state_from_params(stacked, learning_rate=learning_rate, members=True)
+    if isinstance(example_input, (int, np.integer)):
+        example_input = jax.ShapeDtypeStruct((1, int(example_input)), getattr(model, "dtype", jnp.float32))
+    params, model_state = init_variables(model, init_keys, example_input, members=True)
+    return state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx,
+                             members=True)
 
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
@@ -73,9 +73,8 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
     return np.stack([make(k) for k in schedule_keys])
 
 
-def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
-                   shared_schedule: bool = False, member_teacher_logits: bool = False,
-                   compiler_options=None):
+def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
+                   shared_schedule: bool = False, member_teacher_logits: bool = False):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
     Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
@@ -86,14 +85,14 @@ def make_sweep_run(model, objective: str = "kd", *, tx=None, teacher=None,
     With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]``:
     member i distills from its own teacher (e.g. one teacher per seed). Schedules with
     an index outside the data's rows are refused on the host (``train.CheckedRun``).
-    ``compiler_options`` go to ``jax.jit``.
+    Every member's ``model_state`` (BatchNorm statistics) is its own.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     run = functools.partial(run_steps, step=step)
-    hyper_axes = 0 if objective == "kd" else None
+    hyper_axes = None if objective == "ce" else 0
     data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
     vrun = jax.vmap(run, in_axes=(0, data_axes, None if shared_schedule else 0, 0, hyper_axes))
-    return CheckedRun(jax.jit(vrun, donate_argnums=0, compiler_options=compiler_options))
+    return CheckedRun(jax.jit(vrun, donate_argnums=0))
 
 
 def evaluate_members(model, params, x, y):
