@@ -1,3 +1,3 @@
-from kdjax.cli import main
+from kdjax.cli import run
 
-raise SystemExit(main())
+run()

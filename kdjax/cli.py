@@ -63,18 +63,25 @@ class Reporter:
         self.console.print(t)
 
     @contextlib.contextmanager
-    def progress(self, label: str, total: int):
-        """Yields ``advance(steps_done)``; called between compiled chunks only."""
+    def progress(self):
+        """Yields ``on_chunk(phase, done, total, states)``: one bar per phase, moved
+        between compiled chunks only."""
         if self.quiet or not self.console.is_terminal:
-            yield lambda done: None
+            yield lambda *args: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("steps"), TimeElapsedColumn(), console=self.console,
                       transient=True) as bar:
-            task = bar.add_task(label, total=total)
-            yield lambda done: bar.update(task, completed=done)
+            tasks = {}
+
+            def update(phase, done, total, states=None):
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done)
+
+            yield update
 
 
 def _jsonable(obj):
@@ -141,33 +148,32 @@ def cmd_demo(args, rep: Reporter) -> int:
     results, figs, t0 = {}, {}, time.perf_counter()
     out = args.out
     epochs = 2 if args.quick else 30
-    with demo.CompileAhead(sections, seeds, digits_epochs=epochs):  # compiles while earlier sections train
-        if 1 in sections:
-            r = results["temperature_effect"] = demo.temperature_effect(rep)
-            figs["softmax_temperature"] = lambda: plots.softmax_temperature(
-                os.path.join(out, "softmax_temperature.png"), r["logits"], r["temperatures"], r["probs"], r["entropy"])
-        if 2 in sections:
-            results["soft_vs_hard"] = demo.soft_vs_hard(rep)
-        if 3 in sections or 4 in sections:
-            r4 = results["seed_comparison"] = demo.seed_comparison(rep, seeds)
-            figs["learning_curves"] = lambda: plots.learning_curves(
-                os.path.join(out, "learning_curves.png"), r4["losses"],
-                f"seed data, {len(seeds)} seeds (distilled: the KD objective, not CE)")
-        if 5 in sections:
-            r5 = results["hyperparameters"] = demo.hyperparameters(rep, seeds)
-            figs["hyperparameters"] = lambda: plots.hyper_sweeps(
-                os.path.join(out, "hyperparameters.png"), r5["temperatures"],
-                [m for m, _ in r5["temperature_sweep"]], [h for _, h in r5["temperature_sweep"]],
-                r5["alphas"], [m for m, _ in r5["alpha_sweep"]], [h for _, h in r5["alpha_sweep"]],
-                "training accuracy (random labels)")
-        results["seed_demos_seconds"] = time.perf_counter() - t0
-        if 6 in sections:
-            r6 = results["digits"] = demo.digits_heldout(rep, seeds, epochs=epochs)
-            figs["digits_comparison"] = lambda: plots.comparison(
-                os.path.join(out, "digits_comparison.png"), ["teacher", "standard", "distilled"],
-                [r6["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
-                [r6["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")],
-                r6["paired_gain"], f"digits test accuracy, {len(seeds)} seeds (95% CI)", "test accuracy")
+    if 1 in sections:
+        r = results["temperature_effect"] = demo.temperature_effect(rep)
+        figs["softmax_temperature"] = lambda: plots.softmax_temperature(
+            os.path.join(out, "softmax_temperature.png"), r["logits"], r["temperatures"], r["probs"], r["entropy"])
+    if 2 in sections:
+        results["soft_vs_hard"] = demo.soft_vs_hard(rep)
+    if 3 in sections or 4 in sections:
+        r4 = results["seed_comparison"] = demo.seed_comparison(rep, seeds)
+        figs["learning_curves"] = lambda: plots.learning_curves(
+            os.path.join(out, "learning_curves.png"), r4["losses"],
+            f"seed data, {len(seeds)} seeds (distilled: the KD objective, not CE)")
+    if 5 in sections:
+        r5 = results["hyperparameters"] = demo.hyperparameters(rep, seeds)
+        figs["hyperparameters"] = lambda: plots.hyper_sweeps(
+            os.path.join(out, "hyperparameters.png"), r5["temperatures"],
+            [m for m, _ in r5["temperature_sweep"]], [h for _, h in r5["temperature_sweep"]],
+            r5["alphas"], [m for m, _ in r5["alpha_sweep"]], [h for _, h in r5["alpha_sweep"]],
+            "training accuracy (random labels)")
+    results["seed_demos_seconds"] = time.perf_counter() - t0
+    if 6 in sections:
+        r6 = results["digits"] = demo.digits_heldout(rep, seeds, epochs=epochs)
+        figs["digits_comparison"] = lambda: plots.comparison(
+            os.path.join(out, "digits_comparison.png"), ["teacher", "standard", "distilled"],
+            [r6["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
+            [r6["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")],
+            r6["paired_gain"], f"digits test accuracy, {len(seeds)} seeds (95% CI)", "test accuracy")
     results["seconds"] = time.perf_counter() - t0
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
     return _finish(args, rep, results, figs)
@@ -175,35 +181,68 @@ def cmd_demo(args, rep: Reporter) -> int:
 
 # ----------------------------------------------------------------------------- distill / sweep
 
-def _dataset(name: str, seed: int):
+def _dataset(args):
     from kdjax import data
 
+    name, images = args.dataset, args.arch == "resnet"
     if name == "synthetic":
-        return data.synthetic(500, 50, 5, seed=seed, test_samples=500)
-    if name == "digits":
-        return data.digits(seed=seed)
-    if name.endswith(".npz") or os.path.exists(name):
-        return data.load_npz(name)
-    raise UsageError(f"--dataset: expected 'synthetic', 'digits' or a path to an .npz file, got {name!r}")
+        ds = (data.synthetic_images(500, (8, 8, 3), 5, seed=args.seed, test_samples=500) if images
+              else data.synthetic(500, 50, 5, seed=args.seed, test_samples=500))
+    elif name == "digits":
+        ds = data.digits(seed=args.seed, images=images)
+    elif name.endswith(".npz") or os.path.exists(name):
+        ds = data.load_npz(name)
+    else:
+        raise UsageError(f"--dataset: expected 'synthetic', 'digits' or a path to an .npz file, got {name!r}")
+    if images and ds.x_train.ndim != 4:
+        raise UsageError(f"--arch resnet: expected images [n, height, width, channels] (NHWC) in the data "
+                         f"set, got x_train of shape {ds.x_train.shape}")
+    return ds
 
 
 def _run_config(args):
     from kdjax.experiments import RunConfig
 
-    return RunConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-                     learning_rate=args.lr)
+    return RunConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                     optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                     nesterov=args.nesterov, lr_schedule=args.lr_schedule)
+
+
+def _models(args, num_classes: int):
+    """(teacher, student) of ``--arch``, sized by the width/depth flags."""
+    from kdjax.models import ResNet, StudentMLP, TeacherMLP
+
+    if args.arch == "mlp":
+        return TeacherMLP(args.teacher_hidden, num_classes), StudentMLP(args.student_hidden, num_classes)
+    nets = []
+    for who in ("teacher", "student"):
+        blocks, widths = getattr(args, f"{who}_blocks"), getattr(args, f"{who}_widths")
+        if len(blocks) != len(widths):
+            raise UsageError(f"--{who}-blocks / --{who}-widths: expected one width per stage, got "
+                             f"{len(blocks)} stages and {len(widths)} widths")
+        nets.append(ResNet(tuple(blocks), tuple(widths), num_classes, args.stem))
+    return tuple(nets)
+
+
+def _describe(model) -> str:
+    from kdjax.models import ResNet
+
+    if isinstance(model, ResNet):
+        return f"ResNet(blocks {tuple(model.stage_sizes)}, widths {tuple(model.widths)}, {model.stem} stem)"
+    return f"{type(model).__name__}({model.hidden_dim})"
 
 
 def _load_teacher(path: str, teacher, ds):
-    """Teacher params from a kdjax checkpoint or a PyTorch state_dict (.pt)."""
+    """The teacher's ``TrainState`` from a kdjax checkpoint or a PyTorch state_dict (.pt)."""
     import jax
 
     from kdjax import checkpoint, convert
-    from kdjax.train import create_train_state
+    from kdjax.train import state_from_params
 
-    like = create_train_state(teacher, jax.random.PRNGKey(0), ds.input_dim).params
     if not os.path.isfile(path):
         raise UsageError(f"--teacher: expected an existing file, got {path}")
+    like = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, *ds.input_shape),
+                                                                                    ds.x_train.dtype))
     if path.endswith((".pt", ".pth")):
         try:
             import torch
@@ -216,180 +255,121 @@ def _load_teacher(path: str, teacher, ds):
             raise UsageError(f"--teacher: {path}: expected a PyTorch state_dict, got {type(e).__name__}: {e}")
         if not isinstance(state_dict, dict):
             raise UsageError(f"--teacher: {path}: expected a state_dict (dict), got {type(state_dict).__name__}")
-        return convert.torch_to_flax(state_dict, like=like)
-    tree, _ = checkpoint.load(path)
-    params = tree.get("params", tree)
-    convert.flax_to_torch(params, like=convert.flax_to_torch(like))  # keys and shapes
-    return params
+    else:
+        tree, _ = checkpoint.load(path)
+        variables = {"params": tree.get("params", tree), **tree.get("model_state", {})}
+        state_dict = convert.variables_to_torch(variables)  # then checked against the model
+    variables = dict(convert.torch_to_variables(state_dict, like))
+    params = variables.pop("params")
+    return state_from_params(params, model_state=variables)
 
 
-_IDENTITY = ("dataset", "teacher_hidden", "student_hidden", "steps", "epochs", "batch_size", "lr",
-             "seeds", "seed", "temperature", "alpha", "temperatures", "alphas", "teacher",
-             "checkpoint_every")
+_IDENTITY = ("dataset", "arch", "teacher_hidden", "student_hidden", "teacher_blocks", "teacher_widths",
+             "student_blocks", "student_widths", "stem", "steps", "epochs", "batch_size", "lr", "optimizer",
+             "momentum", "weight_decay", "nesterov", "lr_schedule", "seeds", "seed", "temperature", "alpha",
+             "temperatures", "alphas", "teacher", "checkpoint_every")
 
 
-def _phase(args, rep, name, model, objective, ds, cfg, seeds, **kw):
-    """``fit_members`` with crash-safe checkpoints under ``--out/checkpoints/<name>.ckpt``
-    (every ``--checkpoint-every`` steps) and ``--resume`` from the latest good one."""
-    from flax import serialization
+def _checkpoints(args):
+    from kdjax.experiments import Checkpoints
 
-    from kdjax import checkpoint, sweep
-    from kdjax.experiments import fit_members
-
-    out = getattr(args, "out", None)
-    path = os.path.join(out, "checkpoints", f"{name}.ckpt") if out else None
-    identity = {k: getattr(args, k) for k in _IDENTITY if hasattr(args, k)}
-    start = None
-    if getattr(args, "resume", False) and path:
-        try:
-            tree, meta, used, problem = checkpoint.load_latest(path)
-        except FileNotFoundError:
-            tree = None
-        if tree is not None:
-            if problem:
-                rep.line(f"warning: {problem}; resuming from {used}")
-            if meta.get("config") != identity:
-                raise UsageError(f"--resume: {used} was written by a run with a different config "
-                                 f"({meta.get('config')}); use the same arguments or a new --out")
-            fresh = sweep.init_members(model, sweep.member_keys(seeds)["init"], ds.input_dim,
-                                       cfg.learning_rate)
-            start = (serialization.from_state_dict(fresh, tree["states"]), np.asarray(tree["losses"]))
-            rep.line(f"{name}: resuming at step {start[1].shape[1]} from {used}")
-
-    def save(done, states, losses):
-        checkpoint.save_rotating(path, {"states": states, "losses": losses},
-                                 {"config": identity, "phase": name, "done": done})
-
-    with rep.progress(name, _total_steps(cfg, ds)) as advance:
-        return fit_members(model, objective, ds, cfg, seeds, chunk=getattr(args, "checkpoint_every", None),
-                           start=start, on_checkpoint=save if path else None,
-                           on_chunk=lambda d, t, s: advance(d), **kw)
-
-
-def _teachers(args, rep, teacher, ds, cfg, seeds):
-    """Per-seed teachers trained here, or one loaded teacher: (logits, params of seed 0)."""
-    import jax
-
-    from kdjax.experiments import teacher_logits_for
-
-    if args.teacher:
-        params = _load_teacher(args.teacher, teacher, ds)
-        rep.line(f"teacher loaded from {args.teacher}")
-        return teacher_logits_for(teacher, params, ds), params
-    states, _ = _phase(args, rep, "teachers", teacher, "ce", ds, cfg, seeds)
-    return (teacher_logits_for(teacher, states.params, ds, members=True),
-            jax.tree_util.tree_map(lambda a: a[0], states.params))
-
-
-def _total_steps(cfg, ds) -> int:
-    return cfg.steps if cfg.epochs is None else (len(ds.y_train) // cfg.batch_size) * cfg.epochs
-
-
-def _check_resume(args) -> None:
     if args.resume and not args.out:
         raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
+    if not args.out:
+        return None
+    return Checkpoints(os.path.join(args.out, "checkpoints"), args.checkpoint_every, args.resume,
+                       {k: getattr(args, k) for k in _IDENTITY if hasattr(args, k)})
+
+
+def _variables(states) -> dict:
+    return {"params": states.params, "model_state": states.model_state}
 
 
 def cmd_distill(args, rep: Reporter) -> int:
     import jax
 
-    from kdjax import checkpoint, plots
-    from kdjax.experiments import evaluate_on, mean_ci, paired_students
+    from kdjax import checkpoint, experiments, plots
     from kdjax.losses import check_alpha, check_temperature
-    from kdjax.models import StudentMLP, TeacherMLP
 
-    _check_resume(args)
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
-    ds = _dataset(args.dataset, args.seed)
+    ckpts = _checkpoints(args)
+    ds = _dataset(args)
     cfg = _run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    n = len(seeds)
-    teacher = TeacherMLP(args.teacher_hidden, ds.num_classes)
-    student = StudentMLP(args.student_hidden, ds.num_classes)
-    rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, {ds.input_dim} features, "
-             f"{ds.num_classes} classes; {cfg.describe()}; T = {args.temperature:g}, "
-             f"alpha = {args.alpha:g}; {args.seeds} seed(s)")
-    logits, t_params = _teachers(args, rep, teacher, ds, cfg, seeds)
-    # standard (members :n) and distilled (n:) students, one program; pairs share a seed
-    pairs = paired_students(seeds, logits, args.temperature, args.alpha)
-    st_states, st_losses = _phase(args, rep, "students", student, "kd", ds, cfg, pairs.pop("seeds"), **pairs)
-    s_params = jax.tree_util.tree_map(lambda a: a[:n], st_states.params)
-    d_params = jax.tree_util.tree_map(lambda a: a[n:], st_states.params)
-    s_losses, d_losses = st_losses[:n], st_losses[n:]
-    t_acc = evaluate_on(teacher, t_params, ds.x_test, ds.y_test)["accuracy"]
-    s_acc = evaluate_on(student, st_states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
-    acc = {"standard": s_acc[:n], "distilled": s_acc[n:]}
-    stats = {k: mean_ci(v) for k, v in acc.items()}
-    gain = mean_ci(acc["distilled"] - acc["standard"])
+    teacher, student = _models(args, ds.num_classes)
+    rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
+             f"{ds.num_classes} classes; {cfg.describe()}; T = {args.temperature:g}, alpha = {args.alpha:g}; "
+             f"{args.seeds} seed(s)")
+    rep.line(f"teacher {_describe(teacher)}, student {_describe(student)}")
+    t_state = None
+    if args.teacher:
+        t_state = _load_teacher(args.teacher, teacher, ds)
+        rep.line(f"teacher loaded from {args.teacher}")
+    with rep.progress() as on_chunk:
+        r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature, alpha=args.alpha,
+                                teacher_state=t_state, checkpoints=ckpts, on_chunk=on_chunk, log=rep.line)
+    acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
+    teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     rep.table("test accuracy (mean ± 95% CI over seeds)", ["model", "test accuracy"],
-              [["teacher (seed 0 / loaded)", f"{float(t_acc):.4f}"]]
-              + [[k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in stats.items()]
+              [[teacher_label if k == "teacher" else k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in stats.items()]
               + [["distilled - standard (paired)", f"{gain[0]:+.4f} ± {gain[1]:.4f}"]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
-               "teacher_test_accuracy": float(t_acc),
+               "teacher_test_accuracy": float(acc["teacher"][0]),
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
-               "paired_gain": gain, "losses": {"standard": s_losses, "distilled": d_losses}}
+               "paired_gain": gain, "losses": r.losses}
     if args.out:
-        take0 = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
-        meta = {"dataset": ds.name, "input_dim": ds.input_dim, "num_classes": ds.num_classes}
-        checkpoint.save(os.path.join(args.out, "teacher.ckpt"), {"params": t_params},
-                        meta | {"model": "TeacherMLP", "hidden_dim": args.teacher_hidden})
-        checkpoint.save(os.path.join(args.out, "student_distilled.ckpt"), {"params": take0(d_params)},
-                        meta | {"model": "StudentMLP", "hidden_dim": args.student_hidden, "seed": seeds[0]})
-        checkpoint.save(os.path.join(args.out, "student_standard.ckpt"), {"params": take0(s_params)},
-                        meta | {"model": "StudentMLP", "hidden_dim": args.student_hidden, "seed": seeds[0]})
+        first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+        meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
+        checkpoint.save(os.path.join(args.out, "teacher.ckpt"), _variables(r.teacher_member(0)),
+                        meta | {"model": _describe(teacher)})
+        for kind, states in (("distilled", r.distilled), ("standard", r.standard)):
+            checkpoint.save(os.path.join(args.out, f"student_{kind}.ckpt"), _variables(first(states)),
+                            meta | {"model": _describe(student), "seed": seeds[0]})
+    names = ["teacher", "standard", "distilled"]
     figs = {
         "learning_curves": lambda: plots.learning_curves(
-            os.path.join(args.out, "learning_curves.png"), {"standard": s_losses, "distilled": d_losses},
-            f"{ds.name}: student training loss"),
+            os.path.join(args.out, "learning_curves.png"), r.losses, f"{ds.name}: student training loss"),
         "comparison": lambda: plots.comparison(
-            os.path.join(args.out, "comparison.png"), ["teacher", "standard", "distilled"],
-            [float(t_acc), stats["standard"][0], stats["distilled"][0]],
-            [0.0, stats["standard"][1], stats["distilled"][1]], gain,
-            f"{ds.name}: test accuracy", "test accuracy"),
+            os.path.join(args.out, "comparison.png"), names, [stats[k][0] for k in names],
+            [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy", "test accuracy"),
     }
     return _finish(args, rep, results, figs)
 
 
 def cmd_sweep(args, rep: Reporter) -> int:
-    from kdjax import plots, sweep
-    from kdjax.experiments import evaluate_on, mean_ci
-    from kdjax.models import StudentMLP, TeacherMLP
+    from kdjax import experiments, plots, sweep
+    from kdjax.experiments import mean_ci
     from kdjax.train import make_hyper
 
-    _check_resume(args)
-    ds = _dataset(args.dataset, args.seed)
+    ckpts = _checkpoints(args)
+    ds = _dataset(args)
     cfg = _run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
     seeds = list(range(args.seed, args.seed + args.seeds))
     T, A, S = sweep.grid(temps, alphas, seeds)
-    hyper = make_hyper(T, A)  # validates every value before anything is compiled
-    teacher = TeacherMLP(args.teacher_hidden, ds.num_classes)
-    student = StudentMLP(args.student_hidden, ds.num_classes)
+    make_hyper(T, A)  # validates every value before anything is compiled
+    teacher, student = _models(args, ds.num_classes)
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
-    # one teacher (the first seed) for the whole grid; both phases checkpoint under --out
-    logits, _ = _teachers(argparse.Namespace(**{**vars(args), "seeds": 1}), rep, teacher, ds,
-                          cfg, seeds[:1])
-    if logits.ndim == 3:
-        logits = logits[0]
-    states, _ = _phase(args, rep, "students", student, "kd", ds, cfg, S, hyper=hyper,
-                       teacher_logits=logits)
-    acc = evaluate_on(student, states.params, ds.x_test, ds.y_test, members=True)["accuracy"]
-    acc = acc.reshape(len(temps), len(alphas), len(seeds))
+    t_state = _load_teacher(args.teacher, teacher, ds) if args.teacher else None
+    with rep.progress() as on_chunk:
+        r = experiments.sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
+                              checkpoints=ckpts, on_chunk=on_chunk, log=rep.line)
+    acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
     rep.table("mean test accuracy ± 95% CI (rows: temperature, columns: alpha)",
               ["T \\ alpha"] + [f"{a:g}" for a in alphas],
               [[f"{t:g}"] + [f"{m:.3f} ± {h:.3f}" for m, h in row] for t, row in zip(temps, stats)])
     best = max(((i, j) for i in range(len(temps)) for j in range(len(alphas))),
                key=lambda ij: stats[ij[0]][ij[1]][0])
-    rep.line(f"best: T = {temps[best[0]]:g}, alpha = {alphas[best[1]]:g} "
-             f"({stats[best[0]][best[1]][0]:.4f})")
+    rep.line(f"teacher test accuracy {r.teacher_accuracy:.4f}; best: T = {temps[best[0]]:g}, "
+             f"alpha = {alphas[best[1]]:g} ({stats[best[0]][best[1]][0]:.4f})")
     means = np.array([[m for m, _ in row] for row in stats])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "temperatures": temps,
-               "alphas": alphas, "seeds": seeds, "test_accuracy": acc.tolist(),
-               "mean_ci": stats, "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]}}
+               "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
+               "test_accuracy": acc.tolist(), "mean_ci": stats,
+               "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]}}
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
                                              means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
     return _finish(args, rep, results, figs)
@@ -415,21 +395,54 @@ def _common_output(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _float_in(lo, hi, what):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not (lo <= v < hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v:g}")
+        return v
+    return parse
+
+
 def _training_args(p, seeds_default: int):
     p.add_argument("--dataset", default="synthetic", help="synthetic, digits, or PATH.npz "
-                   "(x_train, y_train, x_test, y_test)")
-    p.add_argument("--teacher-hidden", type=_positive_int, default=256)
-    p.add_argument("--student-hidden", type=_positive_int, default=64)
+                   "(x_train, y_train, x_test, y_test; images NHWC)")
+    p.add_argument("--arch", choices=["mlp", "resnet"], default="mlp",
+                   help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images")
+    p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
+    p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
+    p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
+                   help="resnet: teacher blocks per stage (default 1 1 1)")
+    p.add_argument("--teacher-widths", type=_positive_int, nargs="+", default=[32, 64, 128], metavar="C",
+                   help="resnet: teacher channels per stage (default 32 64 128)")
+    p.add_argument("--student-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
+                   help="resnet: student blocks per stage (default 1 1 1)")
+    p.add_argument("--student-widths", type=_positive_int, nargs="+", default=[8, 16, 32], metavar="C",
+                   help="resnet: student channels per stage (default 8 16 32)")
+    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
+                   help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=100,
                         help="the seed's 'epochs': one random minibatch per step (default 100)")
     length.add_argument("--epochs", type=_positive_int, default=None, help="real shuffled passes instead")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (the seed's) or sgd (momentum, weight decay: torch.optim.SGD)")
+    p.add_argument("--momentum", type=_float_in(0, 1, "a number in [0, 1)"), default=0.9, help="sgd")
+    p.add_argument("--weight-decay", type=_float_in(0, float("inf"), "a number >= 0"), default=5e-4,
+                   help="sgd (default 5e-4)")
+    p.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: annealed to 0 over the run (CosineAnnealingLR, per step)")
     p.add_argument("--seeds", type=_positive_int, default=seeds_default, help="number of seeds")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--teacher", default=None,
-                   help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch)")
+                   help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch; "
+                        "an MLP, or a torchvision-layout ResNet with --arch resnet)")
 
 
 def _resumable(p):
@@ -487,19 +500,9 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _settle_imports() -> None:
-    """Import JAX, Flax and optax, then hide the ~120k objects they allocate from the
-    garbage collector (``gc.freeze``). Tracing creates many short-lived objects, and
-    every full collection would otherwise re-scan all of them: ~0.5 s of a demo run."""
-    import kdjax.experiments  # noqa: F401  (jax, flax, optax)
-
-    gc.freeze()
-
-
 def main(argv=None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status (no process-wide setup)."""
     args = build_parser().parse_args(argv)
-    _enable_compile_cache()
-    _settle_imports()
     try:
         args.out = _prepare_out(args.out, args.overwrite)
         rep = Reporter(json_mode=args.json, quiet=args.quiet)
@@ -511,3 +514,18 @@ def main(argv=None) -> int:
         print(f"kdjax: error: {e}", file=sys.stderr)
         return 1
     # anything else is a bug in kdjax: it keeps its traceback
+
+
+def run() -> None:
+    """The ``kdjax`` executable (and ``python -m kdjax``): process-wide start-up, then ``main``.
+
+    The persistent compilation cache is enabled here, and the objects that importing
+    JAX, Flax and optax allocates are moved out of the garbage collector's view
+    (``gc.freeze``): tracing creates many short-lived objects, and every full
+    collection would otherwise re-scan all of them (see the README's timings).
+    """
+    _enable_compile_cache()
+    import kdjax.experiments  # noqa: F401  (jax, flax, optax)
+
+    gc.freeze()
+    raise SystemExit(main())

@@ -1,8 +1,14 @@
-"""Whole training runs on a ``Dataset``: one model, or many seeds/hyperparameters at once.
+"""Whole workflows on a ``Dataset``: the application layer the CLI and the demo share.
 
-These are the workflows the CLI runs, as library functions returning arrays and
-plain dicts. Each run is a compiled ``lax.scan`` fed in chunks, so a callback can
-move a progress bar or evaluate between chunks (no per-step host round trip).
+* ``fit`` / ``fit_members``: train one model, or N at once (one vmapped program), as
+  a compiled ``lax.scan`` fed in chunks (a callback runs between chunks, never per step).
+* ``distill``: teachers (one per seed, or one loaded) -> standard and distilled
+  students (paired seeds, one program) -> evaluation -> statistics, with crash-safe
+  checkpoints and exact resume.
+* ``sweep``: one teacher, then a student per (temperature, alpha, seed) member.
+
+Results are plain NumPy arrays and dicts. Unlike the library modules, this module
+may keep process-wide caches (one compiled program per configuration).
 """
 
 from __future__ import annotations
@@ -10,35 +16,49 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
-from kdjax import sweep
+from kdjax import checkpoint, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError
-from kdjax.train import Hyper, create_train_state, evaluate, make_hyper, make_run, predict_logits
+from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
+                         predict_logits, sgd)
 
-__all__ = ["RunConfig", "fit", "fit_members", "compile_members", "paired_students", "teacher_logits_for",
-           "evaluate_on", "mean_ci", "t975"]
+__all__ = ["RunConfig", "Checkpoints", "fit", "fit_members", "paired_students", "teacher_logits_for",
+           "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "mean_ci", "t975"]
 
-# on_chunk(steps done, steps total, state): called after every compiled chunk
-OnChunk = Callable[[int, int, object], None]
+# on_chunk(phase, steps done, steps total, states): called after every compiled chunk
+OnChunk = Callable[[str, int, int, object], None]
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """How long and how to batch.
+    """How long, how to batch, and the optimizer.
 
     ``steps``: the seed's "epochs" — one random minibatch (without replacement) per
     step. ``epochs``: real shuffled passes (overrides ``steps`` when set).
+    ``optimizer``: ``"adam"`` (the seed's) or ``"sgd"`` (``momentum``,
+    ``weight_decay``, ``nesterov``, as KD papers train ResNets); ``lr_schedule``:
+    ``"constant"`` or ``"cosine"`` (annealed to 0 over the run, per step).
     """
 
     steps: int = 100
     epochs: int | None = None
     batch_size: int = 64
     learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         if self.epochs is None and self.steps < 1:
@@ -49,32 +69,62 @@ class RunConfig:
             raise InputError(f"batch_size: expected a positive int, got {self.batch_size}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise InputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.optimizer == "sgd":
+            sgd(self.learning_rate, self.momentum, self.weight_decay, self.nesterov)  # validates
 
     def schedule(self, key, num_samples: int):
         if self.epochs is not None:
             return epoch_schedule(key, num_samples, self.batch_size, self.epochs)
         return seed_schedule(key, num_samples, self.batch_size, self.steps)
 
+    def total_steps(self, num_samples: int) -> int:
+        return self.steps if self.epochs is None else (num_samples // self.batch_size) * self.epochs
+
+    def tx(self, num_samples: int):
+        """The optimizer for a run over ``num_samples`` examples; None means kdjax's
+        default (``adam(learning_rate)``, whose state is built on the host)."""
+        return _tx(self._tx_key(num_samples))
+
+    def _tx_key(self, num_samples: int) -> tuple:
+        opt = (self.momentum, self.weight_decay, self.nesterov) if self.optimizer == "sgd" else ()
+        total = self.total_steps(num_samples) if self.lr_schedule == "cosine" else None
+        return (self.optimizer, self.learning_rate, opt, total)
+
     def describe(self) -> str:
         if self.epochs is not None:
-            return f"{self.epochs} epochs (shuffled passes) of batch {self.batch_size}"
-        return f"{self.steps} steps (one random minibatch of {self.batch_size} each)"
-
-
-def _run(model, objective, members: bool, shared_schedule: bool = False,
-         member_teacher_logits: bool = False, compiler_options=None):
-    options = tuple(sorted((compiler_options or {}).items()))
-    return _cached_run(model, objective, members, shared_schedule, member_teacher_logits, options)
+            text = f"{self.epochs} epochs (shuffled passes) of batch {self.batch_size}"
+        else:
+            text = f"{self.steps} steps (one random minibatch of {self.batch_size} each)"
+        if self.optimizer == "sgd":
+            text += (f"; SGD lr {self.learning_rate:g}, momentum {self.momentum:g}"
+                     f"{' (Nesterov)' if self.nesterov else ''}, weight decay {self.weight_decay:g}")
+        else:
+            text += f"; Adam lr {self.learning_rate:g}"
+        return text + (", cosine schedule" if self.lr_schedule == "cosine" else "")
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, options):
+def _tx(key: tuple):
+    optimizer, lr, opt, total = key
+    if total is not None:
+        lr = cosine_schedule(lr, total)
+    elif optimizer == "adam":
+        return None
+    return sgd(lr, *opt) if optimizer == "sgd" else adam(lr)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, tx_key):
     # One compiled program per configuration, reused by every later fit.
-    options = dict(options) or None
+    tx = _tx(tx_key)
     if members:
-        return sweep.make_sweep_run(model, objective, shared_schedule=shared_schedule,
-                                    member_teacher_logits=member_teacher_logits, compiler_options=options)
-    return make_run(model, objective, compiler_options=options)
+        return sweeps.make_sweep_run(model, objective, tx=tx, shared_schedule=shared_schedule,
+                                     member_teacher_logits=member_teacher_logits)
+    return make_run(model, objective, tx=tx)
 
 
 def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
@@ -95,38 +145,42 @@ def _device_data(ds: Dataset, teacher_logits=None) -> dict:
     return d
 
 
-def teacher_logits_for(teacher, teacher_params, ds: Dataset, members: bool = False):
+def _example(model, ds: Dataset) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, *ds.input_shape), getattr(model, "dtype", jnp.float32))
+
+
+def teacher_logits_for(teacher, teacher_state, ds: Dataset, members: bool = False):
     """The eval-mode teacher's logits on every training example (computed once).
 
-    With ``members=True``, ``teacher_params`` is batched (one teacher per member) and
-    the result is ``[N, n, classes]``.
+    ``teacher_state`` is a ``TrainState`` (or a params tree for a stateless model).
+    With ``members=True`` it is batched (one teacher per member) and the result is
+    ``[N, n, classes]``.
     """
-    return predict_logits(teacher, teacher_params, _on_device(ds.x_train), members=members)
+    return predict_logits(teacher, teacher_state, _on_device(ds.x_train), members=members)
 
 
-def evaluate_on(model, params, x, y, members: bool = False) -> dict:
+def evaluate_on(model, state, x, y, members: bool = False) -> dict:
     """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
-    x, y = _on_device(x), _on_device(y)
-    out = evaluate(model, params, x, y, members=members)
+    out = evaluate(model, state, _on_device(x), _on_device(y), members=members)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
+def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
         hyper: Hyper | None = None, teacher_logits=None, state=None,
-        chunk: int | None = None, on_chunk: OnChunk | None = None):
+        chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None):
     """Train one model; returns ``(state, losses [steps] as NumPy)``.
 
     Keys come from ``seed`` exactly as in ``fit_members``, so member i of a sweep
     equals ``fit`` with ``seeds[i]``. Pass ``state`` to continue from it.
     """
-    keys = {k: v[0] for k, v in sweep.member_keys([seed]).items()}
+    keys = {k: v[0] for k, v in sweeps.member_keys([seed]).items()}
     schedule = cfg.schedule(keys["schedule"], len(ds.y_train))
     if state is None:
-        state = create_train_state(model, keys["init"], ds.input_dim,
-                                   learning_rate=cfg.learning_rate)
+        state = create_train_state(model, keys["init"], _example(model, ds), learning_rate=cfg.learning_rate,
+                                   tx=cfg.tx(len(ds.y_train)))
     data = _device_data(ds, teacher_logits)
-    run, losses = _run(model, objective, False), []
-    args = (hyper,) if objective == "kd" else ()
+    run = _cached_run(model, objective, False, False, False, cfg._tx_key(len(ds.y_train)))
+    args, losses = (hyper,) if objective != "ce" else (), []
     for a, b in _chunks(len(schedule), chunk):
         state, m = run(state, data, schedule[a:b], keys["dropout"], *args)
         losses.append(m["loss"])
@@ -135,10 +189,17 @@ def fit(model, objective: str, ds: Dataset, cfg: RunConfig, seed: int, *,
     return state, np.concatenate([np.asarray(x) for x in losses])
 
 
-def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+def init_members(model, ds: Dataset, cfg: RunConfig, seeds):
+    """The batched initial state ``fit_members`` starts from (one member per seed)."""
+    keys = sweeps.member_keys(np.asarray(seeds))
+    return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate,
+                               tx=cfg.tx(len(ds.y_train)))
+
+
+def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                 hyper: Hyper | None = None, teacher_logits=None,
-                chunk: int | None = None, on_chunk: OnChunk | None = None,
-                start=None, on_checkpoint=None, compiler_options=None):
+                chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
+                start=None, on_checkpoint=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -150,16 +211,22 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
     from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
     ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
     depend only on the seeds and dropout keys on the step count, so a resumed run
-    ends bitwise where an uninterrupted one does. ``compiler_options`` go to ``jax.jit``
-    (e.g. ``kdjax.train.SHORT_RUN_COMPILE``).
+    ends bitwise where an uninterrupted one does.
     Returns ``(batched state, losses [N, steps] as NumPy)``.
     """
-    run, schedules, keys, data, args = _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits,
-                                                      compiler_options)
+    seeds = np.asarray(seeds)
+    keys = sweeps.member_keys(seeds)
+    n = len(ds.y_train)
+    if len(set(seeds.tolist())) == 1:  # one schedule shared by every member
+        schedules = cfg.schedule(keys["schedule"][0], n)
+    else:
+        schedules = np.stack([cfg.schedule(k, n) for k in keys["schedule"]])
     shared = schedules.ndim == 2
+    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
+    run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n))
+    data, args = _device_data(ds, teacher_logits), (hyper,)
     if start is None:
-        states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
-        losses, done = [], 0
+        states, losses, done = init_members(model, ds, cfg, seeds), [], 0
     else:
         states, so_far = start
         losses, done = [np.asarray(so_far)], int(np.shape(so_far)[1])
@@ -178,40 +245,6 @@ def fit_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Seque
         if on_chunk is not None:
             on_chunk(b, total, states)
     return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
-
-
-def _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits, compiler_options):
-    """What a ``fit_members`` run feeds its program: ``(run, schedules, keys, data, args)``."""
-    seeds = np.asarray(seeds)
-    keys = sweep.member_keys(seeds)
-    if len(set(seeds.tolist())) == 1:  # one schedule shared by every member
-        schedules = cfg.schedule(keys["schedule"][0], len(ds.y_train))
-    else:
-        schedules = np.stack([cfg.schedule(k, len(ds.y_train)) for k in keys["schedule"]])
-    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
-    run = _run(model, objective, True, schedules.ndim == 2, per_member_teacher, compiler_options)
-    args = (hyper,) if objective == "kd" else (None,)
-    return run, schedules, keys, _device_data(ds, teacher_logits), args
-
-
-def compile_members(model, objective: str, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
-                    hyper: Hyper | None = None, teacher_logits=None, chunk: int | None = None,
-                    compiler_options=None) -> None:
-    """Compile, without running, the programs ``fit_members`` runs with these arguments
-    (one per distinct chunk length). Only shapes and dtypes matter, so ``teacher_logits``
-    and ``hyper`` may be placeholders (zeros of the right shape, any valid values).
-
-    Meant for a background thread: XLA compiles with the GIL released, so the next
-    run's program compiles while the current run trains, and the later ``fit_members``
-    finds it in JAX's in-memory cache (or waits for it if it is still compiling).
-    """
-    run, schedules, keys, data, args = _member_inputs(model, objective, ds, cfg, seeds, hyper, teacher_logits,
-                                                      compiler_options)
-    states = sweep.init_members(model, keys["init"], ds.input_dim, cfg.learning_rate)
-    total = schedules.shape[-2]
-    for size in sorted({b - a for a, b in _chunks(total, chunk)}):
-        part = schedules[:size] if schedules.ndim == 2 else schedules[:, :size]
-        run.lower(states, data, part, keys["dropout"], *args).compile()
 
 
 def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
@@ -235,6 +268,179 @@ def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> 
             "hyper": make_hyper(np.full(2 * n, temperature), np.repeat([0.0, alpha], n)),
             "teacher_logits": logits}
 
+
+# ----------------------------------------------------------------------------- workflows
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+    """Where a workflow checkpoints each phase (``<directory>/<phase>.ckpt``, every
+    ``every`` steps; default ~5% of the run) and whether it resumes from them.
+    ``identity`` (JSON-able) is stored with them: resuming under another is refused."""
+
+    directory: str
+    every: int | None = None
+    resume: bool = False
+    identity: dict | None = None
+
+
+def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints | None,
+           on_chunk: OnChunk | None, log: Callable[[str], None], chunk=None, **kw):
+    """``fit_members`` as a named phase: checkpointed and resumable under ``checkpoints``."""
+    start, save = None, None
+    if checkpoints is not None:
+        path = os.path.join(checkpoints.directory, f"{name}.ckpt")
+        identity = checkpoints.identity or {}
+        chunk = checkpoints.every
+        if checkpoints.resume:
+            try:
+                tree, meta, used, problem = checkpoint.load_latest(path)
+            except FileNotFoundError:
+                tree = None
+            if tree is not None:
+                if problem:
+                    log(f"warning: {problem}; resuming from {used}")
+                if meta.get("config") != identity:
+                    raise InputError(f"resume: {used} was written by a run with a different config "
+                                     f"({meta.get('config')}); use the same arguments or a new --out")
+                fresh = init_members(model, ds, cfg, seeds)
+                start = (serialization.from_state_dict(fresh, tree["states"]), np.asarray(tree["losses"]))
+                log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
+
+        def save(done, states, losses):
+            checkpoint.save_rotating(path, {"states": states, "losses": losses},
+                                     {"config": identity, "phase": name, "done": done})
+
+    progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
+    return fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
+                       on_chunk=progress, **kw)
+
+
+def _split(ds: Dataset, split: str):
+    if split not in ("train", "test"):
+        raise InputError(f"split: expected 'train' or 'test', got {split!r}")
+    return getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+
+
+def _take(tree, index):
+    return jax.tree_util.tree_map(lambda a: a[index], tree)
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What ``distill`` returns. Students are one batched state: members ``:n`` standard,
+    ``n:`` distilled (pair i shares seed i). ``accuracy[split][model]`` is ``[n]``
+    (the teacher's ``[1]`` when it was loaded); ``mean_ci[split][model]`` and
+    ``paired_gain[split]`` (distilled - standard) are ``(mean, 95% CI half-width)``."""
+
+    seeds: list
+    teacher: object
+    teacher_losses: np.ndarray | None
+    students: object
+    losses: dict
+    accuracy: dict
+    mean_ci: dict
+    paired_gain: dict
+
+    @property
+    def standard(self):
+        return _take(self.students, slice(None, len(self.seeds)))
+
+    @property
+    def distilled(self):
+        return _take(self.students, slice(len(self.seeds), None))
+
+    def teacher_member(self, i: int = 0):
+        """Teacher i (the loaded teacher when there is one)."""
+        return self.teacher if self.teacher_losses is None else _take(self.teacher, i)
+
+
+def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+            temperature: float = 3.0, alpha: float = 0.7, teacher_state=None,
+            splits: Sequence[str] = ("test",), checkpoints: Checkpoints | None = None,
+            chunk: int | None = None, on_chunk: OnChunk | None = None,
+            log: Callable[[str], None] = lambda line: None) -> DistillResult:
+    """Teacher -> standard and distilled students -> evaluation -> statistics.
+
+    1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
+       ``teacher_state`` (a loaded ``TrainState``) for every seed.
+    2. Students (phase ``"students"``): for each seed a standard student (alpha = 0,
+       exactly cross-entropy) and a distilled one (``temperature``, ``alpha``) from the
+       same init and minibatches, all 2n as one vmapped program, distilling from the
+       eval-mode teacher's cached logits.
+    3. Accuracy on each of ``splits`` (``"train"``, ``"test"``), mean ± 95% CI over
+       seeds, and the paired gain distilled - standard.
+
+    With ``checkpoints`` each phase is saved every ``checkpoints.every`` steps and
+    ``resume`` continues from the latest good checkpoint, ending bitwise where an
+    uninterrupted run ends. ``on_chunk(phase, done, total, states)`` runs between
+    compiled chunks (progress bars, logging); ``log`` receives resume messages.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise InputError("seeds: expected at least one seed, got none")
+    make_hyper(temperature, alpha)  # validates before anything trains
+    n = len(seeds)
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk)
+    if teacher_state is None:
+        t_states, t_losses = phase("teachers", teacher, "ce", ds, cfg, seeds)
+        logits = teacher_logits_for(teacher, t_states, ds, members=True)
+    else:
+        t_states, t_losses = teacher_state, None
+        logits = teacher_logits_for(teacher, teacher_state, ds)
+    pairs = paired_students(seeds, logits, temperature, alpha)
+    s_states, s_losses = phase("students", student, "kd", ds, cfg, pairs.pop("seeds"), **pairs)
+    accuracy = {}
+    for split in splits:
+        x, y = _split(ds, split)
+        t_acc = evaluate_on(teacher, t_states, x, y, members=teacher_state is None)["accuracy"]
+        s_acc = evaluate_on(student, s_states, x, y, members=True)["accuracy"]
+        accuracy[split] = {"teacher": np.atleast_1d(t_acc), "standard": s_acc[:n], "distilled": s_acc[n:]}
+    stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
+    gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
+    return DistillResult(seeds, t_states, t_losses, s_states,
+                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What ``sweep`` returns: the batched student states, their losses ``[N, steps]``
+    and accuracy ``[N]`` on the chosen split, member i at ``(temperatures[i],
+    alphas[i], seeds[i])``; the teacher's state and its accuracy."""
+
+    teacher: object
+    teacher_accuracy: float
+    students: object
+    losses: np.ndarray
+    accuracy: np.ndarray
+
+
+def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, seeds, *,
+          teacher_state=None, teacher_seed: int | None = None, split: str = "test",
+          checkpoints: Checkpoints | None = None, on_chunk: OnChunk | None = None,
+          log: Callable[[str], None] = lambda line: None) -> SweepResult:
+    """One teacher (trained at ``teacher_seed``, default the first seed, or
+    ``teacher_state``), then every member ``(temperatures[i], alphas[i], seeds[i])`` as
+    one vmapped program distilling from it; accuracy on ``split``. Phases and
+    checkpoints as in ``distill``."""
+    hyper = make_hyper(np.asarray(temperatures, np.float64), np.asarray(alphas, np.float64))
+    seeds = np.asarray(seeds)
+    if not (len(seeds) == np.size(hyper.temperature) == np.size(hyper.alpha)) or len(seeds) == 0:
+        raise InputError(f"sweep: expected equal, non-zero numbers of temperatures, alphas and seeds, got "
+                         f"{np.size(hyper.temperature)}, {np.size(hyper.alpha)} and {len(seeds)}")
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log)
+    if teacher_state is None:
+        first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
+        t_states, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
+        teacher_state = _take(t_states, 0)
+    logits = teacher_logits_for(teacher, teacher_state, ds)
+    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits)
+    x, y = _split(ds, split)
+    t_acc = float(evaluate_on(teacher, teacher_state, x, y)["accuracy"])
+    return SweepResult(teacher_state, t_acc, states, losses,
+                       evaluate_on(student, states, x, y, members=True)["accuracy"])
+
+
+# ----------------------------------------------------------------------------- statistics
 
 # Student-t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% intervals).
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,

@@ -1,5 +1,6 @@
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,10 +71,10 @@ def test_host_init_rejects_bad_input():
     with pytest.raises(ValueError, match="input_dim"):
         kdjax.models.init_params(kdjax.StudentMLP(8, 3), 0, 0)
 
-    class Other(kdjax.models.nn.Module):
-        @kdjax.models.nn.compact
+    class Other(nn.Module):
+        @nn.compact
         def __call__(self, x):
-            return kdjax.models.nn.Dense(2, name="head")(x)
+            return nn.Dense(2, name="head")(x)
 
     with pytest.raises(TypeError, match="kdjax model"):
         kdjax.models.init_params(Other(), 0, 3)
