@@ -105,3 +105,79 @@ def train(model, x, y, schedule, *, objective="ce", teacher=None, temperature=3.
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv3x3(stride) -> bn -> relu -> conv3x3 -> bn, + shortcut -> relu."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with BasicBlocks (``state_dict`` names and init as there), NCHW.
+
+    ``stem="imagenet"``: 7x7/2 conv, bn, relu, 3x3/2 max pool (torchvision's resnet18 with
+    ``stage_sizes=(2, 2, 2, 2)``); ``stem="cifar"``: 3x3/1 conv, bn, relu.
+    """
+
+    def __init__(self, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 1000,
+                 stem: str = "imagenet", in_channels: int = 3):
+        super().__init__()
+        self.stem = stem
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        inplanes = widths[0]
+        for i, (n, planes) in enumerate(zip(stage_sizes, widths)):
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(inplanes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            inplanes = planes
+        self.num_stages = len(stage_sizes)
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x, masks=None):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if self.stem == "imagenet":
+            x = F.max_pool2d(x, 3, 2, 1)
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def train_resnet_kd(model, x, y, teacher_logits, schedule, opt, *, temperature, alpha, scheduler=None):
+    """Distil ``model`` (train mode, BatchNorm statistics updated) from cached teacher logits:
+    one ``opt`` step per row of ``schedule``; returns the per-step losses."""
+    losses = []
+    model.train()
+    for idx in schedule:
+        opt.zero_grad()
+        loss = distillation_loss(model(x[idx]), teacher_logits[idx], y[idx], temperature, alpha)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses

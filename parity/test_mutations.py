@@ -52,3 +52,40 @@ def test_parity_catches_mutant(mutant, monkeypatch):
 def test_unmutated_loss_passes():
     rows = run_check("loss", Ctx("float64")) + run_check("grads", Ctx("float64"))
     assert all(r.passed for r in rows)
+
+
+# ----------------------------------------------------------------------------- ResNet mutants
+
+import flax.linen as nn  # noqa: E402
+
+from kdjax.models import resnet  # noqa: E402
+
+
+class FlaxDefaultBatchNorm(nn.BatchNorm):
+    """Flax's own BatchNorm with its defaults (momentum 0.99 on the old statistics,
+    biased running variance), called like kdjax's: ``bn(x, train)``."""
+
+    def __call__(self, x, train: bool = False):
+        return super().__call__(x, use_running_average=not train)
+
+
+def flax_default_batchnorm(dtype, name):
+    return FlaxDefaultBatchNorm(dtype=dtype, param_dtype=dtype, name=name)
+
+
+RESNET_MUTANTS = {
+    "Flax's default BatchNorm (momentum 0.99, biased running var)": ("BatchNorm", flax_default_batchnorm),
+    "'SAME' padding (asymmetric at stride 2)": ("_padding", lambda kernel_size: "SAME"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(RESNET_MUTANTS))
+def test_resnet_parity_catches_mutant(mutant, monkeypatch):
+    attr, fn = RESNET_MUTANTS[mutant]
+    monkeypatch.setattr(resnet, attr, fn)
+    for dtype in ("float64", "float32"):
+        rows = run_check("resnet_forward", Ctx(dtype))
+        failed = [r.name for r in rows if not r.passed]
+        assert failed, f"resnet parity did not notice the mutant '{mutant}' in {dtype}"
+        if attr == "BatchNorm":  # the running statistics rows are the ones that see it
+            assert sum("running stats" in name for name in failed) == 3, failed
