@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|all] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|all] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "all"], default="all")
+    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "all"], default="all")
     ap.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None)
     ap.add_argument("--precision", choices=list(PRECISIONS), default="highest",
                     help="float32 matmul precision, set alike for JAX and torch (default: highest, "
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: per preset)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--impl", nargs="*", default=None,
-                    help="time only these (torch_eager, torch_compile, kdjax_step, kdjax_fused, kdjax_sweep)")
+                    help="time only these (torch_eager, torch_eager_cached, torch_compile, kdjax_step, "
+                         "kdjax_fused, kdjax_sweep)")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         t = Table(title=f"preset {name}: teacher {res['shapes']['teacher']}, student "
                         f"{res['shapes']['student']}, batch {res['shapes']['batch']}")
         for col in ("impl", "µs/step med", "min", "max", "steps/s", "GFLOP/s", "% peak",
-                    "compile s", "× torch_eager"):
+                    "compile s", "× torch_eager", "× best torch"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in res["results"].items():
             if "error" in r:
@@ -112,7 +113,9 @@ def main(argv=None) -> int:
                       f"{us['median']:.1f}", f"{us['min']:.1f}", f"{us['max']:.1f}",
                       f"{r['steps_per_s']:.0f}", f"{r['gflops']:.2f}", f"{100 * r['frac_peak']:.1f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
-                      f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.1f}")
+                      f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.2f}",
+                      f"{res['speedup_vs_best_torch'][impl]:.2f}" if impl in res["speedup_vs_best_torch"]
+                      else ("(best)" if impl == res["best_torch"] else ""))
         console.print(t)
     console.print(f"total {out['wall_s']:.0f} s")
     if args.json_path:

@@ -3,8 +3,9 @@
 Protocol (DESIGN.md): same process, same shapes, interleaved repetitions, warm-up and
 compilation excluded from step time and reported separately, every timed region ends
 on a device sync (``block_until_ready`` / ``torch.cuda.synchronize``), medians with
-min/max. FLOPs are counted from the layer widths (matmuls only: forward 2·B·in·out per
-layer, backward twice that except the first layer's unneeded input gradient).
+min/max. FLOPs count matmuls and convolutions only (forward 2·B·in·out per dense
+layer, 2·outputs·kh·kw·C_in per convolution; backward twice the forward except the
+first layer's unneeded input gradient).
 """
 
 from __future__ import annotations
@@ -26,21 +27,38 @@ from parity import reference as ref
 
 SWEEP_T = (1.0, 2.0, 4.0, 8.0)
 SWEEP_ALPHA = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
-IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused", "kdjax_sweep")
+IMPLS = ("torch_eager", "torch_eager_cached", "torch_compile", "kdjax_step", "kdjax_fused", "kdjax_sweep")
+TEACHER_ONLINE = ("torch_eager", "torch_compile", "kdjax_step")
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
+    """MLPs: ``teacher``/``student`` are layer widths, input first. ResNets (``image``
+    set, NHWC): they are ``(stage_sizes, widths)`` of a CIFAR-stem ``ResNet``."""
+
     name: str
-    teacher: tuple[int, ...]  # widths, input first
-    student: tuple[int, ...]
+    teacher: tuple
+    student: tuple
     batch: int
     num_samples: int
     steps: int          # steps per timed repetition
     sweep_steps: int    # steps per repetition for the 24-student sweep
     seed_models: bool = False  # the seed's TeacherMLP/StudentMLP (teacher has dropout)
+    image: tuple[int, int, int] | None = None
+    num_classes: int = 10
+    impls: tuple[str, ...] = IMPLS
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.image if self.image else (self.teacher[0],)
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes if self.image else self.teacher[-1]
 
     def jax_models(self):
+        if self.image:
+            return tuple(kdjax.ResNet(*cfg, self.num_classes, "cifar") for cfg in (self.teacher, self.student))
         if self.seed_models:
             return (kdjax.TeacherMLP(self.teacher[1], self.teacher[-1]),
                     kdjax.StudentMLP(self.student[1], self.student[-1]))
@@ -48,6 +66,9 @@ class Preset:
                 kdjax.MLP(self.student[1:-1], self.student[-1]))
 
     def torch_models(self):
+        if self.image:
+            return tuple(ref.ResNet(*cfg, self.num_classes, "cifar", self.image[-1])
+                         for cfg in (self.teacher, self.student))
         if self.seed_models:
             return (ref.TeacherMLP(self.teacher[0], self.teacher[1], self.teacher[-1]),
                     ref.StudentMLP(self.student[0], self.student[1], self.student[-1]))
@@ -55,10 +76,32 @@ class Preset:
                 ref.MLP(self.student[0], self.student[1:-1], self.student[-1]))
 
     def flops(self, teacher_online: bool) -> float:
-        """Matmul FLOPs of one distillation step."""
-        mm = lambda w: sum(2 * self.batch * a * b for a, b in zip(w[:-1], w[1:]))
-        student = 3 * mm(self.student) - 2 * self.batch * self.student[0] * self.student[1]
-        return student + (mm(self.teacher) if teacher_online else 0)
+        """Matmul and convolution FLOPs of one distillation step."""
+        teacher, student = (forward_flops(m, (self.batch, *self.input_shape)) for m in self.jax_models())
+        s_total, s_first = student
+        return 3 * s_total - s_first + (teacher[0] if teacher_online else 0)
+
+
+def forward_flops(model, shape) -> tuple[float, float]:
+    """``(all, first layer)`` forward FLOPs of the model's dense layers and convolutions,
+    from the shapes Flax sees (``jax.eval_shape``: nothing runs)."""
+    import flax.linen as nn
+
+    counts = []
+
+    def count(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)):
+            kernel = m.variables["params"]["kernel"]
+            counts.append(2 * np.prod(out.shape) * np.prod(kernel.shape[:-1]))
+        return out
+
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    with nn.intercept_methods(count):
+        jax.eval_shape(model.apply, variables, x)
+    return float(sum(counts)), float(counts[0])
 
 
 PRESETS = {
@@ -66,6 +109,10 @@ PRESETS = {
     "hinton": Preset("hinton", (784, 1200, 1200, 10), (784, 800, 800, 10), 128, 2048, 20, 4),
     # compute-bound: one wide hidden layer, large batch; matmuls dominate Adam and softmax
     "wide": Preset("wide", (1024, 4096, 128), (1024, 2048, 128), 2048, 8192, 6, 1),
+    # a CIFAR-stem ResNet-18-shaped teacher (half width) -> a 4-block ResNet student, CIFAR images
+    "cifar": Preset("cifar", ((2, 2, 2, 2), (32, 64, 128, 256)), ((1, 1, 1, 1), (16, 32, 64, 128)), 128,
+                    1024, 3, 1, image=(32, 32, 3),
+                    impls=("torch_eager", "torch_eager_cached", "torch_compile", "kdjax_step", "kdjax_fused")),
 }
 
 
@@ -93,8 +140,10 @@ class Inputs:
 
     def __init__(self, p: Preset, torch_device: str):
         rng = np.random.default_rng(0)
-        self.x = rng.standard_normal((p.num_samples, p.teacher[0])).astype(np.float32)
-        self.y = rng.integers(0, p.teacher[-1], p.num_samples).astype(np.int32)
+        self.x = rng.standard_normal((p.num_samples, *p.input_shape)).astype(np.float32)
+        self.y = rng.integers(0, p.classes, p.num_samples).astype(np.int32)
+        # torch's layout: NCHW images
+        self.x_torch = np.ascontiguousarray(self.x.transpose(0, 3, 1, 2)) if p.image else self.x
         self.schedule = np.asarray(kdjax.data.seed_schedule(jax.random.PRNGKey(0), p.num_samples,
                                                              p.batch, p.steps))
         self.tdev = torch.device(torch_device)
@@ -102,52 +151,89 @@ class Inputs:
         self.t_teacher, self.t_student = (m.to(self.tdev) for m in p.torch_models())
         self.t_teacher.eval()
         # both sides start from the same weights
-        self.teacher_params = kdjax.convert.torch_to_flax(self.t_teacher.state_dict())
-        self.student_params = kdjax.convert.torch_to_flax(self.t_student.state_dict())
+        example = jax.ShapeDtypeStruct((1, *p.input_shape), jnp.float32)
+        teacher, student = p.jax_models()
+        self.teacher_state = self._state(self.t_teacher, teacher, example)
+        self.student_vars = self._variables(self.t_student, student, example)
+
+    @staticmethod
+    def _variables(module, model, example) -> tuple:
+        v = dict(kdjax.convert.torch_to_variables(module.state_dict(), jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                                                                 example)))
+        return v.pop("params"), v
+
+    def _state(self, module, model, example, tx=None):
+        params, model_state = self._variables(module, model, example)
+        return kdjax.state_from_params(params, model_state=model_state, tx=tx)
+
+    def student_state(self, members: int | None = None):
+        """A fresh kdjax state at the reference student's weights (``members`` copies)."""
+        params, model_state = self.student_vars
+        if members:
+            params, model_state = jax.tree_util.tree_map(lambda a: np.stack([a] * members), (params, model_state))
+        return kdjax.state_from_params(params, model_state=model_state, members=bool(members))
 
     def cached_data(self, teacher) -> dict:
         """The dataset on device with the teacher's logits computed once (the fused path)."""
         x, y = jnp.asarray(self.x), jnp.asarray(self.y)
-        return {"x": x, "y": y, "teacher_logits": kdjax.predict_logits(teacher, self.teacher_params, x)}
+        return {"x": x, "y": y, "teacher_logits": kdjax.predict_logits(teacher, self.teacher_state, x,
+                                                                       batch_size=1024)}
+
+    def teacher_logits_torch(self) -> torch.Tensor:
+        """The reference teacher's eval logits for every example, once (cached-teacher rows)."""
+        with torch.no_grad():
+            x = torch.from_numpy(self.x_torch).to(self.tdev)
+            return torch.cat([self.t_teacher(x[i:i + 1024]) for i in range(0, len(x), 1024)])
 
 
 class TorchEager(Impl):
+    """The reference's distillation step: teacher forward (eval) unless ``cached``, student
+    forward, loss, backward, ``Adam.step()``. ``cached``: the teacher's logits computed
+    once up front (what kdjax's fused run does), Adam with ``fused=True`` where the
+    installed torch supports it."""
+
     name = "torch_eager"
 
-    def __init__(self, p: Preset, inp: Inputs, compiled: bool = False):
-        self.p, self.inp, self.compiled = p, inp, compiled
-        if compiled:
-            self.name = "torch_compile"
+    def __init__(self, p: Preset, inp: Inputs, compiled: bool = False, cached: bool = False):
+        self.p, self.inp, self.compiled, self.cached = p, inp, compiled, cached
+        self.name = "torch_compile" if compiled else "torch_eager_cached" if cached else "torch_eager"
 
     def setup(self):
         inp, dev = self.inp, self.inp.tdev
         self.student = self.p.torch_models()[1].to(dev)
         self.student.load_state_dict(inp.t_student.state_dict())
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=1e-3)
-        x, y = torch.from_numpy(inp.x).to(dev), torch.from_numpy(inp.y).long().to(dev)
-        self.batches = [(x[i], y[i]) for i in torch.from_numpy(inp.schedule.copy()).long().to(dev)]
+        self.student.train()
+        try:
+            self.opt = torch.optim.Adam(self.student.parameters(), lr=1e-3, fused=self.cached or None)
+        except (RuntimeError, TypeError):  # no fused Adam for this device/torch
+            self.opt = torch.optim.Adam(self.student.parameters(), lr=1e-3)
+        x, y = torch.from_numpy(inp.x_torch).to(dev), torch.from_numpy(inp.y).long().to(dev)
+        t_all = inp.teacher_logits_torch() if self.cached else None
+        idx = torch.from_numpy(inp.schedule.copy()).long().to(dev)
+        self.batches = [(x[i], y[i], None if t_all is None else t_all[i]) for i in idx]
         teacher, student, opt = inp.t_teacher, self.student, self.opt
 
-        def step(xb, yb):
+        def step(xb, yb, tb):
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                t_logits = teacher(xb)
-            loss = ref.distillation_loss(student(xb), t_logits, yb, 3.0, 0.7)
+            if tb is None:
+                with torch.no_grad():
+                    tb = teacher(xb)
+            loss = ref.distillation_loss(student(xb), tb, yb, 3.0, 0.7)
             loss.backward()
             opt.step()
             return loss.detach()
 
         self.step = torch.compile(step) if self.compiled else step
         t0 = time.perf_counter()
-        for xb, yb in self.batches[:3]:  # warm-up (and compilation)
-            self.step(xb, yb)
+        for b in self.batches[:3]:  # warm-up (and compilation)
+            self.step(*b)
         sync_torch(dev)
         return time.perf_counter() - t0 if self.compiled else None
 
     def run(self):
         t0 = time.perf_counter()
-        for xb, yb in self.batches:
-            self.step(xb, yb)
+        for b in self.batches:
+            self.step(*b)
         sync_torch(self.inp.tdev)
         return time.perf_counter() - t0, len(self.batches)
 
@@ -160,8 +246,8 @@ class KdjaxStep(Impl):
     def setup(self):
         teacher, student = self.p.jax_models()
         self.fn = kdjax.make_train_step(student, "kd", teacher=teacher)
-        self.tparams = jax.device_put(self.inp.teacher_params)
-        self.state = kdjax.state_from_params(self.inp.student_params)
+        self.tparams = self.inp.teacher_state
+        self.state = self.inp.student_state()
         x, y = jnp.asarray(self.inp.x), jnp.asarray(self.inp.y)
         self.batches = [{"x": x[i], "y": y[i]} for i in jnp.asarray(self.inp.schedule)]
         self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(3.0, 0.7)
@@ -192,7 +278,7 @@ class KdjaxFused(Impl):
     def setup(self):
         teacher, student = self.p.jax_models()
         self.data = self.inp.cached_data(teacher)
-        self.state = kdjax.state_from_params(self.inp.student_params)
+        self.state = self.inp.student_state()
         self.schedule = jnp.asarray(self.inp.schedule)
         self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(3.0, 0.7)
         run = kdjax.make_run(student, "kd")
@@ -220,7 +306,7 @@ class KdjaxSweep(Impl):
         # a temperature x alpha grid at one seed: same init and minibatches for every member
         temps, alphas, seeds = sweep.grid(SWEEP_T, SWEEP_ALPHA, [0])
         keys = sweep.member_keys(seeds)
-        self.states = sweep.init_members(student, keys["init"], self.p.student[0])
+        self.states = sweep.init_members(student, keys["init"], jnp.zeros((1, *self.p.input_shape)))
         self.schedules = kdjax.data.seed_schedule(keys["schedule"][0], self.p.num_samples,
                                                   self.p.batch, self.p.sweep_steps)
         self.rngs, self.hyper = keys["dropout"], sweep.sweep_hyper(temps, alphas)
@@ -241,11 +327,12 @@ class KdjaxSweep(Impl):
 
 def make_impls(p: Preset, inp: Inputs, which=IMPLS) -> list[Impl]:
     table = {"torch_eager": lambda: TorchEager(p, inp),
+             "torch_eager_cached": lambda: TorchEager(p, inp, cached=True),
              "torch_compile": lambda: TorchEager(p, inp, compiled=True),
              "kdjax_step": lambda: KdjaxStep(p, inp),
              "kdjax_fused": lambda: KdjaxFused(p, inp),
              "kdjax_sweep": lambda: KdjaxSweep(p, inp)}
-    return [table[name]() for name in which]
+    return [table[name]() for name in which if name in p.impls]
 
 
 def matmul_peak(torch_device: str, n: int, repeats: int = 10) -> dict:
@@ -294,7 +381,7 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
     for impl in live:
         us = samples[impl.name]
         med = statistics.median(us)
-        flops = p.flops(teacher_online=impl.name in ("torch_eager", "torch_compile", "kdjax_step"))
+        flops = p.flops(teacher_online=impl.name in TEACHER_ONLINE)
         gflops = flops / (med * 1e-6) / 1e9
         results[impl.name] = {
             "us_per_step": {"median": med, "min": min(us), "max": max(us)},
@@ -302,7 +389,11 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
             "frac_peak": gflops / peak_gflops, "compile_s": compile_s[impl.name],
             "repeats": len(us), "per_student_step": impl.name == "kdjax_sweep",
         }
-    base = results.get("torch_eager", {}).get("us_per_step", {}).get("median")
-    speedup = {name: base / r["us_per_step"]["median"] for name, r in results.items()
-               if base and name != "torch_eager" and "us_per_step" in r}
-    return {"shapes": dataclasses.asdict(p), "results": results, "speedup_vs_torch_eager": speedup}
+    med = {name: r["us_per_step"]["median"] for name, r in results.items() if "us_per_step" in r}
+    base = med.get("torch_eager")
+    speedup = {name: base / m for name, m in med.items() if base and name != "torch_eager"}
+    torch_rows = {name: m for name, m in med.items() if name.startswith("torch")}
+    best = min(torch_rows, key=torch_rows.get) if torch_rows else None
+    vs_best = {name: torch_rows[best] / m for name, m in med.items() if best and not name.startswith("torch")}
+    return {"shapes": dataclasses.asdict(p), "results": results, "speedup_vs_torch_eager": speedup,
+            "best_torch": best, "speedup_vs_best_torch": vs_best}

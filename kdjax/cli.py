@@ -416,12 +416,12 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
                    help="resnet: teacher blocks per stage (default 1 1 1)")
-    p.add_argument("--teacher-widths", type=_positive_int, nargs="+", default=[32, 64, 128], metavar="C",
-                   help="resnet: teacher channels per stage (default 32 64 128)")
+    p.add_argument("--teacher-widths", type=_positive_int, nargs="+", default=[16, 32, 64], metavar="C",
+                   help="resnet: teacher channels per stage (default 16 32 64)")
     p.add_argument("--student-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
                    help="resnet: student blocks per stage (default 1 1 1)")
-    p.add_argument("--student-widths", type=_positive_int, nargs="+", default=[8, 16, 32], metavar="C",
-                   help="resnet: student channels per stage (default 8 16 32)")
+    p.add_argument("--student-widths", type=_positive_int, nargs="+", default=[4, 8, 16], metavar="C",
+                   help="resnet: student channels per stage (default 4 8 16)")
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
                    help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
     length = p.add_mutually_exclusive_group()

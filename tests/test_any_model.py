@@ -365,3 +365,23 @@ def test_schedules_closed_forms():
         kdjax.sgd(0.1, momentum=1.0)
     with pytest.raises(InputError, match="nesterov"):
         kdjax.sgd(0.1, momentum=0.0, nesterov=True)
+
+
+@pytest.mark.parametrize("hw,k,stride,pads", [(8, 3, 1, ((1, 1), (1, 1))), (8, 3, 2, ((1, 1), (1, 1))),
+                                              (7, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, ((0, 0), (0, 0))),
+                                              (15, 7, 2, ((3, 3), (3, 3))), (8, 3, 2, ((0, 1), (0, 1)))])
+def test_conv2d_gradients_equal_autodiff(hw, k, stride, pads):
+    """conv2d's written-out gradients are autodiff's, in float64, forward and reverse."""
+    from kdjax.models import conv2d
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(hw * k + stride)
+        x, w = jnp.asarray(rng.normal(size=(3, hw, hw, 4))), jnp.asarray(rng.normal(size=(k, k, 4, 5)))
+        plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
+        want = jax.grad(loss(plain), (0, 1))(x, w)
+        got = jax.grad(loss(lambda x, w: conv2d(x, w, stride, pads)), (0, 1))(x, w)
+        np.testing.assert_allclose(np.asarray(conv2d(x, w, stride, pads)), np.asarray(plain(x, w)), rtol=1e-13)
+        for g, h in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-12, atol=1e-12)

@@ -66,3 +66,104 @@ def test_accepts_tensor_like_objects():
         def numpy(self): return self.a
     sd = {k: FakeTensor(v) for k, v in state_dict().items()}
     assert torch_to_flax(sd)["fc1"]["kernel"].shape == (50, 64)
+
+
+# ----------------------------------------------------------------------------- any model
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from kdjax.convert import torch_name, torch_to_variables, variables_to_torch  # noqa: E402
+
+
+def _small_resnet_like():
+    model = kdjax.ResNet((1, 1), (4, 8), num_classes=3)
+    return model, jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def _torch_layout(like, seed=0):
+    rng = np.random.default_rng(seed)
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), like)
+    return {k: rng.standard_normal(v.shape).astype(np.float32) if v.ndim else v
+            for k, v in variables_to_torch(zeros).items()}
+
+
+def test_variables_round_trip_exact_and_layouts():
+    model, like = _small_resnet_like()
+    sd = _torch_layout(like)
+    v = torch_to_variables(sd, like)
+    np.testing.assert_array_equal(v["params"]["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(v["params"]["fc"]["kernel"], sd["fc.weight"].T)
+    np.testing.assert_array_equal(v["batch_stats"]["layer2"]["0"]["downsample"]["1"]["var"],
+                                  sd["layer2.0.downsample.1.running_var"])
+    np.testing.assert_array_equal(v["params"]["bn1"]["scale"], sd["bn1.weight"])
+    back = variables_to_torch(v)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k])
+    assert back["bn1.num_batches_tracked"].dtype == np.int64
+    assert "bn1.num_batches_tracked" not in variables_to_torch(v, num_batches_tracked=None)
+    # structure and dtypes are exactly like's
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(like)
+    assert all(a.dtype == b.dtype for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(like)))
+    model.apply(v, jnp.ones((2, 8, 8, 3)))  # and it runs
+
+
+def test_every_mismatch_is_named_in_one_error():
+    """A state_dict from another architecture: missing, unexpected and mis-shaped keys at once."""
+    _, like = _small_resnet_like()
+    sd = _torch_layout(like)
+    sd.pop("layer1.0.bn2.running_mean")
+    sd.pop("fc.bias")
+    sd["layer3.0.conv1.weight"] = np.zeros((16, 8, 3, 3), np.float32)
+    sd["conv1.weight"] = np.zeros((4, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError) as e:
+        torch_to_variables(sd, like)
+    msg = str(e.value)
+    for words in ("missing fc.bias, layer1.0.bn2.running_mean", "unexpected layer3.0.conv1.weight",
+                  "conv1.weight expected shape (4, 3, 3, 3), got (4, 1, 3, 3)"):
+        assert words in msg, (words, msg)
+    assert len(msg.splitlines()) == 1
+
+
+def test_name_rule():
+    assert torch_name("params", ("layer1", "0", "conv1", "kernel")) == "layer1.0.conv1.weight"
+    assert torch_name("params", ("wte", "embedding")) == "wte.weight"
+    assert torch_name("params", ("ln_f", "scale")) == "ln_f.weight"
+    assert torch_name("batch_stats", ("bn1", "mean")) == "bn1.running_mean"
+    with pytest.raises(ValueError, match="no PyTorch name"):
+        torch_name("cache", ("attn", "k"))
+
+
+class _CnnThenLinear(nn.Module):
+    """conv -> flatten -> dense, in Flax (NHWC flatten)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(2, (1, 1), use_bias=False, name="conv")(x)
+        return nn.Dense(3, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def test_linear_after_flatten_permutes_input_rows():
+    """A torch model flattens NCHW (C, H, W); with linear_after_flatten the Flax model
+    (flattening NHWC) computes the same function; without it, it does not."""
+    rng = np.random.default_rng(0)
+    conv_w = rng.standard_normal((2, 3, 1, 1))  # torch [out, in, 1, 1]
+    fc_w, fc_b = rng.standard_normal((3, 2 * 4 * 5)), rng.standard_normal(3)
+    x_nchw = rng.standard_normal((2, 3, 4, 5))
+    h = np.einsum("oi,bihw->bohw", conv_w[:, :, 0, 0], x_nchw)  # torch conv1x1
+    want = h.reshape(2, -1) @ fc_w.T + fc_b  # torch.flatten (C, H, W)
+    sd = {"conv.weight": conv_w, "fc.weight": fc_w, "fc.bias": fc_b}
+    model, x = _CnnThenLinear(), x_nchw.transpose(0, 2, 3, 1)
+    like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 5, 3)))
+    v = torch_to_variables(sd, like, linear_after_flatten={"fc": (2, 4, 5)})
+    x = x.astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.apply(v, x)), want, rtol=1e-5, atol=1e-5)
+    plain = torch_to_variables(sd, like)
+    assert not np.allclose(np.asarray(model.apply(plain, x)), want, rtol=1e-2)
+    back = variables_to_torch(v, linear_after_flatten={"fc": (2, 4, 5)})
+    np.testing.assert_array_equal(back["fc.weight"], fc_w.astype(np.float32))
+    with pytest.raises(ValueError, match="linear_after_flatten"):
+        torch_to_variables(sd, like, linear_after_flatten={"fc": (3, 4, 5)})
+    with pytest.raises(ValueError, match="linear_after_flatten"):
+        torch_to_variables(sd, like, linear_after_flatten={"head": (2, 4, 5)})

@@ -1,13 +1,14 @@
 """kdjax's models (flax.linen), named after their PyTorch counterparts for ``kdjax.convert``.
 
 * ``mlp``: the seed's ``TeacherMLP`` / ``StudentMLP`` and a plain ``MLP``.
-* ``resnet``: torchvision-layout ``ResNet`` / ``resnet18`` and PyTorch-semantics ``BatchNorm``.
+* ``resnet``: torchvision-layout ``ResNet`` / ``resnet18``, PyTorch-semantics ``BatchNorm``,
+  and ``Conv`` / ``conv2d`` (convolutions whose gradients stay fast inside fused runs on CPU).
 
 Every model is called as ``model.apply(variables, x, train=bool, rngs=...)``.
 """
 
 from kdjax.models.mlp import MLP, MLP_MODELS, StudentMLP, TeacherMLP, init_params, param_count, torch_linear_init
-from kdjax.models.resnet import STEMS, BasicBlock, BatchNorm, ResNet, resnet18
+from kdjax.models.resnet import STEMS, BasicBlock, BatchNorm, Conv, ResNet, conv2d, resnet18
 
 __all__ = ["MLP", "MLP_MODELS", "StudentMLP", "TeacherMLP", "init_params", "param_count",
-           "torch_linear_init", "STEMS", "BasicBlock", "BatchNorm", "ResNet", "resnet18"]
+           "torch_linear_init", "STEMS", "BasicBlock", "BatchNorm", "Conv", "ResNet", "conv2d", "resnet18"]

@@ -16,20 +16,29 @@ Two points where Flax's defaults are not PyTorch's, both matched here:
 
 Init is torchvision's: convolutions kaiming-normal (fan_out, ReLU gain, untruncated),
 BatchNorm weight 1 and bias 0, ``fc`` PyTorch's ``nn.Linear`` init.
+
+The convolutions' gradients are written out (``conv2d``) so that, on CPU, every
+convolution XLA sees is in its canonical NHWC/HWIO form: autodiff's transposed
+convolutions are not, and inside a ``lax.scan`` (a fused run) XLA:CPU then falls back
+to a loop up to 30x slower than the same convolution outside it (jax-ml/jax#12868).
+The numbers are the same (the same convolutions, with explicit transposes). Being a
+``custom_vjp``, ``conv2d`` supports reverse-mode differentiation only (no ``jax.jvp``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from kdjax.errors import InputError, InputTypeError
 from kdjax.models.mlp import torch_linear_init
 
-__all__ = ["BatchNorm", "BasicBlock", "ResNet", "resnet18", "STEMS"]
+__all__ = ["BatchNorm", "Conv", "conv2d", "BasicBlock", "ResNet", "resnet18", "STEMS"]
 
 STEMS = ("cifar", "imagenet")
 
@@ -82,16 +91,88 @@ class BatchNorm(nn.Module):
         return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_fwd_only(x, kernel, stride, pads):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, stride: int, pads):
+    r"""``lax.conv_general_dilated`` of NHWC ``x`` with an HWIO ``kernel`` (square), stride
+    ``stride`` and padding ``pads = ((lo, hi), (lo, hi))``, whose gradients are
+    canonical convolutions on CPU (see the module docstring):
+
+    .. math::
+        \partial x = \mathrm{conv}(\mathrm{dilate}_s(\partial y), \mathrm{flip}(K)^{\top_{IO}}),\quad
+        \partial K = \mathrm{conv}(x^{\top_{NC}}, \mathrm{dilate}_s(\partial y)^{\top_{NC}})^{\top}
+    """
+    return _conv_fwd_only(x, kernel, stride, pads)
+
+
+def _conv_vjp_fwd(x, kernel, stride, pads):
+    return _conv_fwd_only(x, kernel, stride, pads), (x, kernel)
+
+
+def _canonical_grads(x, kernel, dy, stride, pads):
+    k, s = kernel.shape[0], stride
+    # dx: dy dilated by the stride, against the flipped kernel with in/out channels swapped
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+    dx_pads = []
+    for d, (lo, _) in enumerate(pads):
+        dilated = (dy.shape[1 + d] - 1) * s + 1
+        dx_pads.append((k - 1 - lo, x.shape[1 + d] - dilated + lo))
+    dx = lax.conv_general_dilated(dy, flipped, (1, 1), dx_pads, lhs_dilation=(s, s), dimension_numbers=_DN)
+    # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel
+    dk_pads = [(lo, k + (dy.shape[1 + d] - 1) * s - x.shape[1 + d] - lo) for d, (lo, _) in enumerate(pads)]
+    dk = lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+                                  dk_pads, rhs_dilation=(s, s), dimension_numbers=_DN)
+    return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+def _autodiff_grads(x, kernel, dy, stride, pads):
+    return jax.vjp(lambda a, b: _conv_fwd_only(a, b, stride, pads), x, kernel)[1](dy)
+
+
+def _conv_vjp_bwd(stride, pads, residuals, dy):
+    x, kernel = residuals
+    # CPU: the canonical form; elsewhere (cuDNN et al.) autodiff's, as measured nowhere slower
+    static = dict(stride=stride, pads=pads)
+    return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(_canonical_grads, **static),
+                                  default=functools.partial(_autodiff_grads, **static))
+
+
+conv2d.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+
+
 def _padding(kernel_size: int):
     """PyTorch's symmetric ``padding=kernel_size // 2`` (torchvision's 1x1, 3x3 and 7x7)."""
     p = kernel_size // 2
     return ((p, p), (p, p))
 
 
-def _conv(features: int, kernel_size: int, stride: int, name: str, dtype) -> nn.Conv:
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                   padding=_padding(kernel_size), use_bias=False, kernel_init=_conv_init,
-                   dtype=dtype, param_dtype=dtype, name=name)
+class Conv(nn.Module):
+    """A bias-free square convolution (``nn.Conv``'s ``kernel`` param, HWIO), PyTorch's
+    symmetric padding, computed by ``conv2d``."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), self.dtype)
+        pads = _padding(k)
+        if isinstance(pads, str):
+            pads = lax.padtype_to_pads(x.shape[1:3], (k, k), (self.stride, self.stride), pads)
+        return conv2d(jnp.asarray(x, self.dtype), kernel, self.stride, tuple(map(tuple, pads)))
+
+
+def _conv(features: int, kernel_size: int, stride: int, name: str, dtype) -> Conv:
+    return Conv(features, kernel_size, stride, dtype, name=name)
 
 
 class _Downsample(nn.Module):
