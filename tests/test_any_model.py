@@ -215,7 +215,7 @@ def test_resnet18_layout():
     assert names["conv1.weight"].shape == (64, 3, 7, 7) and names["fc.weight"].shape == (1000, 512)
     assert "layer1.0.downsample.0.weight" not in names  # no shortcut conv where shapes agree
     small = jax.eval_shape(kdjax.ResNet((1, 1), (8, 16), 10, "cifar").init, jax.random.PRNGKey(0),
-                           jnp.zeros((1, 8, 8, 3)))
+                           jnp.zeros((1, 8, 8, 3), np.float32))
     assert small["params"]["conv1"]["kernel"].shape == (3, 3, 3, 8)
 
 
@@ -282,9 +282,9 @@ def test_other_user_mistakes():
     with pytest.raises(InputError, match="expected example_input or input_dim, got both"):
         kdjax.create_train_state(kdjax.StudentMLP(4, 2), 0, np.zeros((1, 3)), input_dim=3)
     with pytest.raises(InputError, match="stem"):
-        kdjax.create_train_state(kdjax.ResNet((1,), (4,), stem="tiny"), 0, np.zeros((1, 8, 8, 3)))
+        kdjax.create_train_state(kdjax.ResNet((1,), (4,), stem="tiny"), 0, np.zeros((1, 8, 8, 3), np.float32))
     with pytest.raises(InputError, match="stage_sizes"):
-        kdjax.create_train_state(kdjax.ResNet((1, 1), (4,)), 0, np.zeros((1, 8, 8, 3)))
+        kdjax.create_train_state(kdjax.ResNet((1, 1), (4,)), 0, np.zeros((1, 8, 8, 3), np.float32))
     with pytest.raises(InputError, match="batch_size"):
         kdjax.predict_logits(kdjax.StudentMLP(4, 2), {}, np.zeros((1, 3)), batch_size=0)
 

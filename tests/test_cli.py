@@ -193,3 +193,61 @@ def test_unwritable_out_one_line_exit_1(env, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdjax: error:") and "Traceback" not in p.stderr
     assert "sub" in lines[0]
+
+
+RESNET = ["--arch", "resnet", "--teacher-blocks", "1", "1", "--teacher-widths", "8", "16", "--student-blocks", "1",
+          "--student-widths", "4"]
+
+
+def test_distill_resnet_on_digit_images_and_torchvision_teacher(env, tmp_path):
+    """--arch resnet trains on digits images; a torchvision-layout state_dict loads as the
+    teacher and gives the same teacher accuracy as kdjax computes from the converted weights."""
+    torch = pytest.importorskip("torch")
+    from parity.reference import ResNet
+
+    out = tmp_path / "r"
+    p = kdjax(env, "distill", "--dataset", "digits", *RESNET, "--epochs", 2, "--seeds", 2, "--optimizer", "sgd",
+              "--lr", 0.05, "--lr-schedule", "cosine", "--out", out, "--quiet", "--no-plots")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ResNet(blocks (1, 1), widths (8, 16), cifar stem)" in p.stdout and "SGD lr 0.05" in p.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["dataset"] == "digits images" and len(r["test_accuracy"]["teacher"]) == 2
+    assert r["mean_ci"]["teacher"][0] > 0.3  # learned something in 2 epochs
+    ckpt = __import__("kdjax").checkpoint.load(out / "teacher.ckpt")[0]
+    assert "batch_stats" in ckpt["model_state"]
+
+    torch.manual_seed(0)
+    sd = ResNet((1, 1), (8, 16), 10, "cifar", in_channels=1).state_dict()
+    torch.save(sd, tmp_path / "t.pt")
+    p = kdjax(env, "distill", "--dataset", "digits", *RESNET, "--teacher", tmp_path / "t.pt", "--epochs", 1,
+              "--seeds", 2, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["test_accuracy"]["teacher"] == [pytest.approx(0.1, abs=0.1)]  # untrained
+
+    # the state_dict of another architecture: every difference, one line, exit 2
+    torch.save(ResNet((1, 1), (8, 32), 10, "cifar", in_channels=1).state_dict(), tmp_path / "other.pt")
+    p = kdjax(env, "distill", "--dataset", "digits", *RESNET, "--teacher", tmp_path / "other.pt", "--steps", 2)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "does not match the model" in p.stderr and "layer2.0.conv1.weight expected shape (16, 8, 3, 3)" in p.stderr
+
+
+@pytest.mark.parametrize("case,words", [
+    ("unknown arch", ["--arch", "invalid choice", "transformer"]),
+    ("nchw images", ["NHWC", "NCHW", "transpose(0, 2, 3, 1)"]),
+    ("flat data for resnet", ["--arch resnet", "images", "(20, 3)"]),
+    ("blocks vs widths", ["--teacher-blocks", "one width per stage"]),
+])
+def test_resnet_cli_errors(env, tmp_path, case, words):
+    args = {
+        "unknown arch": lambda: ["distill", "--arch", "transformer"],
+        "nchw images": lambda: ["distill", "--arch", "resnet", "--steps", 2, "--batch-size", 4, "--dataset",
+                                _npz(tmp_path, x_train=np.zeros((20, 1, 8, 8)), x_test=np.zeros((5, 1, 8, 8)))],
+        "flat data for resnet": lambda: ["distill", "--arch", "resnet", "--dataset", _npz(tmp_path)],
+        "blocks vs widths": lambda: ["distill", "--arch", "resnet", "--teacher-blocks", 1, 1],
+    }[case]()
+    p = kdjax(env, *args, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdjax: error:") and "Traceback" not in p.stderr, p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
