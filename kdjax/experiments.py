@@ -322,7 +322,9 @@ def _split(ds: Dataset, split: str):
 
 
 def _take(tree, index):
-    return jax.tree_util.tree_map(lambda a: a[index], tree)
+    """Members ``index`` of a batched tree, as NumPy (indexing device arrays eagerly
+    would compile a small program per leaf shape)."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], tree)
 
 
 @dataclasses.dataclass
@@ -428,15 +430,16 @@ def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, s
         raise InputError(f"sweep: expected equal, non-zero numbers of temperatures, alphas and seeds, got "
                          f"{np.size(hyper.temperature)}, {np.size(hyper.alpha)} and {len(seeds)}")
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log)
-    if teacher_state is None:
+    members = teacher_state is None  # a trained teacher is a batch of one
+    if members:
         first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
-        t_states, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
-        teacher_state = _take(t_states, 0)
-    logits = teacher_logits_for(teacher, teacher_state, ds)
-    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits)
+        teacher_state, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
+    logits = np.asarray(teacher_logits_for(teacher, teacher_state, ds, members=members))
+    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper,
+                           teacher_logits=logits[0] if members else logits)
     x, y = _split(ds, split)
-    t_acc = float(evaluate_on(teacher, teacher_state, x, y)["accuracy"])
-    return SweepResult(teacher_state, t_acc, states, losses,
+    t_acc = float(np.ravel(evaluate_on(teacher, teacher_state, x, y, members=members)["accuracy"])[0])
+    return SweepResult(_take(teacher_state, 0) if members else teacher_state, t_acc, states, losses,
                        evaluate_on(student, states, x, y, members=True)["accuracy"])
 
 

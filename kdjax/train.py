@@ -248,13 +248,7 @@ def init_variables(model, rng, example_input, *, members: bool = False):
         if len(struct.shape) < 2:
             raise InputError(f"example_input: expected [batch, features] (or [batch, ...]) for "
                              f"{type(model).__name__}, got shape {struct.shape}")
-        dim = int(np.prod(struct.shape[1:]))
-        if members:
-            one = [init_params(model, k, dim) for k in rng]
-            if not one:
-                raise InputError("init_keys: expected at least one key, got none")
-            return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *one), {}
-        return init_params(model, rng, dim), {}
+        return init_params(model, rng, int(np.prod(struct.shape[1:])), members=members), {}
 
     def init(key):
         x = jnp.zeros(struct.shape, struct.dtype)

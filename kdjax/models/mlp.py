@@ -138,14 +138,16 @@ def _param_shapes(model, input_dim: int):
     return jax.eval_shape(model.init, key, x)["params"]
 
 
-def init_params(model, key, input_dim: int):
+def init_params(model, key, input_dim: int, *, members: bool = False):
     """Params of a kdjax model for ``[batch, input_dim]`` inputs, drawn on the host.
 
     Every layer ``fc*`` gets kernel ``[in, out]`` and bias ``[out]`` from
     U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's ``nn.Linear`` init, as ``model.init``), from
     NumPy's generator seeded with ``key``: a JAX PRNG key, raw ``uint32`` key words
     or an int. Same tree, shapes and dtypes as ``model.init(key, x)["params"]``; the
-    draws differ. Returns NumPy arrays; nothing is compiled.
+    draws differ. With ``members=True``, ``key`` is a sequence of keys and every leaf
+    gets a leading member axis (member i = ``init_params(model, key[i], input_dim)``).
+    Returns NumPy arrays; nothing is compiled.
     """
     if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
         raise InputError(f"input_dim: expected a positive int, got {input_dim!r}")
@@ -153,7 +155,16 @@ def init_params(model, key, input_dim: int):
     if not all(n.startswith("fc") and n[2:].isdigit() and set(v) == {"kernel", "bias"}
                for n, v in shapes.items()):
         raise InputTypeError(f"init_params: expected a kdjax model (dense layers fc1..fcK with kernel "
-                        f"and bias), got layers {sorted(shapes)}")
+                             f"and bias), got layers {sorted(shapes)}")
+    if not members:
+        return _draw(shapes, key)
+    drawn = [_draw(shapes, k) for k in key]
+    if not drawn:
+        raise InputError("init_keys: expected at least one key, got none")
+    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *drawn)
+
+
+def _draw(shapes, key) -> dict:
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     gen = np.random.default_rng(np.asarray(key, np.uint64).ravel().tolist())
