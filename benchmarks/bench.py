@@ -83,18 +83,18 @@ class Preset:
 
 
 def forward_flops(model, shape) -> tuple[float, float]:
-    """``(all, first layer)`` forward FLOPs of the model's dense layers and convolutions,
-    from the shapes Flax sees (``jax.eval_shape``: nothing runs)."""
+    """``(all, first layer)`` forward FLOPs of the model's dense layers and convolutions
+    (every module with a ``kernel`` param: 2 x outputs x fan-in), from the shapes Flax
+    sees (``jax.eval_shape``: nothing runs)."""
     import flax.linen as nn
 
     counts = []
 
     def count(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        m = context.module
-        if context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)):
-            kernel = m.variables["params"]["kernel"]
-            counts.append(2 * np.prod(out.shape) * np.prod(kernel.shape[:-1]))
+        params = context.module.variables.get("params", {})
+        if context.method_name == "__call__" and "kernel" in params:
+            counts.append(2 * np.prod(out.shape) * np.prod(params["kernel"].shape[:-1]))
         return out
 
     x = jax.ShapeDtypeStruct(shape, jnp.float32)

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 def test_benchmarks_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "seed", "--steps", "3", "--repeats", "1",
-           "--impl", "torch_eager", "kdjax_step", "kdjax_fused", "kdjax_sweep", "--precision",
+           "--impl", "torch_eager", "torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep", "--precision",
            "tensorfloat32", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -22,11 +22,31 @@ def test_benchmarks_smoke(tmp_path):
     # both sides were set to the same precision, and the JSON says which
     assert data["precision"] == {"option": "tensorfloat32", "jax": "tensorfloat32", "torch": "high"}
     seed = data["presets"]["seed"]
-    for impl in ("torch_eager", "kdjax_step", "kdjax_fused", "kdjax_sweep"):
+    for impl in ("torch_eager", "torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep"):
         r = seed["results"][impl]
         assert r["us_per_step"]["min"] <= r["us_per_step"]["median"] <= r["us_per_step"]["max"]
         assert r["gflops"] > 0 and 0 < r["frac_peak"]
-    assert set(seed["speedup_vs_torch_eager"]) == {"kdjax_step", "kdjax_fused", "kdjax_sweep"}
+    assert set(seed["speedup_vs_torch_eager"]) == {"torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep"}
+    assert seed["best_torch"] in ("torch_eager", "torch_eager_cached")
+    assert set(seed["speedup_vs_best_torch"]) == {"kdjax_step", "kdjax_fused", "kdjax_sweep"}
+
+
+def test_flops_counts():
+    """Matmul/conv FLOPs from Flax's shapes: the MLP formula, and a ResNet by hand."""
+    import dataclasses
+
+    from benchmarks.bench import PRESETS, Preset
+
+    p = PRESETS["hinton"]
+    mm = lambda w: sum(2 * p.batch * a * b for a, b in zip(w[:-1], w[1:]))
+    assert p.flops(True) == 3 * mm(p.student) - 2 * p.batch * 784 * 800 + mm(p.teacher)
+    r = dataclasses.replace(PRESETS["cifar"], teacher=((1,), (4,)), student=((1,), (4,)), batch=2,
+                            image=(8, 8, 3), num_classes=5)
+    # stem 3->4, two block convs 4->4 (3x3 at 8x8), fc 4->5; no downsample
+    fwd = 2 * 2 * 64 * 4 * (9 * 3) + 2 * (2 * 2 * 64 * 4 * (9 * 4)) + 2 * 2 * 5 * 4
+    assert r.flops(False) == 3 * fwd - 2 * 2 * 64 * 4 * 27
+    assert r.flops(True) == 4 * fwd - 2 * 2 * 64 * 4 * 27
+    assert isinstance(r, Preset)
 
 
 def test_benchmarks_bad_impl():
