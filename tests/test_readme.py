@@ -1,7 +1,9 @@
-"""The README's library example runs as written, and CI runs the README's test command."""
+"""The README's library examples run as written, and CI runs the README's test command."""
 
 import pathlib
 import re
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -13,11 +15,30 @@ def block_after(marker: str, lang: str) -> str:
     return m.group(1)
 
 
-def test_library_example_runs():
+def run_example(marker: str) -> dict:
     namespace: dict = {}
-    exec(compile(block_after("example", "python"), "README.md:example", "exec"), namespace)
-    assert namespace["metrics"]["loss"].shape == (100,)
-    assert float(namespace["m"]["loss"]) > 0
+    exec(compile(block_after(marker, "python"), f"README.md:{marker}", "exec"), namespace)
+    return namespace
+
+
+def test_library_example_runs():
+    ns = run_example("example")
+    assert ns["metrics"]["loss"].shape == (100,)
+    assert float(ns["m"]["loss"]) > 0
+
+
+def test_cnn_example_runs():
+    ns = run_example("example-cnn")
+    assert float(ns["test"]["accuracy"]) > 0.6  # 3 epochs learned something (chance: 0.1)
+    assert ns["accuracy"].shape == (4,) and ns["losses"]["loss"].shape[0] == 4
+    assert set(ns["states"].model_state) == {"batch_stats"}
+
+
+def test_torch_example_runs():
+    pytest.importorskip("torch")
+    ns = run_example("example-torch")
+    assert abs(ns["logits"] - ns["want"]).max() < 1e-4
+    assert "layer4.1.bn2.running_var" in ns["back"]
 
 
 def test_commands_present():
