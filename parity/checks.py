@@ -1,15 +1,17 @@
 """The parity checks: kdjax against the PyTorch reference, check by check.
 
 Every check builds identical inputs for both sides (weights copied with
-``kdjax.convert``, the same NumPy batches, index schedule and dropout masks), runs
-both, and returns ``Result`` rows: max abs / max rel error against a tolerance.
+``kdjax.convert``, the same NumPy batches, NCHW for torch's ResNets, index schedule and
+dropout masks), runs both, and returns ``Result`` rows: max abs / max rel error against
+a tolerance. The seed's MLPs: ``forward`` ... ``dropout_stats``; ResNets with BatchNorm,
+SGD, Adam and learning-rate schedules: ``resnet_*`` and ``lr_schedules``.
 ``python -m parity`` prints them; ``parity/test_parity.py`` asserts them.
 
 Tolerances (DESIGN.md): float64 separates algorithmic bugs from rounding, so every
 comparison there is atol 1e-12 plus rtol 1e-14 (about 45 ulp; it only matters above
 magnitude ~100, where 1e-12 is less than one ulp). float32 checks the shipped path:
-logits and loss atol 1e-6 / rtol 1e-5, gradients atol 1e-5 / rtol 1e-4, one Adam step
-atol 1e-7.
+logits and loss atol 1e-6 / rtol 1e-5, gradients atol 1e-5 / rtol 1e-4, one optimizer
+step atol 1e-7 + two ulp.
 Long float32 runs are compared by loss curve only (see ``RUN_LOSS_TOL_F32``).
 """
 
