@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from kdjax import parallel
 from kdjax.errors import InputError
 
 __all__ = ["save", "load", "save_rotating", "load_latest", "atomic_write_bytes", "atomic_write_text"]
@@ -49,8 +50,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
-    """Save a pytree of arrays (e.g. params or a whole ``TrainState``) and ``meta``."""
-    host = jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(tree))
+    """Save a pytree of arrays (e.g. params or a whole ``TrainState``) and ``meta``.
+
+    Sharded arrays are gathered to whole NumPy arrays (on many processes every process
+    must call ``save``; process 0 writes the file), so a checkpoint restores on any
+    number of devices.
+    """
+    host = jax.tree_util.tree_map(parallel.to_host, serialization.to_state_dict(tree))
+    if jax.process_index() != 0:
+        return
     payload = serialization.msgpack_serialize({"tree": host, "meta": json.dumps(meta or {})})
     digest = hashlib.sha256(payload).hexdigest().encode()
     atomic_write_bytes(path, MAGIC + digest + b"\n" + payload)
@@ -91,7 +99,7 @@ def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> No
     previous one (as ``path`` or ``path.prev``).
     """
     path = os.fspath(path)
-    if os.path.exists(path):
+    if os.path.exists(path) and jax.process_index() == 0:
         os.replace(path, path + ".prev")
     save(path, tree, meta)
 

@@ -108,8 +108,12 @@ def _prepare_out(out: str | None, overwrite: bool) -> str | None:
 
 
 def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
+    import jax
+
     from kdjax.checkpoint import atomic_write_text
 
+    if jax.process_index() != 0:  # on many hosts, process 0 reports
+        return 0
     results = _jsonable(results)
     if args.out:
         if not args.no_plots:
@@ -281,6 +285,38 @@ def _checkpoints(args):
                        {k: getattr(args, k) for k in _IDENTITY if hasattr(args, k)})
 
 
+def _parse_mesh(text: str | None) -> dict:
+    if text is None:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("members", "data") or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--mesh: expected members=M,data=D (positive integers), got {text!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def _mesh(args, rep: Reporter, members: int, batch: int):
+    """``--mesh members=M,data=D``, else every local device (``parallel.default_shape``)."""
+    import jax
+
+    from kdjax import parallel
+
+    spec = _parse_mesh(args.mesh)
+    devices = jax.local_devices() if jax.process_count() == 1 else jax.devices()
+    if spec:
+        m = spec.get("members", 1)
+        mesh = parallel.make_mesh(m, spec.get("data"), devices)
+        parallel.check_divides(members, mesh, "members", "--mesh: the members of this run")
+        parallel.check_divides(batch, mesh, "data", "--mesh: --batch-size")
+    else:
+        m, d = parallel.default_shape(len(devices), members, batch)
+        mesh = None if m * d == 1 else parallel.make_mesh(m, d, devices)
+    rep.line(f"running on {parallel.describe(mesh)}")
+    return mesh
+
+
 def _variables(states) -> dict:
     return {"params": states.params, "model_state": states.model_state}
 
@@ -306,9 +342,11 @@ def cmd_distill(args, rep: Reporter) -> int:
     if args.teacher:
         t_state = _load_teacher(args.teacher, teacher, ds)
         rep.line(f"teacher loaded from {args.teacher}")
+    mesh = _mesh(args, rep, len(seeds), cfg.batch_size)
     with rep.progress() as on_chunk:
         r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature, alpha=args.alpha,
-                                teacher_state=t_state, checkpoints=ckpts, on_chunk=on_chunk, log=rep.line)
+                                teacher_state=t_state, checkpoints=ckpts, on_chunk=on_chunk, log=rep.line,
+                                mesh=mesh)
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     rep.table("test accuracy (mean ± 95% CI over seeds)", ["model", "test accuracy"],
@@ -353,9 +391,10 @@ def cmd_sweep(args, rep: Reporter) -> int:
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
     t_state = _load_teacher(args.teacher, teacher, ds) if args.teacher else None
+    mesh = _mesh(args, rep, len(T), cfg.batch_size)
     with rep.progress() as on_chunk:
         r = experiments.sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
-                              checkpoints=ckpts, on_chunk=on_chunk, log=rep.line)
+                              checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh)
     acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
     rep.table("mean test accuracy ± 95% CI (rows: temperature, columns: alpha)",
@@ -443,6 +482,9 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--teacher", default=None,
                    help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch; "
                         "an MLP, or a torchvision-layout ResNet with --arch resnet)")
+    p.add_argument("--mesh", default=None, metavar="members=M,data=D",
+                   help="device mesh: students split over M, minibatches over D devices (default: every "
+                        "local device, on members first)")
 
 
 def _resumable(p):
@@ -519,13 +561,21 @@ def main(argv=None) -> int:
 def run() -> None:
     """The ``kdjax`` executable (and ``python -m kdjax``): process-wide start-up, then ``main``.
 
-    The persistent compilation cache is enabled here, and the objects that importing
-    JAX, Flax and optax allocates are moved out of the garbage collector's view
+    The persistent compilation cache is enabled here, ``jax.distributed`` is started when
+    the environment describes several processes (``kdjax.parallel.initialize``), and the
+    objects that importing JAX, Flax and optax allocates are moved out of the garbage
+    collector's view
     (``gc.freeze``): tracing creates many short-lived objects, and every full
     collection would otherwise re-scan all of them (see the README's timings).
     """
     _enable_compile_cache()
     import kdjax.experiments  # noqa: F401  (jax, flax, optax)
+    from kdjax import parallel
 
+    try:
+        parallel.initialize()  # jax.distributed, when the environment names several processes
+    except InputError as e:
+        print(f"kdjax: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     gc.freeze()
     raise SystemExit(main())

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from kdjax import checkpoint, sweep as sweeps
+from kdjax import checkpoint, parallel, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
@@ -118,13 +118,13 @@ def _tx(key: tuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, tx_key):
+def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, tx_key, mesh=None):
     # One compiled program per configuration, reused by every later fit.
     tx = _tx(tx_key)
     if members:
         return sweeps.make_sweep_run(model, objective, tx=tx, shared_schedule=shared_schedule,
-                                     member_teacher_logits=member_teacher_logits)
-    return make_run(model, objective, tx=tx)
+                                     member_teacher_logits=member_teacher_logits, mesh=mesh)
+    return make_run(model, objective, tx=tx, mesh=mesh)
 
 
 def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
@@ -162,16 +162,17 @@ def teacher_logits_for(teacher, teacher_state, ds: Dataset, members: bool = Fals
 def evaluate_on(model, state, x, y, members: bool = False) -> dict:
     """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
     out = evaluate(model, state, _on_device(x), _on_device(y), members=members)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {k: parallel.to_host(v) for k, v in out.items()}
 
 
 def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
         hyper: Hyper | None = None, teacher_logits=None, state=None,
-        chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None):
+        chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None, mesh=None):
     """Train one model; returns ``(state, losses [steps] as NumPy)``.
 
     Keys come from ``seed`` exactly as in ``fit_members``, so member i of a sweep
-    equals ``fit`` with ``seeds[i]``. Pass ``state`` to continue from it.
+    equals ``fit`` with ``seeds[i]``. Pass ``state`` to continue from it. A ``mesh``
+    (its ``"data"`` axis) splits every minibatch over devices.
     """
     keys = {k: v[0] for k, v in sweeps.member_keys([seed]).items()}
     schedule = cfg.schedule(keys["schedule"], len(ds.y_train))
@@ -179,14 +180,15 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
         state = create_train_state(model, keys["init"], _example(model, ds), learning_rate=cfg.learning_rate,
                                    tx=cfg.tx(len(ds.y_train)))
     data = _device_data(ds, teacher_logits)
-    run = _cached_run(model, objective, False, False, False, cfg._tx_key(len(ds.y_train)))
+    run = _cached_run(model, objective, False, False, False, cfg._tx_key(len(ds.y_train)),
+                      None if mesh is None else parallel.data_only(mesh))
     args, losses = (hyper,) if objective != "ce" else (), []
     for a, b in _chunks(len(schedule), chunk):
         state, m = run(state, data, schedule[a:b], keys["dropout"], *args)
         losses.append(m["loss"])
         if on_chunk is not None:
             on_chunk(b, len(schedule), state)
-    return state, np.concatenate([np.asarray(x) for x in losses])
+    return state, np.concatenate([parallel.to_host(x) for x in losses])
 
 
 def init_members(model, ds: Dataset, cfg: RunConfig, seeds):
@@ -199,7 +201,7 @@ def init_members(model, ds: Dataset, cfg: RunConfig, seeds):
 def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                 hyper: Hyper | None = None, teacher_logits=None,
                 chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
-                start=None, on_checkpoint=None):
+                start=None, on_checkpoint=None, mesh=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -211,7 +213,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
     ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
     depend only on the seeds and dropout keys on the step count, so a resumed run
-    ends bitwise where an uninterrupted one does.
+    ends bitwise where an uninterrupted one does. A ``mesh`` splits the members over its
+    ``"members"`` axis and their minibatches over ``"data"`` (``make_sweep_run``).
     Returns ``(batched state, losses [N, steps] as NumPy)``.
     """
     seeds = np.asarray(seeds)
@@ -223,7 +226,7 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
         schedules = np.stack([cfg.schedule(k, n) for k in keys["schedule"]])
     shared = schedules.ndim == 2
     per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
-    run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n))
+    run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n), mesh)
     data, args = _device_data(ds, teacher_logits), (hyper,)
     if start is None:
         states, losses, done = init_members(model, ds, cfg, seeds), [], 0
@@ -240,11 +243,11 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
         states, m = run(states, data, part, keys["dropout"], *args)
         losses.append(m["loss"])  # stays on device: no host sync between chunks
         if on_checkpoint is not None:
-            losses = [np.concatenate([np.asarray(x) for x in losses], axis=1)]
+            losses = [np.concatenate([parallel.to_host(x) for x in losses], axis=1)]
             on_checkpoint(b, states, losses[0])
         if on_chunk is not None:
             on_chunk(b, total, states)
-    return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
+    return states, np.concatenate([parallel.to_host(x) for x in losses], axis=1)
 
 
 def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
@@ -258,7 +261,7 @@ def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> 
     ``teacher_logits`` is per seed (``[n, examples, classes]``); a single teacher's
     ``[examples, classes]`` is shared by all. Split results with ``[:n]`` and ``[n:]``.
     """
-    seeds, logits = np.asarray(seeds), np.asarray(teacher_logits)
+    seeds, logits = np.asarray(seeds), parallel.to_host(teacher_logits)
     n = len(seeds)
     if logits.ndim == 3:
         if logits.shape[0] != n:
@@ -284,7 +287,7 @@ class Checkpoints:
 
 
 def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints | None,
-           on_chunk: OnChunk | None, log: Callable[[str], None], chunk=None, **kw):
+           on_chunk: OnChunk | None, log: Callable[[str], None], chunk=None, mesh=None, **kw):
     """``fit_members`` as a named phase: checkpointed and resumable under ``checkpoints``."""
     start, save = None, None
     if checkpoints is not None:
@@ -311,8 +314,10 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
                                      {"config": identity, "phase": name, "done": done})
 
     progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
+    if mesh is not None and len(seeds) % mesh.shape["members"]:
+        mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
     return fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
-                       on_chunk=progress, **kw)
+                       on_chunk=progress, mesh=mesh, **kw)
 
 
 def _split(ds: Dataset, split: str):
@@ -323,8 +328,8 @@ def _split(ds: Dataset, split: str):
 
 def _take(tree, index):
     """Members ``index`` of a batched tree, as NumPy (indexing device arrays eagerly
-    would compile a small program per leaf shape)."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], tree)
+    would compile a small program per leaf shape; sharded ones are gathered first)."""
+    return jax.tree_util.tree_map(lambda a: parallel.to_host(a)[index], tree)
 
 
 @dataclasses.dataclass
@@ -360,7 +365,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             temperature: float = 3.0, alpha: float = 0.7, teacher_state=None,
             splits: Sequence[str] = ("test",), checkpoints: Checkpoints | None = None,
             chunk: int | None = None, on_chunk: OnChunk | None = None,
-            log: Callable[[str], None] = lambda line: None) -> DistillResult:
+            log: Callable[[str], None] = lambda line: None, mesh=None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
@@ -375,14 +380,18 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     With ``checkpoints`` each phase is saved every ``checkpoints.every`` steps and
     ``resume`` continues from the latest good checkpoint, ending bitwise where an
     uninterrupted run ends. ``on_chunk(phase, done, total, states)`` runs between
-    compiled chunks (progress bars, logging); ``log`` receives resume messages.
+    compiled chunks (progress bars, logging); ``log`` receives resume messages. A
+    ``mesh`` (``kdjax.parallel``) splits each phase's members over ``"members"`` and
+    minibatches over ``"data"``; a phase whose members it cannot split evenly uses its
+    ``"data"`` axis only.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("seeds: expected at least one seed, got none")
     make_hyper(temperature, alpha)  # validates before anything trains
     n = len(seeds)
-    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk)
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
+                              mesh=mesh)
     if teacher_state is None:
         t_states, t_losses = phase("teachers", teacher, "ce", ds, cfg, seeds)
         logits = teacher_logits_for(teacher, t_states, ds, members=True)
@@ -419,7 +428,7 @@ class SweepResult:
 def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, seeds, *,
           teacher_state=None, teacher_seed: int | None = None, split: str = "test",
           checkpoints: Checkpoints | None = None, on_chunk: OnChunk | None = None,
-          log: Callable[[str], None] = lambda line: None) -> SweepResult:
+          log: Callable[[str], None] = lambda line: None, mesh=None) -> SweepResult:
     """One teacher (trained at ``teacher_seed``, default the first seed, or
     ``teacher_state``), then every member ``(temperatures[i], alphas[i], seeds[i])`` as
     one vmapped program distilling from it; accuracy on ``split``. Phases and
@@ -429,12 +438,12 @@ def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, s
     if not (len(seeds) == np.size(hyper.temperature) == np.size(hyper.alpha)) or len(seeds) == 0:
         raise InputError(f"sweep: expected equal, non-zero numbers of temperatures, alphas and seeds, got "
                          f"{np.size(hyper.temperature)}, {np.size(hyper.alpha)} and {len(seeds)}")
-    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log)
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, mesh=mesh)
     members = teacher_state is None  # a trained teacher is a batch of one
     if members:
         first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
         teacher_state, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
-    logits = np.asarray(teacher_logits_for(teacher, teacher_state, ds, members=members))
+    logits = parallel.to_host(teacher_logits_for(teacher, teacher_state, ds, members=members))
     states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper,
                            teacher_logits=logits[0] if members else logits)
     x, y = _split(ds, split)

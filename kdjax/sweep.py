@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import parallel
 from kdjax.data import epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.train import (CheckedRun, evaluate, init_variables, make_hyper, make_train_step, run_steps,
@@ -74,7 +75,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
 
 
 def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
-                   shared_schedule: bool = False, member_teacher_logits: bool = False):
+                   shared_schedule: bool = False, member_teacher_logits: bool = False, mesh=None):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
     Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
@@ -86,13 +87,35 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     member i distills from its own teacher (e.g. one teacher per seed). Schedules with
     an index outside the data's rows are refused on the host (``train.CheckedRun``).
     Every member's ``model_state`` (BatchNorm statistics) is its own.
+
+    With a ``mesh`` the members are split over its ``"members"`` axis and every member's
+    minibatches over its ``"data"`` axis (both must divide evenly: checked before
+    compiling); inputs are placed for the caller and the results come back sharded over
+    ``"members"``.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    run = functools.partial(run_steps, step=step)
     hyper_axes = None if objective == "ce" else 0
     data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
-    vrun = jax.vmap(run, in_axes=(0, data_axes, None if shared_schedule else 0, 0, hyper_axes))
-    return CheckedRun(jax.jit(vrun, donate_argnums=0))
+    in_axes = (0, data_axes, None if shared_schedule else 0, 0, hyper_axes)
+    if mesh is None:
+        vrun = jax.vmap(functools.partial(run_steps, step=step), in_axes=in_axes)
+        return CheckedRun(jax.jit(vrun, donate_argnums=0))
+    run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh))
+    vrun = jax.vmap(run, in_axes=in_axes, spmd_axis_name="members")
+    jitted = jax.jit(vrun, donate_argnums=0, out_shardings=parallel.member_sharding(mesh))
+    place = functools.partial(_place_members, mesh, shared_schedule, member_teacher_logits)
+    return CheckedRun(jitted, place=place)
+
+
+def _place_members(mesh, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):
+    members = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
+    parallel.check_divides(members, mesh, "members", "members")
+    parallel.check_divides(np.shape(schedules)[-1], mesh, "data", "batch size")
+    rep, mem = parallel.replicated(mesh), parallel.member_sharding(mesh)
+    data = {k: parallel.put(v, mem if (k == "teacher_logits" and member_teacher_logits) else rep)
+            for k, v in data.items()}
+    schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
+    return parallel.put(states, mem), data, schedules, parallel.put(args, mem), kwargs
 
 
 def evaluate_members(model, params, x, y):

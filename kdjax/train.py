@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
 from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard_ce
+from kdjax.models import resnet
 from kdjax.models.mlp import MLP_MODELS, init_params
 
 __all__ = ["TrainState", "Hyper", "make_hyper", "adam", "sgd", "cosine_schedule", "multistep_schedule",
@@ -236,9 +238,9 @@ def _split_variables(variables) -> tuple[Any, dict]:
 def init_variables(model, rng, example_input, *, members: bool = False):
     """``(params, model_state)`` of ``model`` for inputs like ``example_input``.
 
-    kdjax's MLPs draw PyTorch's ``nn.Linear`` init on the host (``init_params``);
-    every other model runs its own ``model.init`` (compiled once), with
-    ``train=False``. Only the shape and dtype of ``example_input`` matter (an array or
+    kdjax's models draw PyTorch's init on the host (``kdjax.models.init_params``,
+    ``kdjax.models.resnet.init_variables``: nothing to compile); every other model runs
+    its own ``model.init`` (compiled once per model and shape), with ``train=False``. Only the shape and dtype of ``example_input`` matter (an array or
     a ``jax.ShapeDtypeStruct``). With ``members=True``, ``rng`` is ``[N, 2]`` raw keys
     and every leaf gets a leading member axis.
     """
@@ -249,17 +251,24 @@ def init_variables(model, rng, example_input, *, members: bool = False):
             raise InputError(f"example_input: expected [batch, features] (or [batch, ...]) for "
                              f"{type(model).__name__}, got shape {struct.shape}")
         return init_params(model, rng, int(np.prod(struct.shape[1:])), members=members), {}
-
-    def init(key):
-        x = jnp.zeros(struct.shape, struct.dtype)
-        return _split_variables(model.init({"params": key}, x, train=False))
-
+    if isinstance(model, resnet.ResNet):
+        return resnet.init_variables(model, rng, struct, members=members)
     if members:
         keys = np.asarray(rng)
         if keys.ndim != 2 or len(keys) == 0:
             raise InputError(f"init_keys: expected [N, 2] raw keys (N >= 1), got shape {keys.shape}")
-        return jax.jit(jax.vmap(init))(keys)
-    return jax.jit(init)(_raw_key(rng))
+        return _init_members(model, keys, struct.shape, np.dtype(struct.dtype))
+    return _init_one(model, _raw_key(rng), struct.shape, np.dtype(struct.dtype))
+
+
+def _model_init(model, key, shape, dtype):
+    return _split_variables(model.init({"params": key}, jnp.zeros(shape, dtype), train=False))
+
+
+# jitted with the model static: JAX's own cache compiles each (model, shape) once
+_init_one = jax.jit(_model_init, static_argnums=(0, 2, 3))
+_init_members = jax.jit(lambda model, keys, shape, dtype: jax.vmap(
+    lambda k: _model_init(model, k, shape, dtype))(keys), static_argnums=(0, 2, 3))
 
 
 def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTransformation | None = None,
@@ -420,12 +429,19 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return TrainState(state.step + 1, params, model_state, opt_state), {"loss": loss}
 
 
-def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True):
+def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True, mesh=None):
     """Bind ``model``/``tx``/``objective``/``teacher`` into ``train_step``; jit with donation.
 
     With ``jit=False`` the pure, unjitted step is returned (to scan, vmap or wrap).
     The jitted step donates ``state``: do not reuse the state you passed in.
     ``tx`` defaults to ``adam()``; it must be the optimizer the state was built with.
+
+    With a ``mesh`` (``kdjax.parallel.make_mesh``) the step is data-parallel over its
+    ``"data"`` axis, for batches fed from the host (data too large for the devices):
+    each process passes *its own* rows of the global batch (NumPy or jax arrays; one
+    process: all of them), which are placed with
+    ``jax.make_array_from_process_local_data``; the state, key, hyperparameters and
+    teacher are replicated. The returned state is replicated.
     """
     _check_objective(objective)
     _check_model(model, "model")
@@ -433,11 +449,43 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
         _check_model(teacher, "teacher")
     tx = adam() if tx is None else tx
     step = functools.partial(train_step, model=model, tx=tx, objective=objective, teacher=teacher)
-    return jax.jit(step, donate_argnums=0) if jit else step
+    if not jit:
+        return step
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    return MeshStep(jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh)), mesh)
+
+
+class MeshStep:
+    """A jitted step on a mesh: places the host-fed batch (each process's rows) over
+    ``"data"`` and the rest replicated, then calls it. Other attributes are the jitted
+    function's."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, state, batch, rng, hyper=None, teacher_params=None):
+        rows = parallel.data_sharding(self.mesh)
+
+        def place(x):
+            if isinstance(x, jax.Array) and x.sharding == rows:
+                return x
+            parallel.check_divides(np.shape(x)[0] * jax.process_count(), self.mesh, "data", "batch rows")
+            return jax.make_array_from_process_local_data(rows, np.asarray(x))
+
+        batch = {k: place(v) for k, v in batch.items()}
+        state, rng, hyper, teacher_params = parallel.put((state, rng, hyper, teacher_params),
+                                                         parallel.replicated(self.mesh))
+        return self.jitted(state, batch, rng, hyper, teacher_params)
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
 
 
 def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Array,
-              rng: jax.Array, hyper: Hyper | None = None, teacher_params=None, *, step):
+              rng: jax.Array, hyper: Hyper | None = None, teacher_params=None, *, step,
+              batch_sharding=None):
     """Many steps as one ``lax.scan``: batch k is ``data[schedule[k]]``.
 
     Args:
@@ -446,6 +494,8 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
       schedule: ``[steps, batch]`` int indices (``kdjax.data.seed_schedule`` or
         ``epoch_schedule``).
       step: an unjitted step from ``make_train_step(..., jit=False)``.
+      batch_sharding: a sharding every gathered minibatch is constrained to (a mesh's
+        ``"data"`` axis: ``make_run(..., mesh=)`` sets it).
 
     Returns:
       ``(final_state, {"loss": [steps]})``.
@@ -459,6 +509,8 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
 
     def body(state, idx):
         batch = {name: jnp.take(arr, idx, axis=0) for name, arr in data.items()}
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, rng, hyper, teacher_params)
 
     return jax.lax.scan(body, state, schedule)
@@ -480,26 +532,44 @@ def _check_run_inputs(data, schedule) -> None:
         raise InputError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
 
 
-def make_run(model, objective="kd", *, tx=None, teacher=None):
+def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None):
     """A jitted, state-donating ``run_steps`` for this model and objective.
 
     Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The program is
     compiled once per (shapes, dtypes); feed it fixed-size chunks of the schedule to
     drive a progress bar without recompiling. A concrete schedule with an index outside
     ``[0, len(data["x"]))`` raises ``InputError`` before anything runs.
+
+    With a ``mesh`` (``kdjax.parallel.make_mesh``) every minibatch is split over its
+    ``"data"`` axis (the batch size must divide evenly; checked before compiling), the
+    data set and the state are replicated, and XLA's partitioner reduces the gradients
+    (and BatchNorm's batch statistics) over the devices. Inputs are placed for the
+    caller; the returned state is replicated.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    run = functools.partial(run_steps, step=step)
-    return CheckedRun(jax.jit(run, donate_argnums=0))
+    if mesh is None:
+        return CheckedRun(jax.jit(functools.partial(run_steps, step=step), donate_argnums=0))
+    run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh))
+    jitted = jax.jit(run, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+    return CheckedRun(jitted, place=functools.partial(_place_run, mesh))
+
+
+def _place_run(mesh, state, data, schedule, args, kwargs):
+    parallel.check_divides(np.shape(schedule)[-1], mesh, "data", "batch size")
+    rep = parallel.replicated(mesh)
+    return (parallel.put(state, rep), parallel.put(data, rep),
+            parallel.put(schedule, parallel.schedule_sharding(mesh)), parallel.put(args, rep),
+            parallel.put(kwargs, rep))
 
 
 class CheckedRun:
     """A jitted ``run(state, data, schedule, ...)`` with a host-side bounds check of a
-    concrete ``schedule`` (a traced one is passed through). Every other attribute
-    (``lower``, ``trace``, ...) is the jitted function's."""
+    concrete ``schedule`` (a traced one is passed through) and, on a mesh, the placement
+    of its inputs (``place``). Every other attribute (``lower``, ``trace``, ...) is the
+    jitted function's."""
 
-    def __init__(self, run):
-        self.jitted = run
+    def __init__(self, run, place=None):
+        self.jitted, self.place = run, place
         functools.update_wrapper(self, run)
 
     def __call__(self, state, data, schedule, *args, **kwargs):
@@ -509,6 +579,8 @@ class CheckedRun:
             if lo < 0 or hi >= n:
                 raise InputError(f"schedule: expected indices in [0, {n}) (the rows of data['x']), "
                                  f"got values from {lo} to {hi}")
+        if self.place is not None:
+            state, data, schedule, args, kwargs = self.place(state, data, schedule, args, kwargs)
         return self.jitted(state, data, schedule, *args, **kwargs)
 
     def __getattr__(self, name):

@@ -219,16 +219,30 @@ def test_resnet18_layout():
     assert small["params"]["conv1"]["kernel"].shape == (3, 3, 3, 8)
 
 
-def test_resnet_init_is_torchvisions():
+@pytest.mark.parametrize("how", ["model.init", "host"])
+def test_resnet_init_is_torchvisions(how):
+    """Both inits draw torchvision's distributions; the host one has model.init's tree."""
     model = kdjax.ResNet((1, 1), (16, 32), 10, "cifar")
-    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
-    k = np.asarray(v["layer2"]["0"]["conv1"]["kernel"])  # kaiming normal, fan_out = 32 * 9
+    x = jnp.zeros((1, 8, 8, 3))
+    flax_vars = model.init(jax.random.PRNGKey(0), x)
+    if how == "host":
+        state = kdjax.create_train_state(model, jax.random.PRNGKey(0), x)
+        v = {"params": state.params, **state.model_state}
+        assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(flax_vars)
+        for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(flax_vars)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+    else:
+        v = flax_vars
+    p = v["params"]
+    k = np.asarray(p["layer2"]["0"]["conv1"]["kernel"])  # kaiming normal, fan_out = 32 * 9
     np.testing.assert_allclose(k.std(), np.sqrt(2 / (32 * 9)), rtol=0.05)
     assert np.abs(k).max() > 2.5 * np.sqrt(2 / (32 * 9))  # untruncated
-    np.testing.assert_array_equal(np.asarray(v["layer1"]["0"]["bn1"]["scale"]), 1.0)
-    np.testing.assert_array_equal(np.asarray(v["bn1"]["bias"]), 0.0)
-    fc = np.asarray(v["fc"]["kernel"])
-    assert np.abs(fc).max() <= 1 / np.sqrt(32)
+    np.testing.assert_array_equal(np.asarray(p["layer1"]["0"]["bn1"]["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(p["bn1"]["bias"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(v["batch_stats"]["bn1"]["var"]), 1.0)
+    fc = np.asarray(p["fc"]["kernel"])
+    assert np.abs(fc).max() <= 1 / np.sqrt(32) and np.abs(fc).max() > 0.9 / np.sqrt(32)
+    assert np.abs(np.asarray(p["fc"]["bias"])).max() > 0  # nn.Linear's bias is not zero
 
 
 # ----------------------------------------------------------------------------- errors

@@ -53,3 +53,14 @@ def test_benchmarks_bad_impl():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--impl", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--impl expected" in proc.stderr
+
+
+def test_scaling_smoke(tmp_path):
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "benchmarks.scaling", "--devices", "1", "2", "--preset", "seed", "--steps", "1",
+           "--repeats", "1", "--members-per-device", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["presets"]["seed"]
+    assert set(rows) == {"fused/1", "fused/2", "sweep/1", "sweep/2"}
+    assert rows["fused/1"]["efficiency"] == 1.0 and rows["sweep/2"]["per_device_per_s"] > 0

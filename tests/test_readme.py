@@ -41,6 +41,12 @@ def test_torch_example_runs():
     assert "layer4.1.bn2.running_var" in ns["back"]
 
 
+def test_mesh_example_runs():
+    ns = run_example("example-mesh")
+    assert str(ns["state"].params["fc"]["kernel"].sharding.spec) == "P()"
+    assert ns["losses"]["loss"].shape == (10,)
+
+
 def test_commands_present():
     assert "kdjax demo" in block_after("main-command", "bash")
     test_cmd = block_after("test-command", "bash")

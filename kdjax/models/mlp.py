@@ -164,10 +164,15 @@ def init_params(model, key, input_dim: int, *, members: bool = False):
     return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *drawn)
 
 
-def _draw(shapes, key) -> dict:
+def host_generator(key) -> np.random.Generator:
+    """NumPy's generator seeded with a JAX key (typed or raw ``uint32`` words) or an int."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    gen = np.random.default_rng(np.asarray(key, np.uint64).ravel().tolist())
+    return np.random.default_rng(np.asarray(key, np.uint64).ravel().tolist())
+
+
+def _draw(shapes, key) -> dict:
+    gen = host_generator(key)
     params = {}
     for name in sorted(shapes, key=lambda n: int(n[2:])):  # fc1, fc2, ... fc10 in order
         layer = shapes[name]

@@ -15,7 +15,9 @@ Two points where Flax's defaults are not PyTorch's, both matched here:
   at stride 2 (which pads 0 before and 1 after an even size): padding is explicit.
 
 Init is torchvision's: convolutions kaiming-normal (fan_out, ReLU gain, untruncated),
-BatchNorm weight 1 and bias 0, ``fc`` PyTorch's ``nn.Linear`` init.
+BatchNorm weight 1 and bias 0, ``fc`` PyTorch's ``nn.Linear`` init; ``model.init`` draws
+it with ``jax.random``, ``init_variables`` with NumPy on the host (no program to compile:
+a jitted init of even a small ResNet compiles for seconds on CPU).
 
 The convolutions' gradients are written out (``conv2d``) so that, on CPU, every
 convolution XLA sees is in its canonical NHWC/HWIO form: autodiff's transposed
@@ -34,11 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
-from kdjax.models.mlp import torch_linear_init
+from kdjax.models.mlp import host_generator, torch_linear_init
 
-__all__ = ["BatchNorm", "Conv", "conv2d", "BasicBlock", "ResNet", "resnet18", "STEMS"]
+__all__ = ["BatchNorm", "Conv", "conv2d", "BasicBlock", "ResNet", "resnet18", "init_variables", "STEMS"]
 
 STEMS = ("cifar", "imagenet")
 
@@ -292,3 +295,39 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", dtype=jnp.float32) -> ResNet:
     """torchvision's ``resnet18`` layout (11,689,512 parameters with 1000 classes)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, stem, dtype)
+
+
+def init_variables(model: ResNet, key, example, *, members: bool = False) -> tuple[dict, dict]:
+    """``(params, {"batch_stats": ...})`` of ``model`` for NHWC inputs like ``example`` (an
+    array or ``jax.ShapeDtypeStruct``), drawn on the host with torchvision's init (the
+    distributions ``model.init`` draws from; the values differ). ``key``: a JAX key, raw
+    ``uint32`` words or an int; with ``members=True`` a sequence of them, and every leaf
+    gets a leading member axis."""
+    shapes = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                            jax.ShapeDtypeStruct(tuple(example.shape), example.dtype))
+    fc_fan_in = shapes["params"]["fc"]["kernel"].shape[0]
+
+    def draw(gen, path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        collection, module, name = names[0], names[-2], names[-1]
+        shape, dtype = leaf.shape, leaf.dtype
+        if collection == "batch_stats":
+            return (np.ones if name == "var" else np.zeros)(shape, dtype)
+        if name == "kernel" and len(shape) == 4:  # kaiming normal, fan_out
+            return gen.normal(0.0, np.sqrt(2.0 / (shape[0] * shape[1] * shape[3])), shape).astype(dtype)
+        if module == "fc":  # nn.Linear: U(+-1/sqrt(fan_in)) for weight and bias
+            return gen.uniform(-1.0 / np.sqrt(fc_fan_in), 1.0 / np.sqrt(fc_fan_in), shape).astype(dtype)
+        return (np.ones if name == "scale" else np.zeros)(shape, dtype)  # BatchNorm weight, bias
+
+    def one(k):
+        gen = host_generator(k)
+        return jax.tree_util.tree_map_with_path(lambda path, leaf: draw(gen, path, leaf), dict(shapes))
+
+    if members:
+        drawn = [one(k) for k in key]
+        if not drawn:
+            raise InputError("init_keys: expected at least one key, got none")
+        variables = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *drawn)
+    else:
+        variables = one(key)
+    return variables.pop("params"), variables
