@@ -4,7 +4,8 @@
 # Run from the repository root on a machine whose python has a CUDA jax and a CUDA torch:
 #   bash benchmarks/accelerator_check.sh OUTDIR
 # PYTHON=... picks the interpreter, DEVICE=cpu|gpu|tpu the backend (default gpu).
-# OUTDIR receives parity_float32.json, bench.json, demo_results.json, parity_float64.json;
+# OUTDIR receives parity_float32.json, bench.json, conv_profile.txt (cifar's convolutions),
+# scaling.json (only with more than one device), demo_results.json, parity_float64.json;
 # the exit status is non-zero if any step failed.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/accelerator_check.sh OUTDIR}
@@ -33,6 +34,11 @@ step versions "$py" -c 'import jax, flax, optax, torch; print("jax", jax.__versi
 torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA torch")'
 step parity-float32 "$py" -m parity --dtype float32 --device "$device" --json "$out/parity_float32.json"
 step benchmarks "$py" -m benchmarks --preset all --device "$device" --precision highest --json "$out/bench.json"
+step conv-profile bash -c "JAX_PLATFORMS=$platform $py -m benchmarks.conv_profile > $out/conv_profile.txt"
+ndev=$(JAX_PLATFORMS="$platform" "$py" -c 'import jax; print(jax.device_count())' 2>/dev/null || echo 1)
+if [ "${ndev:-1}" -gt 1 ]; then
+  step scaling "$py" -m benchmarks.scaling --device "$device" --devices 1 "$ndev" --json "$out/scaling.json"
+fi
 demo=$(mktemp -d)
 step demo env JAX_PLATFORMS="$platform" "$py" -m kdjax demo --out "$demo/out" --quiet
 cp "$demo/out/results.json" "$out/demo_results.json" 2>/dev/null || true
