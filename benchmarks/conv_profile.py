@@ -63,6 +63,10 @@ def main(argv=None) -> int:
 
     from kdjax.models import conv2d
 
+    on_gpu = jax.devices()[0].platform == "gpu"  # torch on the same kind of device
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+
     table = Table(title=f"student convolutions, batch {args.batch}: median ms (forward / forward+backward)")
     for col in ("conv", "in -> out", "jax fwd", "jax f+b", "jax f+b in scan", "torch fwd", "torch f+b",
                 "jax / torch (f+b)"):
@@ -85,22 +89,27 @@ def main(argv=None) -> int:
         t = [_median_ms(lambda: jax.block_until_ready(fwd(xj, wj)), args.repeats),
              _median_ms(lambda: jax.block_until_ready(both(xj, wj)), args.repeats),
              _median_ms(lambda: jax.block_until_ready(scan(xj, wj)), max(3, args.repeats // 5)) / 10]
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
-        wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev).requires_grad_()
+        wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(dev).requires_grad_()
+
+        def torch_fwd():
+            with torch.no_grad():
+                F.conv2d(xt, wt, stride=s, padding=k // 2)
+            sync()
 
         def torch_both():
             y = F.conv2d(xt, wt, stride=s, padding=k // 2)
             torch.autograd.grad((y ** 2).sum(), (xt, wt))
+            sync()
 
-        with torch.no_grad():
-            t.append(_median_ms(lambda: F.conv2d(xt, wt, stride=s, padding=k // 2), args.repeats))
+        t.append(_median_ms(torch_fwd, args.repeats))
         t.append(_median_ms(torch_both, args.repeats))
         totals += t
         table.add_row(name, f"{hw}x{hw}x{ci} -> {co} ({k}x{k}/{s})", *(f"{v:.2f}" for v in t),
                       f"{t[1] / t[4]:.2f}")
     table.add_row("total", "", *(f"{v:.1f}" for v in totals), f"{totals[1] / totals[4]:.2f}")
     Console(width=150).print(table)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {dev} "
           f"({torch.get_num_threads()} threads)")
     return 0
 
