@@ -40,7 +40,8 @@ import optax
 
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
-from kdjax.losses import check_alpha, check_temperature, distillation_loss, hard_ce
+from kdjax.losses import (check_alpha, check_beta, check_temperature, check_where, distillation_loss, hard_ce,
+                          masked_mean)
 from kdjax.models import resnet
 from kdjax.models.mlp import MLP_MODELS, init_params
 
@@ -71,22 +72,28 @@ class Hyper:
     """Distillation hyperparameters as arrays (scalars, or ``[n]`` inside a vmapped sweep).
 
     Build with ``make_hyper``, which validates and fixes the dtype, so every call with
-    new values hits the same compiled program.
+    new values hits the same compiled program. ``beta`` (optional) is for objectives
+    that take one (``jsd``'s mixture, ``dkd``'s NCKD weight).
     """
 
     temperature: jax.Array
     alpha: jax.Array
+    beta: jax.Array | None = None
 
 
-def make_hyper(temperature=3.0, alpha=0.7, dtype=jnp.float32) -> Hyper:
-    """Validated ``Hyper``: temperature finite and > 0, alpha in [0, 1] (each element)."""
+def make_hyper(temperature=3.0, alpha=0.7, dtype=jnp.float32, *, beta=None) -> Hyper:
+    """Validated ``Hyper``: temperature finite and > 0, alpha in [0, 1], beta (if given)
+    >= 0 (each element)."""
     for t in np.ravel(np.asarray(temperature, dtype=np.float64)):
         check_temperature(t)
     for a in np.ravel(np.asarray(alpha, dtype=np.float64)):
         check_alpha(a)
+    for b in np.ravel(np.asarray(0.0 if beta is None else beta, dtype=np.float64)):
+        check_beta(b, upper=None)
     # cast on the host and copy (device_put): no device program is compiled for it
     np_dtype = np.dtype(dtype)
-    return Hyper(jax.device_put(np.asarray(temperature, np_dtype)), jax.device_put(np.asarray(alpha, np_dtype)))
+    put = lambda v: None if v is None else jax.device_put(np.asarray(v, np_dtype))
+    return Hyper(put(temperature), put(alpha), put(beta))
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -377,11 +384,14 @@ def _teacher_logits(batch, teacher, teacher_params):
 
 def _loss_fn(params, model_state, batch, rng, hyper, teacher_params, *, model, objective, teacher):
     logits, new_state = apply_model(model, params, model_state, batch["x"], train=True, rng=rng)
+    where = batch.get("where")  # token-level: only these positions count
     if objective == "ce":
-        return jnp.mean(hard_ce(logits, batch["y"])), new_state
+        check_where(where, logits.shape[:-1])
+        return masked_mean(hard_ce(logits, batch["y"]), where), new_state
     t_logits = _teacher_logits(batch, teacher, teacher_params)
     if objective == "kd":
-        return distillation_loss(logits, t_logits, batch["y"], hyper.temperature, hyper.alpha), new_state
+        loss = distillation_loss(logits, t_logits, batch["y"], hyper.temperature, hyper.alpha, where=where)
+        return loss, new_state
     loss = objective(logits, batch, t_logits, hyper)
     if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
         raise InputError(f"objective: expected the callable to return a float scalar, got "

@@ -122,7 +122,8 @@ def test_bad_hyperparameters(kwargs, exc, words):
 
 @pytest.mark.parametrize("s,t,y,exc,words", [
     (jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.array([0, 1]), ValueError, ["(2, 3)", "(2, 4)"]),
-    (jnp.zeros((3,)), jnp.zeros((3,)), jnp.array([0]), ValueError, ["[batch, num_classes]", "(3,)"]),
+    (jnp.zeros((3,)), jnp.zeros((3,)), jnp.array([0]), ValueError, ["labels: expected shape ()", "(3,)", "(1,)"]),
+    (jnp.zeros(()), jnp.zeros(()), jnp.array(0), ValueError, ["[..., num_classes]", "scalar"]),
     (jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 1, 2]), ValueError, ["(2,)", "(3,)"]),
     (jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0.0, 1.0]), TypeError, ["integer", "float32"]),
     (jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 3]), ValueError, ["[0, 3)", "[0, 3]"]),
