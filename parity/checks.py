@@ -30,6 +30,8 @@ import torch
 
 import kdjax
 from kdjax import convert, losses
+from kdjax import fused as fused_loss
+from parity import conventions
 from parity import reference as ref
 
 DTYPES = ("float64", "float32")
@@ -660,6 +662,152 @@ def check_lr_schedules(ctx: Ctx) -> list[Result]:
     return out
 
 
+# ----------------------------------------------------------------------------- token-level losses
+
+TOK_B, TOK_L, TOK_V = 4, 6, 11
+
+
+def token_inputs(kind: str, seed: int = 21):
+    """Masked 3-D logits ``[4, 6, 11]``: "normal" (scale 3), "+-1e3", or "underflow" (the
+    teacher's class 0 at -1e4: its probability is exactly 0). Labels are -100 where masked."""
+    rng = np.random.default_rng(seed)
+    s, t = rng.standard_normal((TOK_B, TOK_L, TOK_V)) * 3, rng.standard_normal((TOK_B, TOK_L, TOK_V)) * 3
+    if kind == "+-1e3":
+        s, t = np.sign(s) * 1e3, np.sign(t) * 1e3
+    elif kind == "underflow":
+        t[..., 0] = -1e4
+    mask = rng.random((TOK_B, TOK_L)) < 0.7
+    mask[0, 0] = True
+    y = np.where(mask, rng.integers(0, TOK_V, (TOK_B, TOK_L)), -100)
+    return s, t, y, mask
+
+
+DIV_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 1.0)]
+
+
+def check_divergences(ctx: Ctx) -> list[Result]:
+    """Every divergence per position and as the masked token-level loss (value, student
+    gradient), against PyTorch, on masked 3-D logits: ordinary, +-1e3, and teacher
+    probabilities that underflow to 0; DKD against mdistiller's formula."""
+    out = []
+    for kind in ("normal", "+-1e3", "underflow"):
+        s, t, y, mask = token_inputs(kind)
+        js, jt, jy, jm = (jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(y),
+                          jnp.asarray(mask))
+        for name, beta in DIV_CASES:
+            got, want = {}, {}
+            for T, alpha in [(0.5, 0.3), (1.0, 0.7), (4.0, 1.0)]:
+                per = {"kl": losses.soft_kl, "reverse_kl": losses.reverse_kl,
+                       "jsd": lambda a, b, T, beta=beta: losses.jsd(a, b, T, beta)}[name]
+                loss = lambda a: losses.distillation_loss(a, jt, jy, T, alpha, where=jm, divergence=name, beta=beta)
+                val, grad = jax.value_and_grad(loss)(js)
+                got[f"T{T}"] = {"per_position": per(js, jt, T), "loss": val, "grad": grad}
+                ts = ctx.t(s).requires_grad_()
+                ref_loss = ref.masked_distillation_loss(ts, ctx.t(t), ctx.t(y), ctx.t(mask).bool(), T, alpha, name, beta)
+                ref_loss.backward()
+                want[f"T{T}"] = {"per_position": ref.DIVERGENCES[name](ctx.t(s), ctx.t(t), T, beta).detach(),
+                                 "loss": ref_loss.detach(), "grad": ts.grad}
+            tol = TOL[ctx.dtype]["grad"] if ctx.dtype == "float32" else F64
+            if kind == "+-1e3" and ctx.dtype == "float32":  # values of ~1e3-1e6: relative rounding
+                tol = (1e-3, 1e-5)
+            label = name if name != "jsd" else f"jsd beta={beta}"
+            out.append(compare(f"divergence {label}, {kind} logits (masked 3-D)", ctx, got, want, tol))
+    # DKD: per position, its mean = mdistiller's dkd_loss (ordinary logits: mdistiller's
+    # -1000 masking is exact only while logits / T stay well inside +-1000)
+    s, t, y, mask = token_inputs("normal")
+    rows = np.argwhere(mask)
+    s2, t2, y2 = (a[mask] for a in (s, t, y))
+    got, want = {}, {}
+    for T, a, b in [(4.0, 1.0, 8.0), (1.0, 0.5, 2.0)]:
+        got[f"T{T}"] = jnp.mean(losses.dkd(jnp.asarray(s2, ctx.jdtype), jnp.asarray(t2, ctx.jdtype),
+                                           jnp.asarray(y2), T, a, b))
+        want[f"T{T}"] = conventions.mdistiller_dkd(ctx.t(s2), ctx.t(t2), ctx.t(y2), T, a, b, ce_weight=0.0)
+    out.append(compare(f"divergence dkd (mean over {len(rows)} tokens) = mdistiller dkd_loss", ctx, got, want,
+                       TOL[ctx.dtype]["loss"]))
+    return out
+
+
+def check_conventions(ctx: Ctx) -> list[Result]:
+    """The README's convention table: each library's loss (parity/conventions.py, following
+    its source) against the kdjax call that returns the same number, masked 3-D logits."""
+    s, t, y, mask = token_inputs("normal", seed=22)
+    js, jt, jy, jm = jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(y), jnp.asarray(mask)
+    sv, tv, yv = ctx.t(s[mask]), ctx.t(t[mask]), ctx.t(y[mask])  # the valid tokens, [n, V]
+    T = 2.0
+    L = losses
+    rows = {
+        "torchdistill KDLoss(T=2, alpha=0.3)": (
+            L.distillation_loss(js, jt, jy, T, alpha=0.7, where=jm),
+            conventions.torchdistill_kd(sv, tv, yv, T, alpha=0.3)),
+        "torchdistill KDLoss(T=2, alpha=0): no T^2": (
+            L.distillation_loss(js, jt, jy, T, alpha=1.0, where=jm) / T**2,
+            conventions.torchdistill_kd(sv, tv, yv, T, alpha=0.0)),
+        "mdistiller KD (CE 0.1, KD 0.9)": (
+            (0.1 + 0.9) * L.distillation_loss(js, jt, jy, T, alpha=0.9 / (0.1 + 0.9), where=jm),
+            conventions.mdistiller_kd(sv, tv, yv, T, 0.1, 0.9)),
+        "mdistiller DKD (CE 1, alpha 1, beta 8, T 4)": (
+            L.distillation_loss(js, jt, jy, 4.0, alpha=0.0, where=jm)
+            + L.masked_mean(L.dkd(js, jt, jnp.where(jm, jy, 0), 4.0, 1.0, 8.0), jm),
+            conventions.mdistiller_dkd(sv, tv, yv, 4.0, 1.0, 8.0, ce_weight=1.0)),
+        "Liger-Kernel LigerJSD(beta=0.3), ignore_index": (
+            L.masked_mean(L.jsd(js, jt, T, 0.3), jm),
+            conventions.liger_jsd(F_log_softmax(ctx.t(s).reshape(-1, TOK_V) / T),
+                                  F_log_softmax(ctx.t(t).reshape(-1, TOK_V) / T), ctx.t(y).reshape(-1), 0.3)),
+        "Liger-Kernel LigerJSD(beta=0): forward KL": (
+            L.masked_mean(L.jsd(js, jt, T, 0.0), jm),
+            conventions.liger_jsd(F_log_softmax(ctx.t(s).reshape(-1, TOK_V) / T),
+                                  F_log_softmax(ctx.t(t).reshape(-1, TOK_V) / T), ctx.t(y).reshape(-1), 0.0)),
+        "tunix LogitStrategy(T=2, alpha=0.5): padding averaged": (
+            L.distillation_loss(js, jt, jnp.where(jm, jy, 0), T, 0.5),
+            conventions.tunix_logit(s, t, np.eye(TOK_V)[np.where(mask, y, 0)], T, 0.5)),
+        "EasyDeL distillation_loss(T=2, alpha=0.9, hard labels)": (
+            L.distillation_loss(js, jt, jy, T, 0.9, where=jm),
+            conventions.easydel_distillation(s, t, mask, y, True, T, 0.9)),
+    }
+    return [compare(f"convention: {name}", ctx, got, np.asarray(want.detach().cpu().numpy()
+                                                                   if hasattr(want, "detach") else want),
+                    TOL[ctx.dtype]["loss"])
+            for name, (got, want) in rows.items()]
+
+
+def F_log_softmax(x):
+    return torch.log_softmax(x, dim=-1)
+
+
+def check_fused(ctx: Ctx) -> list[Result]:
+    """kdjax.fused.linear_distillation_loss: value and gradients (hidden, kernel, bias) against
+    kdjax's naive loss on the full logits and against a PyTorch chunked loop; teacher as
+    logits and as hidden states + head."""
+    rng = np.random.default_rng(23)
+    n, d, v = 150, 16, 97
+    h, w, b = rng.standard_normal((n, d)), rng.standard_normal((d, v)) * 0.3, rng.standard_normal(v) * 0.1
+    th, tw = rng.standard_normal((n, 12)), rng.standard_normal((12, v)) * 0.5
+    mask = rng.random(n) < 0.8
+    y = np.where(mask, rng.integers(0, v, n), -100)
+    J = lambda a: jnp.asarray(a, ctx.jdtype)
+    t_logits = th @ tw
+    out = []
+    for divergence, beta in [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.4)]:
+        kw = dict(temperature=2.0, alpha=0.6, where=jnp.asarray(mask), divergence=divergence, beta=beta)
+        fused = lambda h_, w_, b_: fused_loss.linear_distillation_loss(
+            h_, w_, jnp.asarray(y), student_bias=b_, teacher_hidden=J(th), teacher_kernel=J(tw), chunk_size=32, **kw)
+        naive = lambda h_, w_, b_: losses.distillation_loss(h_ @ w_ + b_[None, :], J(t_logits), jnp.asarray(y),
+                                                            kw["temperature"], kw["alpha"], where=kw["where"],
+                                                            divergence=divergence, beta=beta)
+        got = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(J(h), J(w), J(b))
+        mine = jax.value_and_grad(naive, (0, 1, 2))(J(h), J(w), J(b))
+        th_, tw_, tb_ = ctx.t(h).requires_grad_(), ctx.t(w).requires_grad_(), ctx.t(b).requires_grad_()
+        torch_val = ref.chunked_linear_distillation_loss(th_, tw_, tb_, ctx.t(y), ctx.t(mask).bool(),
+                                                         ctx.t(t_logits), 2.0, 0.6, divergence, beta, 32)
+        torch_val.backward()
+        pack = lambda val, g: {"value": val, "d_hidden": g[0], "d_kernel": g[1], "d_bias": g[2]}
+        tol = TOL[ctx.dtype]["grad"] if ctx.dtype == "float32" else F64
+        out.append(compare(f"fused {divergence}: = naive kdjax loss", ctx, pack(*got), pack(*mine), tol))
+        out.append(compare(f"fused {divergence}: = PyTorch chunked loop", ctx, pack(*got),
+                           pack(torch_val.detach(), (th_.grad, tw_.grad, tb_.grad)), tol))
+    return out
+
+
 CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "forward": check_forward,
     "loss": check_loss,
@@ -674,6 +822,9 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "resnet_run": check_resnet_run,
     "resnet18_convert": check_resnet18_convert,
     "lr_schedules": check_lr_schedules,
+    "divergences": check_divergences,
+    "conventions": check_conventions,
+    "fused": check_fused,
 }
 
 

@@ -181,3 +181,61 @@ def train_resnet_kd(model, x, y, teacher_logits, schedule, opt, *, temperature, 
             scheduler.step()
         losses.append(loss.item())
     return losses
+
+
+# ----------------------------------------------------------------------------- token-level losses
+
+def kl_per_position(student, teacher, temperature):
+    """KL(P || Q) per position over the last axis, P = softmax(t/T), Q = softmax(s/T)."""
+    return F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
+                    reduction="none").sum(-1)
+
+
+def reverse_kl_per_position(student, teacher, temperature):
+    """KL(Q || P) per position."""
+    return F.kl_div(F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1),
+                    reduction="none", log_target=True).sum(-1)
+
+
+def jsd_per_position(student, teacher, temperature, beta):
+    """Liger-Kernel's generalised JSD per position (forward KL at beta 0, reverse KL at 1)."""
+    if beta == 0.0:
+        return kl_per_position(student, teacher, temperature)
+    if beta == 1.0:
+        return reverse_kl_per_position(student, teacher, temperature)
+    log_p, log_q = F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1)
+    log_m = torch.logaddexp(log_p + torch.log(torch.tensor(beta, dtype=log_p.dtype)),
+                            log_q + torch.log(torch.tensor(1 - beta, dtype=log_q.dtype)))
+    kl_pm = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    kl_qm = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+DIVERGENCES = {"kl": lambda s, t, T, b: kl_per_position(s, t, T),
+               "reverse_kl": lambda s, t, T, b: reverse_kl_per_position(s, t, T),
+               "jsd": jsd_per_position}
+
+
+def masked_distillation_loss(student, teacher, labels, mask, temperature, alpha, divergence="kl", beta=0.5):
+    """alpha T^2 mean(D) + (1 - alpha) mean(CE) over the positions ``mask`` selects."""
+    div = DIVERGENCES[divergence](student, teacher, temperature, beta)
+    ce = F.cross_entropy(student.reshape(-1, student.shape[-1]), torch.where(mask, labels, 0).reshape(-1),
+                         reduction="none").reshape(mask.shape)
+    n = mask.sum().clamp(min=1)
+    return alpha * temperature**2 * div[mask].sum() / n + (1 - alpha) * ce[mask].sum() / n
+
+
+def chunked_linear_distillation_loss(hidden, kernel, bias, labels, mask, teacher_logits, temperature, alpha,
+                                     divergence="kl", beta=0.5, chunk_size=64):
+    """The fused loss the PyTorch way: logits ``hidden @ kernel + bias`` one chunk of tokens at
+    a time (``[tokens, hidden]`` inputs), masked sums, one division at the end."""
+    n = mask.sum().clamp(min=1)
+    soft = hard = 0.0
+    for a in range(0, hidden.shape[0], chunk_size):
+        sl = slice(a, a + chunk_size)
+        logits = hidden[sl] @ kernel + bias
+        div = DIVERGENCES[divergence](logits, teacher_logits[sl], temperature, beta)
+        ce = F.cross_entropy(logits, torch.where(mask[sl], labels[sl], 0), reduction="none")
+        soft = soft + div[mask[sl]].sum()
+        hard = hard + ce[mask[sl]].sum()
+    return alpha * temperature**2 * soft / n + (1 - alpha) * hard / n

@@ -11,6 +11,7 @@ import kdjax.train  # noqa: E402
 from parity.checks import Ctx, run_check  # noqa: E402
 
 original_soft_kl = L.soft_kl
+original_distillation_loss = L.distillation_loss
 
 
 def kl_mean_over_classes(s, t, temperature=1.0):
@@ -25,9 +26,10 @@ def kl_swapped(s, t, temperature=1.0):
     return jnp.sum(jnp.exp(log_q) * (log_q - log_p), -1)
 
 
-def loss_without_t2(s, t, y, temperature=3.0, alpha=0.7):
-    soft = jnp.mean(L.soft_kl(s, t, temperature))
-    return alpha * soft + (1 - alpha) * jnp.mean(L.hard_ce(s, y))
+def loss_without_t2(s, t, y, temperature=3.0, alpha=0.7, *, where=None, divergence="kl", beta=0.5):
+    with_t2 = original_distillation_loss(s, t, y, temperature, alpha, where=where, divergence=divergence, beta=beta)
+    hard = L.masked_mean(L.hard_ce(s, jnp.where(where, y, 0) if where is not None else y), where)
+    return (with_t2 - (1 - alpha) * hard) / temperature**2 + (1 - alpha) * hard
 
 
 MUTANTS = {
@@ -47,6 +49,10 @@ def test_parity_catches_mutant(mutant, monkeypatch):
         rows = run_check("loss", Ctx(dtype)) + run_check("grads", Ctx(dtype))
         failed = [r.name for r in rows if not r.passed]
         assert failed, f"parity did not notice the mutant '{mutant}' in {dtype}"
+    # the token-level rows and the convention table see it too
+    rows = run_check("divergences", Ctx("float64")) + run_check("conventions", Ctx("float64"))
+    failed = [r.name for r in rows if not r.passed]
+    assert any(name.startswith("convention: torchdistill") for name in failed), failed
 
 
 def test_unmutated_loss_passes():
