@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|all] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|all] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "all"], default="all")
+    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "lm", "all"], default="all")
+    ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
+                    help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
+    ap.add_argument("--lm-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None)
     ap.add_argument("--precision", choices=list(PRECISIONS), default="highest",
                     help="float32 matmul precision, set alike for JAX and torch (default: highest, "
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    names = list(PRESETS) + ["lm"] if args.preset == "all" else [args.preset]
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,
@@ -87,6 +90,13 @@ def main(argv=None) -> int:
         out["peak"] = peak
         out["peak_gflops"] = max(peak["jax"], peak["torch"])
         for name in names:
+            if name == "lm":
+                from benchmarks.lm import SHAPES, bench_lm
+
+                shape = args.lm_shape or SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                out["lm"] = bench_lm(*shape, dtype=args.lm_dtype, repeats=min(args.repeats, 3),
+                                     torch_device=torch_device, on_progress=status.update)
+                continue
             p = PRESETS[name]
             if args.steps:
                 p = dataclasses.replace(p, steps=args.steps, sweep_steps=max(1, min(p.sweep_steps, args.steps)))
@@ -117,6 +127,22 @@ def main(argv=None) -> int:
                       f"{res['speedup_vs_best_torch'][impl]:.2f}" if impl in res["speedup_vs_best_torch"]
                       else ("(best)" if impl == res["best_torch"] else ""))
         console.print(t)
+    if "lm" in out:
+        lm = out["lm"]
+        t = Table(title=f"preset lm: distillation loss of the output layer, forward + backward, "
+                        f"{lm['shape']['tokens']} tokens x {lm['shape']['hidden']} hidden x {lm['shape']['vocab']} "
+                        f"vocab, {lm['shape']['dtype']}")
+        for col in ("impl", "ms med", "min", "max", "GFLOP/s", "peak memory MB", "compile s"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in lm["results"].items():
+            t.add_row(impl, f"{r['ms']['median']:.1f}", f"{r['ms']['min']:.1f}", f"{r['ms']['max']:.1f}",
+                      f"{r['gflops']:.1f}", "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
+                      "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}")
+        console.print(t)
+        ra = lm["ratios"]
+        console.print(f"fused vs naive JAX: {ra['fused_memory_vs_naive']:.1f}x less peak memory "
+                      f"({ra['fused_temp_vs_naive']:.1f}x less temporary), {ra['fused_time_vs_naive']:.2f}x the time; "
+                      f"{ra['fused_time_vs_torch']:.2f}x torch_naive's time")
     console.print(f"total {out['wall_s']:.0f} s")
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -126,7 +126,7 @@ def _chunked(x, chunk: int, chunks: int, pad_value=0):
 
 def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_bias=None, teacher_logits=None,
                              teacher_hidden=None, teacher_kernel=None, teacher_bias=None, temperature, alpha,
-                             where=None, divergence="kl", beta=0.5, chunk_size=512):
+                             where=None, divergence="kl", beta=0.5, chunk_size=256):
     r"""``distillation_loss(student_hidden @ student_kernel + student_bias, teacher logits,
     labels, temperature, alpha, where=where, divergence=divergence, beta=beta)``, value and
     gradients, without a ``[tokens, vocab]`` array for the student.

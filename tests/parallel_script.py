@@ -94,6 +94,20 @@ def single(out_path):
         tree, d, sched[:4], keys["dropout"], h)
     results["restore_on_2_devices"] = {"state": maxdiff(cont8.params, cont2.params),
                                        "devices": len(jax.tree_util.tree_leaves(cont2.params)[0].sharding.device_set)}
+    # the fused vocabulary loss with tokens sharded over "data" = unsharded
+    from kdjax.fused import linear_distillation_loss
+    rng_np = np.random.default_rng(5)
+    hid = rng_np.normal(size=(64, 16)).astype(np.float32)
+    ker = (rng_np.normal(size=(16, 40)) * 0.3).astype(np.float32)
+    tlog = rng_np.normal(size=(64, 40)).astype(np.float32)
+    lab = rng_np.integers(0, 40, 64)
+    loss = jax.jit(jax.value_and_grad(lambda h, k, t, yy: linear_distillation_loss(
+        h, k, yy, teacher_logits=t, temperature=2.0, alpha=0.5, chunk_size=16), (0, 1)))
+    rows = parallel.data_sharding(parallel.make_mesh(1, 8))
+    whole = loss(hid, ker, tlog, lab)
+    split = loss(*(jax.device_put(a, rows) for a in (hid,)), ker, jax.device_put(tlog, rows), jax.device_put(lab, rows))
+    results["fused_loss_sharded_tokens"] = {"state": maxdiff(whole, split),
+                                            "grad_spec": str(split[1][0].sharding.spec)}
     # user mistakes: one InputError each, before anything compiles
     errors = {"compiles before errors": srun._cache_size()}
     bad = {"batch not divisible by data": lambda: kdjax.make_run(model, "ce", mesh=parallel.make_mesh(1, 8))(

@@ -64,3 +64,14 @@ def test_scaling_smoke(tmp_path):
     rows = json.loads(out.read_text())["presets"]["seed"]
     assert set(rows) == {"fused/1", "fused/2", "sweep/1", "sweep/2"}
     assert rows["fused/1"]["efficiency"] == 1.0 and rows["sweep/2"]["per_device_per_s"] > 0
+
+
+def test_lm_preset_smoke(tmp_path):
+    out = tmp_path / "lm.json"
+    cmd = [sys.executable, "-m", "benchmarks", "--preset", "lm", "--lm-shape", "256", "16", "512", "--repeats", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lm = json.loads(out.read_text())["lm"]
+    assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "torch_naive"}
+    assert lm["results"]["kdjax_fused"]["peak_bytes"] > 0 and lm["ratios"]["fused_time_vs_naive"] > 0

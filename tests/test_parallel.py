@@ -61,6 +61,11 @@ def test_member_parallel_sweep_equals_unsharded_and_lives_where_the_mesh_says(ei
     assert r["spec"] == "P('members',)" and r["placement_ok"], r
 
 
+def test_fused_vocabulary_loss_with_tokens_sharded_over_data(eight):
+    r = eight["fused_loss_sharded_tokens"]
+    assert r["state"] <= F32_BOUND, r
+
+
 def test_sharded_checkpoint_restores_on_another_device_count(eight):
     r = eight["restore_on_2_devices"]
     assert r["devices"] == 2 and r["state"] <= F32_BOUND, r

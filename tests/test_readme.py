@@ -41,6 +41,18 @@ def test_torch_example_runs():
     assert "layer4.1.bn2.running_var" in ns["back"]
 
 
+def test_token_example_runs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    ns = run_example("example-token")
+    np.testing.assert_allclose(float(ns["value"]), float(ns["naive"]), rtol=1e-5)
+    assert ns["per_token"].shape == (2, 6) and ns["d_hidden"].shape == (2, 6, 16)
+    assert np.isfinite(float(ns["loss_jsd"])) and np.isfinite(float(ns["dkd"]))
+    assert float(ns["loss"]) != float(ns["losses"].distillation_loss(
+        ns["student"], ns["teacher"], ns["labels"], 2.0, 0.5, where=jnp.ones((2, 6), bool)))
+
+
 def test_mesh_example_runs():
     ns = run_example("example-mesh")
     assert str(ns["state"].params["fc"]["kernel"].sharding.spec) == "P()"
