@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from typing import Callable
 
@@ -484,11 +485,11 @@ def check_resnet_forward(ctx: Ctx) -> list[Result]:
         m.eval()
         with torch.no_grad():
             want = m(ctx.t(xt))
-        out.append(compare(f"resnet {name}: forward eval", ctx, model.apply(v, xj), want, tol))
+        out.append(compare(f"resnet {name}: forward eval", ctx, jax.jit(model.apply)(v, xj), want, tol))
         m.train()
         with torch.no_grad():
             want = m(ctx.t(xt))  # batch statistics; updates running_mean / running_var
-        got, new = model.apply(v, xj, train=True, mutable=["batch_stats"])
+        got, new = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(v, xj)
         out.append(compare(f"resnet {name}: forward train", ctx, got, want, tol))
         stats = {k: w for k, w in torch_state(m).items() if "running" in k}
         out.append(compare(f"resnet {name}: running stats after 1 train forward", ctx,
@@ -508,7 +509,7 @@ def _res_kd_inputs(ctx: Ctx):
     student = kdjax_resnet(ctx, RES_STUDENT)
     v = to_variables(student_t, student, ctx, x.shape)
     t_model = kdjax_resnet(ctx, RES_TEACHER)  # kdjax's teacher logits, cached as a kdjax run would
-    tj = t_model.apply(to_variables(teacher, t_model, ctx, x.shape), jnp.asarray(x, ctx.jdtype))
+    tj = jax.jit(t_model.apply)(to_variables(teacher, t_model, ctx, x.shape), jnp.asarray(x, ctx.jdtype))
     return x, x_t, y, t_logits, tj, student_t, student, v
 
 
@@ -527,7 +528,7 @@ def check_resnet_grads(ctx: Ctx) -> list[Result]:
                                             jnp.asarray(x[idx], ctx.jdtype), train=True)
         return losses.distillation_loss(logits, tj[idx], jnp.asarray(y[idx]), 4.0, 0.6)
 
-    got = as_torch({"params": jax.grad(loss)(v["params"])})
+    got = as_torch({"params": jax.jit(jax.grad(loss))(v["params"])})
     out.append(compare("resnet grads, KD T=4 a=0.6 (train mode)", ctx, got, want, TOL[ctx.dtype]["grad"]))
     return out
 
@@ -628,7 +629,7 @@ def check_resnet18_convert(ctx: Ctx) -> list[Result]:
         with torch.no_grad():
             want = m(ctx.t(x.transpose(0, 3, 1, 2).copy()))
         out.append(compare(f"resnet18 ({stem} stem) converted: eval logits", ctx,
-                           model.apply(v, jnp.asarray(x, ctx.jdtype)), want, TOL[ctx.dtype]["logits"]))
+                           jax.jit(model.apply)(v, jnp.asarray(x, ctx.jdtype)), want, TOL[ctx.dtype]["logits"]))
         sd = {k: w.cpu().numpy() for k, w in m.state_dict().items()}
         back = convert.variables_to_torch(v, num_batches_tracked=0)
         same = back.keys() == sd.keys() and all(np.array_equal(back[k], sd[k]) for k in sd)
@@ -682,6 +683,13 @@ def token_inputs(kind: str, seed: int = 21):
     return s, t, y, mask
 
 
+@functools.partial(jax.jit, static_argnames=("divergence", "beta"))
+def _masked_loss_and_grad(s, t, y, where, temperature, alpha, divergence, beta):
+    loss = lambda a: losses.distillation_loss(a, t, y, temperature, alpha, where=where, divergence=divergence,
+                                              beta=beta)
+    return jax.value_and_grad(loss)(s)
+
+
 DIV_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 1.0)]
 
 
@@ -699,8 +707,7 @@ def check_divergences(ctx: Ctx) -> list[Result]:
             for T, alpha in [(0.5, 0.3), (1.0, 0.7), (4.0, 1.0)]:
                 per = {"kl": losses.soft_kl, "reverse_kl": losses.reverse_kl,
                        "jsd": lambda a, b, T, beta=beta: losses.jsd(a, b, T, beta)}[name]
-                loss = lambda a: losses.distillation_loss(a, jt, jy, T, alpha, where=jm, divergence=name, beta=beta)
-                val, grad = jax.value_and_grad(loss)(js)
+                val, grad = _masked_loss_and_grad(js, jt, jy, jm, T, alpha, name, beta)
                 got[f"T{T}"] = {"per_position": per(js, jt, T), "loss": val, "grad": grad}
                 ts = ctx.t(s).requires_grad_()
                 ref_loss = ref.masked_distillation_loss(ts, ctx.t(t), ctx.t(y), ctx.t(mask).bool(), T, alpha, name, beta)
@@ -795,7 +802,7 @@ def check_fused(ctx: Ctx) -> list[Result]:
                                                             kw["temperature"], kw["alpha"], where=kw["where"],
                                                             divergence=divergence, beta=beta)
         got = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(J(h), J(w), J(b))
-        mine = jax.value_and_grad(naive, (0, 1, 2))(J(h), J(w), J(b))
+        mine = jax.jit(jax.value_and_grad(naive, (0, 1, 2)))(J(h), J(w), J(b))
         th_, tw_, tb_ = ctx.t(h).requires_grad_(), ctx.t(w).requires_grad_(), ctx.t(b).requires_grad_()
         torch_val = ref.chunked_linear_distillation_loss(th_, tw_, tb_, ctx.t(y), ctx.t(mask).bool(),
                                                          ctx.t(t_logits), 2.0, 0.6, divergence, beta, 32)

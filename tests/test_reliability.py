@@ -164,7 +164,7 @@ def test_checkpoint_shape_mismatch(tmp_path):
 
 # ----------------------------------------------------------------------------- kill and resume
 
-ARGS = ["distill", "--steps", "4000", "--seeds", "2", "--checkpoint-every", "40", "--no-plots", "--quiet"]
+ARGS = ["distill", "--steps", "2000", "--seeds", "2", "--checkpoint-every", "40", "--no-plots", "--quiet"]
 
 
 def _kdjax(args, env, **kw):
@@ -179,7 +179,7 @@ def _leaves(path):
 
 def _full_then_killed(args, tmp_path, phase):
     """Run ``args`` to the end in ``full``; run it again in ``part`` and SIGKILL it as soon
-    as the ``phase`` checkpoint exists (mid-run: 4000 steps, a checkpoint every 40)."""
+    as the ``phase`` checkpoint exists (mid-run: 2000 steps, a checkpoint every 40)."""
     env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
     full, part = tmp_path / "full", tmp_path / "part"
     p = _kdjax(args + ["--out", str(full)], env)
@@ -193,7 +193,7 @@ def _full_then_killed(args, tmp_path, phase):
     p.wait()
     assert p.returncode == -signal.SIGKILL
     _, meta, _, _ = checkpoint.load_latest(ckpt)
-    assert 0 < meta["done"] < 4000, "the kill did not land mid-run"
+    assert 0 < meta["done"] < 2000, "the kill did not land mid-run"
     assert not (part / "results.json").exists()
     return env, full, part
 
@@ -224,7 +224,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-SWEEP_ARGS = ["sweep", "--steps", "4000", "--seeds", "2", "--temperatures", "1", "4", "--alphas", "0.5",
+SWEEP_ARGS = ["sweep", "--steps", "2000", "--seeds", "2", "--temperatures", "1", "4", "--alphas", "0.5",
               "0.9", "--checkpoint-every", "40", "--no-plots", "--quiet"]
 
 
@@ -236,7 +236,7 @@ def test_sweep_sigkill_then_resume_is_bitwise_identical(tmp_path):
     p = _kdjax(SWEEP_ARGS + ["--out", str(part), "--resume"], env)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert "teachers: resuming at step 4000" in out and "students: resuming at step" in out
+    assert "teachers: resuming at step 2000" in out and "students: resuming at step" in out
     for a, b in zip(_leaves(full / "checkpoints" / "students.ckpt"), _leaves(ckpt)):
         np.testing.assert_array_equal(a, b)  # bitwise
     results = [json.loads((d / "results.json").read_text()) for d in (full, part)]
