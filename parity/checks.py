@@ -683,13 +683,6 @@ def token_inputs(kind: str, seed: int = 21):
     return s, t, y, mask
 
 
-@functools.partial(jax.jit, static_argnames=("divergence", "beta"))
-def _masked_loss_and_grad(s, t, y, where, temperature, alpha, divergence, beta):
-    loss = lambda a: losses.distillation_loss(a, t, y, temperature, alpha, where=where, divergence=divergence,
-                                              beta=beta)
-    return jax.value_and_grad(loss)(s)
-
-
 DIV_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 1.0)]
 
 
@@ -698,6 +691,13 @@ def check_divergences(ctx: Ctx) -> list[Result]:
     gradient), against PyTorch, on masked 3-D logits: ordinary, +-1e3, and teacher
     probabilities that underflow to 0; DKD against mdistiller's formula."""
     out = []
+    # defined per call: jit caches traces by function, and a mutation test's patched loss
+    # must not stay in that cache
+    @functools.partial(jax.jit, static_argnames=("divergence", "beta"))
+    def loss_and_grad(s, t, y, where, temperature, alpha, divergence, beta):
+        loss = lambda a: losses.distillation_loss(a, t, y, temperature, alpha, where=where,
+                                                  divergence=divergence, beta=beta)
+        return jax.value_and_grad(loss)(s)
     for kind in ("normal", "+-1e3", "underflow"):
         s, t, y, mask = token_inputs(kind)
         js, jt, jy, jm = (jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(y),
@@ -707,7 +707,7 @@ def check_divergences(ctx: Ctx) -> list[Result]:
             for T, alpha in [(0.5, 0.3), (1.0, 0.7), (4.0, 1.0)]:
                 per = {"kl": losses.soft_kl, "reverse_kl": losses.reverse_kl,
                        "jsd": lambda a, b, T, beta=beta: losses.jsd(a, b, T, beta)}[name]
-                val, grad = _masked_loss_and_grad(js, jt, jy, jm, T, alpha, name, beta)
+                val, grad = loss_and_grad(js, jt, jy, jm, T, alpha, name, beta)
                 got[f"T{T}"] = {"per_position": per(js, jt, T), "loss": val, "grad": grad}
                 ts = ctx.t(s).requires_grad_()
                 ref_loss = ref.masked_distillation_loss(ts, ctx.t(t), ctx.t(y), ctx.t(mask).bool(), T, alpha, name, beta)
