@@ -135,10 +135,10 @@ def _parse_sections(text: str) -> list[int]:
         try:
             lo, hi = int(a), int(b or a)
         except ValueError:
-            raise UsageError(f"--sections: expected numbers 1-6 like '1-5' or '1,3,6', got {text!r}")
+            raise UsageError(f"--sections: expected numbers 1-8 like '1-5' or '1,3,6', got {text!r}")
         out.update(range(lo, hi + 1))
-    if not out or min(out) < 1 or max(out) > 6:
-        raise UsageError(f"--sections: expected numbers in 1-6, got {text!r}")
+    if not out or min(out) < 1 or max(out) > 8:
+        raise UsageError(f"--sections: expected numbers in 1-8, got {text!r}")
     return sorted(out)
 
 
@@ -178,9 +178,47 @@ def cmd_demo(args, rep: Reporter) -> int:
             [r6["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
             [r6["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")],
             r6["paired_gain"], f"digits test accuracy, {len(seeds)} seeds (95% CI)", "test accuracy")
+    if 7 in sections:
+        r7 = results["omitted_class"] = demo.omitted_class(rep, seeds, epochs=epochs)
+        figs["omitted_class"] = lambda: _omitted_plot(os.path.join(out, "omitted_class.png"), r7, len(seeds))
+    if 8 in sections:
+        r8 = results["tuned"] = demo.tuned_digits(rep, seeds, epochs=epochs, untuned=results.get("digits"))
+        figs["tuned_comparison"] = lambda: plots.comparison(
+            os.path.join(out, "tuned_comparison.png"), ["teacher", "standard", "distilled"],
+            [r8["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
+            [r8["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")], r8["paired_gain"],
+            f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation",
+            "test accuracy")
     results["seconds"] = time.perf_counter() - t0
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
     return _finish(args, rep, results, figs)
+
+
+def _omitted_plot(path, r: dict, seeds: int) -> str:
+    from kdjax import plots
+
+    c = r["config"]
+    return plots.omitted_class(path, r["mean_ci"], r["paper"]["accuracy"], c["omit"],
+                               f"students never shown a {c['omit']}: {seeds} seeds, T = {c['temperature']:g}, "
+                               f"alpha = {c['alpha']:g} (95% CI)")
+
+
+def cmd_omit_class(args, rep: Reporter) -> int:
+    from kdjax import demo
+    from kdjax.losses import check_alpha, check_temperature
+
+    check_temperature(args.temperature)
+    check_alpha(args.alpha)
+    if args.seeds < 2:
+        raise UsageError(f"--seeds: expected at least 2 (for confidence intervals), got {args.seeds}")
+    ds = _dataset(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    r = demo.omitted_class(rep, seeds, epochs=args.epochs, omit=args.omit, temperature=args.temperature,
+                           alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
+                           validation_fraction=args.validation_fraction, ds=ds)
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, **r}
+    return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
+        os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
 
 
 # ----------------------------------------------------------------------------- distill / sweep
@@ -335,18 +373,34 @@ def cmd_distill(args, rep: Reporter) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     teacher, student = _models(args, ds.num_classes)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
-             f"{ds.num_classes} classes; {cfg.describe()}; T = {args.temperature:g}, alpha = {args.alpha:g}; "
-             f"{args.seeds} seed(s)")
+             f"{ds.num_classes} classes; {cfg.describe()}; "
+             + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
+                else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {args.seeds} seed(s)")
     rep.line(f"teacher {_describe(teacher)}, student {_describe(student)}")
     t_state = None
     if args.teacher:
         t_state = _load_teacher(args.teacher, teacher, ds)
         rep.line(f"teacher loaded from {args.teacher}")
     mesh = _mesh(args, rep, len(seeds), cfg.batch_size)
+    tuned = None
     with rep.progress() as on_chunk:
-        r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature, alpha=args.alpha,
-                                teacher_state=t_state, checkpoints=ckpts, on_chunk=on_chunk, log=rep.line,
-                                mesh=mesh)
+        if args.tune:
+            tuned = experiments.tuned_distill(
+                teacher, student, ds, cfg, seeds, temperatures=args.temperatures, alphas=args.alphas,
+                validation_fraction=args.validation_fraction, teacher_state=t_state, checkpoints=ckpts,
+                on_chunk=on_chunk, log=rep.line, mesh=mesh)
+            r = tuned.result
+        else:
+            r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
+                                    alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
+                                    on_chunk=on_chunk, log=rep.line, mesh=mesh)
+    if tuned is not None:
+        rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI; "
+                  f"rows T, columns alpha", ["T \\ alpha"] + [f"{a:g}" for a in tuned.alphas],
+                  [[f"{T:g}"] + [f"{m:.4f} ± {h:.4f}" for m, h in row]
+                   for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
+        rep.line(f"chosen on validation: T = {tuned.best[0]:g}, alpha = {tuned.best[1]:g}; students retrained "
+                 f"on all {len(ds.y_train)} training rows")
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     rep.table("test accuracy (mean ± 95% CI over seeds)", ["model", "test accuracy"],
@@ -356,6 +410,11 @@ def cmd_distill(args, rep: Reporter) -> int:
                "teacher_test_accuracy": float(acc["teacher"][0]),
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
                "paired_gain": gain, "losses": r.losses}
+    if tuned is not None:
+        results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
+                             "validation_accuracy": tuned.validation.tolist(),
+                             "validation_mean_ci": tuned.validation_mean_ci,
+                             "best": {"temperature": tuned.best[0], "alpha": tuned.best[1]}}
     if args.out:
         first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
         meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
@@ -498,10 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdjax", description="Knowledge distillation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="the seed's five demos, then held-out distillation on digits")
+    demo = sub.add_parser("demo", help="the seed's five demos, then distillation on digits: held out, "
+                                       "an omitted class, tuned T and alpha")
     demo.add_argument("--seeds", type=int, default=8, help="seeds for the multi-seed comparisons (>= 2)")
     demo.add_argument("--seed", type=int, default=42, help="first seed")
-    demo.add_argument("--sections", default="1-6", help="which sections to run, e.g. 1-5 or 1,6")
+    demo.add_argument("--sections", default="1-8", help="which sections to run, e.g. 1-5 or 1,6 (6: held-out "
+                      "digits, 7: omitted class, 8: tuned T and alpha)")
     demo.add_argument("--quick", action="store_true", help="2 digits epochs instead of 30 (smoke tests)")
     _common_output(demo)
     demo.set_defaults(func=cmd_demo)
@@ -510,9 +571,31 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(distill, seeds_default=4)
     distill.add_argument("--temperature", type=float, default=3.0)
     distill.add_argument("--alpha", type=float, default=0.7)
+    distill.add_argument("--tune", action="store_true",
+                         help="choose T and alpha from --temperatures x --alphas on a validation split of the "
+                              "training rows (never the test set), then distill at the best")
+    distill.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="with --tune")
+    distill.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="with --tune")
+    distill.add_argument("--validation-fraction", type=float, default=0.2,
+                         help="with --tune: share of the training rows held out for the choice (default 0.2)")
     _resumable(distill)
     _common_output(distill)
     distill.set_defaults(func=cmd_distill)
+
+    om = sub.add_parser("omit-class", help="Hinton et al.'s experiment: students that never see one class")
+    om.add_argument("--dataset", default="digits", help="digits, or PATH.npz (x_train, y_train, x_test, y_test)")
+    om.add_argument("--omit", type=int, default=3, help="the class left out of the transfer set (default 3)")
+    om.add_argument("--epochs", type=_positive_int, default=30)
+    om.add_argument("--teacher-hidden", type=_positive_int, default=256)
+    om.add_argument("--student-hidden", type=_positive_int, default=64)
+    om.add_argument("--temperature", type=float, default=20.0, help="default 20, the paper's MNIST value")
+    om.add_argument("--alpha", type=float, default=0.9)
+    om.add_argument("--validation-fraction", type=float, default=0.2,
+                    help="share of the training rows whose inputs set the bias shift (default 0.2)")
+    om.add_argument("--seeds", type=int, default=8, help="number of seeds (>= 2)")
+    om.add_argument("--seed", type=int, default=0, help="first seed")
+    _common_output(om)
+    om.set_defaults(func=cmd_omit_class, arch="mlp")
 
     sw = sub.add_parser("sweep", help="temperatures x alphas x seeds as one compiled program")
     _training_args(sw, seeds_default=2)

@@ -26,7 +26,7 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
-           "seed_schedule", "epoch_schedule"]
+           "validation_split", "without_class", "seed_schedule", "epoch_schedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +133,54 @@ def digits(test_fraction: float = 0.25, seed: int = 0, images: bool = False) -> 
         raise ImportError("the digits data set needs scikit-learn: pip install 'kdjax[cli]'") from e
     bunch = load_digits()
     x, y = bunch.data.astype(np.float32) / 16.0, bunch.target.astype(np.int32)
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        test[idx[: int(round(test_fraction * len(idx)))]] = True
+    test = _stratified(y, test_fraction, np.random.default_rng(seed))
     if images:
         x = x.reshape(-1, 8, 8, 1)
     return _make("digits images" if images else "digits", x[~test], y[~test], x[test], y[test], 10)
+
+
+def _stratified(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask picking round(fraction * count) random rows of every class."""
+    pick = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        pick[idx[: int(round(fraction * len(idx)))]] = True
+    return pick
+
+
+def validation_split(ds: Dataset, fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Carve a validation split out of ``ds``'s *training* rows (stratified by class).
+
+    Returns a ``Dataset`` that trains on the remaining rows and whose ``x_test`` /
+    ``y_test`` are the validation rows: tune on it (``sweep(..., split="test")``)
+    and ``ds``'s own test set is never looked at.
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise InputError(f"validation fraction: expected a number in (0, 1), got {fraction!r}")
+    val = _stratified(ds.y_train, fraction, np.random.default_rng(seed))
+    if val.all() or not val.any():
+        raise InputError(f"validation fraction: {fraction:g} of {len(ds.y_train)} training examples leaves "
+                         f"{int((~val).sum())} to train on and {int(val.sum())} to validate; expected both > 0")
+    return Dataset(f"{ds.name} (validation split)", ds.x_train[~val], ds.y_train[~val], ds.x_train[val],
+                   ds.y_train[val], ds.num_classes)
+
+
+def without_class(ds: Dataset, label: int) -> Dataset:
+    """``ds`` with every *training* example of class ``label`` removed (its test set
+    keeps them): Hinton et al.'s transfer set that never shows the student a class."""
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        raise InputTypeError(f"omitted class: expected an int label, got {type(label).__name__}")
+    if not 0 <= label < ds.num_classes:
+        raise InputError(f"omitted class: expected a label in 0..{ds.num_classes - 1} ({ds.name} has "
+                         f"{ds.num_classes} classes), got {label}")
+    keep = ds.y_train != label
+    if keep.all():
+        raise InputError(f"omitted class: {ds.name} has no training example of class {label} to omit")
+    if not keep.any():
+        raise InputError(f"omitted class: every training example of {ds.name} is class {label}; "
+                         f"the transfer set would be empty")
+    return dataclasses.replace(ds, name=f"{ds.name} without class {label}", x_train=ds.x_train[keep],
+                               y_train=ds.y_train[keep])
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

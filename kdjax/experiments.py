@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from kdjax import checkpoint, parallel, sweep as sweeps
+from kdjax import checkpoint, data, parallel, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
                          predict_logits, sgd)
 
 __all__ = ["RunConfig", "Checkpoints", "fit", "fit_members", "paired_students", "teacher_logits_for",
-           "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "mean_ci", "t975"]
+           "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "omit_class", "OmitClassResult",
+           "match_prior_bias", "tuned_distill", "TunedResult", "mean_ci", "t975"]
 
 # on_chunk(phase, steps done, steps total, states): called after every compiled chunk
 OnChunk = Callable[[str, int, int, object], None]
@@ -365,7 +366,8 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             temperature: float = 3.0, alpha: float = 0.7, teacher_state=None,
             splits: Sequence[str] = ("test",), checkpoints: Checkpoints | None = None,
             chunk: int | None = None, on_chunk: OnChunk | None = None,
-            log: Callable[[str], None] = lambda line: None, mesh=None) -> DistillResult:
+            log: Callable[[str], None] = lambda line: None, mesh=None,
+            transfer: Dataset | None = None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
@@ -373,7 +375,8 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     2. Students (phase ``"students"``): for each seed a standard student (alpha = 0,
        exactly cross-entropy) and a distilled one (``temperature``, ``alpha``) from the
        same init and minibatches, all 2n as one vmapped program, distilling from the
-       eval-mode teacher's cached logits.
+       eval-mode teacher's cached logits. They train on the training rows of
+       ``transfer`` (Hinton et al.'s transfer set; default ``ds``).
     3. Accuracy on each of ``splits`` (``"train"``, ``"test"``), mean ± 95% CI over
        seeds, and the paired gain distilled - standard.
 
@@ -392,14 +395,18 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh)
+    transfer = ds if transfer is None else transfer
+    if transfer.input_shape != ds.input_shape or transfer.num_classes != ds.num_classes:
+        raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
+                         f"(as {ds.name}), got {transfer.input_shape} in {transfer.num_classes}")
     if teacher_state is None:
         t_states, t_losses = phase("teachers", teacher, "ce", ds, cfg, seeds)
-        logits = teacher_logits_for(teacher, t_states, ds, members=True)
+        logits = teacher_logits_for(teacher, t_states, transfer, members=True)
     else:
         t_states, t_losses = teacher_state, None
-        logits = teacher_logits_for(teacher, teacher_state, ds)
+        logits = teacher_logits_for(teacher, teacher_state, transfer)
     pairs = paired_students(seeds, logits, temperature, alpha)
-    s_states, s_losses = phase("students", student, "kd", ds, cfg, pairs.pop("seeds"), **pairs)
+    s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
     accuracy = {}
     for split in splits:
         x, y = _split(ds, split)
@@ -450,6 +457,148 @@ def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, s
     t_acc = float(np.ravel(evaluate_on(teacher, teacher_state, x, y, members=members)["accuracy"])[0])
     return SweepResult(_take(teacher_state, 0) if members else teacher_state, t_acc, states, losses,
                        evaluate_on(student, states, x, y, members=True)["accuracy"])
+
+
+@dataclasses.dataclass
+class TunedResult:
+    """What ``tuned_distill`` returns: validation accuracy ``[temperatures, alphas,
+    tuning seeds]`` and its ``(mean, CI half-width)`` per cell, the chosen ``best =
+    (temperature, alpha)``, and the ``DistillResult`` of the final run at it."""
+
+    temperatures: list
+    alphas: list
+    validation: np.ndarray
+    validation_mean_ci: list
+    best: tuple
+    result: DistillResult
+
+
+def tuned_distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+                  temperatures: Sequence[float], alphas: Sequence[float], tuning_seeds: Sequence[int] | None = None,
+                  validation_fraction: float = 0.2, teacher_state=None, checkpoints: Checkpoints | None = None,
+                  on_chunk: OnChunk | None = None, log: Callable[[str], None] = lambda line: None,
+                  mesh=None) -> TunedResult:
+    """Choose (temperature, alpha) on validation data, then ``distill`` with them.
+
+    A stratified validation split is carved from ``ds``'s training rows; ``sweep``
+    trains one teacher on the rest and a student per (temperature, alpha, tuning seed)
+    distilling from it; the cell with the highest mean validation accuracy wins.
+    ``distill`` then runs at that cell on all of ``ds``'s training rows and reports
+    test accuracy: the test set plays no part in the choice. ``checkpoints`` as in
+    ``distill`` (the tuning sweep's go to its ``tuning/`` subdirectory).
+    """
+    tuning_seeds = list(seeds if tuning_seeds is None else tuning_seeds)
+    tune = data.validation_split(ds, validation_fraction)
+    T, A, S = sweeps.grid(temperatures, alphas, tuning_seeds)
+    sub = None if checkpoints is None else dataclasses.replace(
+        checkpoints, directory=os.path.join(checkpoints.directory, "tuning"))
+    sw = sweep(teacher, student, tune, cfg, T, A, S, teacher_state=teacher_state, teacher_seed=tuning_seeds[0],
+               split="test", checkpoints=sub, on_chunk=on_chunk, log=log, mesh=mesh)
+    acc = sw.accuracy.reshape(len(temperatures), len(alphas), len(tuning_seeds))
+    stats = [[mean_ci(cell) for cell in row] for row in acc]
+    i, j = np.unravel_index(np.argmax(acc.mean(axis=2)), acc.shape[:2])
+    best = (float(temperatures[i]), float(alphas[j]))
+    r = distill(teacher, student, ds, cfg, seeds, temperature=best[0], alpha=best[1], teacher_state=teacher_state,
+                checkpoints=checkpoints, on_chunk=on_chunk, log=log, mesh=mesh)
+    return TunedResult(list(map(float, temperatures)), list(map(float, alphas)), acc, stats, best, r)
+
+
+# ----------------------------------------------------------------------------- the omitted class
+
+def match_prior_bias(logits, label: int, prior: float) -> float:
+    """The shift ``b`` that, added to class ``label``'s logit, makes a fraction ``prior``
+    of the rows of ``logits`` ``[n, classes]`` predict ``label`` (as near as ties allow).
+
+    Row i predicts ``label`` exactly when ``b > margin_i = max_{j != label} z_ij - z_i,label``,
+    so ``b`` is the midpoint between the ``q``-th and ``(q+1)``-th smallest margins,
+    ``q = round(prior * n)``. Needs no labels: it matches the predictions to a class prior.
+    """
+    z = np.asarray(logits, np.float64)
+    margin = np.sort(np.delete(z, label, axis=1).max(axis=1) - z[:, label])
+    q = int(round(prior * len(margin)))
+    if q == 0:
+        return float(margin[0] - 1.0)
+    if q == len(margin):
+        return float(margin[-1] + 1.0)
+    return float((margin[q - 1] + margin[q]) / 2)
+
+
+@dataclasses.dataclass
+class OmitClassResult:
+    """What ``omit_class`` returns. ``accuracy[when][model][on]`` is ``[n]`` over seeds,
+    ``when`` in ``("before", "after")`` the bias adjustment, ``model`` in ``("teacher",
+    "standard", "distilled")`` (the teacher is never adjusted), ``on`` in ``("omitted",
+    "overall")``; ``errors`` the same layout with test-error counts. ``mean_ci`` holds
+    ``(mean, 95% CI half-width)`` of each, ``paired_gain[when][on]`` distilled - standard.
+    ``bias[model]`` ``[n]``: the shift added to the omitted class's logit, matched to
+    ``prior`` on the validation inputs (their labels unused). ``test_counts``: test
+    images (``overall``, ``omitted``) and the sizes of the teacher's training rows, the
+    transfer set and the validation split."""
+
+    omitted: int
+    prior: float
+    result: DistillResult
+    bias: dict
+    accuracy: dict
+    errors: dict
+    mean_ci: dict
+    paired_gain: dict
+    test_counts: dict
+
+
+def omit_class(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *, omit: int = 3,
+               temperature: float = 3.0, alpha: float = 0.7, validation_fraction: float = 0.2,
+               teacher_state=None, on_chunk: OnChunk | None = None, mesh=None) -> OmitClassResult:
+    """Hinton, Vinyals & Dean (2015), section 3: a student that never sees class ``omit``.
+
+    1. A stratified validation split is carved from ``ds``'s training rows
+       (``data.validation_split``); teachers train on the rest, all classes.
+    2. Standard and distilled students (paired seeds, as in ``distill``) train on the
+       transfer set: the same rows without class ``omit``. The standard student has no
+       signal for that class; the distilled one sees it only in the teacher's soft
+       targets on the other classes.
+    3. The omitted class's logit is shifted by ``b`` per student (the paper raised its
+       bias by 3.5, chosen on the test set): here ``b`` makes the fraction of
+       validation inputs predicted as ``omit`` equal that class's share of the
+       teacher's training labels (``match_prior_bias``). The test set is used only
+       to report accuracy, overall and on the omitted class, before and after.
+    """
+    tune = data.validation_split(ds, validation_fraction)
+    train = dataclasses.replace(ds, x_train=tune.x_train, y_train=tune.y_train)
+    transfer = data.without_class(train, omit)
+    r = distill(teacher, student, train, cfg, seeds, temperature=temperature, alpha=alpha,
+                teacher_state=teacher_state, transfer=transfer, on_chunk=on_chunk, mesh=mesh)
+    n = len(r.seeds)
+    prior = float(np.mean(train.y_train == omit))
+    logits = lambda model, states, x, members=True: parallel.to_host(
+        predict_logits(model, states, _on_device(x), members=members))
+    val, test = logits(student, r.students, tune.x_test), logits(student, r.students, ds.x_test)
+    t_test = np.atleast_3d(logits(teacher, r.teacher, ds.x_test, teacher_state is None))
+    t_test = t_test if teacher_state is None else t_test.transpose(2, 0, 1)  # [1, n, classes]
+    bias = np.array([match_prior_bias(v, omit, prior) for v in val])
+    adjusted = test.copy()
+    adjusted[:, :, omit] += bias[:, None].astype(adjusted.dtype)
+    is_omit = ds.y_test == omit
+
+    def score(z):
+        wrong = np.argmax(z, axis=-1) != ds.y_test
+        return ({"omitted": 1 - wrong[:, is_omit].mean(1), "overall": 1 - wrong.mean(1)},
+                {"omitted": wrong[:, is_omit].sum(1), "overall": wrong.sum(1)})
+
+    accuracy, errors = {}, {}
+    for when, z in (("before", test), ("after", adjusted)):
+        (acc, err), (t_acc, t_err) = score(z), score(t_test)
+        accuracy[when] = {"teacher": t_acc, **{m: {k: v[sl] for k, v in acc.items()} for m, sl in
+                                               (("standard", slice(None, n)), ("distilled", slice(n, None)))}}
+        errors[when] = {"teacher": t_err, **{m: {k: v[sl] for k, v in err.items()} for m, sl in
+                                             (("standard", slice(None, n)), ("distilled", slice(n, None)))}}
+    stats = {w: {m: {k: mean_ci(v) for k, v in d.items()} for m, d in a.items()} for w, a in accuracy.items()}
+    gain = {w: {k: mean_ci(a["distilled"][k] - a["standard"][k]) for k in ("omitted", "overall")}
+            for w, a in accuracy.items()}
+    return OmitClassResult(omit, prior, r, {"standard": bias[:n], "distilled": bias[n:]}, accuracy, errors,
+                           stats, gain, {"omitted": int(is_omit.sum()), "overall": len(ds.y_test),
+                                         "teacher": len(train.y_train), "transfer": len(transfer.y_train),
+                                         "validation": len(tune.y_test)})
 
 
 # ----------------------------------------------------------------------------- statistics

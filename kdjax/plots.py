@@ -100,3 +100,23 @@ def heatmap(path, temps, alphas, values, title: str) -> str:
     fig.colorbar(im, ax=ax, label="mean test accuracy")
     ax.set_title(title)
     return _save(plt, fig, path)
+
+
+def omitted_class(path, mean_ci: dict, paper: dict, omit: int, title: str) -> str:
+    """Accuracy on the omitted class and overall, raw and bias-matched, with 95% CIs;
+    the paper's distilled figures as markers. ``mean_ci[when][model][on] = (mean, half)``."""
+    plt, fig, axes = _figure(ncols=2, figsize=(9, 4))
+    bars = [("teacher", "before", "#777"), ("standard", "before", "#4a7"), ("distilled", "before", "#47a"),
+            ("standard", "after", "#9d9"), ("distilled", "after", "#8ad")]
+    for ax, on in zip(axes, ("omitted", "overall")):
+        for i, (model, when, color) in enumerate(bars):
+            m, h = mean_ci[when][model][on]
+            ax.bar(i, m, yerr=h, capsize=5, color=color)
+        for i, when in ((2, "before"), (4, "after")):
+            ax.plot(i, paper[when][on], "k*", ms=12, label="paper (MNIST)" if i == 2 else None)
+        ax.set_xticks(range(len(bars)), ["teacher", "standard", "distilled", "standard\n+bias", "distilled\n+bias"])
+        ax.set_ylim(0, 1.2)
+        ax.set_title(f"test accuracy on class {omit}" if on == "omitted" else "overall test accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    return _save(plt, fig, path)

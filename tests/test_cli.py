@@ -33,13 +33,14 @@ def test_demo_all_sections(env, tmp_path):
     out = tmp_path / "demo"
     p = kdjax(env, "demo", "--out", out, "--seeds", 2, "--quick", "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
-    for title in ("DEMO 1", "DEMO 2", "DEMO 3", "DEMO 4", "DEMO 5", "HELD-OUT"):
+    for title in ("DEMO 1", "DEMO 2", "DEMO 3", "DEMO 4", "DEMO 5", "HELD-OUT", "OMITTED CLASS", "TUNED"):
         assert title in p.stdout
     assert "112,389" in p.stdout and "3,589" in p.stdout and "31.31x" in p.stdout
     r = json.loads((out / "results.json").read_text())
     for png in r["plots"].values():
         assert_png(out / png)
-    assert set(r["plots"]) == {"softmax_temperature", "learning_curves", "hyperparameters", "digits_comparison"}
+    assert set(r["plots"]) == {"softmax_temperature", "learning_curves", "hyperparameters", "digits_comparison",
+                               "omitted_class", "tuned_comparison"}
     # demo 1 equals the seed's formula
     z = np.array([2.0, 1.0, 0.5, 0.2])
     for T, probs, h in zip(r["temperature_effect"]["temperatures"], r["temperature_effect"]["probs"],
@@ -50,6 +51,14 @@ def test_demo_all_sections(env, tmp_path):
     assert r["seed_comparison"]["param_counts"]["teacher"] == 112389
     assert len(r["seed_comparison"]["accuracy"]["distilled"]["train"]) == 2
     assert 0.5 < r["digits"]["mean_ci"]["teacher"][0] <= 1.0  # real held-out learning
+    omit = r["omitted_class"]
+    assert omit["accuracy"]["before"]["standard"]["omitted"] == [0.0, 0.0]  # never saw a 3
+    assert omit["paper"]["before"]["errors"] == 206 and omit["counts"]["omitted"] == 46
+    tuned = r["tuned"]
+    assert tuned["best"]["temperature"] in tuned["config"]["temperatures"]
+    assert np.array(tuned["validation_accuracy"]).shape == (4, 4, 2)
+    # the tuned run's standard students are section 6's (same seeds, data and config)
+    assert tuned["test_accuracy"]["standard"] == r["digits"]["test_accuracy"]["standard"]
 
 
 def test_demo_json_stdout(env):
@@ -105,6 +114,23 @@ def test_distill_npz_and_torch_teacher(env, tmp_path):
     assert p.returncode == 2 and "expected shape" in p.stderr
 
 
+def test_omit_class_and_tuned_distill_commands(env, tmp_path):
+    out = tmp_path / "o"
+    p = kdjax(env, "omit-class", "--omit", 7, "--epochs", 2, "--seeds", 2, "--teacher-hidden", 32,
+              "--student-hidden", 16, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "never sees a 7" in p.stdout and "paper, distilled raw" in p.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["omit"] == 7 and r["accuracy"]["before"]["standard"]["omitted"] == [0.0, 0.0]
+    assert_png(out / "omitted_class.png")
+    p = kdjax(env, "distill", "--dataset", "digits", "--tune", "--temperatures", 1, 4, "--alphas", 0.5,
+              "--epochs", 1, "--seeds", 2, "--teacher-hidden", 32, "--student-hidden", 8, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert np.array(r["tuning"]["validation_accuracy"]).shape == (2, 1, 2)
+    assert r["tuning"]["best"]["alpha"] == 0.5 and r["tuning"]["best"]["temperature"] in (1, 4)
+
+
 def test_sweep_heatmap(env, tmp_path):
     out = tmp_path / "s"
     p = kdjax(env, "sweep", "--dataset", "synthetic", "--temperatures", 1, 4, "--alphas", 0.3, 0.9,
@@ -148,6 +174,8 @@ def _not_npz(tmp_path):
     ("alpha > 1", ["alpha", "[0, 1]", "1.5"]),
     ("not an npz", ["readable .npz"]),
     ("bad steps", ["--steps", "positive integer"]),
+    ("omitted class out of range", ["omitted class", "0..9", "got 10"]),
+    ("validation fraction", ["validation fraction", "(0, 1)", "1.5"]),
 ])
 def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
     base = ["distill", "--steps", 5, "--batch-size", 4, "--seeds", 1]
@@ -161,6 +189,8 @@ def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
         "alpha > 1": lambda: base + ["--alpha", 1.5],
         "not an npz": lambda: base + ["--dataset", _not_npz(tmp_path)],
         "bad steps": lambda: ["distill", "--steps", 0],
+        "omitted class out of range": lambda: ["omit-class", "--omit", 10, "--epochs", 1, "--seeds", 2],
+        "validation fraction": lambda: base + ["--tune", "--validation-fraction", 1.5],
     }[case]()
     p = kdjax(env, *args, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
@@ -223,12 +253,7 @@ def test_distill_resnet_on_digit_images_and_torchvision_teacher(env, tmp_path):
               "--seeds", 2, "--json", "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["test_accuracy"]["teacher"] == [pytest.approx(0.1, abs=0.1)]  # untrained
-
-    # the state_dict of another architecture: every difference, one line, exit 2
-    torch.save(ResNet((1, 1), (8, 32), 10, "cifar", in_channels=1).state_dict(), tmp_path / "other.pt")
-    p = kdjax(env, "distill", "--dataset", "digits", *RESNET, "--teacher", tmp_path / "other.pt", "--steps", 2)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "does not match the model" in p.stderr and "layer2.0.conv1.weight expected shape (16, 8, 3, 3)" in p.stderr
+    # (a state_dict of another architecture: tests/test_convert.py and the MLP case above)
 
 
 @pytest.mark.parametrize("case,words", [
