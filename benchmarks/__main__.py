@@ -42,8 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: per preset)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--impl", nargs="*", default=None,
-                    help="time only these (torch_eager, torch_eager_cached, torch_compile, kdjax_step, "
-                         "kdjax_fused, kdjax_sweep)")
+                    help="time only these (torch_eager, torch_eager_cached, torch_compile, torch_compile_func, "
+                         "torch_func_sweep, kdjax_step, kdjax_fused, kdjax_sweep; on a GPU also "
+                         "torch_compile_func_graphs, torch_func_sweep_graphs)")
+    ap.add_argument("--eager-torch", action="store_true",
+                    help="run the torch.compile rows uncompiled (smoke tests: code paths, not speed)")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
@@ -60,12 +63,14 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", PRECISIONS[args.precision][0])
     torch.set_float32_matmul_precision(PRECISIONS[args.precision][1])
 
-    from benchmarks.bench import IMPLS, PRESETS, bench_preset, matmul_peak
+    from benchmarks.bench import GPU_IMPLS, IMPLS, PRESETS, bench_preset, matmul_peak
 
-    which = tuple(args.impl) if args.impl else IMPLS
-    if set(which) - set(IMPLS):
-        print(f"benchmarks: error: --impl expected some of {', '.join(IMPLS)}, got "
-              f"{', '.join(sorted(set(which) - set(IMPLS)))}", file=sys.stderr)
+    gpu = args.device == "gpu"
+    which = tuple(args.impl) if args.impl else IMPLS + (GPU_IMPLS if gpu else ())
+    known = IMPLS + GPU_IMPLS
+    if set(which) - set(known):
+        print(f"benchmarks: error: --impl expected some of {', '.join(known)}, got "
+              f"{', '.join(sorted(set(which) - set(known)))}", file=sys.stderr)
         return 2
 
     console = Console(width=max(130, Console().width))
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
             if args.steps:
                 p = dataclasses.replace(p, steps=args.steps, sweep_steps=max(1, min(p.sweep_steps, args.steps)))
             out["presets"][name] = bench_preset(p, args.repeats, torch_device, out["peak_gflops"],
-                                                on_progress=status.update, which=which)
+                                                on_progress=status.update, which=which,
+                                                eager_torch=args.eager_torch)
     out["wall_s"] = time.perf_counter() - start
 
     console.print(f"device {out['device']}; torch on {torch_device}; {out['versions']}; "
@@ -125,8 +131,11 @@ def main(argv=None) -> int:
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
                       f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.2f}",
                       f"{res['speedup_vs_best_torch'][impl]:.2f}" if impl in res["speedup_vs_best_torch"]
-                      else ("(best)" if impl == res["best_torch"] else ""))
+                      else " ".join(f"(best {k})" for k, v in res["best_torch"].items() if v == impl))
         console.print(t)
+        b = res["best_torch"]
+        console.print(f"strongest torch peer: {b['single']} for a single run, {b['sweep']} for a sweep "
+                      f"(per student-step)")
     if "lm" in out:
         lm = out["lm"]
         t = Table(title=f"preset lm: distillation loss of the output layer, forward + backward, "

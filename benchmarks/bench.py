@@ -27,7 +27,10 @@ from parity import reference as ref
 
 SWEEP_T = (1.0, 2.0, 4.0, 8.0)
 SWEEP_ALPHA = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
-IMPLS = ("torch_eager", "torch_eager_cached", "torch_compile", "kdjax_step", "kdjax_fused", "kdjax_sweep")
+IMPLS = ("torch_eager", "torch_eager_cached", "torch_compile", "torch_compile_func", "torch_func_sweep",
+         "kdjax_step", "kdjax_fused", "kdjax_sweep")
+GPU_IMPLS = ("torch_compile_func_graphs", "torch_func_sweep_graphs")  # CUDA graphs: on a GPU only
+SWEEP_ROWS = ("torch_func_sweep", "kdjax_sweep")  # timed per student-step
 TEACHER_ONLINE = ("torch_eager", "torch_compile", "kdjax_step")
 
 
@@ -194,8 +197,9 @@ class TorchEager(Impl):
 
     name = "torch_eager"
 
-    def __init__(self, p: Preset, inp: Inputs, compiled: bool = False, cached: bool = False):
-        self.p, self.inp, self.compiled, self.cached = p, inp, compiled, cached
+    def __init__(self, p: Preset, inp: Inputs, compiled: bool = False, cached: bool = False,
+                 use_compile: bool = True):
+        self.p, self.inp, self.compiled, self.cached = p, inp, compiled and use_compile, cached
         self.name = "torch_compile" if compiled else "torch_eager_cached" if cached else "torch_eager"
 
     def setup(self):
@@ -236,6 +240,119 @@ class TorchEager(Impl):
             self.step(*b)
         sync_torch(self.inp.tdev)
         return time.perf_counter() - t0, len(self.batches)
+
+
+def reference_steps(p: Preset, inp: Inputs, batches, temperature: float, alpha: float) -> dict:
+    """The reference student (nn.Module, ``torch.optim.Adam``) after ``batches``
+    ``(x, y, teacher_logits)``: its parameters by name."""
+    student = p.torch_models()[1].to(inp.tdev)
+    student.load_state_dict(inp.t_student.state_dict())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for xb, yb, tb in batches:
+        opt.zero_grad()
+        ref.distillation_loss(student(xb), tb, yb, temperature, alpha).backward()
+        opt.step()
+    return {k: v.detach() for k, v in student.named_parameters()}
+
+
+def adam_update(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """torch.optim.Adam's update (the single-tensor path's formula), written out:
+    ``p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``; ``step`` a float tensor."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    return p - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps), m, v
+
+
+class TorchFunc(Impl):
+    """The fastest single-run PyTorch we know for these MLPs: ``torch.compile(fullgraph=
+    True)`` of a *functional* step (``torch.func.grad_and_value`` over
+    ``torch.func.functional_call``, Adam written out), teacher logits cached. With
+    ``members`` (the sweep row) the 24 students of ``SWEEP_T x SWEEP_ALPHA`` are stacked
+    (``torch.func.stack_module_state``) and stepped by one compiled ``torch.vmap`` of
+    it: the torch counterpart of kdjax's vmapped sweep. ``mode`` is passed to
+    ``torch.compile`` (``"reduce-overhead"``: CUDA graphs on a GPU)."""
+
+    def __init__(self, p: Preset, inp: Inputs, sweep_members: bool = False, mode: str | None = None,
+                 temperature: float = 3.0, alpha: float = 0.7, compiled: bool = True):
+        self.p, self.inp, self.sweep_members, self.mode, self.compiled = p, inp, sweep_members, mode, compiled
+        self.temperature, self.alpha = temperature, alpha
+        self.name = ("torch_func_sweep" if sweep_members else "torch_compile_func") + (
+            "_graphs" if mode == "reduce-overhead" else "")
+
+    def setup(self):
+        from torch.func import functional_call, grad_and_value, stack_module_state
+
+        inp, dev = self.inp, self.inp.tdev
+        student = self.p.torch_models()[1].to(dev)
+        student.load_state_dict(inp.t_student.state_dict())
+        x, y = torch.from_numpy(inp.x_torch).to(dev), torch.from_numpy(inp.y).long().to(dev)
+        t_all = inp.teacher_logits_torch()
+        steps = self.p.sweep_steps if self.sweep_members else self.p.steps
+        idx = torch.from_numpy(inp.schedule[:steps].copy()).long().to(dev)
+        self.batches = [(x[i], y[i], t_all[i]) for i in idx]
+
+        def loss_fn(params, xb, yb, tb, temperature, alpha):
+            return ref.distillation_loss(functional_call(student, params, (xb,)), tb, yb, temperature, alpha)
+
+        grad_fn = grad_and_value(loss_fn)
+        if self.sweep_members:
+            temps, alphas, _ = sweep.grid(SWEEP_T, SWEEP_ALPHA, [0])
+            self.members = len(temps)
+            params, _ = stack_module_state([student] * self.members)
+            self.hyper = tuple(torch.tensor(a, dtype=torch.float32, device=dev) for a in (temps, alphas))
+            grad_fn = torch.vmap(grad_fn, in_dims=(0, None, None, None, 0, 0))
+        else:
+            self.members = 1
+            params = {k: v.detach().clone() for k, v in student.named_parameters()}
+            self.hyper = (self.temperature, self.alpha)
+
+        def step(params, m, v, count, xb, yb, tb, temperature, alpha):
+            grads, loss = grad_fn(params, xb, yb, tb, temperature, alpha)
+            count = count + 1
+            new = {k: adam_update(params[k], grads[k], m[k], v[k], count) for k in params}
+            return ({k: u[0] for k, u in new.items()}, {k: u[1] for k, u in new.items()},
+                    {k: u[2] for k, u in new.items()}, count, loss)
+
+        self.step = torch.compile(step, fullgraph=True, mode=self.mode) if self.compiled else step
+        self.state = (params, {k: torch.zeros_like(a) for k, a in params.items()},
+                      {k: torch.zeros_like(a) for k, a in params.items()},
+                      torch.zeros((), dtype=torch.float32, device=dev))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in self.batches[:3]:  # warm-up (and compilation)
+                *self.state, _ = self.step(*self.state, *b, *self.hyper)
+        sync_torch(dev)
+        compile_s = time.perf_counter() - t0
+        self.check_against_reference()
+        return compile_s
+
+    def check_against_reference(self, tol: float = 1e-6):
+        """After the 3 warm-up steps, every member's weights must equal the reference's
+        (nn.Module, ``torch.optim.Adam``) after the same 3 steps at its T and alpha: mean
+        absolute difference per tensor <= ``tol`` (lr / 1000). Not the maximum: Adam's
+        first steps move a weight by ~lr times the *sign* of its gradient, so a gradient
+        that cancels to ~0 may round to either sign (compiled reductions reorder sums) and
+        move that one weight by up to 2 lr. A wrong T, alpha or Adam moves most weights."""
+        temps, alphas = (np.atleast_1d(np.asarray(h.cpu() if torch.is_tensor(h) else h)) for h in self.hyper)
+        for i in sorted({0, len(temps) - 1}):
+            want = reference_steps(self.p, self.inp, self.batches[:3], float(temps[i]), float(alphas[i]))
+            for k, w in want.items():
+                got = self.state[0][k][i] if self.sweep_members else self.state[0][k]
+                diff = (got - w).abs()
+                if not diff.mean().item() <= tol:
+                    raise RuntimeError(f"{self.name}: member {i} {k} differs from the reference after 3 steps "
+                                       f"(mean abs {diff.mean().item():.2e}, max {diff.max().item():.2e})")
+
+    def run(self):
+        state, step, hyper = self.state, self.step, self.hyper
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in self.batches:
+                *state, _ = step(*state, *b, *hyper)
+        sync_torch(self.inp.tdev)
+        self.state = state
+        return time.perf_counter() - t0, self.members * len(self.batches)
 
 
 class KdjaxStep(Impl):
@@ -325,14 +442,22 @@ class KdjaxSweep(Impl):
         return time.perf_counter() - t0, self.members * self.schedules.shape[0]
 
 
-def make_impls(p: Preset, inp: Inputs, which=IMPLS) -> list[Impl]:
+def make_impls(p: Preset, inp: Inputs, which=IMPLS, eager_torch: bool = False) -> list[Impl]:
+    """The rows to time. ``eager_torch``: the torch.compile rows run their step uncompiled
+    (smoke tests: the code paths and checks, not those rows' speed)."""
+    c = not eager_torch
     table = {"torch_eager": lambda: TorchEager(p, inp),
              "torch_eager_cached": lambda: TorchEager(p, inp, cached=True),
-             "torch_compile": lambda: TorchEager(p, inp, compiled=True),
+             "torch_compile": lambda: TorchEager(p, inp, compiled=True, use_compile=c),
+             "torch_compile_func": lambda: TorchFunc(p, inp, compiled=c),
+             "torch_func_sweep": lambda: TorchFunc(p, inp, sweep_members=True, compiled=c),
+             "torch_compile_func_graphs": lambda: TorchFunc(p, inp, mode="reduce-overhead", compiled=c),
+             "torch_func_sweep_graphs": lambda: TorchFunc(p, inp, sweep_members=True, mode="reduce-overhead",
+                                                          compiled=c),
              "kdjax_step": lambda: KdjaxStep(p, inp),
              "kdjax_fused": lambda: KdjaxFused(p, inp),
              "kdjax_sweep": lambda: KdjaxSweep(p, inp)}
-    return [table[name]() for name in which if name in p.impls]
+    return [table[name]() for name in which if name in p.impls or name in GPU_IMPLS and not p.image]
 
 
 def matmul_peak(torch_device: str, n: int, repeats: int = 10) -> dict:
@@ -360,9 +485,9 @@ def matmul_peak(torch_device: str, n: int, repeats: int = 10) -> dict:
 
 
 def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
-                 on_progress: Callable[[str], None] = lambda s: None, which=IMPLS) -> dict:
+                 on_progress: Callable[[str], None] = lambda s: None, which=IMPLS, eager_torch: bool = False) -> dict:
     inp = Inputs(p, torch_device)
-    impls, results, compile_s = make_impls(p, inp, which), {}, {}
+    impls, results, compile_s = make_impls(p, inp, which, eager_torch), {}, {}
     live = []
     for impl in impls:
         on_progress(f"{p.name}: compiling {impl.name}")
@@ -387,13 +512,37 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
             "us_per_step": {"median": med, "min": min(us), "max": max(us)},
             "steps_per_s": 1e6 / med, "flops_per_step": flops, "gflops": gflops,
             "frac_peak": gflops / peak_gflops, "compile_s": compile_s[impl.name],
-            "repeats": len(us), "per_student_step": impl.name == "kdjax_sweep",
+            "repeats": len(us), "per_student_step": _is_sweep(impl.name),
         }
     med = {name: r["us_per_step"]["median"] for name, r in results.items() if "us_per_step" in r}
     base = med.get("torch_eager")
     speedup = {name: base / m for name, m in med.items() if base and name != "torch_eager"}
-    torch_rows = {name: m for name, m in med.items() if name.startswith("torch")}
-    best = min(torch_rows, key=torch_rows.get) if torch_rows else None
-    vs_best = {name: torch_rows[best] / m for name, m in med.items() if best and not name.startswith("torch")}
+    best, vs_best = best_torch(med)
     return {"shapes": dataclasses.asdict(p), "results": results, "speedup_vs_torch_eager": speedup,
             "best_torch": best, "speedup_vs_best_torch": vs_best}
+
+
+def best_torch(med: dict) -> tuple[dict, dict]:
+    """The strongest PyTorch peer of each kdjax row, from median µs per (student-)step:
+    for a single run the fastest torch single-run row; for a sweep the fastest of the
+    torch sweep rows *and* the best single run (24 sequential single runs are a sweep
+    too). Returns ``({"single": row, "sweep": row}, {kdjax row: ratio})``, ratio > 1
+    meaning kdjax is faster."""
+    single = {n: m for n, m in med.items() if n.startswith("torch") and not _is_sweep(n)}
+    swept = {n: m for n, m in med.items() if n.startswith("torch") and _is_sweep(n)}
+    best = {"single": min(single, key=single.get) if single else None}
+    if single or swept:
+        both = swept | ({best["single"]: single[best["single"]]} if single else {})
+        best["sweep"] = min(both, key=both.get)
+    else:
+        best["sweep"] = None
+    ratios = {}
+    for name, m in med.items():
+        peer = best["sweep" if _is_sweep(name) else "single"]
+        if not name.startswith("torch") and peer is not None:
+            ratios[name] = med[peer] / m
+    return best, ratios
+
+
+def _is_sweep(name: str) -> bool:
+    return name.startswith(SWEEP_ROWS)

@@ -11,9 +11,10 @@ pytest.importorskip("torch")
 
 def test_benchmarks_smoke(tmp_path):
     out = tmp_path / "bench.json"
+    rows = ("torch_eager", "torch_eager_cached", "torch_compile_func", "torch_func_sweep", "kdjax_step",
+            "kdjax_fused", "kdjax_sweep")
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "seed", "--steps", "3", "--repeats", "1",
-           "--impl", "torch_eager", "torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep", "--precision",
-           "tensorfloat32", "--json", str(out)]
+           "--impl", *rows, "--eager-torch", "--precision", "tensorfloat32", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -22,13 +23,30 @@ def test_benchmarks_smoke(tmp_path):
     # both sides were set to the same precision, and the JSON says which
     assert data["precision"] == {"option": "tensorfloat32", "jax": "tensorfloat32", "torch": "high"}
     seed = data["presets"]["seed"]
-    for impl in ("torch_eager", "torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep"):
+    for impl in rows:
         r = seed["results"][impl]
+        assert "error" not in r, r  # the functional rows equal the reference after their warm-up steps
         assert r["us_per_step"]["min"] <= r["us_per_step"]["median"] <= r["us_per_step"]["max"]
         assert r["gflops"] > 0 and 0 < r["frac_peak"]
-    assert set(seed["speedup_vs_torch_eager"]) == {"torch_eager_cached", "kdjax_step", "kdjax_fused", "kdjax_sweep"}
-    assert seed["best_torch"] in ("torch_eager", "torch_eager_cached")
+    assert set(seed["speedup_vs_torch_eager"]) == set(rows) - {"torch_eager"}
+    assert seed["results"]["torch_func_sweep"]["per_student_step"] and seed["results"]["kdjax_sweep"]["per_student_step"]
+    best = seed["best_torch"]
+    assert best["single"] in ("torch_eager", "torch_eager_cached", "torch_compile_func")
+    assert best["sweep"] in ("torch_func_sweep", best["single"])  # sequential single runs are a sweep too
     assert set(seed["speedup_vs_best_torch"]) == {"kdjax_step", "kdjax_fused", "kdjax_sweep"}
+
+
+def test_best_torch_peers():
+    from benchmarks.bench import best_torch
+
+    med = {"torch_eager": 500.0, "torch_compile_func": 90.0, "torch_func_sweep": 18.0, "kdjax_fused": 15.0,
+           "kdjax_sweep": 12.0}
+    best, ratios = best_torch(med)
+    assert best == {"single": "torch_compile_func", "sweep": "torch_func_sweep"}
+    assert ratios == {"kdjax_fused": 6.0, "kdjax_sweep": 1.5}
+    # a sweep slower per student than one run: its peer becomes sequential single runs
+    best, ratios = best_torch({"torch_compile_func": 90.0, "torch_func_sweep": 100.0, "kdjax_sweep": 45.0})
+    assert best["sweep"] == "torch_compile_func" and ratios == {"kdjax_sweep": 2.0}
 
 
 def test_flops_counts():
@@ -75,3 +93,23 @@ def test_lm_preset_smoke(tmp_path):
     lm = json.loads(out.read_text())["lm"]
     assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "torch_naive"}
     assert lm["results"]["kdjax_fused"]["peak_bytes"] > 0 and lm["ratios"]["fused_time_vs_naive"] > 0
+
+
+def test_functional_torch_rows_are_checked_against_the_reference():
+    """The functional step (written-out Adam, vmapped members) trains like nn.Module +
+    torch.optim.Adam, and the check notices a wrong weight."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks.bench import PRESETS, Inputs, TorchFunc
+
+    p = dataclasses.replace(PRESETS["seed"], steps=3, sweep_steps=3)
+    inp = Inputs(p, "cpu")
+    for members in (False, True):
+        row = TorchFunc(p, inp, sweep_members=members, compiled=False)
+        row.setup()  # 3 steps, then check_against_reference
+        with torch.no_grad():
+            row.state[0]["fc2.bias"][-1] += 1e-3  # the last member (or the single run)
+        with pytest.raises(RuntimeError, match="differs from the reference"):
+            row.check_against_reference()
