@@ -10,7 +10,7 @@ user mistakes in ``kdjax.errors``. Whole workflows (the CLI's) are in
 
 from kdjax import checkpoint, convert, data, errors, experiments, losses, models, sweep, train
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
-from kdjax.models import MLP, BatchNorm, ResNet, StudentMLP, TeacherMLP, param_count, resnet18
+from kdjax.models import MLP, BatchNorm, ResNet, StudentMLP, TeacherMLP, TransformerLM, param_count, resnet18
 from kdjax.train import (
     Hyper,
     TrainState,
@@ -35,7 +35,7 @@ __version__ = "0.2.0"
 __all__ = [
     "checkpoint", "convert", "data", "errors", "experiments", "losses", "models", "sweep", "train",
     "distillation_loss", "hard_ce", "soft_kl",
-    "MLP", "BatchNorm", "ResNet", "StudentMLP", "TeacherMLP", "param_count", "resnet18",
+    "MLP", "BatchNorm", "ResNet", "StudentMLP", "TeacherMLP", "TransformerLM", "param_count", "resnet18",
     "Hyper", "TrainState", "adam", "cosine_schedule", "create_train_state", "evaluate", "make_hyper",
     "make_run", "make_train_step", "multistep_schedule", "predict_logits", "run_steps",
     "set_learning_rate", "sgd", "state_from_params", "train_step",

@@ -9,6 +9,7 @@ layout is converted where the two libraries differ::
     params      kernel [k, in, out]          <-> weight [out, in, k]         Conv1d
     params      scale, bias                  <-> weight, bias                BatchNorm, LayerNorm
     params      embedding [V, D]             <-> weight [V, D]               Embedding
+    params      weight [in, out]             <-> weight [in, out]            GPT-2's Conv1D (no transpose)
     batch_stats mean, var                    <-> running_mean, running_var   BatchNorm
                 (not kept)                   <-  num_batches_tracked         BatchNorm
 
@@ -17,6 +18,12 @@ variables tree with exactly the structure, shapes and dtypes of ``like``, and na
 every missing, unexpected and mis-shaped key in one ``InputError``;
 ``variables_to_torch`` is its inverse. ``torch_to_flax`` / ``flax_to_torch`` are
 the v1 functions for params of Linear layers only.
+
+**Tied weights.** A ``state_dict`` lists a tied tensor under every name that uses it
+(Hugging Face GPT-2: ``lm_head.weight`` is ``transformer.wte.weight``). A key the
+model has no variable for is accepted when its values equal those of a key it does
+use; ``variables_to_torch(..., tied={"lm_head.weight": "transformer.wte.weight"})``
+writes such copies back.
 
 **A Linear after a flatten.** PyTorch flattens NCHW activations in (C, H, W) order,
 Flax NHWC ones in (H, W, C) order, so such a Linear's input features come in another
@@ -117,7 +124,8 @@ def flax_to_torch(params: Mapping[str, Mapping[str, Any]], like=None) -> dict:
 # ----------------------------------------------------------------------------- any model
 
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
-               ("params", "embedding"): "weight", ("batch_stats", "mean"): "running_mean",
+               ("params", "embedding"): "weight", ("params", "weight"): "weight",
+               ("batch_stats", "mean"): "running_mean",
                ("batch_stats", "var"): "running_var"}
 # Flax kernel axes -> PyTorch weight axes, by rank (Linear, Conv1d, Conv2d)
 _TO_TORCH_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
@@ -208,7 +216,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
         want[torch_name(path[0], path[1:])] = (path, leaf)
     got = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
+    unexpected = [k for k in sorted(set(got) - set(want)) if not _is_tied_copy(k, got, want)]
     misshaped, flat = [], {}
     for name in sorted(set(want) & set(got)):
         path, leaf = want[name]
@@ -232,13 +240,23 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
     return _nest(flat)
 
 
+def _is_tied_copy(key: str, got: Mapping, want: Mapping) -> bool:
+    """``key`` holds the same values as a key the model uses (a tied weight)."""
+    arr = _to_numpy(got[key])
+    return any(k in got and _to_numpy(got[k]).shape == arr.shape and np.array_equal(_to_numpy(got[k]), arr)
+               for k in want)
+
+
 def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
-                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None) -> dict:
+                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None,
+                       tied: Mapping[str, str] | None = None) -> dict:
     """The inverse of ``torch_to_variables``: ``{torch name: NumPy array}``.
 
     BatchNorm layers also get ``num_batches_tracked`` (an int64 scalar, this value;
     PyTorch reads it only when ``momentum=None``) so that ``load_state_dict`` with
-    ``strict=True`` accepts the result; ``None`` leaves it out. Load with
+    ``strict=True`` accepts the result; ``None`` leaves it out. ``tied`` maps extra
+    names to the name whose array they repeat (``{"lm_head.weight":
+    "transformer.wte.weight"}`` for Hugging Face GPT-2). Load with
     ``{k: torch.from_numpy(v) for k, v in ...}``.
     """
     out: dict[str, np.ndarray] = {}
@@ -251,4 +269,8 @@ def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
         out[name] = arr.copy()
         if num_batches_tracked is not None and path[0] == "batch_stats" and path[-1] == "mean":
             out[name.rpartition(".")[0] + ".num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
+    for name, source in (tied or {}).items():
+        if source not in out:
+            raise InputError(f"tied: {name} repeats {source}, which the variables do not have")
+        out[name] = out[source].copy()
     return out

@@ -12,6 +12,8 @@ Works in float32 and float64 (``model.double()``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -239,3 +241,97 @@ def chunked_linear_distillation_loss(hidden, kernel, bias, labels, mask, teacher
         soft = soft + div[mask[sl]].sum()
         hard = hard + ce[mask[sl]].sum()
     return alpha * temperature**2 * soft / n + (1 - alpha) * hard / n
+
+
+# ----------------------------------------------------------------------------- a tiny GPT
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: ``x @ weight + bias``, weight stored ``[in, out]``."""
+
+    def __init__(self, n_in: int, n_out: int, std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out).normal_(0.0, std))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class GPTAttention(nn.Module):
+    def __init__(self, d: int, heads: int, layers: int):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = Conv1D(d, 3 * d)
+        self.c_proj = Conv1D(d, d, 0.02 / math.sqrt(2 * layers))
+
+    def forward(self, x, allowed):
+        b, n, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        heads = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        scores = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = scores.masked_fill(~allowed, torch.finfo(x.dtype).min)
+        out = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(b, n, d)
+        return self.c_proj(out)
+
+
+class GPTMLP(nn.Module):
+    def __init__(self, d: int, layers: int):
+        super().__init__()
+        self.c_fc = Conv1D(d, 4 * d)
+        self.c_proj = Conv1D(4 * d, d, 0.02 / math.sqrt(2 * layers))
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int, layers: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
+        self.attn, self.mlp = GPTAttention(d, heads, layers), GPTMLP(d, layers)
+
+    def forward(self, x, allowed):
+        x = x + self.attn(self.ln_1(x), allowed)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTBody(nn.Module):
+    def __init__(self, vocab: int, layers: int, d: int, heads: int, max_len: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        nn.init.normal_(self.wte.weight, 0.0, 0.02)
+        nn.init.normal_(self.wpe.weight, 0.0, 0.02)
+        self.h = nn.ModuleList([GPTBlock(d, heads, layers) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d, eps=1e-5)
+
+
+class GPT(nn.Module):
+    """GPT-2 (no dropout) with Hugging Face's names, the head tied to ``wte``: logits
+    ``[batch, length, vocab]``; ``mask`` (bool ``[batch, length]``) hides padded keys."""
+
+    def __init__(self, vocab: int, layers: int, d: int, heads: int, max_len: int):
+        super().__init__()
+        self.transformer = GPTBody(vocab, layers, d, heads, max_len)
+
+    def forward(self, tokens, mask=None):
+        t = self.transformer
+        n = tokens.shape[1]
+        allowed = torch.tril(torch.ones(n, n, dtype=torch.bool, device=tokens.device))[None, None]
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
+        x = t.wte(tokens) + t.wpe(torch.arange(n, device=tokens.device))[None]
+        for block in t.h:
+            x = block(x, allowed)
+        return t.ln_f(x) @ t.wte.weight.T
+
+
+def train_lm_kd(model, x, y, mask, teacher_logits, schedule, opt, *, temperature, alpha):
+    """Token-level distillation, one Adam step per row of ``schedule``; per-step losses."""
+    losses = []
+    for idx in schedule:
+        opt.zero_grad()
+        loss = masked_distillation_loss(model(x[idx]), teacher_logits[idx], y[idx], mask[idx], temperature, alpha)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

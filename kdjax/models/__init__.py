@@ -3,12 +3,15 @@
 * ``mlp``: the seed's ``TeacherMLP`` / ``StudentMLP`` and a plain ``MLP``.
 * ``resnet``: torchvision-layout ``ResNet`` / ``resnet18``, PyTorch-semantics ``BatchNorm``,
   and ``Conv`` / ``conv2d`` (convolutions whose gradients stay fast inside fused runs on CPU).
+* ``transformer``: ``TransformerLM``, GPT-2 with Hugging Face GPT-2's parameter names.
 
 Every model is called as ``model.apply(variables, x, train=bool, rngs=...)``.
 """
 
 from kdjax.models.mlp import MLP, MLP_MODELS, StudentMLP, TeacherMLP, init_params, param_count, torch_linear_init
 from kdjax.models.resnet import STEMS, BasicBlock, BatchNorm, Conv, ResNet, conv2d, resnet18
+from kdjax.models.transformer import Conv1D, TransformerLM, check_tokens
 
 __all__ = ["MLP", "MLP_MODELS", "StudentMLP", "TeacherMLP", "init_params", "param_count",
-           "torch_linear_init", "STEMS", "BasicBlock", "BatchNorm", "Conv", "ResNet", "conv2d", "resnet18"]
+           "torch_linear_init", "STEMS", "BasicBlock", "BatchNorm", "Conv", "ResNet", "conv2d", "resnet18",
+           "Conv1D", "TransformerLM", "check_tokens"]

@@ -1,0 +1,237 @@
+"""A GPT-2 style language model (flax.linen) with Hugging Face GPT-2's parameter names.
+
+``TransformerLM`` is GPT-2's architecture: token + learned position embeddings,
+``num_layers`` pre-LayerNorm blocks (causal multi-head self-attention, then a GELU MLP
+of width 4 * d_model, each added to the residual stream), a final LayerNorm, and an
+output head tied to the token embedding (``logits = h @ wte.T``) unless
+``tie_embeddings=False``. Dropout sits where GPT-2 puts it: after the embeddings, on
+the attention probabilities, and after each block's output projections.
+
+Names and layouts follow ``transformers``' ``GPT2LMHeadModel`` so that
+``kdjax.convert.torch_to_variables`` maps its ``state_dict`` by name: modules
+``transformer/{wte, wpe, h/<i>/{ln_1, attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}},
+ln_f}`` and ``lm_head`` when untied. GPT-2's linear layers are ``Conv1D`` modules whose
+``weight`` is stored ``[in, out]`` (not ``nn.Linear``'s ``[out, in]``); kdjax's
+``Conv1D`` keeps that layout and that name, so no transpose happens on conversion.
+
+Semantics matched to GPT-2: GELU with the tanh approximation (``gelu_new``), LayerNorm
+with epsilon 1e-5 and the two-pass variance, attention scores scaled by
+1/sqrt(head_dim) and masked with the dtype's most negative finite value (as
+``transformers`` does), position ids ``0..length-1``, and GPT-2's init (normal(0, 0.02)
+weights and embeddings, the output projections scaled by 1/sqrt(2 * num_layers), zero
+biases).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.errors import InputError, InputTypeError
+
+__all__ = ["TransformerLM", "Conv1D", "check_tokens"]
+
+
+def check_tokens(tokens, vocab_size: int, max_len: int | None = None, where: str = "tokens") -> None:
+    """Host-side check of concrete token ids: integers in ``[0, vocab_size)``, ``[batch,
+    length]`` with length <= ``max_len``. (Inside ``jit`` an out-of-range id would be
+    clamped silently by the embedding lookup, so data is checked before it gets there.)"""
+    shape, dtype = np.shape(tokens), np.asarray(tokens).dtype if not hasattr(tokens, "dtype") else tokens.dtype
+    if len(shape) != 2:
+        raise InputError(f"{where}: expected token ids of shape [batch, length], got shape {tuple(shape)}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise InputTypeError(f"{where}: expected integer token ids, got dtype {dtype}")
+    if max_len is not None and shape[1] > max_len:
+        raise InputError(f"{where}: expected sequences of at most max_len = {max_len} tokens, got {shape[1]}")
+    if isinstance(tokens, jax.core.Tracer) or 0 in shape:
+        return
+    t = np.asarray(tokens)
+    if t.min() < 0 or t.max() >= vocab_size:
+        raise InputError(f"{where}: expected token ids in [0, {vocab_size}) (vocab_size), got ids from "
+                         f"{t.min()} to {t.max()}")
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: ``y = x @ weight + bias`` with ``weight`` stored ``[in, out]``."""
+
+    features: int
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.normal(self.std), (x.shape[-1], self.features), self.dtype)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape)
+
+
+def _layer_norm(dtype, name: str | None = None):
+    # GPT-2: eps 1e-5; the two-pass variance (Flax's default fast variance rounds differently)
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class _Attention(nn.Module):
+    num_heads: int
+    num_layers: int
+    dropout_rate: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, mask, train: bool):
+        b, n, d = x.shape
+        hd = d // self.num_heads
+        q, k, v = jnp.split(Conv1D(3 * d, dtype=self.dtype, name="c_attn")(x), 3, axis=-1)
+        heads = lambda t: t.reshape(b, n, self.num_heads, hd).transpose(0, 2, 1, 3)  # [b, heads, n, hd]
+        scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / jnp.asarray(math.sqrt(hd), x.dtype)
+        scores = jnp.where(mask, scores, jnp.finfo(x.dtype).min)
+        probs = nn.Dropout(self.dropout_rate, deterministic=not train)(jax.nn.softmax(scores, axis=-1))
+        out = (probs @ heads(v)).transpose(0, 2, 1, 3).reshape(b, n, d)
+        out = Conv1D(d, std=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype, name="c_proj")(out)
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+
+
+class _MLP(nn.Module):
+    num_layers: int
+    dropout_rate: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = x.shape[-1]
+        h = jax.nn.gelu(Conv1D(4 * d, dtype=self.dtype, name="c_fc")(x), approximate=True)
+        h = Conv1D(d, std=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype, name="c_proj")(h)
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+
+
+class _Block(nn.Module):
+    num_heads: int
+    num_layers: int
+    dropout_rate: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, mask, train: bool):
+        x = x + _Attention(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="attn")(
+            _layer_norm(self.dtype, "ln_1")(x), mask, train)
+        return x + _MLP(self.num_layers, self.dropout_rate, self.dtype, name="mlp")(
+            _layer_norm(self.dtype, "ln_2")(x), train)
+
+
+class _Blocks(nn.Module):  # "h": children "0", "1", ... as in the PyTorch ModuleList
+    num_layers: int
+    num_heads: int
+    dropout_rate: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, mask, train: bool):
+        for i in range(self.num_layers):
+            x = _Block(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name=str(i))(x, mask, train)
+        return x
+
+
+class _Transformer(nn.Module):
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    max_len: int
+    dropout_rate: float
+    dtype: jnp.dtype
+
+    def setup(self):
+        init = nn.initializers.normal(0.02)
+        self.wte = nn.Embed(self.vocab_size, self.d_model, embedding_init=init, dtype=self.dtype,
+                            param_dtype=self.dtype)
+        self.wpe = nn.Embed(self.max_len, self.d_model, embedding_init=init, dtype=self.dtype,
+                            param_dtype=self.dtype)
+        self.drop = nn.Dropout(self.dropout_rate)
+        self.h = _Blocks(self.num_layers, self.num_heads, self.dropout_rate, self.dtype)
+        self.ln_f = _layer_norm(self.dtype)
+
+    def __call__(self, tokens, mask, train: bool):
+        n = tokens.shape[1]
+        x = self.wte(tokens) + self.wpe(jnp.arange(n))[None]
+        x = self.drop(x, deterministic=not train)
+        return self.ln_f(self.h(x, mask, train))
+
+    def tied_logits(self, h):
+        return self.wte.attend(h)
+
+
+class TransformerLM(nn.Module):
+    """GPT-2: ``model.apply(variables, tokens, train=False, mask=None)`` -> logits
+    ``[batch, length, vocab_size]``.
+
+    ``tokens``: int ``[batch, length]``, length <= ``max_len``. ``mask``: optional bool
+    ``[batch, length]``, True at real tokens: no position attends to a padded one (the
+    logits *at* padded positions are meaningless; leave them out of the loss with
+    ``where=``). Dropout (``dropout_rate``, GPT-2's 0.1 for training) is active only
+    with ``train=True`` and ``rngs={"dropout": key}``.
+    """
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    max_len: int
+    dropout_rate: float = 0.0
+    tie_embeddings: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def from_gpt2_config(cls, config, **overrides) -> "TransformerLM":
+        """The model a Hugging Face ``GPT2Config`` (or its ``to_dict()``) describes.
+
+        A ``state_dict`` cannot tell the number of heads (the shapes are the same for
+        any count), so build the model from the checkpoint's config rather than by hand.
+        Refuses what ``TransformerLM`` does not implement (another activation or
+        LayerNorm epsilon, unscaled attention)."""
+        c = config if isinstance(config, dict) else config.to_dict()
+        need = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+        bad = {k: c[k] for k, v in need.items() if k in c and c[k] != v}
+        if bad:
+            raise InputError(f"GPT-2 config: expected {{{', '.join(f'{k}: {need[k]!r}' for k in bad)}}} "
+                             f"(what TransformerLM implements), got {bad}")
+        try:
+            kw = dict(vocab_size=c["vocab_size"], num_layers=c["n_layer"], d_model=c["n_embd"],
+                      num_heads=c["n_head"], max_len=c["n_positions"],
+                      tie_embeddings=c.get("tie_word_embeddings", True))
+        except KeyError as e:
+            raise InputError(f"GPT-2 config: expected keys vocab_size, n_layer, n_embd, n_head, n_positions; "
+                             f"missing {e}") from None
+        return cls(**(kw | overrides))
+
+    def _check(self):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise InputError(f"TransformerLM {name}: expected a positive int, got {v!r}")
+        if self.d_model % self.num_heads:
+            raise InputError(f"TransformerLM: expected d_model divisible by num_heads, got d_model = "
+                             f"{self.d_model} and num_heads = {self.num_heads}")
+        if not 0 <= self.dropout_rate < 1:
+            raise InputError(f"TransformerLM dropout_rate: expected a number in [0, 1), got {self.dropout_rate}")
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False, mask=None):
+        self._check()
+        check_tokens(tokens, self.vocab_size, self.max_len)
+        b, n = tokens.shape
+        allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, query, key]
+        if mask is not None:
+            if np.shape(mask) != (b, n):
+                raise InputError(f"mask: expected shape {(b, n)} (as tokens), got {tuple(np.shape(mask))}")
+            allowed = allowed & jnp.asarray(mask, bool)[:, None, None, :]
+        body = _Transformer(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.max_len,
+                            self.dropout_rate, self.dtype, name="transformer")
+        h = body(tokens, allowed, train)
+        if self.tie_embeddings:
+            return body.tied_logits(h)
+        return nn.Dense(self.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(0.02),
+                        dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(h)
