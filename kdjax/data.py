@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import zipfile
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
-           "validation_split", "without_class", "seed_schedule", "epoch_schedule"]
+           "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +182,91 @@ def without_class(ds: Dataset, label: int) -> Dataset:
                          f"the transfer set would be empty")
     return dataclasses.replace(ds, name=f"{ds.name} without class {label}", x_train=ds.x_train[keep],
                                y_train=ds.y_train[keep])
+
+
+# The default text corpus: these modules of the running Python's standard library, in this
+# order (top-level ``<name>.py`` files; a name missing from some Python version is skipped).
+TEXT_MODULES = ("abc", "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "contextlib", "copy",
+                "csv", "dataclasses", "difflib", "enum", "fnmatch", "fractions", "functools", "glob", "heapq",
+                "hmac", "inspect", "keyword", "linecache", "numbers", "operator", "optparse", "pprint", "queue",
+                "random", "reprlib", "sched", "secrets", "shlex", "shutil", "statistics", "string", "textwrap",
+                "threading", "timeit", "token", "tokenize", "traceback", "types", "typing", "uuid", "warnings",
+                "weakref")
+
+
+def _windows(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of ``length + 1`` tokens: inputs ``[:-1]``, next-token labels ``[1:]``."""
+    n = (len(tokens) - 1) // length
+    x = tokens[: n * length].reshape(n, length)
+    y = tokens[1: n * length + 1].reshape(n, length)
+    return x.astype(np.int32), y.astype(np.int32)
+
+
+def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEXT_MODULES,
+         validation_every: int = 10, max_bytes: int | None = None) -> Dataset:
+    """Byte-level language-model data (vocabulary 256), no download.
+
+    By default the corpus is the Python standard library's own source: the files
+    ``<stdlib>/<name>.py`` for ``name`` in ``modules`` (``TEXT_MODULES``, ~1.4 MB on
+    Python 3.11; the files differ slightly between Python versions, so the numbers do
+    too). Every ``validation_every``-th file (in that order) is validation, the rest
+    train: a split by file, never inside one. ``path`` replaces it with the user's
+    corpus: a ``.txt`` file (its last 10% of bytes are validation) or an ``.npz`` with
+    1-D int arrays ``train`` and ``validation`` (any vocabulary: ``max + 1``).
+    ``max_bytes`` keeps only the first that many training tokens (and a tenth as many of
+    validation). Each split is cut into non-overlapping windows: ``x`` int32
+    ``[windows, length]``, ``y`` the next tokens (``x`` shifted by one). The returned
+    ``Dataset`` keeps them as ``x_train``/``y_train``, ``x_test``/``y_test`` (the
+    validation split), ``num_classes`` the vocabulary size.
+    """
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise InputError(f"length: expected a positive int, got {length!r}")
+    if path is None:
+        import sysconfig
+
+        root = sysconfig.get_paths()["stdlib"]
+        files = [os.path.join(root, f"{m}.py") for m in modules]
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise InputError(f"text: none of the {len(modules)} modules was found under {root}")
+        chunks = [np.frombuffer(open(f, "rb").read(), np.uint8) for f in files]
+        val = [c for i, c in enumerate(chunks) if i % validation_every == validation_every - 1]
+        train = [c for i, c in enumerate(chunks) if i % validation_every != validation_every - 1]
+        train, val = np.concatenate(train), np.concatenate(val) if val else np.zeros(0, np.uint8)
+        name, vocab = f"text (Python {sys.version_info.major}.{sys.version_info.minor} stdlib, {len(files)} files)", 256
+    else:
+        train, val, vocab = _user_corpus(os.fspath(path))
+        name = os.path.basename(os.fspath(path))
+    if max_bytes is not None:
+        train, val = train[:max_bytes], val[: max(length + 1, max_bytes // 10)]
+    for what, arr in (("training", train), ("validation", val)):
+        if len(arr) < length + 1:
+            raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(arr)}")
+    (xt, yt), (xv, yv) = _windows(train, length), _windows(val, length)
+    return Dataset(name, xt, yt, xv, yv, int(vocab))
+
+
+def _user_corpus(path: str):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: expected an existing .txt or .npz file, got no such file")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            if not {"train", "validation"} <= set(f.files):
+                raise InputError(f"{path}: expected 1-D token arrays 'train' and 'validation', found "
+                                 f"{', '.join(f.files) or 'none'}")
+            train, val = f["train"], f["validation"]
+        for what, arr in (("train", train), ("validation", val)):
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"{path}: expected {what} as 1-D integer token ids, got {arr.dtype} {arr.shape}")
+            if len(arr) and arr.min() < 0:
+                raise InputError(f"{path}: expected token ids >= 0 in {what}, got {arr.min()}")
+        vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
+        return train.astype(np.int64), val.astype(np.int64), vocab
+    data = np.frombuffer(open(path, "rb").read(), np.uint8)
+    if len(data) == 0:
+        raise InputError(f"{path}: expected a non-empty text corpus, got an empty file")
+    cut = len(data) - len(data) // 10
+    return data[:cut], data[cut:], 256
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -53,6 +53,13 @@ def test_token_example_runs():
         ns["student"], ns["teacher"], ns["labels"], 2.0, 0.5, where=jnp.ones((2, 6), bool)))
 
 
+def test_lm_example_runs():
+    ns = run_example("example-lm")
+    loss = ns["m"]["loss"]
+    assert loss.shape == (40,) and float(loss[-10:].mean()) < float(loss[:10].mean())
+    assert 0 < ns["bits_per_byte"] < 8  # below the 8 bits of a uniform guess over 256 bytes
+
+
 def test_mesh_example_runs():
     ns = run_example("example-mesh")
     assert str(ns["state"].params["fc"]["kernel"].sharding.spec) == "P()"
