@@ -226,7 +226,14 @@ def cmd_omit_class(args, rep: Reporter) -> int:
 def _dataset(args):
     from kdjax import data
 
-    name, images = args.dataset, args.arch == "resnet"
+    name, images, tokens = args.dataset, args.arch == "resnet", args.arch == "transformer"
+    if name == "text" or name.endswith(".txt") or (tokens and name.endswith(".npz")):
+        if not tokens:
+            raise UsageError(f"--dataset {name}: expected --arch transformer (a language model), got --arch {args.arch}")
+        return data.text(args.context, None if name == "text" else name, max_bytes=args.text_bytes)
+    if tokens:
+        raise UsageError(f"--arch transformer: expected --dataset text, a .txt corpus or an .npz of tokens "
+                         f"(train, validation), got {name!r}")
     if name == "synthetic":
         ds = (data.synthetic_images(500, (8, 8, 3), 5, seed=args.seed, test_samples=500) if images
               else data.synthetic(500, 50, 5, seed=args.seed, test_samples=500))
@@ -235,7 +242,8 @@ def _dataset(args):
     elif name.endswith(".npz") or os.path.exists(name):
         ds = data.load_npz(name)
     else:
-        raise UsageError(f"--dataset: expected 'synthetic', 'digits' or a path to an .npz file, got {name!r}")
+        raise UsageError(f"--dataset: expected 'synthetic', 'digits', 'text' or a path to an .npz/.txt file, "
+                         f"got {name!r}")
     if images and ds.x_train.ndim != 4:
         raise UsageError(f"--arch resnet: expected images [n, height, width, channels] (NHWC) in the data "
                          f"set, got x_train of shape {ds.x_train.shape}")
@@ -252,8 +260,11 @@ def _run_config(args):
 
 def _models(args, num_classes: int):
     """(teacher, student) of ``--arch``, sized by the width/depth flags."""
-    from kdjax.models import ResNet, StudentMLP, TeacherMLP
+    from kdjax.models import ResNet, StudentMLP, TeacherMLP, TransformerLM
 
+    if args.arch == "transformer":  # GPT-2 dropout (0.1) in the teacher, none in the student, as the MLPs
+        return (TransformerLM(num_classes, args.teacher_layers, args.teacher_dim, args.heads, args.context, 0.1),
+                TransformerLM(num_classes, args.student_layers, args.student_dim, args.heads, args.context))
     if args.arch == "mlp":
         return TeacherMLP(args.teacher_hidden, num_classes), StudentMLP(args.student_hidden, num_classes)
     nets = []
@@ -267,8 +278,10 @@ def _models(args, num_classes: int):
 
 
 def _describe(model) -> str:
-    from kdjax.models import ResNet
+    from kdjax.models import ResNet, TransformerLM
 
+    if isinstance(model, TransformerLM):
+        return f"TransformerLM({model.num_layers} layers, d_model {model.d_model}, {model.num_heads} heads)"
     if isinstance(model, ResNet):
         return f"ResNet(blocks {tuple(model.stage_sizes)}, widths {tuple(model.widths)}, {model.stem} stem)"
     return f"{type(model).__name__}({model.hidden_dim})"
@@ -309,7 +322,8 @@ def _load_teacher(path: str, teacher, ds):
 _IDENTITY = ("dataset", "arch", "teacher_hidden", "student_hidden", "teacher_blocks", "teacher_widths",
              "student_blocks", "student_widths", "stem", "steps", "epochs", "batch_size", "lr", "optimizer",
              "momentum", "weight_decay", "nesterov", "lr_schedule", "seeds", "seed", "temperature", "alpha",
-             "temperatures", "alphas", "teacher", "checkpoint_every")
+             "temperatures", "alphas", "teacher", "checkpoint_every", "context", "teacher_layers", "teacher_dim",
+             "student_layers", "student_dim", "heads", "text_bytes")
 
 
 def _checkpoints(args):
@@ -363,6 +377,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     import jax
 
     from kdjax import checkpoint, experiments, plots
+    from kdjax.experiments import mean_ci
     from kdjax.losses import check_alpha, check_temperature
 
     check_temperature(args.temperature)  # before anything is trained
@@ -403,13 +418,27 @@ def cmd_distill(args, rep: Reporter) -> int:
                  f"on all {len(ds.y_train)} training rows")
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
-    rep.table("test accuracy (mean ± 95% CI over seeds)", ["model", "test accuracy"],
+    lm = args.arch == "transformer"
+    rep.table("validation next-byte accuracy (mean ± 95% CI over seeds)" if lm else
+              "test accuracy (mean ± 95% CI over seeds)", ["model", "accuracy"],
               [[teacher_label if k == "teacher" else k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in stats.items()]
               + [["distilled - standard (paired)", f"{gain[0]:+.4f} ± {gain[1]:.4f}"]])
+    bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
+    bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
+    bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
+    if lm:
+        rep.table("validation bits per byte (cross-entropy / ln 2; lower is better), mean ± 95% CI",
+                  ["model", "bits per byte"],
+                  [[teacher_label if k == "teacher" else k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in bpb_stats.items()]
+                  + [["distilled - standard (paired)", f"{bpb_gain[0]:+.4f} ± {bpb_gain[1]:.4f}"]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
                "teacher_test_accuracy": float(acc["teacher"][0]),
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
-               "paired_gain": gain, "losses": r.losses}
+               "paired_gain": gain, "losses": r.losses,
+               "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}}
+    if lm:
+        results["bits_per_byte"] = {k: v.tolist() for k, v in bpb.items()}
+        results["bits_per_byte_mean_ci"], results["bits_per_byte_paired_gain"] = bpb_stats, bpb_gain
     if tuned is not None:
         results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
                              "validation_accuracy": tuned.validation.tolist(),
@@ -508,8 +537,9 @@ def _float_in(lo, hi, what):
 def _training_args(p, seeds_default: int):
     p.add_argument("--dataset", default="synthetic", help="synthetic, digits, or PATH.npz "
                    "(x_train, y_train, x_test, y_test; images NHWC)")
-    p.add_argument("--arch", choices=["mlp", "resnet"], default="mlp",
-                   help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images")
+    p.add_argument("--arch", choices=["mlp", "resnet", "transformer"], default="mlp",
+                   help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
+                        "transformer: GPT-2 language models on --dataset text")
     p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
@@ -522,6 +552,14 @@ def _training_args(p, seeds_default: int):
                    help="resnet: student channels per stage (default 4 8 16)")
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
                    help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
+    p.add_argument("--context", type=_positive_int, default=64, help="transformer: tokens per window")
+    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer (default 2)")
+    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: d_model (default 64)")
+    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer (default 1)")
+    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: d_model (default 32)")
+    p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads (default 4)")
+    p.add_argument("--text-bytes", type=_positive_int, default=200_000,
+                   help="--dataset text: training bytes kept (default 200000; validation a tenth)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=100,
                         help="the seed's 'epochs': one random minibatch per step (default 100)")

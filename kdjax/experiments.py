@@ -147,6 +147,8 @@ def _device_data(ds: Dataset, teacher_logits=None) -> dict:
 
 
 def _example(model, ds: Dataset) -> jax.ShapeDtypeStruct:
+    if np.issubdtype(ds.x_train.dtype, np.integer):  # token ids
+        return jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x_train.dtype)
     return jax.ShapeDtypeStruct((1, *ds.input_shape), getattr(model, "dtype", jnp.float32))
 
 
@@ -207,7 +209,7 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
     ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
-    member). Members with equal seeds share init and minibatches (a paired design);
+    member; for a language model ``[n, length, vocab]`` or ``[N, n, length, vocab]``). Members with equal seeds share init and minibatches (a paired design);
     when all seeds are equal, one schedule is shared by all members.
 
     Resuming: ``start=(states, losses_so_far)`` continues a run of the same config
@@ -226,7 +228,9 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     else:
         schedules = np.stack([cfg.schedule(k, n) for k in keys["schedule"]])
     shared = schedules.ndim == 2
-    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == 3
+    # one teacher's logits have one more axis than the labels ([n, classes], or [n, length,
+    # vocab] for a language model); one teacher per member, two more
+    per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == np.ndim(ds.y_train) + 2
     run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n), mesh)
     data, args = _device_data(ds, teacher_logits), (hyper,)
     if start is None:
@@ -251,7 +255,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     return states, np.concatenate([parallel.to_host(x) for x in losses], axis=1)
 
 
-def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> dict:
+def paired_students(seeds, teacher_logits, temperature: float, alpha: float, *,
+                    per_seed: bool | None = None) -> dict:
     """``fit_members`` keyword arguments (``seeds``, ``hyper``, ``teacher_logits``) that
     train standard and distilled students as one vmapped program.
 
@@ -261,10 +266,12 @@ def paired_students(seeds, teacher_logits, temperature: float, alpha: float) -> 
     Members i and n + i share seed i, hence init and minibatches, and teacher i when
     ``teacher_logits`` is per seed (``[n, examples, classes]``); a single teacher's
     ``[examples, classes]`` is shared by all. Split results with ``[:n]`` and ``[n:]``.
+    ``per_seed`` says which it is (default: 3-D logits are per seed; pass it for
+    sequence models, whose single teacher's logits are 3-D too).
     """
     seeds, logits = np.asarray(seeds), parallel.to_host(teacher_logits)
     n = len(seeds)
-    if logits.ndim == 3:
+    if per_seed if per_seed is not None else logits.ndim == 3:
         if logits.shape[0] != n:
             raise InputError(f"teacher_logits: expected one teacher per seed ({n}), got {logits.shape[0]}")
         logits = np.concatenate([logits, logits])
@@ -338,7 +345,9 @@ class DistillResult:
     """What ``distill`` returns. Students are one batched state: members ``:n`` standard,
     ``n:`` distilled (pair i shares seed i). ``accuracy[split][model]`` is ``[n]``
     (the teacher's ``[1]`` when it was loaded); ``mean_ci[split][model]`` and
-    ``paired_gain[split]`` (distilled - standard) are ``(mean, 95% CI half-width)``."""
+    ``paired_gain[split]`` (distilled - standard) are ``(mean, 95% CI half-width)``.
+    ``eval_loss[split][model]``: the mean cross-entropy (nats; per token for
+    sequence models), laid out like ``accuracy``."""
 
     seeds: list
     teacher: object
@@ -348,6 +357,7 @@ class DistillResult:
     accuracy: dict
     mean_ci: dict
     paired_gain: dict
+    eval_loss: dict = dataclasses.field(default_factory=dict)
 
     @property
     def standard(self):
@@ -405,18 +415,20 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     else:
         t_states, t_losses = teacher_state, None
         logits = teacher_logits_for(teacher, teacher_state, transfer)
-    pairs = paired_students(seeds, logits, temperature, alpha)
+    pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
     s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
-    accuracy = {}
+    accuracy, eval_loss = {}, {}
     for split in splits:
         x, y = _split(ds, split)
-        t_acc = evaluate_on(teacher, t_states, x, y, members=teacher_state is None)["accuracy"]
-        s_acc = evaluate_on(student, s_states, x, y, members=True)["accuracy"]
-        accuracy[split] = {"teacher": np.atleast_1d(t_acc), "standard": s_acc[:n], "distilled": s_acc[n:]}
+        t_ev = evaluate_on(teacher, t_states, x, y, members=teacher_state is None)
+        s_ev = evaluate_on(student, s_states, x, y, members=True)
+        accuracy[split], eval_loss[split] = (
+            {"teacher": np.atleast_1d(t_ev[k]), "standard": s_ev[k][:n], "distilled": s_ev[k][n:]}
+            for k in ("accuracy", "loss"))
     stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
     gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
     return DistillResult(seeds, t_states, t_losses, s_states,
-                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain)
+                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain, eval_loss)
 
 
 @dataclasses.dataclass

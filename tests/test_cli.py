@@ -131,6 +131,21 @@ def test_omit_class_and_tuned_distill_commands(env, tmp_path):
     assert r["tuning"]["best"]["alpha"] == 0.5 and r["tuning"]["best"]["temperature"] in (1, 4)
 
 
+def test_distill_language_models_on_text(env, tmp_path):
+    p = kdjax(env, "distill", "--dataset", "text", "--arch", "transformer", "--steps", 4, "--seeds", 2,
+              "--batch-size", 8, "--text-bytes", 4000, "--context", 16, "--teacher-dim", 16, "--student-dim", 8,
+              "--heads", 2, "--json", "--quiet", "--out", tmp_path / "lm")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["dataset"].startswith("text (Python") and len(r["bits_per_byte"]["distilled"]) == 2
+    for k in ("teacher", "standard", "distilled"):  # bits per byte = cross-entropy / ln 2, near 8 untrained
+        np.testing.assert_allclose(r["bits_per_byte"][k], np.asarray(r["test_loss"][k]) / np.log(2), rtol=1e-6)
+        assert 4 < r["bits_per_byte_mean_ci"][k][0] < 9
+    assert (tmp_path / "lm" / "student_distilled.ckpt").exists()
+    p = kdjax(env, "distill", "--arch", "transformer", "--dataset", "digits", "--steps", 2)
+    assert p.returncode == 2 and "--dataset text" in p.stderr
+
+
 def test_sweep_heatmap(env, tmp_path):
     out = tmp_path / "s"
     p = kdjax(env, "sweep", "--dataset", "synthetic", "--temperatures", 1, 4, "--alphas", 0.3, 0.9,
@@ -158,6 +173,12 @@ def _npz(tmp_path, **over):
     return path
 
 
+def _empty_txt(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    return path
+
+
 def _not_npz(tmp_path):
     path = tmp_path / "x.npz"
     path.write_text("hello")
@@ -176,6 +197,8 @@ def _not_npz(tmp_path):
     ("bad steps", ["--steps", "positive integer"]),
     ("omitted class out of range", ["omitted class", "0..9", "got 10"]),
     ("validation fraction", ["validation fraction", "(0, 1)", "1.5"]),
+    ("text without transformer", ["--dataset text", "--arch transformer"]),
+    ("empty corpus", ["non-empty text corpus"]),
 ])
 def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
     base = ["distill", "--steps", 5, "--batch-size", 4, "--seeds", 1]
@@ -191,6 +214,8 @@ def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
         "bad steps": lambda: ["distill", "--steps", 0],
         "omitted class out of range": lambda: ["omit-class", "--omit", 10, "--epochs", 1, "--seeds", 2],
         "validation fraction": lambda: base + ["--tune", "--validation-fraction", 1.5],
+        "text without transformer": lambda: base + ["--dataset", "text"],
+        "empty corpus": lambda: base + ["--arch", "transformer", "--dataset", _empty_txt(tmp_path)],
     }[case]()
     p = kdjax(env, *args, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
@@ -257,14 +282,14 @@ def test_distill_resnet_on_digit_images_and_torchvision_teacher(env, tmp_path):
 
 
 @pytest.mark.parametrize("case,words", [
-    ("unknown arch", ["--arch", "invalid choice", "transformer"]),
+    ("unknown arch", ["--arch", "invalid choice", "vit"]),
     ("nchw images", ["NHWC", "NCHW", "transpose(0, 2, 3, 1)"]),
     ("flat data for resnet", ["--arch resnet", "images", "(20, 3)"]),
     ("blocks vs widths", ["--teacher-blocks", "one width per stage"]),
 ])
 def test_resnet_cli_errors(env, tmp_path, case, words):
     args = {
-        "unknown arch": lambda: ["distill", "--arch", "transformer"],
+        "unknown arch": lambda: ["distill", "--arch", "vit"],
         "nchw images": lambda: ["distill", "--arch", "resnet", "--steps", 2, "--batch-size", 4, "--dataset",
                                 _npz(tmp_path, x_train=np.zeros((20, 1, 8, 8)), x_test=np.zeros((5, 1, 8, 8)))],
         "flat data for resnet": lambda: ["distill", "--arch", "resnet", "--dataset", _npz(tmp_path)],
