@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -323,7 +324,7 @@ _IDENTITY = ("dataset", "arch", "teacher_hidden", "student_hidden", "teacher_blo
              "student_blocks", "student_widths", "stem", "steps", "epochs", "batch_size", "lr", "optimizer",
              "momentum", "weight_decay", "nesterov", "lr_schedule", "seeds", "seed", "temperature", "alpha",
              "temperatures", "alphas", "teacher", "checkpoint_every", "context", "teacher_layers", "teacher_dim",
-             "student_layers", "student_dim", "heads", "text_bytes")
+             "student_layers", "student_dim", "heads", "text_bytes", "teacher_steps")
 
 
 def _checkpoints(args):
@@ -397,6 +398,12 @@ def cmd_distill(args, rep: Reporter) -> int:
         t_state = _load_teacher(args.teacher, teacher, ds)
         rep.line(f"teacher loaded from {args.teacher}")
     mesh = _mesh(args, rep, len(seeds), cfg.batch_size)
+    t_cfg = None
+    if args.teacher_steps is not None:
+        if args.tune or args.teacher:
+            raise UsageError("--teacher-steps: expected a teacher trained here (no --teacher) and no --tune")
+        t_cfg = dataclasses.replace(cfg, steps=args.teacher_steps, epochs=None)
+        rep.line(f"teachers: {t_cfg.describe()}")
     tuned = None
     with rep.progress() as on_chunk:
         if args.tune:
@@ -408,7 +415,7 @@ def cmd_distill(args, rep: Reporter) -> int:
         else:
             r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
                                     alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
-                                    on_chunk=on_chunk, log=rep.line, mesh=mesh)
+                                    on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg)
     if tuned is not None:
         rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI; "
                   f"rows T, columns alpha", ["T \\ alpha"] + [f"{a:g}" for a in tuned.alphas],
@@ -609,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(distill, seeds_default=4)
     distill.add_argument("--temperature", type=float, default=3.0)
     distill.add_argument("--alpha", type=float, default=0.7)
+    distill.add_argument("--teacher-steps", type=_positive_int, default=None,
+                         help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
                          help="choose T and alpha from --temperatures x --alphas on a validation split of the "
                               "training rows (never the test set), then distill at the best")

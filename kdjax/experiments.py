@@ -377,11 +377,12 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             splits: Sequence[str] = ("test",), checkpoints: Checkpoints | None = None,
             chunk: int | None = None, on_chunk: OnChunk | None = None,
             log: Callable[[str], None] = lambda line: None, mesh=None,
-            transfer: Dataset | None = None) -> DistillResult:
+            transfer: Dataset | None = None, teacher_cfg: RunConfig | None = None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
-       ``teacher_state`` (a loaded ``TrainState``) for every seed.
+       ``teacher_state`` (a loaded ``TrainState``) for every seed; ``teacher_cfg`` (default
+       ``cfg``) sets the teachers' length and optimizer.
     2. Students (phase ``"students"``): for each seed a standard student (alpha = 0,
        exactly cross-entropy) and a distilled one (``temperature``, ``alpha``) from the
        same init and minibatches, all 2n as one vmapped program, distilling from the
@@ -410,7 +411,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
         raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
                          f"(as {ds.name}), got {transfer.input_shape} in {transfer.num_classes}")
     if teacher_state is None:
-        t_states, t_losses = phase("teachers", teacher, "ce", ds, cfg, seeds)
+        t_states, t_losses = phase("teachers", teacher, "ce", ds, teacher_cfg or cfg, seeds)
         logits = teacher_logits_for(teacher, t_states, transfer, members=True)
     else:
         t_states, t_losses = teacher_state, None

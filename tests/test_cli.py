@@ -134,8 +134,9 @@ def test_omit_class_and_tuned_distill_commands(env, tmp_path):
 def test_distill_language_models_on_text(env, tmp_path):
     p = kdjax(env, "distill", "--dataset", "text", "--arch", "transformer", "--steps", 4, "--seeds", 2,
               "--batch-size", 8, "--text-bytes", 4000, "--context", 16, "--teacher-dim", 16, "--student-dim", 8,
-              "--heads", 2, "--json", "--quiet", "--out", tmp_path / "lm")
+              "--heads", 2, "--teacher-steps", 6, "--json", "--quiet", "--out", tmp_path / "lm")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "teachers: 6 steps" in p.stderr  # --json sends the human report to stderr
     r = json.loads(p.stdout)
     assert r["dataset"].startswith("text (Python") and len(r["bits_per_byte"]["distilled"]) == 2
     for k in ("teacher", "standard", "distilled"):  # bits per byte = cross-entropy / ln 2, near 8 untrained
@@ -144,6 +145,8 @@ def test_distill_language_models_on_text(env, tmp_path):
     assert (tmp_path / "lm" / "student_distilled.ckpt").exists()
     p = kdjax(env, "distill", "--arch", "transformer", "--dataset", "digits", "--steps", 2)
     assert p.returncode == 2 and "--dataset text" in p.stderr
+    p = kdjax(env, "distill", "--steps", 2, "--teacher-steps", 4, "--tune")
+    assert p.returncode == 2 and "--teacher-steps" in p.stderr
 
 
 def test_sweep_heatmap(env, tmp_path):
