@@ -243,7 +243,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
 def _is_tied_copy(key: str, got: Mapping, want: Mapping) -> bool:
     """``key`` holds the same values as a key the model uses (a tied weight)."""
     arr = _to_numpy(got[key])
-    return any(k in got and _to_numpy(got[k]).shape == arr.shape and np.array_equal(_to_numpy(got[k]), arr)
+    return any(k in got and tuple(np.shape(got[k])) == arr.shape and np.array_equal(_to_numpy(got[k]), arr)
                for k in want)
 
 

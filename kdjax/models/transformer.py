@@ -74,12 +74,14 @@ def _layer_norm(dtype, name: str | None = None):
     return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype, name=name)
 
 
-class _Attention(nn.Module):
+class _Part(nn.Module):  # the fields every piece of a block needs
     num_heads: int
     num_layers: int
     dropout_rate: float
     dtype: jnp.dtype
 
+
+class _Attention(_Part):
     @nn.compact
     def __call__(self, x, mask, train: bool):
         b, n, d = x.shape
@@ -94,11 +96,7 @@ class _Attention(nn.Module):
         return nn.Dropout(self.dropout_rate, deterministic=not train)(out)
 
 
-class _MLP(nn.Module):
-    num_layers: int
-    dropout_rate: float
-    dtype: jnp.dtype
-
+class _MLP(_Part):
     @nn.compact
     def __call__(self, x, train: bool):
         d = x.shape[-1]
@@ -107,17 +105,12 @@ class _MLP(nn.Module):
         return nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
 
-class _Block(nn.Module):
-    num_heads: int
-    num_layers: int
-    dropout_rate: float
-    dtype: jnp.dtype
-
+class _Block(_Part):
     @nn.compact
     def __call__(self, x, mask, train: bool):
         x = x + _Attention(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="attn")(
             _layer_norm(self.dtype, "ln_1")(x), mask, train)
-        return x + _MLP(self.num_layers, self.dropout_rate, self.dtype, name="mlp")(
+        return x + _MLP(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="mlp")(
             _layer_norm(self.dtype, "ln_2")(x), train)
 
 
