@@ -586,8 +586,8 @@ def omit_class(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[in
     logits = lambda model, states, x, members=True: parallel.to_host(
         predict_logits(model, states, _on_device(x), members=members))
     val, test = logits(student, r.students, tune.x_test), logits(student, r.students, ds.x_test)
-    t_test = np.atleast_3d(logits(teacher, r.teacher, ds.x_test, teacher_state is None))
-    t_test = t_test if teacher_state is None else t_test.transpose(2, 0, 1)  # [1, n, classes]
+    t_test = logits(teacher, r.teacher, ds.x_test, teacher_state is None)
+    t_test = t_test if teacher_state is None else t_test[None]  # a loaded teacher: [1, n, classes]
     bias = np.array([match_prior_bias(v, omit, prior) for v in val])
     adjusted = test.copy()
     adjusted[:, :, omit] += bias[:, None].astype(adjusted.dtype)

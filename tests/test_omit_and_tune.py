@@ -115,3 +115,18 @@ def test_tuning_never_looks_at_the_test_set(digits):
     ref = experiments.distill(teacher, student, digits, cfg, [0, 1], temperature=a.best[0], alpha=a.best[1])
     for k in ("standard", "distilled", "teacher"):
         np.testing.assert_array_equal(a.result.accuracy["test"][k], ref.accuracy["test"][k])
+
+
+def test_omit_class_with_a_loaded_teacher(digits):
+    """One given teacher for every seed: its accuracy is reported once, and equals evaluate's."""
+    import jax
+
+    import kdjax
+
+    teacher = TeacherMLP(16, 10)
+    state = kdjax.create_train_state(teacher, jax.random.PRNGKey(0), input_dim=64)
+    r = experiments.omit_class(teacher, StudentMLP(8, 10), digits, RunConfig(steps=3), [0, 1], teacher_state=state)
+    overall = r.accuracy["before"]["teacher"]["overall"]
+    assert overall.shape == (1,)
+    want = kdjax.evaluate(teacher, state, digits.x_test, digits.y_test)["accuracy"]
+    assert round(float(overall[0]) * len(digits.y_test)) == round(float(want) * len(digits.y_test))
