@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|all] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|gpt2|all] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "lm", "all"], default="all")
+    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "lm", "gpt2", "all"], default="all")
     ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
                     help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
     ap.add_argument("--lm-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--gpt2-shape", type=int, nargs=2, default=None, metavar=("BATCH", "LENGTH"),
+                    help="the gpt2 preset's tokens per step (default 4 128 on CPU, 8 1024 on GPU)")
+    ap.add_argument("--gpt2-model", type=int, nargs=5, default=None,
+                    metavar=("TEACHER_LAYERS", "STUDENT_LAYERS", "D_MODEL", "HEADS", "VOCAB"),
+                    help="the gpt2 preset's models (default 12 6 768 12 50257: GPT-2 small -> DistilGPT2)")
     ap.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None)
     ap.add_argument("--precision", choices=list(PRECISIONS), default="highest",
                     help="float32 matmul precision, set alike for JAX and torch (default: highest, "
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) + ["lm"] if args.preset == "all" else [args.preset]
+    names = list(PRESETS) + ["lm", "gpt2"] if args.preset == "all" else [args.preset]
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,
@@ -102,6 +107,21 @@ def main(argv=None) -> int:
                 out["lm"] = bench_lm(*shape, dtype=args.lm_dtype, repeats=min(args.repeats, 3),
                                      torch_device=torch_device, on_progress=status.update)
                 continue
+            if name == "gpt2":
+                from benchmarks.gpt2 import SHAPES as GPT2_SHAPES, bench_gpt2
+
+                g = GPT2_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                if args.gpt2_shape:
+                    g = dataclasses.replace(g, batch=args.gpt2_shape[0], length=args.gpt2_shape[1])
+                if args.gpt2_model:
+                    g = dataclasses.replace(g, **dict(zip(("teacher_layers", "student_layers", "d_model", "heads",
+                                                           "vocab"), args.gpt2_model)))
+                if args.steps:
+                    g = dataclasses.replace(g, steps=max(2, args.steps))
+                out["gpt2"] = bench_gpt2(g, repeats=min(args.repeats, 3), torch_device=torch_device,
+                                         peak_gflops=out["peak_gflops"], which=which, eager_torch=args.eager_torch,
+                                         on_progress=status.update)
+                continue
             p = PRESETS[name]
             if args.steps:
                 p = dataclasses.replace(p, steps=args.steps, sweep_steps=max(1, min(p.sweep_steps, args.steps)))
@@ -125,7 +145,9 @@ def main(argv=None) -> int:
                 t.add_row(impl, "[red]failed[/]", "", "", "", "", "", "", r["error"][:60])
                 continue
             us = r["us_per_step"]
-            t.add_row(impl + (" (per student)" if r["per_student_step"] else ""),
+            how = {"-": "", None: "; one vmap", 1: "; in sequence"}.get(r.get("members_per_group", "-"),
+                                                                        f"; groups of {r.get('members_per_group')}")
+            t.add_row(impl + (f" (per student{how})" if r["per_student_step"] else ""),
                       f"{us['median']:.1f}", f"{us['min']:.1f}", f"{us['max']:.1f}",
                       f"{r['steps_per_s']:.0f}", f"{r['gflops']:.2f}", f"{100 * r['frac_peak']:.1f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
@@ -152,6 +174,23 @@ def main(argv=None) -> int:
         console.print(f"fused vs naive JAX: {ra['fused_memory_vs_naive']:.1f}x less peak memory "
                       f"({ra['fused_temp_vs_naive']:.1f}x less temporary), {ra['fused_time_vs_naive']:.2f}x the time; "
                       f"{ra['fused_time_vs_torch']:.2f}x torch_naive's time")
+    if "gpt2" in out:
+        g = out["gpt2"]
+        sh = g["shape"]
+        t = Table(title=f"preset gpt2: teacher {sh['teacher_layers']} layers -> student {sh['student_layers']} "
+                        f"layers, d_model {sh['d_model']}, {sh['heads']} heads, vocab {sh['vocab']}, "
+                        f"{sh['batch']} x {sh['length']} tokens per step, teacher online")
+        for col in ("impl", "ms/step med", "min", "max", "tokens/s", "GFLOP/s", "% peak", "compile s",
+                    "× best torch"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in g["results"].items():
+            ms = r["ms_per_step"]
+            t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}",
+                      f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
+                      "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                      f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
+                      else "(best)" if impl == g["best_torch"] else "")
+        console.print(t)
     console.print(f"total {out['wall_s']:.0f} s")
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -413,7 +413,9 @@ class KdjaxFused(Impl):
 
 
 class KdjaxSweep(Impl):
-    """24 students (T x alpha grid) as one vmapped fused program; time per student-step."""
+    """24 students (T x alpha grid) as one fused program; time per student-step. How the
+    members run (one vmap, groups, or in sequence: ``members_per_group``) is chosen by
+    ``sweep.pick_members_per_group`` on these inputs first; its timings are reported."""
 
     name = "kdjax_sweep"
 
@@ -428,9 +430,14 @@ class KdjaxSweep(Impl):
                                                   self.p.batch, self.p.sweep_steps)
         self.rngs, self.hyper = keys["dropout"], sweep.sweep_hyper(temps, alphas)
         self.members = len(temps)
-        run = sweep.make_sweep_run(student, "kd", shared_schedule=True)
+        args = (self.states, self.data, self.schedules, self.rngs, self.hyper)
+        self.group, times = sweep.pick_members_per_group(student, "kd", *args, shared_schedule=True)
+        per_student = 1e6 / (self.members * self.p.sweep_steps)
+        self.details = {"members_per_group": self.group,
+                        "pick_us_per_student_step": {str(g): t * per_student for g, t in times.items()}}
+        run = sweep.make_sweep_run(student, "kd", shared_schedule=True, members_per_group=self.group)
         t0 = time.perf_counter()
-        self.fn = run.lower(self.states, self.data, self.schedules, self.rngs, self.hyper).compile()
+        self.fn = run.lower(*args).compile()
         compile_s = time.perf_counter() - t0
         self.run()
         return compile_s
@@ -513,7 +520,7 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
             "steps_per_s": 1e6 / med, "flops_per_step": flops, "gflops": gflops,
             "frac_peak": gflops / peak_gflops, "compile_s": compile_s[impl.name],
             "repeats": len(us), "per_student_step": _is_sweep(impl.name),
-        }
+        } | getattr(impl, "details", {})
     med = {name: r["us_per_step"]["median"] for name, r in results.items() if "us_per_step" in r}
     base = med.get("torch_eager")
     speedup = {name: base / m for name, m in med.items() if base and name != "torch_eager"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from typing import Sequence
 
 import jax
@@ -23,7 +24,7 @@ from kdjax.train import (CheckedRun, evaluate, init_variables, make_hyper, make_
                          state_from_params)
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
-           "evaluate_members", "sweep_hyper"]
+           "pick_members_per_group", "evaluate_members", "sweep_hyper"]
 
 
 def grid(temperatures: Sequence[float], alphas: Sequence[float], seeds: Sequence[int]):
@@ -75,7 +76,8 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
 
 
 def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
-                   shared_schedule: bool = False, member_teacher_logits: bool = False, mesh=None):
+                   shared_schedule: bool = False, member_teacher_logits: bool = False, mesh=None,
+                   members_per_group: int | None = None):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
     Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
@@ -92,11 +94,27 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     minibatches over its ``"data"`` axis (both must divide evenly: checked before
     compiling); inputs are placed for the caller and the results come back sharded over
     ``"members"``.
+
+    ``members_per_group`` (no mesh): run the members ``members_per_group`` at a time,
+    one group after another in the same program (``lax.map`` over groups, each group a
+    ``vmap``; 1 is members in sequence). The default, None, is one ``vmap`` of all of
+    them. Every choice computes the same per-member functions; the floating-point
+    results may differ in the last bits (XLA may order a batched matmul's sums
+    differently from an unbatched one's). ``pick_members_per_group`` chooses by timing.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     hyper_axes = None if objective == "ce" else 0
     data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
     in_axes = (0, data_axes, None if shared_schedule else 0, 0, hyper_axes)
+    if members_per_group is not None:
+        if mesh is not None:
+            raise InputError("members_per_group: groups of members run on one device; got it with a mesh "
+                             "(a mesh splits members over its 'members' axis instead)")
+        if isinstance(members_per_group, bool) or not isinstance(members_per_group, (int, np.integer)) \
+                or members_per_group < 1:
+            raise InputError(f"members_per_group: expected a positive int or None, got {members_per_group!r}")
+        grouped = functools.partial(_grouped_run, step=step, in_axes=in_axes, size=int(members_per_group))
+        return CheckedRun(jax.jit(grouped, donate_argnums=0))
     if mesh is None:
         vrun = jax.vmap(functools.partial(run_steps, step=step), in_axes=in_axes)
         return CheckedRun(jax.jit(vrun, donate_argnums=0))
@@ -105,6 +123,53 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     jitted = jax.jit(vrun, donate_argnums=0, out_shardings=parallel.member_sharding(mesh))
     place = functools.partial(_place_members, mesh, shared_schedule, member_teacher_logits)
     return CheckedRun(jitted, place=place)
+
+
+def pick_members_per_group(model, objective, states, data, schedules, rngs, hyper=None, *,
+                           candidates=None, repeats: int = 3, **make_kw):
+    """Time ``make_sweep_run(model, objective, members_per_group=g, **make_kw)`` for each
+    ``g`` in ``candidates`` on these inputs and return ``(fastest g, {g: median seconds})``.
+
+    Default candidates: None (one vmap of all N members), 1 (members in sequence) and
+    the largest divisor of N not above sqrt(N) (groups). Each candidate compiles once and
+    runs ``1 + repeats`` times, interleaved with the others, on a copy of ``states``
+    (nothing is donated or changed); pass a short ``schedules`` (one chunk of the real
+    run, whose compiled program the real run then reuses). The choice depends on the
+    machine and its load: record it and pass it back explicitly to repeat a run bitwise.
+    """
+    if repeats < 1:
+        raise InputError(f"repeats: expected a positive int, got {repeats}")
+    n = int(np.shape(jax.tree_util.tree_leaves(states)[0])[0])
+    if candidates is None:
+        group = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+        candidates = list(dict.fromkeys([None, 1, group]))
+    runs = {g: make_sweep_run(model, objective, members_per_group=g, **make_kw) for g in candidates}
+    times = {g: [] for g in candidates}
+    for k in range(repeats + 1):  # the first round compiles and warms up
+        for g, run in runs.items():
+            copy = jax.tree_util.tree_map(jnp.copy, states)
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(copy, data, schedules, rngs, hyper))
+            if k:
+                times[g].append(time.perf_counter() - t0)
+    medians = {g: float(np.median(t)) for g, t in times.items()}
+    return min(medians, key=medians.get), medians
+
+
+def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size):
+    # lax.map over the per-member arguments (in_axes 0; of data, teacher_logits when it
+    # is per member); the rest is shared by every member.
+    per_member_logits = isinstance(in_axes[1], dict)
+    mapped = (states, data["teacher_logits"] if per_member_logits else None,
+              schedules if in_axes[2] == 0 else None, rngs, hyper if in_axes[4] == 0 else None)
+
+    def member(m):
+        state, logits, schedule, rng, hyp = m
+        d = {**data, "teacher_logits": logits} if per_member_logits else data
+        return run_steps(state, d, schedules if schedule is None else schedule, rng,
+                         hyper if hyp is None else hyp, step=step)
+
+    return jax.lax.map(member, mapped, batch_size=size)
 
 
 def _place_members(mesh, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):

@@ -113,3 +113,32 @@ def test_functional_torch_rows_are_checked_against_the_reference():
             row.state[0]["fc2.bias"][-1] += 1e-3  # the last member (or the single run)
         with pytest.raises(RuntimeError, match="differs from the reference"):
             row.check_against_reference()
+
+
+def test_gpt2_preset_smoke(tmp_path):
+    """Tiny GPT-2 shapes through the CLI: the four rows, their loss check, the JSON."""
+    out = tmp_path / "gpt2.json"
+    cmd = [sys.executable, "-m", "benchmarks", "--preset", "gpt2", "--gpt2-model", "2", "1", "32", "4", "300",
+           "--gpt2-shape", "2", "16", "--steps", "2", "--repeats", "1", "--eager-torch", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    g = json.loads(out.read_text())["gpt2"]
+    assert set(g["results"]) == {"torch_eager", "torch_compile", "kdjax_step", "kdjax_fused"}
+    assert g["tokens_per_step"] == 32 and g["best_torch"] in ("torch_eager", "torch_compile")
+    assert set(g["speedup_vs_best_torch"]) == {"kdjax_step", "kdjax_fused"}
+    for r in g["results"].values():
+        assert r["tokens_per_s"] > 0 and 0 < r["frac_peak"]
+        assert len(r["first_losses"]) == 2
+
+
+def test_gpt2_flops_and_loss_check(monkeypatch):
+    """The FLOP formula by hand, and a torch row that trains something else is refused."""
+    import benchmarks.gpt2 as g
+
+    s = g.GPT2Shape(teacher_layers=2, student_layers=1, d_model=16, heads=2, vocab=40, batch=2, length=8, steps=2)
+    per_token = lambda layers: layers * (24 * 16 * 16 + 4 * 8 * 16) + 2 * 16 * 40
+    assert s.flops() == 16 * (3 * per_token(1) + per_token(2))
+    real = g.ref.distillation_loss
+    monkeypatch.setattr(g.ref, "distillation_loss", lambda s_, t, y, T, a: real(s_, t, y, T + 1.0, a))
+    with pytest.raises(RuntimeError, match="torch_eager's first two losses"):
+        g.bench_gpt2(s, repeats=1, which=("torch_eager",))

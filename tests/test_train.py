@@ -324,3 +324,49 @@ def test_paired_students_split_into_standard_and_distilled(seed_data):
         paired_students([1, 2, 3], logits, 3.0, 0.7)
     with pytest.raises(ValueError, match="alpha"):
         paired_students(seeds, logits, 3.0, 1.5)
+
+
+@pytest.mark.parametrize("layout", ["per_member", "shared_schedule_member_teachers", "ce"])
+def test_member_groups_give_the_same_numbers(setup, layout):
+    """Members in sequence (1), in groups (2, 3: a remainder group) and one vmap (None)
+    train the same students: losses and weights agree to float32 rounding, and a wrong
+    member would not (the grid's members differ)."""
+    s = setup
+    shared = layout.startswith("shared")
+    temps, alphas, seeds = sweep.grid([1.0, 4.0], [0.3, 1.0], [0] if shared else [0, 1])
+    keys = sweep.member_keys(seeds)
+    scheds = (kdata.seed_schedule(keys["schedule"][0], 500, 64, 8) if shared
+              else sweep.member_schedules(keys["schedule"], 500, 64, steps=8))
+    d = dict(s["d"], teacher_logits=s["tlogits"])
+    if shared:  # and one teacher per member
+        d["teacher_logits"] = jnp.stack([s["tlogits"] * (1 + 0.1 * i) for i in range(len(seeds))])
+    objective = "ce" if layout == "ce" else "kd"
+    hyper = None if objective == "ce" else sweep.sweep_hyper(temps, alphas)
+    out = {}
+    for g in (None, 1, 3):
+        run = sweep.make_sweep_run(s["student"], objective, shared_schedule=shared, member_teacher_logits=shared,
+                                   members_per_group=g)
+        states = sweep.init_members(s["student"], keys["init"], 50)
+        out[g] = run(states, d, scheds, keys["dropout"], hyper)
+    for g in (1, 3):
+        np.testing.assert_allclose(np.asarray(out[g][1]["loss"]), np.asarray(out[None][1]["loss"]),
+                                   rtol=1e-5, atol=1e-6)
+        assert_trees_close(out[g][0].params, out[None][0].params, rtol=1e-5, atol=1e-6)
+        assert int(out[g][0].step[0]) == 8
+    if layout != "ce":
+        assert not np.allclose(np.asarray(out[1][1]["loss"][0]), np.asarray(out[1][1]["loss"][-1]))
+
+
+def test_pick_members_per_group(setup):
+    s = setup
+    temps, alphas, seeds = sweep.grid([1.0, 4.0], [0.3, 1.0], [0])
+    keys = sweep.member_keys(seeds)
+    states = sweep.init_members(s["student"], keys["init"], 50)
+    sched = kdata.seed_schedule(keys["schedule"][0], 500, 64, 4)
+    d = dict(s["d"], teacher_logits=s["tlogits"])
+    best, times = sweep.pick_members_per_group(s["student"], "kd", states, d, sched, keys["dropout"],
+                                               sweep.sweep_hyper(temps, alphas), repeats=1, shared_schedule=True)
+    assert set(times) == {None, 1, 2} and best in times and times[best] == min(times.values())
+    np.asarray(states.params["fc1"]["kernel"])  # not donated: still readable
+    with pytest.raises(ValueError, match="members_per_group"):
+        sweep.make_sweep_run(s["student"], "kd", members_per_group=0)
