@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|gpt2|all] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|gpt2|all ...] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", choices=["seed", "hinton", "wide", "cifar", "lm", "gpt2", "all"], default="all")
+    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "lm", "gpt2", "all"],
+                    default=["all"], help="one or more presets (default: all)")
     ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
                     help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
     ap.add_argument("--lm-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) + ["lm", "gpt2"] if args.preset == "all" else [args.preset]
+    names = list(PRESETS) + ["lm", "gpt2"] if "all" in args.preset else list(dict.fromkeys(args.preset))
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,

@@ -109,9 +109,11 @@ def forward_flops(model, shape) -> tuple[float, float]:
 
 PRESETS = {
     "seed": Preset("seed", (50, 256, 256, 128, 5), (50, 64, 5), 64, 500, 500, 500, True),
-    "hinton": Preset("hinton", (784, 1200, 1200, 10), (784, 800, 800, 10), 128, 2048, 20, 4),
+    # (a sweep repetition runs as many steps per member as a fused one: a run's fixed costs
+    # are then shared alike, and "per student-step" compares like with like)
+    "hinton": Preset("hinton", (784, 1200, 1200, 10), (784, 800, 800, 10), 128, 2048, 20, 20),
     # compute-bound: one wide hidden layer, large batch; matmuls dominate Adam and softmax
-    "wide": Preset("wide", (1024, 4096, 128), (1024, 2048, 128), 2048, 8192, 6, 1),
+    "wide": Preset("wide", (1024, 4096, 128), (1024, 2048, 128), 2048, 8192, 3, 3),
     # a CIFAR-stem ResNet-18-shaped teacher (half width) -> a 4-block ResNet student, CIFAR images
     "cifar": Preset("cifar", ((2, 2, 2, 2), (32, 64, 128, 256)), ((1, 1, 1, 1), (16, 32, 64, 128)), 128,
                     1024, 3, 1, image=(32, 32, 3),
@@ -227,7 +229,7 @@ class TorchEager(Impl):
             opt.step()
             return loss.detach()
 
-        self.step = torch.compile(step) if self.compiled else step
+        self.step = torch.compile(step, dynamic=False) if self.compiled else step
         t0 = time.perf_counter()
         for b in self.batches[:3]:  # warm-up (and compilation)
             self.step(*b)
@@ -314,7 +316,9 @@ class TorchFunc(Impl):
             return ({k: u[0] for k, u in new.items()}, {k: u[1] for k, u in new.items()},
                     {k: u[2] for k, u in new.items()}, count, loss)
 
-        self.step = torch.compile(step, fullgraph=True, mode=self.mode) if self.compiled else step
+        # static shapes: the presets share this code object, and torch's automatic dynamic
+        # shapes (after the first shape change) fail inside vmap (kl_div's batchmean)
+        self.step = torch.compile(step, fullgraph=True, dynamic=False, mode=self.mode) if self.compiled else step
         self.state = (params, {k: torch.zeros_like(a) for k, a in params.items()},
                       {k: torch.zeros_like(a) for k, a in params.items()},
                       torch.zeros((), dtype=torch.float32, device=dev))
@@ -431,7 +435,7 @@ class KdjaxSweep(Impl):
         self.rngs, self.hyper = keys["dropout"], sweep.sweep_hyper(temps, alphas)
         self.members = len(temps)
         args = (self.states, self.data, self.schedules, self.rngs, self.hyper)
-        self.group, times = sweep.pick_members_per_group(student, "kd", *args, shared_schedule=True)
+        self.group, times = sweep.pick_members_per_group(student, "kd", *args, repeats=1, shared_schedule=True)
         per_student = 1e6 / (self.members * self.p.sweep_steps)
         self.details = {"members_per_group": self.group,
                         "pick_us_per_student_step": {str(g): t * per_student for g, t in times.items()}}
@@ -493,6 +497,7 @@ def matmul_peak(torch_device: str, n: int, repeats: int = 10) -> dict:
 
 def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
                  on_progress: Callable[[str], None] = lambda s: None, which=IMPLS, eager_torch: bool = False) -> dict:
+    torch.compiler.reset()  # each preset compiles its own torch programs (dynamo's recompile limit is global)
     inp = Inputs(p, torch_device)
     impls, results, compile_s = make_impls(p, inp, which, eager_torch), {}, {}
     live = []
@@ -506,9 +511,15 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
             traceback.print_exc(limit=1)
     samples: dict[str, list[float]] = {impl.name: [] for impl in live}
     for r in range(repeats):  # interleaved repetitions
-        for impl in live:
+        for impl in list(live):
             on_progress(f"{p.name}: repeat {r + 1}/{repeats} {impl.name}")
-            seconds, steps = impl.run()
+            try:
+                seconds, steps = impl.run()
+            except Exception as e:  # reported as a failed row; the other rows go on
+                results[impl.name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                traceback.print_exc(limit=1)
+                live.remove(impl)
+                continue
             samples[impl.name].append(seconds / steps * 1e6)
     for impl in live:
         us = samples[impl.name]

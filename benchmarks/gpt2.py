@@ -139,7 +139,7 @@ class TorchRow:
             opt.step()
             return loss.detach()
 
-        self.step = torch.compile(step) if self.compiled else step
+        self.step = torch.compile(step, dynamic=False) if self.compiled else step
         t0 = time.perf_counter()
         losses = [float(self.step(*b)) for b in self.batches[:2]]  # warm-up (and compilation)
         sync(dev)
@@ -224,6 +224,7 @@ def bench_gpt2(s: GPT2Shape, *, repeats: int = 3, torch_device: str = "cpu", pea
     """Time the rows in ``which``; raises if a row's first two losses differ from kdjax_step's."""
     if s.steps < 2:
         raise ValueError(f"gpt2 preset: expected at least 2 steps per repetition (the loss check), got {s.steps}")
+    torch.compiler.reset()
     on_progress("gpt2: building the models")
     inp = Inputs(s, torch_device)
     table = {"torch_eager": lambda: TorchRow(s, inp, compiled=False),

@@ -489,7 +489,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     mesh = _mesh(args, rep, len(T), cfg.batch_size)
     with rep.progress() as on_chunk:
         r = experiments.sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
-                              checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh)
+                              checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
+                              members_per_group=args.members_per_group)
     acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
     rep.table("mean test accuracy ± 95% CI (rows: temperature, columns: alpha)",
@@ -503,13 +504,25 @@ def cmd_sweep(args, rep: Reporter) -> int:
     results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "temperatures": temps,
                "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
                "test_accuracy": acc.tolist(), "mean_ci": stats,
-               "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]}}
+               "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]},
+               "members_per_group": r.members_per_group,
+               "members_per_group_seconds": None if r.pick_seconds is None
+               else {str(g): t for g, t in r.pick_seconds.items()}}
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
                                              means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
     return _finish(args, rep, results, figs)
 
 
 # ----------------------------------------------------------------------------- parser
+
+def _members_per_group(text):
+    if text in ("all", "auto"):
+        return None if text == "all" else text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'all', 'auto' or a positive integer, got {text!r}") from None
+
 
 def _positive_int(text):
     try:
@@ -648,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(sw, seeds_default=2)
     sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     sw.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    sw.add_argument("--members-per-group", type=_members_per_group, default=None, metavar="all|auto|N",
+                    help="how the students run: all as one vmap (default), N at a time, or 'auto' "
+                         "(the fastest of those, timed on the first chunk; recorded in results.json; "
+                         "choices agree to float rounding, not bitwise)")
     _resumable(sw)
     _common_output(sw)
     sw.set_defaults(func=cmd_sweep)

@@ -30,8 +30,8 @@ from kdjax.errors import InputError
 from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
                          predict_logits, sgd)
 
-__all__ = ["RunConfig", "Checkpoints", "fit", "fit_members", "paired_students", "teacher_logits_for",
-           "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "omit_class", "OmitClassResult",
+__all__ = ["RunConfig", "Checkpoints", "fit", "fit_members", "pick_members_per_group", "paired_students",
+           "teacher_logits_for", "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "omit_class", "OmitClassResult",
            "match_prior_bias", "tuned_distill", "TunedResult", "mean_ci", "t975"]
 
 # on_chunk(phase, steps done, steps total, states): called after every compiled chunk
@@ -119,12 +119,14 @@ def _tx(key: tuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, tx_key, mesh=None):
+def _cached_run(model, objective, members, shared_schedule, member_teacher_logits, tx_key, mesh=None,
+                members_per_group=None):
     # One compiled program per configuration, reused by every later fit.
     tx = _tx(tx_key)
     if members:
         return sweeps.make_sweep_run(model, objective, tx=tx, shared_schedule=shared_schedule,
-                                     member_teacher_logits=member_teacher_logits, mesh=mesh)
+                                     member_teacher_logits=member_teacher_logits, mesh=mesh,
+                                     members_per_group=members_per_group)
     return make_run(model, objective, tx=tx, mesh=mesh)
 
 
@@ -201,37 +203,47 @@ def init_members(model, ds: Dataset, cfg: RunConfig, seeds):
                                tx=cfg.tx(len(ds.y_train)))
 
 
-def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
-                hyper: Hyper | None = None, teacher_logits=None,
-                chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
-                start=None, on_checkpoint=None, mesh=None):
-    """Train N models at once (one vmapped program), one per seed (and per hyper entry).
-
-    ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
-    ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
-    member; for a language model ``[n, length, vocab]`` or ``[N, n, length, vocab]``). Members with equal seeds share init and minibatches (a paired design);
-    when all seeds are equal, one schedule is shared by all members.
-
-    Resuming: ``start=(states, losses_so_far)`` continues a run of the same config
-    from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
-    ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
-    depend only on the seeds and dropout keys on the step count, so a resumed run
-    ends bitwise where an uninterrupted one does. A ``mesh`` splits the members over its
-    ``"members"`` axis and their minibatches over ``"data"`` (``make_sweep_run``).
-    Returns ``(batched state, losses [N, steps] as NumPy)``.
-    """
-    seeds = np.asarray(seeds)
+def _member_inputs(ds: Dataset, cfg: RunConfig, seeds, teacher_logits):
+    """``(keys, schedules, shared schedule?, one teacher per member?)`` of ``fit_members``."""
     keys = sweeps.member_keys(seeds)
     n = len(ds.y_train)
     if len(set(seeds.tolist())) == 1:  # one schedule shared by every member
         schedules = cfg.schedule(keys["schedule"][0], n)
     else:
         schedules = np.stack([cfg.schedule(k, n) for k in keys["schedule"]])
-    shared = schedules.ndim == 2
     # one teacher's logits have one more axis than the labels ([n, classes], or [n, length,
     # vocab] for a language model); one teacher per member, two more
     per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == np.ndim(ds.y_train) + 2
-    run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n), mesh)
+    return keys, schedules, schedules.ndim == 2, per_member_teacher
+
+
+def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+                hyper: Hyper | None = None, teacher_logits=None,
+                chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
+                start=None, on_checkpoint=None, mesh=None, members_per_group: int | None = None):
+    """Train N models at once (one vmapped program), one per seed (and per hyper entry).
+
+    ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
+    ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
+    member; for a language model ``[n, length, vocab]`` or ``[N, n, length, vocab]``).
+    Members with equal seeds share init and minibatches (a paired design); when all
+    seeds are equal, one schedule is shared by all members. ``members_per_group``: as in
+    ``sweep.make_sweep_run`` (None: one vmap of all; ``pick_members_per_group`` below
+    chooses by timing).
+
+    Resuming: ``start=(states, losses_so_far)`` continues a run of the same config
+    from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
+    ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk. Keys
+    depend only on the seeds and dropout keys on the step count, so a resumed run
+    ends bitwise where an uninterrupted one does (with the same ``members_per_group``).
+    A ``mesh`` splits the members over its ``"members"`` axis and their minibatches
+    over ``"data"`` (``make_sweep_run``). Returns ``(batched state, losses [N, steps]
+    as NumPy)``.
+    """
+    seeds = np.asarray(seeds)
+    keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
+    n = len(ds.y_train)
+    run = _cached_run(model, objective, True, shared, per_member_teacher, cfg._tx_key(n), mesh, members_per_group)
     data, args = _device_data(ds, teacher_logits), (hyper,)
     if start is None:
         states, losses, done = init_members(model, ds, cfg, seeds), [], 0
@@ -253,6 +265,20 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
         if on_chunk is not None:
             on_chunk(b, total, states)
     return states, np.concatenate([parallel.to_host(x) for x in losses], axis=1)
+
+
+def pick_members_per_group(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+                           hyper: Hyper | None = None, teacher_logits=None, chunk: int | None = None):
+    """``sweep.pick_members_per_group`` on the first chunk of the run ``fit_members``
+    would do with these arguments: ``(members_per_group, {candidate: median seconds})``."""
+    seeds = np.asarray(seeds)
+    keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
+    a, b = _chunks(schedules.shape[-2], chunk)[0]
+    first = schedules[a:b] if shared else schedules[:, a:b]
+    return sweeps.pick_members_per_group(
+        model, objective, init_members(model, ds, cfg, seeds), _device_data(ds, teacher_logits), first,
+        keys["dropout"], hyper, tx=cfg.tx(len(ds.y_train)), shared_schedule=shared,
+        member_teacher_logits=per_member_teacher)
 
 
 def paired_students(seeds, teacher_logits, temperature: float, alpha: float, *,
@@ -443,16 +469,21 @@ class SweepResult:
     students: object
     losses: np.ndarray
     accuracy: np.ndarray
+    members_per_group: int | None = None
+    pick_seconds: dict | None = None
 
 
 def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, seeds, *,
           teacher_state=None, teacher_seed: int | None = None, split: str = "test",
           checkpoints: Checkpoints | None = None, on_chunk: OnChunk | None = None,
-          log: Callable[[str], None] = lambda line: None, mesh=None) -> SweepResult:
+          log: Callable[[str], None] = lambda line: None, mesh=None,
+          members_per_group: int | str | None = None) -> SweepResult:
     """One teacher (trained at ``teacher_seed``, default the first seed, or
     ``teacher_state``), then every member ``(temperatures[i], alphas[i], seeds[i])`` as
     one vmapped program distilling from it; accuracy on ``split``. Phases and
-    checkpoints as in ``distill``."""
+    checkpoints as in ``distill``. ``members_per_group``: None (one vmap), a group size,
+    or ``"auto"`` (``pick_members_per_group`` times the candidates on the first chunk;
+    the choice and its timings are in the result)."""
     hyper = make_hyper(np.asarray(temperatures, np.float64), np.asarray(alphas, np.float64))
     seeds = np.asarray(seeds)
     if not (len(seeds) == np.size(hyper.temperature) == np.size(hyper.alpha)) or len(seeds) == 0:
@@ -464,12 +495,24 @@ def sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, s
         first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
         teacher_state, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
     logits = parallel.to_host(teacher_logits_for(teacher, teacher_state, ds, members=members))
-    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper,
-                           teacher_logits=logits[0] if members else logits)
+    logits = logits[0] if members else logits
+    picked = None
+    if members_per_group == "auto":
+        members_per_group, picked = pick_members_per_group(
+            student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
+            chunk=None if checkpoints is None else checkpoints.every)
+        log(f"members run {_how(members_per_group)} (timed on the first chunk: "
+            + ", ".join(f"{_how(g)} {1e3 * t:.1f} ms" for g, t in picked.items()) + ")")
+    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
+                           members_per_group=members_per_group)
     x, y = _split(ds, split)
     t_acc = float(np.ravel(evaluate_on(teacher, teacher_state, x, y, members=members)["accuracy"])[0])
     return SweepResult(_take(teacher_state, 0) if members else teacher_state, t_acc, states, losses,
-                       evaluate_on(student, states, x, y, members=True)["accuracy"])
+                       evaluate_on(student, states, x, y, members=True)["accuracy"], members_per_group, picked)
+
+
+def _how(members_per_group) -> str:
+    return {None: "as one vmap", 1: "in sequence"}.get(members_per_group, f"in groups of {members_per_group}")
 
 
 @dataclasses.dataclass

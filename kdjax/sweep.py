@@ -131,7 +131,7 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
     ``g`` in ``candidates`` on these inputs and return ``(fastest g, {g: median seconds})``.
 
     Default candidates: None (one vmap of all N members), 1 (members in sequence) and
-    the largest divisor of N not above sqrt(N) (groups). Each candidate compiles once and
+    the largest divisor of N not above sqrt(N) (groups); only None for one member. Each candidate compiles once and
     runs ``1 + repeats`` times, interleaved with the others, on a copy of ``states``
     (nothing is donated or changed); pass a short ``schedules`` (one chunk of the real
     run, whose compiled program the real run then reuses). The choice depends on the
@@ -140,9 +140,9 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
     if repeats < 1:
         raise InputError(f"repeats: expected a positive int, got {repeats}")
     n = int(np.shape(jax.tree_util.tree_leaves(states)[0])[0])
-    if candidates is None:
+    if candidates is None:  # (one member: nothing to choose)
         group = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
-        candidates = list(dict.fromkeys([None, 1, group]))
+        candidates = list(dict.fromkeys([None, 1, group])) if n > 1 else [None]
     runs = {g: make_sweep_run(model, objective, members_per_group=g, **make_kw) for g in candidates}
     times = {g: [] for g in candidates}
     for k in range(repeats + 1):  # the first round compiles and warms up
@@ -169,7 +169,9 @@ def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size):
         return run_steps(state, d, schedules if schedule is None else schedule, rng,
                          hyper if hyp is None else hyp, step=step)
 
-    return jax.lax.map(member, mapped, batch_size=size)
+    # size 1: a plain loop over members (lax.map with batch_size=1 would vmap each
+    # member over a batch of one, and XLA:CPU runs those batched matmuls slower)
+    return jax.lax.map(member, mapped, batch_size=None if size == 1 else size)
 
 
 def _place_members(mesh, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):

@@ -84,17 +84,6 @@ def test_scaling_smoke(tmp_path):
     assert rows["fused/1"]["efficiency"] == 1.0 and rows["sweep/2"]["per_device_per_s"] > 0
 
 
-def test_lm_preset_smoke(tmp_path):
-    out = tmp_path / "lm.json"
-    cmd = [sys.executable, "-m", "benchmarks", "--preset", "lm", "--lm-shape", "256", "16", "512", "--repeats", "1",
-           "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lm = json.loads(out.read_text())["lm"]
-    assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "torch_naive"}
-    assert lm["results"]["kdjax_fused"]["peak_bytes"] > 0 and lm["ratios"]["fused_time_vs_naive"] > 0
-
-
 def test_functional_torch_rows_are_checked_against_the_reference():
     """The functional step (written-out Adam, vmapped members) trains like nn.Module +
     torch.optim.Adam, and the check notices a wrong weight."""
@@ -115,14 +104,20 @@ def test_functional_torch_rows_are_checked_against_the_reference():
             row.check_against_reference()
 
 
-def test_gpt2_preset_smoke(tmp_path):
-    """Tiny GPT-2 shapes through the CLI: the four rows, their loss check, the JSON."""
-    out = tmp_path / "gpt2.json"
-    cmd = [sys.executable, "-m", "benchmarks", "--preset", "gpt2", "--gpt2-model", "2", "1", "32", "4", "300",
-           "--gpt2-shape", "2", "16", "--steps", "2", "--repeats", "1", "--eager-torch", "--json", str(out)]
+def test_lm_and_gpt2_presets_smoke(tmp_path):
+    """Tiny shapes of both language-model presets in one run: the rows, the gpt2 rows'
+    loss check, the JSON."""
+    out = tmp_path / "lm.json"
+    cmd = [sys.executable, "-m", "benchmarks", "--preset", "lm", "gpt2", "--lm-shape", "256", "16", "512",
+           "--gpt2-model", "2", "1", "32", "4", "300", "--gpt2-shape", "2", "16", "--steps", "2", "--repeats", "1",
+           "--eager-torch", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    g = json.loads(out.read_text())["gpt2"]
+    data = json.loads(out.read_text())
+    lm = data["lm"]
+    assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "torch_naive"}
+    assert lm["results"]["kdjax_fused"]["peak_bytes"] > 0 and lm["ratios"]["fused_time_vs_naive"] > 0
+    g = data["gpt2"]
     assert set(g["results"]) == {"torch_eager", "torch_compile", "kdjax_step", "kdjax_fused"}
     assert g["tokens_per_step"] == 32 and g["best_torch"] in ("torch_eager", "torch_compile")
     assert set(g["speedup_vs_best_torch"]) == {"kdjax_step", "kdjax_fused"}

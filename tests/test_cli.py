@@ -23,6 +23,20 @@ def kdjax(env, *args, timeout=300):
                           text=True, timeout=timeout, env=env)
 
 
+def kdjax_here(capsys, *args):
+    """``cli.main`` in this process, for error paths: the same parsing, checks and one-line
+    messages as the executable without an interpreter start-up per case (a few of the cases
+    below still go through ``python -m kdjax`` to cover that path end to end)."""
+    from kdjax import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def assert_png(path):
     assert path.exists(), path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -131,7 +145,7 @@ def test_omit_class_and_tuned_distill_commands(env, tmp_path):
     assert r["tuning"]["best"]["alpha"] == 0.5 and r["tuning"]["best"]["temperature"] in (1, 4)
 
 
-def test_distill_language_models_on_text(env, tmp_path):
+def test_distill_language_models_on_text(env, tmp_path, capsys):
     p = kdjax(env, "distill", "--dataset", "text", "--arch", "transformer", "--steps", 4, "--seeds", 2,
               "--batch-size", 8, "--text-bytes", 4000, "--context", 16, "--teacher-dim", 16, "--student-dim", 8,
               "--heads", 2, "--teacher-steps", 6, "--json", "--quiet", "--out", tmp_path / "lm")
@@ -143,13 +157,13 @@ def test_distill_language_models_on_text(env, tmp_path):
         np.testing.assert_allclose(r["bits_per_byte"][k], np.asarray(r["test_loss"][k]) / np.log(2), rtol=1e-6)
         assert 4 < r["bits_per_byte_mean_ci"][k][0] < 9
     assert (tmp_path / "lm" / "student_distilled.ckpt").exists()
-    p = kdjax(env, "distill", "--arch", "transformer", "--dataset", "digits", "--steps", 2)
+    p = kdjax_here(capsys, "distill", "--arch", "transformer", "--dataset", "digits", "--steps", 2)
     assert p.returncode == 2 and "--dataset text" in p.stderr
-    p = kdjax(env, "distill", "--steps", 2, "--teacher-steps", 4, "--tune")
+    p = kdjax_here(capsys, "distill", "--steps", 2, "--teacher-steps", 4, "--tune")
     assert p.returncode == 2 and "--teacher-steps" in p.stderr
 
 
-def test_sweep_heatmap(env, tmp_path):
+def test_sweep_heatmap(env, tmp_path, capsys):
     out = tmp_path / "s"
     p = kdjax(env, "sweep", "--dataset", "synthetic", "--temperatures", 1, 4, "--alphas", 0.3, 0.9,
               "--seeds", 2, "--steps", 20, "--out", out, "--quiet")
@@ -158,11 +172,16 @@ def test_sweep_heatmap(env, tmp_path):
     assert np.array(r["test_accuracy"]).shape == (2, 2, 2)
     assert_png(out / "sweep_heatmap.png")
     # an existing results.json is not overwritten without --overwrite
-    p = kdjax(env, "sweep", "--steps", 5, "--seeds", 1, "--out", out)
+    p = kdjax_here(capsys, "sweep", "--steps", 5, "--seeds", 1, "--out", out)
     assert p.returncode == 2 and "--overwrite" in p.stderr
     p = kdjax(env, "sweep", "--steps", 5, "--seeds", 1, "--temperatures", 2, "--alphas", 0.5,
-              "--out", out, "--overwrite", "--no-plots")
+              "--out", out, "--overwrite", "--no-plots", "--members-per-group", "auto")
     assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "results.json").read_text())  # one student: the only candidate is one vmap
+    assert r["members_per_group"] is None and list(r["members_per_group_seconds"]) == ["None"]
+    assert "members run as one vmap (timed on the first chunk" in p.stdout
+    p = kdjax_here(capsys, "sweep", "--members-per-group", "0", "--out", out)
+    assert p.returncode == 2 and "expected 'all', 'auto' or a positive integer" in p.stderr
 
 
 def _npz(tmp_path, **over):
@@ -203,7 +222,7 @@ def _not_npz(tmp_path):
     ("text without transformer", ["--dataset text", "--arch transformer"]),
     ("empty corpus", ["non-empty text corpus"]),
 ])
-def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
+def test_bad_input_one_line_exit_2(env, tmp_path, capsys, case, words):
     base = ["distill", "--steps", 5, "--batch-size", 4, "--seeds", 1]
     args = {
         "unknown dataset": lambda: base + ["--dataset", "mnist"],
@@ -220,7 +239,7 @@ def test_bad_input_one_line_exit_2(env, tmp_path, case, words):
         "text without transformer": lambda: base + ["--dataset", "text"],
         "empty corpus": lambda: base + ["--arch", "transformer", "--dataset", _empty_txt(tmp_path)],
     }[case]()
-    p = kdjax(env, *args, timeout=120)
+    p = kdjax(env, *args, timeout=120) if case in ("bad steps", "nan features") else kdjax_here(capsys, *args)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdjax: error:"), p.stderr
@@ -290,7 +309,7 @@ def test_distill_resnet_on_digit_images_and_torchvision_teacher(env, tmp_path):
     ("flat data for resnet", ["--arch resnet", "images", "(20, 3)"]),
     ("blocks vs widths", ["--teacher-blocks", "one width per stage"]),
 ])
-def test_resnet_cli_errors(env, tmp_path, case, words):
+def test_resnet_cli_errors(env, tmp_path, capsys, case, words):
     args = {
         "unknown arch": lambda: ["distill", "--arch", "vit"],
         "nchw images": lambda: ["distill", "--arch", "resnet", "--steps", 2, "--batch-size", 4, "--dataset",
@@ -298,7 +317,7 @@ def test_resnet_cli_errors(env, tmp_path, case, words):
         "flat data for resnet": lambda: ["distill", "--arch", "resnet", "--dataset", _npz(tmp_path)],
         "blocks vs widths": lambda: ["distill", "--arch", "resnet", "--teacher-blocks", 1, 1],
     }[case]()
-    p = kdjax(env, *args, timeout=120)
+    p = kdjax_here(capsys, *args)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdjax: error:") and "Traceback" not in p.stderr, p.stderr
