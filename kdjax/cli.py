@@ -350,14 +350,18 @@ def _parse_mesh(text: str | None) -> dict:
     return out
 
 
-def _mesh(args, rep: Reporter, members: int, batch: int):
-    """``--mesh members=M,data=D``, else every local device (``parallel.default_shape``)."""
+def _devices():
     import jax
 
+    return jax.local_devices() if jax.process_count() == 1 else jax.devices()
+
+
+def _mesh(args, rep: Reporter, members: int, batch: int):
+    """``--mesh members=M,data=D``, else every local device (``parallel.default_shape``)."""
     from kdjax import parallel
 
     spec = _parse_mesh(args.mesh)
-    devices = jax.local_devices() if jax.process_count() == 1 else jax.devices()
+    devices = _devices()
     if spec:
         m = spec.get("members", 1)
         mesh = parallel.make_mesh(m, spec.get("data"), devices)
@@ -486,6 +490,9 @@ def cmd_sweep(args, rep: Reporter) -> int:
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
     t_state = _load_teacher(args.teacher, teacher, ds) if args.teacher else None
+    if args.members_per_group is not None and (args.mesh or len(_devices()) > 1):
+        raise UsageError("--members-per-group: groups of members run on one device; got it with several "
+                         "(a mesh splits the members over devices instead; leave it at 'all')")
     mesh = _mesh(args, rep, len(T), cfg.batch_size)
     with rep.progress() as on_chunk:
         r = experiments.sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],

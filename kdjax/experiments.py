@@ -31,8 +31,8 @@ from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evalu
                          predict_logits, sgd)
 
 __all__ = ["RunConfig", "Checkpoints", "fit", "fit_members", "pick_members_per_group", "paired_students",
-           "teacher_logits_for", "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "omit_class", "OmitClassResult",
-           "match_prior_bias", "tuned_distill", "TunedResult", "mean_ci", "t975"]
+           "teacher_logits_for", "evaluate_on", "distill", "DistillResult", "sweep", "SweepResult", "omit_class",
+           "OmitClassResult", "match_prior_bias", "tuned_distill", "TunedResult", "mean_ci", "t975"]
 
 # on_chunk(phase, steps done, steps total, states): called after every compiled chunk
 OnChunk = Callable[[str, int, int, object], None]

@@ -3,7 +3,9 @@
 Each member of a sweep has its own init, index schedule and dropout key (from its
 seed) and its own temperature/alpha (traced arrays); the data and the cached teacher
 logits are shared. N students cost about N students of compute and one compilation,
-and a new grid of values with the same size reuses that compilation.
+and a new grid of values with the same size reuses that compilation. Members may also
+run in groups or one at a time inside that program (``members_per_group``; chosen by
+timing with ``pick_members_per_group``).
 """
 
 from __future__ import annotations
@@ -131,11 +133,11 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
     ``g`` in ``candidates`` on these inputs and return ``(fastest g, {g: median seconds})``.
 
     Default candidates: None (one vmap of all N members), 1 (members in sequence) and
-    the largest divisor of N not above sqrt(N) (groups); only None for one member. Each candidate compiles once and
-    runs ``1 + repeats`` times, interleaved with the others, on a copy of ``states``
-    (nothing is donated or changed); pass a short ``schedules`` (one chunk of the real
-    run, whose compiled program the real run then reuses). The choice depends on the
-    machine and its load: record it and pass it back explicitly to repeat a run bitwise.
+    the largest divisor of N not above sqrt(N) (groups); only None for one member. Each
+    candidate compiles once and runs ``1 + repeats`` times, interleaved with the
+    others, on a copy of ``states`` (nothing is donated or changed); pass a short
+    ``schedules``, e.g. one chunk of the real run. The choice depends on the machine and
+    its load: record it and pass it back explicitly to repeat a run bitwise.
     """
     if repeats < 1:
         raise InputError(f"repeats: expected a positive int, got {repeats}")
@@ -169,8 +171,8 @@ def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size):
         return run_steps(state, d, schedules if schedule is None else schedule, rng,
                          hyper if hyp is None else hyp, step=step)
 
-    # size 1: a plain loop over members (lax.map with batch_size=1 would vmap each
-    # member over a batch of one, and XLA:CPU runs those batched matmuls slower)
+    # size 1: a plain loop over members, the single run's own program per member
+    # (lax.map's batch_size=1 would still vmap each member over a batch of one)
     return jax.lax.map(member, mapped, batch_size=None if size == 1 else size)
 
 

@@ -128,6 +128,9 @@ def test_cli_mesh(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--mesh", "gpus=2"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--mesh: expected members=M,data=D" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "kdjax", "sweep", "--steps", "3", "--members-per-group", "auto"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--members-per-group: groups of members run on one device" in p.stderr
 
 
 @pytest.mark.parametrize("environ,words", [
