@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 import kdjax
+from benchmarks.bench import Impl, KdjaxStep as _LoopedStep, sync_torch
 from parity import reference as ref
 
 TEMPERATURE, ALPHA = 2.0, 0.5
@@ -110,7 +111,7 @@ class Inputs:
         return kdjax.state_from_params(jax.tree_util.tree_map(jnp.array, self.variables[1]["params"]))
 
 
-class TorchRow:
+class TorchRow(Impl):
     def __init__(self, s: GPT2Shape, inp: Inputs, compiled: bool, use_compile: bool = True):
         self.s, self.inp, self.compiled = s, inp, compiled and use_compile
         self.name = "torch_compile" if compiled else "torch_eager"
@@ -142,22 +143,19 @@ class TorchRow:
         self.step = torch.compile(step, dynamic=False) if self.compiled else step
         t0 = time.perf_counter()
         losses = [float(self.step(*b)) for b in self.batches[:2]]  # warm-up (and compilation)
-        sync(dev)
+        sync_torch(dev)
         return (time.perf_counter() - t0 if self.compiled else None), losses
 
     def run(self):
         t0 = time.perf_counter()
         for b in self.batches:
             self.step(*b)
-        sync(self.inp.tdev)
-        return time.perf_counter() - t0
+        sync_torch(self.inp.tdev)
+        return time.perf_counter() - t0, len(self.batches)
 
 
-class KdjaxStep:
-    name = "kdjax_step"
-
-    def __init__(self, s: GPT2Shape, inp: Inputs):
-        self.s, self.inp = s, inp
+class KdjaxStep(_LoopedStep):
+    """The MLP presets' looped row (its ``run``), set up for the language models."""
 
     def setup(self):
         inp = self.inp
@@ -175,21 +173,9 @@ class KdjaxStep:
             losses.append(float(m["loss"]))
         return compile_s, losses
 
-    def run(self):
-        state, fn, rng, hyper, tp = self.state, self.fn, self.rng, self.hyper, self.tparams
-        t0 = time.perf_counter()
-        for b in self.batches:
-            state, _ = fn(state, b, rng, hyper, tp)
-        jax.block_until_ready(state)
-        self.state = state
-        return time.perf_counter() - t0
 
-
-class KdjaxFused:
+class KdjaxFused(Impl):
     name = "kdjax_fused"
-
-    def __init__(self, s: GPT2Shape, inp: Inputs):
-        self.s, self.inp = s, inp
 
     def setup(self):
         inp = self.inp
@@ -208,12 +194,7 @@ class KdjaxFused:
         t0 = time.perf_counter()
         self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tparams)
         jax.block_until_ready((self.state, m))
-        return time.perf_counter() - t0
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        return time.perf_counter() - t0, self.schedule.shape[0]
 
 
 IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused")
@@ -247,7 +228,8 @@ def bench_gpt2(s: GPT2Shape, *, repeats: int = 3, torch_device: str = "cpu", pea
     for k in range(repeats):
         for row in timed:
             on_progress(f"gpt2: repeat {k + 1}/{repeats} {row.name}")
-            samples[row.name].append(row.run() / s.steps)
+            seconds, steps = row.run()
+            samples[row.name].append(seconds / steps)
     flops = s.flops()
     for name, sec in samples.items():
         med = statistics.median(sec)
