@@ -21,29 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
-from kdjax.losses import (DIVERGENCES, check_alpha, check_beta, check_temperature, check_where, jsd, reverse_kl,
-                          soft_kl)
+from kdjax.losses import (DIVERGENCES, _hard_ce, check_alpha, check_beta, check_labels, check_temperature,
+                          check_where, divergence_per_position)
 
 __all__ = ["linear_distillation_loss"]
-
-
-def _per_token(student_logits, teacher_logits, labels, temperature, beta, divergence):
-    """``(divergence, cross-entropy)`` per token, ``[c]`` each (no validation: hot path)."""
-    if divergence == "kl":
-        div = soft_kl(student_logits, teacher_logits, temperature)
-    elif divergence == "reverse_kl":
-        div = reverse_kl(student_logits, teacher_logits, temperature)
-    else:
-        div = jsd(student_logits, teacher_logits, temperature, beta)
-    log_q = jax.nn.log_softmax(student_logits, axis=-1)
-    ce = -jnp.sum(jax.nn.one_hot(labels, student_logits.shape[-1], dtype=log_q.dtype) * log_q, axis=-1)
-    return div, ce
 
 
 def _chunk_sums(h, kernel, bias, teacher, t_layer, labels, where, hyper, config):
     """Masked sums of the divergence and the cross-entropy over one chunk of tokens;
     ``teacher`` is the chunk's logits, or its hidden states for ``t_layer = (kernel, bias)``."""
-    divergence, teacher_is_hidden = config
+    divergence, teacher_is_hidden, _ = config
     temperature, _, beta = hyper
     logits = h @ kernel
     if bias is not None:
@@ -55,7 +42,8 @@ def _chunk_sums(h, kernel, bias, teacher, t_layer, labels, where, hyper, config)
             t_logits = t_logits + t_bias[None, :]
     else:
         t_logits = teacher
-    div, ce = _per_token(logits, jax.lax.stop_gradient(t_logits), labels, temperature, beta, divergence)
+    div = divergence_per_position(logits, jax.lax.stop_gradient(t_logits), temperature, divergence, beta)
+    ce = _hard_ce(logits, labels)
     return jnp.sum(jnp.where(where, div, 0.0)), jnp.sum(jnp.where(where, ce, 0.0))
 
 
@@ -65,44 +53,99 @@ def _total(div_sum, ce_sum, count, hyper):
     return alpha * temperature**2 * div_sum / norm + (1 - alpha) * ce_sum / norm
 
 
+def _layout(n: int, chunk_size: int) -> tuple[int, bool]:
+    """``(chunk, strided)``: the largest divisor of ``n`` in ``[chunk_size / 2, chunk_size]``
+    gives strided chunks (below); a token count without one, contiguous chunks."""
+    if n <= chunk_size:
+        return n, True
+    for chunk in range(chunk_size, (chunk_size + 1) // 2 - 1, -1):
+        if n % chunk == 0:
+            return chunk, True
+    return chunk_size, False
+
+
+def _chunk(arrays, i, chunk, strided):
+    """Chunk ``i`` of each ``[n, ...]`` array, never a padded or transposed copy of it.
+
+    Strided (``chunk`` divides ``n``): rows ``i, i + n/chunk, i + 2 n/chunk, ...``, a slice
+    of the free ``[chunk, n/chunk, ...]`` view, so that rows sharded over a mesh's "data"
+    axis stay split within every chunk. Contiguous: rows ``[start, start + chunk)`` with
+    ``start = min(i * chunk, n - chunk)``; the last chunk may overlap the one before it,
+    and ``fresh`` marks the rows not counted yet.
+    """
+    n = arrays[0].shape[0]
+    if strided:
+        views = [a.reshape(chunk, n // chunk, *a.shape[1:]) for a in arrays]
+        return [jax.lax.dynamic_index_in_dim(v, i, axis=1, keepdims=False) for v in views], True
+    start = jnp.minimum(i * chunk, n - chunk)
+    fresh = start + jnp.arange(chunk) >= i * chunk
+    return [jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in arrays], fresh
+
+
+def _scan_chunks(body, init, h, teacher, labels, where, layout):
+    chunk, strided = layout
+    chunks = -(-h.shape[0] // chunk)
+
+    def step(carry, i):
+        (h_c, t_c, y_c, w_c), fresh = _chunk((h, teacher, labels, where), i, chunk, strided)
+        return body(carry, (h_c, t_c, y_c, w_c & fresh))
+
+    return jax.lax.scan(step, init, jnp.arange(chunks))
+
+
+def _unchunk(rows, n, strided):
+    """``[chunks, chunk, ...]`` per-chunk rows back to ``[n, ...]`` in token order."""
+    if strided:
+        return rows.swapaxes(0, 1).reshape(n, *rows.shape[2:])
+    chunks, chunk = rows.shape[:2]  # the last chunk's first rows repeat the one before it
+    return jnp.concatenate([rows[:-1].reshape(-1, *rows.shape[2:]), rows[-1][chunks * chunk - n:]])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _fused(h, kernel, bias, teacher, t_layer, labels, where, hyper, config):
-    """h/teacher/labels/where chunked: ``[chunks, c, ...]``; returns the scalar loss."""
+    """h/teacher/labels/where: ``[tokens, ...]``; returns the scalar loss."""
     def body(sums, chunk):
         h_c, t_c, y_c, w_c = chunk
         d, c = _chunk_sums(h_c, kernel, bias, t_c, t_layer, y_c, w_c, hyper, config)
         return (sums[0] + d, sums[1] + c), None
 
     zero = jnp.zeros((), h.dtype)
-    (div_sum, ce_sum), _ = jax.lax.scan(body, (zero, zero), (h, teacher, labels, where))
+    (div_sum, ce_sum), _ = _scan_chunks(body, (zero, zero), h, teacher, labels, where, config[2])
     return _total(div_sum, ce_sum, jnp.sum(where), hyper)
 
 
 def _fused_fwd(h, kernel, bias, teacher, t_layer, labels, where, hyper, config):
     temperature, alpha, _ = hyper
-    norm = jnp.maximum(jnp.sum(where), 1).astype(h.dtype)
+    count = jnp.sum(where)
+    norm = jnp.maximum(count, 1).astype(h.dtype)
     weights = (alpha * temperature**2 / norm, (1 - alpha) / norm)  # d loss / d (div_sum, ce_sum)
 
     def body(carry, chunk):
-        sums, g_kernel, g_bias = carry
+        sums, g_kernel, g_bias, g_hyper = carry
         h_c, t_c, y_c, w_c = chunk
-        (d, c), vjp = jax.vjp(lambda a, k, b: _chunk_sums(a, k, b, t_c, t_layer, y_c, w_c, hyper, config),
-                              h_c, kernel, bias)
-        g_h, g_k, g_b = vjp(tuple(jnp.asarray(w, d.dtype) for w in weights))
+        (d, c), vjp = jax.vjp(lambda a, k, b, hy: _chunk_sums(a, k, b, t_c, t_layer, y_c, w_c, hy, config),
+                              h_c, kernel, bias, hyper)
+        g_h, g_k, g_b, g_hy = vjp(tuple(jnp.asarray(w, d.dtype) for w in weights))
         g_bias = None if bias is None else g_bias + g_b
-        return ((sums[0] + d, sums[1] + c), g_kernel + g_k, g_bias), g_h
+        g_hyper = jax.tree_util.tree_map(jnp.add, g_hyper, g_hy)
+        return ((sums[0] + d, sums[1] + c), g_kernel + g_k, g_bias, g_hyper), g_h
 
     zero = jnp.zeros((), h.dtype)
-    init = ((zero, zero), jnp.zeros_like(kernel), None if bias is None else jnp.zeros_like(bias))
-    ((div_sum, ce_sum), g_kernel, g_bias), g_h = jax.lax.scan(body, init, (h, teacher, labels, where))
-    value = _total(div_sum, ce_sum, jnp.sum(where), hyper)
-    return value, (g_h, g_kernel, g_bias)
+    init = ((zero, zero), jnp.zeros_like(kernel), None if bias is None else jnp.zeros_like(bias),
+            jax.tree_util.tree_map(jnp.zeros_like, hyper))
+    ((div_sum, ce_sum), g_kernel, g_bias, g_hyper), g_h = _scan_chunks(
+        body, init, h, teacher, labels, where, config[2])
+    # temperature, alpha and beta also enter through the weights of the two sums
+    value, total_vjp = jax.vjp(lambda hy: _total(div_sum, ce_sum, count, hy), hyper)
+    g_hyper = jax.tree_util.tree_map(jnp.add, g_hyper, total_vjp(jnp.ones_like(value))[0])
+    return value, (_unchunk(g_h, h.shape[0], config[2][1]), g_kernel, g_bias, g_hyper)
 
 
 def _fused_bwd(config, residuals, cotangent):
-    g_h, g_kernel, g_bias = residuals
     scale = lambda g: None if g is None else cotangent * g
-    return scale(g_h), scale(g_kernel), scale(g_bias), None, None, None, None, None
+    g_h, g_kernel, g_bias, g_hyper = residuals
+    return (scale(g_h), scale(g_kernel), scale(g_bias), None, None, None, None,
+            jax.tree_util.tree_map(scale, g_hyper))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -113,15 +156,6 @@ def _check_float(name, x, ndim=None):
         raise InputTypeError(f"{name}: expected a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
     if ndim is not None and x.ndim != ndim:
         raise InputError(f"{name}: expected {ndim}-D, got shape {tuple(x.shape)}")
-
-
-def _chunked(x, chunk: int, chunks: int, pad_value=0):
-    """``[N, ...]`` -> ``[chunks, chunk, ...]``, padded; chunk j holds tokens j, j + chunks, ...
-    (strided, so rows sharded over a mesh's "data" axis stay split within each chunk)."""
-    pad = chunk * chunks - x.shape[0]
-    if pad:
-        x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), pad_value, x.dtype)])
-    return x.reshape(chunk, chunks, *x.shape[1:]).swapaxes(0, 1)
 
 
 def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_bias=None, teacher_logits=None,
@@ -175,12 +209,10 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     positions, vocab = tuple(student_hidden.shape[:-1]), student_kernel.shape[1]
     if student_bias is not None and tuple(student_bias.shape) != (vocab,):
         raise InputError(f"student_bias: expected shape ({vocab},), got {tuple(student_bias.shape)}")
-    if not hasattr(labels, "dtype") or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise InputTypeError(f"labels: expected integer class indices, got {getattr(labels, 'dtype', type(labels))}")
-    if tuple(labels.shape) != positions:
-        raise InputError(f"labels: expected shape {positions} (the hidden states without the hidden axis), "
-                         f"got {tuple(labels.shape)}")
+    if not hasattr(labels, "dtype"):
+        raise InputTypeError(f"labels: expected an integer array, got {type(labels).__name__}")
     check_where(where, positions)
+    check_labels(labels, positions + (vocab,), where)
     n = math.prod(positions)
     if n == 0:
         raise InputError(f"student_hidden: expected at least one token, got shape {tuple(student_hidden.shape)}")
@@ -199,14 +231,12 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
                              f"[hidden, {vocab}], got {tuple(teacher_hidden.shape)} and {tuple(teacher_kernel.shape)}")
         teacher_is_hidden = True
 
-    chunk = min(int(chunk_size), n)
-    chunks = -(-n // chunk)
     flat = lambda x: x.reshape(n, *x.shape[len(positions):])
-    h = _chunked(flat(student_hidden), chunk, chunks)
-    y = _chunked(flat(labels), chunk, chunks)
-    w = _chunked(jnp.ones((n,), bool) if where is None else flat(where), chunk, chunks, False)
-    teacher = _chunked(flat(teacher_hidden if teacher_is_hidden else teacher_logits), chunk, chunks)
+    teacher = flat(teacher_hidden if teacher_is_hidden else teacher_logits)
+    mask = jnp.ones((n,), bool) if where is None else flat(where)
     t_layer = (teacher_kernel, teacher_bias) if teacher_is_hidden else None
     dtype = student_hidden.dtype
     hyper = tuple(jnp.asarray(v, dtype) for v in (temperature, alpha, beta))
-    return _fused(h, student_kernel, student_bias, teacher, t_layer, y, w, hyper, (divergence, teacher_is_hidden))
+    loss = _fused(flat(student_hidden), student_kernel, student_bias, teacher, t_layer, flat(labels), mask, hyper,
+                  (divergence, teacher_is_hidden, _layout(n, int(chunk_size))))
+    return loss

@@ -28,7 +28,8 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["soft_kl", "reverse_kl", "jsd", "dkd", "hard_ce", "distillation_loss", "masked_mean",
-           "check_temperature", "check_alpha", "check_beta", "check_where", "DIVERGENCES"]
+           "check_temperature", "check_alpha", "check_beta", "check_where", "check_labels",
+           "divergence_per_position", "DIVERGENCES"]
 
 
 def _concrete_scalar(name: str, value):
@@ -93,7 +94,9 @@ def check_where(where, positions: tuple) -> None:
                          f"got {tuple(where.shape)}")
 
 
-def _check_labels(labels, logits_shape, where=None) -> None:
+def check_labels(labels, logits_shape, where=None) -> None:
+    """Raise unless ``labels`` are integer class indices of shape ``logits_shape[:-1]``, in
+    ``[0, classes)`` wherever ``where`` (if given) is true (checked when concrete)."""
     positions, num_classes = tuple(logits_shape[:-1]), logits_shape[-1]
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise InputTypeError(f"labels: expected an integer dtype (class indices), got {labels.dtype}")
@@ -231,7 +234,7 @@ def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta
       alpha, beta: the TCKD and NCKD weights (>= 0; mdistiller's CIFAR defaults 1 and 8).
     """
     _check_pair(student_logits, teacher_logits)
-    _check_labels(labels, student_logits.shape)
+    check_labels(labels, student_logits.shape)
     check_temperature(temperature)
     check_beta(alpha, "alpha", None)
     check_beta(beta, "beta", None)
@@ -267,7 +270,7 @@ def hard_ce(logits, labels):
     1.386294
     """
     _check_logits("logits", logits)
-    _check_labels(labels, logits.shape)
+    check_labels(labels, logits.shape)
     return _hard_ce(logits, labels)
 
 
@@ -291,6 +294,20 @@ def masked_mean(values, where=None):
 
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def divergence_per_position(student_logits, teacher_logits, temperature, divergence="kl", beta=0.5):
+    """The divergence ``distillation_loss`` names, per position ``[...]``: ``"kl"``
+    (``soft_kl``), ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or a callable ``f(s, t, T)``."""
+    if callable(divergence):
+        return divergence(student_logits, teacher_logits, temperature)
+    if divergence == "kl":
+        return soft_kl(student_logits, teacher_logits, temperature)
+    if divergence == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits, temperature)
+    if divergence == "jsd":
+        return jsd(student_logits, teacher_logits, temperature, beta)
+    raise InputError(f"divergence: expected one of {DIVERGENCES} or a callable f(s, t, T), got {divergence!r}")
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, alpha=0.7, *,
@@ -330,17 +347,8 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, a
     check_alpha(alpha)
     _check_pair(student_logits, teacher_logits)
     check_where(where, student_logits.shape[:-1])
-    _check_labels(labels, student_logits.shape, where)
-    if callable(divergence):
-        per_position = divergence(student_logits, teacher_logits, temperature)
-    elif divergence == "kl":
-        per_position = soft_kl(student_logits, teacher_logits, temperature)
-    elif divergence == "reverse_kl":
-        per_position = reverse_kl(student_logits, teacher_logits, temperature)
-    elif divergence == "jsd":
-        per_position = jsd(student_logits, teacher_logits, temperature, beta)
-    else:
-        raise InputError(f"divergence: expected one of {DIVERGENCES} or a callable f(s, t, T), got {divergence!r}")
+    check_labels(labels, student_logits.shape, where)
+    per_position = divergence_per_position(student_logits, teacher_logits, temperature, divergence, beta)
     soft = masked_mean(per_position, where)
     hard = masked_mean(_hard_ce(student_logits, labels), where)
     return alpha * (soft * temperature**2) + (1 - alpha) * hard

@@ -54,6 +54,29 @@ def test_value_and_gradients_equal_the_naive_loss_float64(divergence, teacher_ki
         np.testing.assert_allclose(float(fused(x["h"], x["w"], b)), float(want), rtol=1e-12)  # no-grad path
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk", [2, 5])  # strided and contiguous chunks (14 tokens)
+def test_gradients_of_temperature_alpha_beta_equal_the_naive_loss_float64(divergence, chunk):
+    """Learning T, alpha or beta needs their gradients: autodiff of the naive loss's."""
+    with jax.enable_x64(True):
+        x = inputs(4)
+        t_logits = x["th"] @ x["tw"]
+
+        def fused(T, a, b):
+            return linear_distillation_loss(x["h"], x["w"], x["y"], teacher_logits=t_logits, temperature=T, alpha=a,
+                                            beta=b, where=x["where"], divergence=divergence, chunk_size=chunk)
+
+        hyper = (jnp.float64(1.7), jnp.float64(0.35), jnp.float64(0.3))
+        want = jax.grad(lambda T, a, b: distillation_loss(x["h"] @ x["w"], t_logits, x["y"], T, a, where=x["where"],
+                                                          divergence=divergence, beta=b), (0, 1, 2))(*hyper)
+        got = jax.jit(jax.grad(fused, (0, 1, 2)))(*hyper)
+        for name, g, w in zip(("temperature", "alpha", "beta"), got, want):
+            np.testing.assert_allclose(float(g), float(w), rtol=1e-11, atol=1e-13, err_msg=name)
+        if divergence != "jsd":
+            assert float(want[2]) == 0.0
+        assert all(abs(float(w)) > 1e-3 for w in want[:2 if divergence != "jsd" else 3])  # not trivially 0
+
+
 def test_vmap_over_temperatures_and_float32():
     x = inputs(1, np.float32)
     t_logits = x["th"] @ x["tw"]
@@ -91,6 +114,24 @@ def test_no_tokens_by_vocab_array():
     assert naive_temp > 3 * one_array and naive_temp > 8 * fused_temp, (naive_temp, fused_temp)
 
 
+@pytest.mark.parametrize("n", [2048, 2047])  # strided chunks; contiguous chunks (no divisor near 128)
+def test_teacher_logits_are_never_copied(n):
+    """With teacher_logits= the chunks are slices of the caller's array: no padded or
+    transposed [tokens, vocab] copy, so temporaries stay >= 8x below the naive loss's."""
+    d, v, chunk = 64, 8192, 128
+    rng = np.random.default_rng(3)
+    h, w = jnp.asarray(rng.normal(size=(n, d)), jnp.float32), jnp.asarray(rng.normal(size=(d, v)) * 0.1, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(n, v)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, n))
+    fused = jax.jit(jax.value_and_grad(lambda h, w, t: linear_distillation_loss(
+        h, w, y, teacher_logits=t, temperature=2.0, alpha=0.5, chunk_size=chunk), (0, 1)))
+    plain = jax.jit(jax.value_and_grad(lambda h, w, t: distillation_loss(h @ w, t, y, 2.0, 0.5), (0, 1)))
+    fused_temp = fused.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
+    naive_temp = plain.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
+    assert fused_temp < n * v * 4 / 2, (fused_temp, n * v * 4)
+    assert naive_temp >= 8 * fused_temp, (naive_temp, fused_temp)
+
+
 @pytest.mark.parametrize("kwargs,exc,words", [
     (dict(chunk_size=0), InputError, ["chunk_size", "positive", "0"]),
     (dict(chunk_size=-3), InputError, ["chunk_size", "-3"]),
@@ -99,6 +140,10 @@ def test_no_tokens_by_vocab_array():
     (dict(teacher_logits=jnp.zeros((B, L, V + 1))), InputError, ["teacher_logits", f"({B}, {L}, {V})"]),
     (dict(labels=jnp.zeros((B, L + 1), jnp.int32)), InputError, ["labels", f"({B}, {L})"]),
     (dict(labels=jnp.zeros((B, L))), InputTypeError, ["labels", "integer"]),
+    (dict(labels=jnp.full((B, L), V)), InputError, ["labels", f"[0, {V})", f"[{V}, {V}]"]),
+    (dict(labels=jnp.full((B, L), -1)), InputError, ["labels", f"[0, {V})", "[-1, -1]"]),
+    (dict(labels=jnp.full((B, L), -100), where=jnp.ones((B, L), bool).at[0, 0].set(False)), InputError,
+     ["labels", "[-100, -100]"]),
     (dict(where=jnp.ones((B, L), jnp.int32)), InputTypeError, ["where", "bool"]),
     (dict(kernel=jnp.zeros((D + 1, V))), InputError, ["student_kernel", f"[{D}, vocab]"]),
     (dict(beta=2.0, divergence="jsd"), InputError, ["beta", "[0, 1]"]),
