@@ -102,7 +102,8 @@ class Inputs:
         for module, model in ((self.t_teacher, self.teacher), (self.t_student, self.student)):
             like = jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
             sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            self.variables.append(jax.device_put(kdjax.convert.torch_to_variables(sd, like)))
+            self.variables.append(jax.device_put(kdjax.convert.torch_to_variables(sd, like,
+                                                                                  tied=model.tied_weights)))
 
     def teacher_params(self):
         return self.variables[0]["params"]

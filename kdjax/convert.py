@@ -20,10 +20,11 @@ every missing, unexpected and mis-shaped key in one ``InputError``;
 the v1 functions for params of Linear layers only.
 
 **Tied weights.** A ``state_dict`` lists a tied tensor under every name that uses it
-(Hugging Face GPT-2: ``lm_head.weight`` is ``transformer.wte.weight``). A key the
-model has no variable for is accepted when its values equal those of a key it does
-use; ``variables_to_torch(..., tied={"lm_head.weight": "transformer.wte.weight"})``
-writes such copies back.
+(Hugging Face GPT-2: ``lm_head.weight`` is ``transformer.wte.weight``). Such a key is
+accepted only for a tie the caller declares, ``tied={"lm_head.weight":
+"transformer.wte.weight"}`` (a model with ties says which: ``TransformerLM.tied_weights``),
+and only when its values equal its source's; any other key the model has no variable
+for is unexpected. ``variables_to_torch(..., tied=...)`` writes the copies back.
 
 **A Linear after a flatten.** PyTorch flattens NCHW activations in (C, H, W) order,
 Flax NHWC ones in (H, W, C) order, so such a Linear's input features come in another
@@ -194,7 +195,8 @@ def _flatten_permuted(weight: np.ndarray, chw, name: str, inverse: bool = False)
 
 
 def torch_to_variables(state_dict: Mapping[str, Any], like, *,
-                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None) -> dict:
+                       linear_after_flatten: Mapping[str, tuple[int, int, int]] | None = None,
+                       tied: Mapping[str, str] | None = None) -> dict:
     """A PyTorch ``state_dict`` as a Flax variables dict shaped exactly like ``like``.
 
     Args:
@@ -203,10 +205,13 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
         structure, shapes and dtypes are the result's (values are cast to its dtypes).
       linear_after_flatten: ``{torch module name: (C, H, W)}`` for Linear layers fed by
         a flatten of NCHW activations (see the module docstring).
+      tied: ``{extra name: name it repeats}``, the ties the model declares (e.g.
+        ``model.tied_weights``); each extra key, when present, must equal its source.
 
     Raises:
-      InputError: naming every missing, unexpected and mis-shaped key at once
-        (``num_batches_tracked`` is accepted and dropped).
+      InputError: naming every missing, unexpected and mis-shaped key, and every tied
+        copy that differs from its source, at once (``num_batches_tracked`` is accepted
+        and dropped).
     """
     if not isinstance(state_dict, Mapping):
         raise InputTypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
@@ -215,9 +220,15 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
     for path, leaf in _leaves(like).items():
         want[torch_name(path[0], path[1:])] = (path, leaf)
     got = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    tied = dict(tied or {})
+    bad_ties = sorted(f"{k} -> {v}" for k, v in tied.items() if v not in want)
+    if bad_ties:
+        raise InputError(f"tied: expected ties to names the model has, got {', '.join(bad_ties)}")
     missing = sorted(set(want) - set(got))
-    unexpected = [k for k in sorted(set(got) - set(want)) if not _is_tied_copy(k, got, want)]
-    misshaped, flat = [], {}
+    unexpected = sorted(set(got) - set(want) - set(tied))
+    misshaped = [f"{k} is tied to {tied[k]} but differs from it" for k in sorted(set(got) & set(tied))
+                 if tied[k] in got and not _equal(got[k], got[tied[k]])]
+    flat = {}
     for name in sorted(set(want) & set(got)):
         path, leaf = want[name]
         arr = _to_numpy(got[name])
@@ -233,18 +244,16 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
     if missing or unexpected or misshaped:
         fmt = lambda items: ", ".join(items) or "none"
         raise InputError(f"state_dict does not match the model: missing {fmt(missing)}; unexpected "
-                         f"{fmt(unexpected)}; mis-shaped {fmt(misshaped)}")
+                         f"{fmt(unexpected)}; mis-shaped or unequal {fmt(misshaped)}")
     unknown = set(permute) - {n.rpartition(".")[0] for n in want}
     if unknown:
         raise InputError(f"linear_after_flatten: expected names of Linear layers, got {sorted(unknown)}")
     return _nest(flat)
 
 
-def _is_tied_copy(key: str, got: Mapping, want: Mapping) -> bool:
-    """``key`` holds the same values as a key the model uses (a tied weight)."""
-    arr = _to_numpy(got[key])
-    return any(k in got and tuple(np.shape(got[k])) == arr.shape and np.array_equal(_to_numpy(got[k]), arr)
-               for k in want)
+def _equal(a, b) -> bool:
+    a, b = _to_numpy(a), _to_numpy(b)
+    return a.shape == b.shape and np.array_equal(a, b)
 
 
 def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,

@@ -917,15 +917,15 @@ def check_gpt2_hf(ctx: Ctx) -> list[Result]:
     hf = GPT2LMHeadModel(cfg).to(ctx.tdtype).to(ctx.torch_device).eval()
     model = kdjax.TransformerLM(LM_VOCAB, 3, 32, 4, LM_LEN + 2, dtype=ctx.jdtype)
     like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, LM_LEN), jnp.int32))
-    v = jax.tree_util.tree_map(jnp.asarray, convert.torch_to_variables(hf.state_dict(), like))
+    v = jax.tree_util.tree_map(jnp.asarray, convert.torch_to_variables(hf.state_dict(), like,
+                                                                       tied=model.tied_weights))
     with torch.no_grad():
         plain = hf(ctx.t(x)).logits
         masked = hf(ctx.t(x), attention_mask=ctx.t(mask.astype(np.int64))).logits
     tol = {"float64": F64, "float32": (1e-5, 1e-5)}[ctx.dtype]
     apply = jax.jit(lambda v, x, m=None: model.apply(v, x, mask=m))
     got_masked = np.asarray(apply(v, jnp.asarray(x), jnp.asarray(mask)))
-    back = convert.variables_to_torch(jax.tree_util.tree_map(np.asarray, v),
-                                      tied={"lm_head.weight": "transformer.wte.weight"})
+    back = convert.variables_to_torch(jax.tree_util.tree_map(np.asarray, v), tied=model.tied_weights)
     sd = {k: a.detach().cpu().numpy() for k, a in hf.state_dict().items()}
     exact = sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
     return [compare("transformers GPT2LMHeadModel converted: logits", ctx, apply(v, jnp.asarray(x)), plain, tol),

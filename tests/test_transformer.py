@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_close
 
 import kdjax
 from kdjax import convert
@@ -117,7 +118,30 @@ def test_errors(setup):
     wider = TransformerLM(V, 2, 32, 4, 12)
     with pytest.raises(InputError, match=r"transformer\.wte\.weight expected shape \(37, 32\), got \(37, 16\)"):
         convert.torch_to_variables(sd, jax.eval_shape(wider.init, jax.random.PRNGKey(0), tokens))
-    # a tied copy is accepted only if it really is a copy
-    sd_bad = dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1})
+    # a tied copy is accepted only for a tie the model declares, and only if it really is a copy
+    like = jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), tokens)
+    assert MODEL.tied_weights == {"lm_head.weight": "transformer.wte.weight"}
+    back = convert.torch_to_variables(sd, like, tied=MODEL.tied_weights)
+    assert_trees_close(back, jax.tree_util.tree_map(np.asarray, v), rtol=0, atol=0)
     with pytest.raises(InputError, match="unexpected lm_head.weight"):
-        convert.torch_to_variables(sd_bad, jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), tokens))
+        convert.torch_to_variables(sd, like)
+    sd_bad = dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1})
+    with pytest.raises(InputError, match="lm_head.weight is tied to transformer.wte.weight but differs"):
+        convert.torch_to_variables(sd_bad, like, tied=MODEL.tied_weights)
+    with pytest.raises(InputError, match="tied: expected ties to names the model has, got x -> y"):
+        convert.torch_to_variables(sd, like, tied={"x": "y"})
+
+
+def test_extra_layers_equal_to_used_ones_are_unexpected(setup):
+    """A state_dict with extra layers whose values happen to equal the model's (zero
+    biases, ones of fresh LayerNorms) is not a tied copy: every extra key is named."""
+    tokens, v, _ = setup
+    sd = convert.variables_to_torch(v)
+    deeper = TransformerLM(V, 3, 16, 4, 12)
+    extra = convert.variables_to_torch(deeper.init(jax.random.PRNGKey(1), tokens))
+    extra = {k: a for k, a in extra.items() if k.startswith("transformer.h.2.")}
+    extra["transformer.h.2.ln_1.bias"] = sd["transformer.h.0.ln_1.bias"]  # equal values, another layer
+    with pytest.raises(InputError) as e:
+        convert.torch_to_variables(sd | extra, jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), tokens))
+    for k in extra:
+        assert k in str(e.value), k

@@ -200,6 +200,12 @@ class TransformerLM(nn.Module):
                              f"missing {e}") from None
         return cls(**(kw | overrides))
 
+    @property
+    def tied_weights(self) -> dict:
+        """The ties of its ``state_dict`` (``kdjax.convert``'s ``tied=``): the head is the
+        token embedding unless ``tie_embeddings=False``."""
+        return {"lm_head.weight": "transformer.wte.weight"} if self.tie_embeddings else {}
+
     def _check(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len"):
             v = getattr(self, name)
