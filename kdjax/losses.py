@@ -216,7 +216,7 @@ def jsd(student_logits, teacher_logits, temperature=1.0, beta=0.5):
                                _generalised_jsd(log_p, log_q, inner)))
 
 
-def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta=8.0):
+def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta=8.0, *, where=None):
     r"""Per-position decoupled KD (Zhao et al., 2022), as mdistiller's ``dkd_loss``.
 
     .. math::
@@ -230,17 +230,23 @@ def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta
     log-probabilities, so it stays finite where the target probability rounds to 1.
 
     Args:
-      labels: ``[...]`` integer targets in ``[0, num_classes)``; needs ``num_classes >= 2``.
+      labels: ``[...]`` integer targets in ``[0, num_classes)`` (anything, e.g. -100, where
+        ``where`` is false); needs ``num_classes >= 2``.
       alpha, beta: the TCKD and NCKD weights (>= 0; mdistiller's CIFAR defaults 1 and 8).
+      where: optional bool ``[...]``: positions where it is false give 0 (padding tokens;
+        ``masked_mean(dkd(..., where=mask), mask)`` is the valid-token mean).
     """
     _check_pair(student_logits, teacher_logits)
-    check_labels(labels, student_logits.shape)
+    check_where(where, student_logits.shape[:-1])
+    check_labels(labels, student_logits.shape, where)
     check_temperature(temperature)
     check_beta(alpha, "alpha", None)
     check_beta(beta, "beta", None)
     if student_logits.shape[-1] < 2:
         raise InputError(f"dkd: expected at least 2 classes, got {student_logits.shape[-1]}")
     log_p, log_q = _log_probs(student_logits, teacher_logits, temperature)
+    if where is not None:  # any valid class at masked positions; their value is replaced by 0 below
+        labels = jnp.where(where, labels, 0)
     target = jax.nn.one_hot(labels, student_logits.shape[-1], dtype=bool)
 
     def split(log_probs):  # log p_y, log(1 - p_y), and the renormalised non-target log-probs
@@ -252,15 +258,19 @@ def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta
     (p_y, p_rest, p_hat), (q_y, q_rest, q_hat) = split(log_p), split(log_q)
     tckd = jnp.exp(p_y) * (p_y - q_y) + jnp.exp(p_rest) * (p_rest - q_rest)
     nckd = jnp.sum(jnp.exp(p_hat) * (p_hat - q_hat), axis=-1)  # target terms are exp(0) * 0
-    return temperature**2 * (alpha * tckd + beta * nckd)
+    value = temperature**2 * (alpha * tckd + beta * nckd)
+    return value if where is None else jnp.where(where, value, 0.0)
 
 
-def hard_ce(logits, labels):
+def hard_ce(logits, labels, *, where=None):
     r"""Per-position cross-entropy with integer labels: :math:`-\log\mathrm{softmax}(s)_{y}`.
 
     Args:
       logits: ``[..., num_classes]`` floating array.
-      labels: ``[...]`` integer class indices in ``[0, num_classes)``.
+      labels: ``[...]`` integer class indices in ``[0, num_classes)`` (anything where
+        ``where`` is false, e.g. PyTorch's ``ignore_index`` -100).
+      where: optional bool ``[...]``: positions where it is false give 0.
+        ``masked_mean(hard_ce(s, y, where=m), m)`` is ``F.cross_entropy(s[m], y[m])``.
 
     Returns:
       ``[...]`` array of losses.
@@ -270,8 +280,10 @@ def hard_ce(logits, labels):
     1.386294
     """
     _check_logits("logits", logits)
-    check_labels(labels, logits.shape)
-    return _hard_ce(logits, labels)
+    check_where(where, logits.shape[:-1])
+    check_labels(labels, logits.shape, where)
+    ce = _hard_ce(logits, labels)
+    return ce if where is None else jnp.where(where, ce, 0.0)
 
 
 def _hard_ce(logits, labels):

@@ -202,3 +202,28 @@ def test_bad_token_inputs(kwargs, exc, words):
         dkd(jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.zeros(3, jnp.int32))
     with pytest.raises(InputError, match="beta"):
         dkd(jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros(3, jnp.int32), beta=-1.0)
+
+
+def test_dkd_and_hard_ce_take_where_with_ignore_index_labels():
+    """Padding labels (-100) are accepted where ``where`` is false: those positions give 0,
+    the valid ones what the unmasked call gives on the valid rows alone."""
+    with jax.enable_x64(True):
+        s, t, y, mask = inputs(7)  # y: -100 where mask is false
+        y_pad = jnp.asarray(y)
+        s, t, m = jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask)
+        got_dkd = dkd(s, t, y_pad, 4.0, 1.0, 8.0, where=m)
+        got_ce = losses.hard_ce(s, y_pad, where=m)
+        np.testing.assert_array_equal(np.asarray(got_dkd)[~mask], 0.0)
+        np.testing.assert_array_equal(np.asarray(got_ce)[~mask], 0.0)
+        rows = jnp.asarray(np.argwhere(mask).T)
+        valid = lambda a: a[tuple(rows)]
+        np.testing.assert_allclose(np.asarray(got_dkd)[mask], dkd(valid(s), valid(t), valid(jnp.asarray(y)), 4.0, 1.0,
+                                                                  8.0), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(got_ce)[mask], losses.hard_ce(valid(s), valid(jnp.asarray(y))),
+                                   rtol=1e-14, atol=1e-15)
+        grad = jax.grad(lambda a: losses.masked_mean(dkd(a, t, y_pad, 4.0, 1.0, 8.0, where=m), m))(s)
+        assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[~mask] == 0)
+        with pytest.raises(InputError, match=r"labels: expected values in \[0, 7\), got values in \[-100"):
+            dkd(s, t, y_pad, 4.0)  # no where: padding labels are refused, never silently 0
+        with pytest.raises(InputError, match=r"labels: expected values in \[0, 7\)"):
+            losses.hard_ce(s, y_pad)
