@@ -68,10 +68,12 @@ def main(argv=None) -> int:
     for r in results:
         table.add_row(r.name, r.dtype, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
                       f"atol {r.atol:g}" + (f", rtol {r.rtol:g}" if r.rtol else ""),
-                      "[green]pass[/]" if r.passed else "[red]FAIL[/]", r.note)
+                      "[yellow]skipped[/]" if r.skipped else "[green]pass[/]" if r.passed else "[red]FAIL[/]", r.note)
     console.print(table)
-    failed = [r for r in results if not r.passed]
-    console.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    failed = [r for r in results if not r.passed and not r.skipped]
+    skipped = [r for r in results if r.skipped]
+    console.print(f"{len(results) - len(failed) - len(skipped)} passed, {len(failed)} failed"
+                  + (f", {len(skipped)} skipped" if skipped else ""))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({**info, "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)

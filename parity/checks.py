@@ -65,6 +65,7 @@ class Result:
     rtol: float
     passed: bool
     note: str = ""
+    skipped: bool = False  # a peer package that cannot be imported: never counted as passed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -734,14 +735,26 @@ def check_divergences(ctx: Ctx) -> list[Result]:
     return out
 
 
-def check_conventions(ctx: Ctx) -> list[Result]:
-    """The README's convention table: each library's loss (parity/conventions.py, following
-    its source) against the kdjax call that returns the same number, masked 3-D logits."""
+def _convention_inputs(ctx: Ctx):
     s, t, y, mask = token_inputs("normal", seed=22)
+    y_real = np.where(mask, y, np.random.default_rng(22).integers(0, TOK_V, y.shape))  # real labels at padding
+    return s, t, y, mask, y_real
+
+
+def check_conventions(ctx: Ctx) -> list[Result]:
+    """The convention table: each library's loss (parity/conventions.py, our re-implementation
+    following its source) against the kdjax call that returns the same number, masked 3-D
+    logits ``[4, 6, 11]`` with labels -100 at padding."""
+    s, t, y, mask, y_real = _convention_inputs(ctx)
     js, jt, jy, jm = jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(y), jnp.asarray(mask)
+    jy_real = jnp.asarray(y_real)
     sv, tv, yv = ctx.t(s[mask]), ctx.t(t[mask]), ctx.t(y[mask])  # the valid tokens, [n, V]
+    log_q = lambda T: F_log_softmax(ctx.t(s).reshape(-1, TOK_V) / T)
+    log_p = lambda T: F_log_softmax(ctx.t(t).reshape(-1, TOK_V) / T)
+    one_hot = np.eye(TOK_V)[y_real]
     T = 2.0
     L = losses
+    hinton_all = lambda T: T**2 * jnp.mean(L.soft_kl(js, jt, T))  # every position, padding included
     rows = {
         "torchdistill KDLoss(T=2, alpha=0.3)": (
             L.distillation_loss(js, jt, jy, T, alpha=0.7, where=jm),
@@ -752,29 +765,121 @@ def check_conventions(ctx: Ctx) -> list[Result]:
         "mdistiller KD (CE 0.1, KD 0.9)": (
             (0.1 + 0.9) * L.distillation_loss(js, jt, jy, T, alpha=0.9 / (0.1 + 0.9), where=jm),
             conventions.mdistiller_kd(sv, tv, yv, T, 0.1, 0.9)),
-        "mdistiller DKD (CE 1, alpha 1, beta 8, T 4)": (
+        "mdistiller DKD (CE 1, alpha 1, beta 8, T 4), labels -100 at padding": (
             L.distillation_loss(js, jt, jy, 4.0, alpha=0.0, where=jm)
-            + L.masked_mean(L.dkd(js, jt, jnp.where(jm, jy, 0), 4.0, 1.0, 8.0), jm),
+            + L.masked_mean(L.dkd(js, jt, jy, 4.0, 1.0, 8.0, where=jm), jm),
             conventions.mdistiller_dkd(sv, tv, yv, 4.0, 1.0, 8.0, ce_weight=1.0)),
         "Liger-Kernel LigerJSD(beta=0.3), ignore_index": (
-            L.masked_mean(L.jsd(js, jt, T, 0.3), jm),
-            conventions.liger_jsd(F_log_softmax(ctx.t(s).reshape(-1, TOK_V) / T),
-                                  F_log_softmax(ctx.t(t).reshape(-1, TOK_V) / T), ctx.t(y).reshape(-1), 0.3)),
+            L.masked_mean(L.jsd(js, jt, T, 0.3), jm), conventions.liger_jsd(log_q(T), log_p(T), ctx.t(y).reshape(-1), 0.3)),
         "Liger-Kernel LigerJSD(beta=0): forward KL": (
-            L.masked_mean(L.jsd(js, jt, T, 0.0), jm),
-            conventions.liger_jsd(F_log_softmax(ctx.t(s).reshape(-1, TOK_V) / T),
-                                  F_log_softmax(ctx.t(t).reshape(-1, TOK_V) / T), ctx.t(y).reshape(-1), 0.0)),
-        "tunix LogitStrategy(T=2, alpha=0.5): padding averaged": (
-            L.distillation_loss(js, jt, jnp.where(jm, jy, 0), T, 0.5),
-            conventions.tunix_logit(s, t, np.eye(TOK_V)[np.where(mask, y, 0)], T, 0.5)),
+            L.masked_mean(L.jsd(js, jt, T, 0.0), jm), conventions.liger_jsd(log_q(T), log_p(T), ctx.t(y).reshape(-1), 0.0)),
+        "tunix LogitStrategy(T=2, alpha=0.5), real labels at padding": (
+            L.distillation_loss(js, jt, jy_real, T, 0.5), conventions.tunix_logit(s, t, one_hot, T, 0.5)),
+        "tunix LogitStrategy(T=2, alpha=0.5), its example's labels x mask": (
+            0.5 * hinton_all(T) + 0.5 * jnp.mean(L.hard_ce(js, jy, where=jm)),
+            conventions.tunix_logit(s, t, one_hot * mask[..., None], T, 0.5)),
         "EasyDeL distillation_loss(T=2, alpha=0.9, hard labels)": (
-            L.distillation_loss(js, jt, jy, T, 0.9, where=jm),
-            conventions.easydel_distillation(s, t, mask, y, True, T, 0.9)),
+            L.distillation_loss(js, jt, jy, T, 0.9, where=jm), conventions.easydel_distillation(s, t, mask, y, True, T, 0.9)),
+        "NVIDIA ModelOpt LogitsDistillationLoss(T=2), valid tokens": (
+            L.distillation_loss(js, jt, jy, T, 1.0, where=jm), conventions.modelopt_logits(sv, tv, T)),
+        "NVIDIA ModelOpt LogitsDistillationLoss(T=2, reduction='mean'): / vocab": (
+            L.distillation_loss(js, jt, jy, T, 1.0, where=jm) / TOK_V, conventions.modelopt_logits(sv, tv, T, "mean")),
+        "Keras 3 LogitsDistillation(T=2, loss=KLDivergence())": (
+            hinton_all(T), conventions.keras_logits_distillation(s, t, T, kl_instance=True)),
     }
-    return [compare(f"convention: {name}", ctx, got, np.asarray(want.detach().cpu().numpy()
-                                                                   if hasattr(want, "detach") else want),
-                    TOL[ctx.dtype]["loss"])
-            for name, (got, want) in rows.items()]
+    for beta in (0.0, 0.3, 0.5, 1.0):  # TRL: temperature 1 in the loss (GKDTrainer samples at its temperature)
+        rows[f"TRL generalized_jsd_loss(beta={beta:g}), labels -100"] = (
+            L.masked_mean(L.jsd(js, jt, 1.0, beta), jm), conventions.trl_generalized_jsd(ctx.t(s), ctx.t(t), ctx.t(y), beta))
+    rows["TRL generalized_jsd_loss(beta=0.5), no labels: / batch size"] = (
+        jnp.sum(L.jsd(js, jt, 1.0, 0.5)) / TOK_B, conventions.trl_generalized_jsd(ctx.t(s), ctx.t(t), None, 0.5))
+    for beta, call in ((0.0, L.reverse_kl), (1.0, L.soft_kl), (0.5, lambda a, b, T: L.jsd(a, b, T, 0.5))):
+        rows[f"EasyDeL GKD generalized_jsd_loss(beta={beta:g}, T=2)"] = (
+            L.masked_mean(call(js, jt, T), jm), conventions.easydel_gkd_jsd(s, t, mask, beta, T))
+    out = [compare(f"convention: {name}", ctx, got, _numpy(want), TOL[ctx.dtype]["loss"])
+           for name, (got, want) in rows.items()]
+    # EasyDeL weighs its mixture the other way: at beta = 0.3 no jsd(beta') of kdjax's equals it
+    easydel = conventions.easydel_gkd_jsd(s, t, mask, 0.3, T)
+    gap = min(abs(float(L.masked_mean(L.jsd(js, jt, T, b), jm)) - easydel) for b in (0.3, 0.7))
+    out.append(Result("convention: EasyDeL GKD(beta=0.3) is neither jsd(0.3) nor jsd(0.7)", ctx.dtype, gap,
+                      gap / abs(easydel), 1e-3, 0.0, bool(gap > 1e-3), f"smallest gap {gap:.3g} (must exceed 1e-3)"))
+    return out
+
+
+def _numpy(value):
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
+def _real_package(name: str):
+    """Import a peer package, or the reason it cannot be imported."""
+    import importlib
+
+    if name == "keras":
+        import os
+        import sys
+
+        if "keras" not in sys.modules:
+            os.environ["KERAS_BACKEND"] = "jax"  # must precede the import; the parity entry point's business
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:  # an absent or broken install: reported as skipped, with the reason
+        return None, f"{name} not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if name == "keras" and module.backend.backend() != "jax":
+        return None, f"keras runs on the {module.backend.backend()} backend here, not jax"
+    return module, None
+
+
+def check_conventions_packages(ctx: Ctx) -> list[Result]:
+    """The same rows against the peers' real packages where they install (the parity extra:
+    keras on the JAX backend, trl, torchdistill): each package's loss against the kdjax call
+    (and, for Keras's default, against our re-implementation: no kdjax call equals it). A
+    package that cannot be imported gives skipped rows with the reason."""
+    s, t, y, mask, _ = _convention_inputs(ctx)
+    js, jt, jy, jm = jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(y), jnp.asarray(mask)
+    sv, tv, yv = ctx.t(s[mask]), ctx.t(t[mask]), ctx.t(y[mask])
+    L, T, tol, out = losses, 2.0, TOL[ctx.dtype]["loss"], []
+
+    def rows(package, make, tol=tol, note=""):
+        module, why = _real_package(package)
+        if module is None:
+            return [Result(f"{package} (real package)", ctx.dtype, float("nan"), float("nan"), tol[0], tol[1],
+                           False, why, skipped=True)]
+        return [compare(f"{package} {name}", ctx, got, _numpy(want), tol, note) for name, (got, want) in make().items()]
+
+    def torchdistill_rows():
+        from torchdistill.losses.mid_level import KDLoss
+
+        kd = lambda alpha: KDLoss("s", "output", "t", "output", temperature=T, alpha=alpha)(
+            {"s": {"output": sv}}, {"t": {"output": tv}}, yv)
+        return {"KDLoss(T=2, alpha=0.3)": (L.distillation_loss(js, jt, jy, T, alpha=0.7, where=jm), kd(0.3)),
+                "KDLoss(T=2, alpha=0): no T^2": (L.distillation_loss(js, jt, jy, T, alpha=1.0, where=jm) / T**2, kd(0.0))}
+
+    def trl_rows():
+        from trl.experimental.gkd import GKDTrainer
+
+        gjsd = lambda labels, beta: GKDTrainer.generalized_jsd_loss(ctx.t(s), ctx.t(t), labels=labels, beta=beta)
+        r = {f"GKDTrainer.generalized_jsd_loss(beta={b:g})": (L.masked_mean(L.jsd(js, jt, 1.0, b), jm),
+                                                              gjsd(ctx.t(y), b)) for b in (0.0, 0.3, 0.5, 1.0)}
+        r["GKDTrainer.generalized_jsd_loss(beta=0.5), no labels"] = (jnp.sum(L.jsd(js, jt, 1.0, 0.5)) / TOK_B,
+                                                                    gjsd(None, 0.5))
+        return r
+
+    def keras_rows():
+        import keras
+
+        dtype = "float64" if ctx.dtype == "float64" else "float32"
+        ld = lambda loss: keras.distillation.LogitsDistillation(temperature=T, loss=loss).compute_loss(
+            jt, js)  # (teacher_outputs, student_outputs)
+        return {"LogitsDistillation(T=2, loss=KLDivergence())": (
+                    T**2 * jnp.mean(L.soft_kl(js, jt, T)), ld(keras.losses.KLDivergence(dtype=dtype))),
+                "LogitsDistillation(T=2) default 'kl_divergence' = our re-implementation (on logits, not "
+                "softmaxes; no kdjax call)": (conventions.keras_logits_distillation(s, t, T), ld("kl_divergence"))}
+
+    out += rows("torchdistill", torchdistill_rows) + rows("trl", trl_rows)
+    # Keras's LogitsDistillation on float64 inputs differs from the same formula by ~1e-7
+    # relative (measured; its KLDivergence alone is exact), so float64 rows get float32's tolerance
+    out += rows("keras", keras_rows, TOL["float32"]["loss"],
+                "float32 tolerance: Keras rounds inside LogitsDistillation" if ctx.dtype == "float64" else "")
+    return out
 
 
 def F_log_softmax(x):
@@ -951,6 +1056,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "lr_schedules": check_lr_schedules,
     "divergences": check_divergences,
     "conventions": check_conventions,
+    "conventions_packages": check_conventions_packages,
     "fused": check_fused,
     "transformer": check_transformer,
     "gpt2_hf": check_gpt2_hf,

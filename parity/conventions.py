@@ -105,3 +105,73 @@ def easydel_distillation(student, teacher, attention_mask=None, labels=None, use
         ce = -np.take_along_axis(np_log_softmax(student, -1), safe[..., None], -1)[..., 0]
         total = total + (1 - alpha) * np.sum(ce * mask) / norm
     return total
+
+
+def trl_generalized_jsd(student, teacher, labels=None, beta=0.5, temperature=1.0):
+    """TRL ``trl/experimental/gkd/gkd_trainer.py`` ``GKDTrainer.generalized_jsd_loss``
+    (reduction "batchmean"), torch ``[B, L, V]``: per element ``kl_div(..., log_target=True)``
+    — at ``beta = 0`` KL(P‖Q), at ``beta = 1`` KL(Q‖P), else ``beta KL(P‖M) + (1 - beta)
+    KL(Q‖M)`` with ``M = beta P + (1 - beta) Q`` — summed over the positions whose label
+    is not -100 and divided by their count (at least 1); without labels divided by the
+    batch size. No T²; GKDTrainer calls it at temperature 1 (its temperature samples)."""
+    log_q = torch.log_softmax(student / temperature, -1)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    if beta == 0:
+        per = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    elif beta == 1:
+        per = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_q.dtype)
+        log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(-b), log_p + torch.log(b)]), 0)
+        per = b * F.kl_div(log_m, log_p, reduction="none", log_target=True) \
+            + (1 - b) * F.kl_div(log_m, log_q, reduction="none", log_target=True)
+    if labels is None:
+        return per.sum() / max(per.shape[0], 1)
+    keep = labels != -100
+    return per[keep].sum() / keep.sum().clamp_min(1)
+
+
+def easydel_gkd_jsd(student, teacher, mask=None, beta=0.5, temperature=1.0):
+    """EasyDeL ``trainers/generalized_knowledge_distillation_trainer/_fn.py``
+    ``generalized_jsd_loss``, in NumPy: at ``beta <= 0`` KL(Q‖P), at ``beta >= 1`` KL(P‖Q),
+    else ``beta KL(P‖M) + (1 - beta) KL(Q‖M)`` with ``M = (1 - beta) P + beta Q`` (the
+    mixture weighted the other way from Liger's and TRL's); masked mean over tokens."""
+    log_q, log_p = np_log_softmax(student / temperature, -1), np_log_softmax(teacher / temperature, -1)
+    kl = lambda a, b: np.sum(np.exp(a) * (a - b), -1)  # KL(exp a || exp b)
+    if beta <= 0:
+        per = kl(log_q, log_p)
+    elif beta >= 1:
+        per = kl(log_p, log_q)
+    else:
+        log_m = np.logaddexp(log_p + np.log1p(-beta), log_q + np.log(beta))
+        per = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    if mask is None:
+        return np.mean(per)
+    m = mask.astype(np.float64)
+    return np.sum(per * m) / max(m.sum(), 1.0)
+
+
+def keras_logits_distillation(student, teacher, temperature=3.0, kl_instance=False):
+    """Keras 3 ``keras/src/distillation/distillation_loss.py`` ``LogitsDistillation.compute_loss``
+    (one output), in NumPy. Both outputs are divided by T. With ``loss=KLDivergence()``
+    (``kl_instance``) they go through softmax and ``KLDivergence`` (``losses/losses.py``:
+    ``sum y_true log(y_true / y_pred)`` over the last axis, both clipped to [1e-7, 1],
+    averaged over the other positions), times T². With the default ``loss="kl_divergence"``
+    the same function is applied to the scaled *logits* themselves (clipped to [1e-7, 1]),
+    with no softmax and no T²."""
+    clip = lambda a: np.clip(a, 1e-7, 1.0)
+    s, t = student / temperature, teacher / temperature
+    if kl_instance:
+        p, q = clip(np_softmax(t, -1)), clip(np_softmax(s, -1))
+        return np.mean(np.sum(p * np.log(p / q), -1)) * temperature**2
+    p, q = clip(t), clip(s)
+    return np.mean(np.sum(p * np.log(p / q), -1))
+
+
+def modelopt_logits(student, teacher, temperature=1.0, reduction="batchmean"):
+    """NVIDIA ModelOpt ``modelopt/torch/distill/losses.py`` ``LogitsDistillationLoss``: logits
+    flattened to ``[N, V]``, ``kl_div(log_softmax(s/T), softmax(t/T), reduction) * T²``;
+    "batchmean" divides the sum by N (every position, padding included), "mean" by N·V."""
+    log_q = torch.log_softmax(student / temperature, -1).reshape(-1, student.shape[-1])
+    p = torch.softmax(teacher / temperature, -1).reshape(-1, teacher.shape[-1])
+    return F.kl_div(log_q, p, reduction=reduction) * temperature**2
