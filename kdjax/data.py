@@ -84,11 +84,15 @@ def validate_arrays(x, y, where: str, num_classes: int | None = None):
 
 
 def _make(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
+    """The class count is ``num_classes`` or the training labels' (``max + 1``), never the
+    test labels': a test label outside it is an error, not a silent extra class."""
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train")
     if num_classes is None:
-        num_classes = int(max(y_train.max(), np.asarray(y_test).max() if len(y_test) else 0)) + 1
+        num_classes = int(y_train.max()) + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train", num_classes)
-    x_test, y_test = validate_arrays(x_test, y_test, f"{name} test", num_classes)
+    x_test, y_test = validate_arrays(x_test, y_test, f"{name} test ({num_classes} classes)", num_classes)
     if x_test.shape[1:] != x_train.shape[1:]:
         raise InputError(f"{name}: expected test examples of shape {x_train.shape[1:]} "
                          f"(as train), got {x_test.shape[1:]}")
@@ -272,8 +276,11 @@ def _user_corpus(path: str):
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def load_npz(path: str | os.PathLike) -> Dataset:
-    """Load a user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test``."""
+def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
+    """Load a user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test``.
+
+    The class count is ``num_classes`` or, when None, the training labels' maximum + 1;
+    test labels outside it are refused."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: expected an existing .npz file, got no such file")
@@ -290,7 +297,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
         raise InputError(f"{path}: expected keys {', '.join(NPZ_KEYS)}, missing {', '.join(missing)} "
                          f"(found {', '.join(found) or 'none'})")
     name = os.path.basename(path)
-    return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], num_classes)
 
 
 def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: str):
