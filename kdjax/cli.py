@@ -15,12 +15,14 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
+from kdjax.reporting import fmt_ci
 
 EXIT_USAGE = 2
 
@@ -97,15 +99,44 @@ def _jsonable(obj):
     return obj
 
 
-def _prepare_out(out: str | None, overwrite: bool) -> str | None:
+# What kdjax writes into --out; --overwrite removes exactly these, nothing else of the user's.
+_OUTPUTS = ("results.json", "checkpoints", "teacher.ckpt", "student_distilled.ckpt", "student_standard.ckpt",
+            "softmax_temperature.png", "learning_curves.png", "hyperparameters.png", "digits_comparison.png",
+            "omitted_class.png", "tuned_comparison.png", "comparison.png", "sweep_heatmap.png")
+
+
+def _check_out(args) -> None:
+    """Refuse an --out that this run would damage, before anything is computed or written."""
+    out = args.out
     if out is None:
-        return None
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out: expected a directory, got an existing file {out}")
+    resume, overwrite = getattr(args, "resume", False), args.overwrite
+    if resume and overwrite:
+        raise UsageError("--resume / --overwrite: expected one of them (continue the run in --out, or replace it)")
     if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
         raise UsageError(f"--out: {out} already holds results.json; pass --overwrite to replace it")
-    os.makedirs(out, exist_ok=True)
-    return out
+    if os.path.isdir(os.path.join(out, "checkpoints")) and not (resume or overwrite):
+        raise UsageError(f"--out: {out} holds the checkpoints of an unfinished run; pass --resume to continue "
+                         f"it or --overwrite to start over")
+
+
+def _claim_out(args) -> None:
+    """Once every input is accepted: clear the old run (--overwrite) and create --out."""
+    if args.out is None:
+        return
+    if args.overwrite:
+        for name in _OUTPUTS:
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
+            if name.startswith(".tmp-"):  # a write a kill interrupted (checkpoint.atomic_write_bytes)
+                os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
 
 
 def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
@@ -149,6 +180,7 @@ def cmd_demo(args, rep: Reporter) -> int:
     sections = _parse_sections(args.sections)
     if args.seeds < 2:
         raise UsageError(f"--seeds: expected at least 2 (for confidence intervals), got {args.seeds}")
+    _claim_out(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     results, figs, t0 = {}, {}, time.perf_counter()
     out = args.out
@@ -213,6 +245,7 @@ def cmd_omit_class(args, rep: Reporter) -> int:
     if args.seeds < 2:
         raise UsageError(f"--seeds: expected at least 2 (for confidence intervals), got {args.seeds}")
     ds = _dataset(args)
+    _claim_out(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     r = demo.omitted_class(rep, seeds, epochs=args.epochs, omit=args.omit, temperature=args.temperature,
                            alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
@@ -241,7 +274,7 @@ def _dataset(args):
     elif name == "digits":
         ds = data.digits(seed=args.seed, images=images)
     elif name.endswith(".npz") or os.path.exists(name):
-        ds = data.load_npz(name)
+        ds = data.load_npz(name, getattr(args, "num_classes", None))
     else:
         raise UsageError(f"--dataset: expected 'synthetic', 'digits', 'text' or a path to an .npz/.txt file, "
                          f"got {name!r}")
@@ -278,6 +311,16 @@ def _models(args, num_classes: int):
     return tuple(nets)
 
 
+def _validate_models(models, ds) -> None:
+    """Build every model abstractly (``jax.eval_shape`` of its init: no compute): a
+    configuration that cannot work is refused before anything trains."""
+    import jax
+
+    example = jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x_train.dtype)
+    for model in models:
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
+
+
 def _describe(model) -> str:
     from kdjax.models import ResNet, TransformerLM
 
@@ -307,24 +350,32 @@ def _load_teacher(path: str, teacher, ds):
                              "pip install torch (or convert it to a kdjax checkpoint first)")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"--teacher: {path}: expected a PyTorch state_dict, got {type(e).__name__}: {e}")
+        except Exception as e:  # torch's own message runs to paragraphs of advice: its first line
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+            raise UsageError(f"--teacher: {path}: expected a PyTorch state_dict saved by torch.save, could not "
+                             f"read it ({type(e).__name__}: {first[:120]})")
         if not isinstance(state_dict, dict):
             raise UsageError(f"--teacher: {path}: expected a state_dict (dict), got {type(state_dict).__name__}")
     else:
         tree, _ = checkpoint.load(path)
         variables = {"params": tree.get("params", tree), **tree.get("model_state", {})}
         state_dict = convert.variables_to_torch(variables)  # then checked against the model
-    variables = dict(convert.torch_to_variables(state_dict, like))
+    try:
+        variables = dict(convert.torch_to_variables(state_dict, like, tied=getattr(teacher, "tied_weights", None)))
+    except InputError as e:
+        raise UsageError(f"--teacher: {path}: {e}") from None
     params = variables.pop("params")
     return state_from_params(params, model_state=variables)
 
 
-_IDENTITY = ("dataset", "arch", "teacher_hidden", "student_hidden", "teacher_blocks", "teacher_widths",
-             "student_blocks", "student_widths", "stem", "steps", "epochs", "batch_size", "lr", "optimizer",
-             "momentum", "weight_decay", "nesterov", "lr_schedule", "seeds", "seed", "temperature", "alpha",
-             "temperatures", "alphas", "teacher", "checkpoint_every", "context", "teacher_layers", "teacher_dim",
-             "student_layers", "student_dim", "heads", "text_bytes", "teacher_steps")
+# Arguments that cannot change a run's numbers; every other one is part of its identity,
+# so that --resume never continues a run made with other settings.
+_NOT_IDENTITY = {"command", "func", "out", "overwrite", "no_plots", "json", "quiet", "resume", "mesh"}
+
+
+def _identity(args) -> dict:
+    """``{"--flag": value}`` of every argument that changes results (stored with checkpoints)."""
+    return {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}
 
 
 def _checkpoints(args):
@@ -335,7 +386,7 @@ def _checkpoints(args):
     if not args.out:
         return None
     return Checkpoints(os.path.join(args.out, "checkpoints"), args.checkpoint_every, args.resume,
-                       {k: getattr(args, k) for k in _IDENTITY if hasattr(args, k)})
+                       json.loads(json.dumps(_jsonable(_identity(args)))))  # as it reads back from disk
 
 
 def _parse_mesh(text: str | None) -> dict:
@@ -392,6 +443,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     cfg = _run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     teacher, student = _models(args, ds.num_classes)
+    _validate_models((teacher, student), ds)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
              f"{ds.num_classes} classes; {cfg.describe()}; "
              + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
@@ -408,6 +460,7 @@ def cmd_distill(args, rep: Reporter) -> int:
             raise UsageError("--teacher-steps: expected a teacher trained here (no --teacher) and no --tune")
         t_cfg = dataclasses.replace(cfg, steps=args.teacher_steps, epochs=None)
         rep.line(f"teachers: {t_cfg.describe()}")
+    _claim_out(args)
     tuned = None
     with rep.progress() as on_chunk:
         if args.tune:
@@ -421,27 +474,28 @@ def cmd_distill(args, rep: Reporter) -> int:
                                     alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
                                     on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg)
     if tuned is not None:
-        rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI; "
+        rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI over "
+                  f"n = {len(seeds)} seed(s); "
                   f"rows T, columns alpha", ["T \\ alpha"] + [f"{a:g}" for a in tuned.alphas],
-                  [[f"{T:g}"] + [f"{m:.4f} ± {h:.4f}" for m, h in row]
+                  [[f"{T:g}"] + [fmt_ci(c) for c in row]
                    for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
         rep.line(f"chosen on validation: T = {tuned.best[0]:g}, alpha = {tuned.best[1]:g}; students retrained "
                  f"on all {len(ds.y_train)} training rows")
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     lm = args.arch == "transformer"
-    rep.table("validation next-byte accuracy (mean ± 95% CI over seeds)" if lm else
-              "test accuracy (mean ± 95% CI over seeds)", ["model", "accuracy"],
-              [[teacher_label if k == "teacher" else k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in stats.items()]
-              + [["distilled - standard (paired)", f"{gain[0]:+.4f} ± {gain[1]:.4f}"]])
+    over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    rep.table(f"validation next-byte accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
+              [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in stats.items()]
+              + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
     bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
     bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
     bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
     if lm:
-        rep.table("validation bits per byte (cross-entropy / ln 2; lower is better), mean ± 95% CI",
+        rep.table(f"validation bits per byte (cross-entropy / ln 2; lower is better), {over}",
                   ["model", "bits per byte"],
-                  [[teacher_label if k == "teacher" else k, f"{m:.4f} ± {h:.4f}"] for k, (m, h) in bpb_stats.items()]
-                  + [["distilled - standard (paired)", f"{bpb_gain[0]:+.4f} ± {bpb_gain[1]:.4f}"]])
+                  [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
+                  + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
                "teacher_test_accuracy": float(acc["teacher"][0]),
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
@@ -487,6 +541,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     T, A, S = sweep.grid(temps, alphas, seeds)
     make_hyper(T, A)  # validates every value before anything is compiled
     teacher, student = _models(args, ds.num_classes)
+    _validate_models((teacher, student), ds)
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
     t_state = _load_teacher(args.teacher, teacher, ds) if args.teacher else None
@@ -494,15 +549,16 @@ def cmd_sweep(args, rep: Reporter) -> int:
         raise UsageError("--members-per-group: groups of members run on one device; got it with several "
                          "(a mesh splits the members over devices instead; leave it at 'all')")
     mesh = _mesh(args, rep, len(T), cfg.batch_size)
+    _claim_out(args)
     with rep.progress() as on_chunk:
         r = experiments.sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
                               checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
                               members_per_group=args.members_per_group)
     acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
-    rep.table("mean test accuracy ± 95% CI (rows: temperature, columns: alpha)",
+    rep.table(f"mean test accuracy ± 95% CI over n = {len(seeds)} seed(s) (rows: temperature, columns: alpha)",
               ["T \\ alpha"] + [f"{a:g}" for a in alphas],
-              [[f"{t:g}"] + [f"{m:.3f} ± {h:.3f}" for m, h in row] for t, row in zip(temps, stats)])
+              [[f"{t:g}"] + [fmt_ci(c, digits=3) for c in row] for t, row in zip(temps, stats)])
     best = max(((i, j) for i in range(len(temps)) for j in range(len(alphas))),
                key=lambda ij: stats[ij[0]][ij[1]][0])
     rep.line(f"teacher test accuracy {r.teacher_accuracy:.4f}; best: T = {temps[best[0]]:g}, "
@@ -585,6 +641,9 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer (default 1)")
     p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: d_model (default 32)")
     p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads (default 4)")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
+                        "test labels outside it are refused)")
     p.add_argument("--text-bytes", type=_positive_int, default=200_000,
                    help="--dataset text: training bytes kept (default 200000; validation a tenth)")
     length = p.add_mutually_exclusive_group()
@@ -651,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     om = sub.add_parser("omit-class", help="Hinton et al.'s experiment: students that never see one class")
     om.add_argument("--dataset", default="digits", help="digits, or PATH.npz (x_train, y_train, x_test, y_test)")
+    om.add_argument("--num-classes", type=_positive_int, default=None,
+                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1)")
     om.add_argument("--omit", type=int, default=3, help="the class left out of the transfer set (default 3)")
     om.add_argument("--epochs", type=_positive_int, default=30)
     om.add_argument("--teacher-hidden", type=_positive_int, default=256)
@@ -696,15 +757,63 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _given(argv) -> set[str]:
+    """The options typed on the command line (not their defaults): a second parse in
+    which no option has a default, so only those present come back."""
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for p in subparsers.choices.values():
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
+
+
+# Options that only mean something in some modes: (does it apply to these args?, why not).
+_ONLY_WITH = {
+    **dict.fromkeys(("teacher_hidden", "student_hidden"), (lambda a: a.arch == "mlp", "only used with --arch mlp")),
+    **dict.fromkeys(("teacher_blocks", "teacher_widths", "student_blocks", "student_widths", "stem"),
+                    (lambda a: a.arch == "resnet", "only used with --arch resnet")),
+    **dict.fromkeys(("context", "teacher_layers", "teacher_dim", "student_layers", "student_dim", "heads"),
+                    (lambda a: a.arch == "transformer", "only used with --arch transformer")),
+    "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
+    "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch != "transformer",
+                    "only used with a --dataset PATH.npz of labelled examples"),
+    **dict.fromkeys(("momentum", "weight_decay", "nesterov"),
+                    (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
+    **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
+                    (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
+    **dict.fromkeys(("temperature", "alpha"), (lambda a: a.command != "distill" or not a.tune,
+                                               "not used with --tune, which chooses T and alpha from --temperatures "
+                                               "x --alphas")),
+    **dict.fromkeys(("checkpoint_every", "overwrite", "no_plots"),
+                    (lambda a: a.out is not None, "only used with --out DIR")),
+}
+
+
+def _check_modes(args, given: set[str]) -> None:
+    """Refuse an option the chosen mode would ignore: it would change nothing the user expects."""
+    for dest in sorted(given):
+        applies, why = _ONLY_WITH.get(dest, (None, None))
+        if applies is not None and not applies(args):
+            raise UsageError(f"--{dest.replace('_', '-')}: {why}")
+
+
 def main(argv=None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status (no process-wide setup)."""
+    """Parse ``argv`` and run the command; returns the exit status (no process-wide setup).
+
+    A refused run leaves nothing behind: an --out directory this run created is removed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    created = args.out is not None and not os.path.exists(args.out)
     try:
-        args.out = _prepare_out(args.out, args.overwrite)
+        _check_modes(args, _given(argv))
+        _check_out(args)
         rep = Reporter(json_mode=args.json, quiet=args.quiet)
         return args.func(args, rep)
     except (UsageError, InputError, InputTypeError) as e:
-        print(f"kdjax: error: {e}", file=sys.stderr)
+        if created and os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        print(f"kdjax: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return EXIT_USAGE
     except OSError as e:  # a path we cannot read or write: the OS's reason, in one line
         print(f"kdjax: error: {e}", file=sys.stderr)

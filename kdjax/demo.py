@@ -17,6 +17,7 @@ import numpy as np
 from kdjax import data, experiments
 from kdjax.experiments import RunConfig, evaluate_on, mean_ci
 from kdjax.models import StudentMLP, TeacherMLP
+from kdjax.reporting import fmt_ci
 
 SEED_LOGITS = (2.0, 1.0, 0.5, 0.2)
 SEED_TEMPERATURES = (1.0, 2.0, 5.0, 10.0)
@@ -45,9 +46,6 @@ def _soft_table():
     return tuple(np.asarray(a) for a in _softened(rows, temps))
 
 
-def _fmt(mean_half) -> str:
-    m, h = mean_half
-    return f"{m:.4f} ± {h:.4f}"
 
 
 def temperature_effect(rep) -> dict:
@@ -121,9 +119,9 @@ def seed_comparison(rep, seeds) -> dict:
                ["improvement from distillation", f"{a0['distilled'] - a0['standard']:+.4f}"]])
     stats = {name: {split: r.mean_ci[split][name] for split in ("train", "test")} for name in acc}
     gain = r.paired_gain
-    rows = [[name, _fmt(stats[name]["train"]), _fmt(stats[name]["test"])] for name in acc]
-    rows.append(["distilled - standard (paired)", _fmt(gain["train"]), _fmt(gain["test"])])
-    rep.table(f"over {len(seeds)} seeds (teachers one vmapped program, students another): mean ± 95% CI",
+    rows = [[name, fmt_ci(stats[name]["train"]), fmt_ci(stats[name]["test"])] for name in acc]
+    rows.append(["distilled - standard (paired)", fmt_ci(gain["train"]), fmt_ci(gain["test"])])
+    rep.table(f"over n = {len(seeds)} seeds (teachers one vmapped program, students another): mean ± 95% CI",
               ["model", "train accuracy", "held-out accuracy"], rows)
     rep.line("The seed's labels are random: held-out accuracy is chance (0.2) for every model; "
              "training accuracy measures memorisation of 500 random labels, not learning.")
@@ -153,10 +151,10 @@ def hyperparameters(rep, seeds) -> dict:
     acc = r.accuracy.reshape(len(configs), len(seeds))
     stats = [mean_ci(a) for a in acc]
     nT = len(DEMO5_TEMPERATURES)
-    rep.table(f"temperature (alpha = 0.7), training accuracy over {len(seeds)} seeds",
-              ["T", "mean ± 95% CI"], [[f"{T:g}", _fmt(s)] for T, s in zip(DEMO5_TEMPERATURES, stats[:nT])])
-    rep.table(f"alpha (T = 3), training accuracy over {len(seeds)} seeds",
-              ["alpha", "mean ± 95% CI"], [[f"{a:g}", _fmt(s)] for a, s in zip(DEMO5_ALPHAS, stats[nT:])])
+    rep.table(f"temperature (alpha = 0.7), training accuracy over n = {len(seeds)} seeds",
+              ["T", "mean ± 95% CI"], [[f"{T:g}", fmt_ci(s)] for T, s in zip(DEMO5_TEMPERATURES, stats[:nT])])
+    rep.table(f"alpha (T = 3), training accuracy over n = {len(seeds)} seeds",
+              ["alpha", "mean ± 95% CI"], [[f"{a:g}", fmt_ci(s)] for a, s in zip(DEMO5_ALPHAS, stats[nT:])])
     return {"temperatures": list(DEMO5_TEMPERATURES), "alphas": list(DEMO5_ALPHAS),
             "temperature_sweep": stats[:nT], "alpha_sweep": stats[nT:],
             "accuracy": acc.tolist(), "config": {"steps": cfg.steps, "batch_size": cfg.batch_size}}
@@ -175,9 +173,9 @@ def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_ST
         r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=temperature, alpha=alpha,
                                 on_chunk=bar)
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
-    rows = [[k, _fmt(v)] for k, v in stats.items()]
-    rows.append(["distilled - standard (paired)", f"{gain[0]:+.4f} ± {gain[1]:.4f}"])
-    rep.table("test accuracy, mean ± 95% CI", ["model", "test accuracy"], rows)
+    rows = [[k, fmt_ci(v)] for k, v in stats.items()]
+    rows.append(["distilled - standard (paired)", fmt_ci(gain, signed=True)])
+    rep.table(f"test accuracy, mean ± 95% CI over n = {len(seeds)} seeds", ["model", "test accuracy"], rows)
     lo, hi = gain[0] - gain[1], gain[0] + gain[1]
     verdict = ("distillation helped" if lo > 0 else "distillation hurt" if hi < 0
                else "no significant difference")
@@ -228,18 +226,17 @@ def omitted_class(rep, seeds, epochs: int = 30, omit: int = 3, temperature: floa
                 continue
             s, e = r.mean_ci[when][m], r.errors[when][m]
             label = m if m == "teacher" else f"{m}, {'raw' if when == 'before' else 'bias matched'}"
-            rows.append([label, _fmt(s["omitted"]), _fmt(s["overall"]),
+            rows.append([label, fmt_ci(s["omitted"]), fmt_ci(s["overall"]),
                          f"{np.mean(e['omitted']):.1f} / {np.mean(e['overall']):.1f}"])
     for when in ("before", "after"):
         g = r.paired_gain[when]
         rows.append([f"distilled - standard ({'raw' if when == 'before' else 'bias matched'})",
-                     f"{g['omitted'][0]:+.4f} ± {g['omitted'][1]:.4f}", f"{g['overall'][0]:+.4f} ± "
-                     f"{g['overall'][1]:.4f}", ""])
+                     fmt_ci(g["omitted"], signed=True), fmt_ci(g["overall"], signed=True), ""])
     for when in ("before", "after"):
         pa, pe = _paper_accuracy(when), PAPER_OMITTED[when]
         rows.append([f"paper, distilled {'raw' if when == 'before' else '+3.5 bias (test-tuned)'}",
                      f"{pa['omitted']:.4f}", f"{pa['overall']:.4f}", f"{pe['errors_omitted']} / {pe['errors']}"])
-    rep.table(f"test accuracy on class {omit} and overall, mean ± 95% CI over seeds",
+    rep.table(f"test accuracy on class {omit} and overall, mean ± 95% CI over n = {len(seeds)} seeds",
               ["model", f"class {omit}", "overall", f"errors on {omit} / all"], rows)
     b = {k: float(np.mean(v)) for k, v in r.bias.items()}
     rep.line(f"Bias shift matched to the class prior {r.prior:.3f} on validation inputs: standard "
@@ -247,7 +244,7 @@ def omitted_class(rep, seeds, epochs: int = 30, omit: int = 3, temperature: floa
     raw = r.paired_gain["before"]["omitted"]
     rep.line(f"A standard student never predicts a {omit} (its accuracy there is 0 by construction); the "
              f"distilled one learns the class from soft targets on the other digits alone: "
-             f"{raw[0]:+.4f} ± {raw[1]:.4f} on class {omit} before any adjustment.")
+             f"{fmt_ci(raw, signed=True)} on class {omit} before any adjustment.")
     as_list = lambda tree: {w: {m: {k: np.asarray(v).tolist() for k, v in d.items()} for m, d in a.items()}
                             for w, a in tree.items()}
     return {"config": {"omit": omit, "epochs": epochs, "batch_size": cfg.batch_size, "temperature": temperature,
@@ -270,18 +267,19 @@ def tuned_digits(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_STUD
         t = experiments.tuned_distill(teacher, student, ds, cfg, seeds, temperatures=TUNE_TEMPERATURES,
                                       alphas=TUNE_ALPHAS, validation_fraction=validation_fraction, on_chunk=bar)
     rep.table(f"validation accuracy (a {validation_fraction:g} split of the training rows), mean ± 95% CI "
-              f"over {len(seeds)} seeds; rows T, columns alpha",
+              f"over n = {len(seeds)} seeds; rows T, columns alpha",
               ["T \\ alpha"] + [f"{a:g}" for a in t.alphas],
-              [[f"{T:g}"] + [_fmt(c) for c in row] for T, row in zip(t.temperatures, t.validation_mean_ci)])
+              [[f"{T:g}"] + [fmt_ci(c) for c in row] for T, row in zip(t.temperatures, t.validation_mean_ci)])
     r, (bT, bA) = t.result, t.best
-    rows = [[k, _fmt(v)] for k, v in r.mean_ci["test"].items()]
+    rows = [[k, fmt_ci(v)] for k, v in r.mean_ci["test"].items()]
     gain = r.paired_gain["test"]
-    rows.append([f"distilled - standard, tuned (T = {bT:g}, alpha = {bA:g})", f"{gain[0]:+.4f} ± {gain[1]:.4f}"])
+    rows.append([f"distilled - standard, tuned (T = {bT:g}, alpha = {bA:g})", fmt_ci(gain, signed=True)])
     if untuned is not None:
         ug, uc = untuned["paired_gain"], untuned["config"]
         rows.append([f"distilled - standard, untuned (T = {uc['temperature']:g}, alpha = {uc['alpha']:g})",
-                     f"{ug[0]:+.4f} ± {ug[1]:.4f}"])
-    rep.table("test accuracy at the chosen T and alpha (students retrained on all training rows)",
+                     fmt_ci(ug, signed=True)])
+    rep.table(f"test accuracy at the chosen T and alpha (students retrained on all training rows), mean ± 95% "
+              f"CI over n = {len(seeds)} seeds",
               ["model", "test accuracy"], rows)
     lo, hi = gain[0] - gain[1], gain[0] + gain[1]
     verdict = ("distillation helped" if lo > 0 else "distillation hurt" if hi < 0

@@ -336,22 +336,55 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
             if tree is not None:
                 if problem:
                     log(f"warning: {problem}; resuming from {used}")
-                if meta.get("config") != identity:
-                    raise InputError(f"resume: {used} was written by a run with a different config "
-                                     f"({meta.get('config')}); use the same arguments or a new --out")
+                _check_resumable(used, meta, name, _model_text(model), identity)
                 fresh = init_members(model, ds, cfg, seeds)
-                start = (serialization.from_state_dict(fresh, tree["states"]), np.asarray(tree["losses"]))
+                start = (_restore_states(used, fresh, tree), np.asarray(tree["losses"]))
                 log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
 
         def save(done, states, losses):
             checkpoint.save_rotating(path, {"states": states, "losses": losses},
-                                     {"config": identity, "phase": name, "done": done})
+                                     {"config": identity, "phase": name, "model": _model_text(model), "done": done})
 
     progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
     if mesh is not None and len(seeds) % mesh.shape["members"]:
         mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
     return fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
                        on_chunk=progress, mesh=mesh, **kw)
+
+
+def _model_text(model) -> str:
+    """``TeacherMLP(hidden_dim=256, num_classes=5, ...)``: a module's configuration, one line."""
+    fields = [f for f in dataclasses.fields(model) if f.name not in ("parent", "name")]
+    value = lambda v: getattr(v, "__name__", v)
+    return f"{type(model).__name__}({', '.join(f'{f.name}={value(getattr(model, f.name))!r}' for f in fields)})"
+
+
+def _check_resumable(used: str, meta: dict, phase: str, model: str, identity: dict) -> None:
+    """One line when a checkpoint belongs to another phase, model or configuration."""
+    if meta.get("phase") != phase or meta.get("model", model) != model:
+        raise InputError(f"resume: {used} holds the {meta.get('phase')!r} phase of {meta.get('model')}, expected "
+                         f"the {phase!r} phase of {model}; use a new --out")
+    old = meta.get("config") or {}
+    if old != identity:
+        unset = "(not set)"
+        diffs = [f"{k}: {old.get(k, unset)!r} in the checkpoint, {identity.get(k, unset)!r} now"
+                 for k in sorted(set(old) | set(identity), key=str) if old.get(k, unset) != identity.get(k, unset)]
+        raise InputError(f"resume: {used} was written with other settings ({'; '.join(diffs)}); "
+                         f"use the same ones or a new --out")
+
+
+def _restore_states(used: str, fresh, tree):
+    """The saved member states in ``fresh``'s structure, shapes and dtypes, or one line."""
+    try:
+        states = serialization.from_state_dict(fresh, tree["states"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"resume: {used} does not hold states of this model ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    want = jax.tree_util.tree_map(lambda a: (np.shape(a), np.result_type(a)), fresh)
+    got = jax.tree_util.tree_map(lambda a: (np.shape(a), np.result_type(a)), states)
+    if want != got:
+        raise InputError(f"resume: {used} holds states of other shapes than this model's; use a new --out")
+    return states
 
 
 def _split(ds: Dataset, split: str):
@@ -676,8 +709,9 @@ def t975(df: int) -> float:
 
 
 def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval (0 for one value)."""
+    """Mean and the half-width of its 95% Student-t confidence interval (NaN for one
+    value: one sample has no interval, and 0 would read as certainty)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size < 2:
-        return float(v.mean()), 0.0
+        return float(v.mean()), float("nan")
     return float(v.mean()), float(t975(v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))

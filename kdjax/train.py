@@ -439,11 +439,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return TrainState(state.step + 1, params, model_state, opt_state), {"loss": loss}
 
 
-def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True, mesh=None):
+def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True, mesh=None,
+                    donate: bool = True):
     """Bind ``model``/``tx``/``objective``/``teacher`` into ``train_step``; jit with donation.
 
     With ``jit=False`` the pure, unjitted step is returned (to scan, vmap or wrap).
-    The jitted step donates ``state``: do not reuse the state you passed in.
+    The jitted step donates ``state`` (its buffers are reused for the result): do not
+    reuse the state you passed in, or pass ``donate=False``.
     ``tx`` defaults to ``adam()``; it must be the optimizer the state was built with.
 
     With a ``mesh`` (``kdjax.parallel.make_mesh``) the step is data-parallel over its
@@ -461,9 +463,10 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
     step = functools.partial(train_step, model=model, tx=tx, objective=objective, teacher=teacher)
     if not jit:
         return step
+    donated = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    return MeshStep(jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh)), mesh)
+        return jax.jit(step, donate_argnums=donated)
+    return MeshStep(jax.jit(step, donate_argnums=donated, out_shardings=parallel.replicated(mesh)), mesh)
 
 
 class MeshStep:
@@ -542,10 +545,13 @@ def _check_run_inputs(data, schedule) -> None:
         raise InputError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
 
 
-def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None):
+def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, donate: bool = True):
     """A jitted, state-donating ``run_steps`` for this model and objective.
 
-    Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The program is
+    Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The state's
+    buffers are donated (reused for the result): pass the returned state to the next
+    call; passing a donated one again raises ``InputError``. ``donate=False`` keeps the
+    caller's state intact (one more copy of it in memory). The program is
     compiled once per (shapes, dtypes); feed it fixed-size chunks of the schedule to
     drive a progress bar without recompiling. A concrete schedule with an index outside
     ``[0, len(data["x"]))`` raises ``InputError`` before anything runs.
@@ -557,10 +563,11 @@ def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None):
     caller; the returned state is replicated.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
+    donated = (0,) if donate else ()
     if mesh is None:
-        return CheckedRun(jax.jit(functools.partial(run_steps, step=step), donate_argnums=0))
+        return CheckedRun(jax.jit(functools.partial(run_steps, step=step), donate_argnums=donated))
     run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh))
-    jitted = jax.jit(run, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+    jitted = jax.jit(run, donate_argnums=donated, out_shardings=parallel.replicated(mesh))
     return CheckedRun(jitted, place=functools.partial(_place_run, mesh))
 
 
@@ -583,6 +590,10 @@ class CheckedRun:
         functools.update_wrapper(self, run)
 
     def __call__(self, state, data, schedule, *args, **kwargs):
+        if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree_util.tree_leaves(state)):
+            raise InputError("state: its arrays were donated to an earlier call, which reused them for its result; "
+                             "pass the state that call returned, a copy made before it "
+                             "(jax.tree_util.tree_map(jnp.copy, state)), or build the run with donate=False")
         if not isinstance(schedule, jax.core.Tracer) and np.size(schedule):
             idx, n = np.asarray(schedule), np.shape(data["x"])[0]
             lo, hi = int(idx.min()), int(idx.max())

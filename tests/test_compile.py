@@ -74,7 +74,7 @@ def test_member_keys_make_no_device_program():
 
 
 LIBRARY = ("losses", "fused", "models", "train", "sweep", "parallel", "convert", "data", "checkpoint", "errors")
-APPLICATION = ("experiments", "cli", "demo", "plots")
+APPLICATION = ("experiments", "cli", "demo", "plots", "reporting")
 
 
 def _kdjax_imports(path: pathlib.Path) -> set[str]:

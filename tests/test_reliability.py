@@ -250,13 +250,16 @@ def test_resume_with_other_config_is_refused(tmp_path):
     p = _kdjax(["distill", "--steps", "40", "--seeds", "1", "--alpha", "0.2", "--out", str(out),
                 "--resume"], env)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and "different config" in err and len(err.strip().splitlines()) == 1
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "other settings (--alpha: 0.7 in the checkpoint, 0.2 now)" in err  # the flag, both values
 
     # a sweep over another grid is refused too
+    out = tmp_path / "s"
     sw = ["sweep", "--steps", "40", "--seeds", "1", "--temperatures", "2", "--out", str(out)]
     p = _kdjax(sw + ["--alphas", "0.5", "--no-plots"], env)
     assert p.wait(timeout=300) == 0
     os.remove(out / "results.json")
     p = _kdjax(sw + ["--alphas", "0.7", "--resume"], env)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and "different config" in err and len(err.strip().splitlines()) == 1
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "other settings (--alphas: [0.5] in the checkpoint, [0.7] now)" in err
