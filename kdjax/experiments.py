@@ -380,8 +380,8 @@ def _restore_states(used: str, fresh, tree):
     except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"resume: {used} does not hold states of this model ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from None
-    want = jax.tree_util.tree_map(lambda a: (np.shape(a), np.result_type(a)), fresh)
-    got = jax.tree_util.tree_map(lambda a: (np.shape(a), np.result_type(a)), states)
+    layout = lambda tree: jax.tree_util.tree_map(lambda a: (np.shape(a), str(getattr(a, "dtype", type(a)))), tree)
+    want, got = layout(fresh), layout(states)
     if want != got:
         raise InputError(f"resume: {used} holds states of other shapes than this model's; use a new --out")
     return states
