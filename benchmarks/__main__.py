@@ -174,7 +174,9 @@ def main(argv=None) -> int:
         ra = lm["ratios"]
         console.print(f"fused vs naive JAX: {ra['fused_memory_vs_naive']:.1f}x less peak memory "
                       f"({ra['fused_temp_vs_naive']:.1f}x less temporary), {ra['fused_time_vs_naive']:.2f}x the time; "
-                      f"{ra['fused_time_vs_torch']:.2f}x torch_naive's time")
+                      f"{ra['fused_time_vs_torch']:.2f}x torch_naive's time; teacher as logits: "
+                      f"{ra['fused_logits_temp_vs_naive_logits']:.1f}x less temporary memory, "
+                      f"{ra['fused_logits_time_vs_naive_logits']:.2f}x the time")
     if "gpt2" in out:
         g = out["gpt2"]
         sh = g["shape"]

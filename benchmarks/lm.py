@@ -7,6 +7,8 @@ interleaved repetitions:
 
 * ``jax_naive``: the whole ``[tokens, vocab]`` logits (kdjax's ``distillation_loss``);
 * ``kdjax_fused``: ``kdjax.fused.linear_distillation_loss``, ``chunk_size`` tokens at a time;
+* ``jax_naive_logits`` / ``kdjax_fused_logits``: the same two with the teacher given as its
+  ``[tokens, vocab]`` logits (a cached teacher), an argument of the program;
 * ``torch_naive``: the same loss in PyTorch on the whole logits (``parity/reference.py``).
 
 Peak memory: XLA's compiled ``memory_analysis()`` (arguments + outputs + temporaries)
@@ -49,16 +51,24 @@ def bench_lm(tokens: int, hidden: int, vocab: int, *, dtype: str = "float32", re
     fused = jax.jit(jax.value_and_grad(
         lambda h_, w_: linear_distillation_loss(h_, w_, jy, teacher_hidden=jth, teacher_kernel=jtw,
                                                 temperature=2.0, alpha=0.5, chunk_size=chunk_size), (0, 1)))
+    naive_logits = jax.jit(jax.value_and_grad(
+        lambda h_, w_, t_: distillation_loss(h_ @ w_, t_, jy, 2.0, 0.5), (0, 1)))
+    fused_logits = jax.jit(jax.value_and_grad(
+        lambda h_, w_, t_: linear_distillation_loss(h_, w_, jy, teacher_logits=t_, temperature=2.0, alpha=0.5,
+                                                    chunk_size=chunk_size), (0, 1)))
+    jt = jax.block_until_ready(jth @ jtw)
     rows, runs = {}, {}
-    for name, fn in (("jax_naive", naive), ("kdjax_fused", fused)):
+    for name, fn, args in (("jax_naive", naive, (jh, jw)), ("kdjax_fused", fused, (jh, jw)),
+                           ("jax_naive_logits", naive_logits, (jh, jw, jt)),
+                           ("kdjax_fused_logits", fused_logits, (jh, jw, jt))):
         on_progress(f"lm: compiling {name}")
         t0 = time.perf_counter()
-        compiled = fn.lower(jh, jw).compile()
+        compiled = fn.lower(*args).compile()
         mem = compiled.memory_analysis()
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
         rows[name] = {"compile_s": time.perf_counter() - t0, "peak_bytes": int(peak),
                       "temp_bytes": int(mem.temp_size_in_bytes)}
-        runs[name] = lambda c=compiled: jax.block_until_ready(c(jh, jw))
+        runs[name] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
 
     dev = torch.device(torch_device)
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -100,6 +110,10 @@ def bench_lm(tokens: int, hidden: int, vocab: int, *, dtype: str = "float32", re
     ratios = {"fused_memory_vs_naive": base["peak_bytes"] / rows["kdjax_fused"]["peak_bytes"],
               "fused_temp_vs_naive": base["temp_bytes"] / rows["kdjax_fused"]["temp_bytes"],
               "fused_time_vs_naive": rows["kdjax_fused"]["ms"]["median"] / base["ms"]["median"],
-              "fused_time_vs_torch": rows["kdjax_fused"]["ms"]["median"] / rows["torch_naive"]["ms"]["median"]}
+              "fused_time_vs_torch": rows["kdjax_fused"]["ms"]["median"] / rows["torch_naive"]["ms"]["median"],
+              "fused_logits_temp_vs_naive_logits": rows["jax_naive_logits"]["temp_bytes"]
+              / rows["kdjax_fused_logits"]["temp_bytes"],
+              "fused_logits_time_vs_naive_logits": rows["kdjax_fused_logits"]["ms"]["median"]
+              / rows["jax_naive_logits"]["ms"]["median"]}
     return {"shape": {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "chunk_size": chunk_size},
             "results": rows, "ratios": ratios}

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.errors import InputError, InputTypeError
+from kdjax.errors import InputError, InputTypeError, check_count
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
            "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule"]
@@ -89,8 +89,8 @@ def _make(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train")
     if num_classes is None:
         num_classes = int(y_train.max()) + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+    else:
+        check_count("num_classes", num_classes, 2)
     x_train, y_train = validate_arrays(x_train, y_train, f"{name} train", num_classes)
     x_test, y_test = validate_arrays(x_test, y_test, f"{name} test ({num_classes} classes)", num_classes)
     if x_test.shape[1:] != x_train.shape[1:]:
@@ -223,8 +223,7 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     ``Dataset`` keeps them as ``x_train``/``y_train``, ``x_test``/``y_test`` (the
     validation split), ``num_classes`` the vocabulary size.
     """
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise InputError(f"length: expected a positive int, got {length!r}")
+    check_count("length", length)
     if path is None:
         import sysconfig
 

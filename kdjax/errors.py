@@ -7,7 +7,9 @@ as one line with exit status 2; any other exception is a bug and keeps its trace
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputTypeError"]
+import numbers
+
+__all__ = ["InputError", "InputTypeError", "check_count"]
 
 
 class InputError(ValueError):
@@ -16,3 +18,12 @@ class InputError(ValueError):
 
 class InputTypeError(TypeError):
     """An argument of the wrong type or dtype."""
+
+
+def check_count(name: str, value, minimum: int = 1) -> None:
+    """Raise unless ``value`` is an int ``>= minimum``: ``InputTypeError`` naming the type
+    that came (a float, a bool, a string), ``InputError`` for one out of range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise InputError(f"{name}: expected an int >= {minimum}, got {value}")

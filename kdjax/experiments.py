@@ -26,7 +26,7 @@ from flax import serialization
 
 from kdjax import checkpoint, data, parallel, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
-from kdjax.errors import InputError
+from kdjax.errors import InputError, check_count
 from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
                          predict_logits, sgd)
 
@@ -62,12 +62,11 @@ class RunConfig:
     lr_schedule: str = "constant"
 
     def __post_init__(self):
-        if self.epochs is None and self.steps < 1:
-            raise InputError(f"steps: expected a positive int, got {self.steps}")
-        if self.epochs is not None and self.epochs < 1:
-            raise InputError(f"epochs: expected a positive int, got {self.epochs}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size: expected a positive int, got {self.batch_size}")
+        if self.epochs is None:
+            check_count("steps", self.steps)
+        else:
+            check_count("epochs", self.epochs)
+        check_count("batch_size", self.batch_size)
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise InputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:

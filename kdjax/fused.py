@@ -18,9 +18,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kdjax.errors import InputError, InputTypeError
+from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses import (DIVERGENCES, _hard_ce, check_alpha, check_beta, check_labels, check_temperature,
                           check_where, divergence_per_position)
 
@@ -191,8 +190,7 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     >>> bool(jnp.allclose(fused, distillation_loss(h @ w, t, y, 2.0, 0.5)))
     True
     """
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise InputError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size)
     if (teacher_logits is None) == (teacher_hidden is None and teacher_kernel is None):
         raise InputError("teacher: expected either teacher_logits or teacher_hidden with teacher_kernel, got "
                          + ("both" if teacher_logits is not None else "neither"))

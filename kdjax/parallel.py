@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax.errors import InputError, InputTypeError
+from kdjax.errors import InputError, check_count
 
 __all__ = ["AXES", "make_mesh", "data_only", "replicated", "data_sharding", "member_sharding",
            "schedule_sharding", "check_divides", "put", "to_host", "initialize", "describe", "default_shape"]
@@ -52,9 +52,9 @@ def make_mesh(members: int = 1, data: int | None = None, devices: Sequence | Non
     ``members * data`` devices, in order.
     """
     devices = list(jax.devices() if devices is None else devices)
-    _check_count("members", members)
+    check_count("make_mesh: members", members)
     if data is not None:
-        _check_count("data", data)
+        check_count("make_mesh: data", data)
     if data is None:
         if len(devices) % members:
             raise InputError(f"make_mesh: expected members to divide the {len(devices)} devices, got {members}")
@@ -63,14 +63,6 @@ def make_mesh(members: int = 1, data: int | None = None, devices: Sequence | Non
         raise InputError(f"make_mesh: expected members x data <= {len(devices)} devices, got "
                          f"{members} x {data} = {members * data}")
     return Mesh(np.asarray(devices[: members * data], dtype=object).reshape(members, data), AXES)
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputTypeError(f"make_mesh: expected {name} to be a positive int, got {value!r} "
-                             f"({type(value).__name__})")
-    if value < 1:
-        raise InputError(f"make_mesh: expected {name} >= 1, got {value}")
 
 
 def data_only(mesh: Mesh) -> Mesh:

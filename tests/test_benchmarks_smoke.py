@@ -115,7 +115,7 @@ def test_lm_and_gpt2_presets_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     lm = data["lm"]
-    assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "torch_naive"}
+    assert set(lm["results"]) == {"jax_naive", "kdjax_fused", "jax_naive_logits", "kdjax_fused_logits", "torch_naive"}
     assert lm["results"]["kdjax_fused"]["peak_bytes"] > 0 and lm["ratios"]["fused_time_vs_naive"] > 0
     g = data["gpt2"]
     assert set(g["results"]) == {"torch_eager", "torch_compile", "kdjax_step", "kdjax_fused"}

@@ -133,7 +133,7 @@ def test_teacher_logits_are_never_copied(n):
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [
-    (dict(chunk_size=0), InputError, ["chunk_size", "positive", "0"]),
+    (dict(chunk_size=0), InputError, ["chunk_size", "int >= 1", "0"]),
     (dict(chunk_size=-3), InputError, ["chunk_size", "-3"]),
     (dict(teacher_hidden="both"), InputError, ["teacher", "both"]),
     (dict(teacher_logits=None), InputError, ["teacher", "neither"]),

@@ -72,3 +72,12 @@ def test_commands_present():
     test_cmd = block_after("test-command", "bash")
     assert "torch==2.13.0" in test_cmd and "pytest" in test_cmd
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_no_example_needs_the_clone():
+    """Examples run where the wheel is installed: none imports parity/ or benchmarks/ (they
+    live in the clone only)."""
+    docs = [README] + [p.read_text() for p in (ROOT / "docs").glob("*.md")]
+    for text in docs:
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            assert not re.search(r"^\s*(from|import) (parity|benchmarks)\b", block, re.M), block[:300]

@@ -51,5 +51,5 @@ def test_text_errors(tmp_path):
     (tmp_path / "short.txt").write_bytes(b"abc" * 10)
     with pytest.raises(InputError, match="at least 65 training tokens.*got 27"):
         data.text(64, tmp_path / "short.txt")
-    with pytest.raises(InputError, match="length: expected a positive int"):
+    with pytest.raises(InputError, match="length: expected an int >= 1, got 0"):
         data.text(0)

@@ -48,15 +48,20 @@ def test_donate_false_keeps_the_callers_state(run_setup):
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(state))
 
 
-@pytest.mark.parametrize("kwargs,exc,words", [
-    (dict(members=1.5), InputTypeError, ["members", "positive int", "1.5", "float"]),
-    (dict(members=True), InputTypeError, ["members", "bool"]),
-    (dict(members=1, data="2"), InputTypeError, ["data", "'2'", "str"]),
-    (dict(members=0), InputError, ["members >= 1", "0"]),
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: parallel.make_mesh(members=1.5), InputTypeError, ["members", "int >= 1", "1.5", "float"]),
+    (lambda: parallel.make_mesh(members=True), InputTypeError, ["members", "bool"]),
+    (lambda: parallel.make_mesh(members=1, data="2"), InputTypeError, ["data", "'2'", "str"]),
+    (lambda: parallel.make_mesh(members=0), InputError, ["members: expected an int >= 1, got 0"]),
+    (lambda: kdjax.experiments.RunConfig(steps=2.5), InputTypeError, ["steps", "2.5", "float"]),
+    (lambda: kdjax.experiments.RunConfig(batch_size="64"), InputTypeError, ["batch_size", "str"]),
+    (lambda: kdjax.fused.linear_distillation_loss(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(2, jnp.int32),
+                                                  teacher_logits=jnp.ones((2, 4)), temperature=1.0, alpha=0.5,
+                                                  chunk_size=2.0), InputTypeError, ["chunk_size", "2.0", "float"]),
 ])
-def test_mesh_sizes_of_the_wrong_type_name_the_type(kwargs, exc, words):
+def test_numbers_of_the_wrong_type_name_the_type(call, exc, words):
     with pytest.raises(exc) as e:
-        parallel.make_mesh(**kwargs)
+        call()
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
