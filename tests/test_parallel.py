@@ -158,7 +158,7 @@ def test_mesh_shapes_and_defaults():
     assert mesh.axis_names == ("members", "data") and mesh.devices.size == len(jax.devices())
     with pytest.raises(InputError, match="members x data"):
         parallel.make_mesh(1, len(jax.devices()) + 1)
-    with pytest.raises(InputError, match="members >= 1"):
+    with pytest.raises(InputError, match="members: expected an int >= 1"):
         parallel.make_mesh(0)
     assert parallel.default_shape(8, 16, 64) == (8, 1)
     assert parallel.default_shape(8, 2, 64) == (2, 4)

@@ -84,5 +84,5 @@ def test_class_count_comes_from_the_training_labels(tmp_path):
     assert kdata.load_npz(path, num_classes=13).num_classes == 13
     np.savez(path, x_train=x, y_train=y, x_test=x[:10], y_test=np.arange(10))
     assert kdata.load_npz(path).num_classes == 10
-    with pytest.raises(InputError, match="num_classes: expected an int >= 2"):
+    with pytest.raises(InputTypeError, match="num_classes: expected an int >= 2, got 1.5 \(float\)"):
         kdata.load_npz(path, num_classes=1.5)
