@@ -4,11 +4,14 @@ The loss is in ``kdjax.losses``, the models in ``kdjax.models``, the train state
 step, fused runs, optimizers and evaluation in ``kdjax.train``, data and schedules in
 ``kdjax.data``, vmapped sweeps in ``kdjax.sweep``, PyTorch weight conversion in
 ``kdjax.convert``, checkpoints in ``kdjax.checkpoint``, and the exceptions raised for
-user mistakes in ``kdjax.errors``. Whole workflows (the CLI's) are in
-``kdjax.experiments``.
+user mistakes in ``kdjax.errors``. Training runs on a data set are in ``kdjax.fitting``,
+whole workflows with resume in ``kdjax.workflows`` (Hinton's omitted-class experiment in
+``kdjax.hinton``). The ``kdjax`` command lives in ``kdjax.app``, which this package does
+not import.
 """
 
-from kdjax import checkpoint, convert, data, errors, experiments, losses, models, sweep, train
+from kdjax import (checkpoint, convert, data, errors, fitting, fused, losses, models, parallel, stats, sweep, train,
+                   workflows)
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
 from kdjax.models import MLP, BatchNorm, ResNet, StudentMLP, TeacherMLP, TransformerLM, param_count, resnet18
 from kdjax.train import (
@@ -33,7 +36,9 @@ from kdjax.train import (
 __version__ = "0.2.0"
 
 __all__ = [
-    "checkpoint", "convert", "data", "errors", "experiments", "losses", "models", "sweep", "train",
+    "checkpoint", "convert", "data", "errors", "fitting", "fused", "losses", "models", "parallel", "stats", "sweep",
+    "train",
+    "workflows",
     "distillation_loss", "hard_ce", "soft_kl",
     "MLP", "BatchNorm", "ResNet", "StudentMLP", "TeacherMLP", "TransformerLM", "param_count", "resnet18",
     "Hyper", "TrainState", "adam", "cosine_schedule", "create_train_state", "evaluate", "make_hyper",

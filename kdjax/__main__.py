@@ -1,3 +1,3 @@
-from kdjax.cli import run
+from kdjax.app.cli import run
 
 run()

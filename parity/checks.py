@@ -563,7 +563,7 @@ def check_resnet_steps(ctx: Ctx) -> list[Result]:
                             temperature=4.0, alpha=0.6)
         state, _ = _kdjax_res_run(ctx, student, v, tx, x, y, tj, sched[:1], 4.0, 0.6)
         out.append(compare(f"resnet one {name} step: params + running stats", ctx,
-                           as_torch({"params": state.params, **state.model_state}), torch_state(student_t), tol))
+                           as_torch(state.variables), torch_state(student_t), tol))
         named = dict(student_t.named_parameters())
         if name == "sgd":
             got = state.opt_state[1].trace  # chain(add_decayed_weights, trace, scale)
@@ -584,7 +584,7 @@ def check_resnet_steps(ctx: Ctx) -> list[Result]:
     state, loss = _kdjax_res_run(ctx, student, v, tx, x, y, tj, sched, 4.0, 0.6)
     run_tol = TOL[ctx.dtype]["grad"] if ctx.dtype == "float32" else TOL["float64"]["run"]
     out.append(compare("resnet 20 sgd+cosine steps: params + running stats", ctx,
-                       as_torch({"params": state.params, **state.model_state}), torch_state(student_t), run_tol))
+                       as_torch(state.variables), torch_state(student_t), run_tol))
     out.append(compare("resnet 20 sgd+cosine steps: loss curve", ctx, loss["loss"], np.asarray(want_loss),
                        TOL[ctx.dtype]["loss"] if ctx.dtype == "float64" else (1e-5, 1e-4)))
     return out
@@ -606,7 +606,7 @@ def check_resnet_run(ctx: Ctx) -> list[Result]:
     if ctx.dtype == "float64":
         tol = TOL["float64"]["run"]
         return [compare(f"{name}: params + running stats", ctx,
-                        as_torch({"params": state.params, **state.model_state}), torch_state(student_t), tol),
+                        as_torch(state.variables), torch_state(student_t), tol),
                 compare(f"{name}: loss curve", ctx, loss["loss"], np.asarray(want), tol)]
     got_loss, want_loss = np.asarray(loss["loss"]), np.asarray(want)
     k = RUN_EARLY_STEPS_F32

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import kdjax
-from kdjax import data, experiments, sweep
+from kdjax import data, fitting, sweep
 from kdjax.errors import InputError, InputTypeError
 from conftest import assert_trees_close
 
@@ -142,9 +142,9 @@ def test_fit_members_resume_with_batch_stats_is_bitwise(setup, tmp_path):
 
     from kdjax import checkpoint
 
-    ds, cfg = data.digits(images=True), experiments.RunConfig(steps=8, batch_size=32, optimizer="sgd",
+    ds, cfg = data.digits(images=True), fitting.RunConfig(steps=8, batch_size=32, optimizer="sgd",
                                                                learning_rate=0.05, lr_schedule="cosine")
-    whole, whole_loss = experiments.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4)
+    whole, whole_loss = fitting.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4)
     saved = {}
 
     def keep(done, states, losses):
@@ -152,10 +152,10 @@ def test_fit_members_resume_with_batch_stats_is_bitwise(setup, tmp_path):
             checkpoint.save(tmp_path / "s.ckpt", {"states": states, "losses": losses})
             saved["done"] = True
 
-    experiments.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4, on_checkpoint=keep)
+    fitting.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4, on_checkpoint=keep)
     tree, _ = checkpoint.load(tmp_path / "s.ckpt")
-    start = serialization.from_state_dict(experiments.init_members(UserCNN(4), ds, cfg, [0, 1]), tree["states"])
-    resumed, r_loss = experiments.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4,
+    start = serialization.from_state_dict(fitting.initial_members(UserCNN(4), ds, cfg, [0, 1]), tree["states"])
+    resumed, r_loss = fitting.fit_members(UserCNN(4), "ce", ds, cfg, [0, 1], chunk=4,
                                               start=(start, tree["losses"]))
     np.testing.assert_array_equal(whole_loss, r_loss)
     for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(resumed)):
@@ -227,7 +227,7 @@ def test_resnet_init_is_torchvisions(how):
     flax_vars = model.init(jax.random.PRNGKey(0), x)
     if how == "host":
         state = kdjax.create_train_state(model, jax.random.PRNGKey(0), x)
-        v = {"params": state.params, **state.model_state}
+        v = state.variables
         assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(flax_vars)
         for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(flax_vars)):
             assert a.shape == b.shape and a.dtype == b.dtype

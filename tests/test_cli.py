@@ -27,7 +27,7 @@ def kdjax_here(capsys, *args):
     """``cli.main`` in this process, for error paths: the same parsing, checks and one-line
     messages as the executable without an interpreter start-up per case (a few of the cases
     below still go through ``python -m kdjax`` to cover that path end to end)."""
-    from kdjax import cli
+    from kdjax.app import cli
 
     try:
         code = cli.main([str(a) for a in args])
@@ -251,13 +251,13 @@ def test_bad_input_one_line_exit_2(env, tmp_path, capsys, case, words):
 def test_internal_errors_keep_their_traceback(monkeypatch):
     """Only user mistakes become one-line exit-2 errors; a plain ValueError from inside
     kdjax or a dependency is a bug and must not be disguised as bad input."""
-    from kdjax import cli
+    from kdjax.app import cli, commands
 
     def bug(args, rep):
         raise ValueError("an internal failure")
 
     monkeypatch.setenv("KDJAX_CACHE_DIR", "off")
-    monkeypatch.setattr(cli, "cmd_demo", bug)  # build_parser binds cmd_demo when main runs
+    monkeypatch.setattr(commands, "cmd_demo", bug)  # build_parser binds commands.cmd_demo when main runs
     with pytest.raises(ValueError, match="internal failure"):
         cli.main(["demo", "--quiet"])
 

@@ -19,7 +19,7 @@ TINY = ["--steps", "3", "--seeds", "1", "--teacher-hidden", "16", "--student-hid
 
 
 def kdjax_here(capsys, *args):
-    from kdjax import cli
+    from kdjax.app import cli
 
     try:
         code = cli.main([str(a) for a in args])
@@ -177,7 +177,7 @@ def test_any_flag_combination_exits_0_or_2_and_never_half_writes(tmp_path_factor
                                                                   pre_existing):
     """Drawn combinations of options, valid and not: exit 0 or 2, never a traceback, never a
     half-written --out (a refusal leaves it as it was; a success leaves results.json)."""
-    from kdjax import cli
+    from kdjax.app import cli
 
     base = tmp_path_factory.mktemp("prop")
     out = base / "out"

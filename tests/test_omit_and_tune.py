@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kdjax import data, experiments
+from kdjax import data, hinton, workflows
 from kdjax.errors import InputError, InputTypeError
-from kdjax.experiments import RunConfig
+from kdjax.fitting import RunConfig
 from kdjax.models import StudentMLP, TeacherMLP
 
 pytest.importorskip("sklearn")
@@ -24,7 +24,7 @@ def digits():
 @pytest.fixture(scope="module")
 def omitted(digits):
     cfg = RunConfig(epochs=5, batch_size=64, learning_rate=1e-2)
-    return experiments.omit_class(TeacherMLP(64, 10), StudentMLP(32, 10), digits, cfg, SEEDS, omit=3,
+    return hinton.omit_class(TeacherMLP(64, 10), StudentMLP(32, 10), digits, cfg, SEEDS, omit=3,
                                   temperature=20.0, alpha=0.9)
 
 
@@ -57,7 +57,7 @@ def test_match_prior_bias_hits_the_prior():
     z = rng.normal(size=(200, 5)) * 3
     z[:, 2] -= 10  # a class the model never predicts
     for prior in (0.0, 0.1, 0.37, 1.0):
-        b = experiments.match_prior_bias(z, 2, prior)
+        b = hinton.match_prior_bias(z, 2, prior)
         shifted = z.copy()
         shifted[:, 2] += b
         assert np.sum(np.argmax(shifted, axis=1) == 2) == round(prior * 200)
@@ -95,7 +95,7 @@ def test_omit_and_split_errors(digits):
         with pytest.raises(InputError, match="validation fraction"):
             data.validation_split(digits, bad)
     with pytest.raises(InputError, match="transfer: expected examples of shape"):
-        experiments.distill(TeacherMLP(8, 10), StudentMLP(4, 10), digits, RunConfig(steps=2), [0],
+        workflows.distill(TeacherMLP(8, 10), StudentMLP(4, 10), digits, RunConfig(steps=2), [0],
                             transfer=data.synthetic(100, 10, 10))
 
 
@@ -105,14 +105,14 @@ def test_tuning_never_looks_at_the_test_set(digits):
     cfg = RunConfig(epochs=2, batch_size=64)
     teacher, student = TeacherMLP(32, 10), StudentMLP(8, 10)
     kw = dict(temperatures=[1.0, 4.0], alphas=[0.5, 1.0])
-    a = experiments.tuned_distill(teacher, student, digits, cfg, [0, 1], **kw)
+    a = workflows.tuned_distill(teacher, student, digits, cfg, [0, 1], **kw)
     scrambled = dataclasses.replace(digits, y_test=np.random.default_rng(0).permutation(digits.y_test))
-    b = experiments.tuned_distill(teacher, student, scrambled, cfg, [0, 1], **kw)
+    b = workflows.tuned_distill(teacher, student, scrambled, cfg, [0, 1], **kw)
     np.testing.assert_array_equal(a.validation, b.validation)
     assert a.best == b.best
     i, j = np.unravel_index(np.argmax(a.validation.mean(axis=2)), (2, 2))
     assert a.best == (kw["temperatures"][i], kw["alphas"][j])
-    ref = experiments.distill(teacher, student, digits, cfg, [0, 1], temperature=a.best[0], alpha=a.best[1])
+    ref = workflows.distill(teacher, student, digits, cfg, [0, 1], temperature=a.best[0], alpha=a.best[1])
     for k in ("standard", "distilled", "teacher"):
         np.testing.assert_array_equal(a.result.accuracy["test"][k], ref.accuracy["test"][k])
 
@@ -125,7 +125,7 @@ def test_omit_class_with_a_loaded_teacher(digits):
 
     teacher = TeacherMLP(16, 10)
     state = kdjax.create_train_state(teacher, jax.random.PRNGKey(0), input_dim=64)
-    r = experiments.omit_class(teacher, StudentMLP(8, 10), digits, RunConfig(steps=3), [0, 1], teacher_state=state)
+    r = hinton.omit_class(teacher, StudentMLP(8, 10), digits, RunConfig(steps=3), [0, 1], teacher_state=state)
     overall = r.accuracy["before"]["teacher"]["overall"]
     assert overall.shape == (1,)
     want = kdjax.evaluate(teacher, state, digits.x_test, digits.y_test)["accuracy"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kdjax
-from kdjax import checkpoint, data, experiments
+from kdjax import checkpoint, data, fitting
 
 # ----------------------------------------------------------------------------- validation
 
@@ -87,7 +87,7 @@ def test_labels_beyond_num_classes_and_schedule_bounds():
 ])
 def test_run_config_validation(kwargs, words):
     with pytest.raises(ValueError) as e:
-        experiments.RunConfig(**kwargs)
+        fitting.RunConfig(**kwargs)
     for w in words:
         assert w in str(e.value)
 
@@ -96,14 +96,14 @@ def test_run_config_validation(kwargs, words):
 
 DETERMINISM_SCRIPT = r"""
 import hashlib, jax, numpy as np, kdjax
-from kdjax import data, experiments
+from kdjax import data, fitting
 ds = data.synthetic(200, 10, 3, seed=1, test_samples=10)
-cfg = experiments.RunConfig(steps=40, batch_size=16)
+cfg = fitting.RunConfig(steps=40, batch_size=16)
 t = kdjax.TeacherMLP(32, 3)
-ts, tl = experiments.fit_members(t, "ce", ds, cfg, [0, 1])  # dropout on
-logits = experiments.teacher_logits_for(t, ts.params, ds, members=True)
+ts, tl = fitting.fit_members(t, "ce", ds, cfg, [0, 1])  # dropout on
+logits = fitting.teacher_logits_for(t, ts.params, ds, members=True)
 h = kdjax.make_hyper(np.array([2.0, 4.0]), np.array([0.5, 0.9]))
-ss, sl = experiments.fit_members(kdjax.StudentMLP(8, 3), "kd", ds, cfg, [0, 1], hyper=h, teacher_logits=logits)
+ss, sl = fitting.fit_members(kdjax.StudentMLP(8, 3), "kd", ds, cfg, [0, 1], hyper=h, teacher_logits=logits)
 d = hashlib.sha256()
 for leaf in jax.tree_util.tree_leaves((ts, ss)) + [tl, sl]:
     d.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())

@@ -232,7 +232,7 @@ def test_same_seed_same_numbers(setup):
 
 
 def test_import_kdjax_does_not_import_torch():
-    code = "import sys, kdjax, kdjax.convert, kdjax.cli; print('torch' in sys.modules)"
+    code = "import sys, kdjax, kdjax.convert, kdjax.app.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -301,7 +301,7 @@ def test_member_evaluation_equals_single(setup):
 def test_paired_students_split_into_standard_and_distilled(seed_data):
     """paired_students: members :n equal a plain cross-entropy fit (bitwise), members n:
     equal a distillation fit, pair i sharing seed i and teacher i."""
-    from kdjax.experiments import RunConfig, fit_members, paired_students
+    from kdjax.fitting import RunConfig, fit_members, paired_students
 
     cfg = RunConfig(steps=12, batch_size=32)
     student, seeds = kdjax.StudentMLP(16, 5), [3, 8]

@@ -12,8 +12,8 @@ import kdjax
 from kdjax import data as kdata
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
-from kdjax.experiments import mean_ci
-from kdjax.reporting import fmt_ci
+from kdjax.app.reporting import fmt_ci
+from kdjax.stats import mean_ci
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_donate_false_keeps_the_callers_state(run_setup):
     (lambda: parallel.make_mesh(members=True), InputTypeError, ["members", "bool"]),
     (lambda: parallel.make_mesh(members=1, data="2"), InputTypeError, ["data", "'2'", "str"]),
     (lambda: parallel.make_mesh(members=0), InputError, ["members: expected an int >= 1, got 0"]),
-    (lambda: kdjax.experiments.RunConfig(steps=2.5), InputTypeError, ["steps", "2.5", "float"]),
-    (lambda: kdjax.experiments.RunConfig(batch_size="64"), InputTypeError, ["batch_size", "str"]),
+    (lambda: kdjax.fitting.RunConfig(steps=2.5), InputTypeError, ["steps", "2.5", "float"]),
+    (lambda: kdjax.fitting.RunConfig(batch_size="64"), InputTypeError, ["batch_size", "str"]),
     (lambda: kdjax.fused.linear_distillation_loss(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(2, jnp.int32),
                                                   teacher_logits=jnp.ones((2, 4)), temperature=1.0, alpha=0.5,
                                                   chunk_size=2.0), InputTypeError, ["chunk_size", "2.0", "float"]),
@@ -84,5 +84,5 @@ def test_class_count_comes_from_the_training_labels(tmp_path):
     assert kdata.load_npz(path, num_classes=13).num_classes == 13
     np.savez(path, x_train=x, y_train=y, x_test=x[:10], y_test=np.arange(10))
     assert kdata.load_npz(path).num_classes == 10
-    with pytest.raises(InputTypeError, match="num_classes: expected an int >= 2, got 1.5 \(float\)"):
+    with pytest.raises(InputTypeError, match=r"num_classes: expected an int >= 2, got 1.5 \(float\)"):
         kdata.load_npz(path, num_classes=1.5)

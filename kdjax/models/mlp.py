@@ -77,6 +77,10 @@ class TeacherMLP(nn.Module):
     dropout_rate: float = 0.3
     dtype: jnp.dtype = jnp.float32
 
+    def kdjax_init(self, rng, example, *, members: bool = False):
+        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
+        return _init_hook(self, rng, example, members)
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = _check_input(self, x, "TeacherMLP")
@@ -95,6 +99,10 @@ class StudentMLP(nn.Module):
     hidden_dim: int = 64
     num_classes: int = 5
     dtype: jnp.dtype = jnp.float32
+
+    def kdjax_init(self, rng, example, *, members: bool = False):
+        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
+        return _init_hook(self, rng, example, members)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -116,6 +124,10 @@ class MLP(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
 
+    def kdjax_init(self, rng, example, *, members: bool = False):
+        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
+        return _init_hook(self, rng, example, members)
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = _check_input(self, x, "MLP")
@@ -129,6 +141,13 @@ class MLP(nn.Module):
 
 # The models whose params ``init_params`` draws on the host (``create_train_state`` uses it).
 MLP_MODELS = (TeacherMLP, StudentMLP, MLP)
+
+
+def _init_hook(model, rng, example, members: bool):
+    if len(example.shape) < 2:
+        raise InputError(f"example_input: expected [batch, features] (or [batch, ...]) for "
+                         f"{type(model).__name__}, got shape {tuple(example.shape)}")
+    return init_params(model, rng, int(np.prod(example.shape[1:])), members=members), {}
 
 
 def _param_shapes(model, input_dim: int):

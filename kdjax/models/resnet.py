@@ -245,6 +245,10 @@ class ResNet(nn.Module):
     stem: str = "cifar"
     dtype: Any = jnp.float32
 
+    def kdjax_init(self, rng, example, *, members: bool = False):
+        """The init hook of ``kdjax.train``: torchvision's init on the host (``init_variables``)."""
+        return init_variables(self, rng, example, members=members)
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         self._check_config()

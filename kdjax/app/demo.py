@@ -1,9 +1,9 @@
 """``kdjax demo``: the seed's five demos, then distillation on real data.
 
 Each section prints through a ``Reporter`` (see ``kdjax.cli``) and returns a plain
-dict for ``results.json``. Sections 3-4 and 6 run ``kdjax.experiments.distill`` (one
+dict for ``results.json``. Sections 3-4 and 6 run ``kdjax.workflows.distill`` (one
 vmapped program for the teachers, one for the standard and distilled students, a
-pair sharing its seed); section 5 runs ``kdjax.experiments.sweep``; section 7
+pair sharing its seed); section 5 runs ``kdjax.workflows.run_sweep``; section 7
 ``omit_class`` (Hinton et al.'s omitted digit), section 8 ``tuned_distill`` (T and
 alpha chosen on a validation split).
 """
@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import data, experiments
-from kdjax.experiments import RunConfig, evaluate_on, mean_ci
+from kdjax import data, hinton, workflows
+from kdjax.fitting import RunConfig, evaluate_on
+from kdjax.stats import mean_ci
 from kdjax.models import StudentMLP, TeacherMLP
-from kdjax.reporting import fmt_ci
+from kdjax.app.reporting import fmt_ci
 
 SEED_LOGITS = (2.0, 1.0, 0.5, 0.2)
 SEED_TEMPERATURES = (1.0, 2.0, 5.0, 10.0)
@@ -82,7 +83,7 @@ def _log_every_20(rep, name, losses, accs):
         rep.line(f"  {name} step {step:3d}: loss = {losses[step - 1]:.4f}, train acc = {acc:.4f}")
 
 
-def seed_comparison(rep, seeds) -> dict:
+def seed_comparison(rep, seeds, programs=None) -> dict:
     """Demos 3 and 4 on the seed's data: teacher, standard student, distilled student."""
     ds, cfg = data.synthetic(500, 50, 5, seed=42, test_samples=500), RunConfig(steps=100, batch_size=64)
     teacher, student = TeacherMLP(256, 5), StudentMLP(64, 5)
@@ -93,8 +94,8 @@ def seed_comparison(rep, seeds) -> dict:
             accs[phase].append(evaluate_on(models[phase], states, ds.x_train, ds.y_train, members=True)["accuracy"])
             bar(phase, done, total)
 
-        r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=3.0, alpha=0.7,
-                                splits=("train", "test"), chunk=20, on_chunk=on_chunk)
+        r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=3.0, alpha=0.7,
+                              splits=("train", "test"), chunk=20, on_chunk=on_chunk, programs=programs)
     t_accs, st_accs = (np.stack(accs[k], axis=1) for k in ("teachers", "students"))  # [members, chunks]
     n = len(seeds)
     n_t, n_s = _member_param_count(r.teacher.params), _member_param_count(r.students.params)
@@ -136,7 +137,7 @@ def seed_comparison(rep, seeds) -> dict:
     }
 
 
-def hyperparameters(rep, seeds) -> dict:
+def hyperparameters(rep, seeds, programs=None) -> dict:
     """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the seed's demo-5 data."""
     rep.section("DEMO 5: Hyperparameter tuning (one teacher; both sweeps x seeds as one vmapped program)")
     ds, cfg = data.synthetic(400, 40, 4, seed=42, test_samples=400), RunConfig(steps=80, batch_size=64)
@@ -146,8 +147,8 @@ def hyperparameters(rep, seeds) -> dict:
     member_seeds = np.tile(seeds, len(configs))  # a seed's students share init and minibatches
     # as in the seed: one teacher, then a student per configuration (here x seeds)
     with rep.progress() as bar:
-        r = experiments.sweep(TeacherMLP(200, 4), StudentMLP(50, 4), ds, cfg, temps, alphas, member_seeds,
-                              teacher_seed=seeds[0], split="train", on_chunk=bar)
+        r = workflows.run_sweep(TeacherMLP(200, 4), StudentMLP(50, 4), ds, cfg, temps, alphas, member_seeds,
+                                teacher_seed=seeds[0], split="train", on_chunk=bar, programs=programs)
     acc = r.accuracy.reshape(len(configs), len(seeds))
     stats = [mean_ci(a) for a in acc]
     nT = len(DEMO5_TEMPERATURES)
@@ -161,7 +162,7 @@ def hyperparameters(rep, seeds) -> dict:
 
 
 def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_STUDENT_HIDDEN,
-                   temperature: float = 3.0, alpha: float = 0.7) -> dict:
+                   temperature: float = 3.0, alpha: float = 0.7, programs=None) -> dict:
     """Beyond the seed: held-out test accuracy on scikit-learn's digits."""
     rep.section("HELD-OUT: distillation on real data (scikit-learn digits, 8x8 images)")
     ds, cfg = data.digits(), RunConfig(epochs=epochs, batch_size=64)
@@ -170,8 +171,8 @@ def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_ST
              f"teacher {teacher.hidden_dim}-wide with dropout 0.3, student {student_hidden}-wide; "
              f"T = {temperature:g}, alpha = {alpha:g}; {len(seeds)} seeds.")
     with rep.progress() as bar:
-        r = experiments.distill(teacher, student, ds, cfg, seeds, temperature=temperature, alpha=alpha,
-                                on_chunk=bar)
+        r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=temperature, alpha=alpha,
+                              on_chunk=bar, programs=programs)
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     rows = [[k, fmt_ci(v)] for k, v in stats.items()]
     rows.append(["distilled - standard (paired)", fmt_ci(gain, signed=True)])
@@ -205,15 +206,15 @@ def _paper_accuracy(when: str) -> dict:
 
 def omitted_class(rep, seeds, epochs: int = 30, omit: int = 3, temperature: float = 20.0, alpha: float = 0.9,
                   teacher_hidden: int = 256, student_hidden: int = OMIT_STUDENT_HIDDEN, validation_fraction: float = 0.2,
-                  ds: data.Dataset | None = None) -> dict:
+                  ds: data.Dataset | None = None, programs=None) -> dict:
     """Hinton et al.'s omitted-class experiment: students that never see one digit."""
     rep.section(f"OMITTED CLASS: the student never sees a {omit} (Hinton et al. 2015, section 3)")
     ds = data.digits() if ds is None else ds
     cfg = RunConfig(epochs=epochs, batch_size=64)
     teacher, student = TeacherMLP(teacher_hidden, ds.num_classes), StudentMLP(student_hidden, ds.num_classes)
     with rep.progress() as bar:
-        r = experiments.omit_class(teacher, student, ds, cfg, seeds, omit=omit, temperature=temperature,
-                                   alpha=alpha, validation_fraction=validation_fraction, on_chunk=bar)
+        r = hinton.omit_class(teacher, student, ds, cfg, seeds, omit=omit, temperature=temperature,
+                              alpha=alpha, validation_fraction=validation_fraction, on_chunk=bar, programs=programs)
     c = r.test_counts
     rep.line(f"{ds.name}: teacher trained on {c['teacher']} examples of all classes; students on the transfer set of {c['transfer']} without class {omit}; "
              f"{c['validation']} validation inputs (labels unused) set the bias; {c['overall']} test images, "
@@ -258,14 +259,15 @@ def omitted_class(rep, seeds, epochs: int = 30, omit: int = 3, temperature: floa
 
 
 def tuned_digits(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_STUDENT_HIDDEN,
-                 untuned: dict | None = None, validation_fraction: float = 0.2) -> dict:
+                 untuned: dict | None = None, validation_fraction: float = 0.2, programs=None) -> dict:
     """Choose T and alpha on a validation split, then the held-out comparison at them."""
     rep.section("TUNED: T and alpha chosen on validation data (digits)")
     ds, cfg = data.digits(), RunConfig(epochs=epochs, batch_size=64)
     teacher, student = TeacherMLP(256, 10), StudentMLP(student_hidden, 10)
     with rep.progress() as bar:
-        t = experiments.tuned_distill(teacher, student, ds, cfg, seeds, temperatures=TUNE_TEMPERATURES,
-                                      alphas=TUNE_ALPHAS, validation_fraction=validation_fraction, on_chunk=bar)
+        t = workflows.tuned_distill(teacher, student, ds, cfg, seeds, temperatures=TUNE_TEMPERATURES,
+                                    alphas=TUNE_ALPHAS, validation_fraction=validation_fraction, on_chunk=bar,
+                                    programs=programs)
     rep.table(f"validation accuracy (a {validation_fraction:g} split of the training rows), mean ± 95% CI "
               f"over n = {len(seeds)} seeds; rows T, columns alpha",
               ["T \\ alpha"] + [f"{a:g}" for a in t.alphas],

@@ -1,0 +1,315 @@
+"""The bodies of ``kdjax demo``, ``distill``, ``omit-class`` and ``sweep``: inputs checked
+(``kdjax.app.inputs``), the workflow run, tables printed, ``results.json`` and plots written."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from kdjax.app import UsageError, inputs
+from kdjax.app.reporting import Reporter, fmt_ci, jsonable
+
+__all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_sweep"]
+
+
+def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
+    import jax
+
+    from kdjax.checkpoint import atomic_write_text
+
+    if jax.process_index() != 0:  # on many hosts, process 0 reports
+        return 0
+    results = jsonable(results)
+    if args.out:
+        if not args.no_plots:
+            results["plots"] = {k: os.path.basename(fn()) for k, fn in plots.items()}
+        atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
+        rep.line(f"wrote {os.path.join(args.out, 'results.json')}"
+                 + ("" if args.no_plots else f" and {len(plots)} plots"))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _metrics_log(args, members: dict):
+    """``metrics.jsonl`` in --out (when given) and TensorBoard scalars (--tensorboard DIR)."""
+    from kdjax.app.metrics import MetricsLog
+
+    path = None if args.out is None else os.path.join(args.out, "metrics.jsonl")
+    return MetricsLog(path, args.tensorboard, members)
+
+
+def _parse_sections(text: str) -> list[int]:
+    out = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise UsageError(f"--sections: expected numbers 1-8 like '1-5' or '1,3,6', got {text!r}")
+        out.update(range(lo, hi + 1))
+    if not out or min(out) < 1 or max(out) > 8:
+        raise UsageError(f"--sections: expected numbers in 1-8, got {text!r}")
+    return sorted(out)
+
+
+def cmd_demo(args, rep: Reporter) -> int:
+    from kdjax.app import demo, plots
+    from kdjax.fitting import Programs
+
+    sections = _parse_sections(args.sections)
+    if args.seeds < 2:
+        raise UsageError(f"--seeds: expected at least 2 (for confidence intervals), got {args.seeds}")
+    inputs.claim_out(args)
+    programs = Programs()  # shared by every section: each program compiles once
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results, figs, t0 = {}, {}, time.perf_counter()
+    out = args.out
+    epochs = 2 if args.quick else 30
+    if 1 in sections:
+        r = results["temperature_effect"] = demo.temperature_effect(rep)
+        figs["softmax_temperature"] = lambda: plots.softmax_temperature(
+            os.path.join(out, "softmax_temperature.png"), r["logits"], r["temperatures"], r["probs"], r["entropy"])
+    if 2 in sections:
+        results["soft_vs_hard"] = demo.soft_vs_hard(rep)
+    if 3 in sections or 4 in sections:
+        r4 = results["seed_comparison"] = demo.seed_comparison(rep, seeds, programs)
+        figs["learning_curves"] = lambda: plots.learning_curves(
+            os.path.join(out, "learning_curves.png"), r4["losses"],
+            f"seed data, {len(seeds)} seeds (distilled: the KD objective, not CE)")
+    if 5 in sections:
+        r5 = results["hyperparameters"] = demo.hyperparameters(rep, seeds, programs)
+        figs["hyperparameters"] = lambda: plots.hyper_sweeps(
+            os.path.join(out, "hyperparameters.png"), r5["temperatures"],
+            [m for m, _ in r5["temperature_sweep"]], [h for _, h in r5["temperature_sweep"]],
+            r5["alphas"], [m for m, _ in r5["alpha_sweep"]], [h for _, h in r5["alpha_sweep"]],
+            "training accuracy (random labels)")
+    results["seed_demos_seconds"] = time.perf_counter() - t0
+    if 6 in sections:
+        r6 = results["digits"] = demo.digits_heldout(rep, seeds, epochs=epochs, programs=programs)
+        figs["digits_comparison"] = lambda: plots.comparison(
+            os.path.join(out, "digits_comparison.png"), ["teacher", "standard", "distilled"],
+            [r6["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
+            [r6["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")],
+            r6["paired_gain"], f"digits test accuracy, {len(seeds)} seeds (95% CI)", "test accuracy")
+    if 7 in sections:
+        r7 = results["omitted_class"] = demo.omitted_class(rep, seeds, epochs=epochs, programs=programs)
+        figs["omitted_class"] = lambda: _omitted_plot(os.path.join(out, "omitted_class.png"), r7, len(seeds))
+    if 8 in sections:
+        r8 = results["tuned"] = demo.tuned_digits(rep, seeds, epochs=epochs, untuned=results.get("digits"),
+                                                   programs=programs)
+        figs["tuned_comparison"] = lambda: plots.comparison(
+            os.path.join(out, "tuned_comparison.png"), ["teacher", "standard", "distilled"],
+            [r8["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
+            [r8["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")], r8["paired_gain"],
+            f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation",
+            "test accuracy")
+    results["seconds"] = time.perf_counter() - t0
+    rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
+    return _finish(args, rep, results, figs)
+
+
+def _omitted_plot(path, r: dict, seeds: int) -> str:
+    from kdjax.app import plots
+
+    c = r["config"]
+    return plots.omitted_class(path, r["mean_ci"], r["paper"]["accuracy"], c["omit"],
+                               f"students never shown a {c['omit']}: {seeds} seeds, T = {c['temperature']:g}, "
+                               f"alpha = {c['alpha']:g} (95% CI)")
+
+
+def cmd_omit_class(args, rep: Reporter) -> int:
+    from kdjax.app import demo
+    from kdjax.losses import check_alpha, check_temperature
+
+    check_temperature(args.temperature)
+    check_alpha(args.alpha)
+    if args.seeds < 2:
+        raise UsageError(f"--seeds: expected at least 2 (for confidence intervals), got {args.seeds}")
+    ds = inputs.dataset(args)
+    inputs.claim_out(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    r = demo.omitted_class(rep, seeds, epochs=args.epochs, omit=args.omit, temperature=args.temperature,
+                           alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
+                           validation_fraction=args.validation_fraction, ds=ds)
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, **r}
+    return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
+        os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
+
+
+def _variables(states) -> dict:
+    return {"params": states.params, "model_state": states.model_state}
+
+
+def cmd_distill(args, rep: Reporter) -> int:
+    import jax
+
+    from kdjax import checkpoint, sweep, workflows
+    from kdjax.app import metrics, plots
+    from kdjax.losses import check_alpha, check_temperature
+    from kdjax.stats import mean_ci
+
+    check_temperature(args.temperature)  # before anything is trained
+    check_alpha(args.alpha)
+    ckpts = inputs.checkpoints(args)
+    ds = inputs.dataset(args)
+    cfg = inputs.run_config(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    teacher, student = inputs.models(args, ds.num_classes)
+    inputs.validate_models((teacher, student), ds)
+    rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
+             f"{ds.num_classes} classes; {cfg.describe()}; "
+             + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
+                else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {args.seeds} seed(s)")
+    rep.line(f"teacher {inputs.describe(teacher)}, student {inputs.describe(student)}")
+    t_state = None
+    if args.teacher:
+        t_state = inputs.load_teacher(args.teacher, teacher, ds)
+        rep.line(f"teacher loaded from {args.teacher}")
+    mesh = inputs.make_mesh(args, rep, len(seeds), cfg.batch_size)
+    t_cfg = None
+    if args.teacher_steps is not None:
+        if args.tune or args.teacher:
+            raise UsageError("--teacher-steps: expected a teacher trained here (no --teacher) and no --tune")
+        t_cfg = dataclasses.replace(cfg, steps=args.teacher_steps, epochs=None)
+        rep.line(f"teachers: {t_cfg.describe()}")
+    metrics.check_tensorboard(args.tensorboard)
+    inputs.claim_out(args)
+    seed_names = lambda kind: [f"{kind}/seed{s}" for s in seeds]
+    members = {"teachers": seed_names("teacher"), "students": seed_names("standard") + seed_names("distilled"),
+               "tuning teachers": [f"teacher/seed{seeds[0]}"],
+               "tuning students": [f"T{t:g}/alpha{a:g}/seed{s}" for t, a, s in
+                                   zip(*sweep.grid(args.temperatures, args.alphas, seeds))]}
+    log = _metrics_log(args, members)
+    tuned = None
+    with rep.progress() as on_chunk, contextlib.closing(log):
+        if args.tune:
+            tuned = workflows.tuned_distill(
+                teacher, student, ds, cfg, seeds, temperatures=args.temperatures, alphas=args.alphas,
+                validation_fraction=args.validation_fraction, teacher_state=t_state, checkpoints=ckpts,
+                on_chunk=on_chunk, log=rep.line, mesh=mesh, on_losses=log.losses)
+            r = tuned.result
+        else:
+            r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
+                                  alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
+                                  on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=log.losses)
+        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
+                       {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
+                       {"teacher": ["teacher/loaded"] if t_state is not None else seed_names("teacher"),
+                        "standard": seed_names("standard"), "distilled": seed_names("distilled")})
+    if tuned is not None:
+        rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI over "
+                  f"n = {len(seeds)} seed(s); "
+                  f"rows T, columns alpha", ["T \\ alpha"] + [f"{a:g}" for a in tuned.alphas],
+                  [[f"{T:g}"] + [fmt_ci(c) for c in row]
+                   for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
+        rep.line(f"chosen on validation: T = {tuned.best[0]:g}, alpha = {tuned.best[1]:g}; students retrained "
+                 f"on all {len(ds.y_train)} training rows")
+    acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
+    teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
+    lm = args.arch == "transformer"
+    over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    rep.table(f"validation next-byte accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
+              [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in stats.items()]
+              + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
+    bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
+    bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
+    bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
+    if lm:
+        rep.table(f"validation bits per byte (cross-entropy / ln 2; lower is better), {over}",
+                  ["model", "bits per byte"],
+                  [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
+                  + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+               "teacher_test_accuracy": float(acc["teacher"][0]),
+               "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
+               "paired_gain": gain, "losses": r.losses,
+               "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}}
+    if lm:
+        results["bits_per_byte"] = {k: v.tolist() for k, v in bpb.items()}
+        results["bits_per_byte_mean_ci"], results["bits_per_byte_paired_gain"] = bpb_stats, bpb_gain
+    if tuned is not None:
+        results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
+                             "validation_accuracy": tuned.validation.tolist(),
+                             "validation_mean_ci": tuned.validation_mean_ci,
+                             "best": {"temperature": tuned.best[0], "alpha": tuned.best[1]}}
+    if args.out:
+        first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+        meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
+        checkpoint.save(os.path.join(args.out, "teacher.ckpt"), _variables(r.teacher_member(0)),
+                        meta | {"model": inputs.describe(teacher)})
+        for kind, states in (("distilled", r.distilled), ("standard", r.standard)):
+            checkpoint.save(os.path.join(args.out, f"student_{kind}.ckpt"), _variables(first(states)),
+                            meta | {"model": inputs.describe(student), "seed": seeds[0]})
+    names = ["teacher", "standard", "distilled"]
+    figs = {
+        "learning_curves": lambda: plots.learning_curves(
+            os.path.join(args.out, "learning_curves.png"), r.losses, f"{ds.name}: student training loss"),
+        "comparison": lambda: plots.comparison(
+            os.path.join(args.out, "comparison.png"), names, [stats[k][0] for k in names],
+            [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy", "test accuracy"),
+    }
+    return _finish(args, rep, results, figs)
+
+
+def cmd_sweep(args, rep: Reporter) -> int:
+    from kdjax import sweep, workflows
+    from kdjax.app import metrics, plots
+    from kdjax.stats import mean_ci
+    from kdjax.train import make_hyper
+
+    ckpts = inputs.checkpoints(args)
+    ds = inputs.dataset(args)
+    cfg = inputs.run_config(args)
+    temps, alphas = list(args.temperatures), list(args.alphas)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    T, A, S = sweep.grid(temps, alphas, seeds)
+    make_hyper(T, A)  # validates every value before anything is compiled
+    teacher, student = inputs.models(args, ds.num_classes)
+    inputs.validate_models((teacher, student), ds)
+    rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
+             f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
+    t_state = inputs.load_teacher(args.teacher, teacher, ds) if args.teacher else None
+    if args.members_per_group is not None and (args.mesh or len(inputs._devices()) > 1):
+        raise UsageError("--members-per-group: groups of members run on one device; got it with several "
+                         "(a mesh splits the members over devices instead; leave it at 'all')")
+    mesh = inputs.make_mesh(args, rep, len(T), cfg.batch_size)
+    metrics.check_tensorboard(args.tensorboard)
+    inputs.claim_out(args)
+    names = {"teachers": [f"teacher/seed{seeds[0]}"],
+             "students": [f"T{t:g}/alpha{a:g}/seed{s}" for t, a, s in zip(T, A, S)]}
+    log = _metrics_log(args, names)
+    with rep.progress() as on_chunk, contextlib.closing(log):
+        r = workflows.run_sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
+                                checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
+                                members_per_group=args.members_per_group, on_losses=log.losses)
+        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
+                       {"accuracy": {"teacher": [r.teacher_accuracy], "students": r.accuracy}},
+                       {"teacher": ["teacher/loaded" if t_state is not None else names["teachers"][0]],
+                        "students": names["students"]})
+    acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
+    stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
+    rep.table(f"mean test accuracy ± 95% CI over n = {len(seeds)} seed(s) (rows: temperature, columns: alpha)",
+              ["T \\ alpha"] + [f"{a:g}" for a in alphas],
+              [[f"{t:g}"] + [fmt_ci(c, digits=3) for c in row] for t, row in zip(temps, stats)])
+    best = max(((i, j) for i in range(len(temps)) for j in range(len(alphas))),
+               key=lambda ij: stats[ij[0]][ij[1]][0])
+    rep.line(f"teacher test accuracy {r.teacher_accuracy:.4f}; best: T = {temps[best[0]]:g}, "
+             f"alpha = {alphas[best[1]]:g} ({stats[best[0]][best[1]][0]:.4f})")
+    means = np.array([[m for m, _ in row] for row in stats])
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "temperatures": temps,
+               "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
+               "test_accuracy": acc.tolist(), "mean_ci": stats,
+               "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]},
+               "members_per_group": r.members_per_group,
+               "members_per_group_seconds": None if r.pick_seconds is None
+               else {str(g): t for g, t in r.pick_seconds.items()}}
+    figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
+                                             means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
+    return _finish(args, rep, results, figs)
+

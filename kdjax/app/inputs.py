@@ -1,0 +1,225 @@
+"""What a command needs before it trains, each checked first: the data set, the models
+(built abstractly), a loaded teacher, the mesh, the output directory (refused or claimed)
+and the run's identity for resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from kdjax.app import UsageError
+from kdjax.app.reporting import Reporter, jsonable
+from kdjax.errors import InputError
+
+__all__ = ["dataset", "run_config", "models", "validate_models", "describe", "load_teacher", "checkpoints",
+           "make_mesh", "check_out", "claim_out", "identity"]
+
+
+# What kdjax writes into --out; --overwrite removes exactly these, nothing else of the user's.
+_OUTPUTS = ("results.json", "metrics.jsonl", "checkpoints", "teacher.ckpt", "student_distilled.ckpt", "student_standard.ckpt",
+            "softmax_temperature.png", "learning_curves.png", "hyperparameters.png", "digits_comparison.png",
+            "omitted_class.png", "tuned_comparison.png", "comparison.png", "sweep_heatmap.png")
+
+
+def check_out(args) -> None:
+    """Refuse an --out that this run would damage, before anything is computed or written."""
+    out = args.out
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out: expected a directory, got an existing file {out}")
+    resume, overwrite = getattr(args, "resume", False), args.overwrite
+    if resume and overwrite:
+        raise UsageError("--resume / --overwrite: expected one of them (continue the run in --out, or replace it)")
+    if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
+        raise UsageError(f"--out: {out} already holds results.json; pass --overwrite to replace it")
+    if os.path.isdir(os.path.join(out, "checkpoints")) and not (resume or overwrite):
+        raise UsageError(f"--out: {out} holds the checkpoints of an unfinished run; pass --resume to continue "
+                         f"it or --overwrite to start over")
+
+
+def claim_out(args) -> None:
+    """Once every input is accepted: clear the old run (--overwrite) and create --out."""
+    if args.out is None:
+        return
+    if args.overwrite:
+        for name in _OUTPUTS:
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
+            if name.startswith(".tmp-"):  # a write a kill interrupted (checkpoint.atomic_write_bytes)
+                os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+
+
+def dataset(args):
+    from kdjax import data
+
+    name, images, tokens = args.dataset, args.arch == "resnet", args.arch == "transformer"
+    if name == "text" or name.endswith(".txt") or (tokens and name.endswith(".npz")):
+        if not tokens:
+            raise UsageError(f"--dataset {name}: expected --arch transformer (a language model), got --arch {args.arch}")
+        return data.text(args.context, None if name == "text" else name, max_bytes=args.text_bytes)
+    if tokens:
+        raise UsageError(f"--arch transformer: expected --dataset text, a .txt corpus or an .npz of tokens "
+                         f"(train, validation), got {name!r}")
+    if name == "synthetic":
+        ds = (data.synthetic_images(500, (8, 8, 3), 5, seed=args.seed, test_samples=500) if images
+              else data.synthetic(500, 50, 5, seed=args.seed, test_samples=500))
+    elif name == "digits":
+        ds = data.digits(seed=args.seed, images=images)
+    elif name.endswith(".npz") or os.path.exists(name):
+        ds = data.load_npz(name, getattr(args, "num_classes", None))
+    else:
+        raise UsageError(f"--dataset: expected 'synthetic', 'digits', 'text' or a path to an .npz/.txt file, "
+                         f"got {name!r}")
+    if images and ds.x_train.ndim != 4:
+        raise UsageError(f"--arch resnet: expected images [n, height, width, channels] (NHWC) in the data "
+                         f"set, got x_train of shape {ds.x_train.shape}")
+    return ds
+
+
+def run_config(args):
+    from kdjax.fitting import RunConfig
+
+    return RunConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                     optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                     nesterov=args.nesterov, lr_schedule=args.lr_schedule)
+
+
+def models(args, num_classes: int):
+    """(teacher, student) of ``--arch``, sized by the width/depth flags."""
+    from kdjax.models import ResNet, StudentMLP, TeacherMLP, TransformerLM
+
+    if args.arch == "transformer":  # GPT-2 dropout (0.1) in the teacher, none in the student, as the MLPs
+        return (TransformerLM(num_classes, args.teacher_layers, args.teacher_dim, args.heads, args.context, 0.1),
+                TransformerLM(num_classes, args.student_layers, args.student_dim, args.heads, args.context))
+    if args.arch == "mlp":
+        return TeacherMLP(args.teacher_hidden, num_classes), StudentMLP(args.student_hidden, num_classes)
+    nets = []
+    for who in ("teacher", "student"):
+        blocks, widths = getattr(args, f"{who}_blocks"), getattr(args, f"{who}_widths")
+        if len(blocks) != len(widths):
+            raise UsageError(f"--{who}-blocks / --{who}-widths: expected one width per stage, got "
+                             f"{len(blocks)} stages and {len(widths)} widths")
+        nets.append(ResNet(tuple(blocks), tuple(widths), num_classes, args.stem))
+    return tuple(nets)
+
+
+def validate_models(models, ds) -> None:
+    """Build every model abstractly (``jax.eval_shape`` of its init: no compute): a
+    configuration that cannot work is refused before anything trains."""
+    import jax
+
+    example = jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x_train.dtype)
+    for model in models:
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
+
+
+def describe(model) -> str:
+    from kdjax.models import ResNet, TransformerLM
+
+    if isinstance(model, TransformerLM):
+        return f"TransformerLM({model.num_layers} layers, d_model {model.d_model}, {model.num_heads} heads)"
+    if isinstance(model, ResNet):
+        return f"ResNet(blocks {tuple(model.stage_sizes)}, widths {tuple(model.widths)}, {model.stem} stem)"
+    return f"{type(model).__name__}({model.hidden_dim})"
+
+
+def load_teacher(path: str, teacher, ds):
+    """The teacher's ``TrainState`` from a kdjax checkpoint or a PyTorch state_dict (.pt)."""
+    import jax
+
+    from kdjax import checkpoint, convert
+    from kdjax.train import state_from_params
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--teacher: expected an existing file, got {path}")
+    like = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, *ds.input_shape),
+                                                                                    ds.x_train.dtype))
+    if path.endswith((".pt", ".pth")):
+        try:
+            import torch
+        except ImportError:
+            raise UsageError("--teacher: loading a PyTorch .pt file needs torch; "
+                             "pip install torch (or convert it to a kdjax checkpoint first)")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's own message runs to paragraphs of advice: its first line
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+            raise UsageError(f"--teacher: {path}: expected a PyTorch state_dict saved by torch.save, could not "
+                             f"read it ({type(e).__name__}: {first[:120]})")
+        if not isinstance(state_dict, dict):
+            raise UsageError(f"--teacher: {path}: expected a state_dict (dict), got {type(state_dict).__name__}")
+    else:
+        tree, _ = checkpoint.load(path)
+        variables = {"params": tree.get("params", tree), **tree.get("model_state", {})}
+        state_dict = convert.variables_to_torch(variables)  # then checked against the model
+    try:
+        variables = dict(convert.torch_to_variables(state_dict, like, tied=getattr(teacher, "tied_weights", None)))
+    except InputError as e:
+        raise UsageError(f"--teacher: {path}: {e}") from None
+    params = variables.pop("params")
+    return state_from_params(params, model_state=variables)
+
+
+# Arguments that cannot change a run's numbers; every other one is part of its identity,
+# so that --resume never continues a run made with other settings.
+_NOT_IDENTITY = {"command", "func", "out", "overwrite", "no_plots", "json", "quiet", "resume", "mesh"}
+
+
+def identity(args) -> dict:
+    """``{"--flag": value}`` of every argument that changes results (stored with checkpoints)."""
+    return {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}
+
+
+def checkpoints(args):
+    from kdjax.workflows import Checkpoints
+
+    if args.resume and not args.out:
+        raise UsageError("--resume: expected --out DIR (where the checkpoints are), got none")
+    if not args.out:
+        return None
+    return Checkpoints(os.path.join(args.out, "checkpoints"), args.checkpoint_every, args.resume,
+                       json.loads(json.dumps(jsonable(identity(args)))))  # as it reads back from disk
+
+
+def _parse_mesh(text: str | None) -> dict:
+    if text is None:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("members", "data") or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--mesh: expected members=M,data=D (positive integers), got {text!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def _devices():
+    import jax
+
+    return jax.local_devices() if jax.process_count() == 1 else jax.devices()
+
+
+def make_mesh(args, rep: Reporter, members: int, batch: int):
+    """``--mesh members=M,data=D``, else every local device (``parallel.default_shape``)."""
+    from kdjax import parallel
+
+    spec = _parse_mesh(args.mesh)
+    devices = _devices()
+    if spec:
+        m = spec.get("members", 1)
+        mesh = parallel.make_mesh(m, spec.get("data"), devices)
+        parallel.check_divides(members, mesh, "members", "--mesh: the members of this run")
+        parallel.check_divides(batch, mesh, "data", "--mesh: --batch-size")
+    else:
+        m, d = parallel.default_shape(len(devices), members, batch)
+        mesh = None if m * d == 1 else parallel.make_mesh(m, d, devices)
+    rep.line(f"running on {parallel.describe(mesh)}")
+    return mesh
+

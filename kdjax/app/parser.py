@@ -1,0 +1,223 @@
+"""The ``kdjax`` command's arguments: the parser (help texts with defaults), and the check
+that refuses options the chosen mode would ignore."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdjax.app import EXIT_USAGE, UsageError, commands
+
+__all__ = ["build_parser", "given_options", "check_modes"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"kdjax: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _members_per_group(text):
+    if text in ("all", "auto"):
+        return None if text == "all" else text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'all', 'auto' or a positive integer, got {text!r}") from None
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _common_output(p):
+    p.add_argument("--out", default=None, help="directory for results.json, plots (and checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable results on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _float_in(lo, hi, what):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not (lo <= v < hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v:g}")
+        return v
+    return parse
+
+
+def _training_args(p, seeds_default: int):
+    p.add_argument("--dataset", default="synthetic", help="synthetic, digits, or PATH.npz "
+                   "(x_train, y_train, x_test, y_test; images NHWC)")
+    p.add_argument("--arch", choices=["mlp", "resnet", "transformer"], default="mlp",
+                   help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
+                        "transformer: GPT-2 language models on --dataset text")
+    p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
+    p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
+    p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
+                   help="resnet: teacher blocks per stage (default 1 1 1)")
+    p.add_argument("--teacher-widths", type=_positive_int, nargs="+", default=[16, 32, 64], metavar="C",
+                   help="resnet: teacher channels per stage (default 16 32 64)")
+    p.add_argument("--student-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
+                   help="resnet: student blocks per stage (default 1 1 1)")
+    p.add_argument("--student-widths", type=_positive_int, nargs="+", default=[4, 8, 16], metavar="C",
+                   help="resnet: student channels per stage (default 4 8 16)")
+    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
+                   help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
+    p.add_argument("--context", type=_positive_int, default=64, help="transformer: tokens per window")
+    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer (default 2)")
+    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: d_model (default 64)")
+    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer (default 1)")
+    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: d_model (default 32)")
+    p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads (default 4)")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
+                        "test labels outside it are refused)")
+    p.add_argument("--text-bytes", type=_positive_int, default=200_000,
+                   help="--dataset text: training bytes kept (default 200000; validation a tenth)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=100,
+                        help="the seed's 'epochs': one random minibatch per step (default 100)")
+    length.add_argument("--epochs", type=_positive_int, default=None, help="real shuffled passes instead")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (the seed's) or sgd (momentum, weight decay: torch.optim.SGD)")
+    p.add_argument("--momentum", type=_float_in(0, 1, "a number in [0, 1)"), default=0.9, help="sgd")
+    p.add_argument("--weight-decay", type=_float_in(0, float("inf"), "a number >= 0"), default=5e-4,
+                   help="sgd (default 5e-4)")
+    p.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: annealed to 0 over the run (CosineAnnealingLR, per step)")
+    p.add_argument("--seeds", type=_positive_int, default=seeds_default, help="number of seeds")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--teacher", default=None,
+                   help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch; "
+                        "an MLP, or a torchvision-layout ResNet with --arch resnet)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the per-step losses and the evaluation to TensorBoard event files in DIR "
+                        "(needs tensorboardX: pip install 'kdjax[tensorboard]'); --out always gets metrics.jsonl")
+    p.add_argument("--mesh", default=None, metavar="members=M,data=D",
+                   help="device mesh: students split over M, minibatches over D devices (default: every "
+                        "local device, on members first)")
+
+
+def _resumable(p):
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                   help="with --out: checkpoint every K steps (default: every ~5%% of the run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoints in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdjax", description="Knowledge distillation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the seed's five demos, then distillation on digits: held out, "
+                                       "an omitted class, tuned T and alpha")
+    demo.add_argument("--seeds", type=int, default=8, help="seeds for the multi-seed comparisons (>= 2)")
+    demo.add_argument("--seed", type=int, default=42, help="first seed")
+    demo.add_argument("--sections", default="1-8", help="which sections to run, e.g. 1-5 or 1,6 (6: held-out "
+                      "digits, 7: omitted class, 8: tuned T and alpha)")
+    demo.add_argument("--quick", action="store_true", help="2 digits epochs instead of 30 (smoke tests)")
+    _common_output(demo)
+    demo.set_defaults(func=commands.cmd_demo)
+
+    distill = sub.add_parser("distill", help="teacher, standard and distilled student on a data set")
+    _training_args(distill, seeds_default=4)
+    distill.add_argument("--temperature", type=float, default=3.0)
+    distill.add_argument("--alpha", type=float, default=0.7)
+    distill.add_argument("--teacher-steps", type=_positive_int, default=None,
+                         help="train the teachers this many steps (default: as the students)")
+    distill.add_argument("--tune", action="store_true",
+                         help="choose T and alpha from --temperatures x --alphas on a validation split of the "
+                              "training rows (never the test set), then distill at the best")
+    distill.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="with --tune")
+    distill.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="with --tune")
+    distill.add_argument("--validation-fraction", type=float, default=0.2,
+                         help="with --tune: share of the training rows held out for the choice (default 0.2)")
+    _resumable(distill)
+    _common_output(distill)
+    distill.set_defaults(func=commands.cmd_distill)
+
+    om = sub.add_parser("omit-class", help="Hinton et al.'s experiment: students that never see one class")
+    om.add_argument("--dataset", default="digits", help="digits, or PATH.npz (x_train, y_train, x_test, y_test)")
+    om.add_argument("--num-classes", type=_positive_int, default=None,
+                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1)")
+    om.add_argument("--omit", type=int, default=3, help="the class left out of the transfer set (default 3)")
+    om.add_argument("--epochs", type=_positive_int, default=30)
+    om.add_argument("--teacher-hidden", type=_positive_int, default=256)
+    om.add_argument("--student-hidden", type=_positive_int, default=64)
+    om.add_argument("--temperature", type=float, default=20.0, help="default 20, the paper's MNIST value")
+    om.add_argument("--alpha", type=float, default=0.9)
+    om.add_argument("--validation-fraction", type=float, default=0.2,
+                    help="share of the training rows whose inputs set the bias shift (default 0.2)")
+    om.add_argument("--seeds", type=int, default=8, help="number of seeds (>= 2)")
+    om.add_argument("--seed", type=int, default=0, help="first seed")
+    _common_output(om)
+    om.set_defaults(func=commands.cmd_omit_class, arch="mlp")
+
+    sw = sub.add_parser("sweep", help="temperatures x alphas x seeds as one compiled program")
+    _training_args(sw, seeds_default=2)
+    sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    sw.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    sw.add_argument("--members-per-group", type=_members_per_group, default=None, metavar="all|auto|N",
+                    help="how the students run: all as one vmap (default), N at a time, or 'auto' "
+                         "(the fastest of those, timed on the first chunk; recorded in results.json; "
+                         "choices agree to float rounding, not bitwise)")
+    _resumable(sw)
+    _common_output(sw)
+    sw.set_defaults(func=commands.cmd_sweep)
+    return parser
+
+
+def given_options(argv) -> set[str]:
+    """The options typed on the command line (not their defaults): a second parse in
+    which no option has a default, so only those present come back."""
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for p in subparsers.choices.values():
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
+
+
+# Options that only mean something in some modes: (does it apply to these args?, why not).
+_ONLY_WITH = {
+    **dict.fromkeys(("teacher_hidden", "student_hidden"), (lambda a: a.arch == "mlp", "only used with --arch mlp")),
+    **dict.fromkeys(("teacher_blocks", "teacher_widths", "student_blocks", "student_widths", "stem"),
+                    (lambda a: a.arch == "resnet", "only used with --arch resnet")),
+    **dict.fromkeys(("context", "teacher_layers", "teacher_dim", "student_layers", "student_dim", "heads"),
+                    (lambda a: a.arch == "transformer", "only used with --arch transformer")),
+    "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
+    "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch != "transformer",
+                    "only used with a --dataset PATH.npz of labelled examples"),
+    **dict.fromkeys(("momentum", "weight_decay", "nesterov"),
+                    (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
+    **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
+                    (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
+    **dict.fromkeys(("temperature", "alpha"), (lambda a: a.command != "distill" or not a.tune,
+                                               "not used with --tune, which chooses T and alpha from --temperatures "
+                                               "x --alphas")),
+    **dict.fromkeys(("checkpoint_every", "overwrite", "no_plots"),
+                    (lambda a: a.out is not None, "only used with --out DIR")),
+}
+
+
+def check_modes(args, given: set[str]) -> None:
+    """Refuse an option the chosen mode would ignore: it would change nothing the user expects."""
+    for dest in sorted(given):
+        applies, why = _ONLY_WITH.get(dest, (None, None))
+        if applies is not None and not applies(args):
+            raise UsageError(f"--{dest.replace('_', '-')}: {why}")
+

@@ -1,0 +1,328 @@
+"""Whole workflows on a ``Dataset``, with crash-safe checkpoints and exact resume.
+
+* ``distill``: teachers (one per seed, or one loaded) -> standard and distilled students
+  (paired seeds, one program) -> evaluation -> statistics.
+* ``run_sweep``: one teacher, then a student per (temperature, alpha, seed) member.
+* ``tuned_distill``: T and alpha chosen on a validation split, then ``distill``.
+
+Each phase checkpoints under ``Checkpoints`` and resumes bit for bit; compiled programs
+live in a ``kdjax.fitting.Programs`` the caller may pass (and keep) for later calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import serialization
+
+from kdjax import checkpoint, data, parallel, sweep as sweeps
+from kdjax.data import Dataset
+from kdjax.errors import InputError
+from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members, paired_students,
+                           teacher_logits_for, time_group_sizes)
+from kdjax.stats import mean_ci
+from kdjax.train import make_hyper
+
+__all__ = ["Checkpoints", "distill", "DistillResult", "run_sweep", "SweepResult", "tuned_distill", "TunedResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+    """Where a workflow checkpoints each phase (``<directory>/<phase>.ckpt``, every
+    ``every`` steps; default ~5% of the run) and whether it resumes from them.
+    ``identity`` (JSON-able) is stored with them: resuming under another is refused."""
+
+    directory: str
+    every: int | None = None
+    resume: bool = False
+    identity: dict | None = None
+
+
+def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints | None,
+           on_chunk: OnChunk | None, log: Callable[[str], None], programs: Programs, chunk=None, mesh=None,
+           on_losses: OnLosses | None = None, **kw):
+    """``fit_members`` as a named phase: checkpointed and resumable under ``checkpoints``."""
+    start = None
+    if checkpoints is not None:
+        path = os.path.join(checkpoints.directory, f"{name}.ckpt")
+        identity = checkpoints.identity or {}
+        chunk = checkpoints.every
+        if checkpoints.resume:
+            try:
+                tree, meta, used, problem = checkpoint.load_latest(path)
+            except FileNotFoundError:
+                tree = None
+            if tree is not None:
+                if problem:
+                    log(f"warning: {problem}; resuming from {used}")
+                _check_resumable(used, meta, name, _model_text(model), identity)
+                fresh = initial_members(model, ds, cfg, seeds)
+                start = (_restore_states(used, fresh, tree), np.asarray(tree["losses"]))
+                log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
+
+        written = {"config": identity, "phase": name, "model": _model_text(model)}
+        save = lambda done, states, losses: checkpoint.save_rotating(path, {"states": states, "losses": losses},
+                                                                     written | {"done": done})
+    else:
+        save = None
+
+    progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
+    losses_of = None if on_losses is None else (lambda first, losses: on_losses(name, first, losses))
+    if mesh is not None and len(seeds) % mesh.shape["members"]:
+        mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
+    return fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
+                       on_chunk=progress, mesh=mesh, programs=programs, on_losses=losses_of, **kw)
+
+
+def _model_text(model) -> str:
+    """``TeacherMLP(hidden_dim=256, num_classes=5, ...)``: a module's configuration, one line."""
+    fields = [f for f in dataclasses.fields(model) if f.name not in ("parent", "name")]
+    value = lambda v: getattr(v, "__name__", v)
+    return f"{type(model).__name__}({', '.join(f'{f.name}={value(getattr(model, f.name))!r}' for f in fields)})"
+
+
+def _check_resumable(used: str, meta: dict, phase: str, model: str, identity: dict) -> None:
+    """One line when a checkpoint belongs to another phase, model or configuration."""
+    if meta.get("phase") != phase or meta.get("model", model) != model:
+        raise InputError(f"resume: {used} holds the {meta.get('phase')!r} phase of {meta.get('model')}, expected "
+                         f"the {phase!r} phase of {model}; use a new --out")
+    old = meta.get("config") or {}
+    if old != identity:
+        unset = "(not set)"
+        diffs = [f"{k}: {old.get(k, unset)!r} in the checkpoint, {identity.get(k, unset)!r} now"
+                 for k in sorted(set(old) | set(identity), key=str) if old.get(k, unset) != identity.get(k, unset)]
+        raise InputError(f"resume: {used} was written with other settings ({'; '.join(diffs)}); "
+                         f"use the same ones or a new --out")
+
+
+def _restore_states(used: str, fresh, tree):
+    """The saved member states in ``fresh``'s structure, shapes and dtypes, or one line."""
+    try:
+        states = serialization.from_state_dict(fresh, tree["states"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"resume: {used} does not hold states of this model ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    layout = lambda tree: jax.tree_util.tree_map(lambda a: (np.shape(a), str(getattr(a, "dtype", type(a)))), tree)
+    want, got = layout(fresh), layout(states)
+    if want != got:
+        raise InputError(f"resume: {used} holds states of other shapes than this model's; use a new --out")
+    return states
+
+
+def _split(ds: Dataset, split: str):
+    if split not in ("train", "test"):
+        raise InputError(f"split: expected 'train' or 'test', got {split!r}")
+    return getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+
+
+def _take(tree, index):
+    """Members ``index`` of a batched tree, as NumPy (indexing device arrays eagerly
+    would compile a small program per leaf shape; sharded ones are gathered first)."""
+    return jax.tree_util.tree_map(lambda a: parallel.to_host(a)[index], tree)
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What ``distill`` returns. Students are one batched state: members ``:n`` standard,
+    ``n:`` distilled (pair i shares seed i). ``accuracy[split][model]`` is ``[n]``
+    (the teacher's ``[1]`` when it was loaded); ``mean_ci[split][model]`` and
+    ``paired_gain[split]`` (distilled - standard) are ``(mean, 95% CI half-width)``.
+    ``eval_loss[split][model]``: the mean cross-entropy (nats; per token for
+    sequence models), laid out like ``accuracy``."""
+
+    seeds: list
+    teacher: object
+    teacher_losses: np.ndarray | None
+    students: object
+    losses: dict
+    accuracy: dict
+    mean_ci: dict
+    paired_gain: dict
+    eval_loss: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def standard(self):
+        return _take(self.students, slice(None, len(self.seeds)))
+
+    @property
+    def distilled(self):
+        return _take(self.students, slice(len(self.seeds), None))
+
+    def teacher_member(self, i: int = 0):
+        """Teacher i (the loaded teacher when there is one)."""
+        return self.teacher if self.teacher_losses is None else _take(self.teacher, i)
+
+
+def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+            temperature: float = 3.0, alpha: float = 0.7, teacher_state=None,
+            splits: Sequence[str] = ("test",), checkpoints: Checkpoints | None = None,
+            chunk: int | None = None, on_chunk: OnChunk | None = None,
+            log: Callable[[str], None] = lambda line: None, mesh=None,
+            transfer: Dataset | None = None, teacher_cfg: RunConfig | None = None,
+            programs: Programs | None = None, on_losses: OnLosses | None = None) -> DistillResult:
+    """Teacher -> standard and distilled students -> evaluation -> statistics.
+
+    1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
+       ``teacher_state`` (a loaded ``TrainState``) for every seed; ``teacher_cfg`` (default
+       ``cfg``) sets the teachers' length and optimizer.
+    2. Students (phase ``"students"``): for each seed a standard student (alpha = 0,
+       exactly cross-entropy) and a distilled one (``temperature``, ``alpha``) from the
+       same init and minibatches, all 2n as one vmapped program, distilling from the
+       eval-mode teacher's cached logits. They train on the training rows of
+       ``transfer`` (Hinton et al.'s transfer set; default ``ds``).
+    3. Accuracy on each of ``splits`` (``"train"``, ``"test"``), mean ± 95% CI over
+       seeds, and the paired gain distilled - standard.
+
+    With ``checkpoints`` each phase is saved every ``checkpoints.every`` steps and
+    ``resume`` continues from the latest good checkpoint, ending bitwise where an
+    uninterrupted run ends. ``on_chunk(phase, done, total, states)`` runs between
+    compiled chunks (progress bars, logging), after ``on_losses(phase, first step, losses
+    [members, steps])`` (the chunk's training losses, a device array: metrics logs);
+    ``log`` receives resume messages. A
+    ``mesh`` (``kdjax.parallel``) splits each phase's members over ``"members"`` and
+    minibatches over ``"data"``; a phase whose members it cannot split evenly uses its
+    ``"data"`` axis only. ``programs`` (``kdjax.fitting.Programs``) keeps the compiled
+    programs for later calls.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise InputError("seeds: expected at least one seed, got none")
+    make_hyper(temperature, alpha)  # validates before anything trains
+    n = len(seeds)
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
+                              mesh=mesh, programs=programs or Programs(), on_losses=on_losses)
+    transfer = ds if transfer is None else transfer
+    if transfer.input_shape != ds.input_shape or transfer.num_classes != ds.num_classes:
+        raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
+                         f"(as {ds.name}), got {transfer.input_shape} in {transfer.num_classes}")
+    if teacher_state is None:
+        t_states, t_losses = phase("teachers", teacher, "ce", ds, teacher_cfg or cfg, seeds)
+        logits = teacher_logits_for(teacher, t_states, transfer, members=True)
+    else:
+        t_states, t_losses = teacher_state, None
+        logits = teacher_logits_for(teacher, teacher_state, transfer)
+    pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
+    s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
+    accuracy, eval_loss = {}, {}
+    for split in splits:
+        x, y = _split(ds, split)
+        t_ev = evaluate_on(teacher, t_states, x, y, members=teacher_state is None)
+        s_ev = evaluate_on(student, s_states, x, y, members=True)
+        accuracy[split], eval_loss[split] = (
+            {"teacher": np.atleast_1d(t_ev[k]), "standard": s_ev[k][:n], "distilled": s_ev[k][n:]}
+            for k in ("accuracy", "loss"))
+    stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
+    gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
+    return DistillResult(seeds, t_states, t_losses, s_states,
+                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain, eval_loss)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What ``run_sweep`` returns: the batched student states, their losses ``[N, steps]``
+    and accuracy ``[N]`` on the chosen split, member i at ``(temperatures[i],
+    alphas[i], seeds[i])``; the teacher's state and its accuracy."""
+
+    teacher: object
+    teacher_accuracy: float
+    students: object
+    losses: np.ndarray
+    accuracy: np.ndarray
+    members_per_group: int | None = None
+    pick_seconds: dict | None = None
+
+
+def run_sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alphas, seeds, *,
+              teacher_state=None, teacher_seed: int | None = None, split: str = "test",
+              checkpoints: Checkpoints | None = None, on_chunk: OnChunk | None = None,
+              log: Callable[[str], None] = lambda line: None, mesh=None,
+              members_per_group: int | str | None = None, programs: Programs | None = None,
+              on_losses: OnLosses | None = None) -> SweepResult:
+    """One teacher (trained at ``teacher_seed``, default the first seed, or
+    ``teacher_state``), then every member ``(temperatures[i], alphas[i], seeds[i])`` as
+    one vmapped program distilling from it; accuracy on ``split``. Phases and
+    checkpoints as in ``distill``. ``members_per_group``: None (one vmap), a group size,
+    or ``"auto"`` (``kdjax.fitting.time_group_sizes`` times the candidates on the first chunk;
+    the choice and its timings are in the result)."""
+    hyper = make_hyper(np.asarray(temperatures, np.float64), np.asarray(alphas, np.float64))
+    seeds = np.asarray(seeds)
+    if not (len(seeds) == np.size(hyper.temperature) == np.size(hyper.alpha)) or len(seeds) == 0:
+        raise InputError(f"sweep: expected equal, non-zero numbers of temperatures, alphas and seeds, got "
+                         f"{np.size(hyper.temperature)}, {np.size(hyper.alpha)} and {len(seeds)}")
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, mesh=mesh,
+                              programs=programs or Programs(), on_losses=on_losses)
+    members = teacher_state is None  # a trained teacher is a batch of one
+    if members:
+        first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
+        teacher_state, _ = phase("teachers", teacher, "ce", ds, cfg, [first])
+    logits = parallel.to_host(teacher_logits_for(teacher, teacher_state, ds, members=members))
+    logits = logits[0] if members else logits
+    picked = None
+    if members_per_group == "auto":
+        members_per_group, picked = time_group_sizes(
+            student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
+            chunk=None if checkpoints is None else checkpoints.every)
+        log(f"members run {_how(members_per_group)} (timed on the first chunk: "
+            + ", ".join(f"{_how(g)} {1e3 * t:.1f} ms" for g, t in picked.items()) + ")")
+    states, losses = phase("students", student, "kd", ds, cfg, seeds, hyper=hyper, teacher_logits=logits,
+                           members_per_group=members_per_group)
+    x, y = _split(ds, split)
+    t_acc = float(np.ravel(evaluate_on(teacher, teacher_state, x, y, members=members)["accuracy"])[0])
+    return SweepResult(_take(teacher_state, 0) if members else teacher_state, t_acc, states, losses,
+                       evaluate_on(student, states, x, y, members=True)["accuracy"], members_per_group, picked)
+
+
+def _how(members_per_group) -> str:
+    return {None: "as one vmap", 1: "in sequence"}.get(members_per_group, f"in groups of {members_per_group}")
+
+
+@dataclasses.dataclass
+class TunedResult:
+    """What ``tuned_distill`` returns: validation accuracy ``[temperatures, alphas,
+    tuning seeds]`` and its ``(mean, CI half-width)`` per cell, the chosen ``best =
+    (temperature, alpha)``, and the ``DistillResult`` of the final run at it."""
+
+    temperatures: list
+    alphas: list
+    validation: np.ndarray
+    validation_mean_ci: list
+    best: tuple
+    result: DistillResult
+
+
+def tuned_distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
+                  temperatures: Sequence[float], alphas: Sequence[float], tuning_seeds: Sequence[int] | None = None,
+                  validation_fraction: float = 0.2, teacher_state=None, checkpoints: Checkpoints | None = None,
+                  on_chunk: OnChunk | None = None, log: Callable[[str], None] = lambda line: None,
+                  mesh=None, programs: Programs | None = None, on_losses: OnLosses | None = None) -> TunedResult:
+    """Choose (temperature, alpha) on validation data, then ``distill`` with them.
+
+    A stratified validation split is carved from ``ds``'s training rows; ``run_sweep``
+    trains one teacher on the rest and a student per (temperature, alpha, tuning seed)
+    distilling from it; the cell with the highest mean validation accuracy wins.
+    ``distill`` then runs at that cell on all of ``ds``'s training rows and reports
+    test accuracy: the test set plays no part in the choice. ``checkpoints`` as in
+    ``distill`` (the tuning sweep's go to its ``tuning/`` subdirectory; its phases reach
+    ``on_losses`` as ``"tuning teachers"`` and ``"tuning students"``).
+    """
+    tuning_seeds = list(seeds if tuning_seeds is None else tuning_seeds)
+    programs = programs or Programs()
+    tune = data.validation_split(ds, validation_fraction)
+    T, A, S = sweeps.grid(temperatures, alphas, tuning_seeds)
+    sub = None if checkpoints is None else dataclasses.replace(
+        checkpoints, directory=os.path.join(checkpoints.directory, "tuning"))
+    sw = run_sweep(teacher, student, tune, cfg, T, A, S, teacher_state=teacher_state, teacher_seed=tuning_seeds[0],
+                   split="test", checkpoints=sub, on_chunk=on_chunk, log=log, mesh=mesh, programs=programs,
+                   on_losses=None if on_losses is None else (lambda p, a, l: on_losses(f"tuning {p}", a, l)))
+    acc = sw.accuracy.reshape(len(temperatures), len(alphas), len(tuning_seeds))
+    stats = [[mean_ci(cell) for cell in row] for row in acc]
+    i, j = np.unravel_index(np.argmax(acc.mean(axis=2)), acc.shape[:2])
+    best = (float(temperatures[i]), float(alphas[j]))
+    r = distill(teacher, student, ds, cfg, seeds, temperature=best[0], alpha=best[1], teacher_state=teacher_state,
+                checkpoints=checkpoints, on_chunk=on_chunk, log=log, mesh=mesh, programs=programs, on_losses=on_losses)
+    return TunedResult(list(map(float, temperatures)), list(map(float, alphas)), acc, stats, best, r)
