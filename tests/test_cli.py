@@ -47,10 +47,13 @@ def test_demo_all_sections(env, tmp_path):
     out = tmp_path / "demo"
     p = kdjax(env, "demo", "--out", out, "--seeds", 2, "--quick", "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
-    for title in ("DEMO 1", "DEMO 2", "DEMO 3", "DEMO 4", "DEMO 5", "HELD-OUT", "OMITTED CLASS", "TUNED"):
+    for title in ("DEMO 1", "DEMO 2", "DEMO 3", "DEMO 4", "DEMO 5", "HELD-OUT", "OMITTED CLASS", "TUNED", "CONCLUSION"):
         assert title in p.stdout
+    assert "TRAINING accuracy on random labels" in p.stdout  # section 5 says what it ranks
     assert "112,389" in p.stdout and "3,589" in p.stdout and "31.31x" in p.stdout
     r = json.loads((out / "results.json").read_text())
+    assert [line[:2] for line in r["conclusion"]] == ["1-", "3-", "5.", "6.", "7.", "8."]
+    assert r["conclusion"][3].endswith(r["digits"]["verdict"] + ".")
     for png in r["plots"].values():
         assert_png(out / png)
     assert set(r["plots"]) == {"softmax_temperature", "learning_curves", "hyperparameters", "digits_comparison",

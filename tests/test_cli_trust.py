@@ -207,3 +207,13 @@ def test_any_flag_combination_exits_0_or_2_and_never_half_writes(tmp_path_factor
     else:
         assert (out / "results.json").exists(), args
         assert not [p for p in out.rglob(".tmp-*")], args
+
+
+def test_help_lists_datasets_defaults_and_teacher_files(capsys):
+    from kdjax.app.parser import build_parser
+
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["distill"].format_help().split())
+    for words in ("synthetic", "digits", "text (byte-level", "PATH.npz", "PATH.txt", "softening temperature T > 0 "
+                  "(default: 3.0)", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
+                  "64)", "teacher.ckpt", ".pt/.pth", "torchvision-layout ResNet"):
+        assert words in text, words

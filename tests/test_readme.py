@@ -1,4 +1,5 @@
-"""The README's library examples run as written, and CI runs the README's test command."""
+"""Every example in the README and docs/ runs as written (each python block, by its marker),
+every documented `kdjax` command parses, and CI runs the README's test command."""
 
 import pathlib
 import re
@@ -7,12 +8,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = {"README.md": README} | {f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
+TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh")
 
 
 def block_after(marker: str, lang: str) -> str:
-    m = re.search(rf"<!-- {marker} -->\s*```{lang}\n(.*?)```", README, re.S)
-    assert m, f"README has no ```{lang} block after <!-- {marker} -->"
-    return m.group(1)
+    for text in PAGES.values():
+        m = re.search(rf"<!-- {marker} -->\s*```{lang}\n(.*?)```", text, re.S)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no ```{lang} block after <!-- {marker} --> in README.md or docs/")
 
 
 def run_example(marker: str) -> dict:
@@ -74,10 +79,44 @@ def test_commands_present():
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_every_python_block_is_a_tested_example():
+    """No python block escapes the tests: each sits under a marker that a test above runs."""
+    for name, text in PAGES.items():
+        for m in re.finditer(r"(<!-- ([\w-]+) -->\s*)?```python\n", text):
+            assert m.group(2) in TESTED, f"{name}: a python block without a tested marker near {text[m.start():][:80]!r}"
+    assert sum(len(re.findall(r"```python\n", t)) for t in PAGES.values()) == len(TESTED)
+
+
+def test_documented_commands_parse():
+    """Every `kdjax ...` line of a bash block in README and docs parses, and no option in it
+    is one its mode would ignore (running them all would take an hour)."""
+    import shlex
+
+    from kdjax.app.parser import build_parser, check_modes, given_options
+
+    seen = 0
+    for name, text in PAGES.items():
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                line = line.split("#")[0].strip()
+                if not line.startswith("kdjax "):
+                    continue
+                argv = shlex.split(line)[1:]
+                args = build_parser().parse_args(argv)
+                check_modes(args, given_options(argv))
+                seen += 1
+    assert seen >= 5  # not vacuous
+
+
+def test_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 300
+    for page in ("library", "cli", "results", "parity", "benchmarks", "guarantees", "design"):
+        assert f"docs/{page}.md" in README and (ROOT / "docs" / f"{page}.md").exists()
+
+
 def test_no_example_needs_the_clone():
     """Examples run where the wheel is installed: none imports parity/ or benchmarks/ (they
     live in the clone only)."""
-    docs = [README] + [p.read_text() for p in (ROOT / "docs").glob("*.md")]
-    for text in docs:
+    for text in PAGES.values():
         for block in re.findall(r"```python\n(.*?)```", text, re.S):
             assert not re.search(r"^\s*(from|import) (parity|benchmarks)\b", block, re.M), block[:300]

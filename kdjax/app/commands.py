@@ -110,6 +110,10 @@ def cmd_demo(args, rep: Reporter) -> int:
             f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation",
             "test accuracy")
     results["seconds"] = time.perf_counter() - t0
+    results["conclusion"] = demo.conclusion(results)
+    rep.section("CONCLUSION")
+    for line in results["conclusion"]:
+        rep.line(line)
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
     return _finish(args, rep, results, figs)
 

@@ -11,6 +11,15 @@ from kdjax.app import EXIT_USAGE, UsageError, commands
 __all__ = ["build_parser", "given_options", "check_modes"]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help (``None`` and ``False`` defaults left out)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         print(f"kdjax: error: {message}", file=sys.stderr)
@@ -39,7 +48,7 @@ def _positive_int(text):
 def _common_output(p):
     p.add_argument("--out", default=None, help="directory for results.json, plots (and checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
     p.add_argument("--json", action="store_true", help="machine-readable results on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -57,53 +66,56 @@ def _float_in(lo, hi, what):
 
 
 def _training_args(p, seeds_default: int):
-    p.add_argument("--dataset", default="synthetic", help="synthetic, digits, or PATH.npz "
-                   "(x_train, y_train, x_test, y_test; images NHWC)")
+    p.add_argument("--dataset", default="synthetic", help="synthetic (the seed's random labels), digits (scikit-learn's, bundled), text (byte-level "
+                   "Python sources, with --arch transformer), PATH.npz (x_train, y_train, x_test, y_test; images "
+                   "NHWC) or PATH.txt (a corpus, with --arch transformer)")
     p.add_argument("--arch", choices=["mlp", "resnet", "transformer"], default="mlp",
                    help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
                         "transformer: GPT-2 language models on --dataset text")
     p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
-                   help="resnet: teacher blocks per stage (default 1 1 1)")
+                   help="resnet: teacher blocks per stage")
     p.add_argument("--teacher-widths", type=_positive_int, nargs="+", default=[16, 32, 64], metavar="C",
-                   help="resnet: teacher channels per stage (default 16 32 64)")
+                   help="resnet: teacher channels per stage")
     p.add_argument("--student-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
-                   help="resnet: student blocks per stage (default 1 1 1)")
+                   help="resnet: student blocks per stage")
     p.add_argument("--student-widths", type=_positive_int, nargs="+", default=[4, 8, 16], metavar="C",
-                   help="resnet: student channels per stage (default 4 8 16)")
+                   help="resnet: student channels per stage")
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
                    help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
     p.add_argument("--context", type=_positive_int, default=64, help="transformer: tokens per window")
-    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer (default 2)")
-    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: d_model (default 64)")
-    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer (default 1)")
-    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: d_model (default 32)")
-    p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads (default 4)")
+    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer: teacher layers")
+    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: teacher d_model")
+    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer: student layers")
+    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: student d_model")
+    p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
                         "test labels outside it are refused)")
     p.add_argument("--text-bytes", type=_positive_int, default=200_000,
-                   help="--dataset text: training bytes kept (default 200000; validation a tenth)")
+                   help="--dataset text: training bytes kept (validation a tenth as many)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=100,
-                        help="the seed's 'epochs': one random minibatch per step (default 100)")
+                        help="the seed's 'epochs': one random minibatch per step")
     length.add_argument("--epochs", type=_positive_int, default=None, help="real shuffled passes instead")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (the seed's) or sgd (momentum, weight decay: torch.optim.SGD)")
     p.add_argument("--momentum", type=_float_in(0, 1, "a number in [0, 1)"), default=0.9, help="sgd")
     p.add_argument("--weight-decay", type=_float_in(0, float("inf"), "a number >= 0"), default=5e-4,
-                   help="sgd (default 5e-4)")
+                   help="sgd: L2 weight decay (every parameter)")
     p.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: annealed to 0 over the run (CosineAnnealingLR, per step)")
     p.add_argument("--seeds", type=_positive_int, default=seeds_default, help="number of seeds")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--teacher", default=None,
-                   help="load the teacher: a kdjax checkpoint, or a PyTorch state_dict .pt (needs torch; "
-                        "an MLP, or a torchvision-layout ResNet with --arch resnet)")
+                   help="load the teacher instead of training it: a kdjax checkpoint (e.g. teacher.ckpt of an "
+                        "earlier --out), or a PyTorch state_dict .pt/.pth (needs torch): the seed's TeacherMLP "
+                        "names with --arch mlp, a torchvision-layout ResNet with --arch resnet, a Hugging Face "
+                        "GPT-2 with --arch transformer; its shapes must match the width/depth options")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write the per-step losses and the evaluation to TensorBoard event files in DIR "
                         "(needs tensorboardX: pip install 'kdjax[tensorboard]'); --out always gets metrics.jsonl")
@@ -122,8 +134,9 @@ def _resumable(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdjax", description="Knowledge distillation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)
 
-    demo = sub.add_parser("demo", help="the seed's five demos, then distillation on digits: held out, "
+    demo = add("demo", help="the seed's five demos, then distillation on digits: held out, "
                                        "an omitted class, tuned T and alpha")
     demo.add_argument("--seeds", type=int, default=8, help="seeds for the multi-seed comparisons (>= 2)")
     demo.add_argument("--seed", type=int, default=42, help="first seed")
@@ -133,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common_output(demo)
     demo.set_defaults(func=commands.cmd_demo)
 
-    distill = sub.add_parser("distill", help="teacher, standard and distilled student on a data set")
+    distill = add("distill", help="teacher, standard and distilled student on a data set")
     _training_args(distill, seeds_default=4)
-    distill.add_argument("--temperature", type=float, default=3.0)
-    distill.add_argument("--alpha", type=float, default=0.7)
+    distill.add_argument("--temperature", type=float, default=3.0, help="softening temperature T > 0")
+    distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
                          help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
@@ -145,32 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="with --tune")
     distill.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="with --tune")
     distill.add_argument("--validation-fraction", type=float, default=0.2,
-                         help="with --tune: share of the training rows held out for the choice (default 0.2)")
+                         help="with --tune: share of the training rows held out for the choice")
     _resumable(distill)
     _common_output(distill)
     distill.set_defaults(func=commands.cmd_distill)
 
-    om = sub.add_parser("omit-class", help="Hinton et al.'s experiment: students that never see one class")
+    om = add("omit-class", help="Hinton et al.'s experiment: students that never see one class")
     om.add_argument("--dataset", default="digits", help="digits, or PATH.npz (x_train, y_train, x_test, y_test)")
     om.add_argument("--num-classes", type=_positive_int, default=None,
                     help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1)")
-    om.add_argument("--omit", type=int, default=3, help="the class left out of the transfer set (default 3)")
-    om.add_argument("--epochs", type=_positive_int, default=30)
-    om.add_argument("--teacher-hidden", type=_positive_int, default=256)
-    om.add_argument("--student-hidden", type=_positive_int, default=64)
-    om.add_argument("--temperature", type=float, default=20.0, help="default 20, the paper's MNIST value")
-    om.add_argument("--alpha", type=float, default=0.9)
+    om.add_argument("--omit", type=int, default=3, help="the class left out of the transfer set")
+    om.add_argument("--epochs", type=_positive_int, default=30, help="shuffled passes")
+    om.add_argument("--teacher-hidden", type=_positive_int, default=256, help="teacher width")
+    om.add_argument("--student-hidden", type=_positive_int, default=64, help="student width")
+    om.add_argument("--temperature", type=float, default=20.0, help="the paper's MNIST value")
+    om.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term")
     om.add_argument("--validation-fraction", type=float, default=0.2,
-                    help="share of the training rows whose inputs set the bias shift (default 0.2)")
+                    help="share of the training rows whose inputs set the bias shift")
     om.add_argument("--seeds", type=int, default=8, help="number of seeds (>= 2)")
     om.add_argument("--seed", type=int, default=0, help="first seed")
     _common_output(om)
     om.set_defaults(func=commands.cmd_omit_class, arch="mlp")
 
-    sw = sub.add_parser("sweep", help="temperatures x alphas x seeds as one compiled program")
+    sw = add("sweep", help="temperatures x alphas x seeds as one compiled program")
     _training_args(sw, seeds_default=2)
-    sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    sw.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="the grid's T values")
+    sw.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0], help="the grid's alpha values")
     sw.add_argument("--members-per-group", type=_members_per_group, default=None, metavar="all|auto|N",
                     help="how the students run: all as one vmap (default), N at a time, or 'auto' "
                          "(the fastest of those, timed on the first chunk; recorded in results.json; "

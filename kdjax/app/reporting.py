@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["Reporter", "fmt_ci", "jsonable"]
+__all__ = ["Reporter", "fmt_ci", "verdict", "jsonable"]
 
 
 class Reporter:
@@ -68,6 +68,14 @@ def fmt_ci(mean_half, *, signed: bool = False, digits: int = 4) -> str:
     if h is None or not math.isfinite(h):
         return f"{text} (n = 1, no interval)"
     return f"{text} ± {h:.{digits}f}"
+
+
+def verdict(gain) -> str:
+    """What a paired difference (mean, 95% CI half-width) of distilled - standard says."""
+    m, h = gain
+    if h is None or not math.isfinite(h):
+        return "one seed: no verdict"
+    return "distillation helped" if m - h > 0 else "distillation hurt" if m + h < 0 else "no significant difference"
 
 
 def jsonable(obj):

@@ -65,7 +65,18 @@ def _check_input(module: nn.Module, x, where: str):
     return x
 
 
-class TeacherMLP(nn.Module):
+class _LinearInit:
+    """kdjax's MLPs initialise themselves (the ``kdjax_init`` hook of ``kdjax.train``):
+    PyTorch's ``nn.Linear`` init, drawn on the host (``init_params``)."""
+
+    def kdjax_init(self, rng, example, *, members: bool = False):
+        if len(example.shape) < 2:
+            raise InputError(f"example_input: expected [batch, features] (or [batch, ...]) for "
+                             f"{type(self).__name__}, got shape {tuple(example.shape)}")
+        return init_params(self, rng, int(np.prod(example.shape[1:])), members=members), {}
+
+
+class TeacherMLP(_LinearInit, nn.Module):
     """fc1 -> relu -> dropout -> fc2 -> relu -> dropout -> fc3 -> relu -> fc4.
 
     Widths: hidden, hidden, hidden // 2, num_classes. Dropout (rate ``dropout_rate``)
@@ -76,10 +87,6 @@ class TeacherMLP(nn.Module):
     num_classes: int = 5
     dropout_rate: float = 0.3
     dtype: jnp.dtype = jnp.float32
-
-    def kdjax_init(self, rng, example, *, members: bool = False):
-        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
-        return _init_hook(self, rng, example, members)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -93,16 +100,12 @@ class TeacherMLP(nn.Module):
         return _linear(self.num_classes, h // 2, "fc4", d)(x)
 
 
-class StudentMLP(nn.Module):
+class StudentMLP(_LinearInit, nn.Module):
     """fc1 -> relu -> fc2. ``train`` is accepted (and ignored) for a uniform API."""
 
     hidden_dim: int = 64
     num_classes: int = 5
     dtype: jnp.dtype = jnp.float32
-
-    def kdjax_init(self, rng, example, *, members: bool = False):
-        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
-        return _init_hook(self, rng, example, members)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -112,7 +115,7 @@ class StudentMLP(nn.Module):
         return _linear(self.num_classes, self.hidden_dim, "fc2", self.dtype)(x)
 
 
-class MLP(nn.Module):
+class MLP(_LinearInit, nn.Module):
     """A plain ReLU MLP: ``fc1 .. fc{k}`` hidden layers of ``hidden_dims``, then ``fc{k+1}``.
 
     Dropout (``dropout_rate``, default off) after every hidden layer when ``train=True``.
@@ -123,10 +126,6 @@ class MLP(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
-
-    def kdjax_init(self, rng, example, *, members: bool = False):
-        """The init hook of ``kdjax.train``: PyTorch's ``nn.Linear`` init on the host."""
-        return _init_hook(self, rng, example, members)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -141,13 +140,6 @@ class MLP(nn.Module):
 
 # The models whose params ``init_params`` draws on the host (``create_train_state`` uses it).
 MLP_MODELS = (TeacherMLP, StudentMLP, MLP)
-
-
-def _init_hook(model, rng, example, members: bool):
-    if len(example.shape) < 2:
-        raise InputError(f"example_input: expected [batch, features] (or [batch, ...]) for "
-                         f"{type(model).__name__}, got shape {tuple(example.shape)}")
-    return init_params(model, rng, int(np.prod(example.shape[1:])), members=members), {}
 
 
 def _param_shapes(model, input_dim: int):
