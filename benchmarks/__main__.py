@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", PRECISIONS[args.precision][0])
     torch.set_float32_matmul_precision(PRECISIONS[args.precision][1])
 
-    from benchmarks.bench import GPU_IMPLS, IMPLS, PRESETS, bench_preset, matmul_peak
+    from benchmarks.bench import bench_preset, matmul_peak
+    from benchmarks.presets import GPU_IMPLS, IMPLS, PRESETS
 
     gpu = args.device == "gpu"
     which = tuple(args.impl) if args.impl else IMPLS + (GPU_IMPLS if gpu else ())

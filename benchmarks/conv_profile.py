@@ -29,7 +29,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def student_convs(batch: int):
     """(name, hw_in, c_in, c_out, kernel, stride) of the cifar preset's student."""
-    from benchmarks.bench import PRESETS
+    from benchmarks.presets import PRESETS
 
     p = PRESETS["cifar"]
     (stages, widths), (h, _, c) = p.student, p.image

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 import kdjax
-from benchmarks.bench import Impl, KdjaxStep as _LoopedStep, sync_torch
+from benchmarks.presets import Impl, sync_torch
+from benchmarks.rows_kdjax import KdjaxStep as _LoopedStep
 from parity import reference as ref
 
 TEMPERATURE, ALPHA = 2.0, 0.5

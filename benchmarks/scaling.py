@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     import kdjax
-    from benchmarks.bench import PRESETS
+    from benchmarks.presets import PRESETS
     from kdjax import data, parallel, sweep
 
     devices = jax.devices()

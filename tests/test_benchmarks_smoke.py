@@ -53,7 +53,7 @@ def test_flops_counts():
     """Matmul/conv FLOPs from Flax's shapes: the MLP formula, and a ResNet by hand."""
     import dataclasses
 
-    from benchmarks.bench import PRESETS, Preset
+    from benchmarks.presets import PRESETS, Preset
 
     p = PRESETS["hinton"]
     mm = lambda w: sum(2 * p.batch * a * b for a, b in zip(w[:-1], w[1:]))
@@ -91,7 +91,8 @@ def test_functional_torch_rows_are_checked_against_the_reference():
 
     import torch
 
-    from benchmarks.bench import PRESETS, Inputs, TorchFunc
+    from benchmarks.presets import PRESETS, Inputs
+    from benchmarks.rows_torch import TorchFunc
 
     p = dataclasses.replace(PRESETS["seed"], steps=3, sweep_steps=3)
     inp = Inputs(p, "cpu")
