@@ -53,6 +53,12 @@ def main(argv=None) -> int:
                          "torch_compile_func_graphs, torch_func_sweep_graphs)")
     ap.add_argument("--eager-torch", action="store_true",
                     help="run the torch.compile rows uncompiled (smoke tests: code paths, not speed)")
+    ap.add_argument("--xla-defaults", choices=["kdjax", "jax"], default="kdjax",
+                    help="kdjax: the entry points' XLA options (XLA:CPU's Eigen convolutions; kdjax.app.xla); "
+                         "jax: JAX's own defaults (default: kdjax)")
+    ap.add_argument("--compare-xla", action="store_true",
+                    help="also time the JAX rows under the other --xla-defaults (a second process: XLA reads "
+                         "its options once) and print both")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
@@ -60,6 +66,11 @@ def main(argv=None) -> int:
         return 2
     if args.device:
         os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[args.device]
+    from kdjax.app import xla
+
+    if args.xla_defaults == "jax":
+        os.environ["KDJAX_XLA_DEFAULTS"] = "off"
+    added = xla.apply()  # before JAX's backend starts
 
     import jax
     import torch
@@ -93,7 +104,8 @@ def main(argv=None) -> int:
         "precision": {"option": args.precision, "jax": PRECISIONS[args.precision][0],
                       "torch": torch.get_float32_matmul_precision()},
         "threads": {"cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
-                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "xla_defaults": args.xla_defaults,
+                    "flags_added": added},
         "presets": {},
     }
     start = time.perf_counter()
@@ -195,11 +207,62 @@ def main(argv=None) -> int:
                       f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
                       else "(best)" if impl == g["best_torch"] else "")
         console.print(t)
+    if args.compare_xla:
+        out["xla_comparison"] = compare_xla(args, argv, out, console)
     console.print(f"total {out['wall_s']:.0f} s")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(out, f, indent=2)
     return 0
+
+
+def jax_rows(out: dict) -> dict:
+    """``{(preset, row): median µs per step}`` of the rows XLA compiles (kdjax's and plain JAX's)."""
+    rows = {}
+    for name, res in out["presets"].items():
+        for impl, r in res["results"].items():
+            if impl.startswith("kdjax") and "us_per_step" in r:
+                rows[(name, impl)] = r["us_per_step"]["median"]
+    for impl, r in out.get("gpt2", {}).get("results", {}).items():
+        if impl.startswith("kdjax"):
+            rows[("gpt2", impl)] = 1e3 * r["ms_per_step"]["median"]
+    for impl, r in out.get("lm", {}).get("results", {}).items():
+        if impl.startswith(("kdjax", "jax")):
+            rows[("lm", impl)] = 1e3 * r["ms"]["median"]
+    return rows
+
+
+def compare_xla(args, argv, out: dict, console) -> dict:
+    """The JAX rows again in a child process under the other ``--xla-defaults``; a table of both."""
+    import subprocess
+    import tempfile
+
+    from rich.table import Table
+
+    other = "jax" if args.xla_defaults == "kdjax" else "kdjax"
+    with tempfile.TemporaryDirectory() as tmp:
+        same = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--compare-xla"]
+        # repeated options: argparse keeps the last one
+        cmd = [sys.executable, "-m", "benchmarks", *same, "--xla-defaults", other, "--json", f"{tmp}/o.json"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            console.print(f"[red]--compare-xla: the child run failed:[/] {done.stderr.strip().splitlines()[-1:]}")
+            return {"error": done.stderr[-2000:]}
+        with open(f"{tmp}/o.json") as fh:
+            theirs = json.load(fh)
+    mine, their_rows = jax_rows(out), jax_rows(theirs)
+    t = Table(title=f"XLA options: --xla-defaults {args.xla_defaults} (this run, XLA_FLAGS="
+                    f"{out['threads']['XLA_FLAGS']!r}) vs {other} (a second process, XLA_FLAGS="
+                    f"{theirs['threads']['XLA_FLAGS']!r}); µs per step, medians")
+    for col in ("preset", "row", args.xla_defaults, other, f"{args.xla_defaults} / {other}"):
+        t.add_column(col, justify="left" if col in ("preset", "row") else "right")
+    rows = {}
+    for key in mine:
+        if key in their_rows:
+            rows[f"{key[0]}/{key[1]}"] = {args.xla_defaults: mine[key], other: their_rows[key]}
+            t.add_row(key[0], key[1], f"{mine[key]:.1f}", f"{their_rows[key]:.1f}", f"{mine[key] / their_rows[key]:.2f}")
+    console.print(t)
+    return {"this": args.xla_defaults, "other": other, "other_flags": theirs["threads"]["XLA_FLAGS"], "rows": rows}
 
 
 if __name__ == "__main__":

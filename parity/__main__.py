@@ -25,6 +25,9 @@ def main(argv=None) -> int:
 
     if args.device:  # before JAX initialises a backend
         os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[args.device]
+    from kdjax.app import xla
+
+    xla.apply()  # the entry points' XLA options (CPU convolutions), checked here as users run them
     import jax
     import torch
     from rich.console import Console
@@ -47,12 +50,13 @@ def main(argv=None) -> int:
     console = Console(width=max(150, Console().width))
     device = jax.devices()[0]
     info = {"jax_device": f"{device.platform}:{device.device_kind}", "torch_device": torch_device,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "jax_default_matmul_precision": "highest (set for every check)",
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "torch": torch.__version__, "numpy": __import__("numpy").__version__,
                          "flax": __import__("flax").__version__, "optax": __import__("optax").__version__}}
     console.print(f"kdjax parity: JAX on {info['jax_device']}, torch on {torch_device}, "
-                  f"matmul precision highest; {info['versions']}")
+                  f"matmul precision highest, XLA_FLAGS={info['XLA_FLAGS']!r}; {info['versions']}")
     results, start = [], time.perf_counter()
     for dtype in dtypes:
         ctx = Ctx(dtype, torch_device)

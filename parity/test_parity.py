@@ -38,3 +38,24 @@ def test_float64_tolerance_admits_rounding_not_error():
     assert not passes(big * (1 + 1e-12), big)
     assert passes(0.5 + 5e-13, 0.5)
     assert not passes(0.5 + 1e-11, 0.5)
+
+
+def test_convolution_rows_pass_on_the_entry_points_xla_path(tmp_path):
+    """``python -m parity`` runs with the entry points' XLA options (Eigen convolutions on
+    CPU, kdjax.app.xla): the float32 ResNet rows pass there too, as users run them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kdjax.app import xla
+
+    out = tmp_path / "p.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_XLA_DEFAULTS")}
+    p = subprocess.run([sys.executable, "-m", "parity", "--only", "resnet_forward", "resnet_grads", "resnet_steps",
+                        "--dtype", "float32", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert (xla.EIGEN_CONVOLUTIONS in r["XLA_FLAGS"]) == (xla._jaxlib_version() in xla.KNOWN_JAXLIB)
+    assert r["results"] and all(row["passed"] for row in r["results"])

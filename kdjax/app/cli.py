@@ -66,13 +66,17 @@ def main(argv=None) -> int:
 def run() -> None:
     """The ``kdjax`` executable (and ``python -m kdjax``): process-wide start-up, then ``main``.
 
-    The persistent compilation cache is enabled here, ``jax.distributed`` is started when
+    XLA:CPU's Eigen convolutions are selected (``kdjax.app.xla``), the persistent
+    compilation cache is enabled, ``jax.distributed`` is started when
     the environment describes several processes (``kdjax.parallel.initialize``), and the
     objects that importing JAX, Flax and optax allocates are moved out of the garbage
     collector's view
     (``gc.freeze``): tracing creates many short-lived objects, and every full
     collection would otherwise re-scan all of them (see the README's timings).
     """
+    from kdjax.app import xla
+
+    xla.apply()  # before JAX's backend starts: XLA:CPU's Eigen convolutions (see kdjax.app.xla)
     _enable_compile_cache()
     import kdjax.workflows  # noqa: F401  (jax, flax, optax)
     from kdjax import parallel

@@ -25,6 +25,8 @@ def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
     if jax.process_index() != 0:  # on many hosts, process 0 reports
         return 0
     results = jsonable(results)
+    results["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
+                              "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     if args.out:
         if not args.no_plots:
             results["plots"] = {k: os.path.basename(fn()) for k, fn in plots.items()}
