@@ -53,9 +53,9 @@ def main(argv=None) -> int:
                          "torch_compile_func_graphs, torch_func_sweep_graphs)")
     ap.add_argument("--eager-torch", action="store_true",
                     help="run the torch.compile rows uncompiled (smoke tests: code paths, not speed)")
-    ap.add_argument("--xla-defaults", choices=["kdjax", "jax"], default="kdjax",
+    ap.add_argument("--xla-defaults", choices=["kdjax", "jax"], default=None,
                     help="kdjax: the entry points' XLA options (XLA:CPU's Eigen convolutions; kdjax.app.xla); "
-                         "jax: JAX's own defaults (default: kdjax)")
+                         "jax: JAX's own defaults (default: kdjax unless KDJAX_XLA_DEFAULTS=off)")
     ap.add_argument("--compare-xla", action="store_true",
                     help="also time the JAX rows under the other --xla-defaults (a second process: XLA reads "
                          "its options once) and print both")
@@ -68,9 +68,12 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[args.device]
     from kdjax.app import xla
 
-    if args.xla_defaults == "jax":
-        os.environ["KDJAX_XLA_DEFAULTS"] = "off"
+    users_flags = os.environ.get("XLA_FLAGS")
+    if args.xla_defaults is not None:  # explicit: overrides KDJAX_XLA_DEFAULTS
+        os.environ["KDJAX_XLA_DEFAULTS"] = "off" if args.xla_defaults == "jax" else "on"
     added = xla.apply()  # before JAX's backend starts
+    args.xla_defaults = "kdjax" if added else "jax"
+    args.users_flags = users_flags
 
     import jax
     import torch
@@ -244,7 +247,10 @@ def compare_xla(args, argv, out: dict, console) -> dict:
         same = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--compare-xla"]
         # repeated options: argparse keeps the last one
         cmd = [sys.executable, "-m", "benchmarks", *same, "--xla-defaults", other, "--json", f"{tmp}/o.json"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_XLA_DEFAULTS")}
+        if args.users_flags is not None:  # the user's own flags, without the ones this run added
+            env["XLA_FLAGS"] = args.users_flags
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             console.print(f"[red]--compare-xla: the child run failed:[/] {done.stderr.strip().splitlines()[-1:]}")
             return {"error": done.stderr[-2000:]}

@@ -51,7 +51,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.conv_profile", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--xla-defaults", choices=["kdjax", "jax"], default="kdjax",
+                    help="kdjax: the entry points' XLA options (Eigen convolutions); jax: JAX's own")
     args = ap.parse_args(argv)
+    import os
+
+    from kdjax.app import xla
+
+    if args.xla_defaults == "jax":
+        os.environ["KDJAX_XLA_DEFAULTS"] = "off"
+    xla.apply()
 
     import jax
     import jax.numpy as jnp

@@ -27,7 +27,8 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError, check_count
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
-           "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule"]
+           "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule",
+           "take_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +313,40 @@ def _generator(rng) -> np.random.Generator:
     if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return np.random.default_rng(np.asarray(rng, dtype=np.uint32).ravel().tolist())
+
+
+def _take_rows(data, indices):
+    return {name: jnp.take(array, indices, axis=0) for name, array in data.items()}
+
+
+_take_rows_jit = jax.jit(_take_rows)
+
+
+def take_batch(data: dict, indices) -> dict:
+    """``{name: array[indices]}`` for every array of ``data`` (device arrays of equal length),
+    as one compiled gather: one dispatch per call, the data set never leaving the device.
+
+    For loops that call a step from Python: on the seed's shapes a step costs ~50 µs
+    while ``{k: v[idx] for k, v in data.items()}`` costs ~860 µs (one indexing op per
+    array, each through ``jnp``'s indexing path) and ``take_batch`` ~20 µs. Pass
+    ``indices`` as a NumPy row of a schedule (``seed_schedule``, ``epoch_schedule``):
+    their bounds are checked on the host (inside the program an out-of-range index could
+    not raise); device indices are passed as they are.
+    """
+    if not data:
+        raise InputError("data: expected a dict of arrays, got an empty one")
+    rows = {name: np.shape(a)[0] if np.ndim(a) else 0 for name, a in data.items()}
+    if len(set(rows.values())) != 1:
+        raise InputError(f"data: expected arrays with equal numbers of rows, got {rows}")
+    if not isinstance(indices, jax.Array):
+        indices = np.asarray(indices)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise InputTypeError(f"indices: expected integer row indices, got dtype {indices.dtype}")
+        n = next(iter(rows.values()))
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise InputError(f"indices: expected values in [0, {n}), got values from {indices.min()} to "
+                             f"{indices.max()}")
+    return _take_rows_jit(data, indices)
 
 
 # Schedules are built with NumPy from the key: they are data, not computation, and

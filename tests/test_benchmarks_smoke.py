@@ -138,3 +138,12 @@ def test_gpt2_flops_and_loss_check(monkeypatch):
     monkeypatch.setattr(g.ref, "distillation_loss", lambda s_, t, y, T, a: real(s_, t, y, T + 1.0, a))
     with pytest.raises(RuntimeError, match="torch_eager's first two losses"):
         g.bench_gpt2(s, repeats=1, which=("torch_eager",))
+
+
+def test_per_call_rows_smoke():
+    from benchmarks.per_call import measure
+
+    r = measure("seed", steps=4, repeats=1)
+    assert set(r) == {"step_jit", "step_compiled", "step_teacher_online", "fused", "floor", "run_one_step",
+                      "loop_take_batch", "slice_batches"}
+    assert all(v["median"] > 0 for v in r.values())

@@ -25,7 +25,7 @@ MAP = {  # the README's API map, module by module
     "kdjax.parallel": ["make_mesh", "initialize"],
     "kdjax.convert": ["torch_to_variables", "variables_to_torch", "torch_name", "torch_to_flax", "flax_to_torch"],
     "kdjax.data": ["synthetic", "digits", "text", "load_npz", "seed_schedule", "epoch_schedule", "validation_split",
-                   "without_class"],
+                   "without_class", "take_batch"],
     "kdjax.fitting": ["RunConfig", "fit", "fit_members", "Programs", "paired_students", "teacher_logits_for",
                       "evaluate_on"],
     "kdjax.workflows": ["distill", "run_sweep", "tuned_distill", "Checkpoints"],
