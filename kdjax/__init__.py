@@ -10,8 +10,8 @@ whole workflows with resume in ``kdjax.workflows`` (Hinton's omitted-class exper
 not import.
 """
 
-from kdjax import (checkpoint, convert, data, errors, fitting, fused, losses, models, parallel, stats, sweep, train,
-                   workflows)
+from kdjax import (checkpoint, convert, data, errors, features, fitting, fused, losses, models, parallel, stats, sweep,
+                   train, workflows)
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
 from kdjax.models import MLP, BatchNorm, ResNet, StudentMLP, TeacherMLP, TransformerLM, param_count, resnet18
 from kdjax.train import (
@@ -36,7 +36,7 @@ from kdjax.train import (
 __version__ = "0.2.0"
 
 __all__ = [
-    "checkpoint", "convert", "data", "errors", "fitting", "fused", "losses", "models", "parallel", "stats", "sweep",
+    "checkpoint", "convert", "data", "errors", "features", "fitting", "fused", "losses", "models", "parallel", "stats", "sweep",
     "train",
     "workflows",
     "distillation_loss", "hard_ce", "soft_kl",

@@ -95,3 +95,37 @@ def test_resnet_parity_catches_mutant(mutant, monkeypatch):
         assert failed, f"resnet parity did not notice the mutant '{mutant}' in {dtype}"
         if attr == "BatchNorm":  # the running statistics rows are the ones that see it
             assert sum("running stats" in name for name in failed) == 3, failed
+
+
+# ----------------------------------------------------------------------------- feature-loss mutants
+
+from kdjax import features as feats  # noqa: E402
+
+FEATURE_MUTANTS = {  # (function to replace, replacement, the rows that must fail)
+    "AT/SP: no normalisation": ("_l2_normalize", lambda v, axis=-1, eps=1e-12: v, "attention transfer"),
+    "RKD: distances not divided by their mean": ("_pairwise_distances", lambda e, squared, eps: 3.0 * jnp.where(
+        jnp.eye(e.shape[0], dtype=bool), 0.0, jnp.sqrt(jnp.maximum(
+            jnp.sum(e * e, 1)[:, None] + jnp.sum(e * e, 1)[None, :] - 2 * e @ e.T, eps)))
+        * (1.0 + 0.1 * jnp.arange(e.shape[0])[:, None]), "relational"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(FEATURE_MUTANTS))
+def test_feature_parity_catches_mutant(mutant, monkeypatch):
+    attr, fn, rows_that_fail = FEATURE_MUTANTS[mutant]
+    monkeypatch.setattr(feats, attr, fn)
+    rows = run_check("features", Ctx("float64"))
+    failed = [r.name for r in rows if not r.passed]
+    assert any(rows_that_fail in name for name in failed), failed
+
+
+def test_at_channel_mean_versus_sum_is_invisible_after_normalisation():
+    """Why "channel sum instead of mean" is not a mutant above: AT L2-normalises the map, so
+    the constant factor (sum = C x mean) cancels exactly; this documents it instead of
+    pretending a check could catch it."""
+    import numpy as np
+
+    f = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 8)))
+    a = feats._attention_map(f, 2)
+    b = feats._l2_normalize(jnp.sum(f ** 2, axis=-1).reshape(2, -1))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

@@ -18,6 +18,7 @@ MAP = {  # the README's API map, module by module
               "predict_logits", "evaluate", "distillation_loss", "soft_kl", "hard_ce"],
     "kdjax.losses": ["soft_kl", "reverse_kl", "jsd", "dkd", "hard_ce", "distillation_loss", "masked_mean"],
     "kdjax.fused": ["linear_distillation_loss"],
+    "kdjax.features": ["capture", "hint", "attention_transfer", "similarity_preserving", "rkd", "pkt"],
     "kdjax.models": ["TeacherMLP", "StudentMLP", "MLP", "ResNet", "resnet18", "TransformerLM", "BatchNorm", "Conv",
                      "conv2d"],
     "kdjax.sweep": ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",

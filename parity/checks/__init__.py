@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 from parity.checks.common import DTYPES, F64, TOL, Ctx, Result, compare, precision
+from parity.checks.features import check_features
 from parity.checks.gpt import check_gpt2_hf, check_transformer
 from parity.checks.mlp import (check_adam_step, check_dropout_stats, check_end_to_end, check_forward, check_grads,
                                check_loss, check_runs)
@@ -47,6 +48,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "conventions": check_conventions,
     "conventions_packages": check_conventions_packages,
     "fused": check_fused,
+    "features": check_features,
     "transformer": check_transformer,
     "gpt2_hf": check_gpt2_hf,
 }
