@@ -5,28 +5,17 @@ In-process (``cli.main``) so that compiled programs are shared between cases."""
 
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from test_cli import kdjax_here
 
 pytest.importorskip("matplotlib")
 
 TINY = ["--steps", "3", "--seeds", "1", "--teacher-hidden", "16", "--student-hidden", "8", "--batch-size", "16",
         "--quiet"]
-
-
-def kdjax_here(capsys, *args):
-    from kdjax.app import cli
-
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def refused(p, *words):
