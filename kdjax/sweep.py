@@ -87,8 +87,9 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     ``[N, steps, batch]``, or one ``[steps, batch]`` schedule for every member when
     ``shared_schedule`` (a sweep over temperature x alpha at one seed: every member
     sees the same minibatches, so the first layer is one wide matmul for all members).
-    With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]``:
-    member i distills from its own teacher (e.g. one teacher per seed). Schedules with
+    With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]`` (and
+    every leaf of ``data["teacher_features"]`` has a leading ``N``): member i distills from
+    its own teacher (e.g. one teacher per seed). Schedules with
     an index outside the data's rows are refused on the host (``train.CheckedRun``).
     Every member's ``model_state`` (BatchNorm statistics) is its own.
 
@@ -106,8 +107,8 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     hyper_axes = None if objective == "ce" else 0
-    data_axes = {"x": None, "y": None, "teacher_logits": 0} if member_teacher_logits else None
-    in_axes = (0, data_axes, None if shared_schedule else 0, 0, hyper_axes)
+    in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes)  # (state, own data, schedule, rng, hyper)
+    split = functools.partial(_split_data, member_teacher_logits)
     if members_per_group is not None:
         if mesh is not None:
             raise InputError("members_per_group: groups of members run on one device; got it with a mesh "
@@ -115,16 +116,36 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
         if isinstance(members_per_group, bool) or not isinstance(members_per_group, (int, np.integer)) \
                 or members_per_group < 1:
             raise InputError(f"members_per_group: expected a positive int or None, got {members_per_group!r}")
-        grouped = functools.partial(_grouped_run, step=step, in_axes=in_axes, size=int(members_per_group))
+        grouped = functools.partial(_grouped_run, step=step, in_axes=in_axes, size=int(members_per_group),
+                                    split=split)
         return CheckedRun(jax.jit(grouped, donate_argnums=0))
+    sharding = None if mesh is None else parallel.data_sharding(mesh)
+    vrun = functools.partial(_vmapped_run, step=step, in_axes=in_axes, split=split, batch_sharding=sharding)
     if mesh is None:
-        vrun = jax.vmap(functools.partial(run_steps, step=step), in_axes=in_axes)
         return CheckedRun(jax.jit(vrun, donate_argnums=0))
-    run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh))
-    vrun = jax.vmap(run, in_axes=in_axes, spmd_axis_name="members")
     jitted = jax.jit(vrun, donate_argnums=0, out_shardings=parallel.member_sharding(mesh))
     place = functools.partial(_place_members, mesh, shared_schedule, member_teacher_logits)
     return CheckedRun(jitted, place=place)
+
+
+# data entries that are per member (one teacher per member) with member_teacher_logits
+_PER_MEMBER = ("teacher_logits", "teacher_features")
+
+
+def _split_data(per_member: bool, data):
+    """``(shared, own)``: the data every member reads, and the entries with a member axis."""
+    own = {k: v for k, v in data.items() if per_member and k in _PER_MEMBER}
+    return {k: v for k, v in data.items() if k not in own}, own
+
+
+def _vmapped_run(states, data, schedules, rngs, hyper, *, step, in_axes, split, batch_sharding):
+    shared, own = split(data)
+
+    def member(state, own, schedule, rng, hyp):
+        return run_steps(state, {**shared, **own}, schedule, rng, hyp, step=step, batch_sharding=batch_sharding)
+
+    spmd = None if batch_sharding is None else "members"
+    return jax.vmap(member, in_axes=in_axes, spmd_axis_name=spmd)(states, own, schedules, rngs, hyper)
 
 
 def pick_members_per_group(model, objective, states, data, schedules, rngs, hyper=None, *,
@@ -158,17 +179,15 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
     return min(medians, key=medians.get), medians
 
 
-def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size):
-    # lax.map over the per-member arguments (in_axes 0; of data, teacher_logits when it
-    # is per member); the rest is shared by every member.
-    per_member_logits = isinstance(in_axes[1], dict)
-    mapped = (states, data["teacher_logits"] if per_member_logits else None,
-              schedules if in_axes[2] == 0 else None, rngs, hyper if in_axes[4] == 0 else None)
+def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size, split):
+    # lax.map over the per-member arguments (in_axes 0; of data, the per-member teacher
+    # entries); the rest is shared by every member.
+    shared, own = split(data)
+    mapped = (states, own, schedules if in_axes[2] == 0 else None, rngs, hyper if in_axes[4] == 0 else None)
 
     def member(m):
-        state, logits, schedule, rng, hyp = m
-        d = {**data, "teacher_logits": logits} if per_member_logits else data
-        return run_steps(state, d, schedules if schedule is None else schedule, rng,
+        state, own, schedule, rng, hyp = m
+        return run_steps(state, {**shared, **own}, schedules if schedule is None else schedule, rng,
                          hyper if hyp is None else hyp, step=step)
 
     # size 1: a plain loop over members, the single run's own program per member
@@ -181,7 +200,7 @@ def _place_members(mesh, shared_schedule, member_teacher_logits, states, data, s
     parallel.check_divides(members, mesh, "members", "members")
     parallel.check_divides(np.shape(schedules)[-1], mesh, "data", "batch size")
     rep, mem = parallel.replicated(mesh), parallel.member_sharding(mesh)
-    data = {k: parallel.put(v, mem if (k == "teacher_logits" and member_teacher_logits) else rep)
+    data = {k: parallel.put(v, mem if (k in _PER_MEMBER and member_teacher_logits) else rep)
             for k, v in data.items()}
     schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
     return parallel.put(states, mem), data, schedules, parallel.put(args, mem), kwargs

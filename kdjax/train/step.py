@@ -28,6 +28,7 @@ import optax
 
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
+from kdjax.features.objectives import Objective
 from kdjax.losses import check_where, distillation_loss, hard_ce, masked_mean
 from kdjax.train.optimizers import adam
 from kdjax.train.state import Hyper, TrainState, _check_model
@@ -76,33 +77,37 @@ def _teacher_logits(batch, teacher, teacher_params):
     return apply_model(teacher, params, model_state, batch["x"], train=False)[0]
 
 
-def _loss_fn(params, model_state, batch, rng, hyper, teacher_params, *, model, objective, teacher):
+def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, model, objective, teacher):
+    """``(loss, (new_model_state, metrics))``; metrics are an objective's terms (else {})."""
+    if isinstance(objective, Objective):
+        return objective.loss(params, model_state, batch, rng, step, teacher_params, model=model, teacher=teacher)
     logits, new_state = apply_model(model, params, model_state, batch["x"], train=True, rng=rng)
     where = batch.get("where")  # token-level: only these positions count
     if objective == "ce":
         check_where(where, logits.shape[:-1])
-        return masked_mean(hard_ce(logits, batch["y"]), where), new_state
+        return masked_mean(hard_ce(logits, batch["y"]), where), (new_state, {})
     t_logits = _teacher_logits(batch, teacher, teacher_params)
     if objective == "kd":
         loss = distillation_loss(logits, t_logits, batch["y"], hyper.temperature, hyper.alpha, where=where)
-        return loss, new_state
+        return loss, (new_state, {})
     loss = objective(logits, batch, t_logits, hyper)
     if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
         raise InputError(f"objective: expected the callable to return a float scalar, got "
                          f"{jnp.result_type(loss)}{list(jnp.shape(loss))}")
-    return loss, new_state
+    return loss, (new_state, {})
 
 
 def _check_objective(objective) -> None:
-    if not (callable(objective) or objective in OBJECTIVES):
-        raise InputError(f"objective: expected one of {OBJECTIVES} or a callable "
+    if not (isinstance(objective, Objective) or callable(objective) or objective in OBJECTIVES):
+        raise InputError(f"objective: expected one of {OBJECTIVES}, a kdjax.features.Objective or a callable "
                          f"loss(logits, batch, teacher_logits, hyper), got {objective!r}")
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                hyper: Hyper | None = None, teacher_params=None, *, model, tx,
                objective="kd", teacher=None):
-    """One optimizer step. Pure: returns ``(new_state, {"loss": loss})``.
+    """One optimizer step. Pure: returns ``(new_state, {"loss": loss})``, plus ``"terms"``
+    (each weighted part of the loss) for a ``kdjax.features.Objective``.
 
     Args:
       state: the ``TrainState`` to update (its ``model_state`` is updated too).
@@ -114,8 +119,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       teacher_params: the frozen teacher's params, or its ``TrainState`` (a teacher
         with BatchNorm needs its ``model_state``); online distillation only.
       model, tx, objective, teacher: bound with ``functools.partial``. ``objective``
-        is ``"ce"``, ``"kd"`` or ``loss(logits, batch, teacher_logits, hyper) ->
-        scalar`` (``teacher_logits`` is None when there is no teacher).
+        is ``"ce"``, ``"kd"``, ``loss(logits, batch, teacher_logits, hyper) ->
+        scalar`` (``teacher_logits`` is None when there is no teacher), or a
+        ``kdjax.features.Objective`` (feature terms on tapped intermediate values; the
+        teacher's come from ``batch["teacher_features"]`` or the online teacher; ``hyper``
+        must be None).
     """
     _check_objective(objective)
     if objective == "kd":
@@ -124,13 +132,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         if "teacher_logits" not in batch and (teacher is None or teacher_params is None):
             raise InputError("objective 'kd': expected batch['teacher_logits'] or both a bound "
                              "teacher and teacher_params, got neither")
+    if isinstance(objective, Objective) and hyper is not None:
+        raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
+                         "hyper=None, got a Hyper")
     key = jax.random.fold_in(rng, state.step)
     loss_fn = functools.partial(_loss_fn, model=model, objective=objective, teacher=teacher)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, model_state), grads = grad_fn(state.params, state.model_state, batch, key, hyper, teacher_params)
+    (loss, (model_state, terms)), grads = grad_fn(state.params, state.model_state, batch, key, state.step, hyper,
+                                                  teacher_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, model_state, opt_state), {"loss": loss}
+    metrics = {"loss": loss, "terms": terms} if terms else {"loss": loss}
+    return TrainState(state.step + 1, params, model_state, opt_state), metrics
 
 
 def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True, mesh=None,
@@ -215,7 +228,7 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
     _check_run_inputs(data, schedule)
 
     def body(state, idx):
-        batch = {name: jnp.take(arr, idx, axis=0) for name, arr in data.items()}
+        batch = jax.tree_util.tree_map(lambda arr: jnp.take(arr, idx, axis=0), data)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, rng, hyper, teacher_params)
@@ -227,9 +240,10 @@ def _check_run_inputs(data, schedule) -> None:
     if "x" not in data or "y" not in data:
         raise InputError(f"data: expected keys 'x' and 'y' (optionally 'teacher_logits'), got {sorted(data)}")
     n = data["x"].shape[0] if data["x"].ndim else 0
-    for name, arr in data.items():
+    for path, arr in jax.tree_util.tree_leaves_with_path(data):
         if arr.ndim == 0 or arr.shape[0] != n:
-            raise InputError(f"data['{name}']: expected {n} rows (as data['x']), got shape {arr.shape}")
+            raise InputError(f"data{jax.tree_util.keystr(path)}: expected {n} rows (as data['x']), got shape "
+                             f"{arr.shape}")
     if not jnp.issubdtype(data["y"].dtype, jnp.integer):
         raise InputTypeError(f"data['y']: expected integer class labels, got dtype {data['y'].dtype}")
     if schedule.ndim != 2 or not jnp.issubdtype(schedule.dtype, jnp.integer):

@@ -1,83 +1,23 @@
-"""Feature distillation: intermediate representations of any Flax model, and the losses that
-match them.
+"""The feature-distillation losses, student first; the teacher side carries no gradient.
 
-* ``capture(model, variables, x, paths)`` runs a linen module and returns the outputs of
-  the submodules named by ``paths`` (dotted module names as in the variables tree:
-  ``"layer3"``, ``"layer3.0"``, ``"fc1"``), without touching the model's code.
-* The losses take NHWC feature maps ``[batch, height, width, channels]`` or ``[batch, ...]``
-  embeddings, student first; the teacher side carries no gradient. Each equals the function
-  of the same method in mdistiller (``mdistiller/distillers/*.py``, cited per function),
-  whatever the layout: each is invariant to the order in which features are flattened,
-  so NHWC here gives the value of NCHW there (``parity/checks/features.py`` checks value and
-  gradient in float64).
+NHWC feature maps ``[batch, height, width, channels]`` or ``[batch, ...]`` embeddings. Each
+equals a named reference function (cited per function): mdistiller's
+(``mdistiller/distillers/*.py``; each is invariant to the order in which features are
+flattened, so NHWC here gives the value of NCHW there), Keras 3's ``FeatureDistillation``
+losses and tunix's feature pooling. ``parity/checks/features.py`` checks value and gradient
+in float64.
 """
 
 from __future__ import annotations
 
-import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["capture", "module_paths", "hint", "attention_transfer", "similarity_preserving", "rkd", "pkt"]
-
-
-# ----------------------------------------------------------------------------- taps
-
-def module_paths(variables) -> list[str]:
-    """The dotted names of every module that owns a variable (``"layer1.0.conv1"``, ...)."""
-    found = set()
-
-    def walk(tree, prefix):
-        for name, sub in tree.items():
-            if isinstance(sub, dict) or hasattr(sub, "items"):
-                path = prefix + (str(name),)
-                found.add(".".join(path))
-                walk(sub, path)
-
-    for collection in flax.core.unfreeze(variables).values():
-        if hasattr(collection, "items"):
-            walk(collection, ())
-    return sorted(found)
-
-
-def capture(model, variables, x, paths, *, train: bool = False, rngs=None):
-    """``(output, {path: feature})``: ``model.apply(variables, x, train=train)`` and the
-    outputs of the submodules ``paths`` (dotted names as in the variables tree).
-
-    In train mode the model's non-parameter collections (BatchNorm statistics) are updated
-    exactly as without taps, and ``output`` is ``(logits, new_model_state)``; in eval mode
-    it is the logits. A module called several times gives its last output.
-
-    Raises:
-      InputError: a path that names no module of ``variables`` (the available ones listed).
-    """
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    if not paths:
-        raise InputError("paths: expected at least one module name, got none")
-    available = module_paths(variables)
-    unknown = [p for p in paths if p not in available]
-    if unknown:
-        raise InputError(f"paths: expected module names of the model's variables, got {unknown}; available: "
-                         f"{', '.join(available)}")
-    wanted = {tuple(p.split(".")) for p in paths}
-
-    def tap(module, method_name):
-        return method_name == "__call__" and tuple(module.path) in wanted
-
-    collections = [c for c in flax.core.unfreeze(variables) if c != "params"]
-    mutable = (collections if train else []) + ["intermediates"]
-    logits, state = model.apply(variables, x, train=train, rngs=rngs, capture_intermediates=tap, mutable=mutable)
-    state = dict(flax.core.unfreeze(state))
-    inter = state.pop("intermediates", {})
-    features = {}
-    for p in paths:
-        node = inter
-        for name in p.split("."):
-            node = node[name]
-        features[p] = node["__call__"][-1]
-    return ((logits, state) if train else logits), features
+__all__ = ["hint", "attention_transfer", "similarity_preserving", "rkd", "pkt", "mse", "mae", "cosine_similarity",
+           "pool_to_shape", "pooled_cosine"]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -209,3 +149,61 @@ def pkt(s, t, eps: float = 1e-7):
     p, q = probabilities(t), probabilities(s)
     return jnp.mean(p * jnp.log((p + eps) / (q + eps)))
 
+
+
+# ----------------------------------------------------------------------------- Keras 3, tunix
+
+def mse(s, t):
+    r"""Keras 3 ``FeatureDistillation(loss="mse")``: ``mean(mean_squared_error(t, s))``, i.e.
+    :math:`\mathrm{mean}((s - t)^2)` over every element (``keras/src/distillation/
+    distillation_loss.py``; equal shapes, no connector there)."""
+    s, t = _pair("mse", s, t, same_shape=True, min_rank=1)
+    return jnp.mean((t - s) ** 2)
+
+
+def mae(s, t):
+    r"""Keras 3 ``FeatureDistillation(loss="mae")``: :math:`\mathrm{mean}|s - t|`."""
+    s, t = _pair("mae", s, t, same_shape=True, min_rank=1)
+    return jnp.mean(jnp.abs(t - s))
+
+
+def _keras_normalize(v, eps=1e-7):
+    # keras.ops.normalize(order=2): v * min(rsqrt(sum v^2), 1 / epsilon), epsilon = 1e-7
+    return v * jnp.minimum(jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True)), 1.0 / eps)
+
+
+def cosine_similarity(s, t):
+    r"""Keras 3 ``FeatureDistillation(loss="cosine_similarity")``: the mean over every
+    position of :math:`-\langle \hat t, \hat s\rangle` along the last axis (channels of an
+    NHWC map, the width of an embedding), :math:`\hat v = v \min(1/\|v\|, 10^7)` as
+    ``keras.losses.cosine_similarity``. Minimised at -1."""
+    s, t = _pair("cosine_similarity", s, t, same_shape=True, min_rank=1)
+    return jnp.mean(-jnp.sum(_keras_normalize(t) * _keras_normalize(s), axis=-1))
+
+
+def pool_to_shape(x, shape):
+    """tunix's ``reduce_array_to_target_shape`` (``tunix/distillation/feature_extraction/
+    pooling.py``, VALID padding): average pooling over every axis whose size differs, with
+    stride ``n // m`` and window ``n - (m - 1) * stride`` (``n`` in, ``m`` out)."""
+    shape = tuple(int(d) for d in shape)
+    if tuple(x.shape) == shape:
+        return x
+    if x.ndim != len(shape) or any(not 1 <= m <= n for n, m in zip(x.shape, shape)):
+        raise InputError(f"pool_to_shape: expected a target shape of the same rank with 1 <= each size <= the "
+                         f"input's, got {shape} for an input of shape {tuple(x.shape)}")
+    strides = tuple(1 if n == m else n // m for n, m in zip(x.shape, shape))
+    windows = tuple(1 if n == m else n - (m - 1) * st for n, m, st in zip(x.shape, shape, strides))
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, windows, strides, "VALID")
+    return summed / float(np.prod(windows))
+
+
+def pooled_cosine(s, t, axis=-1):
+    r"""tunix's ``FeaturePoolingStrategy`` feature loss (``tunix/distillation/strategies/
+    feature_pooling.py``): the teacher's features average-pooled to the student's shape
+    (``pool_to_shape``), then :math:`\mathrm{mean}(1 - \cos(s, t))` along ``axis``
+    (``optax.cosine_distance``, no epsilon)."""
+    s, t = _pair("pooled_cosine", s, t, min_rank=1)
+    t = pool_to_shape(t, s.shape)
+    dot = jnp.sum(s * t, axis=axis)
+    norm = lambda v: jnp.sqrt(jnp.sum(v * v, axis=axis))
+    return jnp.mean(1.0 - dot / (norm(s) * norm(t)))

@@ -1,0 +1,362 @@
+"""Objectives that compose: hard cross-entropy, logit KD and any number of feature terms.
+
+.. math:: L = w_\\mathrm{ce}\\,\\mathrm{CE}(s, y) + w_\\mathrm{kd}\\, D(s, t)
+          + \\sum_k w_k\\, \\ell_k\\big(c_k(f^S_k), f^T_k\\big)
+
+with ``D`` the logit divergence (``"kl"``: :math:`T^2\\,\\overline{\\mathrm{KL}}`, mdistiller's
+``kd_loss``; ``"dkd"``: mdistiller's ``dkd_loss`` with its warm-up), each feature term a loss
+``ℓ_k`` on a tap pair (``kdjax.features.taps``) and an optional trained connector ``c_k``.
+The objective owns the taps it needs; the train step (``kdjax.train``) computes each once
+per step, and returns every weighted term under ``metrics["terms"]``.
+
+Connector and CRD parameters live in the student's ``TrainState``: ``params["connectors"]``
+and ``model_state["connectors"]`` (their BatchNorm statistics, CRD's memory bank). The
+student's own model ignores them; ``student_variables`` strips them for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.errors import InputError
+from kdjax.features import crd as crd_lib
+from kdjax.features import losses as L
+from kdjax.features.connectors import check_mapped, connector_for
+from kdjax.features.taps import capture
+from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce
+
+__all__ = ["Term", "Objective", "objective", "LOSSES", "CONNECTORS", "student_variables", "init_connectors"]
+
+CONNECTORS = "connectors"
+
+LOSSES: dict[str, Callable] = {
+    "hint": L.hint, "at": L.attention_transfer, "sp": L.similarity_preserving, "rkd": L.rkd, "pkt": L.pkt,
+    "mse": L.mse, "mae": L.mae, "cosine": L.cosine_similarity, "pooled_cosine": L.pooled_cosine, "crd": crd_lib.crd_loss,
+}
+_CONNECTED = ("hint",)  # losses whose terms get a connector unless told otherwise (FitNet's regressor)
+_CRD_DEFAULTS = {"feat_dim": 128, "negatives": 16384, "temperature": 0.07, "momentum": 0.5}  # mdistiller's cfg.py
+
+
+def _options(value) -> tuple:
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One feature term: ``weight * loss(connector(student tap), teacher tap, **options)``.
+
+    ``loss``: a name in ``LOSSES`` or a callable ``f(s, t) -> scalar``; ``connector``: None
+    (the loss's default: FitNet's ``hint`` gets one), True or False; ``options``: extra
+    arguments of the loss (``{"p": 2}`` for ``at``; for ``crd``: ``feat_dim``, ``negatives``,
+    ``temperature``, ``momentum``, defaults mdistiller's).
+    """
+
+    loss: Any
+    teacher: str
+    student: str
+    weight: float = 1.0
+    connector: bool | None = None
+    options: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", _options(self.options))
+        if isinstance(self.loss, str) and self.loss not in LOSSES:
+            raise InputError(f"term loss: expected one of {sorted(LOSSES)} or a callable f(s, t), got {self.loss!r}")
+        if not (isinstance(self.loss, str) or callable(self.loss)):
+            raise InputError(f"term loss: expected a name or a callable f(s, t), got {type(self.loss).__name__}")
+        for name in ("teacher", "student"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"term {name}: expected a tap name (e.g. 'layer2' or 'fc:input'), got "
+                                 f"{getattr(self, name)!r}")
+        _check_weight(f"term {self.key} weight", self.weight)
+        if self.loss == "crd":
+            unknown = sorted(set(dict(self.options)) - set(_CRD_DEFAULTS))
+            if unknown:
+                raise InputError(f"crd options: expected some of {sorted(_CRD_DEFAULTS)}, got {unknown}")
+
+    @property
+    def key(self) -> str:
+        """The term's name in metrics and in the connectors' subtree: ``"at:layer2"``."""
+        name = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
+        return f"{name}:{self.student}"
+
+    @property
+    def connected(self) -> bool:
+        return self.loss in _CONNECTED if self.connector is None else bool(self.connector)
+
+    def crd_options(self) -> dict:
+        return _CRD_DEFAULTS | dict(self.options)
+
+
+def _check_weight(name: str, w) -> None:
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) or not math.isfinite(w) or w < 0:
+        raise InputError(f"{name}: expected a finite number >= 0, got {w!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A weighted sum of hard CE, logit KD and feature terms (see the module docstring).
+
+    ``kd``: the weight of the logit term, ``temperature`` its T, ``divergence`` one of
+    ``"kl"``, ``"reverse_kl"``, ``"jsd"`` (each times T², as ``distillation_loss``) or
+    ``"dkd"`` (mdistiller's ``dkd_loss`` with ``dkd_alpha``/``dkd_beta``, T² inside, scaled
+    by ``min((step + 1) / warmup_steps, 1)``; mdistiller warms up per epoch).
+    Immutable and hashable: it is part of the compiled program's identity.
+    """
+
+    ce: float = 1.0
+    kd: float = 0.0
+    temperature: float = 4.0
+    divergence: str = "kl"
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    warmup_steps: int = 0
+    terms: tuple = ()
+
+    def __post_init__(self):
+        terms = tuple(t if isinstance(t, Term) else Term(*t) for t in self.terms)
+        object.__setattr__(self, "terms", terms)
+        _check_weight("ce", self.ce)
+        _check_weight("kd", self.kd)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"temperature: expected a finite number > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES + ("dkd",):
+            raise InputError(f"divergence: expected one of {DIVERGENCES + ('dkd',)}, got {self.divergence!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise InputError(f"warmup_steps: expected an int >= 0, got {self.warmup_steps!r}")
+        keys = [t.key for t in terms]
+        if len(set(keys)) != len(keys):
+            raise InputError(f"terms: expected one term per (loss, student tap), got {keys}")
+        if self.ce == 0 and self.kd == 0 and not terms:
+            raise InputError("objective: expected at least one non-zero part (ce, kd or a term), got none")
+
+    @property
+    def student_taps(self) -> list[str]:
+        return sorted({t.student for t in self.terms})
+
+    @property
+    def teacher_taps(self) -> list[str]:
+        return sorted({t.teacher for t in self.terms})
+
+    @property
+    def needs_index(self) -> bool:
+        """CRD's memory bank needs each example's row (``batch["index"]``)."""
+        return any(t.loss == "crd" for t in self.terms)
+
+    def describe(self) -> str:
+        parts = [f"{self.ce:g} CE"] if self.ce else []
+        if self.kd:
+            parts.append(f"{self.kd:g} {self.divergence.upper()} (T {self.temperature:g})")
+        parts += [f"{t.weight:g} {t.key}" + (f"<-{t.teacher}" if t.teacher != t.student else "")
+                  + (" (connector)" if t.connected else "") for t in self.terms]
+        return " + ".join(parts)
+
+    # ------------------------------------------------------------------ the loss
+
+    def loss(self, params, model_state, batch, rng, step, teacher_variables, *, model, teacher):
+        """``(loss, (new_model_state, metrics))`` for one batch; what the train step
+        differentiates. ``params``/``model_state`` include the connectors' subtrees."""
+        s_params, s_state, c_params, c_state = _split(params, model_state)
+        taps = self.student_taps
+        x = batch["x"]
+        rngs = {"dropout": rng}
+        if taps:
+            (logits, new_s_state), s_feats = capture(model, {"params": s_params, **s_state}, x, taps, train=True,
+                                                     rngs=rngs)
+        else:
+            logits, new_s_state = _apply_train(model, s_params, s_state, x, rngs)
+        t_logits, t_feats = self._teacher_outputs(batch, teacher, teacher_variables)
+        metrics, total = {}, 0.0
+        if self.ce:
+            metrics["ce"] = self.ce * jnp.mean(hard_ce(logits, batch["y"]))
+        if self.kd:
+            if self.divergence == "dkd":
+                ramp = 1.0 if self.warmup_steps == 0 else jnp.minimum((step + 1) / self.warmup_steps, 1.0)
+                value = ramp * jnp.mean(dkd(logits, t_logits, batch["y"], self.temperature, self.dkd_alpha,
+                                            self.dkd_beta))
+            else:
+                value = self.temperature ** 2 * jnp.mean(
+                    divergence_per_position(logits, t_logits, self.temperature, self.divergence))
+            metrics["kd"] = self.kd * value
+        new_c_state = dict(c_state)
+        for i, term in enumerate(self.terms):
+            s, t = s_feats[term.student], t_feats[term.teacher]
+            key = term.key
+            if term.loss == "crd":
+                value, new_c_state[key] = self._crd(term, s, t, c_params[key], c_state[key], batch,
+                                                    jax.random.fold_in(rng, 1 + i))
+            else:
+                if term.connected:
+                    s, new_c_state[key] = _connect(s, t, c_params[key], c_state.get(key, {}), key)
+                fn = LOSSES[term.loss] if isinstance(term.loss, str) else term.loss
+                value = fn(s, t, **dict(term.options))
+            metrics[key] = term.weight * value
+        for v in metrics.values():
+            total = total + v
+        new_state = dict(new_s_state)
+        if new_c_state:
+            new_state[CONNECTORS] = {k: v for k, v in new_c_state.items() if v}
+        return total, (new_state, metrics)
+
+    def _teacher_outputs(self, batch, teacher, teacher_variables):
+        taps = self.teacher_taps
+        cached = batch.get("teacher_features")
+        if (not taps or cached is not None) and (not self.kd or "teacher_logits" in batch):
+            return batch.get("teacher_logits"), dict(cached or {})
+        if teacher is None or teacher_variables is None:
+            raise InputError("objective: expected cached teacher outputs (batch['teacher_features'], "
+                             "batch['teacher_logits']) or a bound teacher and teacher_params, got neither")
+        variables = _as_variables(teacher_variables)
+        if taps:
+            t_logits, feats = capture(teacher, variables, batch["x"], taps, train=False)
+        else:
+            t_logits, feats = teacher.apply(variables, batch["x"], train=False), {}
+        feats = jax.tree_util.tree_map(jax.lax.stop_gradient, feats)
+        return jax.lax.stop_gradient(t_logits), feats
+
+    def _crd(self, term, s, t, params, state, batch, key):
+        if "index" not in batch:
+            raise InputError("crd: expected batch['index'] (each example's row in the training set, for the "
+                             "memory bank), got none; fit/distill add it, a custom loop passes data['index']")
+        o = term.crd_options()
+        embed = crd_lib.Embed(o["feat_dim"], dtype=s.dtype)
+        f_s = embed.apply({"params": params["embed_s"]}, s)
+        f_t = embed.apply({"params": params["embed_t"]}, t)
+        rows = batch["index"].astype(jnp.int32)
+        negatives = crd_lib.sample_negatives(key, batch["y"], state["classes"], o["negatives"])
+        contrast = jnp.concatenate([rows[:, None], negatives.astype(jnp.int32)], axis=1)
+        value, memory = crd_lib.crd_loss(f_s, f_t, rows, contrast, state["memory"], temperature=o["temperature"],
+                                         momentum=o["momentum"])
+        return value, {"memory": memory, "classes": state["classes"]}
+
+    # ------------------------------------------------------------------ initialisation
+
+    def init(self, rng, student, student_variables, teacher, teacher_variables, example, *, labels=None):
+        """``(connector params, connector state)`` for one student: connectors shaped from the
+        two models' taps on ``example`` (an input batch or ``ShapeDtypeStruct``), CRD's heads
+        and memory bank (``labels``: every training label, for its negatives). ``rng``: a
+        JAX key or raw ``uint32[2]`` words. Empty dicts when no term needs any."""
+        if not any(t.connected or t.loss == "crd" for t in self.terms):
+            return {}, {}
+        s_shapes, t_shapes = self.tap_shapes(student, student_variables, teacher, teacher_variables, example)
+        params, state = {}, {}
+        key = _raw_key(rng)
+        for i, term in enumerate(self.terms):
+            k = jax.random.fold_in(key, i)
+            s, t = s_shapes[term.student], t_shapes[term.teacher]
+            if term.loss == "crd":
+                if labels is None:
+                    raise InputError("crd: expected the training labels (labels=) to build its memory bank, got None")
+                o = term.crd_options()
+                embed = crd_lib.Embed(o["feat_dim"], dtype=s.dtype)
+                ks, kt, km = jax.random.split(k, 3)
+                params[term.key] = {"embed_s": _init_params(embed, ks, s), "embed_t": _init_params(embed, kt, t)}
+                n = int(np.asarray(labels).shape[0])
+                state[term.key] = {"memory": crd_lib.init_memory(km, n, o["feat_dim"], s.dtype),
+                                   "classes": jax.device_put(crd_lib.class_index(labels))}
+            elif term.connected:
+                conn = connector_for(s.shape, t.shape, dtype=s.dtype)
+                variables = jax.jit(conn.init, static_argnames="train")(k, jnp.zeros(s.shape, s.dtype), train=False)
+                variables = dict(flax.core.unfreeze(variables))
+                params[term.key] = variables.pop("params")
+                if variables:
+                    state[term.key] = variables
+        return params, state
+
+    def tap_shapes(self, student, student_variables, teacher, teacher_variables, example):
+        """``({student tap: ShapeDtypeStruct}, {teacher tap: ...})`` on ``example`` (abstract)."""
+        x = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+        s = jax.eval_shape(lambda v, x: capture(student, v, x, self.student_taps)[1],
+                           _as_variables(student_variables), x) if self.student_taps else {}
+        t = jax.eval_shape(lambda v, x: capture(teacher, v, x, self.teacher_taps)[1],
+                           _as_variables(teacher_variables), x) if self.teacher_taps else {}
+        return s, t
+
+
+def _raw_key(rng):
+    # kdjax.train's convention: a typed key, raw uint32[2] words, or an int (as PRNGKey(int))
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.PRNGKey(int(rng))
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return jnp.asarray(rng, jnp.uint32)
+
+
+def _init_params(module, key, struct):
+    return jax.jit(module.init)(key, jnp.zeros(struct.shape, struct.dtype))["params"]
+
+
+def _as_variables(tree) -> dict:
+    """``{"params", ...}`` from a TrainState, a variables dict or a params tree."""
+    if hasattr(tree, "params") and hasattr(tree, "model_state"):
+        p, s = student_variables(tree.params, tree.model_state)
+        return {"params": p, **s}
+    tree = dict(flax.core.unfreeze(tree))
+    return tree if "params" in tree else {"params": tree}
+
+
+def _apply_train(model, params, state, x, rngs):
+    if state:
+        return model.apply({"params": params, **state}, x, train=True, rngs=rngs, mutable=list(state))
+    return model.apply({"params": params}, x, train=True, rngs=rngs), {}
+
+
+def _connect(s, t, params, state, name):
+    conn = connector_for(s.shape, t.shape, dtype=s.dtype)
+    if state:
+        out, new = conn.apply({"params": params, **state}, s, train=True, mutable=list(state))
+        new = dict(flax.core.unfreeze(new))
+    else:
+        out, new = conn.apply({"params": params}, s, train=True), {}
+    check_mapped(name, out, t)
+    return out, new
+
+
+def _split(params, model_state):
+    params, model_state = dict(params), dict(model_state)
+    return params, model_state, params.pop(CONNECTORS, {}), model_state.pop(CONNECTORS, {})
+
+
+def student_variables(params, model_state=None):
+    """``(params, model_state)`` of the student alone: the connectors' subtrees removed
+    (what to export, convert or evaluate elsewhere)."""
+    params, model_state, _, _ = _split(params, model_state or {})
+    return params, model_state
+
+
+def init_connectors(objective: Objective, rng, params, model_state, student, teacher, teacher_variables, example,
+                    *, labels=None):
+    """``(params, model_state)`` with the objective's connectors (and CRD bank) added under
+    ``"connectors"``; the student's own variables unchanged. Refuses a student that has a
+    module named ``"connectors"``."""
+    if CONNECTORS in params or CONNECTORS in model_state:
+        raise InputError(f"student: its variables already have a '{CONNECTORS}' entry, the name kdjax keeps for "
+                         f"connectors; rename that module")
+    c_params, c_state = objective.init(rng, student, {"params": params, **model_state}, teacher, teacher_variables,
+                                       example, labels=labels)
+    params, model_state = dict(params), dict(model_state)
+    if c_params:
+        params[CONNECTORS] = c_params
+    if c_state:
+        model_state[CONNECTORS] = c_state
+    return params, model_state
+
+
+def objective(ce: float = 1.0, kd: float = 0.0, terms=(), *, temperature: float = 4.0, divergence: str = "kl",
+              **options) -> Objective:
+    """``Objective(ce, kd, temperature, divergence, terms=...)``; a term is a ``Term`` or a
+    tuple ``(loss, teacher tap, student tap, weight[, connector[, options]])``::
+
+        kdjax.features.objective(ce=1.0, terms=[("at", "layer1", "layer1", 1000.0),
+                                                ("hint", "layer2", "layer2", 100.0)])
+    """
+    return Objective(ce=ce, kd=kd, temperature=temperature, divergence=divergence, terms=tuple(terms), **options)
