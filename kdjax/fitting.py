@@ -14,6 +14,7 @@ Results are plain NumPy arrays and dicts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -21,14 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import parallel, sweep as sweeps
+from kdjax import features, parallel, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError, check_count
-from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, make_hyper, make_run,
-                         predict_logits, sgd)
+from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, init_variables, make_hyper,
+                         make_run, predict_logits, sgd, state_from_params)
 
 __all__ = ["RunConfig", "Programs", "fit", "fit_members", "initial_members", "time_group_sizes", "paired_students",
-           "teacher_logits_for", "evaluate_on", "OnChunk", "OnLosses"]
+           "teacher_logits_for", "teacher_features_for", "evaluate_on", "OnChunk", "OnLosses"]
 
 # on_chunk(phase, steps done, steps total, states): called after every compiled chunk
 OnChunk = Callable[[str, int, int, object], None]
@@ -154,10 +155,14 @@ def _on_device(a):
     return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
 
 
-def _device_data(ds: Dataset, teacher_logits=None) -> dict:
+def _device_data(ds: Dataset, teacher_logits=None, teacher_features=None, index: bool = False) -> dict:
     d = {"x": _on_device(ds.x_train), "y": _on_device(ds.y_train)}
     if teacher_logits is not None:
         d["teacher_logits"] = _on_device(teacher_logits)
+    if teacher_features is not None:
+        d["teacher_features"] = {k: _on_device(v) for k, v in teacher_features.items()}
+    if index:  # each example's row (CRD's memory bank)
+        d["index"] = _on_device(np.arange(len(ds.y_train), dtype=np.int32))
     return d
 
 
@@ -175,6 +180,20 @@ def teacher_logits_for(teacher, teacher_state, ds: Dataset, members: bool = Fals
     ``[N, n, classes]``.
     """
     return predict_logits(teacher, teacher_state, _on_device(ds.x_train), members=members)
+
+
+def teacher_features_for(teacher, teacher_state, taps, ds: Dataset, members: bool = False) -> dict:
+    """``{tap: values on every training example}`` of the eval-mode teacher (computed once;
+    ``kdjax.features.capture``). With ``members=True`` one teacher per member: ``[N, n, ...]``."""
+    params, model_state = teacher_state.params, teacher_state.model_state
+    return _teacher_features(teacher, tuple(taps), params, model_state, _on_device(ds.x_train), bool(members))
+
+
+@functools.partial(jax.jit, static_argnames=("teacher", "taps", "members"))
+def _teacher_features(teacher, taps, params, model_state, x, members):
+    def one(p, s):
+        return features.capture(teacher, {"params": p, **s}, x, list(taps))[1]
+    return jax.vmap(one)(params, model_state) if members else one(params, model_state)
 
 
 def evaluate_on(model, state, x, y, members: bool = False) -> dict:
@@ -210,11 +229,28 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
     return state, np.concatenate([parallel.to_host(x) for x in losses])
 
 
-def initial_members(model, ds: Dataset, cfg: RunConfig, seeds):
-    """The batched initial state ``fit_members`` starts from (one member per seed)."""
+def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None, teacher=None, teacher_state=None,
+                    per_seed_teacher: bool = False):
+    """The batched initial state ``fit_members`` starts from (one member per seed).
+
+    With a ``kdjax.features.Objective`` that has connectors (or CRD), each member also
+    gets its own, shaped from ``teacher`` (``teacher_state``: one teacher, or one per seed
+    with ``per_seed_teacher``) and drawn from the member's init key."""
     keys = sweeps.member_keys(np.asarray(seeds))
-    return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate,
-                               tx=cfg.tx(len(ds.y_train)))
+    tx = cfg.tx(len(ds.y_train))
+    if not isinstance(objective, features.Objective):
+        return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate, tx=tx)
+    params, model_state = init_variables(model, keys["init"], _example(model, ds), members=True)
+    example = jax.ShapeDtypeStruct((2, *_example(model, ds).shape[1:]), _example(model, ds).dtype)
+    members = []
+    for i, k in enumerate(keys["init"]):
+        t_state = jax.tree_util.tree_map(lambda a: a[i], teacher_state) if per_seed_teacher else teacher_state
+        one = jax.tree_util.tree_map(lambda a: a[i], (params, model_state))
+        # the connectors' key: the member's init words, folded (the student's own init is unchanged)
+        members.append(features.init_connectors(objective, np.asarray(k) ^ np.uint32(0x9E3779B9), *one, model,
+                                                teacher, t_state, example, labels=ds.y_train))
+    params, model_state = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *members)
+    return state_from_params(params, model_state=model_state, learning_rate=cfg.learning_rate, tx=tx, members=True)
 
 
 def _member_inputs(ds: Dataset, cfg: RunConfig, seeds, teacher_logits):
@@ -235,7 +271,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
                 hyper: Hyper | None = None, teacher_logits=None,
                 chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
                 start=None, on_checkpoint=None, mesh=None, members_per_group: int | None = None,
-                programs: Programs | None = None, on_losses: Callable[[int, jax.Array], None] | None = None):
+                programs: Programs | None = None, on_losses: Callable[[int, jax.Array], None] | None = None,
+                teacher_features=None, init_states=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -256,6 +293,10 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     A ``mesh`` splits the members over its ``"members"`` axis and their minibatches
     over ``"data"`` (``make_sweep_run``). Returns ``(batched state, losses [N, steps]
     as NumPy)``.
+
+    For a ``kdjax.features.Objective``: ``teacher_features`` (``teacher_features_for``,
+    laid out like ``teacher_logits``) and ``init_states`` (``initial_members`` with the
+    objective: the students with their connectors); ``hyper`` is None.
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
@@ -263,9 +304,11 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     run = (programs or Programs()).run(model, objective, cfg._tx_key(n), members=True, shared_schedule=shared,
                                        member_teacher_logits=per_member_teacher, mesh=mesh,
                                        members_per_group=members_per_group)
-    data, args = _device_data(ds, teacher_logits), (hyper,)
+    index = isinstance(objective, features.Objective) and objective.needs_index
+    data, args = _device_data(ds, teacher_logits, teacher_features, index), (hyper,)
     if start is None:
-        states, losses, done = initial_members(model, ds, cfg, seeds), [], 0
+        states = init_states if init_states is not None else initial_members(model, ds, cfg, seeds)
+        losses, done = [], 0
     else:
         states, so_far = start
         losses, done = [np.asarray(so_far)], int(np.shape(so_far)[1])

@@ -20,13 +20,13 @@ import jax
 import numpy as np
 from flax import serialization
 
-from kdjax import checkpoint, data, parallel, sweep as sweeps
+from kdjax import checkpoint, data, features, parallel, sweep as sweeps
 from kdjax.data import Dataset
 from kdjax.errors import InputError
-from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members, paired_students,
-                           teacher_logits_for, time_group_sizes)
+from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members,
+                           paired_students, teacher_features_for, teacher_logits_for, time_group_sizes)
 from kdjax.stats import mean_ci
-from kdjax.train import make_hyper
+from kdjax.train import TrainState, make_hyper
 
 __all__ = ["Checkpoints", "distill", "DistillResult", "run_sweep", "SweepResult", "tuned_distill", "TunedResult"]
 
@@ -61,7 +61,7 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
                 if problem:
                     log(f"warning: {problem}; resuming from {used}")
                 _check_resumable(used, meta, name, _model_text(model), identity)
-                fresh = initial_members(model, ds, cfg, seeds)
+                fresh = kw["init_states"] if kw.get("init_states") is not None else initial_members(model, ds, cfg, seeds)
                 start = (_restore_states(used, fresh, tree), np.asarray(tree["losses"]))
                 log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
 
@@ -144,6 +144,7 @@ class DistillResult:
     mean_ci: dict
     paired_gain: dict
     eval_loss: dict = dataclasses.field(default_factory=dict)
+    distilled_states: object = None
 
     @property
     def standard(self):
@@ -164,7 +165,8 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             chunk: int | None = None, on_chunk: OnChunk | None = None,
             log: Callable[[str], None] = lambda line: None, mesh=None,
             transfer: Dataset | None = None, teacher_cfg: RunConfig | None = None,
-            programs: Programs | None = None, on_losses: OnLosses | None = None) -> DistillResult:
+            programs: Programs | None = None, on_losses: OnLosses | None = None,
+            objective: features.Objective | None = None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
@@ -188,6 +190,13 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     minibatches over ``"data"``; a phase whose members it cannot split evenly uses its
     ``"data"`` axis only. ``programs`` (``kdjax.fitting.Programs``) keeps the compiled
     programs for later calls.
+
+    With an ``objective`` (``kdjax.features.Objective``: feature distillation, DKD, ...)
+    step 2 is two phases: ``"standard"`` (cross-entropy) and ``"distilled"`` (the
+    objective, its teacher taps cached once in eval mode, its connectors trained with the
+    students); ``temperature`` and ``alpha`` are unused (the objective holds its own). The
+    result's ``students`` then hold the students' own variables only (no optimizer state;
+    ``distilled_states`` has the full states, connectors included).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -206,8 +215,13 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     else:
         t_states, t_losses = teacher_state, None
         logits = teacher_logits_for(teacher, teacher_state, transfer)
-    pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
-    s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
+    if objective is not None:
+        s_states, s_losses, full = _objective_students(phase, objective, teacher, t_states, student, transfer, cfg,
+                                                       seeds, logits, per_seed=teacher_state is None)
+    else:
+        pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
+        s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
+        full = None
     accuracy, eval_loss = {}, {}
     for split in splits:
         x, y = _split(ds, split)
@@ -219,7 +233,27 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
     gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
     return DistillResult(seeds, t_states, t_losses, s_states,
-                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain, eval_loss)
+                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain, eval_loss,
+                         distilled_states=full)
+
+
+def _objective_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, logits, *, per_seed):
+    """Standard students (CE) and the objective's, paired by seed: ``(student-only states of
+    both halves, losses [2n, steps], the objective's full states)``."""
+    if not isinstance(objective, features.Objective):
+        raise InputError(f"objective: expected a kdjax.features.Objective, got {type(objective).__name__}")
+    feats = teacher_features_for(teacher, t_states, objective.teacher_taps, transfer, members=per_seed) \
+        if objective.teacher_taps else None
+    std, std_losses = phase("standard", student, "ce", transfer, cfg, seeds)
+    init = initial_members(student, transfer, cfg, seeds, objective=objective, teacher=teacher,
+                           teacher_state=t_states, per_seed_teacher=per_seed)
+    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, teacher_logits=logits,
+                              teacher_features=feats, init_states=init)
+    host = lambda tree: jax.tree_util.tree_map(parallel.to_host, tree)
+    own = lambda st: TrainState(host(st.step), *features.student_variables(host(st.params), host(st.model_state)),
+                                None)
+    both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), own(std), own(dist))
+    return both, np.concatenate([std_losses, dist_losses]), dist
 
 
 @dataclasses.dataclass
