@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from kdjax.app import UsageError, inputs
+from kdjax.app import UsageError, inputs, methods
 from kdjax.app.reporting import Reporter, fmt_ci, jsonable
 
 __all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_sweep"]
@@ -143,7 +143,8 @@ def cmd_omit_class(args, rep: Reporter) -> int:
     r = demo.omitted_class(rep, seeds, epochs=args.epochs, omit=args.omit, temperature=args.temperature,
                            alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
                            validation_fraction=args.validation_fraction, ds=ds)
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, **r}
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+               "method": args.method, "objective": objective.describe() if objective is not None else None, **r}
     return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
         os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
 
@@ -160,6 +161,8 @@ def cmd_distill(args, rep: Reporter) -> int:
     from kdjax.losses import check_alpha, check_temperature
     from kdjax.stats import mean_ci
 
+    methods.resolve_temperature(args)
+    methods.check_arch(args)
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
@@ -168,9 +171,13 @@ def cmd_distill(args, rep: Reporter) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     teacher, student = inputs.models(args, ds.num_classes)
     inputs.validate_models((teacher, student), ds)
+    objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
+    if objective is not None:
+        methods.validate(objective, teacher, student, ds)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
              f"{ds.num_classes} classes; {cfg.describe()}; "
              + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
+                else f"method {args.method}: {objective.describe()}" if objective is not None
                 else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {args.seeds} seed(s)")
     rep.line(f"teacher {inputs.describe(teacher)}, student {inputs.describe(student)}")
     t_state = None
@@ -188,6 +195,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     inputs.claim_out(args)
     seed_names = lambda kind: [f"{kind}/seed{s}" for s in seeds]
     members = {"teachers": seed_names("teacher"), "students": seed_names("standard") + seed_names("distilled"),
+               "standard": seed_names("standard"), "distilled": seed_names("distilled"),
                "tuning teachers": [f"teacher/seed{seeds[0]}"],
                "tuning students": [f"T{t:g}/alpha{a:g}/seed{s}" for t, a, s in
                                    zip(*sweep.grid(args.temperatures, args.alphas, seeds))]}
@@ -203,7 +211,8 @@ def cmd_distill(args, rep: Reporter) -> int:
         else:
             r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
                                   alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
-                                  on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=log.losses)
+                                  on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=log.losses,
+                                  objective=objective)
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
                        {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
                        {"teacher": ["teacher/loaded"] if t_state is not None else seed_names("teacher"),
@@ -220,8 +229,10 @@ def cmd_distill(args, rep: Reporter) -> int:
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     lm = args.arch == "transformer"
     over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    label = lambda k: (teacher_label if k == "teacher" else
+                       f"distilled ({args.method})" if k == "distilled" and args.method != "kd" else k)
     rep.table(f"validation next-byte accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
-              [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in stats.items()]
+              [[label(k), fmt_ci(v)] for k, v in stats.items()]
               + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
     bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
     bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
@@ -232,6 +243,7 @@ def cmd_distill(args, rep: Reporter) -> int:
                   [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
                   + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+               "method": args.method, "objective": objective.describe() if objective is not None else None,
                "teacher_test_accuracy": float(acc["teacher"][0]),
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
                "paired_gain": gain, "losses": r.losses,
@@ -308,7 +320,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     rep.line(f"teacher test accuracy {r.teacher_accuracy:.4f}; best: T = {temps[best[0]]:g}, "
              f"alpha = {alphas[best[1]]:g} ({stats[best[0]][best[1]][0]:.4f})")
     means = np.array([[m for m, _ in row] for row in stats])
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "temperatures": temps,
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+               "method": args.method, "objective": objective.describe() if objective is not None else None, "temperatures": temps,
                "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
                "test_accuracy": acc.tolist(), "mean_ci": stats,
                "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]},

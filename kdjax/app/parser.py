@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from kdjax.app import EXIT_USAGE, UsageError, commands
+from kdjax.app.methods import FEATURE_METHODS, METHODS
 
 __all__ = ["build_parser", "given_options", "check_modes"]
 
@@ -148,8 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = add("distill", help="teacher, standard and distilled student on a data set")
     _training_args(distill, seeds_default=4)
-    distill.add_argument("--temperature", type=float, default=3.0, help="softening temperature T > 0")
+    distill.add_argument("--temperature", type=float, default=None,
+                         help="softening temperature T > 0 (default: 3, the seed's; 4 with --method dkd, mdistiller's)")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
+    distill.add_argument("--method", choices=list(METHODS), default="kd",
+                         help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
+                              "pkt, crd (mdistiller's weights; see docs/cli.md)")
+    distill.add_argument("--feature-layers", nargs="+", default=None, metavar="T:S",
+                         help="feature methods: teacher:student tap pairs (TEACHER=STUDENT when a tap has ':', "
+                              "e.g. fc:input=fc:input); default: the method's layers")
+    distill.add_argument("--feature-weight", type=_float_in(0, float("inf"), "a number >= 0"), default=None,
+                         help="feature methods: the feature term's weight (default: mdistiller's)")
+    distill.add_argument("--crd-negatives", type=_positive_int, default=16384,
+                         help="crd: negatives per example (mdistiller's 16384)")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
                          help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
@@ -219,9 +231,14 @@ _ONLY_WITH = {
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
     **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
                     (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
-    **dict.fromkeys(("temperature", "alpha"), (lambda a: a.command != "distill" or not a.tune,
-                                               "not used with --tune, which chooses T and alpha from --temperatures "
-                                               "x --alphas")),
+    "temperature": (lambda a: a.command != "distill" or (not a.tune and a.method in ("kd", "dkd")),
+                    "only used with --method kd or dkd, and not with --tune (which chooses T from --temperatures)"),
+    **dict.fromkeys(("feature_layers", "feature_weight"),
+                    (lambda a: getattr(a, "method", "kd") in FEATURE_METHODS, "only used with a feature --method")),
+    "crd_negatives": (lambda a: getattr(a, "method", "kd") == "crd", "only used with --method crd"),
+    "alpha": (lambda a: a.command != "distill" or (not a.tune and a.method == "kd"),
+              "only used with --method kd (without --tune)"),
+    "tune": (lambda a: a.method == "kd", "only used with --method kd"),
     **dict.fromkeys(("checkpoint_every", "overwrite", "no_plots"),
                     (lambda a: a.out is not None, "only used with --out DIR")),
 }

@@ -203,8 +203,9 @@ class Objective:
         for v in metrics.values():
             total = total + v
         new_state = dict(new_s_state)
+        new_c_state = {k: v for k, v in new_c_state.items() if v}
         if new_c_state:
-            new_state[CONNECTORS] = {k: v for k, v in new_c_state.items() if v}
+            new_state[CONNECTORS] = new_c_state
         return total, (new_state, metrics)
 
     def _teacher_outputs(self, batch, teacher, teacher_variables):
