@@ -44,7 +44,17 @@ def finished(tmp_path, capsys):
     (["--temperatures", "1", "2"], ["--temperatures: only used with --tune"]),
     (["--alphas", "0.5"], ["--alphas: only used with --tune"]),
     (["--validation-fraction", "0.3"], ["--validation-fraction: only used with --tune"]),
-    (["--tune", "--alpha", "0.5"], ["--alpha: not used with --tune"]),
+    (["--tune", "--alpha", "0.5"], ["--alpha: only used with --method kd (without --tune)"]),
+    (["--method", "at", "--alpha", "0.5"], ["--alpha: only used with --method kd"]),
+    (["--method", "fitnet", "--temperature", "2"], ["--temperature: only used with --method kd or dkd"]),
+    (["--feature-layers", "fc1:fc1"], ["--feature-layers: only used with a feature --method"]),
+    (["--method", "dkd", "--feature-weight", "2"], ["--feature-weight: only used with a feature --method"]),
+    (["--method", "at", "--crd-negatives", "8"], ["--crd-negatives: only used with --method crd"]),
+    (["--method", "at", "--tune"], ["--tune: only used with --method kd"]),
+    (["--method", "at"], ["--method at: expected ResNets", "--feature-layers"]),
+    (["--method", "sp", "--arch", "transformer"], ["--method sp: expected --arch mlp or resnet"]),
+    (["--method", "sp", "--feature-layers", "fc9:fc1"], ["expected taps of the model, got ['fc9']", "fc2, fc3"]),
+    (["--method", "fitnet", "--feature-layers", "fc2"], ["--feature-layers: expected TEACHER:STUDENT"]),
     (["--momentum", "0.5"], ["--momentum: only used with --optimizer sgd"]),
     (["--nesterov"], ["--nesterov: only used with --optimizer sgd"]),
     (["--teacher-blocks", "2"], ["--teacher-blocks: only used with --arch resnet"]),
@@ -155,6 +165,7 @@ FLAGS = {  # a pool of options, each with a valid and an invalid value for some 
     "--resume": [[]], "--overwrite": [[]], "--epochs": [["1"]], "--batch-size": [["0"], ["8"], ["5000"]],
     "--seeds": [["2"], ["0"]], "--student-widths": [["2"]], "--context": [["8"]], "--mesh": [["data=1"], ["x=2"]],
     "--teacher": [["missing.pt"]], "--dataset": [["digits"], ["nope.npz"]],
+    "--method": [["fitnet"], ["crd"], ["at"]], "--feature-layers": [["fc2:fc1"], ["layer1:layer1"]],
 }
 
 
@@ -203,6 +214,6 @@ def test_help_lists_datasets_defaults_and_teacher_files(capsys):
 
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["distill"].format_help().split())
     for words in ("synthetic", "digits", "text (byte-level", "PATH.npz", "PATH.txt", "softening temperature T > 0 "
-                  "(default: 3.0)", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
+                  "(default: 3, the seed's; 4 with --method dkd", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
                   "64)", "teacher.ckpt", ".pt/.pth", "torchvision-layout ResNet"):
         assert words in text, words

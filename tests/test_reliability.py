@@ -222,6 +222,26 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+FITNET_ARGS = ["distill", "--dataset", "digits", "--method", "fitnet", "--steps", "2000", "--seeds", "2",
+               "--checkpoint-every", "40", "--no-plots", "--quiet"]
+
+
+def test_fitnet_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    # killed mid-way through the FitNet students: their connectors are checkpointed and resumed with them
+    env, full, part = _full_then_killed(FITNET_ARGS, tmp_path, "distilled")
+    p = _kdjax(FITNET_ARGS + ["--out", str(part), "--resume"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "distilled: resuming at step" in out
+    phase, _ = checkpoint.load(part / "checkpoints" / "distilled.ckpt")
+    assert "connectors" in phase["states"]["params"]  # the connector is part of the run's state
+    exported, _ = checkpoint.load(part / "student_distilled.ckpt")
+    assert "connectors" not in exported["params"]  # and not of the exported student
+    for name in ("checkpoints/distilled.ckpt", "student_distilled.ckpt", "student_standard.ckpt"):
+        for a, b in zip(_leaves(full / name), _leaves(part / name)):
+            np.testing.assert_array_equal(a, b)  # bitwise
+
+
 SWEEP_ARGS = ["sweep", "--steps", "2000", "--seeds", "2", "--temperatures", "1", "4", "--alphas", "0.5",
               "0.9", "--checkpoint-every", "40", "--no-plots", "--quiet"]
 

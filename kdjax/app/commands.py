@@ -144,7 +144,7 @@ def cmd_omit_class(args, rep: Reporter) -> int:
                            alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
                            validation_fraction=args.validation_fraction, ds=ds)
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
-               "method": args.method, "objective": objective.describe() if objective is not None else None, **r}
+               **r}
     return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
         os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
 
@@ -321,7 +321,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
              f"alpha = {alphas[best[1]]:g} ({stats[best[0]][best[1]][0]:.4f})")
     means = np.array([[m for m, _ in row] for row in stats])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
-               "method": args.method, "objective": objective.describe() if objective is not None else None, "temperatures": temps,
+               "temperatures": temps,
                "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
                "test_accuracy": acc.tolist(), "mean_ci": stats,
                "best": {"temperature": temps[best[0]], "alpha": alphas[best[1]]},

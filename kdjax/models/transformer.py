@@ -90,7 +90,11 @@ class _Attention(_Part):
         heads = lambda t: t.reshape(b, n, self.num_heads, hd).transpose(0, 2, 1, 3)  # [b, heads, n, hd]
         scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / jnp.asarray(math.sqrt(hd), x.dtype)
         scores = jnp.where(mask, scores, jnp.finfo(x.dtype).min)
-        probs = nn.Dropout(self.dropout_rate, deterministic=not train)(jax.nn.softmax(scores, axis=-1))
+        probs = jax.nn.softmax(scores, axis=-1)
+        # the tap "transformer.h.<i>.attn:attention_probs" (kdjax.features.capture); kept only
+        # when the "intermediates" collection is mutable, so a plain apply is unchanged
+        self.sow("intermediates", "attention_probs", probs)
+        probs = nn.Dropout(self.dropout_rate, deterministic=not train)(probs)
         out = (probs @ heads(v)).transpose(0, 2, 1, 3).reshape(b, n, d)
         out = Conv1D(d, std=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype, name="c_proj")(out)
         return nn.Dropout(self.dropout_rate, deterministic=not train)(out)
