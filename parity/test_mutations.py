@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -99,21 +100,35 @@ def test_resnet_parity_catches_mutant(mutant, monkeypatch):
 
 # ----------------------------------------------------------------------------- feature-loss mutants
 
-from kdjax import features as feats  # noqa: E402
+from kdjax.features import losses as feats  # noqa: E402
 
-FEATURE_MUTANTS = {  # (function to replace, replacement, the rows that must fail)
-    "AT/SP: no normalisation": ("_l2_normalize", lambda v, axis=-1, eps=1e-12: v, "attention transfer"),
-    "RKD: distances not divided by their mean": ("_pairwise_distances", lambda e, squared, eps: 3.0 * jnp.where(
+from kdjax.features import connectors as feat_connectors, crd as feat_crd, objectives as feat_objectives  # noqa: E402
+
+
+def _pool_window_equals_stride(x, shape):  # tunix's VALID window replaced by the stride
+    strides = tuple(1 if n == m else n // m for n, m in zip(x.shape, shape))
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, strides, strides, "VALID")
+    return (summed / float(np.prod(strides)))[tuple(slice(0, m) for m in shape)]
+
+
+FEATURE_MUTANTS = {  # (module, function to replace, replacement, the rows that must fail)
+    "AT/SP: no normalisation": (feats, "_l2_normalize", lambda v, axis=-1, eps=1e-12: v, "attention transfer"),
+    "RKD: distances not divided by their mean": (feats, "_pairwise_distances", lambda e, squared, eps: 3.0 * jnp.where(
         jnp.eye(e.shape[0], dtype=bool), 0.0, jnp.sqrt(jnp.maximum(
             jnp.sum(e * e, 1)[:, None] + jnp.sum(e * e, 1)[None, :] - 2 * e @ e.T, eps)))
         * (1.0 + 0.1 * jnp.arange(e.shape[0])[:, None]), "relational"),
+    "Keras cosine: no normalisation": (feats, "_keras_normalize", lambda v, eps=1e-7: v, "cosine_similarity"),
+    "tunix pooling: window = stride": (feats, "pool_to_shape", _pool_window_equals_stride, "tunix"),
+    "CRD: bank rows not renormalised": (feat_crd, "_unit_rows", lambda v: v, "CRD step 1: memory"),
+    "FitNet: connector without its ReLU": (feat_objectives, "connector_for", lambda s, t, **kw:
+        feat_connectors.connector_for(s, t, relu=False), "FitNet 20 sgd steps"),
 }
 
 
 @pytest.mark.parametrize("mutant", list(FEATURE_MUTANTS))
 def test_feature_parity_catches_mutant(mutant, monkeypatch):
-    attr, fn, rows_that_fail = FEATURE_MUTANTS[mutant]
-    monkeypatch.setattr(feats, attr, fn)
+    module, attr, fn, rows_that_fail = FEATURE_MUTANTS[mutant]
+    monkeypatch.setattr(module, attr, fn)
     rows = run_check("features", Ctx("float64"))
     failed = [r.name for r in rows if not r.passed]
     assert any(rows_that_fail in name for name in failed), failed

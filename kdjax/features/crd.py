@@ -94,6 +94,10 @@ def contrast_loss(x, num_data: int, eps: float = 1e-7):
     return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / x.shape[0]
 
 
+def _unit_rows(v):
+    return v / jnp.sqrt(jnp.sum(v * v, axis=1, keepdims=True))
+
+
 def crd_loss(f_s, f_t, rows, contrast, memory: dict, *, temperature: float = 0.07, momentum: float = 0.5):
     """``(loss, new_memory)``: mdistiller's ``CRDLoss`` on embedded features.
 
@@ -123,7 +127,7 @@ def crd_loss(f_s, f_t, rows, contrast, memory: dict, *, temperature: float = 0.0
 
     def moved(mem, v):
         pos = mem[rows] * momentum + jax.lax.stop_gradient(v) * (1 - momentum)
-        return mem.at[rows].set(pos / jnp.sqrt(jnp.sum(pos * pos, axis=1, keepdims=True)))
+        return mem.at[rows].set(_unit_rows(pos))
 
     new = {"memory_s": moved(mem_s, f_s), "memory_t": moved(mem_t, f_t), "z": jnp.stack([z_s, z_t])}
     return loss, new
