@@ -9,7 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PAGES = {"README.md": README} | {f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
-TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh")
+TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh", "example-features")
 
 
 def block_after(marker: str, lang: str) -> str:
@@ -70,6 +70,17 @@ def test_mesh_example_runs():
     ns = run_example("example-mesh")
     assert str(ns["state"].params["fc"]["kernel"].sharding.spec) == "P()"
     assert ns["losses"]["loss"].shape == (10,)
+
+
+def test_features_example_runs():
+    import numpy as np
+
+    ns = run_example("example-features")
+    assert set(ns["metrics"]["terms"]) == {"ce", "hint:layer2", "at:layer1"}
+    terms = ns["metrics"]["terms"]
+    np.testing.assert_allclose(ns["metrics"]["loss"], sum(terms.values()), rtol=1e-5)
+    assert float(terms["hint:layer2"][-1]) < float(terms["hint:layer2"][0])  # the connector and student learn
+    assert "connectors" in ns["state"].params and "connectors" not in ns["own_params"]
 
 
 def test_commands_present():
