@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|lm|gpt2|all ...] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|features|lm|gpt2|all ...] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "lm", "gpt2", "all"],
+    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "features", "lm", "gpt2", "all"],
                     default=["all"], help="one or more presets (default: all)")
     ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
                     help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--impl", nargs="*", default=None,
                     help="time only these (torch_eager, torch_eager_cached, torch_compile, torch_compile_func, "
-                         "torch_func_sweep, kdjax_step, kdjax_fused, kdjax_sweep; on a GPU also "
+                         "torch_func_sweep, keras_distiller, keras_distiller_spe, kdjax_step, kdjax_fused, "
+                         "kdjax_sweep; on a GPU also "
                          "torch_compile_func_graphs, torch_func_sweep_graphs)")
     ap.add_argument("--eager-torch", action="store_true",
                     help="run the torch.compile rows uncompiled (smoke tests: code paths, not speed)")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) + ["lm", "gpt2"] if "all" in args.preset else list(dict.fromkeys(args.preset))
+    names = list(PRESETS) + ["features", "lm", "gpt2"] if "all" in args.preset else list(dict.fromkeys(args.preset))
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,
@@ -123,6 +124,13 @@ def main(argv=None) -> int:
                 shape = args.lm_shape or SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
                 out["lm"] = bench_lm(*shape, dtype=args.lm_dtype, repeats=min(args.repeats, 3),
                                      torch_device=torch_device, on_progress=status.update)
+                continue
+            if name == "features":
+                from benchmarks.features import STEPS, bench_features
+
+                out["features"] = bench_features(steps=max(2, args.steps or STEPS), repeats=min(args.repeats, 3),
+                                                 torch_device=torch_device, which=which, eager_torch=args.eager_torch,
+                                                 on_progress=status.update)
                 continue
             if name == "gpt2":
                 from benchmarks.gpt2 import SHAPES as GPT2_SHAPES, bench_gpt2
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
         t = Table(title=f"preset {name}: teacher {res['shapes']['teacher']}, student "
                         f"{res['shapes']['student']}, batch {res['shapes']['batch']}")
         for col in ("impl", "µs/step med", "min", "max", "steps/s", "GFLOP/s", "% peak",
-                    "compile s", "× torch_eager", "× best torch"):
+                    "compile s", "× torch_eager", "× best peer"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in res["results"].items():
             if "error" in r:
@@ -173,7 +181,7 @@ def main(argv=None) -> int:
                       else " ".join(f"(best {k})" for k, v in res["best_torch"].items() if v == impl))
         console.print(t)
         b = res["best_torch"]
-        console.print(f"strongest torch peer: {b['single']} for a single run, {b['sweep']} for a sweep "
+        console.print(f"strongest peer: {b['single']} for a single run, {b['sweep']} for a sweep "
                       f"(per student-step)")
     if "lm" in out:
         lm = out["lm"]
@@ -193,6 +201,20 @@ def main(argv=None) -> int:
                       f"{ra['fused_time_vs_torch']:.2f}x torch_naive's time; teacher as logits: "
                       f"{ra['fused_logits_temp_vs_naive_logits']:.1f}x less temporary memory, "
                       f"{ra['fused_logits_time_vs_naive_logits']:.2f}x the time")
+    if "features" in out:
+        f = out["features"]
+        sh = f["shape"]
+        t = Table(title=f"preset features: ResNet teacher {sh['teacher']} -> student {sh['student']}, batch "
+                        f"{sh['batch']}, {sh['image']} images, teacher online; {sh['objective']}")
+        for col in ("impl", "ms/step med", "min", "max", "compile s", "× best peer"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in f["results"].items():
+            ms = r["ms_per_step"]
+            t.add_row(impl, f"{ms['median']:.1f}", f"{ms['min']:.1f}", f"{ms['max']:.1f}",
+                      "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                      f"{f['speedup_vs_best_peer'][impl]:.2f}" if impl in f["speedup_vs_best_peer"]
+                      else "(best)" if impl == f["best_peer"] else "")
+        console.print(t)
     if "gpt2" in out:
         g = out["gpt2"]
         sh = g["shape"]

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from benchmarks.presets import GPU_IMPLS, IMPLS, SWEEP_ROWS, TEACHER_ONLINE, Impl, Inputs, Preset, sync_torch
+from benchmarks.presets import (GPU_IMPLS, IMPLS, PEERS, SWEEP_ROWS, TEACHER_ONLINE, Impl, Inputs, Preset,
+                                sync_torch)
 from benchmarks.rows_kdjax import KdjaxFused, KdjaxStep, KdjaxSweep
+from benchmarks.rows_keras import KerasDistiller
 from benchmarks.rows_torch import TorchEager, TorchFunc
 
 
@@ -39,6 +41,8 @@ def make_impls(p: Preset, inp: Inputs, which=IMPLS, eager_torch: bool = False) -
              "torch_compile_func_graphs": lambda: TorchFunc(p, inp, mode="reduce-overhead", compiled=c),
              "torch_func_sweep_graphs": lambda: TorchFunc(p, inp, sweep_members=True, mode="reduce-overhead",
                                                           compiled=c),
+             "keras_distiller": lambda: KerasDistiller(p, inp),
+             "keras_distiller_spe": lambda: KerasDistiller(p, inp, steps_per_execution=True),
              "kdjax_step": lambda: KdjaxStep(p, inp),
              "kdjax_fused": lambda: KdjaxFused(p, inp),
              "kdjax_sweep": lambda: KdjaxSweep(p, inp)}
@@ -115,13 +119,13 @@ def bench_preset(p: Preset, repeats: int, torch_device: str, peak_gflops: float,
 
 
 def best_torch(med: dict) -> tuple[dict, dict]:
-    """The strongest PyTorch peer of each kdjax row, from median µs per (student-)step:
-    for a single run the fastest torch single-run row; for a sweep the fastest of the
-    torch sweep rows *and* the best single run (24 sequential single runs are a sweep
-    too). Returns ``({"single": row, "sweep": row}, {kdjax row: ratio})``, ratio > 1
-    meaning kdjax is faster."""
-    single = {n: m for n, m in med.items() if n.startswith("torch") and not _is_sweep(n)}
-    swept = {n: m for n, m in med.items() if n.startswith("torch") and _is_sweep(n)}
+    """The strongest peer (PyTorch or Keras) of each kdjax row, from median µs per
+    (student-)step: for a single run the fastest peer single-run row; for a sweep the
+    fastest of the peer sweep rows *and* the best single run (24 sequential single runs
+    are a sweep too). Returns ``({"single": row, "sweep": row}, {kdjax row: ratio})``,
+    ratio > 1 meaning kdjax is faster."""
+    single = {n: m for n, m in med.items() if n.startswith(PEERS) and not _is_sweep(n)}
+    swept = {n: m for n, m in med.items() if n.startswith(PEERS) and _is_sweep(n)}
     best = {"single": min(single, key=single.get) if single else None}
     if single or swept:
         both = swept | ({best["single"]: single[best["single"]]} if single else {})
@@ -131,7 +135,7 @@ def best_torch(med: dict) -> tuple[dict, dict]:
     ratios = {}
     for name, m in med.items():
         peer = best["sweep" if _is_sweep(name) else "single"]
-        if not name.startswith("torch") and peer is not None:
+        if not name.startswith(PEERS) and peer is not None:
             ratios[name] = med[peer] / m
     return best, ratios
 

@@ -17,10 +17,11 @@ from parity import reference as ref
 SWEEP_T = (1.0, 2.0, 4.0, 8.0)
 SWEEP_ALPHA = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 IMPLS = ("torch_eager", "torch_eager_cached", "torch_compile", "torch_compile_func", "torch_func_sweep",
-         "kdjax_step", "kdjax_fused", "kdjax_sweep")
+         "keras_distiller", "keras_distiller_spe", "kdjax_step", "kdjax_fused", "kdjax_sweep")
+PEERS = ("torch", "keras")  # rows whose names start so are the peers kdjax is compared with
 GPU_IMPLS = ("torch_compile_func_graphs", "torch_func_sweep_graphs")  # CUDA graphs: on a GPU only
 SWEEP_ROWS = ("torch_func_sweep", "kdjax_sweep")  # timed per student-step
-TEACHER_ONLINE = ("torch_eager", "torch_compile", "kdjax_step")
+TEACHER_ONLINE = ("torch_eager", "torch_compile", "keras_distiller", "keras_distiller_spe", "kdjax_step")
 
 
 @dataclasses.dataclass(frozen=True)

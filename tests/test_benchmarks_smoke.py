@@ -11,8 +11,8 @@ pytest.importorskip("torch")
 
 def test_benchmarks_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    rows = ("torch_eager", "torch_eager_cached", "torch_compile_func", "torch_func_sweep", "kdjax_step",
-            "kdjax_fused", "kdjax_sweep")
+    rows = ("torch_eager", "torch_eager_cached", "torch_compile_func", "torch_func_sweep", "keras_distiller",
+            "kdjax_step", "kdjax_fused", "kdjax_sweep")
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "seed", "--steps", "3", "--repeats", "1",
            "--impl", *rows, "--eager-torch", "--precision", "tensorfloat32", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -29,9 +29,10 @@ def test_benchmarks_smoke(tmp_path):
         assert r["us_per_step"]["min"] <= r["us_per_step"]["median"] <= r["us_per_step"]["max"]
         assert r["gflops"] > 0 and 0 < r["frac_peak"]
     assert set(seed["speedup_vs_torch_eager"]) == set(rows) - {"torch_eager"}
+    assert seed["results"]["keras_distiller"]["flops_per_step"] == seed["results"]["kdjax_step"]["flops_per_step"]
     assert seed["results"]["torch_func_sweep"]["per_student_step"] and seed["results"]["kdjax_sweep"]["per_student_step"]
-    best = seed["best_torch"]
-    assert best["single"] in ("torch_eager", "torch_eager_cached", "torch_compile_func")
+    best = seed["best_torch"]  # the strongest peer, PyTorch or Keras
+    assert best["single"] in ("torch_eager", "torch_eager_cached", "torch_compile_func", "keras_distiller")
     assert best["sweep"] in ("torch_func_sweep", best["single"])  # sequential single runs are a sweep too
     assert set(seed["speedup_vs_best_torch"]) == {"kdjax_step", "kdjax_fused", "kdjax_sweep"}
 
@@ -147,3 +148,36 @@ def test_per_call_rows_smoke():
     assert set(r) == {"step_jit", "step_compiled", "step_teacher_online", "fused", "floor", "run_one_step",
                       "loop_take_batch", "slice_batches"}
     assert all(v["median"] > 0 for v in r.values())
+
+
+def test_features_preset_smoke(monkeypatch):
+    """Tiny shapes of the features preset: hooks in PyTorch and kdjax's objective compute the
+    same first two losses (checked inside), and a torch row with another weight is refused."""
+    import dataclasses
+
+    import benchmarks.features as bf
+    from benchmarks.presets import PRESETS
+
+    p = dataclasses.replace(PRESETS["cifar"], name="features", teacher=((1, 1, 1), (8, 8, 16)),
+                            student=((1, 1, 1), (4, 4, 8)), image=(8, 8, 3), batch=8, num_samples=32, steps=2)
+    r = bf.bench_features(steps=2, repeats=1, eager_torch=True, p=p)
+    assert set(r["results"]) == set(bf.IMPLS) and r["best_peer"] in ("torch_eager", "torch_compile")
+    assert set(r["speedup_vs_best_peer"]) == {"kdjax_step", "kdjax_fused"}
+    assert "hint:layer3" in r["shape"]["objective"] and "at:layer1" in r["shape"]["objective"]
+    real = bf.fref.at  # the torch rows' attention transfer only
+    monkeypatch.setattr(bf.fref, "at", lambda s, t: 1.1 * real(s, t))
+    with pytest.raises(RuntimeError, match="torch_eager's first two losses"):
+        bf.bench_features(steps=2, repeats=1, eager_torch=True, p=p, which=("torch_eager",))
+
+
+def test_keras_row_refuses_another_loss(monkeypatch):
+    import dataclasses
+
+    from benchmarks.presets import PRESETS, Inputs
+    from benchmarks.rows_keras import KerasDistiller
+
+    p = dataclasses.replace(PRESETS["seed"], steps=2)
+    row = KerasDistiller(p, Inputs(p, "cpu"))
+    monkeypatch.setattr(KerasDistiller, "_reference_first_loss", lambda self: 1.0)
+    with pytest.raises(RuntimeError, match="differs from the PyTorch reference"):
+        row.setup()
