@@ -194,3 +194,44 @@ def test_workflow_pairs_standard_and_objective_students():
     own = features.student_variables(with_conn.params)[0]
     for a, b in zip(jax.tree_util.tree_leaves(standard_init.params), jax.tree_util.tree_leaves(own)):
         np.testing.assert_array_equal(a, b)  # paired: the same student init with or without connectors
+
+
+def test_transformer_hidden_states_and_attention_probabilities():
+    """DistillKit-style hidden-state MSE through a bias-free Linear (widths 8 -> 16) and
+    EasyDeL-style attention-probability MSE (equal heads and lengths), on TransformerLMs."""
+    teacher, student = kdjax.TransformerLM(19, 2, 16, 2, 8), kdjax.TransformerLM(19, 1, 8, 2, 8)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 19, (6, 9)), jnp.int32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    t_state = kdjax.create_train_state(teacher, 0, x[:1])
+    obj = features.objective(ce=1.0, kd=1.0, terms=[
+        ("mse", "transformer.h.1", "transformer.h.0", 1.0, True),
+        ("mse", "transformer.h.1.attn:attention_probs", "transformer.h.0.attn:attention_probs", 10.0)])
+    params, model_state = kdjax.train.init_variables(student, 1, x[:1])
+    params, model_state = features.init_connectors(obj, 2, params, model_state, student, teacher, t_state, x[:2])
+    assert jax.tree_util.tree_map(jnp.shape, params["connectors"]) == {"mse:transformer.h.0": {"linear": {
+        "kernel": (8, 16)}}}  # bias-free
+    state = kdjax.state_from_params(params, model_state=model_state)
+    sched = jnp.asarray(np.random.default_rng(3).integers(0, 6, (30, 4)), jnp.int32)
+    state, m = kdjax.make_run(student, obj, teacher=teacher)(state, {"x": x, "y": y}, sched, jax.random.PRNGKey(0),
+                                                            None, t_state)
+    for key in ("mse:transformer.h.0", "mse:transformer.h.0.attn:attention_probs"):
+        assert float(m["terms"][key][-5:].mean()) < float(m["terms"][key][:5].mean()), key
+    with pytest.raises(InputError, match="feature terms do not take a padding mask"):
+        kdjax.make_train_step(student, obj, teacher=teacher)(
+            state, {"x": x[:2], "y": y[:2], "where": jnp.ones((2, 8), bool)}, jax.random.PRNGKey(0), None, t_state)
+
+
+def test_objective_ce_and_kd_follow_the_padding_mask(pair):
+    """With batch['where'] an objective of ce and kd equals distillation_loss's masked means."""
+    lm_t, lm_s = kdjax.TransformerLM(13, 1, 8, 2, 6), kdjax.TransformerLM(13, 1, 8, 2, 6)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 13, (4, 6)), jnp.int32)
+    where = jnp.asarray(np.random.default_rng(5).random((4, 6)) < 0.6)
+    t_state = kdjax.create_train_state(lm_t, 0, tokens[:1])
+    s_state = kdjax.create_train_state(lm_s, 1, tokens[:1])
+    t_logits = lm_t.apply(t_state.variables, tokens)
+    obj = features.objective(ce=0.3, kd=0.7, temperature=2.0)
+    batch = {"x": tokens, "y": tokens, "where": where, "teacher_logits": t_logits}
+    _, m = kdjax.make_train_step(lm_s, obj, donate=False)(s_state, batch, jax.random.PRNGKey(0), None)
+    _, want = kdjax.make_train_step(lm_s, "kd", donate=False)(s_state, batch, jax.random.PRNGKey(0),
+                                                              kdjax.make_hyper(2.0, 0.7))
+    np.testing.assert_allclose(m["loss"], want["loss"], rtol=1e-6)

@@ -30,7 +30,7 @@ from kdjax.features import crd as crd_lib
 from kdjax.features import losses as L
 from kdjax.features.connectors import check_mapped, connector_for
 from kdjax.features.taps import capture
-from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce
+from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce, masked_mean
 
 __all__ = ["Term", "Objective", "objective", "LOSSES", "CONNECTORS", "student_variables", "init_connectors"]
 
@@ -175,17 +175,21 @@ class Objective:
         else:
             logits, new_s_state = _apply_train(model, s_params, s_state, x, rngs)
         t_logits, t_feats = self._teacher_outputs(batch, teacher, teacher_variables)
+        where = batch.get("where")  # token-level: only these positions count (CE and the logit term)
+        if where is not None and self.terms:
+            raise InputError("objective: feature terms do not take a padding mask (batch['where']); expected "
+                             "batches without one, or an objective of ce and kd only")
         metrics, total = {}, 0.0
         if self.ce:
-            metrics["ce"] = self.ce * jnp.mean(hard_ce(logits, batch["y"]))
+            metrics["ce"] = self.ce * masked_mean(hard_ce(logits, batch["y"], where=where), where)
         if self.kd:
             if self.divergence == "dkd":
                 ramp = 1.0 if self.warmup_steps == 0 else jnp.minimum((step + 1) / self.warmup_steps, 1.0)
-                value = ramp * jnp.mean(dkd(logits, t_logits, batch["y"], self.temperature, self.dkd_alpha,
-                                            self.dkd_beta))
+                value = ramp * masked_mean(dkd(logits, t_logits, batch["y"], self.temperature, self.dkd_alpha,
+                                               self.dkd_beta, where=where), where)
             else:
-                value = self.temperature ** 2 * jnp.mean(
-                    divergence_per_position(logits, t_logits, self.temperature, self.divergence))
+                value = self.temperature ** 2 * masked_mean(
+                    divergence_per_position(logits, t_logits, self.temperature, self.divergence), where)
             metrics["kd"] = self.kd * value
         new_c_state = dict(c_state)
         for i, term in enumerate(self.terms):
