@@ -43,7 +43,8 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["torch_name", "torch_to_variables", "variables_to_torch", "torch_to_flax", "flax_to_torch"]
+__all__ = ["torch_name", "torch_to_variables", "variables_to_torch", "torch_to_flax", "flax_to_torch", "load_hf", "save_hf",
+           "HF_ARCHITECTURES"]
 
 _FLAX_NAME = {"weight": "kernel", "bias": "bias"}
 _TORCH_NAME = {v: k for k, v in _FLAX_NAME.items()}
@@ -283,3 +284,122 @@ def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
             raise InputError(f"tied: {name} repeats {source}, which the variables do not have")
         out[name] = out[source].copy()
     return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face directories
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                    "GPT2LMHeadModel")
+
+
+def _hf_model(config: dict, dtype):
+    from kdjax.models import Llama, TransformerLM
+
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise InputError(f"config.json: architecture {arch or config.get('model_type')!r} is not supported "
+                         f"(expected one of {', '.join(HF_ARCHITECTURES)})")
+    if arch == "GPT2LMHeadModel":
+        return TransformerLM.from_gpt2_config(config, dtype=dtype)
+    return Llama.from_hf_config(config, dtype=dtype)
+
+
+def _gpt2_config(model) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": model.vocab_size,
+            "n_layer": model.num_layers, "n_embd": model.d_model, "n_head": model.num_heads,
+            "n_positions": model.max_len, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": model.tie_embeddings, "resid_pdrop": model.dropout_rate,
+            "embd_pdrop": model.dropout_rate, "attn_pdrop": model.dropout_rate}
+
+
+def load_hf(directory, *, dtype=None):
+    """``(model, variables)`` from a Hugging Face checkpoint directory: ``config.json`` and
+    ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``), read
+    with ``safetensors`` (no torch). Architectures: ``HF_ARCHITECTURES`` (the Llama family
+    as ``kdjax.models.Llama``, GPT-2 as ``TransformerLM``). ``dtype``: the model's (default
+    float32); the weights are cast to it.
+
+    Raises:
+      InputError: a missing or unreadable file, an unsupported architecture (named), weights
+        that do not fit the configuration (every key named).
+    """
+    import json
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if dtype is None else dtype
+    path = os.fspath(directory)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: expected a Hugging Face checkpoint directory with a readable config.json "
+                         f"({type(e).__name__}: {e})") from None
+    model = _hf_model(config, dtype)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise InputError("load_hf: needs the safetensors package (pip install 'kdjax[hf]')") from None
+
+    state = {}
+    try:
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="flax") as f:
+                for key in f.keys():
+                    state[key] = np.asarray(f.get_tensor(key).astype(dtype))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise InputError(f"{path}: could not read the weights {files} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    return model, torch_to_variables(state, like, tied=model.tied_weights)
+
+
+def save_hf(model, variables, directory, *, overwrite: bool = False) -> None:
+    """Write ``config.json`` and ``model.safetensors`` so that ``transformers``'
+    ``AutoModelForCausalLM.from_pretrained(directory)`` builds ``model`` with these weights
+    (a tied head is written once, as ``transformers`` does). The directory is written
+    whole or not at all (a temporary sibling renamed into place); an existing one is
+    refused unless ``overwrite``."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from kdjax.models import Llama, TransformerLM
+
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise InputError("save_hf: needs the safetensors package (pip install 'kdjax[hf]')") from None
+
+    if isinstance(model, Llama):
+        config = model.hf_config()
+    elif isinstance(model, TransformerLM):
+        config = _gpt2_config(model)
+    else:
+        raise InputTypeError(f"save_hf: expected a kdjax Llama-family model or TransformerLM, got "
+                             f"{type(model).__name__}")
+    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not overwrite:
+        raise InputError(f"save_hf: {path} exists; pass overwrite=True to replace it")
+    tensors = {k: np.ascontiguousarray(v) for k, v in variables_to_torch(variables).items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save_hf-", dir=os.path.dirname(path))
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -144,3 +144,35 @@ def test_at_channel_mean_versus_sum_is_invisible_after_normalisation():
     a = feats._attention_map(f, 2)
     b = feats._l2_normalize(jnp.sum(f ** 2, axis=-1).reshape(2, -1))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Llama-family mutants
+
+from kdjax.models import llama as llama_model  # noqa: E402
+
+LLAMA_MUTANTS = {  # (function to replace, replacement, the rows that must fail)
+    "rotary halves swapped": ("_rotate_half", lambda x: jnp.concatenate(
+        [x[..., x.shape[-1] // 2:], -x[..., :x.shape[-1] // 2]], axis=-1), "Llama (llama3 rope): logits"),
+    "GQA heads repeated in the wrong order": ("_repeat_kv", lambda x, g: jnp.tile(x, (1, g, 1, 1)),
+                                              "Qwen3 (q/k norm, head_dim 16): logits"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(LLAMA_MUTANTS))
+def test_llama_parity_catches_mutant(mutant, monkeypatch):
+    pytest.importorskip("transformers")
+    attr, fn, rows_that_fail = LLAMA_MUTANTS[mutant]
+    monkeypatch.setattr(llama_model, attr, fn)
+    rows = run_check("llama_hf", Ctx("float64"))
+    failed = [r.name for r in rows if not r.passed]
+    assert any(rows_that_fail in name for name in failed), failed
+
+
+def test_llama_parity_sees_the_sliding_window(monkeypatch):
+    """Mistral's window (3 of 10 tokens) changes the logits: ignoring it fails the row."""
+    pytest.importorskip("transformers")
+    real = llama_model.Llama.from_hf_config.__func__
+    monkeypatch.setattr(llama_model.Llama, "from_hf_config",
+                        classmethod(lambda cls, c, **kw: real(cls, c, **kw).clone(sliding_windows=None)))
+    failed = [r.name for r in run_check("llama_hf", Ctx("float64")) if not r.passed]
+    assert any("Mistral (sliding window 3): logits" in name for name in failed), failed

@@ -22,6 +22,7 @@ from typing import Callable
 from parity.checks.common import DTYPES, F64, TOL, Ctx, Result, compare, precision
 from parity.checks.features import check_features
 from parity.checks.gpt import check_gpt2_hf, check_transformer
+from parity.checks.llama import check_llama_hf
 from parity.checks.mlp import (check_adam_step, check_dropout_stats, check_end_to_end, check_forward, check_grads,
                                check_loss, check_runs)
 from parity.checks.resnet import (check_lr_schedules, check_resnet18_convert, check_resnet_forward,
@@ -51,6 +52,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "features": check_features,
     "transformer": check_transformer,
     "gpt2_hf": check_gpt2_hf,
+    "llama_hf": check_llama_hf,
 }
 
 

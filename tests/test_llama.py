@@ -1,0 +1,103 @@
+"""kdjax.models.Llama and Hugging Face checkpoint folders (kdjax.convert.load_hf / save_hf):
+configs read and written back, the folders' errors, GPT-2 through the same door, and the
+decoder inside the train step. Logits against transformers are parity rows
+(parity/checks/llama.py)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax import convert
+from kdjax.errors import InputError
+from kdjax.models import Llama
+
+TINY = Llama(vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 37, (4, 9)), jnp.int32)
+    return tokens, TINY.init(jax.random.PRNGKey(0), tokens)
+
+
+def test_config_round_trip_for_every_family():
+    for model in (TINY, TINY.clone(architecture="Qwen2ForCausalLM", qkv_bias=True, tie_word_embeddings=True),
+                  TINY.clone(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=8),
+                  TINY.clone(architecture="MistralForCausalLM", sliding_windows=(4, 4)),
+                  TINY.clone(rope_theta=500000.0, rope_scaling=(8.0, 1.0, 4.0, 16.0))):
+        assert Llama.from_hf_config(model.hf_config()) == model
+
+
+def test_save_and_load_hf(tiny, tmp_path):
+    tokens, v = tiny
+    convert.save_hf(TINY, v, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json", "model.safetensors"]
+    model, back = convert.load_hf(tmp_path / "s")
+    assert model == TINY
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="exists; pass overwrite=True"):
+        convert.save_hf(TINY, v, tmp_path / "s")
+    convert.save_hf(TINY, v, tmp_path / "s", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_transformers_loads_what_save_hf_writes(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    tokens, v = tiny
+    convert.save_hf(TINY, v, tmp_path / "s")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    with torch.no_grad():
+        want = hf(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(TINY.apply(v, tokens), want, atol=1e-5, rtol=1e-5)
+    gpt = kdjax.TransformerLM(37, 2, 16, 4, 12)
+    gv = gpt.init(jax.random.PRNGKey(1), tokens)
+    convert.save_hf(gpt, gv, tmp_path / "g")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()
+    with torch.no_grad():
+        want = hf(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(gpt.apply(gv, tokens), want, atol=1e-5, rtol=1e-5)
+    model, back = convert.load_hf(tmp_path / "g")
+    assert model == gpt
+
+
+def test_load_hf_errors(tiny, tmp_path):
+    tokens, v = tiny
+    with pytest.raises(InputError, match="readable config.json"):
+        convert.load_hf(tmp_path / "nothing")
+    convert.save_hf(TINY, v, tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg | {"architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(InputError, match="architecture 'GemmaForCausalLM' is not supported"):
+        convert.load_hf(tmp_path / "s")
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 32}))
+    with pytest.raises(InputError, match="mlp.down_proj"):
+        convert.load_hf(tmp_path / "s")  # the weights do not fit the configuration: keys named
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "s" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(InputError, match="could not read the weights"):
+        convert.load_hf(tmp_path / "s")
+    with pytest.raises(InputError, match="rope_type 'yarn' is not supported"):
+        Llama.from_hf_config(cfg | {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
+
+
+def test_llama_in_the_train_step(tiny):
+    tokens, v = tiny
+    student = Llama(vocab_size=37, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    state = kdjax.create_train_state(student, 0, tokens[:1])
+    where = jnp.arange(9)[None] < jnp.asarray([[9], [5], [9], [7]])
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, 1), "where": where, "teacher_logits": TINY.apply(v, tokens)}
+    step = kdjax.make_train_step(student, "kd")
+    losses = []
+    for _ in range(15):
+        state, m = step(state, batch, jax.random.PRNGKey(0), kdjax.make_hyper(2.0, 0.5))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    with pytest.raises(InputError, match="num_heads divisible by num_kv_heads"):
+        student.clone(num_kv_heads=3).init(jax.random.PRNGKey(0), tokens)
