@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from kdjax.errors import InputError
 from kdjax.models.mlp import torch_linear_init
-from kdjax.models.resnet import BatchNorm
+from kdjax.models.resnet import BatchNorm, conv2d
 
 __all__ = ["ConvConnector", "LinearConnector", "connector_for"]
 
@@ -38,12 +38,29 @@ class ConvConnector(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        init = torch_linear_init(x.shape[-1] * self.kernel * self.kernel)
         pad = ((self.padding, self.padding),) * 2
-        x = nn.Conv(self.channels, (self.kernel, self.kernel), (self.stride, self.stride), pad, kernel_init=init,
-                    bias_init=init, dtype=self.dtype, param_dtype=self.dtype, name="conv")(x)
+        x = _ConvBias(self.channels, self.kernel, self.stride, pad, self.dtype, name="conv")(x)
         x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
         return nn.relu(x) if self.relu else x
+
+
+class _ConvBias(nn.Module):
+    """PyTorch's ``Conv2d`` with bias (params ``kernel`` HWIO, ``bias``), through kdjax's
+    ``conv2d`` (whose gradients stay fast inside fused runs on CPU)."""
+
+    features: int
+    kernel: int
+    stride: int
+    pads: tuple
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = torch_linear_init(x.shape[-1] * self.kernel * self.kernel)
+        kernel = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1], self.features), self.dtype)
+        bias = self.param("bias", init, (self.features,), self.dtype)
+        y = conv2d(jnp.asarray(x, self.dtype), kernel, self.stride, self.pads)
+        return y + bias.reshape(1, 1, 1, -1)
 
 
 class LinearConnector(nn.Module):
