@@ -13,6 +13,7 @@ teacher_logits, labels, ...)``; only the order of the sums differs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -23,7 +24,7 @@ from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses import (DIVERGENCES, _hard_ce, check_alpha, check_beta, check_labels, check_temperature,
                           check_where, divergence_per_position)
 
-__all__ = ["linear_distillation_loss"]
+__all__ = ["linear_distillation_loss", "FusedLM"]
 
 
 def _chunk_sums(h, kernel, bias, teacher, t_layer, labels, where, hyper, config):
@@ -238,3 +239,49 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     loss = _fused(flat(student_hidden), student_kernel, student_bias, teacher, t_layer, flat(labels), mask, hyper,
                   (divergence, teacher_is_hidden, _layout(n, int(chunk_size))))
     return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLM:
+    """A train-step objective for language models that never builds ``[tokens, vocab]``
+    logits: ``make_train_step(student, FusedLM(), teacher=teacher)`` (or ``make_run``).
+
+    The student returns its final hidden states (``apply(..., hidden_states=True)``) and
+    names its head (``output_layer(params) -> (kernel, bias)``; kdjax's ``TransformerLM``
+    and ``Llama`` do); the loss is ``linear_distillation_loss`` with ``hyper.temperature``
+    and ``hyper.alpha`` (a ``Hyper``, as ``"kd"``), over ``batch["where"]`` when given,
+    against the online teacher's hidden states and head (again no ``[tokens, vocab]``
+    array) or ``batch["teacher_logits"]`` when cached. ``divergence``/``beta``: as
+    ``distillation_loss``; ``chunk_size``: tokens per chunk.
+    """
+
+    divergence: str = "kl"
+    beta: float = 0.5
+    chunk_size: int = 256
+
+    def loss(self, params, model_state, batch, rng, hyper, teacher_variables, *, model, teacher):
+        if hyper is None:
+            raise InputError("hyper: FusedLM needs a Hyper (kdjax.make_hyper), got None")
+        for who, m in (("model", model), ("teacher", teacher)):
+            if m is not None and not hasattr(m, "output_layer"):
+                raise InputError(f"{who}: FusedLM needs a model with output_layer(params) and "
+                                 f"apply(..., hidden_states=True) (kdjax's TransformerLM and Llama), got "
+                                 f"{type(m).__name__}")
+        variables = {"params": params, **model_state}
+        h = model.apply(variables, batch["x"], train=True, rngs={"dropout": rng}, hidden_states=True)
+        kernel, bias = model.output_layer(params)
+        kw = dict(student_bias=bias, temperature=hyper.temperature, alpha=hyper.alpha, where=batch.get("where"),
+                  divergence=self.divergence, beta=self.beta, chunk_size=self.chunk_size)
+        if "teacher_logits" in batch:
+            return linear_distillation_loss(h, kernel, batch["y"], teacher_logits=batch["teacher_logits"], **kw)
+        if teacher is None or teacher_variables is None:
+            raise InputError("FusedLM: expected batch['teacher_logits'] or both a bound teacher and teacher_params, "
+                             "got neither")
+        if hasattr(teacher_variables, "model_state"):  # a TrainState
+            t_vars = {"params": teacher_variables.params, **teacher_variables.model_state}
+        else:
+            t_vars = teacher_variables if "params" in teacher_variables else {"params": teacher_variables}
+        th = jax.lax.stop_gradient(teacher.apply(t_vars, batch["x"], hidden_states=True))
+        tk, tb = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher.output_layer(t_vars["params"]))
+        return linear_distillation_loss(h, kernel, batch["y"], teacher_hidden=th, teacher_kernel=tk, teacher_bias=tb,
+                                        **kw)

@@ -121,7 +121,7 @@ FEATURE_MUTANTS = {  # (module, function to replace, replacement, the rows that 
     "tunix pooling: window = stride": (feats, "pool_to_shape", _pool_window_equals_stride, "tunix"),
     "CRD: bank rows not renormalised": (feat_crd, "_unit_rows", lambda v: v, "CRD step 1: memory"),
     "FitNet: connector without its ReLU": (feat_objectives, "connector_for", lambda s, t, **kw:
-        feat_connectors.connector_for(s, t, relu=False), "FitNet 20 sgd steps"),
+        feat_connectors.connector_for(s, t, **{**kw, "relu": False}), "FitNet 20 sgd steps"),
 }
 
 

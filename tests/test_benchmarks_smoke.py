@@ -181,3 +181,14 @@ def test_keras_row_refuses_another_loss(monkeypatch):
     monkeypatch.setattr(KerasDistiller, "_reference_first_loss", lambda self: 1.0)
     with pytest.raises(RuntimeError, match="differs from the PyTorch reference"):
         row.setup()
+
+
+def test_fused_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "fused.json"
+    cmd = [sys.executable, "-m", "benchmarks.fused_step", "--vocab", "512", "--tokens", "2", "16", "--chunk", "8",
+           "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())["512"]
+    assert r["logits"]["temp_bytes"] > 0 and r["fused"]["temp_bytes"] > 0 and r["time_ratio"] > 0
+    assert abs(r["logits"]["first_loss"] - r["fused"]["first_loss"]) < 1e-4 * abs(r["logits"]["first_loss"])

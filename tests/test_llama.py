@@ -101,3 +101,36 @@ def test_llama_in_the_train_step(tiny):
     assert losses[-1] < losses[0]
     with pytest.raises(InputError, match="num_heads divisible by num_kv_heads"):
         student.clone(num_kv_heads=3).init(jax.random.PRNGKey(0), tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_lm_step_equals_the_logits_step(family):
+    """FusedLM (hidden states + head, chunked; no [tokens, vocab] array) takes the same step
+    as "kd" on the logits: online teacher (hidden states + its head) and cached logits."""
+    from kdjax.fused import FusedLM
+
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 37, (3, 8)), jnp.int32)
+    where = jnp.arange(8)[None] < jnp.asarray([[8], [5], [7]])
+    if family == "llama":
+        teacher, student = TINY, TINY.clone(hidden_size=8, num_layers=1, tie_word_embeddings=True)
+    else:
+        teacher, student = kdjax.TransformerLM(37, 2, 16, 4, 8), kdjax.TransformerLM(37, 1, 8, 2, 8,
+                                                                                       tie_embeddings=False)
+    t_state = kdjax.create_train_state(teacher, 0, tokens[:1])
+    state = kdjax.create_train_state(student, 1, tokens[:1])
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, 1), "where": where}
+    hyper = kdjax.make_hyper(2.0, 0.6)
+    want_state, want = kdjax.make_train_step(student, "kd", teacher=teacher, donate=False)(
+        state, batch, jax.random.PRNGKey(0), hyper, t_state)
+    fused = FusedLM(chunk_size=5)
+    got_state, got = kdjax.make_train_step(student, fused, teacher=teacher, donate=False)(
+        state, batch, jax.random.PRNGKey(0), hyper, t_state)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got_state.params), jax.tree_util.tree_leaves(want_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    cached = batch | {"teacher_logits": teacher.apply(t_state.variables, tokens)}
+    _, got_cached = kdjax.make_train_step(student, fused, donate=False)(state, cached, jax.random.PRNGKey(0), hyper)
+    np.testing.assert_allclose(got_cached["loss"], want["loss"], rtol=1e-6)
+    with pytest.raises(InputError, match="FusedLM needs a Hyper"):
+        kdjax.make_train_step(student, fused, donate=False)(state, cached, jax.random.PRNGKey(0))

@@ -71,9 +71,11 @@ def test_t_squared_keeps_soft_gradient_magnitude(s, t):
     independent of T, where without T^2 it would shrink like 1/T^2."""
     y = np.zeros(B, np.int32)
     g = lambda T: np.linalg.norm(np.asarray(jax.grad(loss)(s, t, y, T, 1.0)))
-    g10, g100 = g(10.0), g(100.0)
+    # (T = 100 and 1000: logit gaps up to 10 reach the large-T regime only well above T = 10,
+    # where a ratio of 1.35 was found, e.g. rows [0, 3, 3, 3, 3] against [-4, 3, 3, 3, 3])
+    g100, g1000 = g(100.0), g(1000.0)
     centred = (s - s.mean(1, keepdims=True)) - (t - t.mean(1, keepdims=True))
     if np.linalg.norm(centred) < 0.5:  # teacher ~ student: nothing to compare
         return
-    assert 0.75 < g100 / g10 < 1.33
-    np.testing.assert_allclose(g100, np.linalg.norm(centred) / (C * B), rtol=0.05)
+    assert 0.9 < g1000 / g100 < 1.1
+    np.testing.assert_allclose(g1000, np.linalg.norm(centred) / (C * B), rtol=0.05)

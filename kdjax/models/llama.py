@@ -219,6 +219,13 @@ class Llama(nn.Module):
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def output_layer(self, params) -> tuple:
+        """``(kernel [hidden, vocab], None)``: the head applied to ``hidden_states=True``'s
+        output (the transposed token embedding when tied)."""
+        if self.tie_word_embeddings:
+            return params["model"]["embed_tokens"]["embedding"].T, None
+        return params["lm_head"]["kernel"], None
+
     @property
     def tied_weights(self) -> dict:
         """The ``state_dict`` copies a tied head lists (``torch_to_variables(tied=...)``)."""

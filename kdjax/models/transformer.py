@@ -204,6 +204,13 @@ class TransformerLM(nn.Module):
                              f"missing {e}") from None
         return cls(**(kw | overrides))
 
+    def output_layer(self, params) -> tuple:
+        """``(kernel [d_model, vocab], bias or None)``: the head applied to the hidden states
+        ``apply(..., hidden_states=True)`` returns (the transposed embedding when tied)."""
+        if self.tie_embeddings:
+            return params["transformer"]["wte"]["embedding"].T, None
+        return params["lm_head"]["kernel"], None
+
     @property
     def tied_weights(self) -> dict:
         """The ties of its ``state_dict`` (``kdjax.convert``'s ``tied=``): the head is the
@@ -222,7 +229,7 @@ class TransformerLM(nn.Module):
             raise InputError(f"TransformerLM dropout_rate: expected a number in [0, 1), got {self.dropout_rate}")
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, mask=None):
+    def __call__(self, tokens, train: bool = False, mask=None, hidden_states: bool = False):
         self._check()
         check_tokens(tokens, self.vocab_size, self.max_len)
         b, n = tokens.shape
@@ -234,6 +241,8 @@ class TransformerLM(nn.Module):
         body = _Transformer(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.max_len,
                             self.dropout_rate, self.dtype, name="transformer")
         h = body(tokens, allowed, train)
+        if hidden_states:
+            return h
         if self.tie_embeddings:
             return body.tied_logits(h)
         return nn.Dense(self.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(0.02),

@@ -29,6 +29,7 @@ import optax
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
 from kdjax.features.objectives import Objective
+from kdjax.fused import FusedLM
 from kdjax.losses import check_where, distillation_loss, hard_ce, masked_mean
 from kdjax.train.optimizers import adam
 from kdjax.train.state import Hyper, TrainState, _check_model
@@ -81,6 +82,9 @@ def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, mo
     """``(loss, (new_model_state, metrics))``; metrics are an objective's terms (else {})."""
     if isinstance(objective, Objective):
         return objective.loss(params, model_state, batch, rng, step, teacher_params, model=model, teacher=teacher)
+    if isinstance(objective, FusedLM):
+        loss = objective.loss(params, model_state, batch, rng, hyper, teacher_params, model=model, teacher=teacher)
+        return loss, (model_state, {})
     logits, new_state = apply_model(model, params, model_state, batch["x"], train=True, rng=rng)
     where = batch.get("where")  # token-level: only these positions count
     if objective == "ce":
@@ -98,8 +102,9 @@ def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, mo
 
 
 def _check_objective(objective) -> None:
-    if not (isinstance(objective, Objective) or callable(objective) or objective in OBJECTIVES):
-        raise InputError(f"objective: expected one of {OBJECTIVES}, a kdjax.features.Objective or a callable "
+    if not (isinstance(objective, (Objective, FusedLM)) or callable(objective) or objective in OBJECTIVES):
+        raise InputError(f"objective: expected one of {OBJECTIVES}, a kdjax.features.Objective, a kdjax.fused.FusedLM "
+                         f"or a callable "
                          f"loss(logits, batch, teacher_logits, hyper), got {objective!r}")
 
 
@@ -126,11 +131,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         must be None).
     """
     _check_objective(objective)
-    if objective == "kd":
+    if objective == "kd" or isinstance(objective, FusedLM):
+        name = "'kd'" if objective == "kd" else "FusedLM"
         if hyper is None:
-            raise InputError("hyper: objective 'kd' needs a Hyper (see kdjax.make_hyper), got None")
+            raise InputError(f"hyper: objective {name} needs a Hyper (see kdjax.make_hyper), got None")
         if "teacher_logits" not in batch and (teacher is None or teacher_params is None):
-            raise InputError("objective 'kd': expected batch['teacher_logits'] or both a bound "
+            raise InputError(f"objective {name}: expected batch['teacher_logits'] or both a bound "
                              "teacher and teacher_params, got neither")
     if isinstance(objective, Objective) and hyper is not None:
         raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
