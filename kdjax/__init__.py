@@ -6,12 +6,12 @@ step, fused runs, optimizers and evaluation in ``kdjax.train``, data and schedul
 ``kdjax.convert``, checkpoints in ``kdjax.checkpoint``, and the exceptions raised for
 user mistakes in ``kdjax.errors``. Training runs on a data set are in ``kdjax.fitting``,
 whole workflows with resume in ``kdjax.workflows`` (Hinton's omitted-class experiment in
-``kdjax.hinton``). The ``kdjax`` command lives in ``kdjax.app``, which this package does
+``kdjax.hinton``), tokenizers for the language models in ``kdjax.tokenizer``. The ``kdjax`` command lives in ``kdjax.app``, which this package does
 not import.
 """
 
 from kdjax import (checkpoint, convert, data, errors, features, fitting, fused, losses, models, parallel, stats, sweep,
-                   train, workflows)
+                   tokenizer, train, workflows)
 from kdjax.losses import distillation_loss, hard_ce, soft_kl
 from kdjax.models import MLP, BatchNorm, ResNet, StudentMLP, TeacherMLP, TransformerLM, param_count, resnet18
 from kdjax.train import (
@@ -37,7 +37,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "checkpoint", "convert", "data", "errors", "features", "fitting", "fused", "losses", "models", "parallel", "stats", "sweep",
-    "train",
+    "tokenizer", "train",
     "workflows",
     "distillation_loss", "hard_ce", "soft_kl",
     "MLP", "BatchNorm", "ResNet", "StudentMLP", "TeacherMLP", "TransformerLM", "param_count", "resnet18",

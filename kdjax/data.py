@@ -208,8 +208,8 @@ def _windows(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEXT_MODULES,
-         validation_every: int = 10, max_bytes: int | None = None) -> Dataset:
-    """Byte-level language-model data (vocabulary 256), no download.
+         validation_every: int = 10, max_bytes: int | None = None, tokenizer=None) -> Dataset:
+    """Language-model data, no download: byte-level (vocabulary 256), or tokenised.
 
     By default the corpus is the Python standard library's own source: the files
     ``<stdlib>/<name>.py`` for ``name`` in ``modules`` (``TEXT_MODULES``, ~1.4 MB on
@@ -218,13 +218,42 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     train: a split by file, never inside one. ``path`` replaces it with the user's
     corpus: a ``.txt`` file (its last 10% of bytes are validation) or an ``.npz`` with
     1-D int arrays ``train`` and ``validation`` (any vocabulary: ``max + 1``).
-    ``max_bytes`` keeps only the first that many training tokens (and a tenth as many of
-    validation). Each split is cut into non-overlapping windows: ``x`` int32
-    ``[windows, length]``, ``y`` the next tokens (``x`` shifted by one). The returned
-    ``Dataset`` keeps them as ``x_train``/``y_train``, ``x_test``/``y_test`` (the
-    validation split), ``num_classes`` the vocabulary size.
+    ``max_bytes`` keeps only the first that many training bytes (and a tenth as many of
+    validation). With a ``tokenizer`` (a ``tokenizers.Tokenizer``, ``kdjax.tokenizer``),
+    each file (or split) is decoded as UTF-8 and encoded, its end-of-text token appended,
+    and the vocabulary is the tokenizer's. Each split is cut into non-overlapping windows
+    of the concatenated tokens (packed, no padding): ``x`` int32 ``[windows, length]``,
+    ``y`` the next tokens (``x`` shifted by one). The returned ``Dataset`` keeps them as
+    ``x_train``/``y_train``, ``x_test``/``y_test`` (the validation split),
+    ``num_classes`` the vocabulary size.
     """
     check_count("length", length)
+    if tokenizer is not None and path is not None and os.fspath(path).endswith(".npz"):
+        raise InputError(f"{path}: holds token ids already; expected a .txt corpus to use a tokenizer with")
+    name, train, val, vocab = text_documents(path, modules=modules, validation_every=validation_every)
+    if max_bytes is not None:
+        train, val = _first(train, max_bytes), _first(val, max(length + 1, max_bytes // 10))
+    if tokenizer is None:
+        train, val = (np.concatenate(d) if d else np.zeros(0, np.uint8) for d in (train, val))
+    else:
+        from kdjax.tokenizer import eos_id
+
+        eos, vocab = eos_id(tokenizer), int(tokenizer.get_vocab_size())
+        encode = lambda docs: np.concatenate([np.zeros(0, np.int64)] + [
+            np.asarray(e.ids + [eos], np.int64)
+            for e in tokenizer.encode_batch([bytes(d).decode("utf-8", errors="replace") for d in docs])])
+        train, val = encode(train), encode(val)
+        name += f", {vocab}-token tokenizer"
+    for what, arr in (("training", train), ("validation", val)):
+        if len(arr) < length + 1:
+            raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(arr)}")
+    (xt, yt), (xv, yv) = _windows(train, length), _windows(val, length)
+    return Dataset(name, xt, yt, xv, yv, int(vocab))
+
+
+def text_documents(path: str | os.PathLike | None = None, *, modules=TEXT_MODULES, validation_every: int = 10):
+    """``(name, train documents, validation documents, vocabulary)`` of ``text``'s corpus,
+    before tokenisation: lists of byte arrays (of token arrays for an ``.npz``)."""
     if path is None:
         import sysconfig
 
@@ -236,18 +265,21 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
         chunks = [np.frombuffer(open(f, "rb").read(), np.uint8) for f in files]
         val = [c for i, c in enumerate(chunks) if i % validation_every == validation_every - 1]
         train = [c for i, c in enumerate(chunks) if i % validation_every != validation_every - 1]
-        train, val = np.concatenate(train), np.concatenate(val) if val else np.zeros(0, np.uint8)
-        name, vocab = f"text (Python {sys.version_info.major}.{sys.version_info.minor} stdlib, {len(files)} files)", 256
-    else:
-        train, val, vocab = _user_corpus(os.fspath(path))
-        name = os.path.basename(os.fspath(path))
-    if max_bytes is not None:
-        train, val = train[:max_bytes], val[: max(length + 1, max_bytes // 10)]
-    for what, arr in (("training", train), ("validation", val)):
-        if len(arr) < length + 1:
-            raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(arr)}")
-    (xt, yt), (xv, yv) = _windows(train, length), _windows(val, length)
-    return Dataset(name, xt, yt, xv, yv, int(vocab))
+        return (f"text (Python {sys.version_info.major}.{sys.version_info.minor} stdlib, {len(files)} files)", train,
+                val, 256)
+    train, val, vocab = _user_corpus(os.fspath(path))
+    return os.path.basename(os.fspath(path)), [train], [val], vocab
+
+
+def _first(docs, n: int) -> list:
+    """The documents cut to their first ``n`` elements in total."""
+    out = []
+    for d in docs:
+        if n <= 0:
+            break
+        out.append(d[:n])
+        n -= len(out[-1])
+    return out
 
 
 def _user_corpus(path: str):

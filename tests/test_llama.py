@@ -134,3 +134,52 @@ def test_fused_lm_step_equals_the_logits_step(family):
     np.testing.assert_allclose(got_cached["loss"], want["loss"], rtol=1e-6)
     with pytest.raises(InputError, match="FusedLM needs a Hyper"):
         kdjax.make_train_step(student, fused, donate=False)(state, cached, jax.random.PRNGKey(0))
+
+
+def test_cli_llama_end_to_end_with_a_tokenizer_trained_offline(tmp_path, capsys):
+    """kdjax distill --arch llama on the bundled text: a BPE trained here (or a real
+    tokenizer.json given), an HF-format student that transformers loads with the same logits,
+    and a --teacher folder whose tokenizer is reused; wrong inputs are one line."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from test_cli import kdjax_here
+
+    from kdjax import tokenizer as tk
+
+    base = ["--dataset", "text", "--arch", "llama", "--steps", "3", "--seeds", "1", "--text-bytes", "20000",
+            "--context", "16", "--quiet"]
+    tiny = base + ["--vocab-size", "300"]
+    p = kdjax_here(capsys, "distill", *tiny, "--save-hf", tmp_path / "hf", "--out", tmp_path / "out", "--no-plots")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "bits per token" in p.stdout and "a byte-level BPE of 300 tokens trained here" in p.stdout
+    tok = tk.load_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert tok.get_vocab_size() == 300 and (tmp_path / "out" / "tokenizer.json").exists()
+    model, variables = convert.load_hf(tmp_path / "hf")
+    ids = np.asarray([tok.encode("def f(x):\n    return x").ids], np.int64)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(ids, jnp.int32)), want, atol=1e-5, rtol=1e-5)
+    # the distilled student as the next run's teacher: its folder's tokenizer is used
+    p = kdjax_here(capsys, "distill", "--dataset", "text", "--arch", "llama", "--steps", "2", "--seeds", "1",
+                   "--text-bytes", "20000", "--context", "16", "--teacher", tmp_path / "hf", "--student-dim", "16",
+                   "--quiet")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"{tmp_path / 'hf'}/tokenizer.json" in p.stdout
+    # refusals, one line each, before training
+    other = tk.train_bpe(["just a few words " * 40], 280, tmp_path / "other.json")
+    assert other.get_vocab_size() < 300
+    for args, words in [
+        (base + ["--teacher", tmp_path / "hf", "--tokenizer", tmp_path / "nope.json"], "expected a tokenizer.json"),
+        (base + ["--teacher", tmp_path / "hf", "--vocab-size", "300"], "--vocab-size: only used with"),
+        (tiny + ["--save-hf", tmp_path / "hf"], "exists; pass --overwrite"),
+        (base + ["--teacher", tmp_path / "hf", "--teacher-dim", "8"], "--teacher-dim: only used with"),
+        (tiny + ["--kv-heads", "3"], "--kv-heads: expected a divisor of --heads"),
+    ]:
+        p = kdjax_here(capsys, "distill", *args)
+        assert p.returncode == 2 and words in p.stderr, (args, p.stderr)
+    big = tk.train_bpe(["alpha beta gamma delta " * 200 + "".join(chr(c) for c in range(300, 900))], 600,
+                       tmp_path / "big.json")
+    if big.get_vocab_size() > 300:  # a tokenizer larger than the teacher's embedding
+        p = kdjax_here(capsys, "distill", *base, "--teacher", tmp_path / "hf", "--tokenizer", tmp_path / "big.json")
+        assert p.returncode == 2 and "the model's embedding only 300" in p.stderr, p.stderr

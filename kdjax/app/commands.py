@@ -166,10 +166,22 @@ def cmd_distill(args, rep: Reporter) -> int:
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
-    ds = inputs.dataset(args)
+    if args.save_hf and os.path.exists(args.save_hf) and not args.overwrite:
+        raise UsageError(f"--save-hf: {args.save_hf} exists; pass --overwrite to replace it")
+    tok = inputs.tokenizer(args)
+    ds = inputs.dataset(args, tok)
     cfg = inputs.run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    teacher, student = inputs.models(args, ds.num_classes)
+    t_state = None
+    if inputs.hf_folder(args) and args.arch == "llama":
+        teacher, t_state, student = inputs.hf_teacher(args)
+    else:
+        teacher, student = inputs.models(args, ds.num_classes)
+    if tok is not None:
+        from kdjax.tokenizer import check_vocabulary
+
+        check_vocabulary(tok, teacher, student)
+        rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
     inputs.validate_models((teacher, student), ds)
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
     if objective is not None:
@@ -180,9 +192,9 @@ def cmd_distill(args, rep: Reporter) -> int:
                 else f"method {args.method}: {objective.describe()}" if objective is not None
                 else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {args.seeds} seed(s)")
     rep.line(f"teacher {inputs.describe(teacher)}, student {inputs.describe(student)}")
-    t_state = None
-    if args.teacher:
+    if args.teacher and t_state is None:
         t_state = inputs.load_teacher(args.teacher, teacher, ds)
+    if args.teacher:
         rep.line(f"teacher loaded from {args.teacher}")
     mesh = inputs.make_mesh(args, rep, len(seeds), cfg.batch_size)
     t_cfg = None
@@ -227,19 +239,20 @@ def cmd_distill(args, rep: Reporter) -> int:
                  f"on all {len(ds.y_train)} training rows")
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
-    lm = args.arch == "transformer"
+    lm = args.arch in ("transformer", "llama")
+    unit = "token" if args.arch == "llama" else "byte"
     over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
     label = lambda k: (teacher_label if k == "teacher" else
                        f"distilled ({args.method})" if k == "distilled" and args.method != "kd" else k)
-    rep.table(f"validation next-byte accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
+    rep.table(f"validation next-{unit} accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
               [[label(k), fmt_ci(v)] for k, v in stats.items()]
               + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
     bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
     bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
     bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
     if lm:
-        rep.table(f"validation bits per byte (cross-entropy / ln 2; lower is better), {over}",
-                  ["model", "bits per byte"],
+        rep.table(f"validation bits per {unit} (cross-entropy / ln 2; lower is better), {over}",
+                  ["model", f"bits per {unit}"],
                   [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
                   + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
@@ -249,13 +262,24 @@ def cmd_distill(args, rep: Reporter) -> int:
                "paired_gain": gain, "losses": r.losses,
                "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}}
     if lm:
-        results["bits_per_byte"] = {k: v.tolist() for k, v in bpb.items()}
-        results["bits_per_byte_mean_ci"], results["bits_per_byte_paired_gain"] = bpb_stats, bpb_gain
+        results[f"bits_per_{unit}"] = {k: v.tolist() for k, v in bpb.items()}
+        results[f"bits_per_{unit}_mean_ci"], results[f"bits_per_{unit}_paired_gain"] = bpb_stats, bpb_gain
     if tuned is not None:
         results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
                              "validation_accuracy": tuned.validation.tolist(),
                              "validation_mean_ci": tuned.validation_mean_ci,
                              "best": {"temperature": tuned.best[0], "alpha": tuned.best[1]}}
+    if args.save_hf:
+        from kdjax import convert
+
+        own = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), r.distilled)
+        convert.save_hf(student, {"params": own.params, **own.model_state}, args.save_hf, overwrite=args.overwrite)
+        if tok is not None:
+            tok.save(os.path.join(args.save_hf, "tokenizer.json"))
+        rep.line(f"distilled student (seed {seeds[0]}) written to {args.save_hf} (Hugging Face format)")
+        results["save_hf"] = args.save_hf
+    if args.out and tok is not None:
+        tok.save(os.path.join(args.out, "tokenizer.json"))
     if args.out:
         first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
         meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
@@ -281,6 +305,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     from kdjax.stats import mean_ci
     from kdjax.train import make_hyper
 
+    if args.arch == "llama":
+        raise UsageError("kdjax sweep: --arch llama is not supported yet (kdjax distill --arch llama is)")
     ckpts = inputs.checkpoints(args)
     ds = inputs.dataset(args)
     cfg = inputs.run_config(args)

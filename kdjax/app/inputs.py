@@ -19,7 +19,7 @@ __all__ = ["dataset", "run_config", "models", "validate_models", "describe", "lo
 # What kdjax writes into --out; --overwrite removes exactly these, nothing else of the user's.
 _OUTPUTS = ("results.json", "metrics.jsonl", "checkpoints", "teacher.ckpt", "student_distilled.ckpt", "student_standard.ckpt",
             "softmax_temperature.png", "learning_curves.png", "hyperparameters.png", "digits_comparison.png",
-            "omitted_class.png", "tuned_comparison.png", "comparison.png", "sweep_heatmap.png")
+            "omitted_class.png", "tuned_comparison.png", "comparison.png", "sweep_heatmap.png", "tokenizer.json")
 
 
 def check_out(args) -> None:
@@ -56,16 +56,45 @@ def claim_out(args) -> None:
     os.makedirs(args.out, exist_ok=True)
 
 
-def dataset(args):
+def hf_folder(args) -> bool:
+    """``--teacher`` names a Hugging Face checkpoint folder (``--arch llama``)."""
+    return bool(getattr(args, "teacher", None)) and os.path.isdir(args.teacher)
+
+
+def tokenizer(args):
+    """``--arch llama``'s tokenizer: ``--tokenizer``, the ``--teacher`` folder's, or a
+    byte-level BPE of ``--vocab-size`` tokens trained here on the training text; else None."""
+    if args.arch != "llama":
+        return None
+    from kdjax import data
+    from kdjax import tokenizer as tk
+
+    if args.tokenizer:
+        return tk.load_tokenizer(args.tokenizer)
+    if hf_folder(args):
+        path = os.path.join(args.teacher, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"--teacher {args.teacher}: has no tokenizer.json; pass --tokenizer PATH (the "
+                             f"teacher's own: a tokenizer with another vocabulary would train on garbage)")
+        return tk.load_tokenizer(path)
+    if args.dataset != "text" and not args.dataset.endswith(".txt"):
+        raise UsageError(f"--arch llama: expected --dataset text or a .txt corpus, got {args.dataset!r}")
+    _, train, _, _ = data.text_documents(None if args.dataset == "text" else args.dataset)
+    docs = data._first(train, args.text_bytes)
+    return tk.train_bpe((bytes(d).decode("utf-8", errors="replace") for d in docs), args.vocab_size)
+
+
+def dataset(args, tok=None):
     from kdjax import data
 
-    name, images, tokens = args.dataset, args.arch == "resnet", args.arch == "transformer"
+    name, images, tokens = args.dataset, args.arch == "resnet", args.arch in ("transformer", "llama")
     if name == "text" or name.endswith(".txt") or (tokens and name.endswith(".npz")):
         if not tokens:
-            raise UsageError(f"--dataset {name}: expected --arch transformer (a language model), got --arch {args.arch}")
-        return data.text(args.context, None if name == "text" else name, max_bytes=args.text_bytes)
+            raise UsageError(f"--dataset {name}: expected --arch transformer or llama (a language model), got "
+                             f"--arch {args.arch}")
+        return data.text(args.context, None if name == "text" else name, max_bytes=args.text_bytes, tokenizer=tok)
     if tokens:
-        raise UsageError(f"--arch transformer: expected --dataset text, a .txt corpus or an .npz of tokens "
+        raise UsageError(f"--arch {args.arch}: expected --dataset text, a .txt corpus or an .npz of tokens "
                          f"(train, validation), got {name!r}")
     if name == "synthetic":
         ds = (data.synthetic_images(500, (8, 8, 3), 5, seed=args.seed, test_samples=500) if images
@@ -93,8 +122,15 @@ def run_config(args):
 
 def models(args, num_classes: int):
     """(teacher, student) of ``--arch``, sized by the width/depth flags."""
-    from kdjax.models import ResNet, StudentMLP, TeacherMLP, TransformerLM
+    from kdjax.models import Llama, ResNet, StudentMLP, TeacherMLP, TransformerLM
 
+    if args.arch == "llama":
+        if args.heads % args.kv_heads:
+            raise UsageError(f"--kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
+        make = lambda layers, dim: Llama(vocab_size=num_classes, hidden_size=dim, intermediate_size=4 * dim,
+                                         num_layers=layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                                         max_position_embeddings=args.context, tie_word_embeddings=True)
+        return make(args.teacher_layers, args.teacher_dim), make(args.student_layers, args.student_dim)
     if args.arch == "transformer":  # GPT-2 dropout (0.1) in the teacher, none in the student, as the MLPs
         return (TransformerLM(num_classes, args.teacher_layers, args.teacher_dim, args.heads, args.context, 0.1),
                 TransformerLM(num_classes, args.student_layers, args.student_dim, args.heads, args.context))
@@ -110,6 +146,33 @@ def models(args, num_classes: int):
     return tuple(nets)
 
 
+def hf_teacher(args):
+    """``(teacher, its TrainState, student)`` for a ``--teacher`` Hugging Face folder: the
+    teacher as its config says, the student of the same family at ``--student-layers`` x
+    ``--student-dim`` with ``--heads``/``--kv-heads``."""
+    from kdjax import convert
+    from kdjax.train import state_from_params
+
+    try:
+        teacher, variables = convert.load_hf(args.teacher)
+    except InputError as e:
+        raise UsageError(f"--teacher: {e}") from None
+    from kdjax.models import Llama
+
+    if not isinstance(teacher, Llama):
+        raise UsageError(f"--teacher {args.teacher}: expected a Llama-family folder for --arch llama, got "
+                         f"{type(teacher).__name__}")
+    if args.heads % args.kv_heads:
+        raise UsageError(f"--kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
+    windows = None if teacher.sliding_windows is None else (next(
+        (w for w in teacher.sliding_windows if w), None),) * args.student_layers
+    student = teacher.clone(hidden_size=args.student_dim, intermediate_size=4 * args.student_dim,
+                            num_layers=args.student_layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                            head_dim=None, sliding_windows=windows)
+    params = dict(variables).pop("params")
+    return teacher, state_from_params(params), student
+
+
 def validate_models(models, ds) -> None:
     """Build every model abstractly (``jax.eval_shape`` of its init: no compute): a
     configuration that cannot work is refused before anything trains."""
@@ -121,10 +184,13 @@ def validate_models(models, ds) -> None:
 
 
 def describe(model) -> str:
-    from kdjax.models import ResNet, TransformerLM
+    from kdjax.models import Llama, ResNet, TransformerLM
 
     if isinstance(model, TransformerLM):
         return f"TransformerLM({model.num_layers} layers, d_model {model.d_model}, {model.num_heads} heads)"
+    if isinstance(model, Llama):
+        return (f"{model.architecture}({model.num_layers} layers, hidden {model.hidden_size}, {model.num_heads} "
+                f"heads / {model.num_kv_heads} kv, vocab {model.vocab_size})")
     if isinstance(model, ResNet):
         return f"ResNet(blocks {tuple(model.stage_sizes)}, widths {tuple(model.widths)}, {model.stem} stem)"
     return f"{type(model).__name__}({model.hidden_dim})"

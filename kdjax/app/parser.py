@@ -70,9 +70,10 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--dataset", default="synthetic", help="synthetic (the seed's random labels), digits (scikit-learn's, bundled), text (byte-level "
                    "Python sources, with --arch transformer), PATH.npz (x_train, y_train, x_test, y_test; images "
                    "NHWC) or PATH.txt (a corpus, with --arch transformer)")
-    p.add_argument("--arch", choices=["mlp", "resnet", "transformer"], default="mlp",
+    p.add_argument("--arch", choices=["mlp", "resnet", "transformer", "llama"], default="mlp",
                    help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
-                        "transformer: GPT-2 language models on --dataset text")
+                        "transformer: GPT-2 language models on --dataset text (bytes); llama: Llama-family "
+                        "decoders on tokenised text (--tokenizer; --teacher a Hugging Face folder)")
     p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
@@ -90,7 +91,16 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: teacher d_model")
     p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer: student layers")
     p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: student d_model")
-    p.add_argument("--heads", type=_positive_int, default=4, help="transformer: attention heads")
+    p.add_argument("--heads", type=_positive_int, default=4, help="transformer, llama: attention heads")
+    p.add_argument("--kv-heads", type=_positive_int, default=2, help="llama: key/value heads (grouped queries)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="llama: a tokenizer.json (default: the --teacher folder's, else a byte-level BPE of "
+                        "--vocab-size tokens trained here on the training text, offline)")
+    p.add_argument("--vocab-size", type=_positive_int, default=1024,
+                   help="llama: the BPE trained when no tokenizer is given")
+    p.add_argument("--save-hf", default=None, metavar="DIR",
+                   help="transformer, llama: write the first seed's distilled student as a Hugging Face "
+                        "folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
                         "test labels outside it are refused)")
@@ -217,15 +227,32 @@ def given_options(argv) -> set[str]:
     return set(vars(parser.parse_args(argv))) - {"command", "func"}
 
 
+def _hf_folder(args) -> bool:
+    import os
+
+    return bool(getattr(args, "teacher", None)) and os.path.isdir(args.teacher)
+
+
 # Options that only mean something in some modes: (does it apply to these args?, why not).
 _ONLY_WITH = {
     **dict.fromkeys(("teacher_hidden", "student_hidden"), (lambda a: a.arch == "mlp", "only used with --arch mlp")),
     **dict.fromkeys(("teacher_blocks", "teacher_widths", "student_blocks", "student_widths", "stem"),
                     (lambda a: a.arch == "resnet", "only used with --arch resnet")),
-    **dict.fromkeys(("context", "teacher_layers", "teacher_dim", "student_layers", "student_dim", "heads"),
-                    (lambda a: a.arch == "transformer", "only used with --arch transformer")),
+    **dict.fromkeys(("context", "student_layers", "student_dim", "heads"),
+                    (lambda a: a.arch in ("transformer", "llama"), "only used with --arch transformer or llama")),
+    **dict.fromkeys(("teacher_layers", "teacher_dim"),
+                    (lambda a: a.arch == "transformer" or (a.arch == "llama" and not _hf_folder(a)),
+                     "only used with --arch transformer or llama, and not with a --teacher folder (its config "
+                     "says)")),
+    **dict.fromkeys(("kv_heads", "tokenizer", "vocab_size"),
+                    (lambda a: a.arch == "llama", "only used with --arch llama")),
+    "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not _hf_folder(a),
+                   "only used with --arch llama when the tokenizer is trained here (no --tokenizer, no --teacher "
+                   "folder)"),
+    "save_hf": (lambda a: a.command == "distill" and a.arch in ("transformer", "llama"),
+                "only used with kdjax distill --arch transformer or llama"),
     "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
-    "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch != "transformer",
+    "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch not in ("transformer", "llama"),
                     "only used with a --dataset PATH.npz of labelled examples"),
     **dict.fromkeys(("momentum", "weight_decay", "nesterov"),
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
@@ -239,8 +266,9 @@ _ONLY_WITH = {
     "alpha": (lambda a: a.command != "distill" or (not a.tune and a.method == "kd"),
               "only used with --method kd (without --tune)"),
     "tune": (lambda a: a.method == "kd", "only used with --method kd"),
-    **dict.fromkeys(("checkpoint_every", "overwrite", "no_plots"),
-                    (lambda a: a.out is not None, "only used with --out DIR")),
+    **dict.fromkeys(("checkpoint_every", "no_plots"), (lambda a: a.out is not None, "only used with --out DIR")),
+    "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None,
+                  "only used with --out DIR or --save-hf DIR"),
 }
 
 
