@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|features|lm|gpt2|all ...] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|features|lm|gpt2|llama|all ...] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "features", "lm", "gpt2", "all"],
+    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "features", "lm", "gpt2", "llama", "all"],
                     default=["all"], help="one or more presets (default: all)")
     ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
                     help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) + ["features", "lm", "gpt2"] if "all" in args.preset else list(dict.fromkeys(args.preset))
+    names = list(PRESETS) + ["features", "lm", "gpt2", "llama"] if "all" in args.preset else list(dict.fromkeys(args.preset))
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,
@@ -131,6 +131,16 @@ def main(argv=None) -> int:
                 out["features"] = bench_features(steps=max(2, args.steps or STEPS), repeats=min(args.repeats, 3),
                                                  torch_device=torch_device, which=which, eager_torch=args.eager_torch,
                                                  on_progress=status.update)
+                continue
+            if name == "llama":
+                from benchmarks.llama import SHAPES as LLAMA_SHAPES, bench_llama
+
+                ls = LLAMA_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                if args.steps:
+                    ls = dataclasses.replace(ls, steps=max(2, args.steps))
+                out["llama"] = bench_llama(ls, repeats=min(args.repeats, 3), torch_device=torch_device,
+                                           peak_gflops=out["peak_gflops"], which=which, eager_torch=args.eager_torch,
+                                           on_progress=status.update)
                 continue
             if name == "gpt2":
                 from benchmarks.gpt2 import SHAPES as GPT2_SHAPES, bench_gpt2
@@ -228,6 +238,24 @@ def main(argv=None) -> int:
             ms = r["ms_per_step"]
             t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}",
                       f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
+                      "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                      f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
+                      else "(best)" if impl == g["best_torch"] else "")
+        console.print(t)
+    if "llama" in out:
+        g = out["llama"]
+        sh = g["shape"]
+        t = Table(title=f"preset llama: teacher {sh['teacher']} -> student {sh['student']} (layers, hidden, heads, kv "
+                        f"heads, SwiGLU), vocab {sh['vocab']}, {sh['batch']} x {sh['length']} tokens per step, "
+                        f"teacher online")
+        for col in ("impl", "ms/step med", "min", "max", "tokens/s", "GFLOP/s", "% peak", "temp MB", "compile s",
+                    "× best torch"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in g["results"].items():
+            ms = r["ms_per_step"]
+            t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
+                      "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                       f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
                       else "(best)" if impl == g["best_torch"] else "")

@@ -192,3 +192,14 @@ def test_fused_step_benchmark_smoke(tmp_path):
     r = json.loads(out.read_text())["512"]
     assert r["logits"]["temp_bytes"] > 0 and r["fused"]["temp_bytes"] > 0 and r["time_ratio"] > 0
     assert abs(r["logits"]["first_loss"] - r["fused"]["first_loss"]) < 1e-4 * abs(r["logits"]["first_loss"])
+
+
+def test_llama_preset_smoke():
+    """Tiny shapes of the llama preset: transformers' Qwen2 (eager) and kdjax's Llama with
+    FusedLM compute the same first two losses (checked inside), and the JSON's rows."""
+    import benchmarks.llama as bl
+
+    s = bl.LlamaShape(teacher=(2, 32, 4, 2, 48), student=(1, 16, 2, 1, 32), vocab=300, batch=2, length=8, steps=2)
+    r = bl.bench_llama(s, repeats=1, eager_torch=True, chunk=8, which=("torch_eager", "kdjax_step", "kdjax_fused"))
+    assert set(r["results"]) == {"torch_eager", "kdjax_step", "kdjax_fused"} and r["best_torch"] == "torch_eager"
+    assert r["results"]["kdjax_fused"]["temp_bytes"] > 0 and r["tokens_per_step"] == 16

@@ -1,0 +1,252 @@
+"""The ``llama`` preset: one token-level distillation step of Llama-family language models.
+
+Teacher: Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query / 2 key-value heads, SwiGLU
+4864, vocab 151936, tied head; random weights: no download). Student: the same family at 4
+layers, hidden 512, 8 / 2 heads, SwiGLU 2048, same vocabulary. Every step runs the teacher
+(eval) and the student (train) on ``batch x length`` random tokens; the loss is
+``alpha T^2 KL + (1 - alpha) CE`` over every position (T = 2, alpha = 0.5), then one Adam
+step (lr 1e-3; torch: ``AdamW(weight_decay=0, fused=True)``, the same update). On a CPU
+the tokens per step are few (2 x 64); on a GPU 8 x 1024.
+
+Rows (same process, same weights, same batches, interleaved repetitions, medians):
+
+* ``torch_eager``: ``transformers``' ``Qwen2ForCausalLM`` (SDPA attention), the loss on the
+  logits; ``torch_compile``: ``torch.compile`` of that whole step;
+* ``kdjax_step`` / ``kdjax_fused``: ``kdjax.models.Llama`` with ``kdjax.fused.FusedLM`` (no
+  ``[tokens, vocab]`` array; teacher through its hidden states and head), a Python loop
+  over the jitted step / one ``lax.scan``.
+
+Before timing, every row's first two losses must equal ``kdjax_step``'s to a relative 1e-4.
+The JSON also has each kdjax row's compiled temporary memory. FLOPs: matmuls only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import kdjax
+from benchmarks.presets import Impl, sync_torch
+from kdjax.fused import FusedLM
+from kdjax.models import Llama
+from parity import reference as ref
+
+TEMPERATURE, ALPHA = 2.0, 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaShape:
+    teacher: tuple = (24, 896, 14, 2, 4864)  # layers, hidden, heads, kv heads, intermediate
+    student: tuple = (4, 512, 8, 2, 2048)
+    vocab: int = 151936
+    batch: int = 2
+    length: int = 64
+    steps: int = 2
+
+    def forward_flops(self, cfg) -> float:
+        layers, d, h, kv, inter = cfg
+        hd = d // h
+        per_token = layers * (2 * d * (h + 2 * kv) * hd + 2 * h * hd * d + 3 * 2 * d * inter
+                              + 4 * self.length * h * hd) + 2 * d * self.vocab
+        return float(per_token * self.batch * self.length)
+
+    def flops(self) -> float:
+        return 3 * self.forward_flops(self.student) + self.forward_flops(self.teacher)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+
+SHAPES = {"cpu": LlamaShape(), "gpu": LlamaShape(batch=8, length=1024, steps=10)}
+
+
+def hf_qwen2(cfg, s: LlamaShape):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    layers, d, h, kv, inter = cfg
+    config = Qwen2Config(vocab_size=s.vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=h, num_key_value_heads=kv, max_position_embeddings=max(2048, s.length),
+                         tie_word_embeddings=True, initializer_range=0.1)
+    return Qwen2ForCausalLM(config), config
+
+
+class Inputs:
+    def __init__(self, s: LlamaShape, torch_device: str):
+        rng = np.random.default_rng(0)
+        n = s.batch * s.steps
+        tokens = rng.integers(0, s.vocab, (n, s.length + 1)).astype(np.int32)
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        self.schedule = np.arange(n, dtype=np.int32).reshape(s.steps, s.batch)
+        self.tdev = torch.device(torch_device)
+        torch.manual_seed(0)
+        (self.t_teacher, tcfg), (self.t_student, scfg) = (hf_qwen2(c, s) for c in (s.teacher, s.student))
+        self.t_teacher.to(self.tdev).eval()
+        self.teacher, self.student = (Llama.from_hf_config(c) for c in (tcfg, scfg))
+        example = jax.ShapeDtypeStruct((1, s.length), jnp.int32)
+        self.variables = []
+        for module, model in ((self.t_teacher, self.teacher), (self.t_student, self.student)):
+            like = jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
+            sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            self.variables.append(jax.device_put(kdjax.convert.torch_to_variables(sd, like, tied=model.tied_weights)))
+
+    def student_state(self):
+        return kdjax.state_from_params(jax.tree_util.tree_map(jnp.array, self.variables[1]["params"]))
+
+
+class TorchRow(Impl):
+    def __init__(self, s: LlamaShape, inp: Inputs, compiled: bool, use_compile: bool = True):
+        self.s, self.inp, self.compiled = s, inp, compiled and use_compile
+        self.name = "torch_compile" if compiled else "torch_eager"
+
+    def setup(self):
+        inp, dev, s = self.inp, self.inp.tdev, self.s
+        self.student = hf_qwen2(s.student, s)[0].to(dev)
+        self.student.load_state_dict(inp.t_student.state_dict())
+        self.student.train()
+        try:
+            opt = torch.optim.AdamW(self.student.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+        except (RuntimeError, TypeError):
+            opt = torch.optim.AdamW(self.student.parameters(), lr=1e-3, weight_decay=0.0)
+        x, y = (torch.from_numpy(a).long().to(dev) for a in (inp.x, inp.y))
+        self.batches = [(x[i], y[i]) for i in torch.from_numpy(inp.schedule).long()]
+        teacher, student, v = inp.t_teacher, self.student, s.vocab
+
+        def step(xb, yb):
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                t_logits = teacher(xb).logits
+            logits = student(xb).logits
+            loss = ref.distillation_loss(logits.reshape(-1, v), t_logits.reshape(-1, v), yb.reshape(-1),
+                                         TEMPERATURE, ALPHA)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        self.step = torch.compile(step, dynamic=False) if self.compiled else step
+        t0 = time.perf_counter()
+        losses = [float(self.step(*b)) for b in self.batches[:2]]
+        sync_torch(dev)
+        return (time.perf_counter() - t0 if self.compiled else None), losses
+
+    def run(self):
+        t0 = time.perf_counter()
+        for b in self.batches:
+            self.step(*b)
+        sync_torch(self.inp.tdev)
+        return time.perf_counter() - t0, len(self.batches)
+
+
+class KdjaxStep(Impl):
+    name = "kdjax_step"
+
+    def __init__(self, s: LlamaShape, inp: Inputs, chunk: int):
+        self.s, self.inp, self.chunk = s, inp, chunk
+
+    def setup(self):
+        inp = self.inp
+        step = kdjax.make_train_step(inp.student, FusedLM(chunk_size=self.chunk), teacher=inp.teacher)
+        self.state, self.tvars = inp.student_state(), inp.variables[0]
+        x, y = jnp.asarray(inp.x), jnp.asarray(inp.y)
+        self.batches = [{"x": x[i], "y": y[i]} for i in inp.schedule]
+        self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(TEMPERATURE, ALPHA)
+        t0 = time.perf_counter()
+        self.fn = step.lower(self.state, self.batches[0], self.rng, self.hyper, self.tvars).compile()
+        compile_s = time.perf_counter() - t0
+        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
+        losses = []
+        for b in self.batches[:2]:
+            self.state, m = self.fn(self.state, b, self.rng, self.hyper, self.tvars)
+            losses.append(float(m["loss"]))
+        return compile_s, losses
+
+    def run(self):
+        state, fn, rng, hyper, tv = self.state, self.fn, self.rng, self.hyper, self.tvars
+        t0 = time.perf_counter()
+        for b in self.batches:
+            state, _ = fn(state, b, rng, hyper, tv)
+        jax.block_until_ready(state)
+        self.state = state
+        return time.perf_counter() - t0, len(self.batches)
+
+
+class KdjaxFused(Impl):
+    name = "kdjax_fused"
+
+    def __init__(self, s: LlamaShape, inp: Inputs, chunk: int):
+        self.s, self.inp, self.chunk = s, inp, chunk
+
+    def setup(self):
+        inp = self.inp
+        self.state, self.tvars = inp.student_state(), inp.variables[0]
+        self.data = {"x": jnp.asarray(inp.x), "y": jnp.asarray(inp.y)}
+        self.schedule = jnp.asarray(inp.schedule)
+        self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(TEMPERATURE, ALPHA)
+        run = kdjax.make_run(inp.student, FusedLM(chunk_size=self.chunk), teacher=inp.teacher)
+        t0 = time.perf_counter()
+        self.fn = run.lower(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars).compile()
+        compile_s = time.perf_counter() - t0
+        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
+        self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars)
+        return compile_s, [float(v) for v in m["loss"][:2]]
+
+    def run(self):
+        t0 = time.perf_counter()
+        self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars)
+        jax.block_until_ready((self.state, m))
+        return time.perf_counter() - t0, self.schedule.shape[0]
+
+
+IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused")
+
+
+def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", peak_gflops: float | None = None,
+                which=IMPLS, eager_torch: bool = False, chunk: int = 256, on_progress=lambda msg: None) -> dict:
+    """Time the rows in ``which``; raises if a row's first two losses differ from kdjax_step's."""
+    if s.steps < 2:
+        raise ValueError(f"llama preset: expected at least 2 steps per repetition (the loss check), got {s.steps}")
+    torch.compiler.reset()
+    on_progress("llama: building the models")
+    inp = Inputs(s, torch_device)
+    table = {"torch_eager": lambda: TorchRow(s, inp, compiled=False),
+             "torch_compile": lambda: TorchRow(s, inp, compiled=True, use_compile=not eager_torch),
+             "kdjax_step": lambda: KdjaxStep(s, inp, chunk), "kdjax_fused": lambda: KdjaxFused(s, inp, chunk)}
+    rows = [table[n]() for n in IMPLS if n in which]
+    if not any(r.name == "kdjax_step" for r in rows):
+        rows.insert(0, KdjaxStep(s, inp, chunk))
+    results, losses = {}, {}
+    for row in rows:
+        on_progress(f"llama: compiling {row.name}")
+        compile_s, losses[row.name] = row.setup()
+        results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name],
+                             "temp_bytes": getattr(row, "temp_bytes", None)}
+    want = losses["kdjax_step"]
+    for name, got in losses.items():
+        if not np.allclose(got, want, rtol=1e-4, atol=0):
+            raise RuntimeError(f"llama: {name}'s first two losses {got} differ from kdjax_step's {want}")
+    timed = [r for r in rows if r.name in which]
+    samples = {r.name: [] for r in timed}
+    for k in range(repeats):
+        for row in timed:
+            on_progress(f"llama: repeat {k + 1}/{repeats} {row.name}")
+            seconds, n = row.run()
+            samples[row.name].append(seconds / n)
+    flops = s.flops()
+    for name, sec in samples.items():
+        med = statistics.median(sec)
+        results[name].update(ms_per_step={"median": 1e3 * med, "min": 1e3 * min(sec), "max": 1e3 * max(sec)},
+                             tokens_per_s=s.tokens / med, gflops=flops / med / 1e9,
+                             frac_peak=flops / med / 1e9 / peak_gflops if peak_gflops else None, repeats=len(sec))
+    results = {n: results[n] for n in samples}
+    med = {n: r["ms_per_step"]["median"] for n, r in results.items()}
+    peers = {n: m for n, m in med.items() if n.startswith("torch")}
+    best = min(peers, key=peers.get) if peers else None
+    return {"shape": dataclasses.asdict(s), "flops_per_step": flops, "tokens_per_step": s.tokens, "results": results,
+            "best_torch": best,
+            "speedup_vs_best_torch": {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}}
