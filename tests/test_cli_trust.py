@@ -49,6 +49,7 @@ def finished(tmp_path, capsys):
     (["--method", "fitnet", "--temperature", "2"], ["--temperature: only used with --method kd or dkd"]),
     (["--feature-layers", "fc1:fc1"], ["--feature-layers: only used with a feature --method"]),
     (["--method", "dkd", "--feature-weight", "2"], ["--feature-weight: only used with a feature --method"]),
+    (["--kd-weight", "1"], ["--kd-weight: only used with a feature --method"]),
     (["--method", "at", "--crd-negatives", "8"], ["--crd-negatives: only used with --method crd"]),
     (["--method", "at", "--tune"], ["--tune: only used with --method kd"]),
     (["--method", "at"], ["--method at: expected ResNets", "--feature-layers"]),

@@ -69,9 +69,10 @@ def _split_pair(item: str):
 
 
 def resolve_temperature(args) -> None:
-    """``--temperature`` left out: the seed's 3 for kd, mdistiller's 4 for dkd."""
+    """``--temperature`` left out: the seed's 3 for kd, mdistiller's 4 for dkd and for the
+    logit term a feature method gets with ``--kd-weight``."""
     if args.temperature is None:
-        args.temperature = 4.0 if args.method == "dkd" else 3.0
+        args.temperature = 4.0 if args.method == "dkd" or getattr(args, "kd_weight", None) else 3.0
 
 
 def check_arch(args) -> None:
@@ -93,7 +94,8 @@ def objective(args, teacher, student, total_steps: int):
     pairs = parse_pairs(args.feature_layers) if args.feature_layers else default_pairs(method, teacher, student)
     weight = args.feature_weight if args.feature_weight is not None else _WEIGHTS[method]
     options = {"negatives": args.crd_negatives} if method == "crd" else {}
-    return Objective(ce=1.0, terms=tuple(Term(_LOSS[method], t, s, weight, options=options) for t, s in pairs))
+    return Objective(ce=1.0, kd=args.kd_weight or 0.0, temperature=args.temperature,
+                     terms=tuple(Term(_LOSS[method], t, s, weight, options=options) for t, s in pairs))
 
 
 def validate(objective, teacher, student, ds) -> None:

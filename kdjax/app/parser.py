@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "e.g. fc:input=fc:input); default: the method's layers")
     distill.add_argument("--feature-weight", type=_float_in(0, float("inf"), "a number >= 0"), default=None,
                          help="feature methods: the feature term's weight (default: mdistiller's)")
+    distill.add_argument("--kd-weight", type=_float_in(0, float("inf"), "a number >= 0"), default=None,
+                         help="feature methods: add the logit term W * T^2 KL (T from --temperature, default 4 "
+                              "as mdistiller's KD) to the method's CE + feature term")
     distill.add_argument("--crd-negatives", type=_positive_int, default=16384,
                          help="crd: negatives per example (mdistiller's 16384)")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
@@ -258,9 +261,10 @@ _ONLY_WITH = {
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
     **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
                     (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
-    "temperature": (lambda a: a.command != "distill" or (not a.tune and a.method in ("kd", "dkd")),
-                    "only used with --method kd or dkd, and not with --tune (which chooses T from --temperatures)"),
-    **dict.fromkeys(("feature_layers", "feature_weight"),
+    "temperature": (lambda a: a.command != "distill" or (not a.tune and (a.method in ("kd", "dkd") or a.kd_weight)),
+                    "only used with --method kd or dkd (or a feature method with --kd-weight), and not with --tune "
+                    "(which chooses T from --temperatures)"),
+    **dict.fromkeys(("feature_layers", "feature_weight", "kd_weight"),
                     (lambda a: getattr(a, "method", "kd") in FEATURE_METHODS, "only used with a feature --method")),
     "crd_negatives": (lambda a: getattr(a, "method", "kd") == "crd", "only used with --method crd"),
     "alpha": (lambda a: a.command != "distill" or (not a.tune and a.method == "kd"),
