@@ -175,6 +175,9 @@ def test_step_errors(pair):
         step(state, {"x": X, "y": Y}, jax.random.PRNGKey(0), kdjax.make_hyper(), pair[0])
     with pytest.raises(InputError, match="cached teacher outputs .* or a bound teacher"):
         kdjax.make_train_step(S_NET, obj, donate=False)(state, {"x": X, "y": Y}, jax.random.PRNGKey(0))
+    with pytest.raises(InputError, match=r"expected the teacher taps \['layer2'\], missing \['layer2'\]"):
+        kdjax.make_train_step(S_NET, obj, donate=False)(state, {"x": X, "y": Y, "teacher_features": {"layer1": X}},
+                                                        jax.random.PRNGKey(0))
     with pytest.raises(InputError, match="'connectors' entry"):
         features.init_connectors(obj, 0, {"connectors": {}}, {}, S_NET, T_NET, pair[0], X[:2])
 

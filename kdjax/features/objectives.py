@@ -216,6 +216,9 @@ class Objective:
         taps = self.teacher_taps
         cached = batch.get("teacher_features")
         if (not taps or cached is not None) and (not self.kd or "teacher_logits" in batch):
+            missing = sorted(set(taps) - set(cached or {}))
+            if missing:
+                raise InputError(f"batch['teacher_features']: expected the teacher taps {taps}, missing {missing}")
             return batch.get("teacher_logits"), dict(cached or {})
         if teacher is None or teacher_variables is None:
             raise InputError("objective: expected cached teacher outputs (batch['teacher_features'], "
