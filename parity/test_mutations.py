@@ -176,3 +176,13 @@ def test_llama_parity_sees_the_sliding_window(monkeypatch):
                         classmethod(lambda cls, c, **kw: real(cls, c, **kw).clone(sliding_windows=None)))
     failed = [r.name for r in run_check("llama_hf", Ctx("float64")) if not r.passed]
     assert any("Mistral (sliding window 3): logits" in name for name in failed), failed
+
+
+def test_topk_parity_catches_a_dropped_missing_mass(monkeypatch):
+    """The symmetric_uniform rows see the leftover-mass term vanish."""
+    pytest.importorskip("torch")
+    from kdjax import offline
+
+    monkeypatch.setattr(offline, "_log_missing", lambda logprobs, eps: jnp.full(logprobs.shape[:-1], -1e30))
+    failed = [r.name for r in run_check("topk", Ctx("float64")) if not r.passed]
+    assert failed and all("symmetric_uniform" in name for name in failed), failed

@@ -36,6 +36,7 @@ MAP = {  # the README's API map, module by module
     "kdjax.workflows": ["distill", "run_sweep", "tuned_distill", "Checkpoints"],
     "kdjax.hinton": ["omit_class", "match_prior_bias"],
     "kdjax.tokenizer": ["load_tokenizer", "train_bpe", "check_vocabulary"],
+    "kdjax.offline": ["topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD"],
     "kdjax.stats": ["mean_ci", "t975"],
     "kdjax.checkpoint": ["save", "load", "save_rotating", "load_latest"],
     "kdjax.errors": ["InputError", "InputTypeError"],

@@ -27,7 +27,8 @@ from parity.checks.mlp import (check_adam_step, check_dropout_stats, check_end_t
                                check_loss, check_runs)
 from parity.checks.resnet import (check_lr_schedules, check_resnet18_convert, check_resnet_forward,
                                   check_resnet_grads, check_resnet_run, check_resnet_steps)
-from parity.checks.tokens import check_conventions, check_conventions_packages, check_divergences, check_fused
+from parity.checks.tokens import (check_conventions, check_conventions_packages, check_divergences, check_fused,
+                                  check_topk)
 
 __all__ = ["CHECKS", "run_check", "Ctx", "Result", "compare", "precision", "DTYPES", "F64", "TOL"]
 
@@ -53,6 +54,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "transformer": check_transformer,
     "gpt2_hf": check_gpt2_hf,
     "llama_hf": check_llama_hf,
+    "topk": check_topk,
 }
 
 

@@ -270,3 +270,30 @@ def check_fused(ctx: Ctx) -> list[Result]:
         out.append(compare(f"fused {divergence}: = PyTorch chunked loop", ctx, pack(*got),
                            pack(torch_val.detach(), (th_.grad, tw_.grad, tb_.grad)), tol))
     return out
+
+
+def check_topk(ctx: Ctx) -> list[Result]:
+    """kdjax.offline.topk_kl against our PyTorch version of DistillKit's sparse KL
+    (``parity/distillkit_reference.py``): per-position values and the student gradient, k = 7
+    of 61, both missing-mass modes, T = 1 and 2."""
+    from kdjax import offline
+    from parity import distillkit_reference as dk
+
+    rng = np.random.default_rng(41)
+    s, t = rng.normal(size=(3, 6, 61)) * 2, rng.normal(size=(3, 6, 61)) * 3
+    values, indices = offline.topk_logprobs(jnp.asarray(t, jnp.float64 if ctx.dtype == "float64" else jnp.float32), 7)
+    values = jnp.asarray(values, ctx.jdtype)
+    out = []
+    for missing in offline.MISSING:
+        for temperature in (1.0, 2.0):
+            f = lambda x: jnp.sum(offline.topk_kl(x, values, indices, temperature, missing=missing))
+            got_v = offline.topk_kl(jnp.asarray(s, ctx.jdtype), values, indices, temperature, missing=missing)
+            got_g = jax.grad(f)(jnp.asarray(s, ctx.jdtype))
+            ts = ctx.t(s).requires_grad_()
+            want = dk.sparse_kl(ts, torch.from_numpy(np.asarray(indices)).long().to(ts.device),
+                                ctx.t(np.asarray(values)), temperature, missing)
+            want.sum().backward()
+            out.append(compare(f"top-k KL (DistillKit), k = 7 of 61, missing={missing}, T={temperature:g}", ctx,
+                               {"value": got_v, "grad": got_g}, {"value": want.detach(), "grad": ts.grad},
+                               TOL[ctx.dtype]["grad"]))
+    return out
