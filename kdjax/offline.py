@@ -9,6 +9,9 @@ distribution (what DistillKit and MaxText store to train many students from one 
 * ``topk_distillation_loss``: ``alpha T^2 mean(topk_kl) + (1 - alpha) mean(CE)``; and
   ``TopKKD``, the train-step objective that reads ``batch["teacher_topk_values"]`` /
   ``["teacher_topk_indices"]``.
+* ``write_topk_cache`` / ``read_topk_cache``: the teacher's top-k on a token set, computed
+  once and stored on disk in shards with a manifest (atomic, checksummed, resumable),
+  read back for any number of student runs.
 
 The teacher's mass outside its top k (``missing``): ``"zero"`` renormalises the k
 log-probabilities (at temperature T) to sum to 1, and the student's mass outside them does
@@ -22,14 +25,19 @@ float32 rounding left at ``k = vocab`` (~1e-7) into ~1e-3 (kept, for parity).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses import check_alpha, check_labels, check_temperature, check_where, _hard_ce, masked_mean
 
-__all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD"]
+__all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD", "fingerprint",
+           "write_topk_cache", "read_topk_cache"]
 
 MISSING = ("zero", "symmetric_uniform")
 
@@ -136,3 +144,131 @@ class TopKKD:
                                  f"got keys {sorted(batch)}")
         return topk_distillation_loss(logits, batch["teacher_topk_values"], batch["teacher_topk_indices"], batch["y"],
                                       hyper.temperature, hyper.alpha, where=batch.get("where"), missing=self.missing)
+
+
+# ----------------------------------------------------------------------------- the cache on disk
+
+FORMAT = "kdjax-topk/1"
+
+
+def fingerprint(model, variables) -> str:
+    """sha256 of a model's configuration and every variable's bytes: which teacher a cache
+    was built with."""
+    h = hashlib.sha256(repr(model).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _shard_bytes(values, indices) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, values=values, indices=indices)
+    return buf.getvalue()
+
+
+def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
+                     shard_rows: int = 1024, values_dtype=np.float32) -> dict:
+    """Compute the eval-mode teacher's ``topk_logprobs`` on ``tokens`` ``[rows, length]`` and
+    write them to ``directory``: ``shard-NNNNN.npz`` files (``values`` ``[rows, length, k]``
+    in ``values_dtype``, ``indices`` int32) and ``manifest.json`` (k, vocabulary, shapes,
+    the teacher's ``fingerprint``, the tokens' sha256 and each shard's sha256). Every file
+    is written atomically and the manifest after each shard, so a killed build resumes
+    where it stopped (same teacher, tokens and k; anything else is refused). Returns the
+    manifest. Bytes per token: ``k * (itemsize(values_dtype) + 4)``."""
+    from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
+
+    check_count("k", k)
+    check_count("batch_size", batch_size)
+    check_count("shard_rows", shard_rows)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise InputError(f"tokens: expected integer [rows, length], got {tokens.dtype}{list(tokens.shape)}")
+    directory = os.fspath(directory)
+    want = {"format": FORMAT, "k": int(k), "rows": int(tokens.shape[0]), "length": int(tokens.shape[1]),
+            "shard_rows": int(shard_rows), "values_dtype": np.dtype(values_dtype).name,
+            "teacher": fingerprint(teacher, variables), "tokens": _sha(np.ascontiguousarray(tokens).tobytes())}
+    manifest_path = os.path.join(directory, "manifest.json")
+    shards = []
+    if os.path.exists(manifest_path):
+        old = _read_manifest(directory)
+        same = {key: old.get(key) for key in want} == want
+        if not same:
+            raise InputError(f"{directory}: holds a cache built with another teacher, tokens, k or layout; use a new "
+                             f"directory")
+        shards = [sh for sh in old["shards"] if _shard_ok(directory, sh)]
+    predict = jax.jit(lambda v, x: topk_logprobs(teacher.apply(v, x), k))
+    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
+                .shape[-1])
+    for start in range(len(shards) * shard_rows, tokens.shape[0], shard_rows):
+        rows = tokens[start:start + shard_rows]
+        parts = [predict(variables, jnp.asarray(rows[i:i + batch_size], jnp.int32))
+                 for i in range(0, len(rows), batch_size)]
+        values = np.concatenate([np.asarray(v) for v, _ in parts]).astype(values_dtype)
+        indices = np.concatenate([np.asarray(i) for _, i in parts]).astype(np.int32)
+        data = _shard_bytes(values, indices)
+        name = f"shard-{len(shards):05d}.npz"
+        atomic_write_bytes(os.path.join(directory, name), data)
+        shards.append({"file": name, "rows": int(len(rows)), "sha256": _sha(data)})
+        atomic_write_text(manifest_path, json.dumps(want | {"vocab": vocab, "shards": shards}, indent=1))
+    return _read_manifest(directory)
+
+
+def _read_manifest(directory) -> dict:
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{directory}: expected a top-k cache with a readable manifest.json ({type(e).__name__})") \
+            from None
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{directory}: expected a {FORMAT} cache, got format {manifest.get('format')!r}")
+    return manifest
+
+
+def _shard_ok(directory, shard) -> bool:
+    try:
+        with open(os.path.join(directory, shard["file"]), "rb") as f:
+            return _sha(f.read()) == shard["sha256"]
+    except OSError:
+        return False
+
+
+def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
+    """``(values [rows, length, k], indices [rows, length, k], manifest)`` of a finished cache,
+    every shard verified against its checksum. Given ``tokens`` (and ``teacher`` with its
+    ``variables``), a cache built for other tokens (another teacher) is refused: one line,
+    never a student trained on the wrong teacher's numbers."""
+    directory = os.fspath(directory)
+    m = _read_manifest(directory)
+    if sum(sh["rows"] for sh in m["shards"]) != m["rows"]:
+        raise InputError(f"{directory}: the cache is unfinished ({sum(sh['rows'] for sh in m['shards'])} of "
+                         f"{m['rows']} rows); run write_topk_cache again to complete it")
+    if tokens is not None and _sha(np.ascontiguousarray(np.asarray(tokens)).tobytes()) != m["tokens"]:
+        raise InputError(f"{directory}: built for other tokens (another data set, tokenizer or length)")
+    if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
+        raise InputError(f"{directory}: built with another teacher")
+    values, indices = [], []
+    for sh in m["shards"]:
+        path = os.path.join(directory, sh["file"])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise InputError(f"{path}: missing shard of the cache ({type(e).__name__})") from None
+        if _sha(data) != sh["sha256"]:
+            raise InputError(f"{path}: truncated or corrupted (checksum mismatch); rebuild it with write_topk_cache")
+        import io
+
+        with np.load(io.BytesIO(data)) as z:
+            values.append(z["values"])
+            indices.append(z["indices"])
+    return np.concatenate(values), np.concatenate(indices), m

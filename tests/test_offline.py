@@ -2,6 +2,8 @@
 its numbers against our PyTorch version of DistillKit are parity rows), equal to the dense
 loss at k = vocab, and the TopKKD objective in a train step."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +67,54 @@ def test_topkkd_in_the_step_and_errors():
         offline.TopKKD("tail")
     with pytest.raises(InputError, match="k: expected at most the vocabulary"):
         offline.topk_logprobs(T, 12)
+
+
+def test_cache_round_trip_resume_and_refusals(tmp_path):
+    teacher = kdjax.TransformerLM(11, 1, 8, 2, 5)
+    tokens = np.asarray(rng.integers(0, 11, (7, 5)), np.int32)
+    v = teacher.init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))
+    m = offline.write_topk_cache(tmp_path / "c", teacher, v, tokens, 4, batch_size=2, shard_rows=3)
+    assert [sh["rows"] for sh in m["shards"]] == [3, 3, 1] and m["vocab"] == 11 and m["k"] == 4
+    values, indices, _ = offline.read_topk_cache(tmp_path / "c", tokens=tokens, teacher=teacher, variables=v)
+    want_v, want_i = offline.topk_logprobs(teacher.apply(v, jnp.asarray(tokens)), 4)
+    np.testing.assert_allclose(values, want_v, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(indices, want_i)
+    # a build killed after its first shard resumes from it: the same bytes in the end
+    first = (tmp_path / "c" / "shard-00000.npz").read_bytes()
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "shard-00000.npz").write_bytes(first)
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest | {"shards": manifest["shards"][:1]}))
+    offline.write_topk_cache(tmp_path / "d", teacher, v, tokens, 4, batch_size=2, shard_rows=3)
+    for name in ("shard-00001.npz", "shard-00002.npz", "manifest.json"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+    # refusals: another teacher, other tokens, a truncated shard, an unfinished cache, a different k
+    other = teacher.init(jax.random.PRNGKey(1), jnp.asarray(tokens[:1]))
+    with pytest.raises(InputError, match="built with another teacher"):
+        offline.read_topk_cache(tmp_path / "c", teacher=teacher, variables=other)
+    with pytest.raises(InputError, match="built for other tokens"):
+        offline.read_topk_cache(tmp_path / "c", tokens=tokens[::-1])
+    with pytest.raises(InputError, match="another teacher, tokens, k or layout"):
+        offline.write_topk_cache(tmp_path / "c", teacher, v, tokens, 5, shard_rows=3)
+    shard = tmp_path / "c" / "shard-00001.npz"
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(InputError, match="shard-00001.npz: truncated or corrupted"):
+        offline.read_topk_cache(tmp_path / "c")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest | {"shards": manifest["shards"][:1]}))
+    with pytest.raises(InputError, match="unfinished"):
+        offline.read_topk_cache(tmp_path / "d")
+
+
+def test_students_train_from_the_cache(tmp_path):
+    """The cache feeds a fused run (one lax.scan) through TopKKD: no teacher in the program."""
+    teacher, student = kdjax.TransformerLM(11, 2, 16, 2, 5), kdjax.TransformerLM(11, 1, 8, 2, 5)
+    tokens = np.asarray(rng.integers(0, 11, (16, 6)), np.int32)
+    v = teacher.init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1, :5]))
+    offline.write_topk_cache(tmp_path / "c", teacher, v, tokens[:, :5], 5)
+    values, indices, _ = offline.read_topk_cache(tmp_path / "c")
+    data = {"x": tokens[:, :5], "y": tokens[:, 1:], "teacher_topk_values": values, "teacher_topk_indices": indices}
+    state = kdjax.create_train_state(student, 1, tokens[:1, :5])
+    schedule = kdjax.data.seed_schedule(jax.random.PRNGKey(0), 16, 4, 40)
+    _, m = kdjax.make_run(student, offline.TopKKD("symmetric_uniform"))(state, data, schedule, jax.random.PRNGKey(1),
+                                                                      kdjax.make_hyper(2.0, 0.5))
+    assert float(m["loss"][-10:].mean()) < float(m["loss"][:10].mean())
