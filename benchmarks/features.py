@@ -20,7 +20,6 @@ Before timing, every row's first two losses must equal ``kdjax_step``'s to a rel
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import kdjax
-from benchmarks.presets import PRESETS, Impl, Inputs, sync_torch
+from benchmarks.presets import PRESETS, Impl, Inputs, sync_torch, time_checked_rows
 from kdjax import features
 from parity import feature_reference as fref
 
@@ -204,32 +203,8 @@ def bench_features(*, steps: int = STEPS, repeats: int = 3, torch_device: str = 
     rows = [table[n]() for n in IMPLS if n in which]
     if not any(r.name == "kdjax_step" for r in rows):
         rows.insert(0, KdjaxStep(sh))
-    results, losses = {}, {}
-    for row in rows:
-        on_progress(f"features: compiling {row.name}")
-        compile_s, losses[row.name] = row.setup()
-        results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name]}
-    want = losses["kdjax_step"]
-    for name, got in losses.items():
-        if not np.allclose(got, want, rtol=1e-4, atol=0):
-            raise RuntimeError(f"features: {name}'s first two losses {got} differ from kdjax_step's {want}")
-    timed = [r for r in rows if r.name in which]
-    samples = {r.name: [] for r in timed}
-    for k in range(repeats):
-        for row in timed:
-            on_progress(f"features: repeat {k + 1}/{repeats} {row.name}")
-            seconds, n = row.run()
-            samples[row.name].append(seconds / n)
-    for name, sec in samples.items():
-        results[name]["ms_per_step"] = {"median": 1e3 * statistics.median(sec), "min": 1e3 * min(sec),
-                                        "max": 1e3 * max(sec)}
-        results[name]["repeats"] = len(sec)
-    results = {n: results[n] for n in samples}
-    med = {n: r["ms_per_step"]["median"] for n, r in results.items()}
-    peers = {n: m for n, m in med.items() if n.startswith("torch")}
-    best = min(peers, key=peers.get) if peers else None
+    results, _, best, speedup = time_checked_rows("features", rows, which, repeats, on_progress)
     p = sh.p
     return {"shape": {"teacher": p.teacher, "student": p.student, "batch": p.batch, "image": p.image,
                       "steps": steps, "objective": sh.obj.describe()},
-            "results": results, "best_peer": best,
-            "speedup_vs_best_peer": {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}}
+            "results": results, "best_peer": best, "speedup_vs_best_peer": speedup}

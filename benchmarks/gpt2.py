@@ -30,7 +30,6 @@ times the student's forward plus the teacher's forward.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
 import jax
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 import kdjax
-from benchmarks.presets import Impl, sync_torch
+from benchmarks.presets import Impl, sync_torch, time_checked_rows
 from benchmarks.rows_kdjax import KdjaxStep as _LoopedStep
 from parity import reference as ref
 
@@ -157,11 +156,16 @@ class TorchRow(Impl):
 
 
 class KdjaxStep(_LoopedStep):
-    """The MLP presets' looped row (its ``run``), set up for the language models."""
+    """The MLP presets' looped row (its ``run``), set up for the language models: the jitted
+    step with ``objective`` ("kd" on logits, or ``kdjax.fused.FusedLM``), teacher online."""
+
+    def __init__(self, s, inp, objective="kd"):
+        super().__init__(s, inp)
+        self.objective = objective
 
     def setup(self):
         inp = self.inp
-        step = kdjax.make_train_step(inp.student, "kd", teacher=inp.teacher)
+        step = kdjax.make_train_step(inp.student, self.objective, teacher=inp.teacher)
         self.state, self.tparams = inp.student_state(), inp.teacher_params()
         x, y = jnp.asarray(inp.x), jnp.asarray(inp.y)
         self.batches = [{"x": x[i], "y": y[i]} for i in inp.schedule]
@@ -169,6 +173,7 @@ class KdjaxStep(_LoopedStep):
         t0 = time.perf_counter()
         self.fn = step.lower(self.state, self.batches[0], self.rng, self.hyper, self.tparams).compile()
         compile_s = time.perf_counter() - t0
+        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
         losses = []
         for b in self.batches[:2]:
             self.state, m = self.fn(self.state, b, self.rng, self.hyper, self.tparams)
@@ -177,7 +182,13 @@ class KdjaxStep(_LoopedStep):
 
 
 class KdjaxFused(Impl):
+    """The same steps as one ``lax.scan`` (``kdjax.make_run``)."""
+
     name = "kdjax_fused"
+
+    def __init__(self, s, inp, objective="kd"):
+        super().__init__(s, inp)
+        self.objective = objective
 
     def setup(self):
         inp = self.inp
@@ -185,10 +196,11 @@ class KdjaxFused(Impl):
         self.data = {"x": jnp.asarray(inp.x), "y": jnp.asarray(inp.y)}
         self.schedule = jnp.asarray(inp.schedule)
         self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(TEMPERATURE, ALPHA)
-        run = kdjax.make_run(inp.student, "kd", teacher=inp.teacher)
+        run = kdjax.make_run(inp.student, self.objective, teacher=inp.teacher)
         t0 = time.perf_counter()
         self.fn = run.lower(self.state, self.data, self.schedule, self.rng, self.hyper, self.tparams).compile()
         compile_s = time.perf_counter() - t0
+        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
         self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tparams)
         return compile_s, [float(v) for v in m["loss"][:2]]
 
@@ -216,32 +228,10 @@ def bench_gpt2(s: GPT2Shape, *, repeats: int = 3, torch_device: str = "cpu", pea
     rows = [table[name]() for name in IMPLS if name in which]
     if not any(r.name == "kdjax_step" for r in rows):
         rows.insert(0, KdjaxStep(s, inp))  # the loss check's reference, set up but not timed
-    results, losses = {}, {}
-    for row in rows:
-        on_progress(f"gpt2: compiling {row.name}")
-        compile_s, losses[row.name] = row.setup()
-        results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name]}
-    want = losses["kdjax_step"]
-    for name, got in losses.items():
-        if not np.allclose(got, want, rtol=1e-4, atol=0):
-            raise RuntimeError(f"gpt2: {name}'s first two losses {got} differ from kdjax_step's {want}")
-    timed = [r for r in rows if r.name in which]
-    samples = {r.name: [] for r in timed}
-    for k in range(repeats):
-        for row in timed:
-            on_progress(f"gpt2: repeat {k + 1}/{repeats} {row.name}")
-            seconds, steps = row.run()
-            samples[row.name].append(seconds / steps)
+    results, med, best, speedup = time_checked_rows("gpt2", rows, which, repeats, on_progress)
     flops = s.flops()
-    for name, sec in samples.items():
-        med = statistics.median(sec)
-        results[name].update(ms_per_step={"median": 1e3 * med, "min": 1e3 * min(sec), "max": 1e3 * max(sec)},
-                             tokens_per_s=s.tokens / med, gflops=flops / med / 1e9,
-                             frac_peak=flops / med / 1e9 / peak_gflops if peak_gflops else None, repeats=len(sec))
-    results = {name: results[name] for name in samples}
-    med = {name: r["ms_per_step"]["median"] for name, r in results.items()}
-    torch_rows = {n: m for n, m in med.items() if n.startswith("torch")}
-    best = min(torch_rows, key=torch_rows.get) if torch_rows else None
+    for name, r in results.items():
+        r.update(tokens_per_s=s.tokens / med[name], gflops=flops / med[name] / 1e9,
+                 frac_peak=flops / med[name] / 1e9 / peak_gflops if peak_gflops else None)
     return {"shape": dataclasses.asdict(s), "flops_per_step": flops, "tokens_per_step": s.tokens,
-            "results": results, "best_torch": best,
-            "speedup_vs_best_torch": {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}}
+            "results": results, "best_torch": best, "speedup_vs_best_torch": speedup}

@@ -23,7 +23,6 @@ The JSON also has each kdjax row's compiled temporary memory. FLOPs: matmuls onl
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
 import jax
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 
 import kdjax
-from benchmarks.presets import Impl, sync_torch
+from benchmarks.gpt2 import KdjaxFused, KdjaxStep
+from benchmarks.presets import Impl, sync_torch, time_checked_rows
 from kdjax.fused import FusedLM
 from kdjax.models import Llama
 from parity import reference as ref
@@ -96,6 +96,9 @@ class Inputs:
             sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             self.variables.append(jax.device_put(kdjax.convert.torch_to_variables(sd, like, tied=model.tied_weights)))
 
+    def teacher_params(self):
+        return self.variables[0]["params"]
+
     def student_state(self):
         return kdjax.state_from_params(jax.tree_util.tree_map(jnp.array, self.variables[1]["params"]))
 
@@ -143,66 +146,6 @@ class TorchRow(Impl):
         return time.perf_counter() - t0, len(self.batches)
 
 
-class KdjaxStep(Impl):
-    name = "kdjax_step"
-
-    def __init__(self, s: LlamaShape, inp: Inputs, chunk: int):
-        self.s, self.inp, self.chunk = s, inp, chunk
-
-    def setup(self):
-        inp = self.inp
-        step = kdjax.make_train_step(inp.student, FusedLM(chunk_size=self.chunk), teacher=inp.teacher)
-        self.state, self.tvars = inp.student_state(), inp.variables[0]
-        x, y = jnp.asarray(inp.x), jnp.asarray(inp.y)
-        self.batches = [{"x": x[i], "y": y[i]} for i in inp.schedule]
-        self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(TEMPERATURE, ALPHA)
-        t0 = time.perf_counter()
-        self.fn = step.lower(self.state, self.batches[0], self.rng, self.hyper, self.tvars).compile()
-        compile_s = time.perf_counter() - t0
-        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
-        losses = []
-        for b in self.batches[:2]:
-            self.state, m = self.fn(self.state, b, self.rng, self.hyper, self.tvars)
-            losses.append(float(m["loss"]))
-        return compile_s, losses
-
-    def run(self):
-        state, fn, rng, hyper, tv = self.state, self.fn, self.rng, self.hyper, self.tvars
-        t0 = time.perf_counter()
-        for b in self.batches:
-            state, _ = fn(state, b, rng, hyper, tv)
-        jax.block_until_ready(state)
-        self.state = state
-        return time.perf_counter() - t0, len(self.batches)
-
-
-class KdjaxFused(Impl):
-    name = "kdjax_fused"
-
-    def __init__(self, s: LlamaShape, inp: Inputs, chunk: int):
-        self.s, self.inp, self.chunk = s, inp, chunk
-
-    def setup(self):
-        inp = self.inp
-        self.state, self.tvars = inp.student_state(), inp.variables[0]
-        self.data = {"x": jnp.asarray(inp.x), "y": jnp.asarray(inp.y)}
-        self.schedule = jnp.asarray(inp.schedule)
-        self.rng, self.hyper = jax.random.PRNGKey(0), kdjax.make_hyper(TEMPERATURE, ALPHA)
-        run = kdjax.make_run(inp.student, FusedLM(chunk_size=self.chunk), teacher=inp.teacher)
-        t0 = time.perf_counter()
-        self.fn = run.lower(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars).compile()
-        compile_s = time.perf_counter() - t0
-        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
-        self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars)
-        return compile_s, [float(v) for v in m["loss"][:2]]
-
-    def run(self):
-        t0 = time.perf_counter()
-        self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tvars)
-        jax.block_until_ready((self.state, m))
-        return time.perf_counter() - t0, self.schedule.shape[0]
-
-
 IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused")
 
 
@@ -214,39 +157,17 @@ def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", p
     torch.compiler.reset()
     on_progress("llama: building the models")
     inp = Inputs(s, torch_device)
+    fused = FusedLM(chunk_size=chunk)
     table = {"torch_eager": lambda: TorchRow(s, inp, compiled=False),
              "torch_compile": lambda: TorchRow(s, inp, compiled=True, use_compile=not eager_torch),
-             "kdjax_step": lambda: KdjaxStep(s, inp, chunk), "kdjax_fused": lambda: KdjaxFused(s, inp, chunk)}
+             "kdjax_step": lambda: KdjaxStep(s, inp, fused), "kdjax_fused": lambda: KdjaxFused(s, inp, fused)}
     rows = [table[n]() for n in IMPLS if n in which]
     if not any(r.name == "kdjax_step" for r in rows):
-        rows.insert(0, KdjaxStep(s, inp, chunk))
-    results, losses = {}, {}
-    for row in rows:
-        on_progress(f"llama: compiling {row.name}")
-        compile_s, losses[row.name] = row.setup()
-        results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name],
-                             "temp_bytes": getattr(row, "temp_bytes", None)}
-    want = losses["kdjax_step"]
-    for name, got in losses.items():
-        if not np.allclose(got, want, rtol=1e-4, atol=0):
-            raise RuntimeError(f"llama: {name}'s first two losses {got} differ from kdjax_step's {want}")
-    timed = [r for r in rows if r.name in which]
-    samples = {r.name: [] for r in timed}
-    for k in range(repeats):
-        for row in timed:
-            on_progress(f"llama: repeat {k + 1}/{repeats} {row.name}")
-            seconds, n = row.run()
-            samples[row.name].append(seconds / n)
+        rows.insert(0, KdjaxStep(s, inp, fused))
+    results, med, best, speedup = time_checked_rows("llama", rows, which, repeats, on_progress)
     flops = s.flops()
-    for name, sec in samples.items():
-        med = statistics.median(sec)
-        results[name].update(ms_per_step={"median": 1e3 * med, "min": 1e3 * min(sec), "max": 1e3 * max(sec)},
-                             tokens_per_s=s.tokens / med, gflops=flops / med / 1e9,
-                             frac_peak=flops / med / 1e9 / peak_gflops if peak_gflops else None, repeats=len(sec))
-    results = {n: results[n] for n in samples}
-    med = {n: r["ms_per_step"]["median"] for n, r in results.items()}
-    peers = {n: m for n, m in med.items() if n.startswith("torch")}
-    best = min(peers, key=peers.get) if peers else None
+    for name, r in results.items():
+        r.update(tokens_per_s=s.tokens / med[name], gflops=flops / med[name] / 1e9,
+                 frac_peak=flops / med[name] / 1e9 / peak_gflops if peak_gflops else None)
     return {"shape": dataclasses.asdict(s), "flops_per_step": flops, "tokens_per_step": s.tokens, "results": results,
-            "best_torch": best,
-            "speedup_vs_best_torch": {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}}
+            "best_torch": best, "speedup_vs_best_torch": speedup}

@@ -4,6 +4,7 @@ inputs every row shares (same weights, same batches, for torch and kdjax)."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,41 @@ class Inputs:
         with torch.no_grad():
             x = torch.from_numpy(self.x_torch).to(self.tdev)
             return torch.cat([self.t_teacher(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+
+
+def time_checked_rows(preset: str, rows, which, repeats: int, on_progress=lambda msg: None):
+    """The language-model and feature presets' protocol: set up every row (compilation and
+    its first two losses, ``setup() -> (compile seconds, losses)``), refuse any row whose
+    first two losses differ from ``kdjax_step``'s by more than a relative 1e-4, then time the
+    rows in ``which`` in ``repeats`` interleaved repetitions (``run() -> (seconds, steps)``).
+
+    Returns ``(results, seconds per step by row (medians), best torch row, {kdjax row: best
+    torch median / its median})``; ``results[row]`` has ``compile_s``, ``first_losses``,
+    ``temp_bytes`` (a kdjax row's compiled temporary memory, else None), ``ms_per_step``
+    (median, min, max) and ``repeats``."""
+    results, losses = {}, {}
+    for row in rows:
+        on_progress(f"{preset}: compiling {row.name}")
+        compile_s, losses[row.name] = row.setup()
+        results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name],
+                             "temp_bytes": getattr(row, "temp_bytes", None)}
+    want = losses["kdjax_step"]
+    for name, got in losses.items():
+        if not np.allclose(got, want, rtol=1e-4, atol=0):
+            raise RuntimeError(f"{preset}: {name}'s first two losses {got} differ from kdjax_step's {want}")
+    timed = [r for r in rows if r.name in which]
+    samples = {r.name: [] for r in timed}
+    for k in range(repeats):
+        for row in timed:
+            on_progress(f"{preset}: repeat {k + 1}/{repeats} {row.name}")
+            seconds, steps = row.run()
+            samples[row.name].append(seconds / steps)
+    for name, sec in samples.items():
+        results[name].update(ms_per_step={"median": 1e3 * statistics.median(sec), "min": 1e3 * min(sec),
+                                          "max": 1e3 * max(sec)}, repeats=len(sec))
+    results = {name: results[name] for name in samples}
+    med = {name: statistics.median(sec) for name, sec in samples.items()}
+    peers = {n: m for n, m in med.items() if n.startswith("torch")}
+    best = min(peers, key=peers.get) if peers else None
+    speedup = {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}
+    return results, med, best, speedup
