@@ -155,8 +155,13 @@ def _on_device(a):
     return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
 
 
-def _device_data(ds: Dataset, teacher_logits=None, teacher_features=None, index: bool = False) -> dict:
+def _device_data(ds: Dataset, teacher_logits=None, teacher_features=None, index: bool = False,
+                 extra=None) -> dict:
     d = {"x": _on_device(ds.x_train), "y": _on_device(ds.y_train)}
+    for key, value in (extra or {}).items():
+        if key in ("x", "y", "teacher_logits", "teacher_features", "index"):
+            raise InputError(f"extra_data: {key!r} is kdjax's own entry; expected other names")
+        d[key] = _on_device(value)
     if teacher_logits is not None:
         d["teacher_logits"] = _on_device(teacher_logits)
     if teacher_features is not None:
@@ -272,7 +277,7 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
                 chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
                 start=None, on_checkpoint=None, mesh=None, members_per_group: int | None = None,
                 programs: Programs | None = None, on_losses: Callable[[int, jax.Array], None] | None = None,
-                teacher_features=None, init_states=None):
+                teacher_features=None, init_states=None, extra_data=None):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -297,6 +302,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     For a ``kdjax.features.Objective``: ``teacher_features`` (``teacher_features_for``,
     laid out like ``teacher_logits``) and ``init_states`` (``initial_members`` with the
     objective: the students with their connectors); ``hyper`` is None.
+    ``extra_data``: more per-example arrays every member's minibatches carry (rows aligned
+    with ``ds``'s training rows; e.g. ``kdjax.offline.TopKKD``'s cached top-k).
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
@@ -305,7 +312,7 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
                                        member_teacher_logits=per_member_teacher, mesh=mesh,
                                        members_per_group=members_per_group)
     index = isinstance(objective, features.Objective) and objective.needs_index
-    data, args = _device_data(ds, teacher_logits, teacher_features, index), (hyper,)
+    data, args = _device_data(ds, teacher_logits, teacher_features, index, extra_data), (hyper,)
     if start is None:
         states = init_states if init_states is not None else initial_members(model, ds, cfg, seeds)
         losses, done = [], 0

@@ -30,19 +30,23 @@ __all__ = ["linear_distillation_loss", "FusedLM"]
 def _chunk_sums(h, kernel, bias, teacher, t_layer, labels, where, hyper, config):
     """Masked sums of the divergence and the cross-entropy over one chunk of tokens;
     ``teacher`` is the chunk's logits, or its hidden states for ``t_layer = (kernel, bias)``."""
-    divergence, teacher_is_hidden, _ = config
+    divergence, kind, _ = config
     temperature, _, beta = hyper
     logits = h @ kernel
     if bias is not None:
         logits = logits + bias[None, :]
-    if teacher_is_hidden:
-        t_kernel, t_bias = t_layer
-        t_logits = teacher @ t_kernel
-        if t_bias is not None:
-            t_logits = t_logits + t_bias[None, :]
+    if kind == "topk":  # (values, indices): kdjax.offline's sparse KL, ``divergence`` its missing-mass rule
+        from kdjax.offline import topk_kl
+
+        div = topk_kl(logits, *teacher, temperature, missing=divergence)
     else:
         t_logits = teacher
-    div = divergence_per_position(logits, jax.lax.stop_gradient(t_logits), temperature, divergence, beta)
+        if kind == "hidden":
+            t_kernel, t_bias = t_layer
+            t_logits = teacher @ t_kernel
+            if t_bias is not None:
+                t_logits = t_logits + t_bias[None, :]
+        div = divergence_per_position(logits, jax.lax.stop_gradient(t_logits), temperature, divergence, beta)
     ce = _hard_ce(logits, labels)
     return jnp.sum(jnp.where(where, div, 0.0)), jnp.sum(jnp.where(where, ce, 0.0))
 
@@ -73,13 +77,15 @@ def _chunk(arrays, i, chunk, strided):
     ``start = min(i * chunk, n - chunk)``; the last chunk may overlap the one before it,
     and ``fresh`` marks the rows not counted yet.
     """
-    n = arrays[0].shape[0]
+    leaves, tree = jax.tree_util.tree_flatten(arrays)  # the teacher may be a (values, indices) pair
+    n = leaves[0].shape[0]
     if strided:
-        views = [a.reshape(chunk, n // chunk, *a.shape[1:]) for a in arrays]
-        return [jax.lax.dynamic_index_in_dim(v, i, axis=1, keepdims=False) for v in views], True
+        views = [a.reshape(chunk, n // chunk, *a.shape[1:]) for a in leaves]
+        parts = [jax.lax.dynamic_index_in_dim(v, i, axis=1, keepdims=False) for v in views]
+        return jax.tree_util.tree_unflatten(tree, parts), True
     start = jnp.minimum(i * chunk, n - chunk)
     fresh = start + jnp.arange(chunk) >= i * chunk
-    return [jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in arrays], fresh
+    return jax.tree_util.tree_unflatten(tree, [jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in leaves]), fresh
 
 
 def _scan_chunks(body, init, h, teacher, labels, where, layout):
@@ -159,8 +165,9 @@ def _check_float(name, x, ndim=None):
 
 
 def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_bias=None, teacher_logits=None,
-                             teacher_hidden=None, teacher_kernel=None, teacher_bias=None, temperature, alpha,
-                             where=None, divergence="kl", beta=0.5, chunk_size=256):
+                             teacher_hidden=None, teacher_kernel=None, teacher_bias=None, teacher_topk=None,
+                             temperature, alpha, where=None, divergence="kl", beta=0.5, missing="zero",
+                             chunk_size=256):
     r"""``distillation_loss(student_hidden @ student_kernel + student_bias, teacher logits,
     labels, temperature, alpha, where=where, divergence=divergence, beta=beta)``, value and
     gradients, without a ``[tokens, vocab]`` array for the student.
@@ -170,8 +177,9 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
 
     (means over the tokens ``where`` selects, or all). The teacher is either its logits
     ``[..., vocab]`` or, with no ``[tokens, vocab]`` array at all, its hidden states and
-    output layer (``teacher_hidden @ teacher_kernel + teacher_bias``); it carries no
-    gradient. Differentiable in ``student_hidden``, ``student_kernel`` and
+    output layer (``teacher_hidden @ teacher_kernel + teacher_bias``), or its cached top-k
+    ``teacher_topk = (values, indices)`` (``kdjax.offline.topk_logprobs``; D is then
+    ``kdjax.offline.topk_kl`` with ``missing``); it carries no gradient. Differentiable in ``student_hidden``, ``student_kernel`` and
     ``student_bias``. Works under ``jit``, ``vmap`` and with tokens sharded over a mesh.
 
     Args:
@@ -191,12 +199,19 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     >>> bool(jnp.allclose(fused, distillation_loss(h @ w, t, y, 2.0, 0.5)))
     True
     """
+    from kdjax.offline import MISSING
+
     check_count("chunk_size", chunk_size)
-    if (teacher_logits is None) == (teacher_hidden is None and teacher_kernel is None):
-        raise InputError("teacher: expected either teacher_logits or teacher_hidden with teacher_kernel, got "
-                         + ("both" if teacher_logits is not None else "neither"))
+    given = [name for name, v in (("teacher_logits", teacher_logits), ("teacher_hidden", teacher_hidden),
+                                  ("teacher_topk", teacher_topk)) if v is not None]
+    if len(given) != 1 or (teacher_kernel is not None and given != ["teacher_hidden"]):
+        got = given + ["teacher_kernel"] * (teacher_kernel is not None)
+        raise InputError(f"teacher: expected one of teacher_logits, teacher_hidden with teacher_kernel, or "
+                         f"teacher_topk, got {', '.join(got) or 'none'}")
     if divergence not in DIVERGENCES:
         raise InputError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+    if missing not in MISSING:
+        raise InputError(f"missing: expected one of {MISSING}, got {missing!r}")
     check_temperature(temperature)
     check_alpha(alpha)
     check_beta(beta)
@@ -215,11 +230,22 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     n = math.prod(positions)
     if n == 0:
         raise InputError(f"student_hidden: expected at least one token, got shape {tuple(student_hidden.shape)}")
+    flat = lambda x: x.reshape(n, *x.shape[len(positions):])
+    t_layer = None
     if teacher_logits is not None:
         _check_float("teacher_logits", teacher_logits)
         if tuple(teacher_logits.shape) != positions + (vocab,):
-            raise InputError(f"teacher_logits: expected shape {positions + (vocab,)}, got {tuple(teacher_logits.shape)}")
-        teacher_is_hidden = False
+            raise InputError(f"teacher_logits: expected shape {positions + (vocab,)}, got "
+                             f"{tuple(teacher_logits.shape)}")
+        kind, teacher = "logits", flat(teacher_logits)
+    elif teacher_topk is not None:
+        values, indices = teacher_topk
+        _check_float("teacher_topk values", values)
+        if not jnp.issubdtype(indices.dtype, jnp.integer) or values.shape != indices.shape \
+                or tuple(values.shape[:-1]) != positions:
+            raise InputError(f"teacher_topk: expected values and integer indices of shape {positions + ('k',)}, got "
+                             f"{values.dtype}{list(values.shape)} and {indices.dtype}{list(indices.shape)}")
+        kind, teacher, divergence = "topk", (flat(values), flat(indices)), missing
     else:
         if teacher_hidden is None or teacher_kernel is None:
             raise InputError("teacher: expected teacher_hidden and teacher_kernel together, got one of them")
@@ -228,17 +254,13 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
         if tuple(teacher_hidden.shape[:-1]) != positions or teacher_kernel.shape != (teacher_hidden.shape[-1], vocab):
             raise InputError(f"teacher_hidden / teacher_kernel: expected {positions + ('hidden',)} and "
                              f"[hidden, {vocab}], got {tuple(teacher_hidden.shape)} and {tuple(teacher_kernel.shape)}")
-        teacher_is_hidden = True
+        kind, teacher, t_layer = "hidden", flat(teacher_hidden), (teacher_kernel, teacher_bias)
 
-    flat = lambda x: x.reshape(n, *x.shape[len(positions):])
-    teacher = flat(teacher_hidden if teacher_is_hidden else teacher_logits)
     mask = jnp.ones((n,), bool) if where is None else flat(where)
-    t_layer = (teacher_kernel, teacher_bias) if teacher_is_hidden else None
     dtype = student_hidden.dtype
     hyper = tuple(jnp.asarray(v, dtype) for v in (temperature, alpha, beta))
-    loss = _fused(flat(student_hidden), student_kernel, student_bias, teacher, t_layer, flat(labels), mask, hyper,
-                  (divergence, teacher_is_hidden, _layout(n, int(chunk_size))))
-    return loss
+    return _fused(flat(student_hidden), student_kernel, student_bias, teacher, t_layer, flat(labels), mask, hyper,
+                  (divergence, kind, _layout(n, int(chunk_size))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,13 +273,16 @@ class FusedLM:
     and ``Llama`` do); the loss is ``linear_distillation_loss`` with ``hyper.temperature``
     and ``hyper.alpha`` (a ``Hyper``, as ``"kd"``), over ``batch["where"]`` when given,
     against the online teacher's hidden states and head (again no ``[tokens, vocab]``
-    array) or ``batch["teacher_logits"]`` when cached. ``divergence``/``beta``: as
+    array), ``batch["teacher_logits"]`` when cached, or the cached top-k
+    ``batch["teacher_topk_values"]``/``["teacher_topk_indices"]`` (``kdjax.offline``: the
+    sparse KL with ``missing``, as ``offline.TopKKD``). ``divergence``/``beta``: as
     ``distillation_loss``; ``chunk_size``: tokens per chunk.
     """
 
     divergence: str = "kl"
     beta: float = 0.5
     chunk_size: int = 256
+    missing: str = "zero"
 
     def loss(self, params, model_state, batch, rng, hyper, teacher_variables, *, model, teacher):
         if hyper is None:
@@ -274,6 +299,9 @@ class FusedLM:
                   divergence=self.divergence, beta=self.beta, chunk_size=self.chunk_size)
         if "teacher_logits" in batch:
             return linear_distillation_loss(h, kernel, batch["y"], teacher_logits=batch["teacher_logits"], **kw)
+        if "teacher_topk_values" in batch:
+            topk = (batch["teacher_topk_values"], batch["teacher_topk_indices"])
+            return linear_distillation_loss(h, kernel, batch["y"], teacher_topk=topk, missing=self.missing, **kw)
         if teacher is None or teacher_variables is None:
             raise InputError("FusedLM: expected batch['teacher_logits'] or both a bound teacher and teacher_params, "
                              "got neither")

@@ -175,14 +175,15 @@ def _shard_bytes(values, indices) -> bytes:
 
 
 def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
-                     shard_rows: int = 1024, values_dtype=np.float32) -> dict:
+                     shard_rows: int = 1024, values_dtype=np.float32, metadata: dict | None = None) -> dict:
     """Compute the eval-mode teacher's ``topk_logprobs`` on ``tokens`` ``[rows, length]`` and
     write them to ``directory``: ``shard-NNNNN.npz`` files (``values`` ``[rows, length, k]``
     in ``values_dtype``, ``indices`` int32) and ``manifest.json`` (k, vocabulary, shapes,
-    the teacher's ``fingerprint``, the tokens' sha256 and each shard's sha256). Every file
-    is written atomically and the manifest after each shard, so a killed build resumes
-    where it stopped (same teacher, tokens and k; anything else is refused). Returns the
-    manifest. Bytes per token: ``k * (itemsize(values_dtype) + 4)``."""
+    the teacher's ``fingerprint``, the tokens' sha256, ``bytes_per_token`` =
+    ``k * (itemsize(values_dtype) + 4)``, the caller's JSON ``metadata`` and each shard's
+    sha256). Every file is written atomically and the manifest after each shard, so a
+    killed build resumes where it stopped (same teacher, tokens, k and metadata; anything
+    else is refused). Returns the manifest."""
     from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
 
     check_count("k", k)
@@ -191,18 +192,22 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise InputError(f"tokens: expected integer [rows, length], got {tokens.dtype}{list(tokens.shape)}")
+    if values_dtype not in (np.float32, np.float16, "float32", "float16"):
+        raise InputError(f"values_dtype: expected float32 or float16, got {values_dtype!r}")
     directory = os.fspath(directory)
     want = {"format": FORMAT, "k": int(k), "rows": int(tokens.shape[0]), "length": int(tokens.shape[1]),
             "shard_rows": int(shard_rows), "values_dtype": np.dtype(values_dtype).name,
-            "teacher": fingerprint(teacher, variables), "tokens": _sha(np.ascontiguousarray(tokens).tobytes())}
+            "teacher": fingerprint(teacher, variables), "tokens": _sha(np.ascontiguousarray(tokens).tobytes()),
+            "bytes_per_token": int(k) * (np.dtype(values_dtype).itemsize + 4),
+            "metadata": json.loads(json.dumps(metadata or {}))}
     manifest_path = os.path.join(directory, "manifest.json")
     shards = []
     if os.path.exists(manifest_path):
         old = _read_manifest(directory)
         same = {key: old.get(key) for key in want} == want
         if not same:
-            raise InputError(f"{directory}: holds a cache built with another teacher, tokens, k or layout; use a new "
-                             f"directory")
+            diff = ", ".join(key for key in want if old.get(key) != want[key])
+            raise InputError(f"{directory}: holds a cache built with another {diff}; use a new directory")
         shards = [sh for sh in old["shards"] if _shard_ok(directory, sh)]
     predict = jax.jit(lambda v, x: topk_logprobs(teacher.apply(v, x), k))
     vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
@@ -252,7 +257,8 @@ def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
     if sum(sh["rows"] for sh in m["shards"]) != m["rows"]:
         raise InputError(f"{directory}: the cache is unfinished ({sum(sh['rows'] for sh in m['shards'])} of "
                          f"{m['rows']} rows); run write_topk_cache again to complete it")
-    if tokens is not None and _sha(np.ascontiguousarray(np.asarray(tokens)).tobytes()) != m["tokens"]:
+    if tokens is not None and (np.shape(tokens) != (m["rows"], m["length"])
+                               or _sha(np.ascontiguousarray(np.asarray(tokens)).tobytes()) != m["tokens"]):
         raise InputError(f"{directory}: built for other tokens (another data set, tokenizer or length)")
     if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
         raise InputError(f"{directory}: built with another teacher")

@@ -2,6 +2,8 @@
 
 * ``distill``: teachers (one per seed, or one loaded) -> standard and distilled students
   (paired seeds, one program) -> evaluation -> statistics.
+* ``distill_offline``: the same students from a teacher's cached top-k log-probabilities
+  (``kdjax.offline``): no teacher in the program.
 * ``run_sweep``: one teacher, then a student per (temperature, alpha, seed) member.
 * ``tuned_distill``: T and alpha chosen on a validation split, then ``distill``.
 
@@ -28,7 +30,8 @@ from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, 
 from kdjax.stats import mean_ci
 from kdjax.train import TrainState, make_hyper
 
-__all__ = ["Checkpoints", "distill", "DistillResult", "run_sweep", "SweepResult", "tuned_distill", "TunedResult"]
+__all__ = ["Checkpoints", "distill", "distill_offline", "DistillResult",
+           "run_sweep", "SweepResult", "tuned_distill", "TunedResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +257,65 @@ def _objective_students(phase, objective, teacher, t_states, student, transfer, 
                                 None)
     both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), own(std), own(dist))
     return both, np.concatenate([std_losses, dist_losses]), dist
+
+
+def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], values, indices, *,
+                    temperature: float = 3.0, alpha: float = 0.7, missing: str = "zero", fused: bool = True,
+                    teacher_eval: dict | None = None, splits: Sequence[str] = ("test",),
+                    checkpoints: Checkpoints | None = None, chunk: int | None = None,
+                    on_chunk: OnChunk | None = None, log: Callable[[str], None] = lambda line: None, mesh=None,
+                    programs: Programs | None = None, on_losses: OnLosses | None = None) -> DistillResult:
+    """``distill``'s students from a teacher's cached top-k (``kdjax.offline``), no teacher run.
+
+    ``values`` / ``indices`` ``[*ds.y_train.shape, k]`` are the teacher's top-k
+    log-probabilities on ``ds``'s training rows (``read_topk_cache``). Phase
+    ``"students"``: per seed a standard student (alpha = 0: exactly cross-entropy) and a
+    distilled one trained at ``temperature``, ``alpha`` on ``alpha T^2 KL_topk + (1 - alpha)
+    CE`` (``offline.topk_kl`` with ``missing``), same init and minibatches, one vmapped
+    program. With ``fused`` and a student that names its output layer (kdjax's
+    ``TransformerLM``, ``Llama``) the loss is ``kdjax.fused.FusedLM`` (no ``[tokens,
+    vocab]`` array; equal to ``offline.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
+    the cache when it was built) becomes the teacher's row; without it there is none.
+    Checkpoints, resume, mesh and callbacks as in ``distill``; the result's ``teacher`` is
+    None.
+    """
+    from kdjax import offline
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise InputError("seeds: expected at least one seed, got none")
+    n = len(seeds)
+    hyper = make_hyper(np.full(2 * n, temperature, np.float64), np.repeat([0.0, alpha], n))  # validates
+    values, indices = np.asarray(values), np.asarray(indices)
+    want = tuple(np.shape(ds.y_train))
+    if values.shape != indices.shape or values.shape[:-1] != want:
+        raise InputError(f"values / indices: expected the teacher's top-k on every training row, "
+                         f"[{', '.join(map(str, want))}, k], got {list(values.shape)} and {list(indices.shape)}")
+    example = jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x_train.dtype)
+    width = jax.eval_shape(lambda e: student.apply(student.init(jax.random.PRNGKey(0), e), e), example).shape[-1]
+    if indices.size and (indices.min() < 0 or indices.max() >= width):
+        raise InputError(f"indices: expected token ids in [0, {width}) (the student's vocabulary), got ids from "
+                         f"{int(indices.min())} to {int(indices.max())}")
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
+                              mesh=mesh, programs=programs or Programs(), on_losses=on_losses)
+    from kdjax.fused import FusedLM
+
+    objective = (FusedLM(missing=missing) if fused and hasattr(student, "output_layer")
+                 else offline.TopKKD(missing))
+    states, losses = phase("students", student, objective, ds, cfg, seeds + seeds, hyper=hyper,
+                           extra_data={"teacher_topk_values": values, "teacher_topk_indices": indices})
+    accuracy, eval_loss = {}, {}
+    for split in splits:
+        x, y = _split(ds, split)
+        ev = evaluate_on(student, states, x, y, members=True)
+        teacher_row = (teacher_eval or {}).get(split)
+        accuracy[split], eval_loss[split] = (
+            ({} if teacher_row is None else {"teacher": np.atleast_1d(np.asarray(teacher_row[k], np.float64))})
+            | {"standard": ev[k][:n], "distilled": ev[k][n:]} for k in ("accuracy", "loss"))
+    stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
+    gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
+    return DistillResult(seeds, None, None, states, {"standard": losses[:n], "distilled": losses[n:]}, accuracy,
+                         stats, gain, eval_loss)
 
 
 @dataclasses.dataclass

@@ -194,6 +194,22 @@ def test_fused_step_benchmark_smoke(tmp_path):
     assert abs(r["logits"]["first_loss"] - r["fused"]["first_loss"]) < 1e-4 * abs(r["logits"]["first_loss"])
 
 
+def test_topk_cache_benchmark_smoke(tmp_path):
+    """The cached top-k steps (on logits and fused) against the online teacher: their first
+    losses agree at k = vocab (the top-k loss is then the dense one), and every row reports."""
+    out = tmp_path / "topk.json"
+    cmd = [sys.executable, "-m", "benchmarks.topk_cache", "--vocab", "64", "--tokens", "2", "16", "--k", "64",
+           "--teacher", "1", "32", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    rows = ("online_logits", "online_fused", "topk_cache_k64", "topk_cache_fused_k64")
+    assert all(r[k]["temp_bytes"] > 0 and r[k]["ms"] > 0 for k in rows)
+    losses = [r[k]["first_loss"] for k in rows]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
+    assert r["topk_cache_k64"]["argument_bytes"] < r["online_logits"]["argument_bytes"]  # no teacher parameters
+
+
 def test_llama_preset_smoke():
     """Tiny shapes of the llama preset: transformers' Qwen2 (eager) and kdjax's Llama with
     FusedLM compute the same first two losses (checked inside), and the JSON's rows."""

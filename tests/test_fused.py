@@ -54,6 +54,35 @@ def test_value_and_gradients_equal_the_naive_loss_float64(divergence, teacher_ki
         np.testing.assert_allclose(float(fused(x["h"], x["w"], b)), float(want), rtol=1e-12)  # no-grad path
 
 
+@pytest.mark.parametrize("missing", ["zero", "symmetric_uniform"])
+@pytest.mark.parametrize("masked,chunk", [(True, 4), (False, 5)])
+def test_cached_topk_teacher_equals_the_naive_topk_loss_float64(missing, masked, chunk):
+    """teacher_topk=(values, indices): value and gradients of kdjax.offline's
+    topk_distillation_loss on the student's full logits, to float64 rounding."""
+    from kdjax.offline import topk_distillation_loss, topk_logprobs
+
+    with jax.enable_x64(True):
+        x = inputs(1)
+        values, indices = topk_logprobs(x["th"] @ x["tw"], 5)
+        where = x["where"] if masked else None
+        y = x["y"] if masked else jnp.abs(x["y"]) % V
+
+        def fused(h, w, b, T):
+            return linear_distillation_loss(h, w, y, student_bias=b, teacher_topk=(values, indices), temperature=T,
+                                            alpha=0.6, where=where, missing=missing, chunk_size=chunk)
+
+        def plain(h, w, b, T):
+            return topk_distillation_loss(h @ w + b[None, None, :], values, indices, y, T, 0.6, where=where,
+                                          missing=missing)
+
+        args = (x["h"], x["w"], x["b"], jnp.asarray(2.0))
+        want, g_want = jax.value_and_grad(plain, (0, 1, 2, 3))(*args)
+        got, g_got = jax.jit(jax.value_and_grad(fused, (0, 1, 2, 3)))(*args)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
+        for a, c in zip(g_got, g_want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("chunk", [2, 5])  # strided and contiguous chunks (14 tokens)
 def test_gradients_of_temperature_alpha_beta_equal_the_naive_loss_float64(divergence, chunk):
@@ -135,8 +164,12 @@ def test_teacher_logits_are_never_copied(n):
 @pytest.mark.parametrize("kwargs,exc,words", [
     (dict(chunk_size=0), InputError, ["chunk_size", "int >= 1", "0"]),
     (dict(chunk_size=-3), InputError, ["chunk_size", "-3"]),
-    (dict(teacher_hidden="both"), InputError, ["teacher", "both"]),
-    (dict(teacher_logits=None), InputError, ["teacher", "neither"]),
+    (dict(teacher_hidden="both"), InputError, ["teacher", "got teacher_logits, teacher_hidden, teacher_kernel"]),
+    (dict(teacher_logits=None), InputError, ["teacher", "got none"]),
+    (dict(teacher_logits=None, teacher_topk=(jnp.zeros((B, L, 3)), jnp.zeros((B, L, 3)))), InputError,
+     ["teacher_topk", "integer indices", f"({B}, {L}, 'k')"]),
+    (dict(teacher_logits=None, teacher_topk=(jnp.zeros((B, L, 3)), jnp.zeros((B, L, 3), jnp.int32)), missing="tail"),
+     InputError, ["missing", "'tail'"]),
     (dict(teacher_logits=jnp.zeros((B, L, V + 1))), InputError, ["teacher_logits", f"({B}, {L}, {V})"]),
     (dict(labels=jnp.zeros((B, L + 1), jnp.int32)), InputError, ["labels", f"({B}, {L})"]),
     (dict(labels=jnp.zeros((B, L))), InputTypeError, ["labels", "integer"]),

@@ -63,6 +63,18 @@ def test_topkkd_in_the_step_and_errors():
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
     with pytest.raises(InputError, match="teacher_topk_values"):
         kdjax.make_train_step(student, offline.TopKKD(), donate=False)(state, dense, jax.random.PRNGKey(0), hyper)
+    # the fused vocabulary loss reads the same cache: no [tokens, vocab] array, the same step
+    from kdjax.fused import FusedLM
+
+    small = {k: (v[..., :4] if k.startswith("teacher_topk") else v) for k, v in batch.items()}
+    for missing in ("zero", "symmetric_uniform"):
+        want_state, want = kdjax.make_train_step(student, offline.TopKKD(missing), donate=False)(
+            state, small, jax.random.PRNGKey(0), hyper)
+        got_state, got = kdjax.make_train_step(student, FusedLM(chunk_size=4, missing=missing), donate=False)(
+            state, small, jax.random.PRNGKey(0), hyper)
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(got_state.params), jax.tree_util.tree_leaves(want_state.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="missing: expected one of"):
         offline.TopKKD("tail")
     with pytest.raises(InputError, match="k: expected at most the vocabulary"):
@@ -94,7 +106,9 @@ def test_cache_round_trip_resume_and_refusals(tmp_path):
         offline.read_topk_cache(tmp_path / "c", teacher=teacher, variables=other)
     with pytest.raises(InputError, match="built for other tokens"):
         offline.read_topk_cache(tmp_path / "c", tokens=tokens[::-1])
-    with pytest.raises(InputError, match="another teacher, tokens, k or layout"):
+    with pytest.raises(InputError, match="built for other tokens"):  # the same bytes cut into other windows
+        offline.read_topk_cache(tmp_path / "c", tokens=tokens.reshape(-1, 1))
+    with pytest.raises(InputError, match="cache built with another k, bytes_per_token; use a new directory"):
         offline.write_topk_cache(tmp_path / "c", teacher, v, tokens, 5, shard_rows=3)
     shard = tmp_path / "c" / "shard-00001.npz"
     shard.write_bytes(shard.read_bytes()[:50])
@@ -118,3 +132,107 @@ def test_students_train_from_the_cache(tmp_path):
     _, m = kdjax.make_run(student, offline.TopKKD("symmetric_uniform"))(state, data, schedule, jax.random.PRNGKey(1),
                                                                       kdjax.make_hyper(2.0, 0.5))
     assert float(m["loss"][-10:].mean()) < float(m["loss"][:10].mean())
+
+
+def _byte_text():
+    from kdjax import data
+
+    return data.text(8, max_bytes=3000)
+
+
+def test_distill_offline_at_k_vocab_equals_distill_with_the_teacher():
+    """workflows.distill_offline from the cache of every token (k = vocab, missing="zero")
+    trains the students distill trains with the teacher run online: the standard students
+    bitwise, the distilled ones to float32 rounding; a cache that does not fit is one line."""
+    from kdjax import workflows
+    from kdjax.fitting import RunConfig
+    from kdjax.train import state_from_params
+
+    ds = _byte_text()
+    teacher, student = kdjax.TransformerLM(256, 1, 16, 2, 8), kdjax.TransformerLM(256, 1, 8, 2, 8)
+    variables = teacher.init(jax.random.PRNGKey(3), jnp.asarray(ds.x_train[:1]))
+    t_state = state_from_params(variables["params"])
+    cfg = RunConfig(steps=6, batch_size=8)
+    want = workflows.distill(teacher, student, ds, cfg, [0, 1], temperature=2.0, alpha=0.6, teacher_state=t_state)
+    values, indices = offline.topk_logprobs(teacher.apply(variables, jnp.asarray(ds.x_train)), 256)
+    for fused in (False, True):  # offline.TopKKD on the logits; FusedLM on the hidden states (rounding apart)
+        got = workflows.distill_offline(student, ds, cfg, [0, 1], values, indices, temperature=2.0, alpha=0.6,
+                                        fused=fused)
+        if not fused:
+            np.testing.assert_array_equal(got.losses["standard"], want.losses["standard"])
+        np.testing.assert_allclose(got.losses["standard"], want.losses["standard"], rtol=2e-6)
+        np.testing.assert_allclose(got.losses["distilled"], want.losses["distilled"], rtol=2e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(got.distilled.params),
+                        jax.tree_util.tree_leaves(want.distilled.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert "teacher" not in got.accuracy["test"] and got.teacher is None
+    with pytest.raises(InputError, match="top-k on every training row"):
+        workflows.distill_offline(student, ds, cfg, [0], values[:-1], indices[:-1])
+    with pytest.raises(InputError, match=r"token ids in \[0, 256\)"):
+        workflows.distill_offline(student, ds, cfg, [0], values, indices + 1)
+
+
+def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
+    """kdjax teacher-logits builds the cache of a Hugging Face teacher folder (resumable,
+    its tokenizer inside); kdjax distill --teacher-logits trains students of the teacher's
+    family from it without loading the teacher; what does not fit is one line each."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    from test_cli import kdjax_here
+
+    from kdjax import convert, data
+    from kdjax import tokenizer as tk
+    from kdjax.models import Llama
+
+    _, train, _, _ = data.text_documents()
+    tok = tk.train_bpe([bytes(d).decode() for d in data._first(train, 20000)], 300, tmp_path / "tok.json")
+    teacher = Llama(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=16, tie_word_embeddings=True)
+    convert.save_hf(teacher, teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32)), tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    build = ["teacher-logits", "--teacher", tmp_path / "hf", "--text-bytes", "20000", "--context", "16", "--k", "8",
+             "--quiet", "--out", tmp_path / "cache"]
+    p = kdjax_here(capsys, *build)
+    assert p.returncode == 0, p.stderr
+    assert "64 bytes per token" in p.stdout and "teacher on the validation windows" in p.stdout
+    manifest = (tmp_path / "cache" / "manifest.json").read_bytes()
+    assert (tmp_path / "cache" / "tokenizer.json").exists()
+    p = kdjax_here(capsys, *build)  # finished: resumed, nothing rewritten
+    assert p.returncode == 0 and "is resumed" in p.stdout and (tmp_path / "cache" / "manifest.json").read_bytes() == manifest
+    base = ["distill", "--dataset", "text", "--arch", "llama", "--seeds", "1", "--text-bytes", "20000", "--context",
+            "16", "--steps", "3", "--student-dim", "16", "--quiet"]
+    p = kdjax_here(capsys, *base, "--teacher-logits", tmp_path / "cache", "--out", tmp_path / "o", "--no-plots",
+                   "--save-hf", tmp_path / "student")
+    assert p.returncode == 0, p.stderr
+    assert "teacher (cached, top-8)" in p.stdout and "not loaded" in p.stdout
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["teacher_logits"]["bytes_per_token"] == 64 and not (tmp_path / "o" / "teacher.ckpt").exists()
+    model, _ = convert.load_hf(tmp_path / "student")
+    assert model.hidden_size == 16 and model.vocab_size == teacher.vocab_size
+    # refusals, one line each, before anything trains
+    other = tk.train_bpe(["print('hello world') " * 50], 280, tmp_path / "other.json")
+    assert other.get_vocab_size() <= teacher.vocab_size
+    cache = ["--teacher-logits", tmp_path / "cache"]
+    for args, words in [
+        (base + cache + ["--tokenizer", tmp_path / "other.json"], "built for other training tokens than these (another tokenizer"),
+        (base[:10] + ["12"] + base[11:] + cache, "(other text or another --context / --text-bytes"),
+        (base + cache + ["--student-dim", "12"], "expected an even head dimension"),
+        (base + cache + ["--teacher", tmp_path / "hf"], "--teacher: not used with --teacher-logits"),
+        (base + cache + ["--method", "dkd"], "--method dkd: not used with --teacher-logits"),
+        (base + cache + ["--teacher-dim", "8"], "--teacher-dim: only used with"),
+        (base + ["--topk-missing", "symmetric_uniform"], "--topk-missing: only used with --teacher-logits"),
+        (base + ["--teacher-logits", tmp_path / "nothing"], "--teacher-logits: "),
+        (["teacher-logits", "--teacher", tmp_path / "tok.json", "--out", tmp_path / "c2"], "expected a Hugging Face"),
+    ]:
+        p = kdjax_here(capsys, *args)
+        assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+    # another teacher into the same cache: refused; a truncated shard: refused on read
+    convert.save_hf(teacher, teacher.init(jax.random.PRNGKey(1), jnp.zeros((1, 16), jnp.int32)), tmp_path / "hf",
+                    overwrite=True)
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    p = kdjax_here(capsys, *build)
+    assert p.returncode == 2 and "built with another teacher" in p.stderr, p.stderr
+    shard = tmp_path / "cache" / "shard-00000.npz"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    p = kdjax_here(capsys, *base, *cache)
+    assert p.returncode == 2 and "truncated or corrupted" in p.stderr, p.stderr

@@ -1,4 +1,4 @@
-"""The bodies of ``kdjax demo``, ``distill``, ``omit-class`` and ``sweep``: inputs checked
+"""The bodies of ``kdjax demo``, ``distill``, ``omit-class``, ``sweep`` and ``teacher-logits``: inputs checked
 (``kdjax.app.inputs``), the workflow run, tables printed, ``results.json`` and plots written."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 
 from kdjax.app import UsageError, inputs, methods
 from kdjax.app.reporting import Reporter, fmt_ci, jsonable
+from kdjax.errors import InputError
 
-__all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_sweep"]
+__all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_sweep", "cmd_teacher_logits"]
 
 
 def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
@@ -154,13 +155,12 @@ def _variables(states) -> dict:
 
 
 def cmd_distill(args, rep: Reporter) -> int:
-    import jax
-
-    from kdjax import checkpoint, sweep, workflows
-    from kdjax.app import metrics, plots
+    from kdjax import sweep, workflows
+    from kdjax.app import metrics
     from kdjax.losses import check_alpha, check_temperature
-    from kdjax.stats import mean_ci
 
+    if args.teacher_logits:
+        return _distill_from_cache(args, rep)
     methods.resolve_temperature(args)
     methods.check_arch(args)
     check_temperature(args.temperature)  # before anything is trained
@@ -237,8 +237,21 @@ def cmd_distill(args, rep: Reporter) -> int:
                    for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
         rep.line(f"chosen on validation: T = {tuned.best[0]:g}, alpha = {tuned.best[1]:g}; students retrained "
                  f"on all {len(ds.y_train)} training rows")
+    return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=teacher, objective=objective,
+                           tuned=tuned, teacher_label="teacher (loaded)" if t_state is not None else "teacher")
+
+
+def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher, objective, tuned,
+                    teacher_label: str, extra: dict | None = None) -> int:
+    """The tables, ``results.json``, the Hugging Face student, checkpoints and plots of a
+    ``distill`` run (``teacher`` None: no teacher checkpoint, e.g. from a top-k cache)."""
+    import jax
+
+    from kdjax import checkpoint
+    from kdjax.app import plots
+    from kdjax.stats import mean_ci
+
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
-    teacher_label = "teacher (loaded)" if t_state is not None else "teacher"
     lm = args.arch in ("transformer", "llama")
     unit = "token" if args.arch == "llama" else "byte"
     over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
@@ -257,10 +270,10 @@ def cmd_distill(args, rep: Reporter) -> int:
                   + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
     results = {"dataset": ds.name, "config": vars(args) | {"func": None},
                "method": args.method, "objective": objective.describe() if objective is not None else None,
-               "teacher_test_accuracy": float(acc["teacher"][0]),
+               "teacher_test_accuracy": float(acc["teacher"][0]) if "teacher" in acc else None,
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
                "paired_gain": gain, "losses": r.losses,
-               "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}}
+               "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}} | (extra or {})
     if lm:
         results[f"bits_per_{unit}"] = {k: v.tolist() for k, v in bpb.items()}
         results[f"bits_per_{unit}_mean_ci"], results[f"bits_per_{unit}_paired_gain"] = bpb_stats, bpb_gain
@@ -283,12 +296,13 @@ def cmd_distill(args, rep: Reporter) -> int:
     if args.out:
         first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
         meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
-        checkpoint.save(os.path.join(args.out, "teacher.ckpt"), _variables(r.teacher_member(0)),
-                        meta | {"model": inputs.describe(teacher)})
+        if teacher is not None:
+            checkpoint.save(os.path.join(args.out, "teacher.ckpt"), _variables(r.teacher_member(0)),
+                            meta | {"model": inputs.describe(teacher)})
         for kind, states in (("distilled", r.distilled), ("standard", r.standard)):
             checkpoint.save(os.path.join(args.out, f"student_{kind}.ckpt"), _variables(first(states)),
                             meta | {"model": inputs.describe(student), "seed": seeds[0]})
-    names = ["teacher", "standard", "distilled"]
+    names = [k for k in ("teacher", "standard", "distilled") if k in stats]
     figs = {
         "learning_curves": lambda: plots.learning_curves(
             os.path.join(args.out, "learning_curves.png"), r.losses, f"{ds.name}: student training loss"),
@@ -297,6 +311,142 @@ def cmd_distill(args, rep: Reporter) -> int:
             [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy", "test accuracy"),
     }
     return _finish(args, rep, results, figs)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def cmd_teacher_logits(args, rep: Reporter) -> int:
+    """``kdjax teacher-logits``: the teacher's top-k log-probabilities on the training windows
+    of ``--dataset`` (as ``kdjax distill --arch llama`` cuts them), written once to a cache
+    (``kdjax.offline.write_topk_cache``) with the tokenizer and the teacher's validation
+    figures; a killed build resumes when run again."""
+    from kdjax import offline
+    from kdjax.fitting import evaluate_on
+    from kdjax.tokenizer import check_vocabulary
+
+    if not inputs.hf_folder(args):
+        raise UsageError(f"--teacher: expected a Hugging Face checkpoint folder (config.json, *.safetensors), "
+                         f"got {args.teacher}")
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out: expected a directory for the cache, got an existing file {args.out}")
+    tok = inputs.tokenizer(args)
+    ds = inputs.dataset(args, tok)
+    teacher, t_state, _ = inputs.hf_teacher(args, student=False)
+    check_vocabulary(tok, teacher)
+    variables = {"params": t_state.params}
+    rows, length = ds.x_train.shape
+    rep.line(f"{ds.name}: {rows} training windows of {length} tokens; teacher "
+             f"{inputs.describe(teacher)} from {args.teacher}; top-{args.k} log-probabilities as {args.values_dtype}")
+    manifest_path = os.path.join(args.out, "manifest.json")
+    if args.overwrite and os.path.isdir(args.out):
+        for name in os.listdir(args.out):
+            if name in ("manifest.json", "tokenizer.json") or (name.startswith("shard-") and name.endswith(".npz")) \
+                    or name.startswith(".tmp-"):
+                os.remove(os.path.join(args.out, name))
+    elif os.path.exists(manifest_path):
+        rep.line(f"{args.out} holds a cache: it is resumed (the same teacher, data, tokenizer and k) or refused")
+    t0 = time.perf_counter()
+    ev = evaluate_on(teacher, t_state, ds.x_test, ds.y_test)
+    metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
+                "tokenizer_sha256": _sha256(tok.to_str().encode()), "dataset": ds.name, "context": int(length),
+                "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(ds.x_test).tobytes()),
+                               "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])}}
+    os.makedirs(args.out, exist_ok=True)
+    m = offline.write_topk_cache(args.out, teacher, variables, ds.x_train, args.k, batch_size=args.batch_size,
+                                 values_dtype=np.dtype(args.values_dtype), metadata=metadata)
+    tok.save(os.path.join(args.out, "tokenizer.json"))
+    seconds = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(args.out, sh["file"])) for sh in m["shards"])
+    tokens = rows * length
+    rep.line(f"wrote {args.out}: {len(m['shards'])} shard(s), {tokens} tokens, {m['bytes_per_token']} bytes per "
+             f"token ({size / tokens:.1f} on disk, against {4 * m['vocab']} for float32 logits over the "
+             f"{m['vocab']}-token vocabulary); {seconds:.1f} s")
+    rep.line(f"teacher on the validation windows: next-token accuracy {float(ev['accuracy']):.4f}, "
+             f"{float(ev['loss']) / np.log(2):.3f} bits per token")
+    if args.json:
+        print(json.dumps({"cache": args.out, "rows": rows, "length": length, "k": args.k, "vocab": m["vocab"],
+                          "bytes_per_token": m["bytes_per_token"], "bytes_on_disk": size, "seconds": seconds,
+                          "teacher_validation": metadata["validation"]}))
+    return 0
+
+
+def _distill_from_cache(args, rep: Reporter) -> int:
+    """``kdjax distill --arch llama --teacher-logits CACHE``: the students of ``distill``
+    trained from a teacher's cached top-k (``workflows.distill_offline``); no teacher runs.
+    The student is of the cached teacher's family; the tokens must be the cache's."""
+    from kdjax import offline, workflows
+    from kdjax.losses import check_alpha, check_temperature
+    from kdjax.models import Llama
+
+    for flag, given in (("--teacher", args.teacher), ("--tune", args.tune), ("--teacher-steps", args.teacher_steps),
+                        ("--method " + args.method, args.method != "kd")):
+        if given:
+            raise UsageError(f"{flag}: not used with --teacher-logits (the cache is the teacher; --method kd "
+                             f"with --temperature and --alpha)")
+    methods.resolve_temperature(args)
+    check_temperature(args.temperature)
+    check_alpha(args.alpha)
+    ckpts = inputs.checkpoints(args)
+    if args.save_hf and os.path.exists(args.save_hf) and not args.overwrite:
+        raise UsageError(f"--save-hf: {args.save_hf} exists; pass --overwrite to replace it")
+    cache = args.teacher_logits
+    try:
+        values, indices, m = offline.read_topk_cache(cache)  # every shard verified
+    except InputError as e:
+        raise UsageError(f"--teacher-logits: {e}") from None
+    meta = m.get("metadata") or {}
+    if "teacher_config" not in meta:
+        raise UsageError(f"--teacher-logits {cache}: expected a cache written by kdjax teacher-logits (its manifest "
+                         f"names the teacher's configuration), got one without")
+    tok = inputs.tokenizer(args)
+    ds = inputs.dataset(args, tok)
+    if ds.x_train.shape != (m["rows"], m["length"]) or offline._sha(np.ascontiguousarray(ds.x_train).tobytes()) \
+            != m["tokens"]:
+        why = ("another tokenizer" if meta.get("tokenizer_sha256") != _sha256(tok.to_str().encode())
+               else "other text or another --context / --text-bytes")
+        raise UsageError(f"--teacher-logits {cache}: built for other training tokens than these ({why}; the cache: "
+                         f"{meta.get('dataset')}, context {meta.get('context')})")
+    teacher = Llama.from_hf_config(meta["teacher_config"])
+    student = inputs.student_like(teacher, args)
+    from kdjax.tokenizer import check_vocabulary
+
+    check_vocabulary(tok, student)
+    inputs.validate_models((student,), ds)
+    cfg = inputs.run_config(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    validation = meta.get("validation") or {}
+    same_validation = validation.get("tokens_sha256") == _sha256(np.ascontiguousarray(ds.x_test).tobytes())
+    teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same_validation \
+        else None
+    rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
+             f"T = {args.temperature:g}, alpha = {args.alpha:g}; {args.seeds} seed(s)")
+    rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token; "
+             f"{inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
+    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size)
+    from kdjax.app import metrics
+
+    metrics.check_tensorboard(args.tensorboard)
+    inputs.claim_out(args)
+    names = {k: [f"{k}/seed{s}" for s in seeds] for k in ("standard", "distilled")}
+    log = _metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
+    with rep.progress() as on_chunk, contextlib.closing(log):
+        r = workflows.distill_offline(student, ds, cfg, seeds, values, indices, temperature=args.temperature,
+                                      alpha=args.alpha, missing=args.topk_missing, teacher_eval=teacher_eval,
+                                      checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
+                                      on_losses=log.losses)
+        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
+                       {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
+                       {"teacher": ["teacher/cached"], **names})
+    if teacher_eval is None:
+        rep.line("the cache's teacher figures are for other validation windows: no teacher row")
+    extra = {"teacher_logits": {"cache": cache, "k": m["k"], "bytes_per_token": m["bytes_per_token"],
+                                "missing": args.topk_missing, "teacher_folder": meta.get("teacher_folder")}}
+    return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
+                           teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)
 
 
 def cmd_sweep(args, rep: Reporter) -> int:

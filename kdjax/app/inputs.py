@@ -12,8 +12,9 @@ from kdjax.app import UsageError
 from kdjax.app.reporting import Reporter, jsonable
 from kdjax.errors import InputError
 
-__all__ = ["dataset", "run_config", "models", "validate_models", "describe", "load_teacher", "checkpoints",
-           "make_mesh", "check_out", "claim_out", "identity"]
+__all__ = ["dataset", "run_config", "models", "student_like", "hf_teacher", "tokenizer", "hf_folder",
+           "validate_models", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
+           "identity"]
 
 
 # What kdjax writes into --out; --overwrite removes exactly these, nothing else of the user's.
@@ -71,6 +72,13 @@ def tokenizer(args):
 
     if args.tokenizer:
         return tk.load_tokenizer(args.tokenizer)
+    cache = getattr(args, "teacher_logits", None)
+    if cache:
+        path = os.path.join(cache, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"--teacher-logits {cache}: has no tokenizer.json (kdjax teacher-logits writes one); "
+                             f"pass --tokenizer PATH, the one the cache was built with")
+        return tk.load_tokenizer(path)
     if hf_folder(args):
         path = os.path.join(args.teacher, "tokenizer.json")
         if not os.path.isfile(path):
@@ -146,31 +154,35 @@ def models(args, num_classes: int):
     return tuple(nets)
 
 
-def hf_teacher(args):
+def hf_teacher(args, student: bool = True):
     """``(teacher, its TrainState, student)`` for a ``--teacher`` Hugging Face folder: the
-    teacher as its config says, the student of the same family at ``--student-layers`` x
-    ``--student-dim`` with ``--heads``/``--kv-heads``."""
+    teacher as its config says, the student of the same family (``student_like``; None
+    with ``student=False``)."""
     from kdjax import convert
+    from kdjax.models import Llama
     from kdjax.train import state_from_params
 
     try:
         teacher, variables = convert.load_hf(args.teacher)
     except InputError as e:
         raise UsageError(f"--teacher: {e}") from None
-    from kdjax.models import Llama
-
     if not isinstance(teacher, Llama):
         raise UsageError(f"--teacher {args.teacher}: expected a Llama-family folder for --arch llama, got "
                          f"{type(teacher).__name__}")
+    params = dict(variables).pop("params")
+    return teacher, state_from_params(params), student_like(teacher, args) if student else None
+
+
+def student_like(teacher, args):
+    """The student of ``teacher``'s family (its vocabulary, rotary and norm settings) at
+    ``--student-layers`` x ``--student-dim`` with ``--heads``/``--kv-heads``."""
     if args.heads % args.kv_heads:
         raise UsageError(f"--kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
     windows = None if teacher.sliding_windows is None else (next(
         (w for w in teacher.sliding_windows if w), None),) * args.student_layers
-    student = teacher.clone(hidden_size=args.student_dim, intermediate_size=4 * args.student_dim,
-                            num_layers=args.student_layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                            head_dim=None, sliding_windows=windows)
-    params = dict(variables).pop("params")
-    return teacher, state_from_params(params), student
+    return teacher.clone(hidden_size=args.student_dim, intermediate_size=4 * args.student_dim,
+                         num_layers=args.student_layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                         head_dim=None, sliding_windows=windows)
 
 
 def validate_models(models, ds) -> None:

@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "as mdistiller's KD) to the method's CE + feature term")
     distill.add_argument("--crd-negatives", type=_positive_int, default=16384,
                          help="crd: negatives per example (mdistiller's 16384)")
+    distill.add_argument("--teacher-logits", default=None, metavar="CACHE",
+                         help="llama: train the students from a teacher's top-k cache (kdjax teacher-logits) "
+                              "instead of running a teacher; the student is of the cached teacher's family")
+    distill.add_argument("--topk-missing", choices=["zero", "symmetric_uniform"], default="zero",
+                         help="with --teacher-logits: the teacher's mass outside its top k, renormalised away "
+                              "(zero) or one more outcome (DistillKit's symmetric_uniform)")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
                          help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
@@ -204,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     om.add_argument("--seed", type=int, default=0, help="first seed")
     _common_output(om)
     om.set_defaults(func=commands.cmd_omit_class, arch="mlp")
+
+    tl = add("teacher-logits", help="a Hugging Face teacher's top-k log-probabilities on the training text, "
+                                    "computed once into a cache for kdjax distill --teacher-logits")
+    tl.add_argument("--teacher", required=True, metavar="DIR",
+                    help="a Llama-family Hugging Face folder (config.json, *.safetensors, tokenizer.json)")
+    tl.add_argument("--dataset", default="text", help="text (the bundled Python sources) or PATH.txt")
+    tl.add_argument("--text-bytes", type=_positive_int, default=200_000,
+                    help="--dataset text: training bytes kept (as kdjax distill)")
+    tl.add_argument("--context", type=_positive_int, default=64, help="tokens per window (as kdjax distill)")
+    tl.add_argument("--tokenizer", default=None, metavar="PATH",
+                    help="a tokenizer.json (default: the --teacher folder's); copied into the cache")
+    tl.add_argument("--k", type=_positive_int, default=64, help="log-probabilities kept per token")
+    tl.add_argument("--values-dtype", choices=["float32", "float16"], default="float32",
+                    help="storage of the log-probabilities (token ids are int32): k * 8 or k * 6 bytes per token")
+    tl.add_argument("--batch-size", type=_positive_int, default=32, help="windows per teacher forward pass")
+    tl.add_argument("--out", required=True, metavar="CACHE",
+                    help="the cache directory (shards + manifest.json + tokenizer.json); run again to resume")
+    tl.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    tl.add_argument("--json", action="store_true", help="a machine-readable summary on stdout")
+    tl.add_argument("--quiet", action="store_true", help="no progress bars")
+    tl.set_defaults(func=commands.cmd_teacher_logits, arch="llama")
 
     sw = add("sweep", help="temperatures x alphas x seeds as one compiled program")
     _training_args(sw, seeds_default=2)
@@ -244,12 +271,16 @@ _ONLY_WITH = {
     **dict.fromkeys(("context", "student_layers", "student_dim", "heads"),
                     (lambda a: a.arch in ("transformer", "llama"), "only used with --arch transformer or llama")),
     **dict.fromkeys(("teacher_layers", "teacher_dim"),
-                    (lambda a: a.arch == "transformer" or (a.arch == "llama" and not _hf_folder(a)),
-                     "only used with --arch transformer or llama, and not with a --teacher folder (its config "
-                     "says)")),
+                    (lambda a: a.arch == "transformer" or (a.arch == "llama" and not _hf_folder(a)
+                                                           and not getattr(a, "teacher_logits", None)),
+                     "only used with --arch transformer or llama, and not with a --teacher folder or "
+                     "--teacher-logits cache (its config says)")),
+    "teacher_logits": (lambda a: a.arch == "llama", "only used with --arch llama"),
+    "topk_missing": (lambda a: getattr(a, "teacher_logits", None) is not None, "only used with --teacher-logits"),
     **dict.fromkeys(("kv_heads", "tokenizer", "vocab_size"),
                     (lambda a: a.arch == "llama", "only used with --arch llama")),
-    "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not _hf_folder(a),
+    "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not _hf_folder(a)
+                   and not getattr(a, "teacher_logits", None),
                    "only used with --arch llama when the tokenizer is trained here (no --tokenizer, no --teacher "
                    "folder)"),
     "save_hf": (lambda a: a.command == "distill" and a.arch in ("transformer", "llama"),

@@ -260,6 +260,9 @@ class Llama(nn.Module):
         if self.num_heads % self.num_kv_heads:
             raise InputError(f"Llama: expected num_heads divisible by num_kv_heads, got {self.num_heads} and "
                              f"{self.num_kv_heads}")
+        if self.head_size % 2:
+            raise InputError(f"Llama: expected an even head dimension (rotary embeddings rotate pairs), got "
+                             f"{self.head_size} (hidden_size {self.hidden_size} / {self.num_heads} heads)")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
             raise InputError(f"Llama: expected one sliding window (or None) per layer ({self.num_layers}), got "
                              f"{len(self.sliding_windows)}")

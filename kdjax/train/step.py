@@ -135,8 +135,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         name = "'kd'" if objective == "kd" else "FusedLM"
         if hyper is None:
             raise InputError(f"hyper: objective {name} needs a Hyper (see kdjax.make_hyper), got None")
-        if "teacher_logits" not in batch and (teacher is None or teacher_params is None):
-            raise InputError(f"objective {name}: expected batch['teacher_logits'] or both a bound "
+        cached = "teacher_logits" in batch or (name == "FusedLM" and "teacher_topk_values" in batch)
+        if not cached and (teacher is None or teacher_params is None):
+            also = " (or ['teacher_topk_values'/'teacher_topk_indices'])" if name == "FusedLM" else ""
+            raise InputError(f"objective {name}: expected batch['teacher_logits']{also} or both a bound "
                              "teacher and teacher_params, got neither")
     if isinstance(objective, Objective) and hyper is not None:
         raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
