@@ -186,3 +186,22 @@ def test_topk_parity_catches_a_dropped_missing_mass(monkeypatch):
     monkeypatch.setattr(offline, "_log_missing", lambda logprobs, eps: jnp.full(logprobs.shape[:-1], -1e30))
     failed = [r.name for r in run_check("topk", Ctx("float64")) if not r.passed]
     assert failed and all("symmetric_uniform" in name for name in failed), failed
+
+
+def test_gkd_parity_catches_a_swapped_beta_and_an_undiscounted_advantage(monkeypatch):
+    """beta read as 1 - beta fails every GKD row but beta = 0.5 (against TRL's package and
+    ours); advantages that ignore the discount fail the discounted reverse-KL row only."""
+    pytest.importorskip("torch")
+    from kdjax import onpolicy
+
+    real_jsd = onpolicy.jsd
+    monkeypatch.setattr(onpolicy, "jsd", lambda s, t, temperature, beta: real_jsd(s, t, temperature, 1 - beta))
+    failed = [r.name for r in run_check("gkd", Ctx("float64")) if not r.passed]
+    assert failed and all("GKD" in n and "beta=0.5" not in n for n in failed), failed
+    assert any("TRL 1.16" in n for n in failed) or not any("TRL" in r.name for r in run_check("gkd", Ctx("float64")))
+    monkeypatch.setattr(onpolicy, "jsd", real_jsd)
+    real_adv = onpolicy.reverse_kl_advantages
+    monkeypatch.setattr(onpolicy, "reverse_kl_advantages",
+                        lambda s, t, m, coef=1.0, discount=0.0: real_adv(s, t, m, coef, 0.0))
+    failed = [r.name for r in run_check("gkd", Ctx("float64")) if not r.passed]
+    assert failed == [n for n in failed if "discount=0.9" in n] and failed, failed

@@ -210,6 +210,18 @@ def test_topk_cache_benchmark_smoke(tmp_path):
     assert r["topk_cache_k64"]["argument_bytes"] < r["online_logits"]["argument_bytes"]  # no teacher parameters
 
 
+def test_generation_benchmark_smoke(tmp_path):
+    """kdjax.generate and transformers' greedy generate on the same tiny model: tokens equal
+    (checked before timing) and both rows report."""
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, "-m", "benchmarks.generation", "--batch", "2", "--prompt", "4", "--new", "3", "--model", "32",
+           "1", "64", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["tokens_equal"] == 1.0 and r["kdjax_generate"]["tokens_per_s"] > 0 and r["speedup"] > 0
+
+
 def test_llama_preset_smoke():
     """Tiny shapes of the llama preset: transformers' Qwen2 (eager) and kdjax's Llama with
     FusedLM compute the same first two losses (checked inside), and the JSON's rows."""

@@ -104,7 +104,7 @@ class Attention(nn.Module):
     window: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, index=None):
         c = self.cfg
         b, n, _ = x.shape
         hd, h, kvh = c.head_size, c.num_heads, c.num_kv_heads
@@ -120,19 +120,25 @@ class Attention(nn.Module):
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         v = v.transpose(0, 2, 1, 3)
+        i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]  # the queries' and keys' slots
+        if cache is not None:  # decoding: write k, v at slots index.. of the cache, attend to all of it
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, index, 0))
+            cache = (k, v)
+            i, j = index + i, jnp.arange(k.shape[2])[None, :]
         group = h // kvh  # query head i reads key/value head i // group
         k, v = _repeat_kv(k, group), _repeat_kv(v, group)
         scores = (q @ k.transpose(0, 1, 3, 2)) * jnp.asarray(hd ** -0.5, q.dtype)
         allowed = mask
         if self.window is not None:  # Mistral: key j visible from query i when i - j < window
-            i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
             allowed = allowed & (i - j < self.window)[None, None]
         wide = _wide(scores.dtype)
         scores = jnp.where(allowed, scores.astype(wide), jnp.finfo(wide).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         self.sow("intermediates", "attention_probs", probs)
         out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, h * hd)
-        return dense(c.hidden_size, c.o_bias, "o_proj")(out)
+        out = dense(c.hidden_size, c.o_bias, "o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -152,22 +158,31 @@ class DecoderLayer(nn.Module):
     window: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, index=None):
         c = self.cfg
-        x = x + Attention(c, self.window, name="self_attn")(RMSNorm(c.rms_norm_eps, c.dtype, name="input_layernorm")(x),
-                                                            cos, sin, mask)
-        return x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, c.dtype, name="post_attention_layernorm")(x))
+        a = Attention(c, self.window, name="self_attn")(RMSNorm(c.rms_norm_eps, c.dtype, name="input_layernorm")(x),
+                                                        cos, sin, mask, cache, index)
+        a, cache = (a, None) if cache is None else a
+        x = x + a
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, c.dtype, name="post_attention_layernorm")(x))
+        return x if cache is None else (x, cache)
 
 
 class _Layers(nn.Module):  # "layers": children "0", "1", ... as the PyTorch ModuleList
     cfg: _Cfg
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, index=None):
+        new = []
         for i in range(self.cfg.num_layers):
-            x = DecoderLayer(self.cfg, self.cfg.sliding_windows[i] if self.cfg.sliding_windows else None,
-                             name=str(i))(x, cos, sin, mask)
-        return x
+            layer = DecoderLayer(self.cfg, self.cfg.sliding_windows[i] if self.cfg.sliding_windows else None,
+                                 name=str(i))
+            if cache is None:
+                x = layer(x, cos, sin, mask)
+            else:
+                x, kv = layer(x, cos, sin, mask, cache[i], index)
+                new.append(kv)
+        return x if cache is None else (x, tuple(new))
 
 
 class _Model(nn.Module):  # Hugging Face's "model": embed_tokens, layers, norm
@@ -180,8 +195,11 @@ class _Model(nn.Module):  # Hugging Face's "model": embed_tokens, layers, norm
         self.layers = _Layers(c)
         self.norm = RMSNorm(c.rms_norm_eps, c.dtype)
 
-    def __call__(self, tokens, cos, sin, mask):
-        return self.norm(self.layers(self.embed_tokens(tokens), cos, sin, mask))
+    def __call__(self, tokens, cos, sin, mask, cache=None, index=None):
+        if cache is None:
+            return self.norm(self.layers(self.embed_tokens(tokens), cos, sin, mask))
+        h, cache = self.layers(self.embed_tokens(tokens), cos, sin, mask, cache, index)
+        return self.norm(h), cache
 
     def tied_logits(self, h):
         return self.embed_tokens.attend(h)
@@ -231,24 +249,63 @@ class Llama(nn.Module):
         """The ``state_dict`` copies a tied head lists (``torch_to_variables(tied=...)``)."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
+    def init_cache(self, batch: int, length: int) -> tuple:
+        """An empty key/value cache of ``length`` slots for ``apply(..., cache=)``: per layer
+        ``(keys, values)``, each ``[batch, kv heads, length, head dim]``."""
+        shape = (batch, self.num_kv_heads, length, self.head_size)
+        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.num_layers))
+
     @nn.compact
-    def __call__(self, tokens, train: bool = False, mask=None, position_ids=None, hidden_states: bool = False):
+    def __call__(self, tokens, train: bool = False, mask=None, position_ids=None, hidden_states: bool = False,
+                 cache=None, cache_index=None):
+        """With ``cache`` (``init_cache``) the tokens are decoded into it: written at slots
+        ``cache_index, cache_index + 1, ...``, attending causally by slot to every slot
+        before; ``mask`` is then ``[batch, cache length]`` over the slots (false at padding;
+        default all true) and the result is ``(logits or hidden states, new cache)``."""
+        if cache is not None:
+            return self._decode(tokens, mask, position_ids, hidden_states, cache, cache_index)
         self._check(tokens, mask)
         b, n = tokens.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(n), (b, n))
-        inv = jnp.asarray(rope_frequencies(self.head_size, self.rope_theta, self.rope_scaling, _wide(self.dtype)))
-        angles = position_ids.astype(inv.dtype)[..., None] * inv[None, None, :]  # [b, n, hd / 2]
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        cos, sin = self._rotary(position_ids)
         allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]
         if mask is not None:
             allowed = allowed & mask[:, None, None, :].astype(bool)
-        cfg = _Cfg(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads,
-                   self.num_kv_heads, self.head_size, self.rms_norm_eps, self.qkv_bias, self.o_bias, self.qk_norm,
-                   self.sliding_windows, self.dtype)
-        model = _Model(cfg, name="model")
-        h = model(tokens, cos, sin, allowed)
+        model = _Model(self._cfg(), name="model")
+        return self._head(model, model(tokens, cos, sin, allowed), hidden_states)
+
+    def _decode(self, tokens, mask, position_ids, hidden_states, cache, index):
+        self._check(tokens, None)
+        b, n = tokens.shape
+        slots = cache[0][0].shape[2]
+        if index is None:
+            raise InputError("cache_index: expected the slot of the first token when decoding with a cache, got None")
+        if mask is None:
+            mask = jnp.ones((b, slots), bool)
+        if tuple(mask.shape) != (b, slots):
+            raise InputError(f"Llama: expected a mask over the cache's slots {(b, slots)}, got {tuple(mask.shape)}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(index + jnp.arange(n), (b, n))
+        cos, sin = self._rotary(position_ids)
+        query_slots = index + jnp.arange(n)
+        allowed = (jnp.arange(slots)[None, :] <= query_slots[:, None])[None, None] & mask[:, None, None, :].astype(bool)
+        model = _Model(self._cfg(), name="model")
+        h, cache = model(tokens, cos, sin, allowed, cache, index)
+        return self._head(model, h, hidden_states), cache
+
+    def _rotary(self, position_ids):
+        inv = jnp.asarray(rope_frequencies(self.head_size, self.rope_theta, self.rope_scaling, _wide(self.dtype)))
+        angles = position_ids.astype(inv.dtype)[..., None] * inv[None, None, :]  # [b, n, hd / 2]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        return jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+
+    def _cfg(self) -> _Cfg:
+        return _Cfg(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads,
+                    self.num_kv_heads, self.head_size, self.rms_norm_eps, self.qkv_bias, self.o_bias, self.qk_norm,
+                    self.sliding_windows, self.dtype)
+
+    def _head(self, model, h, hidden_states: bool):
         if hidden_states:
             return h
         if self.tie_word_embeddings:

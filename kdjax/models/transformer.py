@@ -83,21 +83,27 @@ class _Part(nn.Module):  # the fields every piece of a block needs
 
 class _Attention(_Part):
     @nn.compact
-    def __call__(self, x, mask, train: bool):
+    def __call__(self, x, mask, train: bool, cache=None, index=None):
         b, n, d = x.shape
         hd = d // self.num_heads
         q, k, v = jnp.split(Conv1D(3 * d, dtype=self.dtype, name="c_attn")(x), 3, axis=-1)
         heads = lambda t: t.reshape(b, n, self.num_heads, hd).transpose(0, 2, 1, 3)  # [b, heads, n, hd]
-        scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / jnp.asarray(math.sqrt(hd), x.dtype)
+        q, k, v = heads(q), heads(k), heads(v)
+        if cache is not None:  # decoding: write k, v at slots index.. of the cache, attend to all of it
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, index, 0))
+            cache = (k, v)
+        scores = q @ k.transpose(0, 1, 3, 2) / jnp.asarray(math.sqrt(hd), x.dtype)
         scores = jnp.where(mask, scores, jnp.finfo(x.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         # the tap "transformer.h.<i>.attn:attention_probs" (kdjax.features.capture); kept only
         # when the "intermediates" collection is mutable, so a plain apply is unchanged
         self.sow("intermediates", "attention_probs", probs)
         probs = nn.Dropout(self.dropout_rate, deterministic=not train)(probs)
-        out = (probs @ heads(v)).transpose(0, 2, 1, 3).reshape(b, n, d)
+        out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
         out = Conv1D(d, std=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype, name="c_proj")(out)
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+        out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+        return out if cache is None else (out, cache)
 
 
 class _MLP(_Part):
@@ -111,11 +117,14 @@ class _MLP(_Part):
 
 class _Block(_Part):
     @nn.compact
-    def __call__(self, x, mask, train: bool):
-        x = x + _Attention(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="attn")(
-            _layer_norm(self.dtype, "ln_1")(x), mask, train)
-        return x + _MLP(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="mlp")(
+    def __call__(self, x, mask, train: bool, cache=None, index=None):
+        a = _Attention(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="attn")(
+            _layer_norm(self.dtype, "ln_1")(x), mask, train, cache, index)
+        a, cache = (a, None) if cache is None else a
+        x = x + a
+        x = x + _MLP(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name="mlp")(
             _layer_norm(self.dtype, "ln_2")(x), train)
+        return x if cache is None else (x, cache)
 
 
 class _Blocks(nn.Module):  # "h": children "0", "1", ... as in the PyTorch ModuleList
@@ -125,10 +134,16 @@ class _Blocks(nn.Module):  # "h": children "0", "1", ... as in the PyTorch Modul
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, mask, train: bool):
+    def __call__(self, x, mask, train: bool, cache=None, index=None):
+        new = []
         for i in range(self.num_layers):
-            x = _Block(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name=str(i))(x, mask, train)
-        return x
+            block = _Block(self.num_heads, self.num_layers, self.dropout_rate, self.dtype, name=str(i))
+            if cache is None:
+                x = block(x, mask, train)
+            else:
+                x, kv = block(x, mask, train, cache[i], index)
+                new.append(kv)
+        return x if cache is None else (x, tuple(new))
 
 
 class _Transformer(nn.Module):
@@ -150,11 +165,15 @@ class _Transformer(nn.Module):
         self.h = _Blocks(self.num_layers, self.num_heads, self.dropout_rate, self.dtype)
         self.ln_f = _layer_norm(self.dtype)
 
-    def __call__(self, tokens, mask, train: bool):
+    def __call__(self, tokens, mask, train: bool, position_ids=None, cache=None, index=None):
         n = tokens.shape[1]
-        x = self.wte(tokens) + self.wpe(jnp.arange(n))[None]
+        positions = jnp.arange(n)[None] if position_ids is None else position_ids
+        x = self.wte(tokens) + self.wpe(positions)
         x = self.drop(x, deterministic=not train)
-        return self.ln_f(self.h(x, mask, train))
+        if cache is None:
+            return self.ln_f(self.h(x, mask, train))
+        h, cache = self.h(x, mask, train, cache, index)
+        return self.ln_f(h), cache
 
     def tied_logits(self, h):
         return self.wte.attend(h)
@@ -228,19 +247,50 @@ class TransformerLM(nn.Module):
         if not 0 <= self.dropout_rate < 1:
             raise InputError(f"TransformerLM dropout_rate: expected a number in [0, 1), got {self.dropout_rate}")
 
+    def init_cache(self, batch: int, length: int) -> tuple:
+        """An empty key/value cache of ``length`` slots for ``apply(..., cache=)``: per layer
+        ``(keys, values)``, each ``[batch, heads, length, d_model / heads]``."""
+        shape = (batch, self.num_heads, length, self.d_model // self.num_heads)
+        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.num_layers))
+
     @nn.compact
-    def __call__(self, tokens, train: bool = False, mask=None, hidden_states: bool = False):
+    def __call__(self, tokens, train: bool = False, mask=None, hidden_states: bool = False, position_ids=None,
+                 cache=None, cache_index=None):
+        """``position_ids``: ``[batch, length]`` (default ``0..length-1``). With ``cache``
+        (``init_cache``) the tokens are decoded into it at slots ``cache_index, ...``,
+        attending causally by slot; ``mask`` is then over the cache's slots and the result
+        is ``(logits or hidden states, new cache)``."""
         self._check()
-        check_tokens(tokens, self.vocab_size, self.max_len)
+        check_tokens(tokens, self.vocab_size, None if cache is not None else self.max_len)
         b, n = tokens.shape
-        allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, query, key]
+        if cache is None:
+            allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, query, key]
+            keys = n
+        else:
+            if cache_index is None:
+                raise InputError("cache_index: expected the slot of the first token when decoding with a cache, "
+                                 "got None")
+            keys = cache[0][0].shape[2]
+            if keys > self.max_len:
+                raise InputError(f"cache: expected at most max_len = {self.max_len} slots, got {keys}")
+            allowed = (jnp.arange(keys)[None, :] <= (cache_index + jnp.arange(n))[:, None])[None, None]
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(cache_index + jnp.arange(n), (b, n))
         if mask is not None:
-            if np.shape(mask) != (b, n):
-                raise InputError(f"mask: expected shape {(b, n)} (as tokens), got {tuple(np.shape(mask))}")
+            if np.shape(mask) != (b, keys):
+                raise InputError(f"mask: expected shape {(b, keys)} (as {'tokens' if cache is None else 'the cache'}), "
+                                 f"got {tuple(np.shape(mask))}")
             allowed = allowed & jnp.asarray(mask, bool)[:, None, None, :]
         body = _Transformer(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.max_len,
                             self.dropout_rate, self.dtype, name="transformer")
-        h = body(tokens, allowed, train)
+        if cache is None:
+            h = body(tokens, allowed, train, position_ids)
+        else:
+            h, cache = body(tokens, allowed, train, position_ids, cache, cache_index)
+            return self._head(body, h, hidden_states), cache
+        return self._head(body, h, hidden_states)
+
+    def _head(self, body, h, hidden_states: bool):
         if hidden_states:
             return h
         if self.tie_embeddings:

@@ -23,6 +23,7 @@ from parity.checks.common import DTYPES, F64, TOL, Ctx, Result, compare, precisi
 from parity.checks.features import check_features
 from parity.checks.gpt import check_gpt2_hf, check_transformer
 from parity.checks.llama import check_llama_hf
+from parity.checks.onpolicy import check_gkd
 from parity.checks.mlp import (check_adam_step, check_dropout_stats, check_end_to_end, check_forward, check_grads,
                                check_loss, check_runs)
 from parity.checks.resnet import (check_lr_schedules, check_resnet18_convert, check_resnet_forward,
@@ -55,6 +56,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "gpt2_hf": check_gpt2_hf,
     "llama_hf": check_llama_hf,
     "topk": check_topk,
+    "gkd": check_gkd,
 }
 
 

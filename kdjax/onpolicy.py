@@ -1,0 +1,216 @@
+"""On-policy distillation of language models: the student samples, the teacher scores the
+student's own tokens, and sampling, scoring and the update are one jitted step.
+
+* ``generalized_jsd_loss``: TRL's GKD loss (``trl/experimental/gkd/gkd_trainer.py``,
+  ``GKDTrainer.generalized_jsd_loss``): the generalised JSD with ``beta`` between the
+  softened student and teacher, averaged over the positions whose label is not -100.
+* ``reverse_kl_advantages`` and ``importance_sampling_loss``: the on-policy reverse KL of
+  Thinking Machines' tinker-cookbook (``tinker_cookbook/distillation/train_on_policy.py``,
+  ``incorporate_kl_penalty``; the ``importance_sampling`` loss of the Tinker API): per
+  sampled token the advantage ``-c (log q_sampler - log p_teacher)`` (optionally summed
+  over the future with a discount), and ``-sum(exp(log q - log q_sampler) A)``.
+* ``make_on_policy_step(student, teacher, method="gkd" | "reverse_kl", ...)``: one jitted
+  step ``(state, batch, rng, teacher_variables) -> (state, metrics)``: completions drawn
+  with ``kdjax.generate`` (GKD: from the student with probability ``lmbda``, else the
+  data's or, with ``seq_kd``, the teacher's), the teacher's forward pass, the loss and the
+  optimizer update. ``make_on_policy_run``: many of them as one ``lax.scan``.
+
+Batches are ``{"prompts": [B, P], "prompt_mask": [B, P]}`` (left-padded, as
+``kdjax.generate`` takes them) and, for GKD's off-policy draws, ``"completions": [B, N]``
+with ``"completion_mask"`` (true up to and including the end of each completion).
+Positions count each row's real tokens (as ``kdjax.generate``); TRL's forward pass counts
+the padding too, which changes its numbers for left-padded prompts only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax.errors import InputError, check_count
+from kdjax.generation import generate
+from kdjax.losses import check_beta, check_temperature, jsd
+from kdjax.train import TrainState, adam
+
+__all__ = ["generalized_jsd_loss", "reverse_kl_advantages", "importance_sampling_loss", "sequence_logprobs",
+           "make_on_policy_step", "make_on_policy_run", "METHODS"]
+
+METHODS = ("gkd", "reverse_kl")
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0):
+    r"""TRL's ``generalized_jsd_loss`` (reduction ``"batchmean"``):
+
+    .. math:: \frac{1}{|\{t: y_t \ne -100\}|} \sum_{t: y_t \ne -100}
+              \beta\,\mathrm{KL}(P_t \| M_t) + (1 - \beta)\,\mathrm{KL}(Q_t \| M_t),
+              \quad M = \beta P + (1 - \beta) Q
+
+    with :math:`P = \mathrm{softmax}(t / T)` (teacher), :math:`Q = \mathrm{softmax}(s / T)`
+    (student); ``beta = 0`` is KL(P‖Q), ``beta = 1`` KL(Q‖P); no :math:`T^2`. Without
+    ``labels``, the mean over every position; with no counted position, 0.
+    """
+    check_beta(beta)
+    check_temperature(temperature)
+    per_position = jsd(student_logits, teacher_logits, temperature, beta)
+    if labels is None:
+        return jnp.mean(per_position)
+    keep = labels != -100
+    return jnp.sum(jnp.where(keep, per_position, 0.0)) / jnp.maximum(jnp.sum(keep), 1).astype(per_position.dtype)
+
+
+def reverse_kl_advantages(sampling_logprobs, teacher_logprobs, mask, coef=1.0, discount=0.0):
+    """tinker-cookbook's per-token advantages ``A_t = -coef * mask_t * (log q_sampler(x_t) -
+    log p_teacher(x_t))``; with ``discount > 0`` each replaced by ``sum_{s >= t}
+    discount^(s - t) A_s`` (within the row). ``[batch, tokens]``; no gradient."""
+    a = -coef * mask.astype(sampling_logprobs.dtype) * (sampling_logprobs - teacher_logprobs)
+    a = jax.lax.stop_gradient(a)
+    if isinstance(discount, (int, float)) and discount == 0:
+        return a
+
+    def back(carry, x):
+        carry = x + discount * carry
+        return carry, carry
+
+    _, out = jax.lax.scan(back, jnp.zeros(a.shape[:1], a.dtype), a.T, reverse=True)
+    return out.T
+
+
+def importance_sampling_loss(logprobs, sampling_logprobs, advantages):
+    """The Tinker API's ``importance_sampling`` loss, ``-sum(exp(logprobs -
+    sampling_logprobs) * advantages)`` over every token of the batch (a sum, as there);
+    its gradient is the policy gradient of the advantages under the sampler."""
+    ratio = jnp.exp(logprobs - jax.lax.stop_gradient(sampling_logprobs))
+    return -jnp.sum(ratio * jax.lax.stop_gradient(advantages))
+
+
+def _positions(mask):
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def sequence_logprobs(model, variables, tokens, mask, start: int, temperature=1.0):
+    """``(logits [B, n, V], log-probs [B, n])`` of ``tokens[:, start:]`` given what precedes
+    them (``n = length - start``; padding masked, positions per row), at ``temperature``."""
+    logits = model.apply(variables, tokens, mask=mask, position_ids=_positions(mask))[:, start - 1:-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature, axis=-1)
+    return logits, jnp.take_along_axis(logp, tokens[:, start:, None], axis=-1)[..., 0]
+
+
+def _variables(v):
+    return v.variables if isinstance(v, TrainState) else (v if "params" in v else {"params": v})
+
+
+def _check_options(method, lmbda, beta, max_new_tokens):
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    check_count("max_new_tokens", max_new_tokens)
+    if not 0 <= float(lmbda) <= 1:
+        raise InputError(f"lmbda: expected a probability in [0, 1], got {lmbda}")
+    check_beta(beta)
+
+
+def on_policy_step(state, batch, rng, teacher_variables, *, student, teacher, tx, method, max_new_tokens, lmbda,
+                   beta, seq_kd, temperature, top_k, top_p, eos_id, pad_id, coef, discount):
+    """One on-policy step (unjitted; see ``make_on_policy_step``)."""
+    for key in ("prompts", "prompt_mask"):
+        if key not in batch:
+            raise InputError(f"batch: expected {key!r} (left-padded prompts and their mask), got {sorted(batch)}")
+    prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
+    p = prompts.shape[1]
+    key = jax.random.fold_in(rng, state.step)
+    k_choice, k_sample = jax.random.split(key)
+    t_vars = _variables(teacher_variables)
+    sample = functools.partial(generate, prompts=prompts, max_new_tokens=max_new_tokens, rng=k_sample,
+                               temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
+                               prompt_mask=prompt_mask)
+    completion = lambda g: (g.tokens[:, p:], g.completion_mask, g.logprobs)
+    from_student = lambda: completion(sample(student, state.variables))
+    if method == "gkd":
+        on_policy = jax.random.uniform(k_choice) <= lmbda  # TRL: random.random() <= lmbda
+        if seq_kd:
+            off_policy = lambda: completion(sample(teacher, t_vars))
+        else:
+            if "completions" not in batch or "completion_mask" not in batch:
+                raise InputError("batch: GKD takes the data's completions with probability 1 - lmbda; expected "
+                                 "'completions' and 'completion_mask' (or seq_kd=True)")
+            want = (prompts.shape[0], max_new_tokens)
+            if tuple(batch["completions"].shape) != want or tuple(batch["completion_mask"].shape) != want:
+                raise InputError(f"batch: expected 'completions' and 'completion_mask' of shape {want} (max_new_tokens "
+                                 f"per prompt), got {tuple(batch['completions'].shape)} and "
+                                 f"{tuple(batch['completion_mask'].shape)}")
+            logprobs_type = jax.eval_shape(from_student)[2].dtype
+            off_policy = lambda: (batch["completions"].astype(jnp.int32), batch["completion_mask"].astype(bool),
+                                  jnp.zeros(want, logprobs_type))
+        completions, completion_mask, sampled = jax.lax.cond(on_policy, from_student, off_policy)
+    else:
+        (completions, completion_mask, sampled), on_policy = from_student(), jnp.asarray(True)
+    tokens = jnp.concatenate([prompts.astype(jnp.int32), completions.astype(jnp.int32)], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    t_logits, t_logp = jax.tree_util.tree_map(jax.lax.stop_gradient,
+                                              sequence_logprobs(teacher, t_vars, tokens, mask, p))
+
+    def loss_fn(params):
+        s_logits, s_logp = sequence_logprobs(student, {"params": params, **state.model_state}, tokens, mask, p)
+        if method == "gkd":
+            labels = jnp.where(completion_mask, completions, -100)
+            return generalized_jsd_loss(s_logits, t_logits, labels, beta)
+        advantages = reverse_kl_advantages(sampled, t_logp, completion_mask, coef, discount)
+        return importance_sampling_loss(s_logp, sampled, advantages)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    counted = jnp.maximum(jnp.sum(completion_mask), 1)
+    metrics = {"loss": loss, "on_policy": on_policy, "completion_tokens": jnp.sum(completion_mask),
+               "teacher_nll": -jnp.sum(jnp.where(completion_mask, t_logp, 0.0)) / counted}
+    return TrainState(state.step + 1, params, state.model_state, opt_state), metrics
+
+
+def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_new_tokens: int = 16,
+                        lmbda: float = 0.5, beta: float = 0.5, seq_kd: bool = False, temperature: float = 1.0,
+                        top_k: int | None = None, top_p=None, eos_id: int | None = None, pad_id: int | None = None,
+                        coef: float = 1.0, discount: float = 0.0, jit: bool = True, donate: bool = True):
+    """The on-policy step ``step(state, batch, rng, teacher_variables) -> (state, metrics)``.
+
+    ``method="gkd"`` (TRL's ``GKDTrainer``): with probability ``lmbda`` the completions
+    are sampled from the student (``temperature``, ``top_k``, ``top_p``, up to
+    ``max_new_tokens``, stopping at ``eos_id``), otherwise they are the batch's
+    ``"completions"`` (with ``seq_kd``: sampled from the teacher instead); the loss is
+    ``generalized_jsd_loss`` with ``beta`` at temperature 1 over the completion tokens.
+    ``method="reverse_kl"`` (tinker-cookbook): the completions are always the student's;
+    the loss is ``importance_sampling_loss`` with ``reverse_kl_advantages(coef, discount)``.
+    The step's key is ``fold_in(rng, state.step)`` (a resumed run draws what an
+    uninterrupted one does); ``metrics``: the loss, whether the draw was on-policy, the
+    completion tokens counted and the teacher's NLL of them (nats per token). ``tx``
+    defaults to ``adam()``; ``state`` is donated unless ``donate=False``.
+    """
+    _check_options(method, lmbda, beta, max_new_tokens)
+    if seq_kd and method != "gkd":
+        raise InputError("seq_kd: only used with method='gkd' (the reverse KL always samples the student)")
+    check_temperature(temperature)
+    step = functools.partial(
+        on_policy_step, student=student, teacher=teacher, tx=adam() if tx is None else tx, method=method,
+        max_new_tokens=int(max_new_tokens), lmbda=float(lmbda), beta=float(beta), seq_kd=bool(seq_kd),
+        temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, coef=float(coef),
+        discount=float(discount))
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = True, **options):
+    """Many on-policy steps as one ``lax.scan``: ``run(state, data, schedule, rng,
+    teacher_variables) -> (state, metrics [steps])``, batch k the rows ``schedule[k]`` of
+    every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``). Options as
+    ``make_on_policy_step``; equal to calling that step ``steps`` times (tested)."""
+    step = make_on_policy_step(student, teacher, method, jit=False, **options)
+
+    def run(state, data, schedule, rng, teacher_variables):
+        def body(state, idx):
+            batch = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
+            return step(state, batch, rng, teacher_variables)
+        return jax.lax.scan(body, state, schedule)
+
+    return jax.jit(run, donate_argnums=(0,) if donate else ())
