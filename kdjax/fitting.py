@@ -277,7 +277,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
                 chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None,
                 start=None, on_checkpoint=None, mesh=None, members_per_group: int | None = None,
                 programs: Programs | None = None, on_losses: Callable[[int, jax.Array], None] | None = None,
-                teacher_features=None, init_states=None, extra_data=None):
+                teacher_features=None, init_states=None, extra_data=None, teacher_variables=None,
+                member_teachers: bool = False):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
     ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
@@ -304,9 +305,13 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     objective: the students with their connectors); ``hyper`` is None.
     ``extra_data``: more per-example arrays every member's minibatches carry (rows aligned
     with ``ds``'s training rows; e.g. ``kdjax.offline.TopKKD``'s cached top-k).
+    For a ``kdjax.onpolicy.OnPolicy`` objective: ``teacher_variables`` (the online
+    teacher's; one per member, batched, with ``member_teachers``), and no ``hyper``.
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
+    if teacher_variables is not None:
+        per_member_teacher, hyper = bool(member_teachers), teacher_variables
     n = len(ds.y_train)
     run = (programs or Programs()).run(model, objective, cfg._tx_key(n), members=True, shared_schedule=shared,
                                        member_teacher_logits=per_member_teacher, mesh=mesh,

@@ -146,10 +146,10 @@ def generate(model, variables, prompts, max_new_tokens: int, *, rng=None, temper
         raise InputError(f"model: expected a decoder with init_cache and a key/value cache (kdjax's TransformerLM "
                          f"or Llama), got {type(model).__name__}")
     prompt_mask = _check_prompts(prompts, prompt_mask)
-    limit = getattr(model, "max_len", None)
+    limit = getattr(model, "max_len", None) or getattr(model, "max_position_embeddings", None)
     if limit is not None and prompts.shape[1] + max_new_tokens > limit:
         raise InputError(f"max_new_tokens: prompts of {prompts.shape[1]} tokens + {max_new_tokens} new exceed the "
-                         f"model's max_len {limit}")
+                         f"model's context of {limit} positions")
     greedy = rng is None
     if not greedy:
         if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:

@@ -12,6 +12,8 @@ distribution (what DistillKit and MaxText store to train many students from one 
 * ``write_topk_cache`` / ``read_topk_cache``: the teacher's top-k on a token set, computed
   once and stored on disk in shards with a manifest (atomic, checksummed, resumable),
   read back for any number of student runs.
+* ``write_generations`` / ``read_generations``: the teacher's completions of a prompt set
+  (sequence-level KD), stored the same way.
 
 The teacher's mass outside its top k (``missing``): ``"zero"`` renormalises the k
 log-probabilities (at temperature T) to sum to 1, and the student's mass outside them does
@@ -37,7 +39,7 @@ from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses import check_alpha, check_labels, check_temperature, check_where, _hard_ce, masked_mean
 
 __all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD", "fingerprint",
-           "write_topk_cache", "read_topk_cache"]
+           "write_topk_cache", "read_topk_cache", "write_generations", "read_generations"]
 
 MISSING = ("zero", "symmetric_uniform")
 
@@ -166,12 +168,69 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _shard_bytes(values, indices) -> bytes:
+def _shard_bytes(arrays: dict) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, values=values, indices=indices)
+    np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, extra) -> dict:
+    """Write ``compute(start, stop) -> {name: array}`` for every shard of ``rows`` rows to
+    ``directory`` (``shard-NNNNN.npz``, each atomic), the manifest ``want | extra() |
+    {"shards": [...]}`` after each; resume from the valid shards of a manifest with the same
+    ``want`` (anything else is refused, naming what differs)."""
+    from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
+
+    manifest_path = os.path.join(directory, "manifest.json")
+    shards = []
+    if os.path.exists(manifest_path):
+        old = _read_manifest(directory, want["format"])
+        if {key: old.get(key) for key in want} != want:
+            diff = ", ".join(key for key in want if old.get(key) != want[key])
+            raise InputError(f"{directory}: holds a cache built with another {diff}; use a new directory")
+        shards = []
+        for sh in old["shards"]:  # the valid prefix: a later shard is never kept past a bad one
+            if not _shard_ok(directory, sh):
+                break
+            shards.append(sh)
+    os.makedirs(directory, exist_ok=True)
+    for start in range(len(shards) * shard_rows, rows, shard_rows):
+        stop = min(start + shard_rows, rows)
+        data = _shard_bytes(compute(start, stop))
+        name = f"shard-{len(shards):05d}.npz"
+        atomic_write_bytes(os.path.join(directory, name), data)
+        shards.append({"file": name, "rows": stop - start, "sha256": _sha(data)})
+        atomic_write_text(manifest_path, json.dumps(want | extra() | {"shards": shards}, indent=1))
+    if not shards:  # nothing to write (zero rows) still leaves a manifest
+        atomic_write_text(manifest_path, json.dumps(want | extra() | {"shards": shards}, indent=1))
+    return _read_manifest(directory, want["format"])
+
+
+def _read_shards(directory, fmt: str, names: tuple[str, ...], rerun: str):
+    """``({name: concatenated array}, manifest)`` of a finished cache, every shard verified."""
+    import io
+
+    m = _read_manifest(directory, fmt)
+    done = sum(sh["rows"] for sh in m["shards"])
+    if done != m["rows"]:
+        raise InputError(f"{directory}: the cache is unfinished ({done} of {m['rows']} rows); run {rerun} again to "
+                         f"complete it")
+    parts = {name: [] for name in names}
+    for sh in m["shards"]:
+        path = os.path.join(directory, sh["file"])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise InputError(f"{path}: missing shard of the cache ({type(e).__name__})") from None
+        if _sha(data) != sh["sha256"]:
+            raise InputError(f"{path}: truncated or corrupted (checksum mismatch); rebuild it with {rerun}")
+        with np.load(io.BytesIO(data)) as z:
+            for name in names:
+                parts[name].append(z[name])
+    return {name: np.concatenate(p) for name, p in parts.items()}, m
 
 
 def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
@@ -184,8 +243,6 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     sha256). Every file is written atomically and the manifest after each shard, so a
     killed build resumes where it stopped (same teacher, tokens, k and metadata; anything
     else is refused). Returns the manifest."""
-    from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
-
     check_count("k", k)
     check_count("batch_size", batch_size)
     check_count("shard_rows", shard_rows)
@@ -200,42 +257,30 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
             "teacher": fingerprint(teacher, variables), "tokens": _sha(np.ascontiguousarray(tokens).tobytes()),
             "bytes_per_token": int(k) * (np.dtype(values_dtype).itemsize + 4),
             "metadata": json.loads(json.dumps(metadata or {}))}
-    manifest_path = os.path.join(directory, "manifest.json")
-    shards = []
-    if os.path.exists(manifest_path):
-        old = _read_manifest(directory)
-        same = {key: old.get(key) for key in want} == want
-        if not same:
-            diff = ", ".join(key for key in want if old.get(key) != want[key])
-            raise InputError(f"{directory}: holds a cache built with another {diff}; use a new directory")
-        shards = [sh for sh in old["shards"] if _shard_ok(directory, sh)]
     predict = jax.jit(lambda v, x: topk_logprobs(teacher.apply(v, x), k))
     vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
                 .shape[-1])
-    for start in range(len(shards) * shard_rows, tokens.shape[0], shard_rows):
-        rows = tokens[start:start + shard_rows]
+
+    def compute(start, stop):
+        rows = tokens[start:stop]
         parts = [predict(variables, jnp.asarray(rows[i:i + batch_size], jnp.int32))
                  for i in range(0, len(rows), batch_size)]
-        values = np.concatenate([np.asarray(v) for v, _ in parts]).astype(values_dtype)
-        indices = np.concatenate([np.asarray(i) for _, i in parts]).astype(np.int32)
-        data = _shard_bytes(values, indices)
-        name = f"shard-{len(shards):05d}.npz"
-        atomic_write_bytes(os.path.join(directory, name), data)
-        shards.append({"file": name, "rows": int(len(rows)), "sha256": _sha(data)})
-        atomic_write_text(manifest_path, json.dumps(want | {"vocab": vocab, "shards": shards}, indent=1))
-    return _read_manifest(directory)
+        return {"values": np.concatenate([np.asarray(v) for v, _ in parts]).astype(values_dtype),
+                "indices": np.concatenate([np.asarray(i) for _, i in parts]).astype(np.int32)}
+
+    return _write_shards(directory, want, tokens.shape[0], shard_rows, compute, lambda: {"vocab": vocab})
 
 
-def _read_manifest(directory) -> dict:
+def _read_manifest(directory, fmt: str = FORMAT) -> dict:
     path = os.path.join(directory, "manifest.json")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise InputError(f"{directory}: expected a top-k cache with a readable manifest.json ({type(e).__name__})") \
+        raise InputError(f"{directory}: expected a cache with a readable manifest.json ({type(e).__name__})") \
             from None
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{directory}: expected a {FORMAT} cache, got format {manifest.get('format')!r}")
+    if manifest.get("format") != fmt:
+        raise InputError(f"{directory}: expected a {fmt} cache, got format {manifest.get('format')!r}")
     return manifest
 
 
@@ -254,27 +299,80 @@ def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
     never a student trained on the wrong teacher's numbers."""
     directory = os.fspath(directory)
     m = _read_manifest(directory)
-    if sum(sh["rows"] for sh in m["shards"]) != m["rows"]:
-        raise InputError(f"{directory}: the cache is unfinished ({sum(sh['rows'] for sh in m['shards'])} of "
-                         f"{m['rows']} rows); run write_topk_cache again to complete it")
     if tokens is not None and (np.shape(tokens) != (m["rows"], m["length"])
                                or _sha(np.ascontiguousarray(np.asarray(tokens)).tobytes()) != m["tokens"]):
         raise InputError(f"{directory}: built for other tokens (another data set, tokenizer or length)")
     if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
         raise InputError(f"{directory}: built with another teacher")
-    values, indices = [], []
-    for sh in m["shards"]:
-        path = os.path.join(directory, sh["file"])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise InputError(f"{path}: missing shard of the cache ({type(e).__name__})") from None
-        if _sha(data) != sh["sha256"]:
-            raise InputError(f"{path}: truncated or corrupted (checksum mismatch); rebuild it with write_topk_cache")
-        import io
+    arrays, m = _read_shards(directory, FORMAT, ("values", "indices"), "write_topk_cache")
+    return arrays["values"], arrays["indices"], m
 
-        with np.load(io.BytesIO(data)) as z:
-            values.append(z["values"])
-            indices.append(z["indices"])
-    return np.concatenate(values), np.concatenate(indices), m
+
+# ----------------------------------------------------------------------------- teacher generations (SeqKD)
+
+GENERATIONS_FORMAT = "kdjax-generations/1"
+
+
+def write_generations(directory, teacher, variables, prompts, max_new_tokens: int, *, prompt_mask=None, rng=None,
+                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                      eos_id: int | None = None, pad_id: int | None = None, batch_size: int = 32,
+                      shard_rows: int = 1024, metadata: dict | None = None) -> dict:
+    """The teacher's completions of ``prompts`` ``[rows, P]`` (left-padded, ``prompt_mask``),
+    generated once (``kdjax.generate``: greedy when ``rng`` is None, else sampled with
+    ``temperature``/``top_k``/``top_p``, rows ``[r, r + batch_size)`` with key
+    ``fold_in(rng, r)``) and stored as ``write_topk_cache`` stores (shards of ``tokens``
+    ``[rows, P + max_new_tokens]`` int32 and ``mask`` bool, a manifest with checksums, the
+    teacher's fingerprint, the prompts' sha256 and every option; atomic, resumable, another
+    teacher, prompts or option refused). Sequence-level KD (Kim & Rush) trains on them
+    (``kdjax.onpolicy.sequence_data``). Returns the manifest."""
+    from kdjax.generation import generate
+
+    check_count("max_new_tokens", max_new_tokens)
+    check_count("batch_size", batch_size)
+    check_count("shard_rows", shard_rows)
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+        raise InputError(f"prompts: expected integer [rows, length], got {prompts.dtype}{list(prompts.shape)}")
+    mask = np.ones(prompts.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
+    key_words = None if rng is None else np.asarray(jax.random.key_data(rng) if jnp.issubdtype(
+        getattr(rng, "dtype", None), jax.dtypes.prng_key) else rng).tolist()
+    want = {"format": GENERATIONS_FORMAT, "rows": int(prompts.shape[0]), "prompt_length": int(prompts.shape[1]),
+            "max_new_tokens": int(max_new_tokens), "shard_rows": int(shard_rows), "batch_size": int(batch_size),
+            "teacher": fingerprint(teacher, variables),
+            "prompts": _sha(np.ascontiguousarray(prompts.astype(np.int64)).tobytes() + mask.tobytes()),
+            "sampling": {"rng": key_words, "temperature": float(temperature), "top_k": top_k,
+                         "top_p": None if top_p is None else float(top_p), "eos_id": eos_id, "pad_id": pad_id},
+            "metadata": json.loads(json.dumps(metadata or {}))}
+
+    def compute(start, stop):
+        tokens, masks = [], []
+        for r in range(start, stop, batch_size):
+            e = min(r + batch_size, stop)
+            g = generate(teacher, variables, jnp.asarray(prompts[r:e], jnp.int32), max_new_tokens,
+                         rng=None if rng is None else jax.random.fold_in(rng, r), temperature=temperature,
+                         top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, prompt_mask=jnp.asarray(mask[r:e]))
+            tokens.append(np.asarray(g.tokens, np.int32))
+            masks.append(np.asarray(g.mask))
+        return {"tokens": np.concatenate(tokens), "mask": np.concatenate(masks)}
+
+    if shard_rows % batch_size:
+        raise InputError(f"shard_rows: expected a multiple of batch_size ({batch_size}) so that every row's key is "
+                         f"fixed, got {shard_rows}")
+    return _write_shards(os.fspath(directory), want, prompts.shape[0], shard_rows, compute, dict)
+
+
+def read_generations(directory, *, prompts=None, prompt_mask=None, teacher=None, variables=None):
+    """``(tokens [rows, P + N], mask [rows, P + N], manifest)`` of a finished generations
+    cache, every shard verified; given ``prompts`` (``teacher``), one built for other prompts
+    (another teacher) is refused in one line."""
+    directory = os.fspath(directory)
+    m = _read_manifest(directory, GENERATIONS_FORMAT)
+    if prompts is not None:
+        p = np.asarray(prompts)
+        mask = np.ones(p.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
+        if _sha(np.ascontiguousarray(p.astype(np.int64)).tobytes() + mask.tobytes()) != m["prompts"]:
+            raise InputError(f"{directory}: built for other prompts")
+    if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
+        raise InputError(f"{directory}: built with another teacher")
+    arrays, m = _read_shards(directory, GENERATIONS_FORMAT, ("tokens", "mask"), "write_generations")
+    return arrays["tokens"], arrays["mask"], m

@@ -14,6 +14,8 @@ student's own tokens, and sampling, scoring and the update are one jitted step.
   with ``kdjax.generate`` (GKD: from the student with probability ``lmbda``, else the
   data's or, with ``seq_kd``, the teacher's), the teacher's forward pass, the loss and the
   optimizer update. ``make_on_policy_run``: many of them as one ``lax.scan``.
+* ``sequence_data``: prompts + completions (e.g. the teacher's, ``offline.write_generations``:
+  sequence-level KD) as ``{"x", "y", "where"}`` for ``kdjax.make_run(student, "ce")``.
 
 Batches are ``{"prompts": [B, P], "prompt_mask": [B, P]}`` (left-padded, as
 ``kdjax.generate`` takes them) and, for GKD's off-policy draws, ``"completions": [B, N]``
@@ -24,10 +26,13 @@ the padding too, which changes its numbers for left-padded prompts only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kdjax.errors import InputError, check_count
@@ -36,7 +41,7 @@ from kdjax.losses import check_beta, check_temperature, jsd
 from kdjax.train import TrainState, adam
 
 __all__ = ["generalized_jsd_loss", "reverse_kl_advantages", "importance_sampling_loss", "sequence_logprobs",
-           "make_on_policy_step", "make_on_policy_run", "METHODS"]
+           "OnPolicy", "make_on_policy_step", "make_on_policy_run", "sequence_data", "METHODS"]
 
 METHODS = ("gkd", "reverse_kl")
 
@@ -102,70 +107,126 @@ def _variables(v):
     return v.variables if isinstance(v, TrainState) else (v if "params" in v else {"params": v})
 
 
-def _check_options(method, lmbda, beta, max_new_tokens):
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
-    check_count("max_new_tokens", max_new_tokens)
-    if not 0 <= float(lmbda) <= 1:
-        raise InputError(f"lmbda: expected a probability in [0, 1], got {lmbda}")
-    check_beta(beta)
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+    """An on-policy objective: what ``make_on_policy_step`` trains with, and a train-step
+    objective of ``kdjax.train`` (``make_train_step``/``make_run``/``fit_members``, whose
+    ``hyper`` argument then carries the teacher's variables: ``kdjax.workflows.distill``
+    uses it so). Options as ``make_on_policy_step``; ``prompt_length``: with it, batches of
+    windows ``{"x": [B, L]}`` are split into prompts ``x[:, :prompt_length]`` and data
+    completions ``x[:, prompt_length:prompt_length + max_new_tokens]``."""
 
+    teacher: Any
+    method: str = "gkd"
+    max_new_tokens: int = 16
+    lmbda: float = 0.5
+    beta: float = 0.5
+    seq_kd: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    coef: float = 1.0
+    discount: float = 0.0
+    prompt_length: int | None = None
 
-def on_policy_step(state, batch, rng, teacher_variables, *, student, teacher, tx, method, max_new_tokens, lmbda,
-                   beta, seq_kd, temperature, top_k, top_p, eos_id, pad_id, coef, discount):
-    """One on-policy step (unjitted; see ``make_on_policy_step``)."""
-    for key in ("prompts", "prompt_mask"):
-        if key not in batch:
-            raise InputError(f"batch: expected {key!r} (left-padded prompts and their mask), got {sorted(batch)}")
-    prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
-    p = prompts.shape[1]
-    key = jax.random.fold_in(rng, state.step)
-    k_choice, k_sample = jax.random.split(key)
-    t_vars = _variables(teacher_variables)
-    sample = functools.partial(generate, prompts=prompts, max_new_tokens=max_new_tokens, rng=k_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
-                               prompt_mask=prompt_mask)
-    completion = lambda g: (g.tokens[:, p:], g.completion_mask, g.logprobs)
-    from_student = lambda: completion(sample(student, state.variables))
-    if method == "gkd":
-        on_policy = jax.random.uniform(k_choice) <= lmbda  # TRL: random.random() <= lmbda
-        if seq_kd:
-            off_policy = lambda: completion(sample(teacher, t_vars))
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method: expected one of {METHODS}, got {self.method!r}")
+        check_count("max_new_tokens", self.max_new_tokens)
+        if not 0 <= float(self.lmbda) <= 1:
+            raise InputError(f"lmbda: expected a probability in [0, 1], got {self.lmbda}")
+        check_beta(self.beta)
+        check_temperature(self.temperature)
+        if self.seq_kd and self.method != "gkd":
+            raise InputError("seq_kd: only used with method='gkd' (the reverse KL always samples the student)")
+        if self.prompt_length is not None:
+            check_count("prompt_length", self.prompt_length)
+
+    def describe(self) -> str:
+        if self.method == "gkd":
+            return (f"GKD (lmbda {self.lmbda:g}, beta {self.beta:g}{', seq_kd' if self.seq_kd else ''}, sampling "
+                    f"T {self.temperature:g}, {self.max_new_tokens} new tokens)")
+        return (f"on-policy reverse KL (coef {self.coef:g}, discount {self.discount:g}, sampling T "
+                f"{self.temperature:g}, {self.max_new_tokens} new tokens)")
+
+    def _batch(self, batch):
+        if "prompts" in batch:
+            if "prompt_mask" not in batch:
+                raise InputError(f"batch: expected 'prompt_mask' with 'prompts' (left-padded), got {sorted(batch)}")
+            return batch
+        if "x" not in batch or self.prompt_length is None:
+            raise InputError(f"batch: expected 'prompts' and 'prompt_mask' (or windows 'x' with an OnPolicy "
+                             f"prompt_length), got {sorted(batch)}")
+        x, p, n = batch["x"], self.prompt_length, self.max_new_tokens
+        if x.ndim != 2 or x.shape[1] < p + n:
+            raise InputError(f"batch['x']: expected windows [batch, >= prompt_length + max_new_tokens = {p + n}], got "
+                             f"shape {tuple(x.shape)}")
+        return {"prompts": x[:, :p], "prompt_mask": jnp.ones((x.shape[0], p), bool), "completions": x[:, p:p + n],
+                "completion_mask": jnp.ones((x.shape[0], n), bool)}
+
+    def loss(self, params, model_state, batch, key, teacher_variables, *, model):
+        """``(loss, metrics)`` for the student ``model`` at ``params``: the draw with ``key``
+        (from the student's current parameters, no gradient through it), the teacher's
+        scores, the loss."""
+        if teacher_variables is None:
+            raise InputError("OnPolicy: expected the teacher's variables (a TrainState or params), got None")
+        batch = self._batch(batch)
+        prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
+        p, n = prompts.shape[1], self.max_new_tokens
+        k_choice, k_sample = jax.random.split(key)
+        t_vars = _variables(teacher_variables)
+        s_vars = jax.lax.stop_gradient({"params": params, **model_state})
+        sample = functools.partial(generate, prompts=prompts, max_new_tokens=n, rng=k_sample,
+                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                   eos_id=self.eos_id, pad_id=self.pad_id, prompt_mask=prompt_mask)
+        completion = lambda g: (g.tokens[:, p:], g.completion_mask, g.logprobs)
+        from_student = lambda: completion(sample(model, s_vars))
+        if self.method == "gkd":
+            on_policy = jax.random.uniform(k_choice) <= self.lmbda  # TRL: random.random() <= lmbda
+            if self.seq_kd:
+                off_policy = lambda: completion(sample(self.teacher, t_vars))
+            else:
+                if "completions" not in batch or "completion_mask" not in batch:
+                    raise InputError("batch: GKD takes the data's completions with probability 1 - lmbda; expected "
+                                     "'completions' and 'completion_mask' (or seq_kd=True)")
+                want = (prompts.shape[0], n)
+                if tuple(batch["completions"].shape) != want or tuple(batch["completion_mask"].shape) != want:
+                    raise InputError(f"batch: expected 'completions' and 'completion_mask' of shape {want} "
+                                     f"(max_new_tokens per prompt), got {tuple(batch['completions'].shape)} and "
+                                     f"{tuple(batch['completion_mask'].shape)}")
+                logprobs_type = jax.eval_shape(from_student)[2].dtype
+                off_policy = lambda: (batch["completions"].astype(jnp.int32), batch["completion_mask"].astype(bool),
+                                      jnp.zeros(want, logprobs_type))
+            completions, completion_mask, sampled = jax.lax.cond(on_policy, from_student, off_policy)
         else:
-            if "completions" not in batch or "completion_mask" not in batch:
-                raise InputError("batch: GKD takes the data's completions with probability 1 - lmbda; expected "
-                                 "'completions' and 'completion_mask' (or seq_kd=True)")
-            want = (prompts.shape[0], max_new_tokens)
-            if tuple(batch["completions"].shape) != want or tuple(batch["completion_mask"].shape) != want:
-                raise InputError(f"batch: expected 'completions' and 'completion_mask' of shape {want} (max_new_tokens "
-                                 f"per prompt), got {tuple(batch['completions'].shape)} and "
-                                 f"{tuple(batch['completion_mask'].shape)}")
-            logprobs_type = jax.eval_shape(from_student)[2].dtype
-            off_policy = lambda: (batch["completions"].astype(jnp.int32), batch["completion_mask"].astype(bool),
-                                  jnp.zeros(want, logprobs_type))
-        completions, completion_mask, sampled = jax.lax.cond(on_policy, from_student, off_policy)
-    else:
-        (completions, completion_mask, sampled), on_policy = from_student(), jnp.asarray(True)
-    tokens = jnp.concatenate([prompts.astype(jnp.int32), completions.astype(jnp.int32)], axis=1)
-    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    t_logits, t_logp = jax.tree_util.tree_map(jax.lax.stop_gradient,
-                                              sequence_logprobs(teacher, t_vars, tokens, mask, p))
+            (completions, completion_mask, sampled), on_policy = from_student(), jnp.asarray(True)
+        tokens = jnp.concatenate([prompts.astype(jnp.int32), completions.astype(jnp.int32)], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+        t_logits, t_logp = jax.tree_util.tree_map(jax.lax.stop_gradient,
+                                                  sequence_logprobs(self.teacher, t_vars, tokens, mask, p))
+        s_logits, s_logp = sequence_logprobs(model, {"params": params, **model_state}, tokens, mask, p)
+        if self.method == "gkd":
+            loss = generalized_jsd_loss(s_logits, t_logits, jnp.where(completion_mask, completions, -100), self.beta)
+        else:
+            advantages = reverse_kl_advantages(sampled, t_logp, completion_mask, self.coef, self.discount)
+            loss = importance_sampling_loss(s_logp, sampled, advantages)
+        counted = jnp.maximum(jnp.sum(completion_mask), 1)
+        metrics = {"on_policy": on_policy, "completion_tokens": jnp.sum(completion_mask),
+                   "teacher_nll": -jnp.sum(jnp.where(completion_mask, t_logp, 0.0)) / counted}
+        return loss, metrics
 
-    def loss_fn(params):
-        s_logits, s_logp = sequence_logprobs(student, {"params": params, **state.model_state}, tokens, mask, p)
-        if method == "gkd":
-            labels = jnp.where(completion_mask, completions, -100)
-            return generalized_jsd_loss(s_logits, t_logits, labels, beta)
-        advantages = reverse_kl_advantages(sampled, t_logp, completion_mask, coef, discount)
-        return importance_sampling_loss(s_logp, sampled, advantages)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+def on_policy_step(state, batch, rng, teacher_variables, *, student, objective: OnPolicy, tx):
+    """One on-policy step (unjitted; see ``make_on_policy_step``)."""
+    key = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(lambda params: objective.loss(params, state.model_state, batch, key,
+                                                               teacher_variables, model=student), has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    counted = jnp.maximum(jnp.sum(completion_mask), 1)
-    metrics = {"loss": loss, "on_policy": on_policy, "completion_tokens": jnp.sum(completion_mask),
-               "teacher_nll": -jnp.sum(jnp.where(completion_mask, t_logp, 0.0)) / counted}
-    return TrainState(state.step + 1, params, state.model_state, opt_state), metrics
+    return TrainState(state.step + 1, params, state.model_state, opt_state), {"loss": loss, **metrics}
 
 
 def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_new_tokens: int = 16,
@@ -186,15 +247,9 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
     completion tokens counted and the teacher's NLL of them (nats per token). ``tx``
     defaults to ``adam()``; ``state`` is donated unless ``donate=False``.
     """
-    _check_options(method, lmbda, beta, max_new_tokens)
-    if seq_kd and method != "gkd":
-        raise InputError("seq_kd: only used with method='gkd' (the reverse KL always samples the student)")
-    check_temperature(temperature)
-    step = functools.partial(
-        on_policy_step, student=student, teacher=teacher, tx=adam() if tx is None else tx, method=method,
-        max_new_tokens=int(max_new_tokens), lmbda=float(lmbda), beta=float(beta), seq_kd=bool(seq_kd),
-        temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, coef=float(coef),
-        discount=float(discount))
+    objective = OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
+                         float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
+    step = functools.partial(on_policy_step, student=student, objective=objective, tx=adam() if tx is None else tx)
     if not jit:
         return step
     return jax.jit(step, donate_argnums=(0,) if donate else ())
@@ -214,3 +269,24 @@ def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = 
         return jax.lax.scan(body, state, schedule)
 
     return jax.jit(run, donate_argnums=(0,) if donate else ())
+
+
+def sequence_data(tokens, mask, prompt_length: int, pad_id: int = 0) -> dict:
+    """Training data of sequence-level KD (Kim & Rush 2016): ``tokens``/``mask`` ``[rows, P +
+    N]`` (``Generation.tokens``/``.mask`` or ``offline.read_generations``: left-padded
+    prompts of length ``P`` then completions) with each row's real tokens moved to the
+    front (padding after them, ``pad_id``: a causal model's positions are then each row's
+    own). ``{"x": [rows, P + N - 1], "y": x shifted by one, "where": true where y is a
+    completion token}``: ``kdjax.make_run(student, "ce")`` on it is cross-entropy on the
+    completions only."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+    if tokens.ndim != 2 or tokens.shape != mask.shape or not 0 < prompt_length < tokens.shape[1]:
+        raise InputError(f"tokens / mask: expected [rows, prompt_length + new] alike with 0 < prompt_length "
+                         f"({prompt_length}) < length, got {tokens.shape} and {mask.shape}")
+    completion = mask.copy()
+    completion[:, :prompt_length] = False
+    order = np.argsort(~mask, axis=1, kind="stable")  # the real tokens first, in order
+    real = np.take_along_axis(mask, order, axis=1)
+    aligned = np.where(real, np.take_along_axis(tokens, order, axis=1), pad_id).astype(np.int32)
+    counted = np.take_along_axis(completion, order, axis=1)
+    return {"x": aligned[:, :-1], "y": aligned[:, 1:], "where": counted[:, 1:]}

@@ -105,8 +105,14 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     results may differ in the last bits (XLA may order a batched matmul's sums
     differently from an unbatched one's). ``pick_members_per_group`` chooses by timing.
     """
+    from kdjax.onpolicy import OnPolicy
+
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    hyper_axes = None if objective == "ce" else 0
+    # an OnPolicy objective's "hyper" is the teacher's variables: per member, or shared
+    shared_hyper = objective == "ce" or (isinstance(objective, OnPolicy) and not member_teacher_logits)
+    hyper_axes = None if shared_hyper else 0
+    if isinstance(objective, OnPolicy) and mesh is not None:
+        raise InputError("mesh: on-policy objectives run on one device for now; got a mesh")
     in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes)  # (state, own data, schedule, rng, hyper)
     split = functools.partial(_split_data, member_teacher_logits)
     if members_per_group is not None:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from kdjax import checkpoint, data, features, parallel, sweep as sweeps
+from kdjax import checkpoint, data, features, onpolicy, parallel, sweep as sweeps
 from kdjax.data import Dataset
 from kdjax.errors import InputError
 from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members,
@@ -194,8 +194,11 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     ``"data"`` axis only. ``programs`` (``kdjax.fitting.Programs``) keeps the compiled
     programs for later calls.
 
-    With an ``objective`` (``kdjax.features.Objective``: feature distillation, DKD, ...)
-    step 2 is two phases: ``"standard"`` (cross-entropy) and ``"distilled"`` (the
+    With a ``kdjax.onpolicy.OnPolicy`` objective (GKD, on-policy reverse KL; its
+    ``prompt_length`` splits each window into prompt and data completion) step 2 is the
+    phases ``"standard"`` (cross-entropy) and ``"distilled"`` (the objective, sampling in
+    the step, the teacher online). With an ``objective``
+    (``kdjax.features.Objective``: feature distillation, DKD, ...) step 2 is two phases: ``"standard"`` (cross-entropy) and ``"distilled"`` (the
     objective, its teacher taps cached once in eval mode, its connectors trained with the
     students); ``temperature`` and ``alpha`` are unused (the objective holds its own). The
     result's ``students`` then hold the students' own variables only (no optimizer state;
@@ -212,13 +215,17 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     if transfer.input_shape != ds.input_shape or transfer.num_classes != ds.num_classes:
         raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
                          f"(as {ds.name}), got {transfer.input_shape} in {transfer.num_classes}")
+    on_policy = isinstance(objective, onpolicy.OnPolicy)  # the teacher runs online: no cached logits
     if teacher_state is None:
         t_states, t_losses = phase("teachers", teacher, "ce", ds, teacher_cfg or cfg, seeds)
-        logits = teacher_logits_for(teacher, t_states, transfer, members=True)
+        logits = None if on_policy else teacher_logits_for(teacher, t_states, transfer, members=True)
     else:
         t_states, t_losses = teacher_state, None
-        logits = teacher_logits_for(teacher, teacher_state, transfer)
-    if objective is not None:
+        logits = None if on_policy else teacher_logits_for(teacher, teacher_state, transfer)
+    if isinstance(objective, onpolicy.OnPolicy):
+        s_states, s_losses, full = _on_policy_students(phase, objective, teacher, t_states, student, transfer, cfg,
+                                                       seeds, per_seed=teacher_state is None)
+    elif objective is not None:
         s_states, s_losses, full = _objective_students(phase, objective, teacher, t_states, student, transfer, cfg,
                                                        seeds, logits, per_seed=teacher_state is None)
     else:
@@ -316,6 +323,21 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
     return DistillResult(seeds, None, None, states, {"standard": losses[:n], "distilled": losses[n:]}, accuracy,
                          stats, gain, eval_loss)
+
+
+def _on_policy_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, *, per_seed):
+    """Standard students (CE on the windows) and on-policy ones (``objective``: the teacher
+    online, one per seed or one shared), paired by seed: ``(both halves, losses [2n, steps],
+    the on-policy states)``."""
+    if objective.teacher != teacher:
+        raise InputError("objective: the OnPolicy objective's teacher differs from the workflow's teacher")
+    std, std_losses = phase("standard", student, "ce", transfer, cfg, seeds)
+    t_vars = {"params": t_states.params, **t_states.model_state}
+    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, teacher_variables=t_vars,
+                              member_teachers=per_seed)
+    host = lambda tree: jax.tree_util.tree_map(parallel.to_host, tree)
+    both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), host(std), host(dist))
+    return both, np.concatenate([std_losses, dist_losses]), dist
 
 
 @dataclasses.dataclass

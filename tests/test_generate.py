@@ -163,5 +163,8 @@ def test_bad_input_is_one_line():
     with pytest.raises(InputError, match="expected a decoder with init_cache"):
         generate(StudentMLP(4, 3), {}, p, NEW)
     gpt = TransformerLM(V, 1, 16, 2, 10)
-    with pytest.raises(InputError, match="exceed the model's max_len 10"):
+    with pytest.raises(InputError, match="exceed the model's context of 10 positions"):
         generate(gpt, gpt.init(jax.random.PRNGKey(0), p), p, 4)
+    short = model.clone(max_position_embeddings=10)
+    with pytest.raises(InputError, match="prompts of 7 tokens \\+ 8 new exceed the model's context of 10"):
+        generate(short, variables, p, NEW)

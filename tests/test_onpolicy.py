@@ -145,6 +145,9 @@ def test_the_fused_run_equals_its_steps(setup):
         losses.append(float(mk["loss"]))
     np.testing.assert_allclose(m["loss"], losses, rtol=1e-5)
     assert 0 < int(m["on_policy"].sum()) < 4  # both kinds of draw happened
+    compiled = run._cache_size()
+    run(s_state, batch, schedule[::-1], jax.random.PRNGKey(10), t_state)  # same shapes: no new compile
+    assert run._cache_size() == compiled == 1
     half, _ = run(s_state, batch, schedule[:2], jax.random.PRNGKey(9), t_state)
     resumed, _ = run(half, batch, schedule[2:], jax.random.PRNGKey(9), t_state)
     for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(whole)):
@@ -170,3 +173,85 @@ def test_bad_input_is_one_line(setup):
         step(s_state, short, jax.random.PRNGKey(0), t_state)
     with pytest.raises(InputError, match="expected 'prompts'"):
         step(s_state, {"x": batch["prompts"]}, jax.random.PRNGKey(0), t_state)
+
+
+def test_teacher_generations_cache_and_seqkd_data(setup, tmp_path):
+    """offline.write_generations stores exactly kdjax.generate's output (greedy and sampled
+    with per-batch keys), resumes after a lost shard, refuses another teacher, other prompts
+    or a truncated shard; sequence_data makes it cross-entropy on the completions only."""
+    import json
+
+    from kdjax import offline
+
+    teacher, student, t_state, s_state, batch = setup
+    prompts, pmask = np.asarray(batch["prompts"]), np.asarray(batch["prompt_mask"])
+    m = offline.write_generations(tmp_path / "g", teacher, t_state.variables, prompts, N, prompt_mask=pmask,
+                                  rng=jax.random.PRNGKey(2), temperature=0.8, eos_id=7, batch_size=2, shard_rows=2)
+    tokens, mask, _ = offline.read_generations(tmp_path / "g", prompts=prompts, prompt_mask=pmask, teacher=teacher,
+                                               variables=t_state.variables)
+    for r in (0, 2):
+        g = generate(teacher, t_state.variables, batch["prompts"][r:r + 2], N, rng=jax.random.fold_in(
+            jax.random.PRNGKey(2), r), temperature=0.8, eos_id=7, prompt_mask=batch["prompt_mask"][r:r + 2])
+        np.testing.assert_array_equal(tokens[r:r + 2], g.tokens)
+        np.testing.assert_array_equal(mask[r:r + 2], g.mask)
+    # a build that lost its second shard resumes to the same files
+    (tmp_path / "g" / "manifest.json").write_text(json.dumps(m | {"shards": m["shards"][:1]}))
+    (tmp_path / "g" / "shard-00001.npz").unlink()
+    offline.write_generations(tmp_path / "g", teacher, t_state.variables, prompts, N, prompt_mask=pmask,
+                              rng=jax.random.PRNGKey(2), temperature=0.8, eos_id=7, batch_size=2, shard_rows=2)
+    np.testing.assert_array_equal(offline.read_generations(tmp_path / "g")[0], tokens)
+    with pytest.raises(InputError, match="another sampling"):
+        offline.write_generations(tmp_path / "g", teacher, t_state.variables, prompts, N, prompt_mask=pmask,
+                                  rng=jax.random.PRNGKey(3), temperature=0.8, eos_id=7, batch_size=2, shard_rows=2)
+    with pytest.raises(InputError, match="built with another teacher"):
+        offline.read_generations(tmp_path / "g", teacher=teacher, variables=s_state.variables)
+    with pytest.raises(InputError, match="built for other prompts"):
+        offline.read_generations(tmp_path / "g", prompts=prompts[::-1], prompt_mask=pmask)
+    shard = tmp_path / "g" / "shard-00000.npz"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(InputError, match="truncated or corrupted"):
+        offline.read_generations(tmp_path / "g")
+    # SeqKD data: each row's real tokens first; only completion tokens are targets
+    data = onpolicy.sequence_data(tokens, mask, P)
+    row = tokens[0][mask[0]]
+    np.testing.assert_array_equal(data["x"][0, :len(row) - 1], row[:-1])
+    np.testing.assert_array_equal(data["y"][0, :len(row) - 1], row[1:])
+    assert data["where"].sum() == mask[:, P:].sum()
+    assert (data["where"][0, :int(pmask[0].sum()) - 1] == 0).all()
+    state = kdjax.create_train_state(student, 1, jnp.zeros((1, 4), jnp.int32))
+    schedule = kdjax.data.seed_schedule(jax.random.PRNGKey(0), 4, 2, 30)
+    _, metrics = kdjax.make_run(student, "ce")(state, data, schedule, jax.random.PRNGKey(1))
+    assert float(metrics["loss"][-5:].mean()) < float(metrics["loss"][:5].mean())
+
+
+def test_cli_on_policy_experiment(tmp_path, capsys):
+    """kdjax on-policy at toy sizes: every method trains and is evaluated, results.json has
+    the per-seed figures and the paired differences; bad options are one line."""
+    import json
+
+    from test_cli import kdjax_here
+
+    tiny = ["--length", "3", "--train", "64", "--test", "32", "--teacher-layers", "1", "--teacher-dim", "16",
+            "--student-dim", "8", "--teacher-steps", "20", "--steps", "3", "--batch-size", "8", "--seeds", "2",
+            "--quiet"]
+    p = kdjax_here(capsys, "on-policy", *tiny, "--warmup", "2", "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert set(r["mean_ci"]) == {"sft", "kd", "seqkd", "gkd", "reverse_kl"} and len(r["per_seed"]["gkd"]["accuracy"]) == 2
+    assert set(r["paired_vs_sft"]) == {"kd", "seqkd", "gkd", "reverse_kl"}
+    assert "exact-match accuracy" in p.stdout and "teacher NLL of the student's own samples" in p.stdout
+    text = ["distill", "--dataset", "text", "--text-bytes", "5000", "--context", "8", "--quiet"]
+    for args, words in [(text + ["--method", "gkd", "--prompt-tokens", "8"], "--prompt-tokens: expected 1 to 7"),
+                        (text + ["--method", "gkd", "--lmbda", "1.5"], "--lmbda: expected a probability in [0, 1]"),
+                        (text + ["--method", "gkd", "--beta", "-0.1"], "--beta: expected a number in [0, 1]"),
+                        (text + ["--method", "reverse_kl", "--lmbda", "0.3"], "--lmbda: only used with --method gkd"),
+                        (text + ["--method", "gkd", "--alpha", "0.3"], "--alpha: only used with --method kd"),
+                        (["distill", "--dataset", "digits", "--method", "gkd"], "--method gkd: expected a language model"),
+                        (text + ["--method", "fitnet"], "--method fitnet: expected --arch mlp or resnet")]:
+        p = kdjax_here(capsys, *args)
+        assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+    for args, words in [(["--warmup", "-1"], "--warmup: expected a number of steps >= 0"),
+                        (["--methods", "sft", "sft"], "--methods: expected each method once"),
+                        (["--batch-size", "100"], "--batch-size: expected at most --train")]:
+        p = kdjax_here(capsys, "on-policy", *tiny, *args)
+        assert p.returncode == 2 and words in p.stderr, p.stderr

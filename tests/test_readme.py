@@ -9,7 +9,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PAGES = {"README.md": README} | {f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
-TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh", "example-features")
+TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh", "example-features",
+          "example-generate")
 
 
 def block_after(marker: str, lang: str) -> str:
@@ -83,6 +84,13 @@ def test_features_example_runs():
     assert "connectors" in ns["state"].params and "connectors" not in ns["own_params"]
 
 
+def test_generate_example_runs():
+    ns = run_example("example-generate")
+    out = ns["out"]
+    assert out.tokens.shape == (2, 12) and out.mask[0, :2].tolist() == [False, False]
+    assert bool((out.completion_mask.sum(axis=1) >= 1).all())
+
+
 def test_commands_present():
     assert "kdjax demo" in block_after("main-command", "bash")
     test_cmd = block_after("test-command", "bash")
@@ -103,7 +111,7 @@ def test_documented_commands_parse():
     is one its mode would ignore (running them all would take an hour)."""
     import shlex
 
-    from kdjax.app.parser import build_parser, check_modes, given_options
+    from kdjax.app.parser import build_parser, check_modes, given_options, resolve_defaults
 
     seen = 0
     for name, text in PAGES.items():
@@ -114,6 +122,7 @@ def test_documented_commands_parse():
                     continue
                 argv = shlex.split(line)[1:]
                 args = build_parser().parse_args(argv)
+                resolve_defaults(args)
                 check_modes(args, given_options(argv))
                 seen += 1
     assert seen >= 5  # not vacuous

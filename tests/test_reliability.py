@@ -177,9 +177,9 @@ def _leaves(path):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _full_then_killed(args, tmp_path, phase):
+def _full_then_killed(args, tmp_path, phase, steps=2000):
     """Run ``args`` to the end in ``full``; run it again in ``part`` and SIGKILL it as soon
-    as the ``phase`` checkpoint exists (mid-run: 2000 steps, a checkpoint every 40)."""
+    as the ``phase`` checkpoint exists (mid-run: ``steps`` steps, a checkpoint every 40)."""
     env = dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path / "cache"))
     full, part = tmp_path / "full", tmp_path / "part"
     p = _kdjax(args + ["--out", str(full)], env)
@@ -193,7 +193,7 @@ def _full_then_killed(args, tmp_path, phase):
     p.wait()
     assert p.returncode == -signal.SIGKILL
     _, meta, _, _ = checkpoint.load_latest(ckpt)
-    assert 0 < meta["done"] < 2000, "the kill did not land mid-run"
+    assert 0 < meta["done"] < steps, "the kill did not land mid-run"
     assert not (part / "results.json").exists()
     return env, full, part
 
@@ -240,6 +240,27 @@ def test_fitnet_sigkill_then_resume_is_bitwise_identical(tmp_path):
     for name in ("checkpoints/distilled.ckpt", "student_distilled.ckpt", "student_standard.ckpt"):
         for a, b in zip(_leaves(full / name), _leaves(part / name)):
             np.testing.assert_array_equal(a, b)  # bitwise
+
+
+GKD_ARGS = ["distill", "--dataset", "text", "--method", "gkd", "--seeds", "2", "--steps", "400", "--teacher-steps",
+            "20", "--context", "8", "--teacher-dim", "16", "--student-dim", "8", "--text-bytes", "5000", "--vocab-size",
+            "260", "--batch-size", "8", "--checkpoint-every", "10", "--no-plots", "--quiet"]
+
+
+def test_gkd_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """An on-policy run (GKD: the student samples inside every step, lmbda 0.5) killed
+    mid-way through its distilled phase resumes to the bits of an uninterrupted run: the
+    draws depend only on the seed and the step count."""
+    env, full, part = _full_then_killed(GKD_ARGS, tmp_path, "distilled", steps=400)
+    p = _kdjax(GKD_ARGS + ["--out", str(part), "--resume"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "distilled: resuming at step" in out
+    for name in ("checkpoints/distilled.ckpt", "student_distilled.ckpt", "student_standard.ckpt"):
+        for a, b in zip(_leaves(full / name), _leaves(part / name)):
+            np.testing.assert_array_equal(a, b)  # bitwise
+    results = [json.loads((d / "results.json").read_text()) for d in (full, part)]
+    assert results[0]["test_loss"] == results[1]["test_loss"]
 
 
 SWEEP_ARGS = ["sweep", "--steps", "2000", "--seeds", "2", "--temperatures", "1", "4", "--alphas", "0.5",

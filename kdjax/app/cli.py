@@ -16,7 +16,7 @@ import sys
 
 from kdjax.app import EXIT_USAGE, UsageError
 from kdjax.app.inputs import check_out
-from kdjax.app.parser import build_parser, check_modes, given_options
+from kdjax.app.parser import build_parser, check_modes, given_options, resolve_defaults
 from kdjax.app.reporting import Reporter
 from kdjax.errors import InputError, InputTypeError
 
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     created = args.out is not None and not os.path.exists(args.out)
     try:
+        resolve_defaults(args)
         check_modes(args, given_options(argv))
         check_out(args)
         rep = Reporter(json_mode=args.json, quiet=args.quiet)

@@ -15,7 +15,7 @@ from kdjax.app import UsageError, inputs, methods
 from kdjax.app.reporting import Reporter, fmt_ci, jsonable
 from kdjax.errors import InputError
 
-__all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_sweep", "cmd_teacher_logits"]
+__all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_on_policy", "cmd_sweep", "cmd_teacher_logits"]
 
 
 def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
@@ -184,7 +184,7 @@ def cmd_distill(args, rep: Reporter) -> int:
         rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
     inputs.validate_models((teacher, student), ds)
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
-    if objective is not None:
+    if objective is not None and args.method not in methods.ON_POLICY_METHODS:
         methods.validate(objective, teacher, student, ds)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
              f"{ds.num_classes} classes; {cfg.describe()}; "
@@ -447,6 +447,45 @@ def _distill_from_cache(args, rep: Reporter) -> int:
                                 "missing": args.topk_missing, "teacher_folder": meta.get("teacher_folder")}}
     return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
                            teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)
+
+
+def cmd_on_policy(args, rep: Reporter) -> int:
+    """``kdjax on-policy``: ``kdjax.app.onpolicy_task`` with the command's sizes; a table per
+    measure (mean ± 95% CI over seeds, paired against the first method) and results.json."""
+    from kdjax.app import onpolicy_task as ot
+
+    if args.warmup < 0:
+        raise UsageError(f"--warmup: expected a number of steps >= 0, got {args.warmup}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr: expected a number > 0, got {args.lr}")
+    if len(set(args.methods)) != len(args.methods):
+        raise UsageError(f"--methods: expected each method once, got {args.methods}")
+    if args.batch_size > args.train:
+        raise UsageError(f"--batch-size: expected at most --train ({args.train}) prompts, got {args.batch_size}")
+    inputs.claim_out(args)
+    s = ot.Setup(task=ot.Task(length=args.length), train=args.train, test=args.test,
+                 teacher=(args.teacher_layers, args.teacher_dim), student=(args.student_layers, args.student_dim),
+                 teacher_steps=args.teacher_steps, warmup=args.warmup, steps=args.steps, batch=args.batch_size,
+                 lr=args.lr)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    rep.line(f"sorting {args.length} digits: {args.train} training / {args.test} held-out prompts; teacher "
+             f"{args.teacher_layers} x {args.teacher_dim} ({args.teacher_steps} steps), student {args.student_layers} "
+             f"x {args.student_dim}: " + (f"{args.warmup} supervised steps, then " if args.warmup else "")
+             + f"{args.steps} updates of each method, batch {args.batch_size}, Adam {args.lr:g}; {len(seeds)} seed(s)")
+    t0 = time.perf_counter()
+    r = ot.run(s, seeds, tuple(args.methods), log=rep.line)
+    over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    base = args.methods[0]
+    paired = r[f"paired_vs_{base}"]
+    for key, title in (("accuracy", "exact-match accuracy of greedy answers (held out; higher is better)"),
+                       ("teacher_nll", "teacher NLL of the student's own samples, nats per token (lower is better)"),
+                       ("bits_per_token", "bits per token on the reference answers (lower is better)")):
+        rep.table(f"{title}, {over}; teacher: {r['teacher'][key]:.4f}", ["method", key, f"- {base} (paired)"],
+                  [[m, fmt_ci(r["mean_ci"][m][key]), "" if m == base else fmt_ci(paired[m][key], signed=True)]
+                   for m in args.methods])
+    r["seconds"] = time.perf_counter() - t0
+    r["config"] = vars(args) | {"func": None}
+    return _finish(args, rep, r, {})
 
 
 def cmd_sweep(args, rep: Reporter) -> int:

@@ -1,4 +1,6 @@
-"""``kdjax distill --method``: the mdistiller methods as ``kdjax.features`` objectives.
+"""``kdjax distill --method``: the mdistiller methods as ``kdjax.features`` objectives, and the
+on-policy methods of language models (``gkd``: TRL's GKD, ``reverse_kl``: tinker-cookbook's
+on-policy reverse KL) as ``kdjax.onpolicy.OnPolicy`` objectives.
 
 Weights, temperatures and CRD's settings are mdistiller's defaults
 (``mdistiller/engine/cfg.py``): CE weight 1 for every feature method; FitNet 100 on the
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 from kdjax.app import UsageError
 
-METHODS = ("kd", "dkd", "fitnet", "at", "sp", "rkd", "pkt", "crd")
+METHODS = ("kd", "dkd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "gkd", "reverse_kl")
 FEATURE_METHODS = ("fitnet", "at", "sp", "rkd", "pkt", "crd")
+ON_POLICY_METHODS = ("gkd", "reverse_kl")
 _WEIGHTS = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "crd": 0.8}
 _LOSS = {"fitnet": "hint", "at": "at", "sp": "sp", "rkd": "rkd", "pkt": "pkt", "crd": "crd"}
 
@@ -70,24 +73,46 @@ def _split_pair(item: str):
 
 def resolve_temperature(args) -> None:
     """``--temperature`` left out: the seed's 3 for kd, mdistiller's 4 for dkd and for the
-    logit term a feature method gets with ``--kd-weight``."""
+    logit term a feature method gets with ``--kd-weight``; the sampling temperature of the
+    on-policy methods: 0.9 for gkd (TRL's GKDConfig), 1 for reverse_kl (tinker-cookbook)."""
     if args.temperature is None:
-        args.temperature = 4.0 if args.method == "dkd" or getattr(args, "kd_weight", None) else 3.0
+        args.temperature = {"gkd": 0.9, "reverse_kl": 1.0}.get(
+            args.method, 4.0 if args.method == "dkd" or getattr(args, "kd_weight", None) else 3.0)
 
 
 def check_arch(args) -> None:
-    if args.method != "kd" and args.arch == "transformer":
-        raise UsageError(f"--method {args.method}: expected --arch mlp or resnet (the language-model path distills "
-                         f"logits: --method kd)")
+    lm = args.arch in ("transformer", "llama")
+    if args.method in ON_POLICY_METHODS and not lm:
+        raise UsageError(f"--method {args.method}: expected a language model (--arch transformer or llama), got "
+                         f"--arch {args.arch}")
+    if args.method not in ("kd",) + ON_POLICY_METHODS and lm:
+        raise UsageError(f"--method {args.method}: expected --arch mlp or resnet (language models take --method "
+                         f"kd, gkd or reverse_kl)")
+
+
+def on_policy_split(args) -> tuple[int, int]:
+    """(prompt tokens, new tokens) of each --context window: --prompt-tokens (default half)."""
+    prompt = args.prompt_tokens if args.prompt_tokens is not None else args.context // 2
+    if not 1 <= prompt < args.context:
+        raise UsageError(f"--prompt-tokens: expected 1 to {args.context - 1} (the --context window holds the "
+                         f"prompt and the completion), got {prompt}")
+    return prompt, args.context - prompt
 
 
 def objective(args, teacher, student, total_steps: int):
-    """The ``kdjax.features.Objective`` of ``args.method`` (None for ``kd``)."""
+    """The ``kdjax.features.Objective`` of ``args.method`` (the ``kdjax.onpolicy.OnPolicy``
+    of an on-policy method; None for ``kd``)."""
     from kdjax.features import Objective, Term
 
     method = args.method
     if method == "kd":
         return None
+    if method in ON_POLICY_METHODS:
+        from kdjax.onpolicy import OnPolicy
+
+        prompt, new = on_policy_split(args)
+        return OnPolicy(teacher, method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
+                        temperature=args.temperature, prompt_length=prompt)
     if method == "dkd":
         return Objective(ce=1.0, kd=1.0, temperature=args.temperature, divergence="dkd", dkd_alpha=1.0, dkd_beta=8.0,
                          warmup_steps=max(1, round(total_steps * 20 / 240)))

@@ -9,7 +9,7 @@ import sys
 from kdjax.app import EXIT_USAGE, UsageError, commands
 from kdjax.app.methods import FEATURE_METHODS, METHODS
 
-__all__ = ["build_parser", "given_options", "check_modes"]
+__all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults"]
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,10 +70,11 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--dataset", default="synthetic", help="synthetic (the seed's random labels), digits (scikit-learn's, bundled), text (byte-level "
                    "Python sources, with --arch transformer), PATH.npz (x_train, y_train, x_test, y_test; images "
                    "NHWC) or PATH.txt (a corpus, with --arch transformer)")
-    p.add_argument("--arch", choices=["mlp", "resnet", "transformer", "llama"], default="mlp",
+    p.add_argument("--arch", choices=["mlp", "resnet", "transformer", "llama"], default=None,
                    help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
                         "transformer: GPT-2 language models on --dataset text (bytes); llama: Llama-family "
-                        "decoders on tokenised text (--tokenizer; --teacher a Hugging Face folder)")
+                        "decoders on tokenised text (--tokenizer; --teacher a Hugging Face folder). Default: mlp, "
+                        "or for text (text, a .txt corpus) llama (kdjax sweep: transformer)")
     p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
     distill.add_argument("--method", choices=list(METHODS), default="kd",
                          help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
-                              "pkt, crd (mdistiller's weights; see docs/cli.md)")
+                              "pkt, crd (mdistiller's weights); for language models also gkd (TRL's GKD) and "
+                              "reverse_kl (on-policy; see docs/cli.md)")
     distill.add_argument("--feature-layers", nargs="+", default=None, metavar="T:S",
                          help="feature methods: teacher:student tap pairs (TEACHER=STUDENT when a tap has ':', "
                               "e.g. fc:input=fc:input); default: the method's layers")
@@ -175,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "as mdistiller's KD) to the method's CE + feature term")
     distill.add_argument("--crd-negatives", type=_positive_int, default=16384,
                          help="crd: negatives per example (mdistiller's 16384)")
+    distill.add_argument("--lmbda", type=_float_in(0, 1.0000001, "a probability in [0, 1]"), default=0.5,
+                         help="gkd: the probability of a step on the student's own samples (TRL's lmbda)")
+    distill.add_argument("--beta", type=_float_in(0, 1.0000001, "a number in [0, 1]"), default=0.5,
+                         help="gkd: the generalised JSD's beta (0: KL(teacher||student), 1: the reverse KL)")
+    distill.add_argument("--prompt-tokens", type=_positive_int, default=None,
+                         help="gkd, reverse_kl: the first tokens of each --context window are the prompt, the rest "
+                              "the completion the student samples (default: half)")
     distill.add_argument("--teacher-logits", default=None, metavar="CACHE",
                          help="llama: train the students from a teacher's top-k cache (kdjax teacher-logits) "
                               "instead of running a teacher; the student is of the cached teacher's family")
@@ -232,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--quiet", action="store_true", help="no progress bars")
     tl.set_defaults(func=commands.cmd_teacher_logits, arch="llama")
 
+    op = add("on-policy", help="sorting digits: a trained teacher, a small student trained by SFT, KD, SeqKD, GKD "
+                               "and on-policy reverse KL at equal updates; greedy accuracy on held-out prompts")
+    op.add_argument("--methods", nargs="+", choices=["sft", "kd", "seqkd", "gkd", "reverse_kl"],
+                    default=["sft", "kd", "seqkd", "gkd", "reverse_kl"], help="the first is the paired baseline")
+    op.add_argument("--length", type=_positive_int, default=8, help="digits per prompt")
+    op.add_argument("--train", type=_positive_int, default=4096, help="training prompts")
+    op.add_argument("--test", type=_positive_int, default=512, help="held-out prompts")
+    op.add_argument("--teacher-layers", type=_positive_int, default=2)
+    op.add_argument("--teacher-dim", type=_positive_int, default=128)
+    op.add_argument("--student-layers", type=_positive_int, default=1)
+    op.add_argument("--student-dim", type=_positive_int, default=32)
+    op.add_argument("--teacher-steps", type=_positive_int, default=2000, help="the teacher's cross-entropy steps")
+    op.add_argument("--warmup", type=int, default=0,
+                    help="supervised steps every student starts from (the same for every method)")
+    op.add_argument("--steps", type=_positive_int, default=400, help="each method's student updates")
+    op.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per update")
+    op.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    op.add_argument("--seeds", type=_positive_int, default=4, help="students per method (>= 2 for intervals)")
+    op.add_argument("--seed", type=int, default=0, help="first seed")
+    _common_output(op)
+    op.set_defaults(func=commands.cmd_on_policy, arch="llama")
+
     sw = add("sweep", help="temperatures x alphas x seeds as one compiled program")
     _training_args(sw, seeds_default=2)
     sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="the grid's T values")
@@ -244,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_output(sw)
     sw.set_defaults(func=commands.cmd_sweep)
     return parser
+
+
+def resolve_defaults(args) -> None:
+    """Defaults that depend on other options: ``--arch`` from the data set (text: a
+    language model)."""
+    if getattr(args, "arch", "given") is None:
+        text = args.dataset == "text" or args.dataset.endswith(".txt")
+        args.arch = ("transformer" if args.command == "sweep" else "llama") if text else "mlp"
 
 
 def given_options(argv) -> set[str]:
@@ -292,9 +331,13 @@ _ONLY_WITH = {
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
     **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
                     (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
-    "temperature": (lambda a: a.command != "distill" or (not a.tune and (a.method in ("kd", "dkd") or a.kd_weight)),
-                    "only used with --method kd or dkd (or a feature method with --kd-weight), and not with --tune "
-                    "(which chooses T from --temperatures)"),
+    "temperature": (lambda a: a.command != "distill" or (not a.tune and (a.method in ("kd", "dkd", "gkd", "reverse_kl")
+                                                                         or a.kd_weight)),
+                    "only used with --method kd, dkd, gkd or reverse_kl (or a feature method with --kd-weight), and "
+                    "not with --tune (which chooses T from --temperatures)"),
+    **dict.fromkeys(("lmbda", "beta"), (lambda a: getattr(a, "method", "kd") == "gkd", "only used with --method gkd")),
+    "prompt_tokens": (lambda a: getattr(a, "method", "kd") in ("gkd", "reverse_kl"),
+                      "only used with --method gkd or reverse_kl"),
     **dict.fromkeys(("feature_layers", "feature_weight", "kd_weight"),
                     (lambda a: getattr(a, "method", "kd") in FEATURE_METHODS, "only used with a feature --method")),
     "crd_negatives": (lambda a: getattr(a, "method", "kd") == "crd", "only used with --method crd"),

@@ -78,8 +78,17 @@ def _teacher_logits(batch, teacher, teacher_params):
     return apply_model(teacher, params, model_state, batch["x"], train=False)[0]
 
 
+def _on_policy(objective) -> bool:
+    from kdjax.onpolicy import OnPolicy  # kdjax.onpolicy builds on this module
+
+    return isinstance(objective, OnPolicy)
+
+
 def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, model, objective, teacher):
     """``(loss, (new_model_state, metrics))``; metrics are an objective's terms (else {})."""
+    if _on_policy(objective):  # its hyper is the teacher's variables
+        loss, metrics = objective.loss(params, model_state, batch, rng, hyper, model=model)
+        return loss, (model_state, metrics)
     if isinstance(objective, Objective):
         return objective.loss(params, model_state, batch, rng, step, teacher_params, model=model, teacher=teacher)
     if isinstance(objective, FusedLM):
@@ -102,7 +111,8 @@ def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, mo
 
 
 def _check_objective(objective) -> None:
-    if not (isinstance(objective, (Objective, FusedLM)) or callable(objective) or objective in OBJECTIVES):
+    if not (isinstance(objective, (Objective, FusedLM)) or _on_policy(objective) or callable(objective)
+            or objective in OBJECTIVES):
         raise InputError(f"objective: expected one of {OBJECTIVES}, a kdjax.features.Objective, a kdjax.fused.FusedLM "
                          f"or a callable "
                          f"loss(logits, batch, teacher_logits, hyper), got {objective!r}")
@@ -140,6 +150,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
             also = " (or ['teacher_topk_values'/'teacher_topk_indices'])" if name == "FusedLM" else ""
             raise InputError(f"objective {name}: expected batch['teacher_logits']{also} or both a bound "
                              "teacher and teacher_params, got neither")
+    if _on_policy(objective) and hyper is None:
+        raise InputError("hyper: a kdjax.onpolicy.OnPolicy objective takes the teacher's variables in hyper's place, "
+                         "got None")
     if isinstance(objective, Objective) and hyper is not None:
         raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
                          "hyper=None, got a Hyper")
