@@ -46,19 +46,17 @@ def measure(vocab: int, batch: int, length: int, k: int, repeats: int, teacher_l
             "online_fused": (FusedLM(chunk_size=256), plain, teacher, (t_state,)),
             f"topk_cache_k{k}": (offline.TopKKD(), cached, None, ()),
             f"topk_cache_fused_k{k}": (FusedLM(chunk_size=256), cached, None, ())}
-    out, first = {}, {}
+    out, first, states, steps = {}, {}, {}, {}
     for name, (objective, batch_, t, extra) in rows.items():
         state = kdjax.create_train_state(student, 1, plain["x"][:1])
         step = kdjax.make_train_step(student, objective, teacher=t)
-        compiled = step.lower(state, batch_, jax.random.PRNGKey(0), hyper, *extra).compile()
+        steps[name] = compiled = step.lower(state, batch_, jax.random.PRNGKey(0), hyper, *extra).compile()
         mem = compiled.memory_analysis()
-        state, m = compiled(state, batch_, jax.random.PRNGKey(0), hyper, *extra)  # warm-up
-        jax.block_until_ready(state)
+        states[name], m = compiled(state, batch_, jax.random.PRNGKey(0), hyper, *extra)  # warm-up
+        jax.block_until_ready(states[name])
         first[name] = float(m["loss"])
         out[name] = {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes)}
     times = {name: [] for name in rows}
-    states = {name: kdjax.create_train_state(student, 1, plain["x"][:1]) for name in rows}
-    steps = {name: kdjax.make_train_step(student, o, teacher=t) for name, (o, _, t, _) in rows.items()}
     for _ in range(repeats):  # interleaved: the machine's drift hits every row alike
         for name, (_, batch_, _, extra) in rows.items():
             t0 = time.perf_counter()

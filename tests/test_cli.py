@@ -239,7 +239,7 @@ def test_bad_input_one_line_exit_2(env, tmp_path, capsys, case, words):
         "bad steps": lambda: ["distill", "--steps", 0],
         "omitted class out of range": lambda: ["omit-class", "--omit", 10, "--epochs", 1, "--seeds", 2],
         "validation fraction": lambda: base + ["--tune", "--validation-fraction", 1.5],
-        "text without transformer": lambda: base + ["--dataset", "text"],
+        "text without transformer": lambda: base + ["--dataset", "text", "--arch", "mlp"],
         "empty corpus": lambda: base + ["--arch", "transformer", "--dataset", _empty_txt(tmp_path)],
     }[case]()
     p = kdjax(env, *args, timeout=120) if case in ("bad steps", "nan features") else kdjax_here(capsys, *args)

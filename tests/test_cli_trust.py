@@ -46,7 +46,7 @@ def finished(tmp_path, capsys):
     (["--validation-fraction", "0.3"], ["--validation-fraction: only used with --tune"]),
     (["--tune", "--alpha", "0.5"], ["--alpha: only used with --method kd (without --tune)"]),
     (["--method", "at", "--alpha", "0.5"], ["--alpha: only used with --method kd"]),
-    (["--method", "fitnet", "--temperature", "2"], ["--temperature: only used with --method kd or dkd"]),
+    (["--method", "fitnet", "--temperature", "2"], ["--temperature: only used with --method kd, dkd, gkd or reverse_kl"]),
     (["--feature-layers", "fc1:fc1"], ["--feature-layers: only used with a feature --method"]),
     (["--method", "dkd", "--feature-weight", "2"], ["--feature-weight: only used with a feature --method"]),
     (["--kd-weight", "1"], ["--kd-weight: only used with a feature --method"]),
