@@ -236,3 +236,22 @@ def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:1000])
     p = kdjax_here(capsys, *base, *cache)
     assert p.returncode == 2 and "truncated or corrupted" in p.stderr, p.stderr
+
+
+def test_distill_refuses_dense_teacher_logits_that_cannot_fit(tmp_path, capsys, monkeypatch):
+    """kdjax distill caches the teacher's logits on every training window; when those would
+    take more than half the machine's memory it says so in one line, before anything is
+    trained or written, and points to the top-k cache."""
+    from test_cli import kdjax_here
+
+    from kdjax.app import inputs
+
+    ds = _byte_text()
+    teacher = kdjax.TransformerLM(256, 1, 16, 2, 8)
+    need = len(ds.y_train) * 8 * 256 * 4 * 3
+    assert inputs.check_logits_memory(ds, teacher, 3, memory=4 * need) == need
+    monkeypatch.setattr(inputs, "_physical_memory", lambda: 2**20)  # a 1 MiB machine
+    p = kdjax_here(capsys, "distill", "--dataset", "text", "--arch", "transformer", "--text-bytes", "3000",
+                   "--context", "8", "--seeds", "1", "--quiet", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "kdjax teacher-logits" in p.stderr and "more than half of this machine" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -163,6 +163,8 @@ def cmd_distill(args, rep: Reporter) -> int:
         return _distill_from_cache(args, rep)
     methods.resolve_temperature(args)
     methods.check_arch(args)
+    if args.method in methods.ON_POLICY_METHODS:
+        methods.on_policy_split(args)  # --prompt-tokens against --context, before anything is built
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
@@ -186,6 +188,8 @@ def cmd_distill(args, rep: Reporter) -> int:
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
     if objective is not None and args.method not in methods.ON_POLICY_METHODS:
         methods.validate(objective, teacher, student, ds)
+    if args.method not in methods.ON_POLICY_METHODS:  # on-policy: the teacher runs online, nothing cached
+        inputs.check_logits_memory(ds, teacher, 1 if (args.teacher or t_state is not None) else 2 * args.seeds)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
              f"{ds.num_classes} classes; {cfg.describe()}; "
              + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune

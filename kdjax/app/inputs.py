@@ -8,12 +8,14 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from kdjax.app import UsageError
 from kdjax.app.reporting import Reporter, jsonable
 from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "student_like", "hf_teacher", "tokenizer", "hf_folder",
-           "validate_models", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
+           "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
            "identity"]
 
 
@@ -183,6 +185,34 @@ def student_like(teacher, args):
     return teacher.clone(hidden_size=args.student_dim, intermediate_size=4 * args.student_dim,
                          num_layers=args.student_layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                          head_dim=None, sliding_windows=windows)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_logits_memory(ds, teacher, copies: int, memory: int | None = None) -> int:
+    """The bytes of the teacher's float32 logits ``distill`` caches on every training example
+    (``copies`` of them: 2 per seed for teachers trained here, 1 for a loaded one); refuse in
+    one line when that is more than half of ``memory`` (default: this machine's), naming the
+    way around it. Returns the bytes."""
+    import jax
+
+    example = jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x_train.dtype)
+    out = jax.eval_shape(lambda e: teacher.apply(teacher.init(jax.random.PRNGKey(0), e), e), example)
+    per_example = int(np.prod(out.shape[1:]))
+    need = len(ds.y_train) * per_example * 4 * copies
+    memory = _physical_memory() if memory is None else memory
+    if memory and need > memory // 2:
+        raise UsageError(f"the teacher's logits on every training example would take {need / 2**30:.1f} GiB "
+                         f"({len(ds.y_train)} x {' x '.join(map(str, out.shape[1:]))} floats x {copies}), more than "
+                         f"half of this machine's {memory / 2**30:.1f} GiB; for a large vocabulary build a top-k "
+                         f"cache (kdjax teacher-logits, then --teacher-logits CACHE), or lower --text-bytes / "
+                         f"--context / --seeds")
+    return need
 
 
 def validate_models(models, ds) -> None:
