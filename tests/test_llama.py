@@ -183,3 +183,19 @@ def test_cli_llama_end_to_end_with_a_tokenizer_trained_offline(tmp_path, capsys)
     if big.get_vocab_size() > 300:  # a tokenizer larger than the teacher's embedding
         p = kdjax_here(capsys, "distill", *base, "--teacher", tmp_path / "hf", "--tokenizer", tmp_path / "big.json")
         assert p.returncode == 2 and "the model's embedding only 300" in p.stderr, p.stderr
+
+
+def test_cli_sweep_on_llama_language_models(tmp_path, capsys):
+    """kdjax sweep on text defaults to Llama-family models with a BPE trained here; a
+    temperature x seed grid runs as one program and reports every member."""
+    import json
+
+    from test_cli import kdjax_here
+
+    p = kdjax_here(capsys, "sweep", "--dataset", "text", "--text-bytes", "20000", "--context", "16", "--steps", "3",
+                   "--seeds", "2", "--temperatures", "1", "2", "--alphas", "0.5", "--vocab-size", "300", "--quiet",
+                   "--no-plots", "--out", tmp_path / "s")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert np.shape(r["test_accuracy"]) == (2, 1, 2) and r["config"]["arch"] == "llama"
+    assert (tmp_path / "s" / "tokenizer.json").exists()  # the BPE the run trained, to reuse

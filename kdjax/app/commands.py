@@ -498,20 +498,29 @@ def cmd_sweep(args, rep: Reporter) -> int:
     from kdjax.stats import mean_ci
     from kdjax.train import make_hyper
 
-    if args.arch == "llama":
-        raise UsageError("kdjax sweep: --arch llama is not supported yet (kdjax distill --arch llama is)")
     ckpts = inputs.checkpoints(args)
-    ds = inputs.dataset(args)
+    tok = inputs.tokenizer(args)
+    ds = inputs.dataset(args, tok)
     cfg = inputs.run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
     seeds = list(range(args.seed, args.seed + args.seeds))
     T, A, S = sweep.grid(temps, alphas, seeds)
     make_hyper(T, A)  # validates every value before anything is compiled
-    teacher, student = inputs.models(args, ds.num_classes)
+    t_state = None
+    if inputs.hf_folder(args) and args.arch == "llama":
+        teacher, t_state, student = inputs.hf_teacher(args)
+    else:
+        teacher, student = inputs.models(args, ds.num_classes)
+    if tok is not None:
+        from kdjax.tokenizer import check_vocabulary
+
+        check_vocabulary(tok, teacher, student)
     inputs.validate_models((teacher, student), ds)
+    inputs.check_logits_memory(ds, teacher, 1)  # one teacher's logits, shared by every member
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "
              f"{len(seeds)} seeds) as one compiled program; {cfg.describe()}")
-    t_state = inputs.load_teacher(args.teacher, teacher, ds) if args.teacher else None
+    if args.teacher and t_state is None:
+        t_state = inputs.load_teacher(args.teacher, teacher, ds)
     if args.members_per_group is not None and (args.mesh or len(inputs._devices()) > 1):
         raise UsageError("--members-per-group: groups of members run on one device; got it with several "
                          "(a mesh splits the members over devices instead; leave it at 'all')")
@@ -547,6 +556,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
                "members_per_group": r.members_per_group,
                "members_per_group_seconds": None if r.pick_seconds is None
                else {str(g): t for g, t in r.pick_seconds.items()}}
+    if args.out and tok is not None:
+        tok.save(os.path.join(args.out, "tokenizer.json"))
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
                                              means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
     return _finish(args, rep, results, figs)

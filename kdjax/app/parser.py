@@ -74,7 +74,7 @@ def _training_args(p, seeds_default: int):
                    help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
                         "transformer: GPT-2 language models on --dataset text (bytes); llama: Llama-family "
                         "decoders on tokenised text (--tokenizer; --teacher a Hugging Face folder). Default: mlp, "
-                        "or for text (text, a .txt corpus) llama (kdjax sweep: transformer)")
+                        "or for text (text, a .txt corpus) llama")
     p.add_argument("--teacher-hidden", type=_positive_int, default=256, help="mlp: teacher width")
     p.add_argument("--student-hidden", type=_positive_int, default=64, help="mlp: student width")
     p.add_argument("--teacher-blocks", type=_positive_int, nargs="+", default=[1, 1, 1], metavar="N",
@@ -282,7 +282,7 @@ def resolve_defaults(args) -> None:
     language model)."""
     if getattr(args, "arch", "given") is None:
         text = args.dataset == "text" or args.dataset.endswith(".txt")
-        args.arch = ("transformer" if args.command == "sweep" else "llama") if text else "mlp"
+        args.arch = "llama" if text else "mlp"
 
 
 def given_options(argv) -> set[str]:
