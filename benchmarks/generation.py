@@ -45,7 +45,7 @@ def measure(batch: int, prompt: int, new: int, repeats: int, hidden: int = 256, 
     jp, jm = jnp.asarray(prompts, jnp.int32), jnp.asarray(mask)
 
     def run_kdjax():
-        return np.asarray(jax.block_until_ready(generate(model, variables, jp, new, prompt_mask=jm).tokens))
+        return np.asarray(jax.block_until_ready(generate(model, variables, jp, new, prompt_mask=jm)))
 
     def run_torch():
         with torch.no_grad():

@@ -3,8 +3,10 @@ the prompts into a key/value cache, then a ``lax.scan`` of one-token decode step
 program per (model, shapes, options), reproducible from a key.
 
 * ``generate(model, variables, prompts, max_new_tokens, rng=None, temperature=1.0,
-  top_k=None, top_p=None, eos_id=None, pad_id=None, prompt_mask=None)`` -> ``Generation``
-  (``tokens``, ``mask``, ``logprobs``).
+  top_k=None, top_p=None, eos_id=None, pad_id=None, prompt_mask=None)`` -> int32 tokens
+  ``[batch, prompt + max_new_tokens]`` (the prompts included).
+* ``rollout(...)``, the same arguments -> ``Generation`` (``tokens``, ``mask``,
+  ``logprobs``): what on-policy training needs.
 * ``sample_logits(logits, key, temperature, top_k, top_p)``: one draw per row and its
   log-probability under the distribution it was drawn from.
 
@@ -26,11 +28,11 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError, check_count
 
-__all__ = ["Generation", "generate", "sample_logits"]
+__all__ = ["Generation", "generate", "rollout", "sample_logits"]
 
 
 class Generation(NamedTuple):
-    """What ``generate`` returns (a pytree). ``tokens``: ``[batch, prompt + new]`` int32, the
+    """What ``rollout`` returns (a pytree). ``tokens``: ``[batch, prompt + new]`` int32, the
     prompts then the completions (``pad_id`` after a row's EOS). ``mask``: the same shape,
     true at the prompts' real tokens and at every completion token up to and including EOS.
     ``logprobs``: ``[batch, new]``, each completion token's log-probability under the
@@ -128,19 +130,30 @@ def _check_prompts(prompts, prompt_mask):
 
 
 def generate(model, variables, prompts, max_new_tokens: int, *, rng=None, temperature=1.0, top_k: int | None = None,
-             top_p=None, eos_id: int | None = None, pad_id: int | None = None, prompt_mask=None) -> Generation:
-    """Continue ``prompts`` ``[batch, length]`` by ``max_new_tokens`` tokens.
+             top_p=None, eos_id: int | None = None, pad_id: int | None = None, prompt_mask=None):
+    """Continue ``prompts`` ``[batch, length]`` by ``max_new_tokens`` tokens: int32 tokens
+    ``[batch, length + max_new_tokens]``, the prompts included.
 
-    Greedy (the argmax) when ``rng`` is None; otherwise each token is drawn from
-    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and
-    then to the smallest set whose probability reaches ``top_p`` (the order of
+    Greedy (the argmax) when ``rng`` is None or ``temperature`` is 0; otherwise each token
+    is drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
+    tokens and then to the smallest set whose probability reaches ``top_p`` (the order of
     ``transformers``' warpers), with key ``fold_in(rng, t)`` at step t: the same key gives
     the same tokens. ``prompt_mask`` (bool, true at real tokens) describes left-padded
     prompts. A row that emits ``eos_id`` continues with ``pad_id`` (default ``eos_id``,
     else 0). The model needs ``init_cache`` and ``apply(..., cache=, cache_index=)``
     (kdjax's ``TransformerLM`` and ``Llama``). Works under ``jit`` and ``vmap`` (the
     ``variables`` and keys may be traced); compiled once per shapes and static options.
+    ``rollout`` returns the completion mask and the tokens' log-probabilities too.
     """
+    return rollout(model, variables, prompts, max_new_tokens, rng=rng, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_id=eos_id, pad_id=pad_id, prompt_mask=prompt_mask).tokens
+
+
+def rollout(model, variables, prompts, max_new_tokens: int, *, rng=None, temperature=1.0, top_k: int | None = None,
+            top_p=None, eos_id: int | None = None, pad_id: int | None = None, prompt_mask=None) -> Generation:
+    """``generate`` with what on-policy training needs: a ``Generation`` of the tokens, the
+    mask of real tokens (prompts' real tokens, completions up to and including EOS) and each
+    completion token's log-probability under the distribution it was drawn from."""
     check_count("max_new_tokens", max_new_tokens)
     if not (hasattr(model, "init_cache") and hasattr(model, "apply")):
         raise InputError(f"model: expected a decoder with init_cache and a key/value cache (kdjax's TransformerLM "
@@ -150,13 +163,14 @@ def generate(model, variables, prompts, max_new_tokens: int, *, rng=None, temper
     if limit is not None and prompts.shape[1] + max_new_tokens > limit:
         raise InputError(f"max_new_tokens: prompts of {prompts.shape[1]} tokens + {max_new_tokens} new exceed the "
                          f"model's context of {limit} positions")
-    greedy = rng is None
+    concrete = lambda v: not isinstance(v, jax.core.Tracer)
+    if concrete(temperature) and not float(temperature) >= 0:
+        raise InputError(f"temperature: expected a number >= 0 (0: greedy), got {temperature}")
+    greedy = rng is None or (concrete(temperature) and float(temperature) == 0)
     if not greedy:
-        if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
-            raise InputError(f"temperature: expected a number > 0 when sampling, got {temperature}")
         if top_k is not None:
             check_count("top_k", top_k)
-        if top_p is not None and not isinstance(top_p, jax.core.Tracer) and not 0 < float(top_p) <= 1:
+        if top_p is not None and concrete(top_p) and not 0 < float(top_p) <= 1:
             raise InputError(f"top_p: expected a number in (0, 1], got {top_p}")
     vocab = getattr(model, "vocab_size", None)
     for name, v in (("eos_id", eos_id), ("pad_id", pad_id)):
@@ -165,5 +179,5 @@ def generate(model, variables, prompts, max_new_tokens: int, *, rng=None, temper
             raise InputError(f"{name}: expected a token id in [0, {vocab}), got {v!r}")
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     key = jax.random.PRNGKey(0) if greedy else rng
-    return _generate(model, variables, prompts, prompt_mask, key, temperature, top_p, new=int(max_new_tokens),
-                     top_k=top_k, eos_id=eos_id, pad_id=int(pad_id), greedy=greedy)
+    return _generate(model, variables, prompts, prompt_mask, key, 1.0 if greedy else temperature, top_p,
+                     new=int(max_new_tokens), top_k=top_k, eos_id=eos_id, pad_id=int(pad_id), greedy=greedy)

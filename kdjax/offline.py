@@ -325,7 +325,7 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
     teacher's fingerprint, the prompts' sha256 and every option; atomic, resumable, another
     teacher, prompts or option refused). Sequence-level KD (Kim & Rush) trains on them
     (``kdjax.onpolicy.sequence_data``). Returns the manifest."""
-    from kdjax.generation import generate
+    from kdjax.generation import rollout
 
     check_count("max_new_tokens", max_new_tokens)
     check_count("batch_size", batch_size)
@@ -348,7 +348,7 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
         tokens, masks = [], []
         for r in range(start, stop, batch_size):
             e = min(r + batch_size, stop)
-            g = generate(teacher, variables, jnp.asarray(prompts[r:e], jnp.int32), max_new_tokens,
+            g = rollout(teacher, variables, jnp.asarray(prompts[r:e], jnp.int32), max_new_tokens,
                          rng=None if rng is None else jax.random.fold_in(rng, r), temperature=temperature,
                          top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, prompt_mask=jnp.asarray(mask[r:e]))
             tokens.append(np.asarray(g.tokens, np.int32))

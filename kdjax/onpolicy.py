@@ -11,7 +11,7 @@ student's own tokens, and sampling, scoring and the update are one jitted step.
   over the future with a discount), and ``-sum(exp(log q - log q_sampler) A)``.
 * ``make_on_policy_step(student, teacher, method="gkd" | "reverse_kl", ...)``: one jitted
   step ``(state, batch, rng, teacher_variables) -> (state, metrics)``: completions drawn
-  with ``kdjax.generate`` (GKD: from the student with probability ``lmbda``, else the
+  with ``kdjax.generation.rollout`` (GKD: from the student with probability ``lmbda``, else the
   data's or, with ``seq_kd``, the teacher's), the teacher's forward pass, the loss and the
   optimizer update. ``make_on_policy_run``: many of them as one ``lax.scan``.
 * ``sequence_data``: prompts + completions (e.g. the teacher's, ``offline.write_generations``:
@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from kdjax.errors import InputError, check_count
-from kdjax.generation import generate
+from kdjax.generation import rollout
 from kdjax.losses import check_beta, check_temperature, jsd
 from kdjax.train import TrainState, adam
 
@@ -178,7 +178,7 @@ class OnPolicy:
         k_choice, k_sample = jax.random.split(key)
         t_vars = _variables(teacher_variables)
         s_vars = jax.lax.stop_gradient({"params": params, **model_state})
-        sample = functools.partial(generate, prompts=prompts, max_new_tokens=n, rng=k_sample,
+        sample = functools.partial(rollout, prompts=prompts, max_new_tokens=n, rng=k_sample,
                                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                    eos_id=self.eos_id, pad_id=self.pad_id, prompt_mask=prompt_mask)
         completion = lambda g: (g.tokens[:, p:], g.completion_mask, g.logprobs)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from kdjax import convert
 from kdjax.errors import InputError, InputTypeError
-from kdjax.generation import _generate, generate
+from kdjax.generation import _generate, generate, rollout
 from kdjax.models import Llama, StudentMLP, TransformerLM
 
 V, LENS, NEW = 64, [5, 3, 7, 1], 8
@@ -53,14 +53,16 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
                                do_sample=False, max_new_tokens=NEW, pad_token_id=0, **kw).numpy()
 
     want = hf_generate()
-    got = generate(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(generate(model, variables, jnp.asarray(prompts, jnp.int32), NEW,
+                                           prompt_mask=jnp.asarray(mask)), want)
+    got = rollout(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(got.tokens), want)
     assert np.asarray(got.mask)[:, :mask.shape[1]].tolist() == mask.tolist() and np.asarray(got.completion_mask).all()
     # an EOS that row 0 emits at its 4th new token: that row stops there, padded with 0 after it
     eos = int(want[0, mask.shape[1] + 3])
     want = hf_generate(eos_token_id=eos)
-    got = generate(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask), eos_id=eos,
-                   pad_id=0)
+    got = rollout(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask), eos_id=eos,
+                  pad_id=0)
     tokens = np.asarray(got.tokens)
     np.testing.assert_array_equal(tokens[:, :want.shape[1]], want)
     assert (tokens[:, want.shape[1]:] == 0).all()
@@ -80,7 +82,7 @@ def test_cache_logprobs_equal_the_full_forward_and_one_compile():
     with other prompts of the same shapes reuses the compiled program."""
     model, variables = _tiny_llama()
     prompts, mask = _prompts()
-    g = generate(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask))
+    g = rollout(model, variables, jnp.asarray(prompts, jnp.int32), NEW, prompt_mask=jnp.asarray(mask))
     positions = jnp.maximum(jnp.cumsum(g.mask, axis=1) - 1, 0)
     logits = model.apply(variables, g.tokens, mask=g.mask, position_ids=positions)
     logp = jax.nn.log_softmax(logits, axis=-1)[:, mask.shape[1] - 1:-1]
@@ -97,8 +99,11 @@ def test_sampling_is_reproducible_from_the_key():
     a = generate(model, variables, prompts, NEW, rng=jax.random.PRNGKey(5), temperature=2.0)
     b = generate(model, variables, prompts, NEW, rng=jax.random.PRNGKey(5), temperature=2.0)
     c = generate(model, variables, prompts, NEW, rng=jax.random.PRNGKey(6), temperature=2.0)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert not np.array_equal(a.tokens, c.tokens)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # temperature 0 is greedy, whatever the key
+    np.testing.assert_array_equal(generate(model, variables, prompts, NEW, rng=jax.random.PRNGKey(5), temperature=0),
+                                  generate(model, variables, prompts, NEW))
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.7), dict(temperature=1.5, top_k=3),
@@ -115,8 +120,8 @@ def test_samples_follow_the_intended_distribution(options):
     variables = jax.tree_util.tree_map(lambda a: a * 3, variables)  # spread the logits (0.45 to 0.03)
     prompt = jnp.asarray([[1, 2]], jnp.int32)
     logits = np.asarray(model.apply(variables, prompt)[0, -1], np.float64)
-    g = generate(model, variables, jnp.broadcast_to(prompt, (n, 2)), 1, rng=jax.random.PRNGKey(7), **options)
-    counts = np.bincount(np.asarray(g.tokens[:, -1]), minlength=vocab)
+    tokens = generate(model, variables, jnp.broadcast_to(prompt, (n, 2)), 1, rng=jax.random.PRNGKey(7), **options)
+    counts = np.bincount(np.asarray(tokens[:, -1]), minlength=vocab)
 
     def intended(temperature, top_k=None, top_p=None):
         x = logits / temperature
@@ -150,7 +155,7 @@ def test_bad_input_is_one_line():
     for kwargs, words in [
         (dict(prompt_mask=m[:, ::-1]), "expected left-padded prompts"),
         (dict(prompt_mask=m[:, :3]), "prompt_mask: expected the prompts' shape"),
-        (dict(rng=jax.random.PRNGKey(0), temperature=0.0), "temperature: expected a number > 0"),
+        (dict(rng=jax.random.PRNGKey(0), temperature=-1.0), "temperature: expected a number >= 0 (0: greedy)"),
         (dict(rng=jax.random.PRNGKey(0), top_p=1.5), "top_p: expected a number in (0, 1]"),
         (dict(eos_id=V), f"eos_id: expected a token id in [0, {V})"),
     ]:

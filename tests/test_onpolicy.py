@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import kdjax
 from kdjax import onpolicy
 from kdjax.errors import InputError
-from kdjax.generation import generate
+from kdjax.generation import rollout
 from kdjax.models import Llama
 
 V, B, P, N = 32, 4, 5, 6
@@ -102,7 +102,7 @@ def test_on_policy_draws_are_generates(setup):
     teacher, student, t_state, s_state, batch = setup
     rng = jax.random.PRNGKey(3)
     k_sample = jax.random.split(jax.random.fold_in(rng, s_state.step))[1]
-    g = generate(student, s_state.variables, batch["prompts"], N, rng=k_sample, eos_id=7,
+    g = rollout(student, s_state.variables, batch["prompts"], N, rng=k_sample, eos_id=7,
                  prompt_mask=batch["prompt_mask"])
     _, t_logp = onpolicy.sequence_logprobs(teacher, t_state.variables, g.tokens, g.mask, P)
     rkl = jnp.sum(jnp.where(g.completion_mask, g.logprobs - t_logp, 0.0))
@@ -121,7 +121,7 @@ def test_seq_kd_draws_the_teachers_completions(setup):
     teacher, student, t_state, s_state, batch = setup
     rng = jax.random.PRNGKey(4)
     k_sample = jax.random.split(jax.random.fold_in(rng, s_state.step))[1]
-    g = generate(teacher, t_state.variables, batch["prompts"], N, rng=k_sample, prompt_mask=batch["prompt_mask"])
+    g = rollout(teacher, t_state.variables, batch["prompts"], N, rng=k_sample, prompt_mask=batch["prompt_mask"])
     _, t_logp = onpolicy.sequence_logprobs(teacher, t_state.variables, g.tokens, g.mask, P)
     step = onpolicy.make_on_policy_step(student, teacher, "gkd", lmbda=0.0, seq_kd=True, max_new_tokens=N,
                                         donate=False)
@@ -190,7 +190,7 @@ def test_teacher_generations_cache_and_seqkd_data(setup, tmp_path):
     tokens, mask, _ = offline.read_generations(tmp_path / "g", prompts=prompts, prompt_mask=pmask, teacher=teacher,
                                                variables=t_state.variables)
     for r in (0, 2):
-        g = generate(teacher, t_state.variables, batch["prompts"][r:r + 2], N, rng=jax.random.fold_in(
+        g = rollout(teacher, t_state.variables, batch["prompts"][r:r + 2], N, rng=jax.random.fold_in(
             jax.random.PRNGKey(2), r), temperature=0.8, eos_id=7, prompt_mask=batch["prompt_mask"][r:r + 2])
         np.testing.assert_array_equal(tokens[r:r + 2], g.tokens)
         np.testing.assert_array_equal(mask[r:r + 2], g.mask)

@@ -85,9 +85,12 @@ def test_features_example_runs():
 
 
 def test_generate_example_runs():
+    import numpy as np
+
     ns = run_example("example-generate")
     out = ns["out"]
-    assert out.tokens.shape == (2, 12) and out.mask[0, :2].tolist() == [False, False]
+    assert ns["tokens"].shape == (2, 12) and out.mask[0, :2].tolist() == [False, False]
+    np.testing.assert_array_equal(ns["tokens"], out.tokens)  # generate is rollout's tokens
     assert bool((out.completion_mask.sum(axis=1) >= 1).all())
 
 

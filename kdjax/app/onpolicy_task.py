@@ -96,13 +96,13 @@ def train_teacher(s: Setup, seed: int, prompts, answers):
 def evaluate(model, variables, teacher, t_variables, prompts, answers, task: Task, seed: int) -> dict:
     """Exact-match accuracy of greedy answers, the teacher's NLL (nats/token) of the model's
     samples at temperature 1, and bits per token on the reference answers."""
-    from kdjax.generation import generate
+    from kdjax.generation import rollout
     from kdjax.onpolicy import sequence_logprobs
 
     p, n = jnp.asarray(prompts), answers.shape[1]
-    greedy = generate(model, variables, p, n, eos_id=task.eos)
+    greedy = rollout(model, variables, p, n, eos_id=task.eos)
     correct = np.all(np.asarray(greedy.tokens[:, prompts.shape[1]:]) == answers, axis=1)
-    sampled = generate(model, variables, p, n, rng=jax.random.PRNGKey(10_000 + seed), eos_id=task.eos)
+    sampled = rollout(model, variables, p, n, rng=jax.random.PRNGKey(10_000 + seed), eos_id=task.eos)
     _, t_logp = sequence_logprobs(teacher, t_variables, sampled.tokens, sampled.mask, prompts.shape[1])
     keep = sampled.completion_mask
     nll = -float(jnp.sum(jnp.where(keep, t_logp, 0.0)) / jnp.sum(keep))
@@ -143,7 +143,7 @@ def train_student(s: Setup, method: str, seed: int, teacher, t_state, prompts, a
 def run(s: Setup, seeds, methods=METHODS, log=lambda line: None) -> dict:
     """Teacher (trained once, on the first seed), then every method x seed; the evaluation of
     each, and mean ± 95% CI per method."""
-    from kdjax.generation import generate
+    from kdjax.generation import rollout
     from kdjax.stats import mean_ci
 
     prompts, answers = s.task.make(s.train, seed=0)
@@ -152,7 +152,7 @@ def run(s: Setup, seeds, methods=METHODS, log=lambda line: None) -> dict:
     t_eval = evaluate(teacher, t_state.variables, teacher, t_state.variables, test_p, test_a, s.task, seeds[0])
     log(f"teacher: {t_eval['accuracy']:.3f} exact match, {t_eval['bits_per_token']:.3f} bits/token on held-out "
         f"prompts")
-    greedy = generate(teacher, t_state.variables, jnp.asarray(prompts), answers.shape[1], eos_id=s.task.eos)
+    greedy = rollout(teacher, t_state.variables, jnp.asarray(prompts), answers.shape[1], eos_id=s.task.eos)
     teacher_answers = np.asarray(greedy.tokens[:, prompts.shape[1]:])
     per = {m: {k: [] for k in ("accuracy", "teacher_nll", "bits_per_token")} for m in methods}
     for method in methods:
