@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset seed|hinton|wide|cifar|features|lm|gpt2|llama|all ...] [--device cpu|gpu|tpu]
+"""python -m benchmarks [--preset seed|hinton|wide|cifar|features|lm|gpt2|llama|on_policy|all ...] [--device cpu|gpu|tpu]
                        [--precision highest|tensorfloat32] [--steps N] [--repeats N] [--json FILE]"""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ PRECISIONS = {"highest": ("highest", "highest"), "tensorfloat32": ("tensorfloat3
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="kdjax vs PyTorch step timing")
-    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "features", "lm", "gpt2", "llama", "all"],
+    ap.add_argument("--preset", nargs="+", choices=["seed", "hinton", "wide", "cifar", "features", "lm", "gpt2", "llama", "on_policy",
+                                                      "all"],
                     default=["all"], help="one or more presets (default: all)")
     ap.add_argument("--lm-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "HIDDEN", "VOCAB"),
                     help="the lm preset's shape (default 4096 512 32768 on CPU, 8192 4096 128256 on GPU)")
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     console = Console(width=max(130, Console().width))
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     dev = jax.devices()[0]
-    names = list(PRESETS) + ["features", "lm", "gpt2", "llama"] if "all" in args.preset else list(dict.fromkeys(args.preset))
+    names = (list(PRESETS) + ["features", "lm", "gpt2", "llama", "on_policy"] if "all" in args.preset
+             else list(dict.fromkeys(args.preset)))
     out = {
         "device": f"{dev.platform}:{dev.device_kind}" + (f" ({cpu_model()})" if dev.platform == "cpu" else ""),
         "backend": jax.default_backend(), "torch_device": torch_device,
@@ -141,6 +143,13 @@ def main(argv=None) -> int:
                 out["llama"] = bench_llama(ls, repeats=min(args.repeats, 3), torch_device=torch_device,
                                            peak_gflops=out["peak_gflops"], which=which, eager_torch=args.eager_torch,
                                            on_progress=status.update)
+                continue
+            if name == "on_policy":
+                from benchmarks.on_policy import SHAPES as OP_SHAPES, bench_on_policy
+
+                out["on_policy"] = bench_on_policy(OP_SHAPES["gpu" if dev.platform == "gpu" else "cpu"],
+                                                   repeats=args.repeats, torch_device=torch_device,
+                                                   on_progress=status.update)
                 continue
             if name == "gpt2":
                 from benchmarks.gpt2 import SHAPES as GPT2_SHAPES, bench_gpt2
@@ -259,6 +268,19 @@ def main(argv=None) -> int:
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                       f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
                       else "(best)" if impl == g["best_torch"] else "")
+        console.print(t)
+    if "on_policy" in out:
+        g = out["on_policy"]
+        sh = g["shape"]
+        t = Table(title=f"preset on_policy: teacher {tuple(sh['teacher'])} -> student {tuple(sh['student'])}, vocab "
+                        f"{sh['vocab']}; {sh['batch']} prompts of {sh['prompt']} tokens + {sh['new']} sampled; GKD "
+                        f"(lmbda 1): sample, teacher scores, JSD, Adam; loss checked on fixed completions")
+        for col in ("impl", "ms/step med", "min", "max", "completion tokens/s", "× best torch"):
+            t.add_column(col, justify="left" if col == "impl" else "right")
+        for impl, r in g["results"].items():
+            t.add_row(impl, f"{r['ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}",
+                      f"{r['completion_tokens_per_s']:.0f}",
+                      f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"] else "(best)")
         console.print(t)
     if args.compare_xla:
         out["xla_comparison"] = compare_xla(args, argv, out, console)

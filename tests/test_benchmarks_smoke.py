@@ -222,6 +222,17 @@ def test_generation_benchmark_smoke(tmp_path):
     assert r["tokens_equal"] == 1.0 and r["kdjax_generate"]["tokens_per_s"] > 0 and r["speedup"] > 0
 
 
+def test_on_policy_preset_smoke():
+    """Tiny shapes of the on_policy preset: the loss on fixed completions agrees between
+    transformers + our reference JSD and kdjax's step (checked inside), and both rows report."""
+    import benchmarks.on_policy as bo
+
+    s = bo.OnPolicyShape(teacher=(1, 32, 4, 2, 64), student=(1, 16, 2, 1, 32), vocab=64, batch=2, prompt=4, new=3)
+    r = bo.bench_on_policy(s, repeats=1)
+    assert set(r["results"]) == {"torch_eager", "kdjax_step"} and r["results"]["kdjax_step"]["ms"] > 0
+    assert abs(r["loss_check"]["kdjax"] - r["loss_check"]["torch"]) <= 1e-4 * abs(r["loss_check"]["torch"])
+
+
 def test_llama_preset_smoke():
     """Tiny shapes of the llama preset: transformers' Qwen2 (eager) and kdjax's Llama with
     FusedLM compute the same first two losses (checked inside), and the JSON's rows."""
