@@ -174,15 +174,8 @@ def cmd_distill(args, rep: Reporter) -> int:
     ds = inputs.dataset(args, tok)
     cfg = inputs.run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    t_state = None
-    if inputs.hf_folder(args) and args.arch == "llama":
-        teacher, t_state, student = inputs.hf_teacher(args)
-    else:
-        teacher, student = inputs.models(args, ds.num_classes)
+    teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
     if tok is not None:
-        from kdjax.tokenizer import check_vocabulary
-
-        check_vocabulary(tok, teacher, student)
         rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
     inputs.validate_models((teacher, student), ds)
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
@@ -506,15 +499,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     T, A, S = sweep.grid(temps, alphas, seeds)
     make_hyper(T, A)  # validates every value before anything is compiled
-    t_state = None
-    if inputs.hf_folder(args) and args.arch == "llama":
-        teacher, t_state, student = inputs.hf_teacher(args)
-    else:
-        teacher, student = inputs.models(args, ds.num_classes)
-    if tok is not None:
-        from kdjax.tokenizer import check_vocabulary
-
-        check_vocabulary(tok, teacher, student)
+    teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
     inputs.validate_models((teacher, student), ds)
     inputs.check_logits_memory(ds, teacher, 1)  # one teacher's logits, shared by every member
     rep.line(f"{ds.name}: {len(T)} students ({len(temps)} temperatures x {len(alphas)} alphas x "

@@ -14,7 +14,7 @@ from kdjax.app import UsageError
 from kdjax.app.reporting import Reporter, jsonable
 from kdjax.errors import InputError
 
-__all__ = ["dataset", "run_config", "models", "student_like", "hf_teacher", "tokenizer", "hf_folder",
+__all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
            "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
            "identity"]
 
@@ -173,6 +173,22 @@ def hf_teacher(args, student: bool = True):
                          f"{type(teacher).__name__}")
     params = dict(variables).pop("params")
     return teacher, state_from_params(params), student_like(teacher, args) if student else None
+
+
+def teacher_and_student(args, ds, tok):
+    """``(teacher, its loaded TrainState or None, student)`` of a command: from a
+    ``--teacher`` Hugging Face folder with ``--arch llama``, else built by ``models``; with a
+    tokenizer, both models checked against its vocabulary."""
+    t_state = None
+    if hf_folder(args) and args.arch == "llama":
+        teacher, t_state, student = hf_teacher(args)
+    else:
+        teacher, student = models(args, ds.num_classes)
+    if tok is not None:
+        from kdjax.tokenizer import check_vocabulary
+
+        check_vocabulary(tok, teacher, student)
+    return teacher, t_state, student
 
 
 def student_like(teacher, args):
