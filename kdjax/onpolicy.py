@@ -35,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax import parallel
 from kdjax.errors import InputError, check_count
 from kdjax.generation import rollout
 from kdjax.losses import check_beta, check_temperature, jsd
 from kdjax.train import TrainState, adam
+from kdjax.train.step import MeshStep, constrained_step, place_model_args
 
 __all__ = ["generalized_jsd_loss", "reverse_kl_advantages", "importance_sampling_loss", "sequence_logprobs",
            "OnPolicy", "make_on_policy_step", "make_on_policy_run", "sequence_data", "METHODS"]
@@ -232,7 +234,8 @@ def on_policy_step(state, batch, rng, teacher_variables, *, student, objective: 
 def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_new_tokens: int = 16,
                         lmbda: float = 0.5, beta: float = 0.5, seq_kd: bool = False, temperature: float = 1.0,
                         top_k: int | None = None, top_p=None, eos_id: int | None = None, pad_id: int | None = None,
-                        coef: float = 1.0, discount: float = 0.0, jit: bool = True, donate: bool = True):
+                        coef: float = 1.0, discount: float = 0.0, jit: bool = True, donate: bool = True,
+                        mesh=None, rules=None):
     """The on-policy step ``step(state, batch, rng, teacher_variables) -> (state, metrics)``.
 
     ``method="gkd"`` (TRL's ``GKDTrainer``): with probability ``lmbda`` the completions
@@ -246,29 +249,56 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
     uninterrupted one does); ``metrics``: the loss, whether the draw was on-policy, the
     completion tokens counted and the teacher's NLL of them (nats per token). ``tx``
     defaults to ``adam()``; ``state`` is donated unless ``donate=False``.
+
+    With a ``mesh`` the prompts are split over ``"data"`` and ``"fsdp"`` and the student's
+    state and the teacher's variables over ``"fsdp"`` by ``rules``, as
+    ``kdjax.make_train_step(..., mesh=)`` does.
     """
     objective = OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
                          float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
     step = functools.partial(on_policy_step, student=student, objective=objective, tx=adam() if tx is None else tx)
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    rules = parallel.check_rules(rules, mesh)
+    sharded = functools.partial(constrained_step, step=step, mesh=mesh, rules=rules)
+    return MeshStep(jax.jit(sharded, donate_argnums=(0,) if donate else ()), mesh, rules)
 
 
-def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = True, **options):
+def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = True, mesh=None, rules=None,
+                       **options):
     """Many on-policy steps as one ``lax.scan``: ``run(state, data, schedule, rng,
     teacher_variables) -> (state, metrics [steps])``, batch k the rows ``schedule[k]`` of
     every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``). Options as
-    ``make_on_policy_step``; equal to calling that step ``steps`` times (tested)."""
+    ``make_on_policy_step``; equal to calling that step ``steps`` times (tested). With a
+    ``mesh``, placed as ``make_on_policy_step(..., mesh=)`` (the data set replicated, each
+    minibatch split over ``"data"`` and ``"fsdp"``)."""
     step = make_on_policy_step(student, teacher, method, jit=False, **options)
+    rules = parallel.check_rules(rules, mesh) if mesh is not None else ()
 
     def run(state, data, schedule, rng, teacher_variables):
         def body(state, idx):
             batch = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
-            return step(state, batch, rng, teacher_variables)
+            if mesh is None:
+                return step(state, batch, rng, teacher_variables)
+            batch = parallel.constrain(batch, parallel.data_sharding(mesh))
+            return constrained_step(state, batch, rng, teacher_variables, step=step, mesh=mesh, rules=rules)
         return jax.lax.scan(body, state, schedule)
 
-    return jax.jit(run, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(run, donate_argnums=(0,) if donate else ())
+    if mesh is None:
+        return jitted
+
+    def placed(state, data, schedule, rng, teacher_variables):
+        parallel.check_divides(np.shape(schedule)[-1], mesh, parallel.BATCH, "batch size")
+        parallel.check_rules(rules, mesh, state.params, teacher_variables)
+        state = parallel.put(state, parallel.model_shardings(state, mesh, rules))
+        rng, teacher_variables = place_model_args(mesh, rules, (rng, teacher_variables))
+        return jitted(state, parallel.put(data, parallel.replicated(mesh)),
+                      parallel.put(schedule, parallel.schedule_sharding(mesh)), rng, teacher_variables)
+
+    return placed
 
 
 def sequence_data(tokens, mask, prompt_length: int, pad_id: int = 0) -> dict:

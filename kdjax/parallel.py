@@ -2,72 +2,91 @@
 
 kdjax does no communication of its own: arrays are placed with ``jax.sharding``
 shardings, and XLA's SPMD partitioner splits the compiled runs and inserts the
-collectives (the gradient all-reduce of a data-parallel step, BatchNorm's batch
-statistics over the whole global batch). ``jax.distributed`` connects the hosts.
+collectives (the gradient all-reduce of a data-parallel step, the all-gather of a
+sharded parameter before it is used, BatchNorm's batch statistics over the whole
+global batch). ``jax.distributed`` connects the hosts.
 
-A mesh has two axes, ``("members", "data")``:
+A mesh has three axes, ``("members", "data", "fsdp")``:
 
-* ``"data"`` splits every batch by rows (data parallelism): parameters, optimizer and
-  model state are replicated, gradients are reduced by the partitioner.
+* ``"data"`` splits every batch by rows (data parallelism).
+* ``"fsdp"`` splits every batch by rows too, and also the parameters, the optimizer
+  state and the model state (fully sharded data parallelism, ZeRO-3): each device
+  holds ~1/F of every large array, and the partitioner gathers a parameter where a
+  layer needs it. A batch is split over ``data x fsdp`` devices.
 * ``"members"`` splits the students of a sweep (each member on its own devices).
 
 Placement (``make_run(..., mesh=)``, ``make_sweep_run(..., mesh=)``,
-``make_train_step(..., mesh=)`` do it for the caller):
+``make_train_step(..., mesh=)``, ``make_on_policy_step(..., mesh=)`` do it for the caller):
 
 ==========================  =====================================================
 what                        sharding
 ==========================  =====================================================
-train state                 replicated (a sweep's: ``P("members")``)
+params, optimizer state,    ``param_specs``: by rule over ``"fsdp"``, replicated
+model state, teacher        over ``"data"`` (a sweep's: ``"members"`` on axis 0)
 fused run's data set        replicated (random minibatches read any row)
-index schedule              ``P(None, "data")``: each device gathers its own rows
-host-fed batch (streaming)  ``P("data")``, one process's rows each
+index schedule              ``P(None, ("data", "fsdp"))``: each device gathers its rows
+host-fed batch (streaming)  ``P(("data", "fsdp"))``, one process's rows each
 hyperparameters, keys       replicated (a sweep's: ``P("members")``)
 per-member teacher logits   ``P("members")``
 ==========================  =====================================================
+
+The rule for an array (``param_specs``): the first user rule ``(pattern, spec)`` whose
+regular expression ``re.search``-es the array's path (``"/"``-joined names inside its
+collection, e.g. ``"layers_0/attn/q_proj/kernel"``; an optimizer-state array takes the
+rule of the parameter it belongs to), else the default: the largest dimension that
+``"fsdp"`` divides (the first of equals) over ``"fsdp"``; an array with none is
+replicated. With ``fsdp=1`` everything is replicated, as before.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax.errors import InputError, check_count
+from kdjax.errors import InputError, InputTypeError, check_count
 
-__all__ = ["AXES", "make_mesh", "data_only", "replicated", "data_sharding", "member_sharding",
-           "schedule_sharding", "check_divides", "put", "to_host", "initialize", "describe", "default_shape"]
+__all__ = ["AXES", "BATCH", "make_mesh", "data_only", "replicated", "data_sharding", "member_sharding",
+           "schedule_sharding", "check_divides", "param_specs", "state_specs", "model_shardings", "shardings", "check_rules",
+           "constrain", "put", "to_host", "initialize", "describe", "describe_sharding", "default_shape"]
 
-AXES = ("members", "data")
+AXES = ("members", "data", "fsdp")
+BATCH = ("data", "fsdp")  # the axes a batch's rows are split over
 
 
-def make_mesh(members: int = 1, data: int | None = None, devices: Sequence | None = None) -> Mesh:
-    """A ``Mesh`` with axes ``("members", "data")`` of shape ``(members, data)``.
+def make_mesh(members: int = 1, data: int | None = None, fsdp: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A ``Mesh`` with axes ``("members", "data", "fsdp")`` of shape ``(members, data, fsdp)``.
 
     ``devices`` defaults to ``jax.devices()`` (every device of every process);
-    ``data=None`` takes the devices the ``members`` axis leaves. Uses the first
-    ``members * data`` devices, in order.
+    ``data=None`` takes the devices ``members x fsdp`` leave. Uses the first
+    ``members * data * fsdp`` devices, in order (``fsdp`` varies fastest: a parameter's
+    shards sit on neighbouring devices).
     """
     devices = list(jax.devices() if devices is None else devices)
     check_count("make_mesh: members", members)
+    check_count("make_mesh: fsdp", fsdp)
     if data is not None:
         check_count("make_mesh: data", data)
     if data is None:
-        if len(devices) % members:
-            raise InputError(f"make_mesh: expected members to divide the {len(devices)} devices, got {members}")
-        data = len(devices) // members
-    if members * data > len(devices):
-        raise InputError(f"make_mesh: expected members x data <= {len(devices)} devices, got "
-                         f"{members} x {data} = {members * data}")
-    return Mesh(np.asarray(devices[: members * data], dtype=object).reshape(members, data), AXES)
+        if len(devices) % (members * fsdp):
+            raise InputError(f"make_mesh: expected members x fsdp to divide the {len(devices)} devices, got "
+                             f"{members} x {fsdp}")
+        data = len(devices) // (members * fsdp)
+    if members * data * fsdp > len(devices):
+        raise InputError(f"make_mesh: expected members x data x fsdp <= {len(devices)} devices, got "
+                         f"{members} x {data} x {fsdp} = {members * data * fsdp}")
+    grid = np.asarray(devices[: members * data * fsdp], dtype=object).reshape(members, data, fsdp)
+    return Mesh(grid, AXES)
 
 
 def data_only(mesh: Mesh) -> Mesh:
-    """The same ``"data"`` axis with one member (the first row of devices): for a run of a
-    single model beside a sweep's mesh."""
+    """The same ``"data"`` and ``"fsdp"`` axes with one member (the first row of devices):
+    for a run of a single model beside a sweep's mesh."""
     return Mesh(mesh.devices[:1], AXES)
 
 
@@ -76,36 +95,210 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows (axis 0) over ``"data"``: a batch."""
-    return NamedSharding(mesh, P("data"))
+    """Rows (axis 0) over ``"data"`` and ``"fsdp"``: a batch."""
+    return NamedSharding(mesh, P(BATCH))
 
 
 def member_sharding(mesh: Mesh) -> NamedSharding:
-    """Axis 0 over ``"members"``: a sweep's states, hyperparameters, keys."""
+    """Axis 0 over ``"members"``: a sweep's hyperparameters, keys."""
     return NamedSharding(mesh, P("members"))
 
 
 def schedule_sharding(mesh: Mesh, members: bool = False) -> NamedSharding:
     """A ``[steps, batch]`` schedule (``[N, steps, batch]`` with ``members``): batch columns over
-    ``"data"``, so each device gathers its own rows of every minibatch."""
-    return NamedSharding(mesh, P("members", None, "data") if members else P(None, "data"))
+    ``"data"`` and ``"fsdp"``, so each device gathers its own rows of every minibatch."""
+    return NamedSharding(mesh, P("members", None, BATCH) if members else P(None, BATCH))
 
 
-def check_divides(count: int, mesh: Mesh, axis: str, what: str) -> None:
-    """``InputError`` unless the mesh axis divides ``count`` (checked before compiling)."""
-    size = mesh.shape[axis]
+def check_divides(count: int, mesh: Mesh, axis: str | tuple, what: str) -> None:
+    """``InputError`` unless the mesh axis (or axes: their product) divides ``count`` (checked
+    before compiling)."""
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    size = math.prod(mesh.shape[a] for a in names)
     if count % size:
-        raise InputError(f"{what}: expected a multiple of the mesh's '{axis}' axis ({size}), got {count}")
+        label = " x ".join(f"'{a}' ({mesh.shape[a]})" for a in names)
+        raise InputError(f"{what}: expected a multiple of the mesh's {label} = {size}, got {count}")
 
 
-def put(tree, sharding: NamedSharding):
-    """Place every leaf of ``tree`` with ``sharding`` (leaves already placed so are kept).
+# -- parameter sharding ------------------------------------------------------------------
+
+def _name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _rule_spec(rule, path: str, shape: tuple, mesh: Mesh) -> tuple:
+    pattern, spec = rule
+    spec = tuple(spec)
+    if len(spec) != len(shape):
+        raise InputError(f"rule {pattern!r}: expected one entry per dimension of {path} {list(shape)}, got {spec}")
+    for dim, (n, axes) in enumerate(zip(shape, spec)):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[a] for a in names)
+        if n % size:
+            raise InputError(f"rule {pattern!r}: {path} {list(shape)} cannot be split over {axes!r} ({size} "
+                             f"devices): dimension {dim} has size {n}")
+    return spec
+
+
+def _default_spec(shape: tuple, mesh: Mesh) -> tuple:
+    f = mesh.shape["fsdp"]
+    spec = [None] * len(shape)
+    dims = [i for i, n in enumerate(shape) if f > 1 and n >= f and n % f == 0]
+    if dims:
+        spec[max(dims, key=lambda i: (shape[i], -i))] = "fsdp"
+    return tuple(spec)
+
+
+def check_rules(rules, mesh: Mesh | None = None, *trees) -> tuple:
+    """``rules`` as a tuple of ``(pattern, spec)``, each checked: a compilable regular
+    expression, a spec of mesh axis names (or tuples of them) and None, and, when
+    ``trees`` (variables or params) are given, a pattern that names at least one array
+    in them."""
+    if rules is None:
+        return ()
+    if isinstance(rules, dict):
+        rules = list(rules.items())
+    out = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise InputTypeError(f"rules: expected (pattern, spec) pairs, got {rule!r}")
+        pattern, spec = rule
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"rule {pattern!r}: expected a regular expression, got one that fails: {e}") from None
+        spec = tuple(spec)
+        for axes in spec:
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            bad = [a for a in names if a not in AXES[1:]]
+            if bad:
+                raise InputError(f"rule {pattern!r}: expected mesh axes 'fsdp', 'data' or None per dimension, "
+                                 f"got {bad[0]!r}")
+        out.append((pattern, spec))
+    if trees:
+        paths = [p for tree in trees for p, _ in _leaf_paths(_collections(tree))]
+        for pattern, _ in out:
+            if not any(re.search(pattern, p) for p in paths):
+                raise InputError(f"rule {pattern!r}: names no parameter (paths look like {paths[0]!r})")
+    return tuple(out)
+
+
+def _collections(tree):
+    """A variables dict as ``{collection: tree}``; a bare params tree as ``{"params": tree}``."""
+    if isinstance(tree, dict) and "params" in tree:
+        return tree
+    return {"params": tree}
+
+
+def _leaf_paths(collections):
+    # path inside each collection, the collection's name dropped
+    for col, tree in collections.items():
+        for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            yield "/".join(_name(k) for k in keys), leaf
+
+
+def _spec(path, shape, mesh, rules, lead) -> P:
+    body = tuple(shape[lead:])
+    spec = next((_rule_spec(r, path, body, mesh) for r in rules if re.search(r[0], path)), None)
+    if spec is None:
+        spec = _default_spec(body, mesh)
+    return P(*(("members",) * lead + spec))
+
+
+def param_specs(tree, mesh: Mesh, rules=None, *, members: bool = False):
+    """The ``PartitionSpec`` of every leaf of ``tree`` (params, or a variables dict with
+    ``"params"`` and e.g. ``"batch_stats"``) by the module's rule (see the module
+    docstring). With ``members``, axis 0 is a sweep's member axis (over ``"members"``)."""
+    rules = check_rules(rules, mesh)
+    lead = int(bool(members))
+
+    def one(keys, leaf):
+        names = [_name(k) for k in keys]
+        if isinstance(tree, dict) and "params" in tree:
+            names = names[1:]
+        return _spec("/".join(names), np.shape(leaf), mesh, rules, lead)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_specs(state, mesh: Mesh, rules=None, *, members: bool = False):
+    """``PartitionSpec``s of a ``TrainState``: params and model state by ``param_specs``,
+    every optimizer-state array as the parameter it belongs to (the same path at the end
+    of its own, the same shape), the step counter replicated."""
+    rules = check_rules(rules, mesh)
+    lead = int(bool(members))
+    params = param_specs(state.params, mesh, rules, members=members)
+    by_path = {tuple(_name(k) for k in keys): (np.shape(leaf), spec) for (keys, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree_util.tree_leaves(params))}
+    model_state = {c: param_specs({"params": t}, mesh, rules, members=members)["params"]
+                   for c, t in state.model_state.items()}
+
+    def opt(keys, leaf):
+        names, shape = tuple(_name(k) for k in keys), np.shape(leaf)
+        for i in range(len(names)):
+            hit = by_path.get(names[i:])
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return _spec("/".join(names), shape, mesh, rules, lead) if len(shape) > lead else P(*("members",) * lead)
+
+    opt_state = jax.tree_util.tree_map_with_path(opt, state.opt_state)
+    return state.replace(step=P(*("members",) * lead), params=params, model_state=model_state, opt_state=opt_state)
+
+
+def model_shardings(tree, mesh: Mesh, rules=None, *, members: bool = False):
+    """``NamedSharding``s of a model's arrays: a ``TrainState`` by ``state_specs``, a params or
+    variables tree by ``param_specs``."""
+    specs = state_specs if hasattr(tree, "opt_state") else param_specs
+    return shardings(specs(tree, mesh, rules, members=members), mesh)
+
+
+def shardings(specs, mesh: Mesh):
+    """``NamedSharding``s of a tree of ``PartitionSpec``s."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda s: isinstance(s, P))
+
+
+def constrain(tree, specs):
+    """``jax.lax.with_sharding_constraint`` of ``tree`` to a tree of ``NamedSharding``s (inside a
+    traced function: keeps a run's carried state where the placement put it)."""
+    return jax.lax.with_sharding_constraint(tree, specs)
+
+
+def describe_sharding(tree, mesh: Mesh | None = None, rules=None) -> str:
+    """One line: how many arrays of ``tree`` are split, and the bytes one device holds of
+    the whole: from the placed arrays, or, with a ``mesh``, from ``param_specs`` on their
+    shapes (arrays or ``jax.ShapeDtypeStruct``s; nothing is placed)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    if mesh is None:
+        split = sum(not x.sharding.is_fully_replicated for x in leaves)
+        per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    else:
+        specs = jax.tree_util.tree_leaves(param_specs(tree, mesh, rules), is_leaf=lambda s: isinstance(s, P))
+        parts = [math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
+                 for spec in specs]
+        split = sum(n > 1 for n in parts)
+        per_device = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // n for x, n in zip(leaves, parts))
+    return (f"{split} of {len(leaves)} arrays split, {_mb(per_device)} of {_mb(total)} "
+            f"per device ({per_device / max(total, 1):.0%})")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def put(tree, sharding):
+    """Place every leaf of ``tree`` with ``sharding`` (one ``NamedSharding``, or a tree of them
+    shaped like ``tree``; leaves already placed so are kept).
 
     On one process this is ``jax.device_put``. On many, every process passes the same
     global values (e.g. the whole data set and schedule, built from the same seeds) and
     each keeps only the shards of its own devices.
     """
-    def one(x):
+    def one(x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if jax.process_count() == 1:
@@ -113,7 +306,9 @@ def put(tree, sharding: NamedSharding):
         host = to_host(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map(one, tree)
+    if isinstance(sharding, NamedSharding):
+        return jax.tree_util.tree_map(lambda x: one(x, sharding), tree)
+    return jax.tree_util.tree_map(one, tree, sharding)
 
 
 def to_host(x) -> np.ndarray:
@@ -180,7 +375,8 @@ def describe(mesh: Mesh | None) -> str:
         return f"one device ({d.platform})"
     devices = mesh.devices.ravel()
     hosts = len({d.process_index for d in devices})
-    return (f"mesh members={mesh.shape['members']} x data={mesh.shape['data']} over {len(devices)} "
+    return (f"mesh members={mesh.shape['members']} x data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+            f"{len(devices)} "
             f"{devices[0].platform} device(s)" + (f" on {hosts} processes" if hosts > 1 else ""))
 
 

@@ -79,7 +79,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
 
 def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
                    shared_schedule: bool = False, member_teacher_logits: bool = False, mesh=None,
-                   members_per_group: int | None = None):
+                   rules=None, members_per_group: int | None = None):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
     Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
@@ -94,9 +94,10 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     Every member's ``model_state`` (BatchNorm statistics) is its own.
 
     With a ``mesh`` the members are split over its ``"members"`` axis and every member's
-    minibatches over its ``"data"`` axis (both must divide evenly: checked before
-    compiling); inputs are placed for the caller and the results come back sharded over
-    ``"members"``.
+    minibatches over its ``"data"`` and ``"fsdp"`` axes (both must divide evenly: checked
+    before compiling), and every member's state over ``"fsdp"`` by ``rules``
+    (``kdjax.parallel.param_specs``); inputs are placed for the caller and the results
+    come back sharded so.
 
     ``members_per_group`` (no mesh): run the members ``members_per_group`` at a time,
     one group after another in the same program (``lax.map`` over groups, each group a
@@ -125,12 +126,15 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
         grouped = functools.partial(_grouped_run, step=step, in_axes=in_axes, size=int(members_per_group),
                                     split=split)
         return CheckedRun(jax.jit(grouped, donate_argnums=0))
-    sharding = None if mesh is None else parallel.data_sharding(mesh)
-    vrun = functools.partial(_vmapped_run, step=step, in_axes=in_axes, split=split, batch_sharding=sharding)
     if mesh is None:
+        vrun = functools.partial(_vmapped_run, step=step, in_axes=in_axes, split=split, batch_sharding=None)
         return CheckedRun(jax.jit(vrun, donate_argnums=0))
-    jitted = jax.jit(vrun, donate_argnums=0, out_shardings=parallel.member_sharding(mesh))
-    place = functools.partial(_place_members, mesh, shared_schedule, member_teacher_logits)
+    rules = parallel.check_rules(rules, mesh)
+    vrun = functools.partial(_vmapped_run, step=step, in_axes=in_axes, split=split,
+                             batch_sharding=parallel.data_sharding(mesh),
+                             state_sharding=functools.partial(parallel.model_shardings, mesh=mesh, rules=rules))
+    jitted = jax.jit(vrun, donate_argnums=0)
+    place = functools.partial(_place_members, mesh, rules, shared_schedule, member_teacher_logits)
     return CheckedRun(jitted, place=place)
 
 
@@ -144,11 +148,14 @@ def _split_data(per_member: bool, data):
     return {k: v for k, v in data.items() if k not in own}, own
 
 
-def _vmapped_run(states, data, schedules, rngs, hyper, *, step, in_axes, split, batch_sharding):
+def _vmapped_run(states, data, schedules, rngs, hyper, *, step, in_axes, split, batch_sharding,
+                 state_sharding=None):
     shared, own = split(data)
 
     def member(state, own, schedule, rng, hyp):
-        return run_steps(state, {**shared, **own}, schedule, rng, hyp, step=step, batch_sharding=batch_sharding)
+        # (inside vmap's spmd_axis_name, every sharding constraint also splits axis 0 over "members")
+        return run_steps(state, {**shared, **own}, schedule, rng, hyp, step=step, batch_sharding=batch_sharding,
+                         state_sharding=state_sharding)
 
     spmd = None if batch_sharding is None else "members"
     return jax.vmap(member, in_axes=in_axes, spmd_axis_name=spmd)(states, own, schedules, rngs, hyper)
@@ -201,15 +208,17 @@ def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size, s
     return jax.lax.map(member, mapped, batch_size=None if size == 1 else size)
 
 
-def _place_members(mesh, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):
+def _place_members(mesh, rules, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):
     members = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
     parallel.check_divides(members, mesh, "members", "members")
-    parallel.check_divides(np.shape(schedules)[-1], mesh, "data", "batch size")
+    parallel.check_divides(np.shape(schedules)[-1], mesh, parallel.BATCH, "batch size")
+    parallel.check_rules(rules, mesh, states.params)
     rep, mem = parallel.replicated(mesh), parallel.member_sharding(mesh)
     data = {k: parallel.put(v, mem if (k in _PER_MEMBER and member_teacher_logits) else rep)
             for k, v in data.items()}
     schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
-    return parallel.put(states, mem), data, schedules, parallel.put(args, mem), kwargs
+    states = parallel.put(states, parallel.model_shardings(states, mesh, rules, members=True))
+    return states, data, schedules, parallel.put(args, mem), kwargs
 
 
 def evaluate_members(model, params, x, y):

@@ -73,11 +73,67 @@ def test_sharded_checkpoint_restores_on_another_device_count(eight):
 
 def test_mesh_mistakes_are_clear_errors_before_compiling(eight):
     e = eight["errors"]
-    assert "'data' axis (8), got 60" in e["batch not divisible by data"]
-    assert "'members' axis (4), got 6" in e["members not divisible"]
-    assert "<= 8 devices, got 4 x 4 = 16" in e["mesh larger than devices"]
-    assert "'data' axis (8), got 60" in e["streaming rows not divisible"]
+    assert "'data' (8) x 'fsdp' (1) = 8, got 60" in e["batch not divisible by data"]
+    assert "'members' (4) = 4, got 6" in e["members not divisible"]
+    assert "<= 8 devices, got 4 x 4 x 1 = 16" in e["mesh larger than devices"]
+    assert "'data' (8) x 'fsdp' (1) = 8, got 60" in e["streaming rows not divisible"]
     assert e["compiles after errors"] == e["compiles before errors"]
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "results.json"
+    p = subprocess.run([sys.executable, SCRIPT, "fsdp", str(out)], env=_env(8), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+# float64, fsdp=4 x data=2 against one device: the partitioner reorders sums (per-device
+# partial matmuls, then an all-reduce); measured after 3-4 steps: 3e-17 (MLP), 2e-16 (ResNet
+# with BatchNorm), 3e-15 and 5e-15 (Llama, teacher online, logits and FusedLM). Bound: 1e-13.
+FSDP_BOUND = 1e-13
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_batchnorm", "llama_teacher_online", "llama_fused_lm"])
+def test_sharded_parameters_train_like_one_device(fsdp, name):
+    r = fsdp[name]
+    assert fsdp["devices"] == 8
+    assert r["init"] == 0.0, r  # sharded init (model.init under out_shardings, or placed) = unsharded init
+    assert r["state"] <= FSDP_BOUND and r["loss"] <= FSDP_BOUND, r
+    # every device holds a quarter of the largest parameter and of its Adam moments
+    assert r["held"] == 0.25 and r["held_opt"] == 0.25, r
+    if r["teacher_held"] is not None:
+        assert r["teacher_held"] == 0.25, r
+
+
+def test_on_policy_and_streaming_steps_with_sharded_parameters(fsdp):
+    for name in ("on_policy", "streaming"):
+        r = fsdp[name]
+        assert r["state"] <= FSDP_BOUND and r["held"] == 0.25, (name, r)
+
+
+def test_sweep_members_each_sharded_over_fsdp(fsdp):
+    r = fsdp["sweep"]
+    assert r["state"] <= FSDP_BOUND, r
+    assert r["spec"] == "P('members', None, None, 'fsdp')" and r["held"] == 0.125, r  # 1/2 members x 1/4
+
+
+def test_sharding_rules_apply_to_parameters_and_their_optimizer_state(fsdp):
+    specs = fsdp["rules"]
+    assert len(specs) == 6, specs  # params, mu, nu of the two ruled arrays
+    for path, spec in specs.items():
+        assert spec == ("P(None, 'fsdp')" if "embed_tokens" in path else "P('fsdp', None)"), (path, spec)
+
+
+def test_sharding_rule_mistakes_are_one_line_each(fsdp):
+    e = fsdp["errors"]
+    assert e["rule names nothing"].startswith("rule 'no_such_layer': names no parameter")
+    assert e["rule does not divide"] == ("rule 'q_proj/kernel': model/layers/0/self_attn/q_proj/kernel [16, 16] "
+                                         "cannot be split over 'fsdp' (3 devices): dimension 1 has size 16")
+    assert "expected mesh axes 'fsdp', 'data' or None per dimension, got 'tp'" in e["rule axis unknown"]
+    assert "expected one entry per dimension of model/layers/0/self_attn/q_proj/kernel [16, 16]" in e["rule rank"]
+    assert all("\n" not in m for m in e.values())
 
 
 def _free_port() -> int:
@@ -86,16 +142,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("variant", ["data", "fsdp"])
+def test_two_processes_train_like_one_process(tmp_path, variant):
     """Two processes on 127.0.0.1 with 2 CPU devices each (kdjax.parallel.initialize from
-    KDJAX_* variables, gloo collectives) end where one process with 4 devices ends."""
-    port, procs = _free_port(), []
+    KDJAX_* variables, gloo collectives) end where one process with 4 devices ends: a
+    data-parallel ResNet, and a Llama distilled from a Llama with both models' parameters
+    split over fsdp=4 (across the processes; the checkpoint, gathered from both, is read
+    back here by one process on one device)."""
+    port, procs, extra = _free_port(), [], ([variant] if variant == "fsdp" else [])
     try:
         for i in range(2):
             env = _env(2, KDJAX_COORDINATOR=f"127.0.0.1:{port}", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(i))
-            procs.append(subprocess.Popen([sys.executable, SCRIPT, "multihost", str(tmp_path / "two.ckpt")],
+            procs.append(subprocess.Popen([sys.executable, SCRIPT, "multihost", str(tmp_path / "two.ckpt"), *extra],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        ref = subprocess.run([sys.executable, SCRIPT, "reference", str(tmp_path / "one.ckpt")], env=_env(4),
+        ref = subprocess.run([sys.executable, SCRIPT, "reference", str(tmp_path / "one.ckpt"), *extra], env=_env(4),
                              capture_output=True, text=True, timeout=300)
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -108,8 +168,9 @@ def test_two_processes_train_like_one_process(tmp_path):
         assert p.returncode == 0, err[-3000:]
     two, meta = checkpoint.load(tmp_path / "two.ckpt")
     one, meta_one = checkpoint.load(tmp_path / "one.ckpt")
-    assert meta == {"processes": 2, "devices": 4, "local_devices": 2}
-    assert meta_one == {"processes": 1, "devices": 4, "local_devices": 4}
+    held = {"held": 0.25} if variant == "fsdp" else {}
+    assert meta == {"processes": 2, "devices": 4, "local_devices": 2, **held}
+    assert meta_one == {"processes": 1, "devices": 4, "local_devices": 4, **held}
     for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -118,16 +179,17 @@ def test_cli_mesh(tmp_path):
     env = _env(8)
     p = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--steps", "3", "--seeds", "2",
                         "--batch-size", "16", "--teacher-hidden", "16", "--student-hidden", "8",
-                        "--mesh", "members=2,data=4", "--quiet"], env=env, capture_output=True, text=True,
+                        "--mesh", "members=2,data=2,fsdp=2"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "running on mesh members=2 x data=4 over 8 cpu device(s)" in p.stdout
+    assert "running on mesh members=2 x data=2 x fsdp=2 over 8 cpu device(s)" in p.stdout
+    assert "teacher parameters over fsdp=2 (largest dimension it divides): 7 of 8 arrays split" in p.stdout, p.stdout
     p = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--steps", "3", "--seeds", "3", "--mesh",
                         "members=2"], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "'members' axis (2), got 3" in p.stderr and len(p.stderr.splitlines()) == 1
+    assert p.returncode == 2 and "'members' (2) = 2, got 3" in p.stderr and len(p.stderr.splitlines()) == 1
     p = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--mesh", "gpus=2"], env=env,
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "--mesh: expected members=M,data=D" in p.stderr
+    assert p.returncode == 2 and "--mesh: expected data=D,fsdp=F,members=M" in p.stderr
     p = subprocess.run([sys.executable, "-m", "kdjax", "sweep", "--steps", "3", "--members-per-group", "auto"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--members-per-group: groups of members run on one device" in p.stderr
@@ -155,7 +217,7 @@ def test_initialize_is_a_no_op_for_one_process():
 
 def test_mesh_shapes_and_defaults():
     mesh = parallel.make_mesh()
-    assert mesh.axis_names == ("members", "data") and mesh.devices.size == len(jax.devices())
+    assert mesh.axis_names == ("members", "data", "fsdp") and mesh.devices.size == len(jax.devices())
     with pytest.raises(InputError, match="members x data"):
         parallel.make_mesh(1, len(jax.devices()) + 1)
     with pytest.raises(InputError, match="members: expected an int >= 1"):

@@ -96,5 +96,7 @@ def test_version_2_calls():
                                                  temperature=2.0, alpha=0.5, where=where, chunk_size=2)
     assert np.isfinite(float(fused))
     mesh = kdjax.parallel.make_mesh(members=1, data=None, devices=None)
-    assert mesh.axis_names == ("members", "data")
+    assert mesh.axis_names == ("members", "data", "fsdp")  # version 3 added "fsdp" (size 1 here)
+    mesh = kdjax.parallel.make_mesh(members=1, data=None, fsdp=1, devices=None)  # DESIGN.md, version 3
+    assert dict(mesh.shape) == {"members": 1, "data": len(jax.devices()), "fsdp": 1}
     assert kdjax.parallel.initialize({}) is False

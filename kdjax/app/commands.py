@@ -193,7 +193,8 @@ def cmd_distill(args, rep: Reporter) -> int:
         t_state = inputs.load_teacher(args.teacher, teacher, ds)
     if args.teacher:
         rep.line(f"teacher loaded from {args.teacher}")
-    mesh = inputs.make_mesh(args, rep, len(seeds), cfg.batch_size)
+    mesh = inputs.make_mesh(args, rep, len(seeds), cfg.batch_size,
+                            [("teacher", teacher, ds.x_train[:1]), ("student", student, ds.x_train[:1])])
     t_cfg = None
     if args.teacher_steps is not None:
         if args.tune or args.teacher:
@@ -423,7 +424,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
              f"T = {args.temperature:g}, alpha = {args.alpha:g}; {args.seeds} seed(s)")
     rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token; "
              f"{inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
-    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size)
+    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size, [("student", student, ds.x_train[:1])])
     from kdjax.app import metrics
 
     metrics.check_tensorboard(args.tensorboard)
@@ -509,7 +510,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     if args.members_per_group is not None and (args.mesh or len(inputs._devices()) > 1):
         raise UsageError("--members-per-group: groups of members run on one device; got it with several "
                          "(a mesh splits the members over devices instead; leave it at 'all')")
-    mesh = inputs.make_mesh(args, rep, len(T), cfg.batch_size)
+    mesh = inputs.make_mesh(args, rep, len(T), cfg.batch_size,
+                            [("teacher", teacher, ds.x_train[:1]), ("student", student, ds.x_train[:1])])
     metrics.check_tensorboard(args.tensorboard)
     inputs.claim_out(args)
     names = {"teachers": [f"teacher/seed{seeds[0]}"],

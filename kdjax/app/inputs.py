@@ -312,14 +312,18 @@ def checkpoints(args):
                        json.loads(json.dumps(jsonable(identity(args)))))  # as it reads back from disk
 
 
+_MESH_AXES = ("members", "data", "fsdp")
+
+
 def _parse_mesh(text: str | None) -> dict:
     if text is None:
         return {}
     out = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key.strip() not in ("members", "data") or not value.strip().isdigit() or int(value) < 1:
-            raise UsageError(f"--mesh: expected members=M,data=D (positive integers), got {text!r}")
+        if key.strip() not in _MESH_AXES or key.strip() in out or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--mesh: expected data=D,fsdp=F,members=M (each optional, positive integers), "
+                             f"got {text!r}")
         out[key.strip()] = int(value)
     return out
 
@@ -330,20 +334,29 @@ def _devices():
     return jax.local_devices() if jax.process_count() == 1 else jax.devices()
 
 
-def make_mesh(args, rep: Reporter, members: int, batch: int):
-    """``--mesh members=M,data=D``, else every local device (``parallel.default_shape``)."""
+def make_mesh(args, rep: Reporter, members: int, batch: int, models=()):
+    """``--mesh data=D,fsdp=F,members=M``, else every local device (``parallel.default_shape``).
+    With fsdp > 1, one line per ``(name, model, example input)`` of ``models``: how its
+    parameters are split."""
+    import jax
+
     from kdjax import parallel
 
     spec = _parse_mesh(args.mesh)
     devices = _devices()
     if spec:
         m = spec.get("members", 1)
-        mesh = parallel.make_mesh(m, spec.get("data"), devices)
+        mesh = parallel.make_mesh(m, spec.get("data"), spec.get("fsdp", 1), devices)
         parallel.check_divides(members, mesh, "members", "--mesh: the members of this run")
-        parallel.check_divides(batch, mesh, "data", "--mesh: --batch-size")
+        parallel.check_divides(batch, mesh, parallel.BATCH, "--mesh: --batch-size")
     else:
         m, d = parallel.default_shape(len(devices), members, batch)
-        mesh = None if m * d == 1 else parallel.make_mesh(m, d, devices)
+        mesh = None if m * d == 1 else parallel.make_mesh(m, d, 1, devices)
     rep.line(f"running on {parallel.describe(mesh)}")
+    if mesh is not None and mesh.shape["fsdp"] > 1:
+        for name, model, example in models:
+            shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))["params"]
+            rep.line(f"{name} parameters over fsdp={mesh.shape['fsdp']} (largest dimension it divides): "
+                     f"{parallel.describe_sharding(shapes, mesh)}")
     return mesh
 

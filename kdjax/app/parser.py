@@ -131,9 +131,10 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write the per-step losses and the evaluation to TensorBoard event files in DIR "
                         "(needs tensorboardX: pip install 'kdjax[tensorboard]'); --out always gets metrics.jsonl")
-    p.add_argument("--mesh", default=None, metavar="members=M,data=D",
-                   help="device mesh: students split over M, minibatches over D devices (default: every "
-                        "local device, on members first)")
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,members=M",
+                   help="device mesh: students split over M, minibatches over D x F devices, every model's "
+                        "parameters and optimizer state split over F (default: every local device, on members "
+                        "first, parameters replicated)")
 
 
 def _resumable(p):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
 from kdjax.losses import check_alpha, check_beta, check_temperature
 from kdjax.train.optimizers import _check_lr, adam
@@ -149,7 +150,7 @@ _init_members = jax.jit(lambda model, keys, shape, dtype: jax.vmap(
 
 
 def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTransformation | None = None,
-                       learning_rate=1e-3, input_dim: int | None = None) -> TrainState:
+                       learning_rate=1e-3, input_dim: int | None = None, mesh=None, rules=None) -> TrainState:
     """Initialise ``model`` and its optimizer state.
 
     Args:
@@ -163,6 +164,13 @@ def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTran
     kdjax's models get PyTorch's init (see ``init_variables``); other models their
     own ``model.init``. Non-parameter collections (BatchNorm statistics) go to
     ``model_state``.
+
+    With a ``mesh`` (``kdjax.parallel.make_mesh``) the state is created sharded by
+    ``rules`` (``kdjax.parallel.state_specs``): ``model.init`` and the optimizer's init
+    run as one program whose ``out_shardings`` are the rule's (shapes from
+    ``jax.eval_shape``), so no device and no host ever holds the whole model, and the
+    values equal the unsharded init's. A model with a host-side init (kdjax's MLPs
+    and ResNets: PyTorch's draws) is drawn on the host, then placed shard by shard.
     """
     if input_dim is not None:
         if example_input is not None:
@@ -175,8 +183,29 @@ def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTran
         if not isinstance(example_input, (int, np.integer)) or example_input < 1:
             raise InputError(f"input_dim: expected a positive int, got {example_input!r}")
         example_input = jax.ShapeDtypeStruct((1, int(example_input)), getattr(model, "dtype", jnp.float32))
+    if mesh is not None and getattr(model, "kdjax_init", None) is None:
+        return _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules)
     params, model_state = init_variables(model, rng, example_input)
+    if mesh is not None:
+        state = state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
+        return parallel.put(state, parallel.model_shardings(state, mesh, rules))
     return state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
+
+
+def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules) -> TrainState:
+    _check_model(model, "model")
+    _check_lr(learning_rate)
+    struct = _example_struct(example_input)
+    shape, dtype = struct.shape, np.dtype(struct.dtype)
+
+    def build(key):
+        params, model_state = _model_init(model, key, shape, dtype)
+        opt = adam(float(learning_rate), jax.tree_util.tree_leaves(params)[0].dtype) if tx is None else tx
+        return TrainState(jnp.zeros((), jnp.int32), params, model_state, opt.init(params))
+
+    key = _raw_key(rng)
+    out = parallel.model_shardings(jax.eval_shape(build, key), mesh, rules)
+    return jax.jit(build, out_shardings=out)(parallel.put(key, parallel.replicated(mesh)))
 
 
 def state_from_params(params, *, model_state=None, learning_rate=1e-3, tx=None,

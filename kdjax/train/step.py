@@ -168,7 +168,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool = True, mesh=None,
-                    donate: bool = True):
+                    rules=None, donate: bool = True):
     """Bind ``model``/``tx``/``objective``/``teacher`` into ``train_step``; jit with donation.
 
     With ``jit=False`` the pure, unjitted step is returned (to scan, vmap or wrap).
@@ -177,11 +177,13 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
     ``tx`` defaults to ``adam()``; it must be the optimizer the state was built with.
 
     With a ``mesh`` (``kdjax.parallel.make_mesh``) the step is data-parallel over its
-    ``"data"`` axis, for batches fed from the host (data too large for the devices):
-    each process passes *its own* rows of the global batch (NumPy or jax arrays; one
-    process: all of them), which are placed with
-    ``jax.make_array_from_process_local_data``; the state, key, hyperparameters and
-    teacher are replicated. The returned state is replicated.
+    ``"data"`` and ``"fsdp"`` axes, for batches fed from the host (data too large for
+    the devices): each process passes *its own* rows of the global batch (NumPy or jax
+    arrays; one process: all of them), which are placed with
+    ``jax.make_array_from_process_local_data``. The state and the teacher's params are
+    sharded over ``"fsdp"`` by ``rules`` (``kdjax.parallel.param_specs``; replicated
+    when ``fsdp=1``), the key and hyperparameters replicated; the returned state keeps
+    its sharding.
     """
     _check_objective(objective)
     _check_model(model, "model")
@@ -194,31 +196,52 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
     donated = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donated)
-    return MeshStep(jax.jit(step, donate_argnums=donated, out_shardings=parallel.replicated(mesh)), mesh)
+    rules = parallel.check_rules(rules, mesh)
+    sharded = functools.partial(constrained_step, step=step, mesh=mesh, rules=rules)
+    return MeshStep(jax.jit(sharded, donate_argnums=donated), mesh, rules)
+
+
+def constrained_step(state, *args, step, mesh, rules):
+    # the new state where the placement put the old one (sharded over "fsdp")
+    state, metrics = step(state, *args)
+    state = parallel.constrain(state, parallel.model_shardings(state, mesh, rules))
+    return state, parallel.constrain(metrics, parallel.replicated(mesh))
+
+
+def place_model_args(mesh, rules, args):
+    """Place a step's trailing arguments: a ``Hyper``, a key or None replicated; a teacher's
+    params, variables or ``TrainState`` sharded by ``rules``."""
+    def one(x):
+        if x is None or isinstance(x, (Hyper, jax.Array, np.ndarray)):
+            return parallel.put(x, parallel.replicated(mesh))
+        return parallel.put(x, parallel.model_shardings(x, mesh, rules))
+    return tuple(one(x) for x in args)
 
 
 class MeshStep:
     """A jitted step on a mesh: places the host-fed batch (each process's rows) over
-    ``"data"`` and the rest replicated, then calls it. Other attributes are the jitted
-    function's."""
+    ``"data"`` and ``"fsdp"``, the state and teacher by the sharding rules, the rest
+    replicated, then calls it. Other attributes are the jitted function's."""
 
-    def __init__(self, jitted, mesh):
-        self.jitted, self.mesh = jitted, mesh
+    def __init__(self, jitted, mesh, rules=()):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
         functools.update_wrapper(self, jitted)
 
-    def __call__(self, state, batch, rng, hyper=None, teacher_params=None):
+    def __call__(self, state, batch, rng, *rest):
         rows = parallel.data_sharding(self.mesh)
 
         def place(x):
             if isinstance(x, jax.Array) and x.sharding == rows:
                 return x
-            parallel.check_divides(np.shape(x)[0] * jax.process_count(), self.mesh, "data", "batch rows")
+            parallel.check_divides(np.shape(x)[0] * jax.process_count(), self.mesh, parallel.BATCH, "batch rows")
             return jax.make_array_from_process_local_data(rows, np.asarray(x))
 
         batch = {k: place(v) for k, v in batch.items()}
-        state, rng, hyper, teacher_params = parallel.put((state, rng, hyper, teacher_params),
-                                                         parallel.replicated(self.mesh))
-        return self.jitted(state, batch, rng, hyper, teacher_params)
+        teachers = [x for x in rest if x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))]
+        parallel.check_rules(self.rules, self.mesh, state.params, *[getattr(t, "params", t) for t in teachers])
+        state = parallel.put(state, parallel.model_shardings(state, self.mesh, self.rules))
+        rng, = place_model_args(self.mesh, self.rules, (rng,))
+        return self.jitted(state, batch, rng, *place_model_args(self.mesh, self.rules, rest))
 
     def __getattr__(self, name):
         return getattr(self.jitted, name)
@@ -226,7 +249,7 @@ class MeshStep:
 
 def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Array,
               rng: jax.Array, hyper: Hyper | None = None, teacher_params=None, *, step,
-              batch_sharding=None):
+              batch_sharding=None, state_sharding=None):
     """Many steps as one ``lax.scan``: batch k is ``data[schedule[k]]``.
 
     Args:
@@ -236,7 +259,9 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
         ``epoch_schedule``).
       step: an unjitted step from ``make_train_step(..., jit=False)``.
       batch_sharding: a sharding every gathered minibatch is constrained to (a mesh's
-        ``"data"`` axis: ``make_run(..., mesh=)`` sets it).
+        ``"data"`` and ``"fsdp"`` axes: ``make_run(..., mesh=)`` sets it).
+      state_sharding: a function of the state giving the shardings every step's new
+        state is constrained to (``make_run(..., mesh=)``: the sharding rules).
 
     Returns:
       ``(final_state, {"loss": [steps]})``.
@@ -252,7 +277,10 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
         batch = jax.tree_util.tree_map(lambda arr: jnp.take(arr, idx, axis=0), data)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        return step(state, batch, rng, hyper, teacher_params)
+        state, metrics = step(state, batch, rng, hyper, teacher_params)
+        if state_sharding is not None:
+            state = parallel.constrain(state, state_sharding(state))
+        return state, metrics
 
     return jax.lax.scan(body, state, schedule)
 
@@ -274,7 +302,7 @@ def _check_run_inputs(data, schedule) -> None:
         raise InputError(f"schedule: expected at least one step of a non-empty batch, got shape {schedule.shape}")
 
 
-def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, donate: bool = True):
+def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, rules=None, donate: bool = True):
     """A jitted, state-donating ``run_steps`` for this model and objective.
 
     Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The state's
@@ -286,26 +314,38 @@ def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, donate:
     ``[0, len(data["x"]))`` raises ``InputError`` before anything runs.
 
     With a ``mesh`` (``kdjax.parallel.make_mesh``) every minibatch is split over its
-    ``"data"`` axis (the batch size must divide evenly; checked before compiling), the
-    data set and the state are replicated, and XLA's partitioner reduces the gradients
+    ``"data"`` and ``"fsdp"`` axes (the batch size must divide evenly; checked before
+    compiling), the data set is replicated, the state and the teacher's params are
+    sharded over ``"fsdp"`` by ``rules`` (``kdjax.parallel.param_specs``; replicated
+    when ``fsdp=1``), and XLA's partitioner gathers parameters and reduces gradients
     (and BatchNorm's batch statistics) over the devices. Inputs are placed for the
-    caller; the returned state is replicated.
+    caller; the returned state keeps its sharding.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     donated = (0,) if donate else ()
     if mesh is None:
         return CheckedRun(jax.jit(functools.partial(run_steps, step=step), donate_argnums=donated))
-    run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh))
-    jitted = jax.jit(run, donate_argnums=donated, out_shardings=parallel.replicated(mesh))
-    return CheckedRun(jitted, place=functools.partial(_place_run, mesh))
+    rules = parallel.check_rules(rules, mesh)
+    run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh),
+                            state_sharding=functools.partial(parallel.model_shardings, mesh=mesh, rules=rules))
+    jitted = jax.jit(functools.partial(_replicated_metrics, run=run, mesh=mesh), donate_argnums=donated)
+    return CheckedRun(jitted, place=functools.partial(_place_run, mesh, rules))
 
 
-def _place_run(mesh, state, data, schedule, args, kwargs):
-    parallel.check_divides(np.shape(schedule)[-1], mesh, "data", "batch size")
+def _replicated_metrics(*args, run, mesh, **kwargs):
+    state, metrics = run(*args, **kwargs)
+    return state, parallel.constrain(metrics, parallel.replicated(mesh))
+
+
+def _place_run(mesh, rules, state, data, schedule, args, kwargs):
+    parallel.check_divides(np.shape(schedule)[-1], mesh, parallel.BATCH, "batch size")
     rep = parallel.replicated(mesh)
-    return (parallel.put(state, rep), parallel.put(data, rep),
-            parallel.put(schedule, parallel.schedule_sharding(mesh)), parallel.put(args, rep),
-            parallel.put(kwargs, rep))
+    teachers = [x for x in list(args[1:]) + list(kwargs.values())
+                if x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))]
+    parallel.check_rules(rules, mesh, state.params, *[getattr(t, "params", t) for t in teachers])
+    return (parallel.put(state, parallel.model_shardings(state, mesh, rules)), parallel.put(data, rep),
+            parallel.put(schedule, parallel.schedule_sharding(mesh)), place_model_args(mesh, rules, args),
+            dict(zip(kwargs, place_model_args(mesh, rules, tuple(kwargs.values())))))
 
 
 class CheckedRun:
