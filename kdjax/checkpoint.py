@@ -1,11 +1,19 @@
-"""Checkpoints: a pytree of arrays plus a JSON-able metadata dict, in one file.
+"""Checkpoints: a pytree of arrays plus a JSON-able metadata dict, in one directory.
 
-Format (``flax.serialization`` msgpack, chosen over orbax for a single small file
-with no background threads or directory layout): a header line
-``kdjax-checkpoint v1 <sha256 of payload>\\n`` then the msgpack payload. Writes go to
-a temporary file in the same directory, are fsynced, then ``os.replace``d into place,
-so a crash leaves either the old file or the new one, never half of one. A truncated
-or altered file fails the checksum and raises ``ValueError`` naming the file.
+Format ``kdjax-checkpoint v2``: a directory holding ``arrays/``, written by Orbax
+(``orbax-checkpoint``, which flax itself depends on: each process writes the shards of its
+own devices, and a restore reads them onto any mesh or device count), and
+``kdjax.json``: the metadata, every array's shape and dtype, and the sha256 of every
+file under ``arrays/``. Guarantees:
+
+* atomic: everything is written under ``<path>.tmp``; ``kdjax.json`` goes in last, then
+  the directory is renamed into place, so a crash leaves the old checkpoint or the new
+  one, never half of one (``save_rotating`` keeps the previous one as ``<path>.prev``);
+* verified on read: a missing, truncated or altered file fails its checksum and raises
+  ``InputError`` naming the checkpoint;
+* exact: arrays come back bit for bit, in the structure of a ``target``, placed like it.
+
+Checkpoints of format v1 (one msgpack file, kdjax before version 3) are still read.
 """
 
 from __future__ import annotations
@@ -13,18 +21,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import jax
 import numpy as np
 from flax import serialization
 
-from kdjax import parallel
 from kdjax.errors import InputError
 
-__all__ = ["save", "load", "save_rotating", "load_latest", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["save", "load", "save_rotating", "load_latest", "RotatingSaver", "atomic_write_bytes",
+           "atomic_write_text"]
 
-MAGIC = b"kdjax-checkpoint v1 "
+FORMAT = "kdjax-checkpoint v2"
+MANIFEST = "kdjax.json"
+ARRAYS = "arrays"
+MAGIC = b"kdjax-checkpoint v1 "  # the header of a v1 file
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -50,46 +62,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
-    """Save a pytree of arrays (e.g. params or a whole ``TrainState``) and ``meta``.
+    """Save a pytree of arrays (e.g. params or a whole ``TrainState``) and ``meta`` as the
+    directory ``path`` (replaced if it exists).
 
-    Sharded arrays are gathered to whole NumPy arrays (on many processes every process
-    must call ``save``; process 0 writes the file), so a checkpoint restores on any
-    number of devices.
+    Sharded arrays are written shard by shard, each process its own (on many processes
+    every process must call ``save``); no process gathers a whole array.
     """
-    host = jax.tree_util.tree_map(parallel.to_host, serialization.to_state_dict(tree))
-    if jax.process_index() != 0:
-        return
-    payload = serialization.msgpack_serialize({"tree": host, "meta": json.dumps(meta or {})})
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    atomic_write_bytes(path, MAGIC + digest + b"\n" + payload)
-
-
-def load(path: str | os.PathLike, target=None):
-    """Load ``(tree, meta)``. With ``target`` (a pytree of the same structure, e.g. a
-    freshly initialised ``TrainState``) the tree is restored into that structure and
-    its shapes are checked; otherwise nested dicts of NumPy arrays are returned."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: expected a readable kdjax checkpoint, got {e.strerror}") from e
-    header, _, payload = raw.partition(b"\n")
-    if not header.startswith(MAGIC):
-        raise InputError(f"{path}: expected a kdjax checkpoint (header {MAGIC.decode().strip()!r}), "
-                         f"got something else")
-    if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
-        raise InputError(f"{path}: checkpoint is truncated or corrupted (checksum mismatch)")
-    blob = serialization.msgpack_restore(payload)
-    tree, meta = blob["tree"], json.loads(blob["meta"])
-    if target is not None:
-        want = jax.tree_util.tree_map(np.shape, serialization.to_state_dict(target))
-        got = jax.tree_util.tree_map(np.shape, tree)
-        if want != got:
-            raise InputError(f"{path}: checkpoint does not match the model: expected "
-                             f"shapes {want}, got {got}")
-        tree = serialization.from_state_dict(target, tree)
-    return tree, meta
+    _save(os.fspath(path), tree, meta, keep_previous=False)
 
 
 def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
@@ -98,18 +77,99 @@ def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> No
     A crash at any point leaves at least one complete checkpoint: the new one, or the
     previous one (as ``path`` or ``path.prev``).
     """
+    _save(os.fspath(path), tree, meta, keep_previous=True)
+
+
+class RotatingSaver:
+    """``save_rotating`` to one path, in the background: ``saver(tree, meta)`` returns once
+    the arrays are copied off the devices (``jax.device_get``), and a thread writes them
+    while training goes on. A call first waits for the previous write; ``wait()`` waits
+    for the last one and re-raises its error. On many processes every write is
+    synchronous (the processes write their shards together).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self._thread, self._error = os.fspath(path), None, None
+
+    def __call__(self, tree, meta: dict | None = None) -> None:
+        self.wait()
+        if jax.process_count() > 1:
+            return save_rotating(self.path, tree, meta)
+        host = jax.device_get(tree)  # a copy: the caller may donate its arrays next
+
+        def write():
+            try:
+                save_rotating(self.path, host, meta)
+            except BaseException as e:  # re-raised by wait(), in the caller's thread
+                self._error = e
+
+        import threading
+
+        self._thread = threading.Thread(target=write, name=f"kdjax-checkpoint {self.path}", daemon=True)
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+
+def _save(path: str, tree, meta, keep_previous: bool) -> None:
+    import orbax.checkpoint as ocp
+
+    primary = jax.process_index() == 0
+    tmp = path + ".tmp"  # the same name on every process
+    state = serialization.to_state_dict(tree)
+    if primary:
+        _remove(tmp)
+        os.makedirs(tmp)
+    _barrier("kdjax-checkpoint-start")
+    with ocp.StandardCheckpointer() as writer:  # leaving the block waits for every write
+        writer.save(os.path.abspath(os.path.join(tmp, ARRAYS)), state)
+    if primary:
+        arrays = jax.tree_util.tree_map(lambda x: [list(np.shape(x)), np.dtype(x.dtype).name], state)
+        manifest = {"format": FORMAT, "meta": meta or {}, "arrays": arrays, "files": _digests(tmp)}
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, sort_keys=True))
+        _fsync_dir(tmp)
+        if keep_previous and os.path.exists(path):
+            _remove(path + ".prev")
+            os.replace(path, path + ".prev")
+        old = path + ".old"
+        if os.path.exists(path):  # (save: the checkpoint being replaced)
+            _remove(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        _remove(old)
+    _barrier("kdjax-checkpoint-done")
+
+
+def load(path: str | os.PathLike, target=None):
+    """Load ``(tree, meta)``.
+
+    With ``target`` (a pytree of the same structure, e.g. a freshly initialised
+    ``TrainState``, possibly sharded on a mesh) the tree is restored into that structure,
+    each array placed as the target's (read shard by shard: a checkpoint written on one
+    mesh restores onto another); shapes and dtypes are checked first. Without, nested
+    dicts of NumPy arrays are returned. A damaged checkpoint raises ``InputError``.
+    """
     path = os.fspath(path)
-    if os.path.exists(path) and jax.process_index() == 0:
-        os.replace(path, path + ".prev")
-    save(path, tree, meta)
+    if os.path.isfile(path):
+        return _load_v1(path, target)
+    manifest = _manifest(path)
+    tree = _restore(path, manifest["arrays"], target)
+    return tree, manifest["meta"]
 
 
 def load_latest(path: str | os.PathLike, target=None):
-    """Load ``path``, or ``path.prev`` if ``path`` is missing or corrupted.
+    """Load ``path``, or ``path.prev`` if ``path`` is missing or damaged.
 
     Returns ``(tree, meta, used_path, problem)`` where ``problem`` is the error message
-    of a corrupted ``path`` (None if it was fine); raises ``FileNotFoundError`` if
-    neither exists and ``ValueError`` if neither is usable.
+    of a damaged ``path`` (None if it was fine); raises ``FileNotFoundError`` if
+    neither exists and ``InputError`` if neither is usable.
     """
     path = os.fspath(path)
     problem = None
@@ -119,8 +179,129 @@ def load_latest(path: str | os.PathLike, target=None):
         try:
             tree, meta = load(candidate, target)
             return tree, meta, candidate, problem
-        except ValueError as e:
+        except InputError as e:
             problem = problem or str(e)
     if problem:
         raise InputError(problem)
     raise FileNotFoundError(path)
+
+
+def _manifest(path: str) -> dict:
+    damaged = f"{path}: checkpoint is truncated or corrupted"
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: expected a kdjax checkpoint, got no such file or directory")
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{damaged} (no {MANIFEST}: not a kdjax checkpoint, or an unfinished one)") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{damaged} ({MANIFEST}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: expected a {FORMAT!r} checkpoint, got format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}")
+    found = _digests(path)
+    for name, digest in manifest["files"].items():
+        if found.get(name) != digest:
+            why = "missing" if name not in found else "checksum mismatch"
+            raise InputError(f"{damaged} ({ARRAYS}/{name}: {why})")
+    return manifest
+
+
+def _restore(path: str, arrays: dict, target):
+    import orbax.checkpoint as ocp
+
+    if target is None:
+        like = jax.tree_util.tree_map(lambda s: np.empty(s[0], jax.numpy.dtype(s[1])), arrays, is_leaf=_is_spec)
+    else:
+        like = serialization.to_state_dict(target)
+        _check_matches(path, arrays, like)
+        like = jax.tree_util.tree_map(_abstract, like)
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.restore(os.path.abspath(os.path.join(path, ARRAYS)), like)
+    return tree if target is None else serialization.from_state_dict(target, tree)
+
+
+def _abstract(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.empty(np.shape(x), np.asarray(x).dtype)
+
+
+def _is_spec(s) -> bool:
+    return isinstance(s, list) and len(s) == 2 and isinstance(s[1], str)
+
+
+def _check_matches(path: str, arrays: dict, like) -> None:
+    """One line naming the first array whose name, shape or dtype differs."""
+    saved = {jax.tree_util.keystr(k): (tuple(s[0]), s[1])
+             for k, s in jax.tree_util.tree_leaves_with_path(arrays, is_leaf=_is_spec)}
+    wanted = {jax.tree_util.keystr(k): (tuple(np.shape(x)), np.dtype(x.dtype).name)
+              for k, x in jax.tree_util.tree_leaves_with_path(like)}
+    keys = sorted(set(saved) | set(wanted), key=lambda k: ("['params']" not in k, k))  # parameters first
+    for key in keys:
+        if key not in saved or key not in wanted:
+            where = "the model" if key not in saved else "the checkpoint"
+            raise InputError(f"{path}: checkpoint does not match the model: {key} is only in {where} "
+                             f"({len(saved)} arrays saved, {len(wanted)} expected)")
+    for key in keys:
+        if saved[key] != wanted[key]:
+            (ss, sd), (ws, wd) = saved[key], wanted[key]
+            raise InputError(f"{path}: checkpoint does not match the model: {key} is {sd}{list(ss)} there, "
+                             f"expected {wd}{list(ws)}")
+
+
+def _digests(root: str) -> dict:
+    out = {}
+    arrays = os.path.join(root, ARRAYS)
+    for directory, _, files in os.walk(arrays):
+        for name in files:
+            full = os.path.join(directory, name)
+            h = hashlib.sha256()
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[os.path.relpath(full, arrays)] = h.hexdigest()
+    return out
+
+
+def _load_v1(path: str, target):
+    """A kdjax-checkpoint v1 file (one msgpack file with a checksummed header)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    header, _, payload = raw.partition(b"\n")
+    if not header.startswith(MAGIC):
+        raise InputError(f"{path}: expected a kdjax checkpoint (a directory with {MANIFEST}, or a "
+                         f"{MAGIC.decode().strip()!r} file), got something else")
+    if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
+        raise InputError(f"{path}: checkpoint is truncated or corrupted (checksum mismatch)")
+    blob = serialization.msgpack_restore(payload)
+    tree, meta = blob["tree"], json.loads(blob["meta"])
+    if target is not None:
+        like = serialization.to_state_dict(target)
+        _check_matches(path, jax.tree_util.tree_map(lambda x: [list(np.shape(x)), np.asarray(x).dtype.name], tree),
+                       like)
+        tree = serialization.from_state_dict(target, tree)
+    return tree, meta
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -69,17 +69,25 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
                 log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
 
         written = {"config": identity, "phase": name, "model": _model_text(model)}
-        save = lambda done, states, losses: checkpoint.save_rotating(path, {"states": states, "losses": losses},
-                                                                     written | {"done": done})
+        saver = checkpoint.RotatingSaver(path)  # writes in the background while the next chunk runs
+        save = lambda done, states, losses: saver({"states": states, "losses": losses}, written | {"done": done})
     else:
-        save = None
+        saver = save = None
 
     progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
     losses_of = None if on_losses is None else (lambda first, losses: on_losses(name, first, losses))
     if mesh is not None and len(seeds) % mesh.shape["members"]:
         mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
-    return fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
-                       on_chunk=progress, mesh=mesh, programs=programs, on_losses=losses_of, **kw)
+    try:
+        result = fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
+                             on_chunk=progress, mesh=mesh, programs=programs, on_losses=losses_of, **kw)
+    except BaseException:
+        if saver is not None:
+            saver.wait(raise_error=False)  # the error in flight is the one to report
+        raise
+    if saver is not None:
+        saver.wait()
+    return result
 
 
 def _model_text(model) -> str:

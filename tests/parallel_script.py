@@ -207,6 +207,13 @@ def fsdp(out_path):
     conv = m.params["layer1"]["0"]["conv1"]["kernel"]
     results["sweep"] = {"state": maxdiff(base, m), "spec": str(conv.sharding.spec),
                         "held": conv.addressable_shards[0].data.size / conv.size}
+    # a checkpoint of the fsdp=4 state restored straight onto fsdp=2 (each device reads its shards)
+    saved = kdjax.create_train_state(student, 5, tokens[:1], mesh=mesh)
+    checkpoint.save(out_path + ".fsdp.ckpt", saved)
+    target = kdjax.create_train_state(student, 6, tokens[:1], mesh=parallel.make_mesh(1, 1, 2))
+    back, _ = checkpoint.load(out_path + ".fsdp.ckpt", target=target)
+    results["restore_on_fsdp_2"] = {"state": maxdiff(saved, back), "held": split_fraction(back.params),
+                                    "devices": len(jax.tree_util.tree_leaves(back.params)[0].sharding.device_set)}
     # user rules: a rule table overrides the default; mistakes are one line each
     rules = [("embed_tokens/embedding", (None, "fsdp")), (r"mlp/.*/kernel", ("fsdp", None))]
     ruled = kdjax.create_train_state(student, 0, tokens[:1], mesh=mesh, rules=rules)

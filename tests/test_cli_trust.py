@@ -103,8 +103,9 @@ def test_unfinished_out_is_refused_and_overwrite_clears_the_old_run(finished, ca
 def test_a_checkpoint_of_another_phase_is_one_line(finished, capsys):
     ckpts = finished / "checkpoints"
     os.remove(finished / "results.json")
-    shutil.copy(ckpts / "teachers.ckpt", ckpts / "students.ckpt")
-    (ckpts / "students.ckpt.prev").unlink(missing_ok=True)
+    shutil.rmtree(ckpts / "students.ckpt")
+    shutil.copytree(ckpts / "teachers.ckpt", ckpts / "students.ckpt")
+    shutil.rmtree(ckpts / "students.ckpt.prev", ignore_errors=True)
     refused(kdjax_here(capsys, "distill", *TINY, "--out", finished, "--resume"),
             "holds the 'teachers' phase of TeacherMLP(hidden_dim=16", "expected the 'students' phase of StudentMLP")
 

@@ -119,6 +119,11 @@ def test_sweep_members_each_sharded_over_fsdp(fsdp):
     assert r["spec"] == "P('members', None, None, 'fsdp')" and r["held"] == 0.125, r  # 1/2 members x 1/4
 
 
+def test_sharded_checkpoint_restores_onto_another_mesh(fsdp):
+    r = fsdp["restore_on_fsdp_2"]  # written from fsdp=4, read into a target on fsdp=2
+    assert r["state"] == 0.0 and r["held"] == 0.5 and r["devices"] == 2, r
+
+
 def test_sharding_rules_apply_to_parameters_and_their_optimizer_state(fsdp):
     specs = fsdp["rules"]
     assert len(specs) == 6, specs  # params, mu, nu of the two ruled arrays

@@ -14,6 +14,7 @@ import pytest
 
 import kdjax
 from kdjax import checkpoint, data, fitting
+from kdjax.errors import InputError
 
 # ----------------------------------------------------------------------------- validation
 
@@ -136,30 +137,116 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta == {"step": 7} and isinstance(back, kdjax.TrainState)
     for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # no temp files left
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+    checkpoint.save(tmp_path / "a.ckpt", st, {"step": 8})  # replaced in place
+    assert checkpoint.load(tmp_path / "a.ckpt")[1] == {"step": 8}
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]  # no temporary or old directories left
+    assert sorted(os.listdir(tmp_path / "a.ckpt")) == ["arrays", "kdjax.json"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def _damage(path, how):
+    arrays = sorted(p for p in (path / "arrays").rglob("*") if p.is_file() and p.stat().st_size > 64)
+    victim = max(arrays, key=lambda p: p.stat().st_size)  # the largest array file
+    raw = victim.read_bytes()
+    if how == "truncate":
+        victim.write_bytes(raw[: len(raw) // 2])
+    elif how == "flip":
+        victim.write_bytes(raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:])
+    elif how == "missing file":
+        victim.unlink()
+    elif how == "garbage manifest":
+        (path / "kdjax.json").write_bytes(b"hello")
+    elif how == "unfinished":  # killed before its manifest was written
+        (path / "kdjax.json").unlink()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing file", "garbage manifest", "unfinished"])
 def test_damaged_checkpoint_names_the_file_and_prev_still_works(tmp_path, damage):
     path = tmp_path / "run.ckpt"
-    checkpoint.save_rotating(path, {"w": np.arange(100.0)}, {"n": 1})
-    checkpoint.save_rotating(path, {"w": np.arange(100.0) * 2}, {"n": 2})
-    raw = path.read_bytes()
-    path.write_bytes({"truncate": raw[: len(raw) // 2], "flip": raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:],
-                      "garbage": b"hello", "empty": b""}[damage])
-    with pytest.raises(ValueError) as e:
+    checkpoint.save_rotating(path, {"w": np.arange(1000.0)}, {"n": 1})
+    checkpoint.save_rotating(path, {"w": np.arange(1000.0) * 2}, {"n": 2})
+    _damage(path, damage)
+    with pytest.raises(InputError) as e:
         checkpoint.load(path)
-    assert str(path) in str(e.value)
+    assert str(e.value).startswith(f"{path}: checkpoint is truncated or corrupted") and "\n" not in str(e.value)
     tree, meta, used, problem = checkpoint.load_latest(path)
     assert used == str(path) + ".prev" and meta == {"n": 1} and str(path) in problem
-    np.testing.assert_array_equal(tree["w"], np.arange(100.0))
+    np.testing.assert_array_equal(tree["w"], np.arange(1000.0))
 
 
-def test_checkpoint_shape_mismatch(tmp_path):
+def test_a_crash_mid_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Killed after the arrays were written but before the rename: the half-written
+    <path>.tmp is ignored by load_latest and cleared by the next save."""
+    path = tmp_path / "run.ckpt"
+    checkpoint.save_rotating(path, {"w": np.arange(10.0)}, {"n": 1})
+
+    def crash(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_fsync_dir", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_rotating(path, {"w": np.arange(10.0) * 2}, {"n": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "run.ckpt.tmp").exists()
+    assert checkpoint.load_latest(path)[1] == {"n": 1}
+    checkpoint.save_rotating(path, {"w": np.arange(10.0) * 3}, {"n": 3})
+    assert sorted(os.listdir(tmp_path)) == ["run.ckpt", "run.ckpt.prev"]
+
+
+def test_background_saves_return_after_the_copy_off_the_device(tmp_path, monkeypatch):
+    """RotatingSaver: the call returns while the write is still running (held here on an
+    event); the next call waits for it; a failed write is raised by the next wait."""
+    import threading
+
+    release, real = threading.Event(), checkpoint.save_rotating
+    monkeypatch.setattr(checkpoint, "save_rotating", lambda *a: (release.wait(5), real(*a)))
+    saver = checkpoint.RotatingSaver(tmp_path / "run.ckpt")
+    x = jnp.arange(6.0)
+    saver({"w": x}, {"n": 1})
+    x.delete()  # the caller donates its arrays to the next step: the host copy is written
+    assert not (tmp_path / "run.ckpt").exists()  # still writing
+    release.set()
+    saver({"w": np.ones(3)}, {"n": 2})  # waits for the first, then writes in the background
+    saver.wait()
+    assert checkpoint.load(tmp_path / "run.ckpt")[1] == {"n": 2}
+    np.testing.assert_array_equal(checkpoint.load(tmp_path / "run.ckpt.prev")[0]["w"], np.arange(6.0))
+    monkeypatch.setattr(checkpoint, "save_rotating", lambda *a: 1 / 0)
+    saver({"w": np.ones(3)})
+    with pytest.raises(ZeroDivisionError):
+        saver.wait()
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """A kdjax <= 2 checkpoint (one msgpack file behind a checksummed header) reads as before."""
+    import hashlib
+
+    from flax import serialization
+
+    st = _state()
+    host = jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(st))
+    payload = serialization.msgpack_serialize({"tree": host, "meta": json.dumps({"v": 1})})
+    (tmp_path / "old.ckpt").write_bytes(b"kdjax-checkpoint v1 " + hashlib.sha256(payload).hexdigest().encode()
+                                        + b"\n" + payload)
+    back, meta = checkpoint.load(tmp_path / "old.ckpt", target=_state())
+    assert meta == {"v": 1}
+    for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "bad.ckpt").write_bytes(b"hello")
+    with pytest.raises(InputError, match="bad.ckpt: expected a kdjax checkpoint"):
+        checkpoint.load(tmp_path / "bad.ckpt")
+
+
+def test_checkpoint_of_another_model_names_the_first_difference(tmp_path):
     checkpoint.save(tmp_path / "a.ckpt", _state())
     other = kdjax.create_train_state(kdjax.StudentMLP(5, 2), jax.random.PRNGKey(0), 3)
-    with pytest.raises(ValueError, match="does not match the model"):
+    with pytest.raises(InputError) as e:
         checkpoint.load(tmp_path / "a.ckpt", target=other)
+    assert str(e.value) == (f"{tmp_path / 'a.ckpt'}: checkpoint does not match the model: "
+                            "['params']['fc1']['bias'] is float32[4] there, "
+                            "expected float32[5]")
+    deeper = kdjax.create_train_state(kdjax.TeacherMLP(4, 2), jax.random.PRNGKey(0), 3)
+    with pytest.raises(InputError, match="checkpoint does not match the model: .* is only in the model"):
+        checkpoint.load(tmp_path / "a.ckpt", target=deeper)
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -213,7 +300,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     want = _leaves(full / "student_distilled.ckpt")
     os.remove(full / "results.json")
     bad = full / "checkpoints" / "students.ckpt"
-    bad.write_bytes(bad.read_bytes()[:100])
+    _damage(bad, "truncate")
     p = _kdjax(ARGS + ["--out", str(full), "--resume"], env)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err

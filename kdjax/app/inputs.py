@@ -60,8 +60,12 @@ def claim_out(args) -> None:
 
 
 def hf_folder(args) -> bool:
-    """``--teacher`` names a Hugging Face checkpoint folder (``--arch llama``)."""
-    return bool(getattr(args, "teacher", None)) and os.path.isdir(args.teacher)
+    """``--teacher`` names a Hugging Face checkpoint folder (``--arch llama``), not a kdjax
+    checkpoint (also a directory: ``kdjax.checkpoint``)."""
+    from kdjax import checkpoint
+
+    teacher = getattr(args, "teacher", None)
+    return bool(teacher) and os.path.isdir(teacher) and not os.path.exists(os.path.join(teacher, checkpoint.MANIFEST))
 
 
 def tokenizer(args):
@@ -261,8 +265,9 @@ def load_teacher(path: str, teacher, ds):
     from kdjax import checkpoint, convert
     from kdjax.train import state_from_params
 
-    if not os.path.isfile(path):
-        raise UsageError(f"--teacher: expected an existing file, got {path}")
+    if not os.path.exists(path):
+        raise UsageError(f"--teacher: expected a kdjax checkpoint or a .pt/.pth file, got {path}, which does not "
+                         f"exist")
     like = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, *ds.input_shape),
                                                                                     ds.x_train.dtype))
     if path.endswith((".pt", ".pth")):
