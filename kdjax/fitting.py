@@ -324,6 +324,8 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     else:
         states, so_far = start
         losses, done = [np.asarray(so_far)], int(np.shape(so_far)[1])
+        if mesh is not None:  # placed as the run leaves them, even when no step is left to run
+            states = parallel.put(states, parallel.model_shardings(states, mesh, members=True))
     total = schedules.shape[-2]
     for a, b in _chunks(total, chunk):
         if b <= done:

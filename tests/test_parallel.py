@@ -180,6 +180,56 @@ def test_two_processes_train_like_one_process(tmp_path, variant):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _two_process_cli(args, port):
+    return [subprocess.Popen([sys.executable, "-m", "kdjax", *args],
+                             env=_env(2, KDJAX_COORDINATOR=f"127.0.0.1:{port}", KDJAX_NUM_PROCESSES="2",
+                                      KDJAX_PROCESS_ID=str(i), KDJAX_CACHE_DIR="off"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _finish(procs, timeout=300):
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def test_two_processes_killed_and_resumed_end_bit_for_bit(tmp_path):
+    """Two processes (2 CPU devices each; members=2 x fsdp=2, each member's parameters split
+    over its process's two devices, every process writing its own shards) are killed with
+    SIGKILL once the students' checkpoint exists, and resumed: the results equal an
+    uninterrupted two-process run bit for bit."""
+    import signal
+    import time
+
+    args = ["distill", "--steps", "600", "--seeds", "2", "--checkpoint-every", "40", "--batch-size", "32",
+            "--mesh", "members=2,fsdp=2", "--no-plots", "--quiet"]
+    outs = _finish(_two_process_cli(args + ["--out", str(tmp_path / "full")], _free_port()))
+    assert "running on mesh members=2 x data=1 x fsdp=2 over 4 cpu device(s) on 2 processes" in outs[0][0]
+    procs = _two_process_cli(args + ["--out", str(tmp_path / "part")], _free_port())
+    ckpt, deadline = tmp_path / "part" / "checkpoints" / "students.ckpt", time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.005)
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    _, meta, _, _ = checkpoint.load_latest(ckpt)
+    assert 0 < meta["done"] < 600 and not (tmp_path / "part" / "results.json").exists()
+    outs = _finish(_two_process_cli(args + ["--out", str(tmp_path / "part"), "--resume"], _free_port()))
+    assert "students: resuming at step" in outs[0][0]
+    for name in ("teacher.ckpt", "student_standard.ckpt", "student_distilled.ckpt"):
+        full, _ = checkpoint.load(tmp_path / "full" / name)
+        part, _ = checkpoint.load(tmp_path / "part" / name)
+        for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(part)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_cli_mesh(tmp_path):
     env = _env(8)
     p = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--steps", "3", "--seeds", "2",

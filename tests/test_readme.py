@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PAGES = {"README.md": README} | {f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 TESTED = ("example", "example-cnn", "example-lm", "example-torch", "example-token", "example-mesh", "example-features",
-          "example-generate")
+          "example-generate", "example-fsdp")
 
 
 def block_after(marker: str, lang: str) -> str:
@@ -71,6 +71,19 @@ def test_mesh_example_runs():
     ns = run_example("example-mesh")
     assert str(ns["state"].params["fc"]["kernel"].sharding.spec) == "P()"
     assert ns["losses"]["loss"].shape == (10,)
+
+
+def test_fsdp_example_runs_on_four_devices():
+    """In a subprocess with 4 forced CPU devices: every parameter split four ways."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", KDJAX_CACHE_DIR="off")
+    p = subprocess.run([sys.executable, "-c", block_after("example-fsdp", "python")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("12 of 12 arrays split") and p.stdout.strip().endswith("per device (25%)"), p.stdout
 
 
 def test_features_example_runs():
