@@ -112,8 +112,6 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     # an OnPolicy objective's "hyper" is the teacher's variables: per member, or shared
     shared_hyper = objective == "ce" or (isinstance(objective, OnPolicy) and not member_teacher_logits)
     hyper_axes = None if shared_hyper else 0
-    if isinstance(objective, OnPolicy) and mesh is not None:
-        raise InputError("mesh: on-policy objectives run on one device for now; got a mesh")
     in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes)  # (state, own data, schedule, rng, hyper)
     split = functools.partial(_split_data, member_teacher_logits)
     if members_per_group is not None:
@@ -134,7 +132,9 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
                              batch_sharding=parallel.data_sharding(mesh),
                              state_sharding=functools.partial(parallel.model_shardings, mesh=mesh, rules=rules))
     jitted = jax.jit(vrun, donate_argnums=0)
-    place = functools.partial(_place_members, mesh, rules, shared_schedule, member_teacher_logits)
+    # an on-policy objective's hyper is a teacher's variables: sharded by the rules, shared or per member
+    teacher_hyper = None if not isinstance(objective, OnPolicy) else "member" if member_teacher_logits else "shared"
+    place = functools.partial(_place_members, mesh, rules, shared_schedule, member_teacher_logits, teacher_hyper)
     return CheckedRun(jitted, place=place)
 
 
@@ -208,7 +208,8 @@ def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size, s
     return jax.lax.map(member, mapped, batch_size=None if size == 1 else size)
 
 
-def _place_members(mesh, rules, shared_schedule, member_teacher_logits, states, data, schedules, args, kwargs):
+def _place_members(mesh, rules, shared_schedule, member_teacher_logits, teacher_hyper, states, data, schedules,
+                   args, kwargs):
     members = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
     parallel.check_divides(members, mesh, "members", "members")
     parallel.check_divides(np.shape(schedules)[-1], mesh, parallel.BATCH, "batch size")
@@ -218,7 +219,11 @@ def _place_members(mesh, rules, shared_schedule, member_teacher_logits, states, 
             for k, v in data.items()}
     schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
     states = parallel.put(states, parallel.model_shardings(states, mesh, rules, members=True))
-    return states, data, schedules, parallel.put(args, mem), kwargs
+    if teacher_hyper is None:
+        return states, data, schedules, parallel.put(args, mem), kwargs
+    rngs, teacher = args
+    teacher = parallel.put(teacher, parallel.model_shardings(teacher, mesh, rules, members=teacher_hyper == "member"))
+    return states, data, schedules, (parallel.put(rngs, mem), teacher), kwargs
 
 
 def evaluate_members(model, params, x, y):

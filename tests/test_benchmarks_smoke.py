@@ -1,6 +1,7 @@
 """The benchmark command runs and writes JSON of the documented shape (timings not checked)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -242,3 +243,19 @@ def test_llama_preset_smoke():
     r = bl.bench_llama(s, repeats=1, eager_torch=True, chunk=8, which=("torch_eager", "kdjax_step", "kdjax_fused"))
     assert set(r["results"]) == {"torch_eager", "kdjax_step", "kdjax_fused"} and r["best_torch"] == "torch_eager"
     assert r["results"]["kdjax_fused"]["temp_bytes"] > 0 and r["tokens_per_step"] == 16
+
+
+def test_sharding_benchmark_smoke(tmp_path):
+    """The memory table's command on 4 forced devices: sharded parameters need less memory per
+    device than replicated ones, by more as the model grows; both step times report."""
+    out = tmp_path / "sharding.json"
+    cmd = [sys.executable, "-m", "benchmarks.sharding", "--hidden", "64", "256", "--layers", "2", "--vocab", "64",
+           "--tokens", "4", "8", "--repeats", "1", "--devices", "4", "--budget-mb", "1", "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["devices"] == 4
+    ratios = [row["fsdp"]["per_device_bytes"] / row["replicated"]["per_device_bytes"] for row in r["rows"]]
+    assert ratios[1] < ratios[0] < 1, ratios
+    assert r["largest"]["fsdp"] is not None and r["step_ms"]["fsdp"] > 0 and r["step_ms"]["replicated"] > 0
