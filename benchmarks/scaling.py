@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         hyper = kdjax.make_hyper(3.0, 0.7)
         runs = {}
         for k in args.devices:
-            data_mesh = parallel.make_mesh(1, k, devices[:k])
+            data_mesh = parallel.make_mesh(1, k, devices=devices[:k])
             sched = data.seed_schedule(jax.random.PRNGKey(k), n, p.batch * k, args.steps)
             fused = kdjax.make_run(student, "kd", mesh=data_mesh)
             members = args.members_per_device * k
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             keys = sweep.member_keys(S)
             member_sched = data.seed_schedule(jax.random.PRNGKey(0), n, p.batch, args.steps)
             swept = sweep.make_sweep_run(student, "kd", shared_schedule=True,
-                                         mesh=parallel.make_mesh(k, 1, devices[:k]))
+                                         mesh=parallel.make_mesh(k, 1, devices=devices[:k]))
             def run_fused(fused=fused, sched=sched):
                 return fused(kdjax.create_train_state(student, 0, x[:1]), d, sched, jax.random.PRNGKey(1), hyper)
 

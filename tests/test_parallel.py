@@ -209,7 +209,7 @@ def test_two_processes_killed_and_resumed_end_bit_for_bit(tmp_path):
     import signal
     import time
 
-    args = ["distill", "--steps", "600", "--seeds", "2", "--checkpoint-every", "40", "--batch-size", "32",
+    args = ["distill", "--steps", "300", "--seeds", "2", "--checkpoint-every", "20", "--batch-size", "32",
             "--mesh", "members=2,fsdp=2", "--no-plots", "--quiet"]
     outs = _finish(_two_process_cli(args + ["--out", str(tmp_path / "full")], _free_port()))
     assert "running on mesh members=2 x data=1 x fsdp=2 over 4 cpu device(s) on 2 processes" in outs[0][0]
@@ -221,7 +221,7 @@ def test_two_processes_killed_and_resumed_end_bit_for_bit(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     _, meta, _, _ = checkpoint.load_latest(ckpt)
-    assert 0 < meta["done"] < 600 and not (tmp_path / "part" / "results.json").exists()
+    assert 0 < meta["done"] < 300 and not (tmp_path / "part" / "results.json").exists()
     outs = _finish(_two_process_cli(args + ["--out", str(tmp_path / "part"), "--resume"], _free_port()))
     assert "students: resuming at step" in outs[0][0]
     for name in ("teacher.ckpt", "student_standard.ckpt", "student_distilled.ckpt"):
