@@ -259,3 +259,12 @@ def test_sharding_benchmark_smoke(tmp_path):
     ratios = [row["fsdp"]["per_device_bytes"] / row["replicated"]["per_device_bytes"] for row in r["rows"]]
     assert ratios[1] < ratios[0] < 1, ratios
     assert r["largest"]["fsdp"] is not None and r["step_ms"]["fsdp"] > 0 and r["step_ms"]["replicated"] > 0
+
+
+def test_step_profile_smoke():
+    """The cifar step's parts, JAX and torch, at batch 4: every row reports."""
+    cmd = [sys.executable, "-m", "benchmarks.step_profile", "--batch", "4", "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for part in ("forward", "forward + backward", "step", "step in lax.scan", "BatchNorm (all, f+b)", "Adam"):
+        assert f"{part} " in proc.stdout, proc.stdout
