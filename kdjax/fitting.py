@@ -235,8 +235,9 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
 
 
 def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None, teacher=None, teacher_state=None,
-                    per_seed_teacher: bool = False):
-    """The batched initial state ``fit_members`` starts from (one member per seed).
+                    per_seed_teacher: bool = False, mesh=None):
+    """The batched initial state ``fit_members`` starts from (one member per seed); with a
+    ``mesh``, created sharded on it (``sweep.init_members(..., mesh=)``).
 
     With a ``kdjax.features.Objective`` that has connectors (or CRD), each member also
     gets its own, shaped from ``teacher`` (``teacher_state``: one teacher, or one per seed
@@ -244,7 +245,7 @@ def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None
     keys = sweeps.member_keys(np.asarray(seeds))
     tx = cfg.tx(len(ds.y_train))
     if not isinstance(objective, features.Objective):
-        return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate, tx=tx)
+        return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate, tx=tx, mesh=mesh)
     params, model_state = init_variables(model, keys["init"], _example(model, ds), members=True)
     example = jax.ShapeDtypeStruct((2, *_example(model, ds).shape[1:]), _example(model, ds).dtype)
     members = []
@@ -319,7 +320,7 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     index = isinstance(objective, features.Objective) and objective.needs_index
     data, args = _device_data(ds, teacher_logits, teacher_features, index, extra_data), (hyper,)
     if start is None:
-        states = init_states if init_states is not None else initial_members(model, ds, cfg, seeds)
+        states = init_states if init_states is not None else initial_members(model, ds, cfg, seeds, mesh=mesh)
         losses, done = [], 0
     else:
         states, so_far = start

@@ -24,6 +24,7 @@ from kdjax.data import epoch_schedule, seed_schedule
 from kdjax.errors import InputError
 from kdjax.train import (CheckedRun, evaluate, init_variables, make_hyper, make_train_step, run_steps,
                          state_from_params)
+from kdjax.train.state import _create_sharded
 
 __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_sweep_run",
            "pick_members_per_group", "evaluate_members", "sweep_hyper"]
@@ -49,18 +50,28 @@ def member_keys(seeds) -> dict[str, np.ndarray]:
     return {"init": words[:, 0:2], "schedule": words[:, 2:4], "dropout": words[:, 4:6]}
 
 
-def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None):
+def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None, mesh=None, rules=None):
     """A batched ``TrainState``: one member per key (leading axis N).
 
     ``example_input`` is an example batch or an int ``input_dim``, as in
     ``create_train_state``; member i starts exactly where ``create_train_state(model,
     init_keys[i], example_input)`` does (params, ``model_state`` and optimizer state).
+    With a ``mesh`` the state is created sharded as ``make_sweep_run(..., mesh=, rules=)``
+    places it (members over ``"members"``, each member's arrays over ``"fsdp"``), as
+    ``create_train_state(..., mesh=)`` does.
     """
     if isinstance(example_input, (int, np.integer)):
         example_input = jax.ShapeDtypeStruct((1, int(example_input)), getattr(model, "dtype", jnp.float32))
+    if mesh is not None and getattr(model, "kdjax_init", None) is None:
+        keys = np.asarray(init_keys)
+        if keys.ndim != 2 or len(keys) == 0:
+            raise InputError(f"init_keys: expected [N, 2] raw keys (N >= 1), got shape {keys.shape}")
+        return _create_sharded(model, keys, example_input, tx, learning_rate, mesh, rules, members=True)
     params, model_state = init_variables(model, init_keys, example_input, members=True)
-    return state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx,
-                             members=True)
+    state = state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx, members=True)
+    if mesh is None:
+        return state
+    return parallel.put(state, parallel.model_shardings(state, mesh, rules, members=True))
 
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,

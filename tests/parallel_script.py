@@ -210,15 +210,19 @@ def fsdp(out_path):
     # two GKD students as one sweep (generation inside the vmapped run), members=2 x fsdp=4
     gkd = onpolicy.OnPolicy(teacher, "gkd", max_new_tokens=4, lmbda=1.0, prompt_length=4)
     keys = sweep.member_keys(np.array([0, 1]))
-    starts = lambda: sweep.init_members(student, keys["init"], tokens[:1])
     lm_sched2 = data.seed_schedule(jax.random.PRNGKey(3), len(tokens), 8, 2)
-    base, lb = sweep.make_sweep_run(student, gkd, shared_schedule=True)(starts(), lm_data, lm_sched2,
+    mesh24 = parallel.make_mesh(2, 1, 4)
+    plain = sweep.init_members(student, keys["init"], tokens[:1])
+    sharded_init = sweep.init_members(student, keys["init"], tokens[:1], mesh=mesh24)  # model.init, out_shardings
+    init_diff, init_held = maxdiff(plain, sharded_init), split_fraction(sharded_init.params)
+    base, lb = sweep.make_sweep_run(student, gkd, shared_schedule=True)(plain, lm_data, lm_sched2,
                                                                         keys["dropout"], t_state.variables)
-    m, lm = sweep.make_sweep_run(student, gkd, shared_schedule=True, mesh=parallel.make_mesh(2, 1, 4))(
-        starts(), lm_data, lm_sched2, keys["dropout"], t_state.variables)
+    m, lm = sweep.make_sweep_run(student, gkd, shared_schedule=True, mesh=mesh24)(
+        sharded_init, lm_data, lm_sched2, keys["dropout"], t_state.variables)
     q = m.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     results["on_policy_sweep"] = {"state": maxdiff(base, m), "loss": maxdiff(lb["loss"], lm["loss"]),
-                                  "held": q.addressable_shards[0].data.size / q.size}
+                                  "held": q.addressable_shards[0].data.size / q.size, "init": init_diff,
+                                  "init_held": init_held}
     # a checkpoint of the fsdp=4 state restored straight onto fsdp=2 (each device reads its shards)
     saved = kdjax.create_train_state(student, 5, tokens[:1], mesh=mesh)
     checkpoint.save(out_path + ".fsdp.ckpt", saved)

@@ -112,6 +112,8 @@ def test_on_policy_and_streaming_steps_with_sharded_parameters(fsdp):
         r = fsdp[name]
         assert r["state"] <= FSDP_BOUND, (name, r)
         assert r["held"] == (0.125 if name == "on_policy_sweep" else 0.25), (name, r)  # sweep: 1/2 members x 1/4
+    r = fsdp["on_policy_sweep"]  # the members' states created sharded (sweep.init_members(..., mesh=))
+    assert r["init"] == 0.0 and r["init_held"] == 0.125, r
 
 
 def test_sweep_members_each_sharded_over_fsdp(fsdp):

@@ -192,19 +192,25 @@ def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTran
     return state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
 
 
-def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules) -> TrainState:
+def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules, members: bool = False) -> TrainState:
+    """``create_train_state`` (``members``: ``sweep.init_members``) as one program whose
+    ``out_shardings`` are the rules' (equal to the unsharded init: JAX's partitionable
+    random bits do not depend on the sharding)."""
     _check_model(model, "model")
     _check_lr(learning_rate)
     struct = _example_struct(example_input)
     shape, dtype = struct.shape, np.dtype(struct.dtype)
 
     def build(key):
-        params, model_state = _model_init(model, key, shape, dtype)
+        one = lambda k: _model_init(model, k, shape, dtype)
+        params, model_state = jax.vmap(one)(key) if members else one(key)
         opt = adam(float(learning_rate), jax.tree_util.tree_leaves(params)[0].dtype) if tx is None else tx
-        return TrainState(jnp.zeros((), jnp.int32), params, model_state, opt.init(params))
+        lead = key.shape[:1] if members else ()
+        return TrainState(jnp.zeros(lead, jnp.int32), params, model_state,
+                          (jax.vmap(opt.init) if members else opt.init)(params))
 
-    key = _raw_key(rng)
-    out = parallel.model_shardings(jax.eval_shape(build, key), mesh, rules)
+    key = np.asarray(rng) if members else _raw_key(rng)
+    out = parallel.model_shardings(jax.eval_shape(build, key), mesh, rules, members=members)
     return jax.jit(build, out_shardings=out)(parallel.put(key, parallel.replicated(mesh)))
 
 
