@@ -178,7 +178,7 @@ def check_rules(rules, mesh: Mesh | None = None, *trees) -> tuple:
                 raise InputError(f"rule {pattern!r}: expected mesh axes 'fsdp', 'data' or None per dimension, "
                                  f"got {bad[0]!r}")
         out.append((pattern, spec))
-    if trees:
+    if trees and out:
         paths = [p for tree in trees for p, _ in _leaf_paths(_collections(tree))]
         for pattern, _ in out:
             if not any(re.search(pattern, p) for p in paths):

@@ -208,23 +208,33 @@ def constrained_step(state, *args, step, mesh, rules):
     return state, parallel.constrain(metrics, parallel.replicated(mesh))
 
 
+def _is_model(x) -> bool:
+    """A teacher's params, variables or ``TrainState`` (not a ``Hyper``, key or None)."""
+    return x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))
+
+
 def place_model_args(mesh, rules, args):
     """Place a step's trailing arguments: a ``Hyper``, a key or None replicated; a teacher's
     params, variables or ``TrainState`` sharded by ``rules``."""
-    def one(x):
-        if x is None or isinstance(x, (Hyper, jax.Array, np.ndarray)):
-            return parallel.put(x, parallel.replicated(mesh))
-        return parallel.put(x, parallel.model_shardings(x, mesh, rules))
-    return tuple(one(x) for x in args)
+    return tuple(parallel.put(x, parallel.model_shardings(x, mesh, rules) if _is_model(x)
+                              else parallel.replicated(mesh)) for x in args)
+
+
+def _layout(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((x.shape, x.dtype) if isinstance(x, (jax.Array, np.ndarray)) else (np.shape(x), type(x))
+                          for x in leaves)
 
 
 class MeshStep:
     """A jitted step on a mesh: places the host-fed batch (each process's rows) over
     ``"data"`` and ``"fsdp"``, the state and teacher by the sharding rules, the rest
-    replicated, then calls it. Other attributes are the jitted function's."""
+    replicated, then calls it. The shardings (and the rules' check) are worked out once
+    per layout of the arguments. Other attributes are the jitted function's."""
 
     def __init__(self, jitted, mesh, rules=()):
         self.jitted, self.mesh, self.rules = jitted, mesh, rules
+        self._placements = {}  # argument layouts -> their shardings
         functools.update_wrapper(self, jitted)
 
     def __call__(self, state, batch, rng, *rest):
@@ -237,11 +247,17 @@ class MeshStep:
             return jax.make_array_from_process_local_data(rows, np.asarray(x))
 
         batch = {k: place(v) for k, v in batch.items()}
-        teachers = [x for x in rest if x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))]
-        parallel.check_rules(self.rules, self.mesh, state.params, *[getattr(t, "params", t) for t in teachers])
-        state = parallel.put(state, parallel.model_shardings(state, self.mesh, self.rules))
-        rng, = place_model_args(self.mesh, self.rules, (rng,))
-        return self.jitted(state, batch, rng, *place_model_args(self.mesh, self.rules, rest))
+        args = (state, rng, *rest)
+        key = tuple(_layout(x) for x in args)
+        placements = self._placements.get(key)
+        if placements is None:
+            teachers = [getattr(t, "params", t) for t in rest if _is_model(t)]
+            parallel.check_rules(self.rules, self.mesh, state.params, *teachers)
+            rep = parallel.replicated(self.mesh)
+            placements = [parallel.model_shardings(x, self.mesh, self.rules) if _is_model(x) else rep for x in args]
+            self._placements[key] = placements
+        state, rng, *rest = [parallel.put(x, s) for x, s in zip(args, placements)]
+        return self.jitted(state, batch, rng, *rest)
 
     def __getattr__(self, name):
         return getattr(self.jitted, name)
@@ -340,8 +356,7 @@ def _replicated_metrics(*args, run, mesh, **kwargs):
 def _place_run(mesh, rules, state, data, schedule, args, kwargs):
     parallel.check_divides(np.shape(schedule)[-1], mesh, parallel.BATCH, "batch size")
     rep = parallel.replicated(mesh)
-    teachers = [x for x in list(args[1:]) + list(kwargs.values())
-                if x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))]
+    teachers = [x for x in list(args[1:]) + list(kwargs.values()) if _is_model(x)]
     parallel.check_rules(rules, mesh, state.params, *[getattr(t, "params", t) for t in teachers])
     return (parallel.put(state, parallel.model_shardings(state, mesh, rules)), parallel.put(data, rep),
             parallel.put(schedule, parallel.schedule_sharding(mesh)), place_model_args(mesh, rules, args),
