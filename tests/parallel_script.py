@@ -29,6 +29,18 @@ def maxdiff(a, b) -> float:
     return max(float(np.max(np.abs(u.astype(np.float64) - v.astype(np.float64)))) for u, v in zip(leaves(a), leaves(b)))
 
 
+def messages(calls: dict) -> dict:
+    """``{name: the InputError's message, or "no error"}`` of each call."""
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "no error"
+        except InputError as e:
+            out[name] = str(e)
+    return out
+
+
 def digits(n=512):
     ds = data.digits(images=True)
     return ds.x_train[:n], ds.y_train[:n]
@@ -112,19 +124,14 @@ def single(out_path):
                                             "grad_spec": str(split[1][0].sharding.spec)}
     # user mistakes: one InputError each, before anything compiles
     errors = {"compiles before errors": srun._cache_size()}
-    bad = {"batch not divisible by data": lambda: kdjax.make_run(model, "ce", mesh=parallel.make_mesh(1, 8))(
+    errors |= messages({
+           "batch not divisible by data": lambda: kdjax.make_run(model, "ce", mesh=parallel.make_mesh(1, 8))(
                kdjax.create_train_state(model, 0, x[:1]), d, sched[:, :60], rng),
            "members not divisible": lambda: sweep.make_sweep_run(student, "kd", shared_schedule=True, mesh=mesh)(
                sweep.init_members(student, keys["init"][:6], x[:1]), d, sched, keys["dropout"][:6],
                sweep.sweep_hyper(T[:6], A[:6])),
            "mesh larger than devices": lambda: parallel.make_mesh(4, 4),
-           "streaming rows not divisible": lambda: step8(b, {"x": x[:60], "y": y[:60]}, rng)}
-    for name, call in bad.items():
-        try:
-            call()
-            errors[name] = "no error"
-        except InputError as e:
-            errors[name] = str(e)
+           "streaming rows not divisible": lambda: step8(b, {"x": x[:60], "y": y[:60]}, rng)})
     errors["compiles after errors"] = srun._cache_size()
     results["errors"] = errors
     with open(out_path, "w") as f:
@@ -235,20 +242,13 @@ def fsdp(out_path):
     ruled = kdjax.create_train_state(student, 0, tokens[:1], mesh=mesh, rules=rules)
     specs = {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_leaves_with_path(ruled)}
     results["rules"] = {k: v for k, v in specs.items() if "embed_tokens" in k or "up_proj" in k}
-    errors = {}
-    bad = {"rule names nothing": lambda: kdjax.make_run(student, "kd", teacher=teacher, mesh=mesh,
+    errors = messages({"rule names nothing": lambda: kdjax.make_run(student, "kd", teacher=teacher, mesh=mesh,
                                                         rules=[("no_such_layer", (None,))])(
                kdjax.create_train_state(student, 0, tokens[:1]), lm_data, lm_sched, rng, h, t_state),
            "rule does not divide": lambda: kdjax.create_train_state(
                student, 0, tokens[:1], mesh=parallel.make_mesh(1, 1, 3), rules=[("q_proj/kernel", (None, "fsdp"))]),
            "rule axis unknown": lambda: parallel.param_specs(ruled.params, mesh, [("kernel", ("tp", None))]),
-           "rule rank": lambda: parallel.param_specs(ruled.params, mesh, [("q_proj/kernel", ("fsdp",))])}
-    for name, call in bad.items():
-        try:
-            call()
-            errors[name] = "no error"
-        except InputError as e:
-            errors[name] = str(e)
+           "rule rank": lambda: parallel.param_specs(ruled.params, mesh, [("q_proj/kernel", ("fsdp",))])})
     results["errors"] = errors
     with open(out_path, "w") as f:
         json.dump(results, f)

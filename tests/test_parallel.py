@@ -26,13 +26,18 @@ def _env(devices: int, **extra) -> dict:
     return {**env, **extra}
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "results.json"
-    p = subprocess.run([sys.executable, SCRIPT, "single", str(out)], env=_env(8), capture_output=True,
+def script_results(mode: str, directory) -> dict:
+    """``parallel_script.py MODE`` on 8 forced CPU devices: its JSON results."""
+    out = directory / "results.json"
+    p = subprocess.run([sys.executable, SCRIPT, mode, str(out)], env=_env(8), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    return script_results("single", tmp_path_factory.mktemp("mesh"))
 
 
 # float64: the data-parallel runs reorder the batch sums (a reduction per device, then an

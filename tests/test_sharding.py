@@ -3,26 +3,19 @@ runs equal one device in float64, every device holds its share, sharding rules a
 mistakes, sharded checkpoints restored onto another mesh, and two processes killed and
 resumed bit for bit."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from kdjax import checkpoint
-from test_parallel import SCRIPT, _env, _finish, _free_port, _two_process_cli
+from test_parallel import _finish, _free_port, _two_process_cli, script_results
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "results.json"
-    p = subprocess.run([sys.executable, SCRIPT, "fsdp", str(out)], env=_env(8), capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(out.read_text())
+    return script_results("fsdp", tmp_path_factory.mktemp("fsdp"))
 
 
 # float64, fsdp=4 x data=2 against one device: the partitioner reorders sums (per-device
