@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", nargs="*", default=None,
                     help="time only these (torch_eager, torch_eager_cached, torch_compile, torch_compile_func, "
                          "torch_func_sweep, keras_distiller, keras_distiller_spe, kdjax_step, kdjax_fused, "
-                         "kdjax_sweep; on a GPU also "
+                         "kdjax_sweep; for the image presets also torch_eager_cached_channels_last (cifar), "
+                         "torch_eager_channels_last, torch_compile_channels_last (features); on a GPU also "
                          "torch_compile_func_graphs, torch_func_sweep_graphs)")
     ap.add_argument("--eager-torch", action="store_true",
                     help="run the torch.compile rows uncompiled (smoke tests: code paths, not speed)")
@@ -86,11 +87,11 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision(PRECISIONS[args.precision][1])
 
     from benchmarks.bench import bench_preset, matmul_peak
-    from benchmarks.presets import GPU_IMPLS, IMPLS, PRESETS
+    from benchmarks.presets import GPU_IMPLS, IMAGE_IMPLS, IMPLS, PRESETS
 
     gpu = args.device == "gpu"
-    which = tuple(args.impl) if args.impl else IMPLS + (GPU_IMPLS if gpu else ())
-    known = IMPLS + GPU_IMPLS
+    which = tuple(args.impl) if args.impl else IMPLS + IMAGE_IMPLS + (GPU_IMPLS if gpu else ())
+    known = IMPLS + IMAGE_IMPLS + GPU_IMPLS
     if set(which) - set(known):
         print(f"benchmarks: error: --impl expected some of {', '.join(known)}, got "
               f"{', '.join(sorted(set(which) - set(known)))}", file=sys.stderr)

@@ -35,6 +35,7 @@ def make_impls(p: Preset, inp: Inputs, which=IMPLS, eager_torch: bool = False) -
     c = not eager_torch
     table = {"torch_eager": lambda: TorchEager(p, inp),
              "torch_eager_cached": lambda: TorchEager(p, inp, cached=True),
+             "torch_eager_cached_channels_last": lambda: TorchEager(p, inp, cached=True, channels_last=True),
              "torch_compile": lambda: TorchEager(p, inp, compiled=True, use_compile=c),
              "torch_compile_func": lambda: TorchFunc(p, inp, compiled=c),
              "torch_func_sweep": lambda: TorchFunc(p, inp, sweep_members=True, compiled=c),
@@ -46,7 +47,8 @@ def make_impls(p: Preset, inp: Inputs, which=IMPLS, eager_torch: bool = False) -
              "kdjax_step": lambda: KdjaxStep(p, inp),
              "kdjax_fused": lambda: KdjaxFused(p, inp),
              "kdjax_sweep": lambda: KdjaxSweep(p, inp)}
-    return [table[name]() for name in which if name in p.impls or name in GPU_IMPLS and not p.image]
+    names = [n for n in p.impls if n in which] + [n for n in GPU_IMPLS if n in which and not p.image]
+    return [table[name]() for name in names]  # in the preset's order
 
 
 def matmul_peak(torch_device: str, n: int, repeats: int = 10) -> dict:

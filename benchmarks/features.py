@@ -12,6 +12,8 @@ Rows (same process, same weights, same batches, interleaved repetitions, medians
 * ``torch_eager``: what torchdistill and mdistiller do: forward hooks on the teacher's and
   the student's stages collect the features, the loss, backward, ``SGD.step()``;
 * ``torch_compile``: ``torch.compile`` of that whole step (hooks inside);
+* ``torch_eager_channels_last``, ``torch_compile_channels_last``: the same with models and
+  images in channels-last memory (NHWC; oneDNN's fast convolution layout on CPU);
 * ``kdjax_step``: a Python loop over ``kdjax.make_train_step(student, objective, teacher=)``;
 * ``kdjax_fused``: ``kdjax.make_run``: the same steps as one ``lax.scan``.
 
@@ -20,6 +22,7 @@ Before timing, every row's first two losses must equal ``kdjax_step``'s to a rel
 
 from __future__ import annotations
 
+import copy
 import time
 
 import jax
@@ -37,7 +40,8 @@ BATCH, STEPS, NUM = 64, 3, 512
 T, KD_W, HINT_W, AT_W = 4.0, 1.0, 100.0, 1000.0
 HINT_LAYER = "layer3"
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
-IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused")
+IMPLS = ("torch_eager", "torch_compile", "torch_eager_channels_last", "torch_compile_channels_last", "kdjax_step",
+         "kdjax_fused")
 
 
 def preset(steps: int = STEPS):
@@ -65,6 +69,8 @@ class _Shared:
         self.connector = ({"conv": {"kernel": c["conv.weight"].transpose(2, 3, 1, 0), "bias": c["conv.bias"]},
                            "bn": {"scale": c["bn.weight"], "bias": c["bn.bias"]}},
                           {"batch_stats": {"bn": {"mean": c["bn.running_mean"], "var": c["bn.running_var"]}}})
+        # the channels-last rows' teacher: a copy made before any row hooks the original
+        self.teacher_cl = copy.deepcopy(self.inp.t_teacher).to(memory_format=torch.channels_last)
         self.obj = objective(self.stages)
         self.tx = kdjax.sgd(SGD["lr"], SGD["momentum"], SGD["weight_decay"])
 
@@ -78,9 +84,9 @@ class _Shared:
 
 
 class TorchHooks(Impl):
-    def __init__(self, sh: _Shared, compiled: bool, use_compile: bool = True):
-        self.sh, self.compiled = sh, compiled and use_compile
-        self.name = "torch_compile" if compiled else "torch_eager"
+    def __init__(self, sh: _Shared, compiled: bool, use_compile: bool = True, channels_last: bool = False):
+        self.sh, self.compiled, self.channels_last = sh, compiled and use_compile, channels_last
+        self.name = ("torch_compile" if compiled else "torch_eager") + ("_channels_last" if channels_last else "")
 
     def setup(self):
         sh, inp, dev = self.sh, self.sh.inp, self.sh.inp.tdev
@@ -88,17 +94,21 @@ class TorchHooks(Impl):
         self.student.load_state_dict(inp.t_student.state_dict())
         conv_reg = fref.ConvReg(sh.p.student[1][2], sh.p.teacher[1][2]).to(dev)
         conv_reg.load_state_dict(sh.conv_reg.state_dict())
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        teacher = sh.teacher_cl if self.channels_last else inp.t_teacher
+        self.student.to(memory_format=layout), conv_reg.to(memory_format=layout)
         self.student.train(), conv_reg.train()
         opt = torch.optim.SGD(list(self.student.parameters()) + list(conv_reg.parameters()), **SGD)
         feats = {"s": {}, "t": {}}
         layers = [f"layer{i}" for i in range(1, sh.stages + 1)]
-        for who, model in (("s", self.student), ("t", inp.t_teacher)):
+        for who, model in (("s", self.student), ("t", teacher)):
             for name in layers:
                 getattr(model, name).register_forward_hook(
                     lambda mod, args, out, who=who, name=name: feats[who].__setitem__(name, out))
         x, y = torch.from_numpy(inp.x_torch).to(dev), torch.from_numpy(inp.y).long().to(dev)
-        self.batches = [(x[i], y[i]) for i in torch.from_numpy(inp.schedule.copy()).long().to(dev)]
-        teacher, student = inp.t_teacher, self.student
+        self.batches = [(x[i].contiguous(memory_format=layout), y[i])
+                        for i in torch.from_numpy(inp.schedule.copy()).long().to(dev)]
+        student = self.student
 
         def step(xb, yb):
             opt.zero_grad(set_to_none=True)
@@ -199,6 +209,9 @@ def bench_features(*, steps: int = STEPS, repeats: int = 3, torch_device: str = 
     sh = _Shared(steps, torch_device, p)
     table = {"torch_eager": lambda: TorchHooks(sh, compiled=False),
              "torch_compile": lambda: TorchHooks(sh, compiled=True, use_compile=not eager_torch),
+             "torch_eager_channels_last": lambda: TorchHooks(sh, compiled=False, channels_last=True),
+             "torch_compile_channels_last": lambda: TorchHooks(sh, compiled=True, use_compile=not eager_torch,
+                                                               channels_last=True),
              "kdjax_step": lambda: KdjaxStep(sh), "kdjax_fused": lambda: KdjaxFused(sh)}
     rows = [table[n]() for n in IMPLS if n in which]
     if not any(r.name == "kdjax_step" for r in rows):

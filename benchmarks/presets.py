@@ -21,6 +21,8 @@ IMPLS = ("torch_eager", "torch_eager_cached", "torch_compile", "torch_compile_fu
          "keras_distiller", "keras_distiller_spe", "kdjax_step", "kdjax_fused", "kdjax_sweep")
 PEERS = ("torch", "keras")  # rows whose names start so are the peers kdjax is compared with
 GPU_IMPLS = ("torch_compile_func_graphs", "torch_func_sweep_graphs")  # CUDA graphs: on a GPU only
+# torch with images in channels-last memory (oneDNN's fast convolution layout on CPU): image presets only
+IMAGE_IMPLS = ("torch_eager_cached_channels_last", "torch_eager_channels_last", "torch_compile_channels_last")
 SWEEP_ROWS = ("torch_func_sweep", "kdjax_sweep")  # timed per student-step
 TEACHER_ONLINE = ("torch_eager", "torch_compile", "keras_distiller", "keras_distiller_spe", "kdjax_step")
 
@@ -108,7 +110,8 @@ PRESETS = {
     # a CIFAR-stem ResNet-18-shaped teacher (half width) -> a 4-block ResNet student, CIFAR images
     "cifar": Preset("cifar", ((2, 2, 2, 2), (32, 64, 128, 256)), ((1, 1, 1, 1), (16, 32, 64, 128)), 128,
                     1024, 3, 1, image=(32, 32, 3),
-                    impls=("torch_eager", "torch_eager_cached", "torch_compile", "kdjax_step", "kdjax_fused")),
+                    impls=("torch_eager", "torch_eager_cached", "torch_eager_cached_channels_last", "torch_compile",
+                           "kdjax_step", "kdjax_fused")),
 }
 
 
