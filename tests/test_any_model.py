@@ -381,16 +381,20 @@ def test_schedules_closed_forms():
         kdjax.sgd(0.1, momentum=0.0, nesterov=True)
 
 
-@pytest.mark.parametrize("hw,k,stride,pads", [(8, 3, 1, ((1, 1), (1, 1))), (8, 3, 2, ((1, 1), (1, 1))),
-                                              (7, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, ((0, 0), (0, 0))),
-                                              (15, 7, 2, ((3, 3), (3, 3))), (8, 3, 2, ((0, 1), (0, 1)))])
-def test_conv2d_gradients_equal_autodiff(hw, k, stride, pads):
-    """conv2d's written-out gradients are autodiff's, in float64, forward and reverse."""
+@pytest.mark.parametrize("hw,k,stride,pads,batch", [(8, 3, 1, ((1, 1), (1, 1)), 3), (8, 3, 2, ((1, 1), (1, 1)), 3),
+                                                    (7, 3, 2, ((1, 1), (1, 1)), 3), (8, 1, 2, ((0, 0), (0, 0)), 3),
+                                                    (15, 7, 2, ((3, 3), (3, 3)), 3), (8, 3, 2, ((0, 1), (0, 1)), 3),
+                                                    (7, 3, 2, ((1, 1), (1, 1)), 37), (8, 3, 1, ((1, 1), (1, 1)), 32)])
+def test_conv2d_gradients_equal_autodiff(hw, k, stride, pads, batch):
+    """conv2d's written-out gradients are autodiff's, in float64, forward and reverse; a
+    batch of 37 or 32 has its kernel gradient summed over chunks of 16 images."""
     from kdjax.models import conv2d
+    from kdjax.models.resnet import WEIGHT_GRAD_IMAGES
 
+    assert batch < 16 or batch > WEIGHT_GRAD_IMAGES  # the chunks are what the large batches test
     with jax.enable_x64(True):
         rng = np.random.default_rng(hw * k + stride)
-        x, w = jnp.asarray(rng.normal(size=(3, hw, hw, 4))), jnp.asarray(rng.normal(size=(k, k, 4, 5)))
+        x, w = jnp.asarray(rng.normal(size=(batch, hw, hw, 4))), jnp.asarray(rng.normal(size=(k, k, 4, 5)))
         plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
                                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
         loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))

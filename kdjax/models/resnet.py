@@ -23,8 +23,10 @@ The convolutions' gradients are written out (``conv2d``) so that, on CPU, every
 convolution XLA sees is in its canonical NHWC/HWIO form: autodiff's transposed
 convolutions are not, and inside a ``lax.scan`` (a fused run) XLA:CPU then falls back
 to a loop up to 30x slower than the same convolution outside it (jax-ml/jax#12868).
-The numbers are the same (the same convolutions, with explicit transposes). Being a
-``custom_vjp``, ``conv2d`` supports reverse-mode differentiation only (no ``jax.jvp``).
+The numbers are the same (the same convolutions, with explicit transposes; the kernel's
+gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images, which is faster on CPU and
+rounds differently from one convolution over the whole batch). Being a ``custom_vjp``,
+``conv2d`` supports reverse-mode differentiation only (no ``jax.jvp``).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class BatchNorm(nn.Module):
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
+WEIGHT_GRAD_IMAGES = 16  # images per weight-gradient convolution on CPU (see _canonical_grads)
 
 
 def _conv_fwd_only(x, kernel, stride, pads):
@@ -127,10 +130,16 @@ def _canonical_grads(x, kernel, dy, stride, pads):
         dilated = (dy.shape[1 + d] - 1) * s + 1
         dx_pads.append((k - 1 - lo, x.shape[1 + d] - dilated + lo))
     dx = lax.conv_general_dilated(dy, flipped, (1, 1), dx_pads, lhs_dilation=(s, s), dimension_numbers=_DN)
-    # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel
+    # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel; summed over
+    # chunks of images, since XLA:CPU's convolution with a kernel as large as the image runs
+    # ~1.7x faster on 16 images than on 128 (docs/benchmarks.md, "XLA options on CPU")
     dk_pads = [(lo, k + (dy.shape[1 + d] - 1) * s - x.shape[1 + d] - lo) for d, (lo, _) in enumerate(pads)]
-    dk = lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
-                                  dk_pads, rhs_dilation=(s, s), dimension_numbers=_DN)
+    dk = None
+    for a in range(0, x.shape[0], WEIGHT_GRAD_IMAGES):
+        xs, dys = x[a:a + WEIGHT_GRAD_IMAGES], dy[a:a + WEIGHT_GRAD_IMAGES]
+        part = lax.conv_general_dilated(jnp.transpose(xs, (3, 1, 2, 0)), jnp.transpose(dys, (1, 2, 0, 3)), (1, 1),
+                                        dk_pads, rhs_dilation=(s, s), dimension_numbers=_DN)
+        dk = part if dk is None else dk + part
     return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
 
