@@ -25,8 +25,10 @@ convolutions are not, and inside a ``lax.scan`` (a fused run) XLA:CPU then falls
 to a loop up to 30x slower than the same convolution outside it (jax-ml/jax#12868).
 The numbers are the same (the same convolutions, with explicit transposes; the kernel's
 gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images, which is faster on CPU and
-rounds differently from one convolution over the whole batch). Being a ``custom_vjp``,
-``conv2d`` supports reverse-mode differentiation only (no ``jax.jvp``).
+rounds differently from one convolution over the whole batch). Being ``custom_vjp``s,
+``conv2d`` and training-mode ``BatchNorm`` (``batch_norm_train``, whose closed-form
+gradient saves a pass over the activations) support reverse-mode differentiation only
+(no ``jax.jvp``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 from kdjax.models.mlp import host_generator, torch_linear_init
 
-__all__ = ["BatchNorm", "Conv", "conv2d", "BasicBlock", "ResNet", "resnet18", "init_variables", "STEMS"]
+__all__ = ["BatchNorm", "batch_norm_train", "Conv", "conv2d", "BasicBlock", "ResNet", "resnet18", "init_variables",
+           "STEMS"]
 
 STEMS = ("cifar", "imagenet")
 
@@ -63,7 +66,8 @@ class BatchNorm(nn.Module):
     (``m = momentum``, ``n`` values per channel). Evaluation: the running statistics.
     Params ``scale`` (PyTorch ``weight``) and ``bias``; ``batch_stats`` ``mean``
     (``running_mean``) and ``var`` (``running_var``). Initialisation does not update
-    the statistics.
+    the statistics. In training the gradient is the closed form of ``batch_norm_train``
+    (reverse-mode only).
     """
 
     momentum: float = 0.1
@@ -77,23 +81,74 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.dtype))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.dtype))
-        axes = tuple(range(x.ndim - 1))
         if train:
             n = x.size // c
             if n < 2:
                 raise InputError(f"BatchNorm: expected more than 1 value per channel in training "
                                  f"(as PyTorch), got input shape {x.shape}")
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean.reshape((1,) * len(axes) + (c,))), axes)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        shape = (1,) * len(axes) + (c,)
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
+            return y
+        inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+        return (x - _per_channel(ra_mean.value, x)) * _per_channel(inv, x) + _per_channel(bias, x)
+
+
+def _per_channel(v, x):
+    """A ``[channels]`` vector shaped to broadcast against ``x`` (channels last)."""
+    return v.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _batch_norm_plain(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - _per_channel(mean, x)), axes)
+    inv = jax.lax.rsqrt(var + epsilon) * scale
+    return (x - _per_channel(mean, x)) * _per_channel(inv, x) + _per_channel(bias, x), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+    r"""BatchNorm of ``x`` on its batch statistics (every axis but the last): returns
+    ``(y, mean, var)`` with :math:`y = (x - \mu_B)/\sigma \cdot w + b`, the *biased*
+    variance :math:`\sigma^2_B` and :math:`\sigma = \sqrt{\sigma^2_B + \epsilon}`.
+
+    Its gradient is the closed form (as PyTorch's batch-norm backward), two reductions and
+    one elementwise pass instead of autodiff's chain through the mean and the variance;
+    with :math:`\hat x = (x - \mu_B)/\sigma` and averages over the ``n`` values of a channel,
+
+    .. math::
+        \partial x = \frac{w}{\sigma}\big(g - \overline{g} - \hat x\,\overline{g \hat x}\big)
+        + \frac{g_\mu}{n} + \frac{2 g_{\sigma^2}}{n}(x - \mu_B),\quad
+        \partial w = \textstyle\sum g \hat x,\quad \partial b = \sum g
+
+    (:math:`g_\mu, g_{\sigma^2}`: the cotangents of the returned statistics, zero in a
+    loss). Reverse-mode only (a ``custom_vjp``).
+    """
+    return _batch_norm_plain(x, scale, bias, epsilon)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    y, mean, var = _batch_norm_plain(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    g, g_mean, g_var = cotangents
+    axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
+    inv = jax.lax.rsqrt(var + epsilon)
+    centred = x - _per_channel(mean, x)
+    sum_g, sum_gc = jnp.sum(g, axes), jnp.sum(g * centred, axes)
+    dx = _per_channel(scale * inv, x) * (g - _per_channel(sum_g / n, x)
+                                         - centred * _per_channel(inv * inv * sum_gc / n, x))
+    dx = dx + _per_channel(g_mean / n, x) + centred * _per_channel(2 * g_var / n, x)
+    return dx, sum_gc * inv, sum_g
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
