@@ -4,7 +4,8 @@
 
 The ``cifar`` preset's student (ResNet (1, 1, 1, 1) x (16, 32, 64, 128), 32x32x3 inputs,
 batch 128), cross-entropy, Adam, in both libraries, split into parts each timed on its
-own (medians, interleaved JAX/torch, after a warm-up):
+own (medians, interleaved JAX/torch, after a warm-up; torch both in its default NCHW memory
+and in channels-last, oneDNN's faster layout on CPU):
 
 * ``forward``: the training-mode forward pass (BatchNorm on batch statistics);
 * ``forward + backward``: the loss's parameter gradients;
@@ -89,25 +90,6 @@ def main(argv=None) -> int:
     grads = grad_j(state.params, state.model_state)[0]
     key = jax.random.PRNGKey(0)
 
-    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
-    student_t.train()
-    opt = torch.optim.Adam(student_t.parameters(), lr=1e-3, foreach=True)
-
-    def fwd_t():
-        with torch.no_grad():
-            student_t(xt)
-
-    def grad_t():
-        student_t.zero_grad(set_to_none=True)
-        F.cross_entropy(student_t(xt), yt).backward()
-
-    def step_t():
-        grad_t()
-        opt.step()
-
-    grad_t()
-    opt_only = torch.optim.Adam(student_t.parameters(), lr=1e-9, foreach=True)
-
     bn = []
     for hw, c in _bn_shapes(args.batch):
         xb, gb = rng.standard_normal((2, args.batch, hw, hw, c)).astype(np.float32)  # input, output gradient
@@ -115,42 +97,74 @@ def main(argv=None) -> int:
         v = mod.init(key, jnp.asarray(xb[:2]), train=False)
         f = jax.jit(jax.grad(lambda prm, xx, g, m=mod, s=v["batch_stats"]: jnp.sum(g * m.apply(
             {"params": prm, "batch_stats": s}, xx, train=True, mutable=["batch_stats"])[0]), (0, 1)))
-        to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
-        wt, bt = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
-        rm, rv = torch.zeros(c), torch.ones(c)
-        bn.append((f, v["params"], jnp.asarray(xb), jnp.asarray(gb), to_t(xb).requires_grad_(), to_t(gb), wt, bt,
-                   rm, rv))
+        bn.append((f, v["params"], jnp.asarray(xb), jnp.asarray(gb), xb, gb))
 
     def bn_j():
         for f, prm, xb, gb, *_ in bn:
             jax.block_until_ready(f(prm, xb, gb))
 
-    def bn_t():
-        for *_, xbt, gbt, wt, bt, rm, rv in bn:
-            out = F.batch_norm(xbt, rm, rv, wt, bt, training=True, momentum=0.1)
-            torch.autograd.grad(out, (xbt, wt, bt), gbt)
+    def torch_parts(layout):
+        """forward, forward + backward, step, BatchNorm, Adam of a torch student in ``layout``."""
+        import copy
 
+        model = copy.deepcopy(student_t).to(memory_format=layout).train()
+        to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=layout)
+        xt, yt = to_t(x), torch.from_numpy(y)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+
+        def fwd_t():
+            with torch.no_grad():
+                model(xt)
+
+        def grad_t():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xt), yt).backward()
+
+        def step_t():
+            grad_t()
+            opt.step()
+
+        grad_t()
+        opt_only = torch.optim.Adam(model.parameters(), lr=1e-9, foreach=True)
+        bn_inputs = [(to_t(xb).requires_grad_(), to_t(gb), torch.ones(xb.shape[-1], requires_grad=True),
+                      torch.zeros(xb.shape[-1], requires_grad=True), torch.zeros(xb.shape[-1]), torch.ones(xb.shape[-1]))
+                     for *_, xb, gb in bn]
+
+        def bn_t():
+            for xbt, gbt, wt, bt, rm, rv in bn_inputs:
+                out = F.batch_norm(xbt, rm, rv, wt, bt, training=True, momentum=0.1)
+                torch.autograd.grad(out, (xbt, wt, bt), gbt)
+
+        return {"forward": fwd_t, "forward + backward": grad_t, "step": step_t, "BatchNorm (all, f+b)": bn_t,
+                "Adam": opt_only.step}
+
+    torch_rows = {"torch": torch_parts(torch.contiguous_format), "torch CL": torch_parts(torch.channels_last)}
     rows = {
-        "forward": (lambda: jax.block_until_ready(fwd_j(variables)), fwd_t),
-        "forward + backward": (lambda: jax.block_until_ready(grad_j(state.params, state.model_state)), grad_t),
-        "step": (lambda: jax.block_until_ready(step_j(state, batch, key)), step_t),
-        "step in lax.scan": (lambda: jax.block_until_ready(run_j(state, batch, sched, key)), None),
-        "BatchNorm (all, f+b)": (bn_j, bn_t),
-        "Adam": (lambda: jax.block_until_ready(adam_j(grads, state.opt_state, state.params)), opt_only.step),
+        "forward": lambda: jax.block_until_ready(fwd_j(variables)),
+        "forward + backward": lambda: jax.block_until_ready(grad_j(state.params, state.model_state)),
+        "step": lambda: jax.block_until_ready(step_j(state, batch, key)),
+        "step in lax.scan": lambda: jax.block_until_ready(run_j(state, batch, sched, key)),
+        "BatchNorm (all, f+b)": bn_j,
+        "Adam": lambda: jax.block_until_ready(adam_j(grads, state.opt_state, state.params)),
     }
     fns = {}
-    for name, (j, t) in rows.items():
+    for name, j in rows.items():
         fns[("jax", name)] = j
-        if t is not None:
-            fns[("torch", name)] = t
+        for lib, parts in torch_rows.items():
+            if name in parts:
+                fns[(lib, name)] = parts[name]
     ms = _time(fns, args.repeats)
     ms[("jax", "step in lax.scan")] /= steps
     print(f"cifar student, batch {args.batch}, medians of {args.repeats} interleaved (ms); jax {jax.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"{'part':>22} {'jax':>8} {'torch':>8} {'jax/torch':>10}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); torch CL: channels-last memory")
+    print(f"{'part':>22} {'jax':>8} {'torch':>8} {'torch CL':>9} {'jax/best torch':>15}")
     for name in rows:
-        j, t = ms[("jax", name)], ms.get(("torch", name))
-        print(f"{name:>22} {j:>8.1f} " + (f"{t:>8.1f} {j / t:>9.2f}x" if t is not None else f"{'-':>8} {'-':>10}"))
+        j, t, cl = ms[("jax", name)], ms.get(("torch", name)), ms.get(("torch CL", name))
+        if t is None:  # the fused run has no torch counterpart: against torch's best step
+            best = min(ms[("torch", "step")], ms[("torch CL", "step")])
+            print(f"{name:>22} {j:>8.1f} {'-':>8} {'-':>9} {j / best:>14.2f}x (best torch step)")
+            continue
+        print(f"{name:>22} {j:>8.1f} {t:>8.1f} {cl:>9.1f} {j / min(t, cl):>14.2f}x")
     return 0
 
 
