@@ -298,3 +298,14 @@ def test_step_profile_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     for part in ("forward", "forward + backward", "step", "step in lax.scan", "BatchNorm (all, f+b)", "Adam"):
         assert f"{part} " in proc.stdout, proc.stdout
+
+
+def test_conv_profile_smoke():
+    """Every convolution of the cifar student, JAX against torch in both layouts, at batch 2."""
+    cmd = [sys.executable, "-m", "benchmarks.conv_profile", "--batch", "2", "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch CL f+b" in proc.stdout and "layer4.0.conv2" in proc.stdout, proc.stdout
+    total = [line for line in proc.stdout.splitlines() if line.startswith("│ total")]
+    assert len(total) == 1 and len(total[0].split("│")) == 12, proc.stdout  # 10 columns
+
