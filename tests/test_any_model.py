@@ -404,14 +404,16 @@ def test_batch_norm_gradient_equals_autodiff(shape):
 @pytest.mark.parametrize("hw,k,stride,pads,batch", [(8, 3, 1, ((1, 1), (1, 1)), 3), (8, 3, 2, ((1, 1), (1, 1)), 3),
                                                     (7, 3, 2, ((1, 1), (1, 1)), 3), (8, 1, 2, ((0, 0), (0, 0)), 3),
                                                     (15, 7, 2, ((3, 3), (3, 3)), 3), (8, 3, 2, ((0, 1), (0, 1)), 3),
-                                                    (7, 3, 2, ((1, 1), (1, 1)), 37), (8, 3, 1, ((1, 1), (1, 1)), 32)])
+                                                    (7, 3, 2, ((1, 1), (1, 1)), 37), (8, 3, 1, ((1, 1), (1, 1)), 32),
+                                                    (5, 3, 1, ((1, 1), (1, 1)), 201)])
 def test_conv2d_gradients_equal_autodiff(hw, k, stride, pads, batch):
     """conv2d's written-out gradients are autodiff's, in float64, forward and reverse; a
-    batch of 37 or 32 has its kernel gradient summed over chunks of 16 images."""
+    batch of 37 or 32 has its kernel gradient summed over chunks of 16 images, one of 201
+    over 8 chunks (7 of 26 images and 19)."""
     from kdjax.models import conv2d
-    from kdjax.models.resnet import WEIGHT_GRAD_IMAGES
+    from kdjax.models.resnet import WEIGHT_GRAD_CHUNKS, WEIGHT_GRAD_IMAGES
 
-    assert batch < 16 or batch > WEIGHT_GRAD_IMAGES  # the chunks are what the large batches test
+    assert (WEIGHT_GRAD_IMAGES, WEIGHT_GRAD_CHUNKS) == (16, 8)  # the chunkings the batches above test
     with jax.enable_x64(True):
         rng = np.random.default_rng(hw * k + stride)
         x, w = jnp.asarray(rng.normal(size=(batch, hw, hw, 4))), jnp.asarray(rng.normal(size=(k, k, 4, 5)))

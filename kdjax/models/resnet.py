@@ -24,8 +24,9 @@ convolution XLA sees is in its canonical NHWC/HWIO form: autodiff's transposed
 convolutions are not, and inside a ``lax.scan`` (a fused run) XLA:CPU then falls back
 to a loop up to 30x slower than the same convolution outside it (jax-ml/jax#12868).
 The numbers are the same (the same convolutions, with explicit transposes; the kernel's
-gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images, which is faster on CPU and
-rounds differently from one convolution over the whole batch). Being ``custom_vjp``s,
+gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images, or ``WEIGHT_GRAD_CHUNKS``
+chunks of a large batch, which is faster on CPU and rounds differently from one
+convolution over the whole batch). Being ``custom_vjp``s,
 ``conv2d`` and training-mode ``BatchNorm`` (``batch_norm_train``, whose closed-form
 gradient saves a pass over the activations) support reverse-mode differentiation only
 (no ``jax.jvp``).
@@ -152,7 +153,9 @@ batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
-WEIGHT_GRAD_IMAGES = 16  # images per weight-gradient convolution on CPU (see _canonical_grads)
+# images per weight-gradient convolution on CPU (see _canonical_grads), and at most this many
+# convolutions per gradient (larger chunks for larger batches: the program stays small)
+WEIGHT_GRAD_IMAGES, WEIGHT_GRAD_CHUNKS = 16, 8
 
 
 def _conv_fwd_only(x, kernel, stride, pads):
@@ -189,9 +192,9 @@ def _canonical_grads(x, kernel, dy, stride, pads):
     # chunks of images, since XLA:CPU's convolution with a kernel as large as the image runs
     # ~1.7x faster on 16 images than on 128 (docs/benchmarks.md, "XLA options on CPU")
     dk_pads = [(lo, k + (dy.shape[1 + d] - 1) * s - x.shape[1 + d] - lo) for d, (lo, _) in enumerate(pads)]
-    dk = None
-    for a in range(0, x.shape[0], WEIGHT_GRAD_IMAGES):
-        xs, dys = x[a:a + WEIGHT_GRAD_IMAGES], dy[a:a + WEIGHT_GRAD_IMAGES]
+    dk, size = None, max(WEIGHT_GRAD_IMAGES, -(-x.shape[0] // WEIGHT_GRAD_CHUNKS))
+    for a in range(0, x.shape[0], size):
+        xs, dys = x[a:a + size], dy[a:a + size]
         part = lax.conv_general_dilated(jnp.transpose(xs, (3, 1, 2, 0)), jnp.transpose(dys, (1, 2, 0, 3)), (1, 1),
                                         dk_pads, rhs_dilation=(s, s), dimension_numbers=_DN)
         dk = part if dk is None else dk + part
