@@ -93,8 +93,7 @@ class BatchNorm(nn.Module):
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
             return y
-        inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-        return (x - _per_channel(ra_mean.value, x)) * _per_channel(inv, x) + _per_channel(bias, x)
+        return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
 
 
 def _per_channel(v, x):
@@ -102,12 +101,16 @@ def _per_channel(v, x):
     return v.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
+def _normalize(x, mean, var, scale, bias, epsilon):
+    inv = jax.lax.rsqrt(var + epsilon) * scale
+    return (x - _per_channel(mean, x)) * _per_channel(inv, x) + _per_channel(bias, x)
+
+
 def _batch_norm_plain(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axes)
     var = jnp.mean(jnp.square(x - _per_channel(mean, x)), axes)
-    inv = jax.lax.rsqrt(var + epsilon) * scale
-    return (x - _per_channel(mean, x)) * _per_channel(inv, x) + _per_channel(bias, x), mean, var
+    return _normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
