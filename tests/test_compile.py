@@ -13,7 +13,8 @@ import pytest
 
 import kdjax
 from kdjax import sweep
-from kdjax.fitting import RunConfig, fit_members, paired_students
+from kdjax import workflows
+from kdjax.fitting import Programs, RunConfig, fit, fit_members, paired_students
 
 _EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
 
@@ -66,6 +67,27 @@ def test_a_run_compiles_only_its_training_program(seed_data):
         fit_members(kdjax.StudentMLP(11, 5), "kd", seed_data, cfg, chunk=3,
                     **paired_students([0, 1], logits, 2.0, 0.5))
     assert [name for _, name in seen] == ["jit(_vmapped_run)"]  # the members' vmapped run_steps
+
+
+def test_a_programs_object_compiles_each_program_once(seed_data):
+    """The ``Programs()`` a caller passes is the one that keeps the runs, also while it is
+    still empty (an empty one is falsy: ``programs or Programs()`` would drop it and
+    compile again on every call): a second call on the same model and shapes compiles
+    nothing, whatever its seeds, hyperparameters or teacher."""
+    cfg = RunConfig(steps=6, batch_size=16)
+    model, programs = kdjax.StudentMLP(12, 5), Programs()
+    logits = np.zeros((len(seed_data.y_train), 5), np.float32)
+    fit_members(model, "kd", seed_data, cfg, **paired_students([0], logits, 2.0, 0.5), programs=programs)
+    fit(model, "ce", seed_data, cfg, 0, programs=programs)
+    assert len(programs) == 2
+    with compiles() as seen:
+        fit_members(model, "kd", seed_data, cfg, **paired_students([3], logits + 1, 4.0, 0.9), programs=programs)
+        fit(model, "ce", seed_data, cfg, 1, programs=programs)
+    assert seen == [] and len(programs) == 2
+    # a workflow fills the caller's Programs too: the teachers' run and the students' run
+    programs = Programs()
+    workflows.distill(kdjax.TeacherMLP(16, 5), model, seed_data, cfg, [0], programs=programs)
+    assert len(programs) == 2
 
 
 def test_member_keys_make_no_device_program():
