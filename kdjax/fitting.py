@@ -250,7 +250,9 @@ def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None
     example = jax.ShapeDtypeStruct((2, *_example(model, ds).shape[1:]), _example(model, ds).dtype)
     members = []
     for i, k in enumerate(keys["init"]):
-        t_state = jax.tree_util.tree_map(lambda a: a[i], teacher_state) if per_seed_teacher else teacher_state
+        # member i on the host: indexing device arrays would compile a program per leaf shape
+        t_state = jax.tree_util.tree_map(lambda a: parallel.to_host(a)[i], teacher_state) if per_seed_teacher \
+            else teacher_state
         one = jax.tree_util.tree_map(lambda a: a[i], (params, model_state))
         # the connectors' key: the member's init words, folded (the student's own init is unchanged)
         members.append(features.init_connectors(objective, np.asarray(k) ^ np.uint32(0x9E3779B9), *one, model,
