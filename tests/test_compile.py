@@ -36,6 +36,23 @@ def compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+@contextlib.contextmanager
+def traces():
+    """The name of every function traced for jit inside the block (a program built again
+    is traced again, even when its compiled form then comes from a persistent cache)."""
+    seen = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            seen.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.mark.parametrize("members", [False, True])
 def test_host_built_adam_state_equals_optax_init(members):
     """state_from_params builds kdjax's adam state on the host (nothing compiled); it must

@@ -227,18 +227,25 @@ def test_teacher_generations_cache_and_seqkd_data(setup, tmp_path):
 def test_cli_on_policy_experiment(tmp_path, capsys):
     """kdjax on-policy at toy sizes: every method trains and is evaluated, results.json has
     the per-seed figures and the paired differences; bad options are one line."""
+    import collections
     import json
 
     from test_cli import kdjax_here
+    from test_compile import traces
 
     tiny = ["--length", "3", "--train", "32", "--test", "16", "--teacher-layers", "1", "--teacher-dim", "16",
             "--student-dim", "8", "--teacher-steps", "10", "--steps", "2", "--batch-size", "8", "--seeds", "2",
             "--quiet"]
     # kd and reverse_kl are other options of gkd's program (their steps are tested above): left out to save
     # their compiles; seqkd reuses sft's program
-    p = kdjax_here(capsys, "on-policy", *tiny, "--warmup", "2", "--methods", "sft", "seqkd", "gkd",
-                   "--out", tmp_path / "o")
+    with traces() as seen:
+        p = kdjax_here(capsys, "on-policy", *tiny, "--warmup", "2", "--methods", "sft", "seqkd", "gkd",
+                       "--out", tmp_path / "o")
     assert p.returncode == 0, p.stderr
+    # each program is built once for all seeds and methods: the teacher's and the students' supervised
+    # runs (warm-up, sft and seqkd: 2 steps each) and gkd's on-policy run
+    counts = collections.Counter(seen)
+    assert counts["run_steps"] == 2 and counts["run"] == 1, counts
     r = json.loads((tmp_path / "o" / "results.json").read_text())
     assert set(r["mean_ci"]) == {"sft", "seqkd", "gkd"} and len(r["per_seed"]["gkd"]["accuracy"]) == 2
     assert set(r["paired_vs_sft"]) == {"seqkd", "gkd"}

@@ -111,32 +111,50 @@ def evaluate(model, variables, teacher, t_variables, prompts, answers, task: Tas
     return {"accuracy": float(correct.mean()), "teacher_nll": nll, "bits_per_token": float(-logp.mean() / np.log(2))}
 
 
-def train_student(s: Setup, method: str, seed: int, teacher, t_state, prompts, answers, teacher_answers):
-    """The student after ``s.steps`` updates of ``method`` (init and prompt schedule from
-    ``seed``; identical across methods)."""
-    import kdjax
-    from kdjax import onpolicy
+class Runs:
+    """The compiled training runs of one experiment, each built once and reused by every
+    seed and method (a run built per call would compile its program again)."""
 
-    student = s.model(*s.student)
+    def __init__(self, s: Setup, teacher):
+        import kdjax
+
+        self.s, self.teacher, self.student = s, teacher, s.model(*s.student)
+        self.ce = kdjax.make_run(self.student, "ce")  # the warm-up, sft and seqkd
+        self._on_policy: dict = {}
+
+    def on_policy(self, method: str, max_new_tokens: int):
+        from kdjax import onpolicy
+
+        key = (method, max_new_tokens)
+        if key not in self._on_policy:
+            options = {"kd": dict(method="gkd", lmbda=0.0, beta=0.0),
+                       "gkd": dict(method="gkd", lmbda=0.5, beta=0.5, temperature=0.9),
+                       "reverse_kl": dict(method="reverse_kl")}[method]
+            self._on_policy[key] = onpolicy.make_on_policy_run(self.student, self.teacher,
+                                                               max_new_tokens=max_new_tokens, eos_id=self.s.task.eos,
+                                                               **options)
+        return self._on_policy[key]
+
+
+def train_student(s: Setup, method: str, seed: int, runs: Runs, t_state, prompts, answers, teacher_answers):
+    """The student after ``s.steps`` updates of ``method`` (init and prompt schedule from
+    ``seed``; identical across methods), trained by ``runs``' programs."""
+    import kdjax
+
+    student = runs.student
     state = kdjax.create_train_state(student, 1000 + seed, prompts[:1], learning_rate=s.lr)
     if s.warmup:  # the same supervised start for every method
         warm = kdjax.data.seed_schedule(jax.random.PRNGKey(3000 + seed), len(prompts), s.batch, s.warmup)
-        state, _ = kdjax.make_run(student, "ce")(state, _sequence_data(prompts, answers), warm,
-                                                 jax.random.PRNGKey(4000 + seed))
+        state, _ = runs.ce(state, _sequence_data(prompts, answers), warm, jax.random.PRNGKey(4000 + seed))
     schedule = kdjax.data.seed_schedule(jax.random.PRNGKey(1000 + seed), len(prompts), s.batch, s.steps)
     rng = jax.random.PRNGKey(2000 + seed)
     if method in ("sft", "seqkd"):
         data = _sequence_data(prompts, answers if method == "sft" else teacher_answers)
-        state, m = kdjax.make_run(student, "ce")(state, data, schedule, rng)
+        state, m = runs.ce(state, data, schedule, rng)
         return student, state, np.asarray(m["loss"])
-    options = {"kd": dict(method="gkd", lmbda=0.0, beta=0.0),
-               "gkd": dict(method="gkd", lmbda=0.5, beta=0.5, temperature=0.9),
-               "reverse_kl": dict(method="reverse_kl")}[method]
     data = {"prompts": prompts, "prompt_mask": np.ones(prompts.shape, bool), "completions": answers,
             "completion_mask": np.ones(answers.shape, bool)}
-    run = onpolicy.make_on_policy_run(student, teacher, max_new_tokens=answers.shape[1], eos_id=s.task.eos,
-                                      **options)
-    state, m = run(state, data, schedule, rng, t_state)
+    state, m = runs.on_policy(method, answers.shape[1])(state, data, schedule, rng, t_state)
     return student, state, np.asarray(m["loss"])
 
 
@@ -155,9 +173,10 @@ def run(s: Setup, seeds, methods=METHODS, log=lambda line: None) -> dict:
     greedy = rollout(teacher, t_state.variables, jnp.asarray(prompts), answers.shape[1], eos_id=s.task.eos)
     teacher_answers = np.asarray(greedy.tokens[:, prompts.shape[1]:])
     per = {m: {k: [] for k in ("accuracy", "teacher_nll", "bits_per_token")} for m in methods}
+    runs = Runs(s, teacher)
     for method in methods:
         for seed in seeds:
-            student, state, _ = train_student(s, method, seed, teacher, t_state, prompts, answers, teacher_answers)
+            student, state, _ = train_student(s, method, seed, runs, t_state, prompts, answers, teacher_answers)
             ev = evaluate(student, state.variables, teacher, t_state.variables, test_p, test_a, s.task, seed)
             for k, v in ev.items():
                 per[method][k].append(v)
