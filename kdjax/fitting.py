@@ -145,7 +145,13 @@ class Programs:
 
 
 def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
-    size = size or max(1, -(-total // 20))  # ~20 chunks for a progress bar
+    """``(start, end)`` of each compiled call: ``size`` steps each (the last one shorter when
+    ``size`` does not divide ``total``), or by default about 20 equal chunks for a progress
+    bar: a divisor of ``total`` that gives 5 to 40 chunks, the count nearest 20, since a
+    shorter last chunk is another program to compile (else ``ceil(total / 20)`` steps)."""
+    if not size:
+        fits = [d for d in range(max(1, total // 40), total // 5 + 1) if total % d == 0 and 5 <= total // d <= 40]
+        size = min(fits, key=lambda d: abs(total // d - 20)) if fits else max(1, -(-total // 20))
     return [(a, min(a + size, total)) for a in range(0, total, size)]
 
 

@@ -14,7 +14,7 @@ import pytest
 import kdjax
 from kdjax import sweep
 from kdjax import workflows
-from kdjax.fitting import Programs, RunConfig, fit, fit_members, paired_students
+from kdjax.fitting import Programs, RunConfig, _chunks, fit, fit_members, paired_students
 
 _EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
 
@@ -105,6 +105,17 @@ def test_a_programs_object_compiles_each_program_once(seed_data):
     programs = Programs()
     workflows.distill(kdjax.TeacherMLP(16, 5), model, seed_data, cfg, [0], programs=programs)
     assert len(programs) == 2
+
+
+def test_the_default_chunks_are_one_program(seed_data):
+    """Without a chunk size a run is cut into about 20 equal chunks where a divisor of its
+    length allows (a shorter last chunk would be a second program to compile)."""
+    assert [b - a for a, b in _chunks(450, None)] == [25] * 18
+    assert [b - a for a, b in _chunks(2003, None)] == [101] * 19 + [84]  # a prime: ~20 chunks, one shorter
+    assert [b - a for a, b in _chunks(10, 4)] == [4, 4, 2]  # a size given is kept
+    with compiles() as seen:
+        fit_members(kdjax.StudentMLP(13, 5), "ce", seed_data, RunConfig(steps=21, batch_size=16), [0])
+    assert [name for _, name in seen if name] == ["jit(_vmapped_run)"]
 
 
 def test_member_keys_make_no_device_program():
