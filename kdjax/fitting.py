@@ -229,8 +229,9 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
         state = create_train_state(model, keys["init"], _example(model, ds), learning_rate=cfg.learning_rate,
                                    tx=cfg.tx(len(ds.y_train)))
     data = _device_data(ds, teacher_logits)
-    run = (programs if programs is not None else Programs()).run(model, objective, cfg._tx_key(len(ds.y_train)),
-                                       mesh=None if mesh is None else parallel.data_only(mesh))
+    programs = Programs() if programs is None else programs  # not `or`: an empty Programs is falsy
+    run = programs.run(model, objective, cfg._tx_key(len(ds.y_train)),
+                       mesh=None if mesh is None else parallel.data_only(mesh))
     args, losses = (hyper,) if objective != "ce" else (), []
     for a, b in _chunks(len(schedule), chunk):
         state, m = run(state, data, schedule[a:b], keys["dropout"], *args)
@@ -322,9 +323,9 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     if teacher_variables is not None:
         per_member_teacher, hyper = bool(member_teachers), teacher_variables
     n = len(ds.y_train)
-    run = (programs if programs is not None else Programs()).run(model, objective, cfg._tx_key(n), members=True, shared_schedule=shared,
-                                       member_teacher_logits=per_member_teacher, mesh=mesh,
-                                       members_per_group=members_per_group)
+    programs = Programs() if programs is None else programs  # not `or`: an empty Programs is falsy
+    run = programs.run(model, objective, cfg._tx_key(n), members=True, shared_schedule=shared,
+                       member_teacher_logits=per_member_teacher, mesh=mesh, members_per_group=members_per_group)
     index = isinstance(objective, features.Objective) and objective.needs_index
     data, args = _device_data(ds, teacher_logits, teacher_features, index, extra_data), (hyper,)
     if start is None:

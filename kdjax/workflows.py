@@ -218,7 +218,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     make_hyper(temperature, alpha)  # validates before anything trains
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
-                              mesh=mesh, programs=programs if programs is not None else Programs(), on_losses=on_losses)
+                              mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
     transfer = ds if transfer is None else transfer
     if transfer.input_shape != ds.input_shape or transfer.num_classes != ds.num_classes:
         raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
@@ -312,7 +312,7 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
         raise InputError(f"indices: expected token ids in [0, {width}) (the student's vocabulary), got ids from "
                          f"{int(indices.min())} to {int(indices.max())}")
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
-                              mesh=mesh, programs=programs if programs is not None else Programs(), on_losses=on_losses)
+                              mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
     from kdjax.fused import FusedLM
 
     objective = (FusedLM(missing=missing) if fused and hasattr(student, "output_layer")
@@ -381,7 +381,7 @@ def run_sweep(teacher, student, ds: Dataset, cfg: RunConfig, temperatures, alpha
         raise InputError(f"sweep: expected equal, non-zero numbers of temperatures, alphas and seeds, got "
                          f"{np.size(hyper.temperature)}, {np.size(hyper.alpha)} and {len(seeds)}")
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, mesh=mesh,
-                              programs=programs if programs is not None else Programs(), on_losses=on_losses)
+                              programs=Programs() if programs is None else programs, on_losses=on_losses)
     members = teacher_state is None  # a trained teacher is a batch of one
     if members:
         first = int(seeds[0]) if teacher_seed is None else int(teacher_seed)
@@ -437,7 +437,7 @@ def tuned_distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence
     ``on_losses`` as ``"tuning teachers"`` and ``"tuning students"``).
     """
     tuning_seeds = list(seeds if tuning_seeds is None else tuning_seeds)
-    programs = programs if programs is not None else Programs()
+    programs = Programs() if programs is None else programs
     tune = data.validation_split(ds, validation_fraction)
     T, A, S = sweeps.grid(temperatures, alphas, tuning_seeds)
     sub = None if checkpoints is None else dataclasses.replace(
