@@ -113,9 +113,10 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     ``members_per_group`` (no mesh): run the members ``members_per_group`` at a time,
     one group after another in the same program (``lax.map`` over groups, each group a
     ``vmap``; 1 is members in sequence). The default, None, is one ``vmap`` of all of
-    them. Every choice computes the same per-member functions; the floating-point
-    results may differ in the last bits (XLA may order a batched matmul's sums
-    differently from an unbatched one's). ``pick_members_per_group`` chooses by timing.
+    them (for one member, its plain program: ``make_run``'s results, bitwise). Every
+    choice computes the same per-member functions; the floating-point results may differ
+    in the last bits (XLA may order a batched matmul's sums differently from an unbatched
+    one's). ``pick_members_per_group`` chooses by timing.
     """
     from kdjax.onpolicy import OnPolicy
 
@@ -161,6 +162,10 @@ def _split_data(per_member: bool, data):
 
 def _vmapped_run(states, data, schedules, rngs, hyper, *, step, in_axes, split, batch_sharding,
                  state_sharding=None):
+    if batch_sharding is None and np.shape(jax.tree_util.tree_leaves(states)[0])[0] == 1:
+        # one member: XLA:CPU runs a vmap over a batch of one slower than the plain program
+        # (the seed teacher: 833 vs 656 us/step); the same member function, unbatched
+        return _grouped_run(states, data, schedules, rngs, hyper, step=step, in_axes=in_axes, size=1, split=split)
     shared, own = split(data)
 
     def member(state, own, schedule, rng, hyp):
