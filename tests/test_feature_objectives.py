@@ -13,7 +13,7 @@ from kdjax import features
 from kdjax.errors import InputError
 from kdjax.features import crd
 from kdjax.fitting import RunConfig
-from test_compile import compiles
+from test_compile import compiles, traces
 
 T_NET, S_NET = kdjax.ResNet((1, 1), (8, 16), 4), kdjax.ResNet((1, 1), (4, 8), 4)
 X = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8, 8, 3)), jnp.float32)
@@ -189,10 +189,11 @@ def test_workflow_pairs_standard_and_objective_students():
                             ds.num_classes)
     t, s = kdjax.ResNet((1,), (8,), 10), kdjax.ResNet((1,), (4,), 10)
     obj = features.objective(terms=[("hint", "layer1", "layer1", 10.0)])
-    with compiles() as seen:
+    with compiles() as seen, traces() as traced:
         r = kdjax.workflows.distill(t, s, ds, RunConfig(steps=3, batch_size=16), [0, 1], objective=obj)
     # the members' teachers are taken on the host (indexing device arrays compiles a program per leaf shape)
     assert not {"jit(dynamic_slice)", "jit(squeeze)", "jit(gather)"} & {name for _, name in seen}, seen
+    assert traced.count("_init_variables") == 1, traced  # one connector init program for both members
     assert r.losses["standard"].shape == (2, 3) and r.losses["distilled"].shape == (2, 3)
     assert "connectors" in r.distilled_states.params and "connectors" not in r.students.params
     standard_init = kdjax.fitting.initial_members(s, ds, RunConfig(steps=3, batch_size=16), [0, 1])

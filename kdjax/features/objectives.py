@@ -17,6 +17,7 @@ student's own model ignores them; ``student_variables`` strips them for export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -273,8 +274,7 @@ class Objective:
                                    "classes": jax.device_put(crd_lib.class_index(labels))}
             elif term.connected:
                 conn = connector_for(s.shape, t.shape, dtype=s.dtype)
-                variables = jax.jit(conn.init, static_argnames="train")(k, jnp.zeros(s.shape, s.dtype), train=False)
-                variables = dict(flax.core.unfreeze(variables))
+                variables = dict(flax.core.unfreeze(_init_variables(conn, k, s.shape, s.dtype)))
                 params[term.key] = variables.pop("params")
                 if variables:
                     state[term.key] = variables
@@ -300,7 +300,13 @@ def _raw_key(rng):
 
 
 def _init_params(module, key, struct):
-    return jax.jit(module.init)(key, jnp.zeros(struct.shape, struct.dtype))["params"]
+    return _init_variables(module, key, struct.shape, struct.dtype)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_variables(module, key, shape, dtype):
+    # jitted once per module and shape (modules hash by their fields), not once per student
+    return module.init(key, jnp.zeros(shape, dtype), train=False)
 
 
 def _as_variables(tree) -> dict:
