@@ -153,15 +153,17 @@ def load(path: str | os.PathLike, target=None):
     With ``target`` (a pytree of the same structure, e.g. a freshly initialised
     ``TrainState``, possibly sharded on a mesh) the tree is restored into that structure,
     each array placed as the target's (read shard by shard: a checkpoint written on one
-    mesh restores onto another); shapes and dtypes are checked first. Without, nested
-    dicts of NumPy arrays are returned. A damaged checkpoint raises ``InputError``.
+    mesh restores onto another); shapes and dtypes are checked first. A dict ``target``
+    may name only some of the saved dict's entries: the others come back as NumPy.
+    ``target`` may also be a function ``meta -> target``, called once the checkpoint is
+    verified and before any array is read (to check the metadata first, or to shape
+    the target by it). Without a target, nested dicts of NumPy arrays are returned. A
+    damaged checkpoint raises ``InputError``.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _load_v1(path, target)
-    manifest = _manifest(path)
-    tree = _restore(path, manifest["arrays"], target)
-    return tree, manifest["meta"]
+        return _read_v1(path, _verified_v1(path), target)
+    return _read(path, _manifest(path), target)
 
 
 def load_latest(path: str | os.PathLike, target=None):
@@ -169,7 +171,8 @@ def load_latest(path: str | os.PathLike, target=None):
 
     Returns ``(tree, meta, used_path, problem)`` where ``problem`` is the error message
     of a damaged ``path`` (None if it was fine); raises ``FileNotFoundError`` if
-    neither exists and ``InputError`` if neither is usable.
+    neither exists and ``InputError`` if neither is usable. ``target`` as in ``load``;
+    its errors (and a checkpoint that does not match it) are raised, not taken for damage.
     """
     path = os.fspath(path)
     problem = None
@@ -177,13 +180,21 @@ def load_latest(path: str | os.PathLike, target=None):
         if not os.path.exists(candidate):
             continue
         try:
-            tree, meta = load(candidate, target)
-            return tree, meta, candidate, problem
+            verified = _verified_v1(candidate) if os.path.isfile(candidate) else _manifest(candidate)
         except InputError as e:
             problem = problem or str(e)
+            continue
+        read = _read_v1 if os.path.isfile(candidate) else _read
+        return (*read(candidate, verified, target), candidate, problem)
     if problem:
         raise InputError(problem)
     raise FileNotFoundError(path)
+
+
+def _read(path: str, manifest: dict, target):
+    meta = manifest["meta"]
+    target = target(meta) if callable(target) else target
+    return _restore(path, manifest["arrays"], target), meta
 
 
 def _manifest(path: str) -> dict:
@@ -211,15 +222,39 @@ def _manifest(path: str) -> dict:
 def _restore(path: str, arrays: dict, target):
     import orbax.checkpoint as ocp
 
-    if target is None:
-        like = jax.tree_util.tree_map(lambda s: np.empty(s[0], jax.numpy.dtype(s[1])), arrays, is_leaf=_is_spec)
-    else:
-        like = serialization.to_state_dict(target)
-        _check_matches(path, arrays, like)
-        like = jax.tree_util.tree_map(_abstract, like)
+    like = _like(path, arrays, _empty, target)
     with ocp.StandardCheckpointer() as reader:
-        tree = reader.restore(os.path.abspath(os.path.join(path, ARRAYS)), like)
-    return tree if target is None else serialization.from_state_dict(target, tree)
+        tree = reader.restore(os.path.abspath(os.path.join(path, ARRAYS)), jax.tree_util.tree_map(_abstract, like))
+    return _into(target, tree)
+
+
+def _like(path: str, saved, as_saved, target):
+    """What to restore: the target's arrays (checked against the saved shapes and dtypes),
+    and ``as_saved(spec)`` for every saved entry a dict target leaves out."""
+    if target is None:
+        return jax.tree_util.tree_map(as_saved, saved, is_leaf=_is_spec)
+    like = serialization.to_state_dict(target)
+    if isinstance(target, dict) and isinstance(saved, dict):
+        like = {**{k: jax.tree_util.tree_map(as_saved, v, is_leaf=_is_spec) for k, v in saved.items()
+                   if k not in target}, **like}
+    _check_matches(path, saved, like)
+    return like
+
+
+def _into(target, tree):
+    """``tree`` (a restored state dict) in ``target``'s structure, each array placed as the
+    target's (entries a dict target leaves out, as they are)."""
+    if target is None:
+        return tree
+    place = lambda t, x: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x  # (v1: host arrays)
+    if isinstance(target, dict) and isinstance(tree, dict):
+        part = serialization.from_state_dict(target, {k: tree[k] for k in target})
+        return {**tree, **jax.tree_util.tree_map(place, target, part)}
+    return jax.tree_util.tree_map(place, target, serialization.from_state_dict(target, tree))
+
+
+def _empty(spec) -> np.ndarray:
+    return np.empty(spec[0], jax.numpy.dtype(spec[1]))  # (jax's dtype names: bfloat16 too)
 
 
 def _abstract(x):
@@ -265,8 +300,8 @@ def _digests(root: str) -> dict:
     return out
 
 
-def _load_v1(path: str, target):
-    """A kdjax-checkpoint v1 file (one msgpack file with a checksummed header)."""
+def _verified_v1(path: str) -> tuple:
+    """``(tree, meta)`` of a kdjax-checkpoint v1 file (one msgpack file with a checksummed header)."""
     with open(path, "rb") as f:
         raw = f.read()
     header, _, payload = raw.partition(b"\n")
@@ -276,12 +311,16 @@ def _load_v1(path: str, target):
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
         raise InputError(f"{path}: checkpoint is truncated or corrupted (checksum mismatch)")
     blob = serialization.msgpack_restore(payload)
-    tree, meta = blob["tree"], json.loads(blob["meta"])
+    return blob["tree"], json.loads(blob["meta"])
+
+
+def _read_v1(path: str, verified: tuple, target):
+    tree, meta = verified
+    target = target(meta) if callable(target) else target
     if target is not None:
-        like = serialization.to_state_dict(target)
-        _check_matches(path, jax.tree_util.tree_map(lambda x: [list(np.shape(x)), np.asarray(x).dtype.name], tree),
-                       like)
-        tree = serialization.from_state_dict(target, tree)
+        spec = lambda x: [list(np.shape(x)), np.asarray(x).dtype.name]
+        _like(path, jax.tree_util.tree_map(spec, tree), _empty, target)  # checks shapes and dtypes
+        tree = _into(target, tree)
     return tree, meta
 
 

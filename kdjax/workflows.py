@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from flax import serialization
 
 from kdjax import checkpoint, data, features, onpolicy, parallel, sweep as sweeps
 from kdjax.data import Dataset
@@ -51,21 +50,26 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
            on_losses: OnLosses | None = None, **kw):
     """``fit_members`` as a named phase: checkpointed and resumable under ``checkpoints``."""
     start = None
+    if mesh is not None and len(seeds) % mesh.shape["members"]:
+        mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
     if checkpoints is not None:
         path = os.path.join(checkpoints.directory, f"{name}.ckpt")
         identity = checkpoints.identity or {}
         chunk = checkpoints.every
         if checkpoints.resume:
+            def target(meta):  # the settings first; then the states straight into place (on a mesh: shard by shard)
+                _check_resumable(path, meta, name, _model_text(model), identity)
+                init = kw.get("init_states")
+                return {"states": initial_members(model, ds, cfg, seeds, mesh=mesh) if init is None else init}
+
             try:
-                tree, meta, used, problem = checkpoint.load_latest(path)
+                tree, meta, used, problem = checkpoint.load_latest(path, target)
             except FileNotFoundError:
                 tree = None
             if tree is not None:
                 if problem:
                     log(f"warning: {problem}; resuming from {used}")
-                _check_resumable(used, meta, name, _model_text(model), identity)
-                fresh = kw["init_states"] if kw.get("init_states") is not None else initial_members(model, ds, cfg, seeds)
-                start = (_restore_states(used, fresh, tree), np.asarray(tree["losses"]))
+                start = (tree["states"], np.asarray(tree["losses"]))
                 log(f"{name}: resuming at step {start[1].shape[1]} from {used}")
 
         written = {"config": identity, "phase": name, "model": _model_text(model)}
@@ -76,8 +80,6 @@ def _phase(name, model, objective, ds, cfg, seeds, *, checkpoints: Checkpoints |
 
     progress = None if on_chunk is None else (lambda done, total, states: on_chunk(name, done, total, states))
     losses_of = None if on_losses is None else (lambda first, losses: on_losses(name, first, losses))
-    if mesh is not None and len(seeds) % mesh.shape["members"]:
-        mesh = parallel.data_only(mesh)  # e.g. a sweep's single teacher
     try:
         result = fit_members(model, objective, ds, cfg, seeds, chunk=chunk, start=start, on_checkpoint=save,
                              on_chunk=progress, mesh=mesh, programs=programs, on_losses=losses_of, **kw)
@@ -97,32 +99,18 @@ def _model_text(model) -> str:
     return f"{type(model).__name__}({', '.join(f'{f.name}={value(getattr(model, f.name))!r}' for f in fields)})"
 
 
-def _check_resumable(used: str, meta: dict, phase: str, model: str, identity: dict) -> None:
+def _check_resumable(where: str, meta: dict, phase: str, model: str, identity: dict) -> None:
     """One line when a checkpoint belongs to another phase, model or configuration."""
     if meta.get("phase") != phase or meta.get("model", model) != model:
-        raise InputError(f"resume: {used} holds the {meta.get('phase')!r} phase of {meta.get('model')}, expected "
+        raise InputError(f"resume: {where} holds the {meta.get('phase')!r} phase of {meta.get('model')}, expected "
                          f"the {phase!r} phase of {model}; use a new --out")
     old = meta.get("config") or {}
     if old != identity:
         unset = "(not set)"
         diffs = [f"{k}: {old.get(k, unset)!r} in the checkpoint, {identity.get(k, unset)!r} now"
                  for k in sorted(set(old) | set(identity), key=str) if old.get(k, unset) != identity.get(k, unset)]
-        raise InputError(f"resume: {used} was written with other settings ({'; '.join(diffs)}); "
+        raise InputError(f"resume: {where} was written with other settings ({'; '.join(diffs)}); "
                          f"use the same ones or a new --out")
-
-
-def _restore_states(used: str, fresh, tree):
-    """The saved member states in ``fresh``'s structure, shapes and dtypes, or one line."""
-    try:
-        states = serialization.from_state_dict(fresh, tree["states"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise InputError(f"resume: {used} does not hold states of this model ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
-    layout = lambda tree: jax.tree_util.tree_map(lambda a: (np.shape(a), str(getattr(a, "dtype", type(a)))), tree)
-    want, got = layout(fresh), layout(states)
-    if want != got:
-        raise InputError(f"resume: {used} holds states of other shapes than this model's; use a new --out")
-    return states
 
 
 def _split(ds: Dataset, split: str):

@@ -249,6 +249,71 @@ def test_checkpoint_of_another_model_names_the_first_difference(tmp_path):
         checkpoint.load(tmp_path / "a.ckpt", target=deeper)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_target_of_some_entries_chosen_by_the_metadata(tmp_path, version):
+    """A dict target may name some entries (the rest come back as NumPy), and may be a
+    function of the metadata, called before any array is read; what it raises, and a
+    checkpoint that does not match it, are raised, not taken for damage (no fallback to
+    ``.prev``)."""
+    from flax import serialization
+
+    path, st, losses = tmp_path / "run.ckpt", _state(), np.arange(6.0).reshape(2, 3)
+    for n in (1, 2):
+        if version == 2:
+            checkpoint.save_rotating(path, {"states": st, "losses": losses * n}, {"n": n})
+        else:  # a kdjax <= 2 file
+            import hashlib
+
+            host = jax.tree_util.tree_map(np.asarray, serialization.to_state_dict({"states": st, "losses": losses * n}))
+            payload = serialization.msgpack_serialize({"tree": host, "meta": json.dumps({"n": n})})
+            if path.exists():
+                os.replace(path, str(path) + ".prev")
+            path.write_bytes(b"kdjax-checkpoint v1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    seen = []
+    tree, meta, used, problem = checkpoint.load_latest(path, lambda meta: seen.append(meta) or {"states": _state()})
+    assert seen == [{"n": 2}] and meta == {"n": 2} and used == str(path) and problem is None
+    assert isinstance(tree["states"], kdjax.TrainState) and isinstance(tree["losses"], np.ndarray)
+    np.testing.assert_array_equal(tree["losses"], losses * 2)
+    for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(tree["states"])):
+        assert isinstance(b, jax.Array)  # placed like the target's arrays
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def refuse(meta):
+        raise InputError(f"not this one: {meta}")
+
+    with pytest.raises(InputError, match=r"^not this one: \{'n': 2\}$"):
+        checkpoint.load_latest(path, refuse)
+    other = {"states": kdjax.create_train_state(kdjax.StudentMLP(5, 2), jax.random.PRNGKey(0), 3)}
+    with pytest.raises(InputError, match="checkpoint does not match the model: .* is float32\\[4\\] there"):
+        checkpoint.load_latest(path, other)
+
+
+def test_a_resume_on_a_mesh_restores_the_states_into_place(tmp_path, seed_data, monkeypatch):
+    """``distill(..., mesh=, checkpoints=resume)`` restores each phase's states straight
+    into states created on the mesh (Orbax reads the shards onto their devices; nothing
+    passes through a whole host copy), and ends where the first run ended."""
+    from kdjax import parallel, workflows
+
+    mesh = parallel.make_mesh()
+    run = lambda resume: workflows.distill(
+        kdjax.TeacherMLP(32, 5), kdjax.StudentMLP(8, 5), seed_data, fitting.RunConfig(steps=6, batch_size=32), [0],
+        mesh=mesh, checkpoints=workflows.Checkpoints(str(tmp_path), every=3, resume=resume))
+    first = run(False)
+    real, targets = checkpoint.load_latest, []
+
+    def spy(path, target=None):
+        return real(path, lambda meta: targets.append(target(meta)) or targets[-1])
+
+    monkeypatch.setattr(checkpoint, "load_latest", spy)
+    again = run(True)
+    assert len(targets) == 2  # the teachers' and the students' phases
+    for t in targets:
+        for leaf in jax.tree_util.tree_leaves(t["states"]):
+            assert isinstance(leaf.sharding, jax.sharding.NamedSharding) and leaf.sharding.mesh == mesh, leaf.sharding
+    for a, b in zip(jax.tree_util.tree_leaves(first.students), jax.tree_util.tree_leaves(again.students)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ----------------------------------------------------------------------------- kill and resume
 
 ARGS = ["distill", "--steps", "2000", "--seeds", "2", "--checkpoint-every", "40", "--no-plots", "--quiet"]
