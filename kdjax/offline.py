@@ -150,7 +150,11 @@ class TopKKD:
 
 # ----------------------------------------------------------------------------- the cache on disk
 
-FORMAT = "kdjax-topk/1"
+FORMAT = "kdjax-topk/2"  # 2: the manifest carries its own checksum (version 1 did not: refused, rebuild)
+_CHECKSUM = "manifest_sha256"
+_REBUILD = {"kdjax-topk": "rebuild the cache (kdjax teacher-logits --overwrite, or write_topk_cache into a new "
+                          "directory)",
+            "kdjax-generations": "rebuild it (write_generations into a new directory)"}
 
 
 def fingerprint(model, variables) -> str:
@@ -181,7 +185,7 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
     ``directory`` (``shard-NNNNN.npz``, each atomic), the manifest ``want | extra() |
     {"shards": [...]}`` after each; resume from the valid shards of a manifest with the same
     ``want`` (anything else is refused, naming what differs)."""
-    from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
+    from kdjax.checkpoint import atomic_write_bytes
 
     manifest_path = os.path.join(directory, "manifest.json")
     shards = []
@@ -202,9 +206,9 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
         name = f"shard-{len(shards):05d}.npz"
         atomic_write_bytes(os.path.join(directory, name), data)
         shards.append({"file": name, "rows": stop - start, "sha256": _sha(data)})
-        atomic_write_text(manifest_path, json.dumps(want | extra() | {"shards": shards}, indent=1))
+        _write_manifest(directory, want | extra() | {"shards": shards})
     if not shards:  # nothing to write (zero rows) still leaves a manifest
-        atomic_write_text(manifest_path, json.dumps(want | extra() | {"shards": shards}, indent=1))
+        _write_manifest(directory, want | extra() | {"shards": shards})
     return _read_manifest(directory, want["format"])
 
 
@@ -271,16 +275,40 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     return _write_shards(directory, want, tokens.shape[0], shard_rows, compute, lambda: {"vocab": vocab})
 
 
+def _canonical(manifest: dict) -> bytes:
+    """The bytes a manifest's checksum covers: its JSON without the checksum, keys sorted."""
+    body = {key: value for key, value in manifest.items() if key != _CHECKSUM}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _write_manifest(directory, manifest: dict) -> None:
+    """Write ``manifest`` (any old checksum dropped) with its own checksum, atomically."""
+    from kdjax.checkpoint import atomic_write_text
+
+    body = {key: value for key, value in manifest.items() if key != _CHECKSUM}
+    atomic_write_text(os.path.join(directory, "manifest.json"),
+                      json.dumps(body | {_CHECKSUM: _sha(_canonical(body))}, indent=1))
+
+
 def _read_manifest(directory, fmt: str = FORMAT) -> dict:
+    """The manifest of the ``fmt`` cache in ``directory``, its checksum verified."""
     path = os.path.join(directory, "manifest.json")
+    rebuild = _REBUILD[fmt.split("/")[0]]
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{directory}: expected a cache with a readable manifest.json ({type(e).__name__})") \
             from None
-    if manifest.get("format") != fmt:
-        raise InputError(f"{directory}: expected a {fmt} cache, got format {manifest.get('format')!r}")
+    got = manifest.get("format")
+    if isinstance(got, str) and got != fmt and got.split("/")[0] == fmt.split("/")[0]:
+        raise InputError(f"{path}: a {got} cache (an older kdjax, its manifest unsigned), expected {fmt}; {rebuild}")
+    if got != fmt:
+        raise InputError(f"{directory}: expected a {fmt} cache, got format {got!r}")
+    if _CHECKSUM not in manifest:
+        raise InputError(f"{path}: expected its checksum {_CHECKSUM!r}, got none; {rebuild}")
+    if manifest[_CHECKSUM] != _sha(_canonical(manifest)):
+        raise InputError(f"{path}: its checksum does not match its contents (edited or damaged); {rebuild}")
     return manifest
 
 

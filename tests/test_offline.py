@@ -96,7 +96,7 @@ def test_cache_round_trip_resume_and_refusals(tmp_path):
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "shard-00000.npz").write_bytes(first)
-    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest | {"shards": manifest["shards"][:1]}))
+    offline._write_manifest(tmp_path / "d", manifest | {"shards": manifest["shards"][:1]})  # as the killed build left it
     offline.write_topk_cache(tmp_path / "d", teacher, v, tokens, 4, batch_size=2, shard_rows=3)
     for name in ("shard-00001.npz", "shard-00002.npz", "manifest.json"):
         assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
@@ -114,7 +114,7 @@ def test_cache_round_trip_resume_and_refusals(tmp_path):
     shard.write_bytes(shard.read_bytes()[:50])
     with pytest.raises(InputError, match="shard-00001.npz: truncated or corrupted"):
         offline.read_topk_cache(tmp_path / "c")
-    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest | {"shards": manifest["shards"][:1]}))
+    offline._write_manifest(tmp_path / "d", manifest | {"shards": manifest["shards"][:1]})
     with pytest.raises(InputError, match="unfinished"):
         offline.read_topk_cache(tmp_path / "d")
 
