@@ -88,14 +88,14 @@ def test_resume_identity_covers_tuning(finished, capsys):
 
 def test_unfinished_out_is_refused_and_overwrite_clears_the_old_run(finished, capsys):
     os.remove(finished / "results.json")  # an interrupted run: checkpoints, no results
-    (finished / "comparison.png").write_bytes(b"an old plot")
+    (finished / "checkpoints" / "stale").write_bytes(b"left by the old run")
     (finished / "notes.txt").write_text("the user's own file")
     before = snapshot(finished)
     refused(kdjax_here(capsys, "distill", *TINY, "--out", finished), "unfinished run", "--resume", "--overwrite")
     assert snapshot(finished) == before  # nothing lost
     p = kdjax_here(capsys, "distill", *TINY, "--out", finished, "--overwrite", "--no-plots")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert not (finished / "comparison.png").exists()  # kdjax's old outputs went first (--no-plots now)
+    assert not (finished / "checkpoints" / "stale").exists()  # kdjax's old outputs went first
     assert (finished / "notes.txt").read_text() == "the user's own file"  # nothing else of the user's
     assert (finished / "results.json").exists()
 

@@ -2,9 +2,10 @@
 ``inputs``), the demo, plots and reporting. Library modules never import it, and
 ``import kdjax`` loads none of it."""
 
-__all__ = ["UsageError", "EXIT_USAGE"]
+__all__ = ["UsageError", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class UsageError(Exception):

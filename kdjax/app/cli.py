@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import shutil
 import sys
 
-from kdjax.app import EXIT_USAGE, UsageError
+from kdjax.app import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from kdjax.app.inputs import check_out
 from kdjax.app.parser import build_parser, check_modes, given_options, resolve_defaults
 from kdjax.app.reporting import Reporter
@@ -41,10 +42,35 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _unused(directory: str) -> bool:
+    """Nothing but kdjax's record of its outputs (and empty files) in ``directory``."""
+    from kdjax.app.outputs import MANIFEST
+
+    paths = [os.path.join(directory, n) for n in os.listdir(directory) if n != MANIFEST]
+    return all(os.path.isfile(p) and os.path.getsize(p) == 0 for p in paths)
+
+
+def _interrupted(args, argv) -> str:
+    """The one line Ctrl-C prints: what was kept, and the command that continues."""
+    out = getattr(args, "out", None)
+    rest = [a for a in argv if a != "--overwrite"]
+    if args.command == "teacher-logits":
+        return (f"interrupted; the shards written so far are kept in {out}: run the same command again "
+                f"(kdjax {shlex.join(rest)}) to finish the cache")
+    ckpts = None if out is None else os.path.join(out, "checkpoints")
+    if ckpts is None or not os.path.isdir(ckpts) or not os.listdir(ckpts):
+        return "interrupted; nothing was saved" + ("" if out is not None or not hasattr(args, "resume")
+                                                   else " (checkpoints need --out DIR)")
+    return (f"interrupted; the last checkpoints are in {ckpts}: continue with "
+            f"kdjax {shlex.join(rest + ([] if '--resume' in rest else ['--resume']))}")
+
+
 def main(argv=None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (no process-wide setup).
 
-    A refused run leaves nothing behind: an --out directory this run created is removed."""
+    A refused run leaves nothing behind: an --out directory this run created is removed
+    while it holds nothing of the run's. Ctrl-C prints one line (what was saved and the
+    command that resumes) and returns 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     created = args.out is not None and not os.path.exists(args.out)
@@ -55,13 +81,16 @@ def main(argv=None) -> int:
         rep = Reporter(json_mode=args.json, quiet=args.quiet)
         return args.func(args, rep)
     except (UsageError, InputError, InputTypeError) as e:
-        if created and os.path.isdir(args.out):
+        if created and os.path.isdir(args.out) and _unused(args.out):
             shutil.rmtree(args.out)
         print(f"kdjax: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return EXIT_USAGE
     except OSError as e:  # a path we cannot read or write: the OS's reason, in one line
-        print(f"kdjax: error: {e}", file=sys.stderr)
+        print(f"kdjax: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nkdjax: {_interrupted(args, argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run() -> None:
@@ -75,18 +104,20 @@ def run() -> None:
     (``gc.freeze``): tracing creates many short-lived objects, and every full
     collection would otherwise re-scan all of them (see the README's timings).
     """
-    from kdjax.app import xla
-
-    xla.apply()  # before JAX's backend starts: XLA:CPU's Eigen convolutions (see kdjax.app.xla)
-    _enable_compile_cache()
-    import kdjax.workflows  # noqa: F401  (jax, flax, optax)
-    from kdjax import parallel
-
     try:
+        from kdjax.app import xla
+
+        xla.apply()  # before JAX's backend starts: XLA:CPU's Eigen convolutions (see kdjax.app.xla)
+        _enable_compile_cache()
+        import kdjax.workflows  # noqa: F401  (jax, flax, optax)
+        from kdjax import parallel
+
         parallel.initialize()  # jax.distributed, when the environment names several processes
     except InputError as e:
         print(f"kdjax: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    except KeyboardInterrupt:  # while JAX starts: nothing ran yet
+        print("\nkdjax: interrupted; nothing was saved", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
     gc.freeze()
     raise SystemExit(main())
-

@@ -32,6 +32,7 @@ def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
         if not args.no_plots:
             results["plots"] = {k: os.path.basename(fn()) for k, fn in plots.items()}
         atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
+        inputs.seal_out(args)
         rep.line(f"wrote {os.path.join(args.out, 'results.json')}"
                  + ("" if args.no_plots else f" and {len(plots)} plots"))
     if args.json:
@@ -44,7 +45,7 @@ def _metrics_log(args, members: dict):
     from kdjax.app.metrics import MetricsLog
 
     path = None if args.out is None else os.path.join(args.out, "metrics.jsonl")
-    return MetricsLog(path, args.tensorboard, members)
+    return MetricsLog(path, args.tensorboard, members, resume=getattr(args, "resume", False))
 
 
 def _parse_sections(text: str) -> list[int]:
@@ -168,8 +169,6 @@ def cmd_distill(args, rep: Reporter) -> int:
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
-    if args.save_hf and os.path.exists(args.save_hf) and not args.overwrite:
-        raise UsageError(f"--save-hf: {args.save_hf} exists; pass --overwrite to replace it")
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
     cfg = inputs.run_config(args)
@@ -284,13 +283,14 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
         from kdjax import convert
 
         own = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), r.distilled)
-        convert.save_hf(student, {"params": own.params, **own.model_state}, args.save_hf, overwrite=args.overwrite)
+        convert.save_hf(student, {"params": own.params, **own.model_state}, args.save_hf,
+                        overwrite=inputs.save_hf_overwrite(args))
         if tok is not None:
-            tok.save(os.path.join(args.save_hf, "tokenizer.json"))
+            checkpoint.atomic_write_text(os.path.join(args.save_hf, "tokenizer.json"), tok.to_str())
         rep.line(f"distilled student (seed {seeds[0]}) written to {args.save_hf} (Hugging Face format)")
         results["save_hf"] = args.save_hf
     if args.out and tok is not None:
-        tok.save(os.path.join(args.out, "tokenizer.json"))
+        checkpoint.atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
     if args.out:
         first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
         meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
@@ -322,7 +322,7 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
     of ``--dataset`` (as ``kdjax distill --arch llama`` cuts them), written once to a cache
     (``kdjax.offline.write_topk_cache``) with the tokenizer and the teacher's validation
     figures; a killed build resumes when run again."""
-    from kdjax import offline
+    from kdjax import checkpoint, offline
     from kdjax.fitting import evaluate_on
     from kdjax.tokenizer import check_vocabulary
 
@@ -340,12 +340,7 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
     rep.line(f"{ds.name}: {rows} training windows of {length} tokens; teacher "
              f"{inputs.describe(teacher)} from {args.teacher}; top-{args.k} log-probabilities as {args.values_dtype}")
     manifest_path = os.path.join(args.out, "manifest.json")
-    if args.overwrite and os.path.isdir(args.out):
-        for name in os.listdir(args.out):
-            if name in ("manifest.json", "tokenizer.json") or (name.startswith("shard-") and name.endswith(".npz")) \
-                    or name.startswith(".tmp-"):
-                os.remove(os.path.join(args.out, name))
-    elif os.path.exists(manifest_path):
+    if not args.overwrite and os.path.exists(manifest_path):
         rep.line(f"{args.out} holds a cache: it is resumed (the same teacher, data, tokenizer and k) or refused")
     t0 = time.perf_counter()
     ev = evaluate_on(teacher, t_state, ds.x_test, ds.y_test)
@@ -353,10 +348,11 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
                 "tokenizer_sha256": _sha256(tok.to_str().encode()), "dataset": ds.name, "context": int(length),
                 "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(ds.x_test).tobytes()),
                                "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])}}
-    os.makedirs(args.out, exist_ok=True)
+    inputs.claim_out(args)
     m = offline.write_topk_cache(args.out, teacher, variables, ds.x_train, args.k, batch_size=args.batch_size,
                                  values_dtype=np.dtype(args.values_dtype), metadata=metadata)
-    tok.save(os.path.join(args.out, "tokenizer.json"))
+    checkpoint.atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
+    inputs.seal_out(args)
     seconds = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(args.out, sh["file"])) for sh in m["shards"])
     tokens = rows * length
@@ -389,8 +385,6 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     check_temperature(args.temperature)
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
-    if args.save_hf and os.path.exists(args.save_hf) and not args.overwrite:
-        raise UsageError(f"--save-hf: {args.save_hf} exists; pass --overwrite to replace it")
     cache = args.teacher_logits
     try:
         values, indices, m = offline.read_topk_cache(cache)  # every shard verified
@@ -544,7 +538,9 @@ def cmd_sweep(args, rep: Reporter) -> int:
                "members_per_group_seconds": None if r.pick_seconds is None
                else {str(g): t for g, t in r.pick_seconds.items()}}
     if args.out and tok is not None:
-        tok.save(os.path.join(args.out, "tokenizer.json"))
+        from kdjax.checkpoint import atomic_write_text
+
+        atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
                                              means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
     return _finish(args, rep, results, figs)

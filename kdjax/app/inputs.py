@@ -4,9 +4,9 @@ and the run's identity for resuming."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -16,47 +16,63 @@ from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
            "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
-           "identity"]
-
-
-# What kdjax writes into --out; --overwrite removes exactly these, nothing else of the user's.
-_OUTPUTS = ("results.json", "metrics.jsonl", "checkpoints", "teacher.ckpt", "student_distilled.ckpt", "student_standard.ckpt",
-            "softmax_temperature.png", "learning_curves.png", "hyperparameters.png", "digits_comparison.png",
-            "omitted_class.png", "tuned_comparison.png", "comparison.png", "sweep_heatmap.png", "tokenizer.json")
+           "seal_out", "save_hf_overwrite", "identity"]
 
 
 def check_out(args) -> None:
-    """Refuse an --out that this run would damage, before anything is computed or written."""
+    """Refuse an --out (and --save-hf) that this run would damage, before anything is computed
+    or written: a file kdjax did not write that the run would replace (``outputs``), a
+    finished or unfinished run without --overwrite / --resume, a folder that is the teacher's."""
+    from kdjax.app import outputs
+
     out = args.out
-    if out is None:
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out: expected a directory, got an existing file {out}")
-    resume, overwrite = getattr(args, "resume", False), args.overwrite
-    if resume and overwrite:
-        raise UsageError("--resume / --overwrite: expected one of them (continue the run in --out, or replace it)")
-    if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
-        raise UsageError(f"--out: {out} already holds results.json; pass --overwrite to replace it")
-    if os.path.isdir(os.path.join(out, "checkpoints")) and not (resume or overwrite):
-        raise UsageError(f"--out: {out} holds the checkpoints of an unfinished run; pass --resume to continue "
-                         f"it or --overwrite to start over")
+    if out is not None:
+        resume, overwrite = getattr(args, "resume", False), args.overwrite
+        if resume and overwrite:
+            raise UsageError("--resume / --overwrite: expected one of them (continue the run in --out, or replace it)")
+        for flag in ("teacher", "teacher_logits", "tokenizer"):
+            other = getattr(args, flag, None)
+            if other and os.path.exists(other) and outputs.same_or_inside(out, other):
+                raise UsageError(f"--out: expected a folder apart from --{flag.replace('_', '-')} ({other}), got {out}")
+        outputs.Outputs(out, outputs.declared(args)).check()
+        if args.command != "teacher-logits":
+            if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
+                raise UsageError(f"--out: {out} already holds results.json; pass --overwrite to replace it")
+            if os.path.isdir(os.path.join(out, "checkpoints")) and not (resume or overwrite):
+                raise UsageError(f"--out: {out} holds the checkpoints of an unfinished run; pass --resume to "
+                                 f"continue it or --overwrite to start over")
+    if getattr(args, "save_hf", None):
+        outputs.check_save_hf(args, outputs.declared(args) if out is not None else ())
 
 
 def claim_out(args) -> None:
-    """Once every input is accepted: clear the old run (--overwrite) and create --out."""
+    """Once every input is accepted: clear the old run (--overwrite: exactly the outputs kdjax
+    recorded writing), create --out and record what this run may write there."""
+    from kdjax.app import outputs
+
     if args.out is None:
         return
-    if args.overwrite:
-        for name in _OUTPUTS:
-            path = os.path.join(args.out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
-            if name.startswith(".tmp-"):  # a write a kill interrupted (checkpoint.atomic_write_bytes)
-                os.remove(os.path.join(args.out, name))
-    os.makedirs(args.out, exist_ok=True)
+    save_hf = getattr(args, "save_hf", None)
+    outputs.Outputs(args.out, outputs.declared(args)).claim(
+        args.overwrite, save_hf=os.path.realpath(os.path.abspath(save_hf)) if save_hf else None)
+
+
+def seal_out(args) -> None:
+    """At the end of a command: the record of --out keeps only what exists."""
+    from kdjax.app import outputs
+
+    if args.out is not None and os.path.isdir(args.out):
+        outputs.Outputs(args.out, outputs.declared(args)).seal()
+
+
+def save_hf_overwrite(args) -> bool:
+    """May the Hugging Face files in --save-hf be replaced: --overwrite, or this run's own
+    (recorded in --out when it was claimed)."""
+    from kdjax.app import outputs
+
+    if args.overwrite or args.out is None:
+        return args.overwrite
+    return outputs.Outputs(args.out, ()).read().get("save_hf") == os.path.realpath(os.path.abspath(args.save_hf))
 
 
 def hf_folder(args) -> bool:
@@ -77,7 +93,13 @@ def tokenizer(args):
     from kdjax import tokenizer as tk
 
     if args.tokenizer:
-        return tk.load_tokenizer(args.tokenizer)
+        tok = tk.load_tokenizer(args.tokenizer)
+        own = os.path.join(args.teacher, "tokenizer.json") if hf_folder(args) else None
+        if own and os.path.isfile(own) and _content(tk.load_tokenizer(own)) != _content(tok):
+            raise UsageError(f"--tokenizer {args.tokenizer}: expected the teacher's own tokenizer ({own}), got "
+                             f"another one (its vocabulary or merges differ): the teacher's token ids would "
+                             f"mean other text")
+        return tok
     cache = getattr(args, "teacher_logits", None)
     if cache:
         path = os.path.join(cache, "tokenizer.json")
@@ -95,7 +117,16 @@ def tokenizer(args):
         raise UsageError(f"--arch llama: expected --dataset text or a .txt corpus, got {args.dataset!r}")
     _, train, _, _ = data.text_documents(None if args.dataset == "text" else args.dataset)
     docs = data._first(train, args.text_bytes)
-    return tk.train_bpe((bytes(d).decode("utf-8", errors="replace") for d in docs), args.vocab_size)
+    # UTF-8 is checked on reading; a document cut at --text-bytes may end inside a character: dropped
+    text = lambda d: codecs.getincrementaldecoder("utf-8")().decode(bytes(d), final=False)
+    return tk.train_bpe((text(d) for d in docs), args.vocab_size)
+
+
+def _content(tok) -> str:
+    """A tokenizer's content hash (vocabulary, merges, normalisation, special tokens)."""
+    import hashlib
+
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()
 
 
 def dataset(args, tok=None):
@@ -175,6 +206,9 @@ def hf_teacher(args, student: bool = True):
     if not isinstance(teacher, Llama):
         raise UsageError(f"--teacher {args.teacher}: expected a Llama-family folder for --arch llama, got "
                          f"{type(teacher).__name__}")
+    if args.context > teacher.max_position_embeddings:
+        raise UsageError(f"--context: expected at most the teacher's max_position_embeddings "
+                         f"({teacher.max_position_embeddings}, {args.teacher}/config.json), got {args.context}")
     params = dict(variables).pop("params")
     return teacher, state_from_params(params), student_like(teacher, args) if student else None
 
@@ -296,9 +330,10 @@ def load_teacher(path: str, teacher, ds):
     return state_from_params(params, model_state=variables)
 
 
-# Arguments that cannot change a run's numbers; every other one is part of its identity,
-# so that --resume never continues a run made with other settings.
-_NOT_IDENTITY = {"command", "func", "out", "overwrite", "no_plots", "json", "quiet", "resume", "mesh"}
+# Arguments that cannot change a run's numbers (output locations among them); every other
+# one is part of its identity, so that --resume never continues a run made with other settings.
+_NOT_IDENTITY = {"command", "func", "out", "overwrite", "no_plots", "json", "quiet", "resume", "mesh", "save_hf",
+                 "save_hf_teacher", "tensorboard"}
 
 
 def identity(args) -> dict:
