@@ -37,6 +37,8 @@ duck-typed) or as NumPy arrays. Round trips are exact.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -44,7 +46,7 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["torch_name", "torch_to_variables", "variables_to_torch", "torch_to_flax", "flax_to_torch", "load_hf", "save_hf",
-           "HF_ARCHITECTURES"]
+           "HF_ARCHITECTURES", "hf_files"]
 
 _FLAX_NAME = {"weight": "kernel", "bias": "bias"}
 _TORCH_NAME = {v: k for k, v in _FLAX_NAME.items()}
@@ -290,17 +292,101 @@ def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                     "GPT2LMHeadModel")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# the integer fields of each family: (name, required)
+_LLAMA_INTS = (("vocab_size", True), ("hidden_size", True), ("intermediate_size", True),
+               ("num_hidden_layers", True), ("num_attention_heads", True), ("num_key_value_heads", False),
+               ("head_dim", False), ("max_position_embeddings", False))
+_GPT2_INTS = (("vocab_size", True), ("n_layer", True), ("n_embd", True), ("n_head", True), ("n_positions", True))
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+# the files save_hf writes (and, with overwrite=True, replaces or removes as stale)
+_HF_OWN = ("config.json", "model.safetensors", "model.safetensors.index.json")
+_HF_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-def _hf_model(config: dict, dtype):
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _got(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _hf_architecture(config, where: str) -> str:
+    """The architecture a ``config.json`` dict names, after checking every field kdjax reads
+    (one ``InputError`` naming the first bad field, before any model is built)."""
+    if not isinstance(config, Mapping):
+        raise InputError(f"{where}: expected a JSON object, got a JSON {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"{where}: architectures: expected a list of names such as ['LlamaForCausalLM'], got "
+                         f"{_got(archs)}")
+    model_type = config.get("model_type")
+    arch = archs[0] if archs else _MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    if arch not in HF_ARCHITECTURES:
+        got = archs[0] if archs else model_type
+        raise InputError(f"{where}: architecture {got!r} is not supported (expected one of "
+                         f"{', '.join(HF_ARCHITECTURES)}, or a model_type among {', '.join(_MODEL_TYPES)})")
+    for name, required in _GPT2_INTS if arch == "GPT2LMHeadModel" else _LLAMA_INTS:
+        v = config.get(name)
+        if v is None and not required:
+            continue
+        if not _is_int(v) or v < 1:
+            raise InputError(f"{where}: {name}: expected an int >= 1, got "
+                             f"{'nothing (the key is missing)' if name not in config else _got(v)}")
+    for name in _BOOLS:
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise InputError(f"{where}: {name}: expected true or false, got {_got(config[name])}")
+    if arch == "GPT2LMHeadModel":
+        if config["n_embd"] % config["n_head"]:
+            raise InputError(f"{where}: n_head: expected a divisor of n_embd ({config['n_embd']}), got "
+                             f"{config['n_head']}")
+        return arch
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv:
+        raise InputError(f"{where}: num_key_value_heads: expected a divisor of num_attention_heads ({heads}), got {kv}")
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise InputError(f"{where}: num_attention_heads: expected a divisor of hidden_size ({config['hidden_size']}) "
+                         f"when there is no head_dim, got {heads}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = config.get(name)
+        if v is not None and not (_is_number(v) and v > 0):
+            raise InputError(f"{where}: {name}: expected a finite number > 0, got {_got(v)}")
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = config.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, Mapping):
+            raise InputError(f"{where}: {name}: expected an object or null, got {_got(rope)}")
+        if rope.get("rope_type", rope.get("type")) == "llama3":
+            for key in ("factor", "low_freq_factor", "high_freq_factor"):
+                if not (_is_number(rope.get(key)) and rope[key] > 0):
+                    raise InputError(f"{where}: {name}.{key}: expected a finite number > 0 (llama3 scaling), got "
+                                     f"{_got(rope.get(key))}")
+        if rope.get("rope_theta") is not None and not (_is_number(rope["rope_theta"]) and rope["rope_theta"] > 0):
+            raise InputError(f"{where}: {name}.rope_theta: expected a finite number > 0, got {_got(rope['rope_theta'])}")
+    window = config.get("sliding_window")
+    if window is not None and window is not False and not (_is_int(window) and window >= 1):
+        raise InputError(f"{where}: sliding_window: expected an int >= 1 or null, got {_got(window)}")
+    types = config.get("layer_types")
+    if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        raise InputError(f"{where}: layer_types: expected a list of strings, got {_got(types)}")
+    return arch
+
+
+def _hf_model(config: dict, dtype, where: str = "config.json"):
     from kdjax.models import Llama, TransformerLM
 
-    arch = (config.get("architectures") or [None])[0]
-    if arch not in HF_ARCHITECTURES:
-        raise InputError(f"config.json: architecture {arch or config.get('model_type')!r} is not supported "
-                         f"(expected one of {', '.join(HF_ARCHITECTURES)})")
+    arch = _hf_architecture(config, where)
     if arch == "GPT2LMHeadModel":
         return TransformerLM.from_gpt2_config(config, dtype=dtype)
+    if not config.get("architectures"):
+        config = {**config, "architectures": [arch]}
     return Llama.from_hf_config(config, dtype=dtype)
 
 
@@ -312,16 +398,54 @@ def _gpt2_config(model) -> dict:
             "embd_pdrop": model.dropout_rate, "attn_pdrop": model.dropout_rate}
 
 
+def _weight_files(path: str) -> list:
+    """The safetensors files of a checkpoint folder: those ``model.safetensors.index.json``
+    lists (plain names inside the folder), else ``model.safetensors``."""
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return ["model.safetensors"]
+    where = os.path.join(path, "model.safetensors.index.json")
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: expected a readable JSON index ({type(e).__name__}: {e})") from None
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{where}: weight_map: expected an object of tensor names to file names, got "
+                         f"{_got(weight_map)}")
+    files = sorted(set(weight_map.values()), key=str)
+    for name in files:
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise InputError(f"{where}: weight_map: expected plain file names inside the folder, got {name!r}")
+    return files
+
+
 def load_hf(directory, *, dtype=None):
     """``(model, variables)`` from a Hugging Face checkpoint directory: ``config.json`` and
     ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``), read
     with ``safetensors`` (no torch). Architectures: ``HF_ARCHITECTURES`` (the Llama family
-    as ``kdjax.models.Llama``, GPT-2 as ``TransformerLM``). ``dtype``: the model's (default
-    float32); the weights are cast to it.
+    as ``kdjax.models.Llama``, GPT-2 as ``TransformerLM``), named by ``architectures`` or,
+    without it, by ``model_type``. ``dtype``: the model's (default float32); the weights are
+    cast to it.
+
+    Args:
+      directory: the checkpoint folder (a path).
+      dtype: the model's dtype (default float32).
+
+    Returns:
+      ``(model, variables)``.
 
     Raises:
-      InputError: a missing or unreadable file, an unsupported architecture (named), weights
-        that do not fit the configuration (every key named).
+      InputError: a missing or unreadable file; a ``config.json`` that is not a JSON object,
+        names an unsupported architecture, or lacks or mis-types a field kdjax reads (the
+        field named: ``vocab_size``, ``hidden_size``, ... must be ints >= 1); an index whose
+        file names leave the folder; weights that do not fit the configuration (every key
+        named).
+      InputTypeError: ``directory`` is not a path.
     """
     import json
     import os
@@ -330,20 +454,19 @@ def load_hf(directory, *, dtype=None):
     import jax.numpy as jnp
 
     dtype = jnp.float32 if dtype is None else dtype
-    path = os.fspath(directory)
+    try:
+        path = os.fspath(directory)
+    except TypeError:
+        raise InputTypeError(f"directory: expected a path to a Hugging Face checkpoint folder, got "
+                             f"{type(directory).__name__}") from None
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: expected a Hugging Face checkpoint directory with a readable config.json "
                          f"({type(e).__name__}: {e})") from None
-    model = _hf_model(config, dtype)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    model = _hf_model(config, dtype, os.path.join(path, "config.json"))
+    files = _weight_files(path)
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
@@ -355,22 +478,90 @@ def load_hf(directory, *, dtype=None):
             with safe_open(os.path.join(path, name), framework="flax") as f:
                 for key in f.keys():
                     state[key] = np.asarray(f.get_tensor(key).astype(dtype))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as e:
         raise InputError(f"{path}: could not read the weights {files} ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from None
     like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    return model, torch_to_variables(state, like, tied=model.tied_weights)
+    try:
+        return model, torch_to_variables(state, like, tied=model.tied_weights)
+    except InputError as e:
+        raise InputError(f"{path}: the weights do not fit config.json: {e}") from None
 
 
-def save_hf(model, variables, directory, *, overwrite: bool = False) -> None:
+def hf_files(directory) -> list:
+    """The files of ``directory`` that ``save_hf`` counts as its own: the ones it writes
+    (``config.json``, ``model.safetensors``) and the ones it removes as stale when it
+    replaces a checkpoint (``model.safetensors.index.json`` and shards named
+    ``model-NNNNN-of-NNNNN.safetensors``). ``save_hf`` refuses a folder holding any of them
+    unless ``overwrite=True``, and never touches any other file.
+
+    Args:
+      directory: a folder (it may not exist: then ``[]``).
+
+    Returns:
+      Sorted absolute paths of those files that exist.
+    """
+    import os
+
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(path):
+        return []
+    return sorted(os.path.join(path, n) for n in os.listdir(path) if n in _HF_OWN or _HF_SHARD.fullmatch(n))
+
+
+def _check_variables(model, variables) -> None:
+    """``InputError`` naming the first path where ``variables`` differ from ``model.init``'s
+    tree (a missing, unexpected or mis-shaped leaf), computed with ``jax.eval_shape``."""
+    import jax
+    import jax.numpy as jnp
+
+    if not isinstance(variables, Mapping):
+        raise InputTypeError(f"variables: expected a Flax variables dict {{'params': ...}}, got "
+                             f"{type(variables).__name__}")
+    like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    want = {"/".join(p): tuple(np.shape(v)) for p, v in _leaves(like).items()}
+    got = {"/".join(p): tuple(np.shape(v)) for p, v in _leaves(variables).items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        raise InputError(f"variables: expected the {type(model).__name__}'s variables, got none at {missing[0]} "
+                         f"({len(missing)} missing)")
+    if unexpected:
+        raise InputError(f"variables: expected the {type(model).__name__}'s variables, got an unexpected "
+                         f"{unexpected[0]} ({len(unexpected)} unexpected)")
+    for name in sorted(want):
+        if got[name] != want[name]:
+            raise InputError(f"variables: {name}: expected shape {want[name]} (the model's), got {got[name]}")
+
+
+def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
     """Write ``config.json`` and ``model.safetensors`` so that ``transformers``'
     ``AutoModelForCausalLM.from_pretrained(directory)`` builds ``model`` with these weights
-    (a tied head is written once, as ``transformers`` does). The directory is written
-    whole or not at all (a temporary sibling renamed into place); an existing one is
-    refused unless ``overwrite``."""
+    (a tied head is written once, as ``transformers`` does).
+
+    The variables are checked against ``model`` first (nothing is written for variables of
+    another model). ``directory`` may exist: a folder holding none of ``hf_files``' names
+    is written into; one holding any is refused unless ``overwrite``, which replaces
+    ``config.json`` and ``model.safetensors`` and removes a stale index and shards of
+    ``save_hf``'s naming (``hf_files``); every other file in the folder is left as it was.
+    Each file is written to a temporary file in the folder and renamed into place, so a
+    crash leaves each file old or new, never half written.
+
+    Args:
+      model: a kdjax ``Llama``-family model or ``TransformerLM``.
+      variables: its Flax variables (``{"params": ...}``).
+      directory: the folder to write (created if missing).
+      overwrite: replace kdjax's own files of an earlier ``save_hf`` there.
+
+    Returns:
+      The absolute paths written (``[<dir>/config.json, <dir>/model.safetensors]``).
+
+    Raises:
+      InputError: variables that do not fit ``model`` (the first differing path named), a
+        ``directory`` that is a file, or one holding ``hf_files`` without ``overwrite``.
+      InputTypeError: ``model`` is not one of kdjax's decoders.
+    """
     import json
     import os
-    import shutil
     import tempfile
 
     from kdjax.models import Llama, TransformerLM
@@ -387,19 +578,49 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> None:
     else:
         raise InputTypeError(f"save_hf: expected a kdjax Llama-family model or TransformerLM, got "
                              f"{type(model).__name__}")
+    _check_variables(model, variables)
     path = os.path.abspath(os.fspath(directory))
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"save_hf: {path} exists; pass overwrite=True to replace it")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"save_hf: {path}: expected a folder, got a file")
+    own = hf_files(path)
+    if own and not overwrite:
+        raise InputError(f"save_hf: {path} exists; pass overwrite=True to replace its "
+                         f"{', '.join(os.path.basename(f) for f in own)} (no other file is touched)")
     tensors = {k: np.ascontiguousarray(v) for k, v in variables_to_torch(variables).items()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save_hf-", dir=os.path.dirname(path))
+    created = not os.path.exists(path)
+    os.makedirs(path, exist_ok=True)
+    temps = []
+
+    def temp():
+        fd, name = tempfile.mkstemp(prefix=".tmp-save_hf-", dir=path)
+        os.close(fd)
+        temps.append(name)
+        return name
+
     try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        weights, cfg = temp(), temp()
+        save_file(tensors, weights, metadata={"format": "pt"})
+        with open(cfg, "w") as f:
             json.dump(config, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        for name in (weights, cfg):
+            with open(name, "rb+") as f:
+                os.fsync(f.fileno())
+        for name in own:  # a stale index first: readers then take model.safetensors
+            if os.path.basename(name) not in ("config.json", "model.safetensors"):
+                os.unlink(name)
+        written = [os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")]
+        os.replace(weights, written[0])
+        os.replace(cfg, written[1])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in temps:
+            if os.path.exists(name):
+                os.unlink(name)
+        if created and not os.listdir(path):
+            os.rmdir(path)
         raise
+    return sorted(written)

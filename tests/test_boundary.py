@@ -1,0 +1,230 @@
+"""The library's boundary (issue 36, item 4): concrete bad values given to load_hf, save_hf,
+generate, make_mesh, onpolicy, the losses, the tokenizer, the text corpus and a checkpoint save
+end in one InputError / InputTypeError (or OSError) line naming the argument, what was expected
+and what came; save_hf never touches a file it did not write."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import convert
+from kdjax.errors import InputError, InputTypeError
+from kdjax.models import Llama, TransformerLM
+
+TINY = Llama(vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2)
+GPT = TransformerLM(37, 1, 16, 4, 12)
+
+
+def one_line(excinfo, *words):
+    text = str(excinfo.value)
+    assert "\n" not in text, text
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TINY.init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    convert.save_hf(TINY, tiny, root / "llama")
+    convert.save_hf(GPT, GPT.init(jax.random.PRNGKey(1), jnp.zeros((1, 3), jnp.int32)), root / "gpt2")
+    return root
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- load_hf
+
+
+def _drop(config, key):
+    return {k: v for k, v in config.items() if k != key}
+
+
+LLAMA_BAD = [
+    (lambda c: [c], ["expected a JSON object, got a JSON list"]),
+    (lambda c: _drop(c, "vocab_size"), ["vocab_size: expected an int >= 1, got nothing"]),
+    (lambda c: c | {"vocab_size": 0}, ["vocab_size: expected an int >= 1, got 0"]),
+    (lambda c: c | {"vocab_size": -3}, ["vocab_size", "got -3"]),
+    (lambda c: c | {"vocab_size": 2.5}, ["vocab_size", "got 2.5 (float)"]),
+    (lambda c: c | {"vocab_size": "37"}, ["vocab_size", "'37' (str)"]),
+    (lambda c: _drop(c, "hidden_size"), ["hidden_size: expected an int >= 1"]),
+    (lambda c: c | {"num_hidden_layers": 0}, ["num_hidden_layers: expected an int >= 1, got 0"]),
+    (lambda c: c | {"num_attention_heads": 0}, ["num_attention_heads: expected an int >= 1, got 0"]),
+    (lambda c: c | {"num_key_value_heads": 3}, ["num_key_value_heads: expected a divisor"]),
+    (lambda c: c | {"max_position_embeddings": 0}, ["max_position_embeddings: expected an int >= 1"]),
+    (lambda c: c | {"rope_theta": float("nan")}, ["rope_theta: expected a finite number > 0, got nan"]),
+    (lambda c: c | {"rms_norm_eps": "small"}, ["rms_norm_eps", "'small'"]),
+    (lambda c: c | {"rope_parameters": "x"}, ["rope_parameters: expected an object or null"]),
+    (lambda c: c | {"tie_word_embeddings": "false"}, ["tie_word_embeddings: expected true or false"]),
+    (lambda c: c | {"architectures": "LlamaForCausalLM"}, ["architectures: expected a list of names"]),
+    (lambda c: _drop(c, "architectures") | {"model_type": "gemma"}, ["architecture 'gemma' is not supported"]),
+    (lambda c: c | {"intermediate_size": 32}, ["the weights do not fit config.json", "mlp.down_proj"]),
+]
+
+
+@pytest.mark.parametrize("edit, words", LLAMA_BAD)
+def test_load_hf_refuses_a_bad_llama_config_in_one_line(folders, tmp_path, edit, words):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folders / "llama" / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)
+    one_line(e, *words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: _drop(c, "vocab_size"), ["vocab_size: expected an int >= 1, got nothing"]),
+    (lambda c: c | {"n_layer": 0}, ["n_layer: expected an int >= 1, got 0"]),
+    (lambda c: c | {"n_head": 3}, ["n_head: expected a divisor of n_embd (16), got 3"]),
+    (lambda c: c | {"vocab_size": 40}, ["the weights do not fit config.json", "expected shape (40, 16)"]),
+])
+def test_load_hf_refuses_a_bad_gpt2_config_in_one_line(folders, tmp_path, edit, words):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folders / "gpt2" / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(edit(json.loads((tmp_path / "config.json").read_text()))))
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)
+    one_line(e, *words)
+
+
+def test_load_hf_refuses_bad_files_in_one_line(folders, tmp_path):
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)  # no config.json
+    one_line(e, "readable config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)
+    one_line(e, "readable config.json", "JSONDecodeError")
+    (tmp_path / "config.json").write_bytes((folders / "llama" / "config.json").read_bytes())
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)  # no weights
+    one_line(e, "could not read the weights")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../w"}}))
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)  # an index that points outside the folder is not followed
+    one_line(e, "expected plain file names inside the folder, got '../w'")
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(InputError) as e:
+        convert.load_hf(tmp_path)
+    one_line(e, "weight_map: expected an object")
+    with pytest.raises(InputTypeError):
+        convert.load_hf(3)
+
+
+def test_load_hf_takes_the_architecture_from_model_type(folders, tmp_path, tiny):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folders / "llama" / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(_drop(config, "architectures")))
+    model, variables = convert.load_hf(tmp_path)
+    assert model == TINY
+    for a, b in zip(jax.tree_util.tree_leaves(tiny), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- save_hf
+
+
+def test_save_hf_refuses_variables_of_another_model_before_writing(tiny, tmp_path):
+    other = TINY.clone(intermediate_size=32).init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(InputError) as e:
+        convert.save_hf(TINY, other, tmp_path / "s")
+    one_line(e, "variables:", "mlp/down_proj/kernel", "expected shape (24, 16)", "got (32, 16)")
+    with pytest.raises(InputError) as e:
+        convert.save_hf(TINY, tiny["params"], tmp_path / "s")  # params without the "params" level
+    one_line(e, "variables:", "got none at params/")
+    extra = {"params": {**tiny["params"], "extra": {"kernel": np.zeros((2, 2), np.float32)}}}
+    with pytest.raises(InputError) as e:
+        convert.save_hf(TINY, extra, tmp_path / "s")
+    one_line(e, "unexpected params/extra/kernel")
+    with pytest.raises(InputTypeError):
+        convert.save_hf(TINY, [1, 2], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_save_hf_writes_into_a_folder_of_other_files_and_leaves_them(tiny, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "mine.txt").write_bytes(b"the user's own file")
+    (folder / "tokenizer.json").write_bytes(b"{}")
+    written = convert.save_hf(TINY, tiny, folder)
+    assert written == [str(folder / "config.json"), str(folder / "model.safetensors")]
+    assert convert.hf_files(folder) == written
+    assert (folder / "mine.txt").read_bytes() == b"the user's own file"
+    assert (folder / "tokenizer.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "mine.txt", "model.safetensors",
+                                                        "tokenizer.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert.save_hf(TINY, tiny, empty)  # an empty existing folder is fine
+    assert convert.load_hf(empty)[0] == TINY
+
+
+def test_save_hf_without_overwrite_refuses_its_own_files_and_changes_nothing(tiny, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "mine.txt").write_text("mine")
+    before = _snapshot(folder)
+    with pytest.raises(InputError) as e:
+        convert.save_hf(TINY, tiny, folder)
+    one_line(e, "exists; pass overwrite=True", "config.json")
+    assert _snapshot(folder) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError) as e:
+        convert.save_hf(TINY, tiny, tmp_path / "file", overwrite=True)
+    one_line(e, "expected a folder, got a file")
+
+
+def test_save_hf_overwrite_replaces_only_its_own_files(tiny, tmp_path):
+    folder = tmp_path / "s"
+    convert.save_hf(GPT, GPT.init(jax.random.PRNGKey(1), jnp.zeros((1, 3), jnp.int32)), folder)
+    user = {"mine.txt": b"mine", "tokenizer.json": b"{\"v\": 1}", "generation_config.json": b"{}",
+            "model-notours.safetensors": b"x"}
+    for name, data in user.items():
+        (folder / name).write_bytes(data)
+    # a stale sharded checkpoint of save_hf's naming: it would shadow the new weights
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    convert.save_hf(TINY, tiny, folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*user, "config.json", "model.safetensors"])
+    for name, data in user.items():
+        assert (folder / name).read_bytes() == data
+    model, back = convert.load_hf(folder)
+    assert model == TINY
+    for a, b in zip(jax.tree_util.tree_leaves(tiny), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_hf_killed_mid_write_leaves_the_old_files(tiny, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    folder = tmp_path / "s"
+    convert.save_hf(GPT, GPT.init(jax.random.PRNGKey(1), jnp.zeros((1, 3), jnp.int32)), folder)
+    (folder / "mine.txt").write_text("mine")
+    before = _snapshot(folder)
+
+    def half_then_die(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_die)
+    with pytest.raises(OSError, match="No space left"):
+        convert.save_hf(TINY, tiny, folder, overwrite=True)
+    assert _snapshot(folder) == before  # no temporary file left, nothing replaced
+    with pytest.raises(OSError):
+        convert.save_hf(TINY, tiny, tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # the folder it created is removed again
