@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import re
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ __all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "Top
            "write_topk_cache", "read_topk_cache", "write_generations", "read_generations"]
 
 MISSING = ("zero", "symmetric_uniform")
+_LOGPROB_SLACK = 1e-5  # how far above 0 a stored "log-probability" may round
 
 
 def topk_logprobs(teacher_logits, k: int):
@@ -151,6 +155,7 @@ class TopKKD:
 # ----------------------------------------------------------------------------- the cache on disk
 
 FORMAT = "kdjax-topk/2"  # 2: the manifest carries its own checksum (version 1 did not: refused, rebuild)
+GENERATIONS_FORMAT = "kdjax-generations/2"
 _CHECKSUM = "manifest_sha256"
 _REBUILD = {"kdjax-topk": "rebuild the cache (kdjax teacher-logits --overwrite, or write_topk_cache into a new "
                           "directory)",
@@ -173,8 +178,6 @@ def _sha(data: bytes) -> str:
 
 
 def _shard_bytes(arrays: dict) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -212,16 +215,15 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
     return _read_manifest(directory, want["format"])
 
 
-def _read_shards(directory, fmt: str, names: tuple[str, ...], rerun: str):
-    """``({name: concatenated array}, manifest)`` of a finished cache, every shard verified."""
-    import io
-
+def _read_shards(directory, fmt: str, rerun: str):
+    """``({name: concatenated array}, manifest)`` of a finished cache, every shard verified:
+    its checksum, its arrays' names, shapes and dtypes, and (top-k) their values."""
     m = _read_manifest(directory, fmt)
     done = sum(sh["rows"] for sh in m["shards"])
     if done != m["rows"]:
         raise InputError(f"{directory}: the cache is unfinished ({done} of {m['rows']} rows); run {rerun} again to "
                          f"complete it")
-    parts = {name: [] for name in names}
+    parts = {}
     for sh in m["shards"]:
         path = os.path.join(directory, sh["file"])
         try:
@@ -231,10 +233,38 @@ def _read_shards(directory, fmt: str, names: tuple[str, ...], rerun: str):
             raise InputError(f"{path}: missing shard of the cache ({type(e).__name__})") from None
         if _sha(data) != sh["sha256"]:
             raise InputError(f"{path}: truncated or corrupted (checksum mismatch); rebuild it with {rerun}")
-        with np.load(io.BytesIO(data)) as z:
-            for name in names:
-                parts[name].append(z[name])
+        expect = _shard_arrays(m, sh["rows"])
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in expect}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise InputError(f"{path}: expected an .npz shard holding {', '.join(expect)}, got one that does not "
+                             f"load ({type(e).__name__})") from None
+        for name, (shape, dtype) in expect.items():
+            a = arrays[name]
+            if a.shape != shape or a.dtype != np.dtype(dtype):
+                raise InputError(f"{path}: {name}: expected {dtype}{list(shape)}, got {a.dtype}{list(a.shape)}")
+            parts.setdefault(name, []).append(a)
+        if fmt == FORMAT:
+            _check_topk_arrays(arrays["values"], arrays["indices"], m["vocab"], f"{path}: ")
     return {name: np.concatenate(p) for name, p in parts.items()}, m
+
+
+def _check_topk_arrays(values, indices, vocab: int, where: str = "") -> None:
+    """Refuse concrete top-k arrays that are not the log-probabilities of token ids in
+    ``[0, vocab)``: an id out of range, a NaN or infinite value, a positive one."""
+    ids = np.asarray(indices)
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise InputError(f"{where}indices: expected token ids in [0, {vocab}), got ids in [{lo}, {hi}]")
+    v = np.asarray(values, np.float64)
+    if not np.isfinite(v).all():
+        raise InputError(f"{where}values: expected finite log-probabilities, got {int((~np.isfinite(v)).sum())} "
+                         f"NaN or infinite")
+    if v.size and v.max() > _LOGPROB_SLACK:
+        raise InputError(f"{where}values: expected log-probabilities (<= 0), got a maximum of {v.max():g} "
+                         f"(logits rather than log_softmax?)")
 
 
 def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
@@ -291,15 +321,21 @@ def _write_manifest(directory, manifest: dict) -> None:
 
 
 def _read_manifest(directory, fmt: str = FORMAT) -> dict:
-    """The manifest of the ``fmt`` cache in ``directory``, its checksum verified."""
+    """The manifest of the ``fmt`` cache in ``directory``: its checksum verified, then every
+    key, type and shard path checked (each shard a file inside ``directory``)."""
     path = os.path.join(directory, "manifest.json")
     rebuild = _REBUILD[fmt.split("/")[0]]
+    if os.path.lexists(path) and not _inside(directory, "manifest.json"):
+        raise InputError(f"{path}: expected a file inside the cache directory, got a link to "
+                         f"{os.path.realpath(path)}; nothing is read from there")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{directory}: expected a cache with a readable manifest.json ({type(e).__name__})") \
             from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: expected a JSON object, got {_short(manifest)}")
     got = manifest.get("format")
     if isinstance(got, str) and got != fmt and got.split("/")[0] == fmt.split("/")[0]:
         raise InputError(f"{path}: a {got} cache (an older kdjax, its manifest unsigned), expected {fmt}; {rebuild}")
@@ -309,7 +345,93 @@ def _read_manifest(directory, fmt: str = FORMAT) -> dict:
         raise InputError(f"{path}: expected its checksum {_CHECKSUM!r}, got none; {rebuild}")
     if manifest[_CHECKSUM] != _sha(_canonical(manifest)):
         raise InputError(f"{path}: its checksum does not match its contents (edited or damaged); {rebuild}")
+    _check_manifest(path, directory, manifest)
     return manifest
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+_COUNT = (_is_count, "an int >= 1")
+_SHA256 = (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 (64 hex digits)")
+_OBJECT = (lambda v: isinstance(v, dict), "a JSON object")
+_LIST = (lambda v: isinstance(v, list), "a list")
+_FIELDS = {  # what each format's manifest holds: key -> (check, what is expected)
+    FORMAT: {"k": _COUNT, "rows": _COUNT, "length": _COUNT, "shard_rows": _COUNT, "vocab": _COUNT,
+             "values_dtype": (lambda v: v in ("float32", "float16"), "'float32' or 'float16'"),
+             "teacher": _SHA256, "tokens": _SHA256, "bytes_per_token": _COUNT, "metadata": _OBJECT,
+             "shards": _LIST},
+    GENERATIONS_FORMAT: {"rows": _COUNT, "prompt_length": _COUNT, "max_new_tokens": _COUNT, "shard_rows": _COUNT,
+                         "batch_size": _COUNT, "teacher": _SHA256, "prompts": _SHA256, "sampling": _OBJECT,
+                         "metadata": _OBJECT, "shards": _LIST},
+}
+_SHARD_FIELDS = {"file": (lambda v: isinstance(v, str), "a file name"), "rows": _COUNT, "sha256": _SHA256}
+
+
+def _check_fields(where: str, obj: dict, fields: dict) -> None:
+    for key, (ok, expected) in fields.items():
+        if key not in obj:
+            raise InputError(f"{where}: expected the key {key!r}, got none (keys: {', '.join(sorted(obj))})")
+        if not ok(obj[key]):
+            raise InputError(f"{where}: {key}: expected {expected}, got {_short(obj[key])}")
+
+
+def _inside(directory, name: str) -> bool:
+    """Whether ``directory/name``, links resolved, is a path strictly inside ``directory``."""
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    try:
+        return target != root and os.path.commonpath([root, target]) == root
+    except ValueError:  # another drive
+        return False
+
+
+def _check_manifest(path: str, directory, m: dict) -> None:
+    """Refuse a manifest (checksum already verified) whose keys, types or shards do not
+    describe a cache of its format inside ``directory``."""
+    _check_fields(path, m, _FIELDS[m["format"]])
+    if m["format"] == FORMAT:
+        if m["k"] > m["vocab"]:
+            raise InputError(f"{path}: k: expected at most the vocabulary ({m['vocab']}), got {m['k']}")
+        want = m["k"] * (np.dtype(m["values_dtype"]).itemsize + 4)
+        if m["bytes_per_token"] != want:
+            raise InputError(f"{path}: bytes_per_token: expected {want} (k and values_dtype), got "
+                             f"{m['bytes_per_token']}")
+    done = 0
+    for i, sh in enumerate(m["shards"]):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(sh, dict):
+            raise InputError(f"{where}: expected a JSON object (file, rows, sha256), got {_short(sh)}")
+        _check_fields(where, sh, _SHARD_FIELDS)
+        if not _inside(directory, sh["file"]):
+            raise InputError(f"{where}: file: expected a file inside the cache directory, got {sh['file']!r} "
+                             f"(resolving to {os.path.realpath(os.path.join(directory, sh['file']))}); nothing is "
+                             f"read from there")
+        name = f"shard-{i:05d}.npz"
+        if sh["file"] != name:
+            raise InputError(f"{where}: file: expected {name!r}, got {sh['file']!r}")
+        last = i == len(m["shards"]) - 1
+        if sh["rows"] > m["shard_rows"] or (not last and sh["rows"] != m["shard_rows"]):
+            raise InputError(f"{where}: rows: expected shard_rows = {m['shard_rows']} (at most, in the last shard), "
+                             f"got {sh['rows']}")
+        done += sh["rows"]
+    if done > m["rows"]:
+        raise InputError(f"{path}: shards: expected at most rows = {m['rows']} rows in all, got {done}")
+
+
+def _shard_arrays(m: dict, rows: int) -> dict:
+    """``{name: (shape, dtype)}`` of a shard of ``rows`` rows of the cache ``m``."""
+    if m["format"] == FORMAT:
+        shape = (rows, m["length"], m["k"])
+        return {"values": (shape, m["values_dtype"]), "indices": (shape, "int32")}
+    shape = (rows, m["prompt_length"] + m["max_new_tokens"])
+    return {"tokens": (shape, "int32"), "mask": (shape, "bool")}
 
 
 def _shard_ok(directory, shard) -> bool:
@@ -332,13 +454,11 @@ def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
         raise InputError(f"{directory}: built for other tokens (another data set, tokenizer or length)")
     if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
         raise InputError(f"{directory}: built with another teacher")
-    arrays, m = _read_shards(directory, FORMAT, ("values", "indices"), "write_topk_cache")
+    arrays, m = _read_shards(directory, FORMAT, "write_topk_cache")
     return arrays["values"], arrays["indices"], m
 
 
 # ----------------------------------------------------------------------------- teacher generations (SeqKD)
-
-GENERATIONS_FORMAT = "kdjax-generations/1"
 
 
 def write_generations(directory, teacher, variables, prompts, max_new_tokens: int, *, prompt_mask=None, rng=None,
@@ -402,5 +522,5 @@ def read_generations(directory, *, prompts=None, prompt_mask=None, teacher=None,
             raise InputError(f"{directory}: built for other prompts")
     if teacher is not None and fingerprint(teacher, variables) != m["teacher"]:
         raise InputError(f"{directory}: built with another teacher")
-    arrays, m = _read_shards(directory, GENERATIONS_FORMAT, ("tokens", "mask"), "write_generations")
+    arrays, m = _read_shards(directory, GENERATIONS_FORMAT, "write_generations")
     return arrays["tokens"], arrays["mask"], m

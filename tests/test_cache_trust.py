@@ -116,3 +116,142 @@ def test_an_unsigned_cache_of_an_older_kdjax_is_refused(cache):
 def test_a_manifest_without_its_checksum_is_refused(cache):
     edit(cache, lambda m: m.pop(offline._CHECKSUM) and None)
     refused(lambda: offline.read_topk_cache(cache), "expected its checksum")
+
+
+# ----------------------------------------------------------------------------- 2. what a manifest names is checked
+
+@pytest.mark.parametrize("text", ["[]", "3", '"manifest"', "null"])
+def test_a_manifest_that_is_not_a_json_object_is_refused(cache, text):
+    (cache / "manifest.json").write_text(text)
+    refused(lambda: offline.read_topk_cache(cache), "manifest.json: expected a JSON object, got")
+
+
+@pytest.mark.parametrize("key", ["k", "rows", "vocab", "values_dtype", "teacher", "shards", "metadata"])
+def test_a_signed_manifest_missing_a_key_is_refused(cache, key):
+    edit(cache, lambda m: m.pop(key) and None, sign=True)
+    refused(lambda: offline.read_topk_cache(cache), f"expected the key '{key}', got none")
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("k", "4", "k: expected an int >= 1"),
+    ("k", 4.0, "k: expected an int >= 1"),
+    ("k", True, "k: expected an int >= 1"),
+    ("rows", -5, "rows: expected an int >= 1"),
+    ("shards", {}, "shards: expected a list"),
+    ("values_dtype", "int8", "values_dtype: expected 'float32' or 'float16'"),
+    ("teacher", "not a hash", "teacher: expected a sha256"),
+    ("metadata", [1], "metadata: expected a JSON object"),
+    ("k", VOCAB + 1, r"k: expected at most the vocabulary \(11\)"),
+    ("bytes_per_token", 7, "bytes_per_token: expected 32"),
+])
+def test_a_signed_manifest_with_a_wrong_type_or_value_is_refused(cache, key, value, words):
+    edit(cache, lambda m: m.update({key: value}), sign=True)
+    refused(lambda: offline.read_topk_cache(cache), words)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda sh: sh.pop("file"), r"shards\[1\]: expected the key 'file'"),
+    (lambda sh: sh.pop("sha256"), r"shards\[1\]: expected the key 'sha256'"),
+    (lambda sh: sh.update(rows="2"), r"shards\[1\]: rows: expected an int >= 1"),
+    (lambda sh: sh.update(rows=1), r"shards\[1\]: rows: expected shard_rows = 2"),
+    (lambda sh: sh.update(file="shard-00000.npz"), r"shards\[1\]: file: expected 'shard-00001.npz'"),
+])
+def test_a_signed_manifest_with_a_malformed_shard_is_refused(cache, change, words):
+    edit(cache, lambda m: change(m["shards"][1]) and None, sign=True)
+    refused(lambda: offline.read_topk_cache(cache), words)
+
+
+def test_a_manifest_whose_shard_entry_is_not_an_object_is_refused(cache):
+    edit(cache, lambda m: m["shards"].__setitem__(0, "shard-00000.npz"), sign=True)
+    refused(lambda: offline.read_topk_cache(cache), r"shards\[0\]: expected a JSON object")
+
+
+def test_shards_holding_more_rows_than_the_cache_are_refused(cache):
+    edit(cache, lambda m: m["shards"][2].update(rows=2), sign=True)
+    refused(lambda: offline.read_topk_cache(cache), "shards: expected at most rows = 5 rows in all, got 6")
+
+
+def _outside_copy(cache, target):
+    """A readable copy of the cache's first shard at ``target`` outside the cache, so that a
+    reader that followed the path would succeed (what the checks must prevent)."""
+    shutil.copy(cache / "shard-00000.npz", target)
+    return target
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute"])
+def test_a_shard_path_outside_the_cache_is_never_read(cache, tmp_path, how):
+    outside = _outside_copy(cache, tmp_path / "elsewhere.npz")
+    name = "../elsewhere.npz" if how == "parent" else str(outside)
+    edit(cache, lambda m: m["shards"][0].update(file=name), sign=True)
+    refused(lambda: offline.read_topk_cache(cache), r"shards\[0\]: file: expected a file inside the cache directory")
+
+
+def test_a_shard_linked_to_a_file_outside_the_cache_is_never_read(cache, tmp_path):
+    outside = _outside_copy(cache, tmp_path / "elsewhere.npz")
+    (cache / "shard-00000.npz").unlink()
+    (cache / "shard-00000.npz").symlink_to(outside)
+    refused(lambda: offline.read_topk_cache(cache), "resolving to .*elsewhere.npz")
+
+
+def test_a_manifest_linked_to_a_file_outside_the_cache_is_never_read(cache, tmp_path):
+    shutil.move(cache / "manifest.json", tmp_path / "manifest.json")
+    (cache / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    refused(lambda: offline.read_topk_cache(cache), "manifest.json: expected a file inside the cache directory")
+
+
+def test_a_generations_manifest_naming_a_shard_outside_is_refused(gen_cache, tmp_path):
+    shutil.copy(gen_cache / "shard-00000.npz", tmp_path / "elsewhere.npz")
+    edit(gen_cache, lambda m: m["shards"][0].update(file="../elsewhere.npz"), sign=True)
+    refused(lambda: offline.read_generations(gen_cache), "expected a file inside the cache directory")
+
+
+def test_a_signed_generations_manifest_missing_a_key_is_refused(gen_cache):
+    edit(gen_cache, lambda m: m.pop("max_new_tokens") and None, sign=True)
+    refused(lambda: offline.read_generations(gen_cache), "expected the key 'max_new_tokens'")
+
+
+def forge_shard(directory, i, data: bytes):
+    """Replace shard ``i`` by ``data`` and re-sign everything: only the contents checks stand."""
+    (directory / f"shard-{i:05d}.npz").write_bytes(data)
+    edit(directory, lambda m: m["shards"][i].update(sha256=offline._sha(data)), sign=True)
+
+
+def shard_arrays(directory, i):
+    with np.load(directory / f"shard-{i:05d}.npz") as z:
+        return dict(z)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda a: a.update(indices=a["indices"] + VOCAB), r"indices: expected token ids in \[0, 11\)"),
+    (lambda a: a.update(indices=a["indices"] - VOCAB), r"indices: expected token ids in \[0, 11\)"),
+    (lambda a: a["values"].__setitem__((0, 0, 0), np.nan), "values: expected finite log-probabilities"),
+    (lambda a: a["values"].__setitem__((0, 0, 0), -np.inf), "values: expected finite log-probabilities"),
+    (lambda a: a.update(values=-a["values"]), r"values: expected log-probabilities \(<= 0\)"),
+    (lambda a: a.update(values=a["values"].astype(np.float64)), r"values: expected float32\[2, 5, 4\], got float64"),
+    (lambda a: a.update(indices=a["indices"][:, :, :3]), r"indices: expected int32\[2, 5, 4\], got int32\[2, 5, 3\]"),
+    (lambda a: a.pop("indices"), "expected an .npz shard holding values, indices, got one that does not load"),
+])
+def test_a_forged_shard_with_impossible_contents_is_refused(cache, change, words):
+    arrays = shard_arrays(cache, 1)
+    change(arrays)
+    forge_shard(cache, 1, offline._shard_bytes(arrays))
+    refused(lambda: offline.read_topk_cache(cache), "shard-00001.npz: " + words)
+
+
+def test_a_forged_shard_that_is_not_an_npz_is_refused(cache):
+    forge_shard(cache, 0, b"not a zip file at all")
+    refused(lambda: offline.read_topk_cache(cache), "shard-00000.npz: expected an .npz shard")
+
+
+def test_a_forged_shard_holding_pickled_objects_is_refused(cache):
+    arrays = shard_arrays(cache, 0)
+    arrays["values"] = np.asarray([object()] * 40, dtype=object).reshape(2, 5, 4)
+    forge_shard(cache, 0, offline._shard_bytes(arrays))
+    refused(lambda: offline.read_topk_cache(cache), "shard-00000.npz: expected an .npz shard")
+
+
+def test_a_forged_generations_shard_of_another_shape_is_refused(gen_cache):
+    arrays = shard_arrays(gen_cache, 0)
+    arrays["mask"] = arrays["mask"].astype(np.int32)
+    forge_shard(gen_cache, 0, offline._shard_bytes(arrays))
+    refused(lambda: offline.read_generations(gen_cache), r"mask: expected bool\[2, 4\], got int32")
