@@ -177,6 +177,17 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _check_rows(name: str, tokens) -> np.ndarray:
+    """``tokens`` as a NumPy array, refused unless integer ``[rows, length]`` with at least
+    one row and one position (a cache of nothing is never written)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise InputError(f"{name}: expected integer [rows, length], got {tokens.dtype}{list(tokens.shape)}")
+    if 0 in tokens.shape:
+        raise InputError(f"{name}: expected at least one row of at least one token, got shape {list(tokens.shape)}")
+    return tokens
+
+
 def _shard_bytes(arrays: dict) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -209,8 +220,6 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
         name = f"shard-{len(shards):05d}.npz"
         atomic_write_bytes(os.path.join(directory, name), data)
         shards.append({"file": name, "rows": stop - start, "sha256": _sha(data)})
-        _write_manifest(directory, want | extra() | {"shards": shards})
-    if not shards:  # nothing to write (zero rows) still leaves a manifest
         _write_manifest(directory, want | extra() | {"shards": shards})
     return _read_manifest(directory, want["format"])
 
@@ -280,9 +289,7 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     check_count("k", k)
     check_count("batch_size", batch_size)
     check_count("shard_rows", shard_rows)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise InputError(f"tokens: expected integer [rows, length], got {tokens.dtype}{list(tokens.shape)}")
+    tokens = _check_rows("tokens", tokens)
     if values_dtype not in (np.float32, np.float16, "float32", "float16"):
         raise InputError(f"values_dtype: expected float32 or float16, got {values_dtype!r}")
     directory = os.fspath(directory)
@@ -478,9 +485,7 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
     check_count("max_new_tokens", max_new_tokens)
     check_count("batch_size", batch_size)
     check_count("shard_rows", shard_rows)
-    prompts = np.asarray(prompts)
-    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-        raise InputError(f"prompts: expected integer [rows, length], got {prompts.dtype}{list(prompts.shape)}")
+    prompts = _check_rows("prompts", prompts)
     mask = np.ones(prompts.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
     key_words = None if rng is None else np.asarray(jax.random.key_data(rng) if jnp.issubdtype(
         getattr(rng, "dtype", None), jax.dtypes.prng_key) else rng).tolist()

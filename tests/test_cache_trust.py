@@ -4,6 +4,7 @@ not fit is refused in one InputError line, never a traceback, never a number rea
 the cache does not own."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -255,3 +256,25 @@ def test_a_forged_generations_shard_of_another_shape_is_refused(gen_cache):
     arrays["mask"] = arrays["mask"].astype(np.int32)
     forge_shard(gen_cache, 0, offline._shard_bytes(arrays))
     refused(lambda: offline.read_generations(gen_cache), r"mask: expected bool\[2, 4\], got int32")
+
+
+# ----------------------------------------------------------------------------- 3. a cache of nothing
+
+@pytest.mark.parametrize("shape", [(0, LENGTH), (3, 0)])
+def test_a_zero_row_topk_cache_is_never_written(built, tmp_path, shape):
+    _, teacher, variables, _ = built
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, np.zeros(shape, np.int32), K),
+            re.escape(f"tokens: expected at least one row of at least one token, got shape {list(shape)}"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_zero_row_generations_cache_is_never_written(built, tmp_path):
+    _, teacher, variables, _ = built
+    refused(lambda: offline.write_generations(tmp_path / "g", teacher, variables, np.zeros((0, 2), np.int32), 2),
+            "prompts: expected at least one row")
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_zero_row_cache_on_disk_is_refused(cache):
+    edit(cache, lambda m: m.update(rows=0, shards=[]), sign=True)
+    refused(lambda: offline.read_topk_cache(cache), "rows: expected an int >= 1, got 0")
