@@ -120,4 +120,9 @@ def run() -> None:
         print("\nkdjax: interrupted; nothing was saved", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)
     gc.freeze()
-    raise SystemExit(main())
+    code = main()
+    if code == EXIT_INTERRUPTED:  # what was saved is on disk; XLA's threads may be mid-program: no teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

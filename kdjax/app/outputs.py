@@ -191,6 +191,6 @@ def check_save_hf(args, out_names=()) -> bool:
         record = Outputs(args.out, ()).read()
         ours = record.get("save_hf") == _real(target)
     if not ours:
-        raise UsageError(f"--save-hf: {target} holds {', '.join(present)}; pass --overwrite to replace those files "
-                         f"(only those: nothing else in the folder is touched)")
+        raise UsageError(f"--save-hf: {target} exists; pass --overwrite to replace its Hugging Face files "
+                         f"({', '.join(present)}; nothing else in the folder is touched)")
     return True
