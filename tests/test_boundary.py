@@ -228,3 +228,79 @@ def test_save_hf_killed_mid_write_leaves_the_old_files(tiny, tmp_path, monkeypat
     with pytest.raises(OSError):
         convert.save_hf(TINY, tiny, tmp_path / "new")
     assert not (tmp_path / "new").exists()  # the folder it created is removed again
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    model = Llama(vocab_size=11, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                  max_position_embeddings=12)
+    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+
+
+PROMPTS = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.mark.parametrize("prompts, kwargs, error, words", [
+    (jnp.zeros((0, 3), jnp.int32), {}, InputError, ["prompts: expected at least one prompt", "(0, 3)"]),
+    (jnp.zeros((2, 0), jnp.int32), {}, InputError, ["prompts: expected at least one prompt", "(2, 0)"]),
+    (PROMPTS.at[0, 0].set(11), {}, InputError, ["prompts: expected token ids in [0, 11)", "[2, 11]"]),
+    (PROMPTS.at[1, 2].set(-1), {}, InputError, ["prompts: expected token ids in [0, 11)", "[-1, 5]"]),
+    (PROMPTS, dict(rng=KEY, top_k=0), InputError, ["top_k: expected an int >= 1, got 0"]),
+    (PROMPTS, dict(rng=KEY, top_k=12), InputError, ["top_k: expected an int in [1, 11]", "got 12"]),
+    (PROMPTS, dict(top_k=2.0), InputTypeError, ["top_k", "float"]),
+    (PROMPTS, dict(rng=KEY, top_p=0.0), InputError, ["top_p: expected a number in (0, 1], got 0.0"]),
+    (PROMPTS, dict(rng=KEY, top_p=float("nan")), InputError, ["top_p", "nan"]),
+    (PROMPTS, dict(rng=KEY, temperature=float("inf")), InputError, ["temperature", "finite", "inf"]),
+    (PROMPTS, dict(rng=KEY, temperature=float("nan")), InputError, ["temperature", "nan"]),
+    (PROMPTS, dict(temperature=-0.5), InputError, ["temperature", "-0.5"]),
+    (PROMPTS, dict(rng=5), InputTypeError, ["rng: expected a PRNG key", "jax.random.PRNGKey(n)", "5 (int)"]),
+    (PROMPTS, dict(rng=jnp.zeros(3, jnp.float32)), InputTypeError, ["rng: expected a PRNG key", "float32[3]"]),
+    (PROMPTS, dict(prompt_mask=jnp.ones((2, 3), jnp.int32)), InputTypeError, ["prompt_mask: expected bool",
+                                                                              "int32"]),
+    (PROMPTS, dict(prompt_mask=jnp.ones((2, 4), bool)), InputError, ["prompt_mask: expected the prompts' shape"]),
+])
+def test_generate_refuses_bad_input_in_one_line(decoder, prompts, kwargs, error, words):
+    from kdjax.generation import generate
+
+    model, variables = decoder
+    with pytest.raises(error) as e:
+        generate(model, variables, prompts, 2, **kwargs)
+    one_line(e, *words)
+
+
+def test_generate_refuses_bad_lengths_and_accepts_both_key_kinds(decoder):
+    from kdjax.generation import generate
+
+    model, variables = decoder
+    for new, error, words in [(0, InputError, "max_new_tokens: expected an int >= 1, got 0"),
+                              (2.0, InputTypeError, "max_new_tokens"),
+                              (10, InputError, "prompts of 3 tokens + 10 new exceed the model's context of 12")]:
+        with pytest.raises(error) as e:
+            generate(model, variables, PROMPTS, new)
+        one_line(e, words)
+    a = generate(model, variables, PROMPTS, 3, rng=jax.random.PRNGKey(3), temperature=2.0)
+    b = generate(model, variables, PROMPTS, 3, rng=jax.random.wrap_key_data(jax.random.PRNGKey(3)), temperature=2.0)
+    np.testing.assert_array_equal(a, b)  # a new-style key of the same bits draws the same tokens
+
+
+def test_sample_logits_refuses_bad_input_in_one_line():
+    from kdjax.generation import sample_logits
+
+    logits = jnp.zeros((2, 5))
+    for args, kwargs, error, words in [
+        ((jnp.zeros((2, 5), jnp.int32), None), {}, InputTypeError, "logits: expected a floating array"),
+        ((logits, 3), {}, InputTypeError, "key: expected a PRNG key"),
+        ((logits, KEY), dict(top_k=6), InputError, "top_k: expected an int in [1, 5]"),
+        ((logits, KEY), dict(top_p=1.5), InputError, "top_p: expected a number in (0, 1]"),
+        ((logits, KEY), dict(temperature=float("inf")), InputError, "temperature"),
+        ((logits, KEY), dict(temperature=0.0), InputError, "0 is greedy: pass key=None"),
+    ]:
+        with pytest.raises(error) as e:
+            sample_logits(*args, **kwargs)
+        one_line(e, words)
+    tokens, logp = sample_logits(logits, KEY, top_k=5, top_p=1.0)
+    assert tokens.shape == (2,) and logp.shape == (2,)
