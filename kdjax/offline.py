@@ -30,6 +30,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import re
 import zipfile
@@ -213,7 +215,6 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
             if not _shard_ok(directory, sh):
                 break
             shards.append(sh)
-    os.makedirs(directory, exist_ok=True)
     for start in range(len(shards) * shard_rows, rows, shard_rows):
         stop = min(start + shard_rows, rows)
         data = _shard_bytes(compute(start, stop))
@@ -278,14 +279,39 @@ def _check_topk_arrays(values, indices, vocab: int, where: str = "") -> None:
 
 def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
                      shard_rows: int = 1024, values_dtype=np.float32, metadata: dict | None = None) -> dict:
-    """Compute the eval-mode teacher's ``topk_logprobs`` on ``tokens`` ``[rows, length]`` and
-    write them to ``directory``: ``shard-NNNNN.npz`` files (``values`` ``[rows, length, k]``
-    in ``values_dtype``, ``indices`` int32) and ``manifest.json`` (k, vocabulary, shapes,
-    the teacher's ``fingerprint``, the tokens' sha256, ``bytes_per_token`` =
+    """Compute the eval-mode teacher's ``topk_logprobs`` on ``tokens`` and store them.
+
+    Writes ``directory``: ``shard-NNNNN.npz`` files (``values`` ``[rows, length, k]`` in
+    ``values_dtype``, ``indices`` int32) and ``manifest.json`` (k, vocabulary, shapes, the
+    teacher's ``fingerprint``, the tokens' sha256, ``bytes_per_token`` =
     ``k * (itemsize(values_dtype) + 4)``, the caller's JSON ``metadata`` and each shard's
-    sha256). Every file is written atomically and the manifest after each shard, so a
-    killed build resumes where it stopped (same teacher, tokens, k and metadata; anything
-    else is refused). Returns the manifest."""
+    sha256), the manifest signed with its own checksum. Every file is written atomically and
+    the manifest after each shard, so a killed build resumes where it stopped (same teacher,
+    tokens, k and metadata; anything else is refused). Pass the tokenizer's
+    ``tokenizer_sha256`` in ``metadata`` so that readers can ``check_cache_tokenizer``.
+
+    Args:
+        directory: the cache folder (created; a finished or partial cache of the same
+            build in it is resumed).
+        teacher: a linen module called as ``teacher.apply(variables, tokens)`` -> logits
+            ``[batch, length, vocab]``.
+        variables: the teacher's variables.
+        tokens: integer ``[rows, length]``, ids in ``[0, vocab)``, at least one row.
+        k: how many log-probabilities to keep per position, ``1 <= k <= vocab``.
+        batch_size: rows per teacher call (>= 1).
+        shard_rows: rows per shard file (>= 1).
+        values_dtype: float32 or float16.
+        metadata: a JSON object stored in the manifest (and covered by its checksum).
+
+    Returns:
+        The manifest (a dict).
+
+    Raises:
+        InputError / InputTypeError: any argument above out of range or of the wrong type,
+            checked before anything is written; the teacher's logits not finite on some
+            rows (nothing is written for those rows, or after them: a cache never holds
+            NaN); a cache of another build in ``directory``.
+    """
     check_count("k", k)
     check_count("batch_size", batch_size)
     check_count("shard_rows", shard_rows)
@@ -293,23 +319,67 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     if values_dtype not in (np.float32, np.float16, "float32", "float16"):
         raise InputError(f"values_dtype: expected float32 or float16, got {values_dtype!r}")
     directory = os.fspath(directory)
+    _check_directory(directory)
+    metadata = _check_metadata(metadata)
+    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
+                .shape[-1])
+    if k > vocab:
+        raise InputError(f"k: expected at most the teacher's vocabulary ({vocab}), got {k}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"tokens: expected ids in [0, {vocab}) (the teacher's vocabulary), got ids in [{lo}, {hi}]")
     want = {"format": FORMAT, "k": int(k), "rows": int(tokens.shape[0]), "length": int(tokens.shape[1]),
             "shard_rows": int(shard_rows), "values_dtype": np.dtype(values_dtype).name,
             "teacher": fingerprint(teacher, variables), "tokens": _sha(np.ascontiguousarray(tokens).tobytes()),
-            "bytes_per_token": int(k) * (np.dtype(values_dtype).itemsize + 4),
-            "metadata": json.loads(json.dumps(metadata or {}))}
-    predict = jax.jit(lambda v, x: topk_logprobs(teacher.apply(v, x), k))
-    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
-                .shape[-1])
+            "bytes_per_token": int(k) * (np.dtype(values_dtype).itemsize + 4), "metadata": metadata}
+
+    @jax.jit
+    def predict(v, x):
+        logits = teacher.apply(v, x)
+        return *topk_logprobs(logits, k), jnp.all(jnp.isfinite(logits))
 
     def compute(start, stop):
         rows = tokens[start:stop]
         parts = [predict(variables, jnp.asarray(rows[i:i + batch_size], jnp.int32))
                  for i in range(0, len(rows), batch_size)]
-        return {"values": np.concatenate([np.asarray(v) for v, _ in parts]).astype(values_dtype),
-                "indices": np.concatenate([np.asarray(i) for _, i in parts]).astype(np.int32)}
+        if not all(bool(finite) for _, _, finite in parts):
+            raise InputError(f"teacher: expected finite logits, got NaN or infinite ones on token rows [{start}, "
+                             f"{stop}); nothing is written from there on (a cache never holds NaN)")
+        with np.errstate(over="ignore"):  # float16 out of range: refused just below
+            values = np.concatenate([np.asarray(v) for v, _, _ in parts]).astype(values_dtype)
+        if not np.isfinite(values).all():
+            raise InputError(f"values_dtype: expected a dtype that holds the teacher's log-probabilities, got "
+                             f"{np.dtype(values_dtype).name}, below whose range they fall on token rows [{start}, "
+                             f"{stop}); use float32")
+        return {"values": values, "indices": np.concatenate([np.asarray(i) for _, i, _ in parts]).astype(np.int32)}
 
     return _write_shards(directory, want, tokens.shape[0], shard_rows, compute, lambda: {"vocab": vocab})
+
+
+def _optional_int(name: str, value):
+    """``value`` as a JSON int (NumPy ints included), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name}: expected None or an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _check_directory(directory: str) -> None:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"directory: expected a folder for the cache, got the existing file {directory}")
+
+
+def _check_metadata(metadata) -> dict:
+    """``metadata`` as the JSON object it reads back as; refused unless a JSON-able dict."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InputTypeError(f"metadata: expected a dict, got {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as e:
+        raise InputTypeError(f"metadata: expected JSON values (str, numbers, lists, dicts), got {e}") from None
 
 
 def _canonical(manifest: dict) -> bytes:
@@ -486,16 +556,34 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
     check_count("batch_size", batch_size)
     check_count("shard_rows", shard_rows)
     prompts = _check_rows("prompts", prompts)
-    mask = np.ones(prompts.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
-    key_words = None if rng is None else np.asarray(jax.random.key_data(rng) if jnp.issubdtype(
-        getattr(rng, "dtype", None), jax.dtypes.prng_key) else rng).tolist()
+    mask = np.ones(prompts.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
+    if mask.shape != prompts.shape:
+        raise InputError(f"prompt_mask: expected bool {list(prompts.shape)} (the prompts' shape), got "
+                         f"{mask.dtype}{list(mask.shape)}")
+    mask = mask.astype(bool)
+    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, prompts.shape[1]), jnp.int32))
+                .shape[-1])
+    lo, hi = int(prompts.min()), int(prompts.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"prompts: expected ids in [0, {vocab}) (the teacher's vocabulary), got ids in [{lo}, {hi}]")
+    typed = jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
+    if rng is not None and not typed and not (getattr(rng, "dtype", None) == np.uint32 and np.shape(rng) == (2,)):
+        raise InputTypeError(f"rng: expected None (greedy) or a jax.random key, got {type(rng).__name__}")
+    key_words = None if rng is None else np.asarray(jax.random.key_data(rng) if typed else rng).tolist()
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise InputTypeError(f"temperature: expected a number >= 0, got {temperature!r} ({type(temperature).__name__})")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature: expected a finite number >= 0, got {temperature}")
+    top_k, eos_id, pad_id = (_optional_int(name, v) for name, v in (("top_k", top_k), ("eos_id", eos_id),
+                                                                    ("pad_id", pad_id)))
     want = {"format": GENERATIONS_FORMAT, "rows": int(prompts.shape[0]), "prompt_length": int(prompts.shape[1]),
             "max_new_tokens": int(max_new_tokens), "shard_rows": int(shard_rows), "batch_size": int(batch_size),
             "teacher": fingerprint(teacher, variables),
             "prompts": _sha(np.ascontiguousarray(prompts.astype(np.int64)).tobytes() + mask.tobytes()),
             "sampling": {"rng": key_words, "temperature": float(temperature), "top_k": top_k,
                          "top_p": None if top_p is None else float(top_p), "eos_id": eos_id, "pad_id": pad_id},
-            "metadata": json.loads(json.dumps(metadata or {}))}
+            "metadata": _check_metadata(metadata)}
+    _check_directory(os.fspath(directory))
 
     def compute(start, stop):
         tokens, masks = [], []

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 import kdjax
 from kdjax import offline
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 
 ROWS, LENGTH, VOCAB, K = 5, 5, 11, 4
 META = {"teacher_config": {"vocab_size": VOCAB, "hidden_size": 8}, "tokenizer_sha256": "ab" * 32,
@@ -278,3 +279,120 @@ def test_a_zero_row_generations_cache_is_never_written(built, tmp_path):
 def test_a_zero_row_cache_on_disk_is_refused(cache):
     edit(cache, lambda m: m.update(rows=0, shards=[]), sign=True)
     refused(lambda: offline.read_topk_cache(cache), "rows: expected an int >= 1, got 0")
+
+
+# ----------------------------------------------------------------------------- 4. write_topk_cache checks its inputs
+
+class Lookup(nn.Module):
+    """A teacher whose logits are a row of a table per token: a poisoned row poisons
+    exactly the windows holding that token."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Embed(VOCAB, VOCAB)(x)
+
+
+def lookup_teacher(row=None, value=None):
+    teacher = Lookup()
+    variables = teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH), jnp.int32))
+    if row is not None:
+        table = variables["params"]["Embed_0"]["embedding"]
+        variables = {"params": {"Embed_0": {"embedding": table.at[row].set(value)}}}
+    return teacher, variables
+
+
+TOKENS = np.asarray(np.random.default_rng(1).integers(0, 3, (4, LENGTH)), np.int32)  # ids 0..2 only
+
+
+@pytest.mark.parametrize("tokens,words", [
+    (np.where(TOKENS == 0, VOCAB, TOKENS), r"tokens: expected ids in \[0, 11\) \(the teacher's vocabulary\), got ids "
+                                           r"in \[1, 11\]"),
+    (TOKENS - 1, r"tokens: expected ids in \[0, 11\) \(the teacher's vocabulary\), got ids in \[-1, 1\]"),
+    (TOKENS.astype(np.float32), r"tokens: expected integer \[rows, length\], got float32"),
+    (TOKENS.astype(bool), r"tokens: expected integer \[rows, length\], got bool"),
+    (TOKENS[0], r"tokens: expected integer \[rows, length\], got int32\[5\]"),
+    (TOKENS[None], r"tokens: expected integer \[rows, length\], got int32\[1, 4, 5\]"),
+])
+def test_write_topk_cache_refuses_bad_tokens_before_writing(tmp_path, tokens, words):
+    teacher, variables = lookup_teacher()
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, tokens, K), words)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"k": 0}, "k: expected an int >= 1, got 0"),
+    ({"k": VOCAB + 1}, r"k: expected at most the teacher's vocabulary \(11\), got 12"),
+    ({"batch_size": 0}, "batch_size: expected an int >= 1, got 0"),
+    ({"shard_rows": 0}, "shard_rows: expected an int >= 1, got 0"),
+    ({"values_dtype": np.int8}, "values_dtype: expected float32 or float16"),
+    ({"metadata": {"when": object()}}, "metadata: expected JSON values"),
+    ({"metadata": ["a"]}, "metadata: expected a dict, got list"),
+])
+def test_write_topk_cache_refuses_bad_arguments_before_writing(tmp_path, kwargs, words):
+    teacher, variables = lookup_teacher()
+    kwargs = {"k": K} | kwargs
+    with pytest.raises((InputError, InputTypeError), match=words):
+        offline.write_topk_cache(tmp_path / "c", teacher, variables, TOKENS, **kwargs)
+    assert not (tmp_path / "c").exists()
+
+
+def test_write_topk_cache_refuses_a_directory_that_is_a_file(tmp_path):
+    teacher, variables = lookup_teacher()
+    (tmp_path / "c").write_text("mine")
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, TOKENS, K),
+            "directory: expected a folder for the cache, got the existing file")
+    assert (tmp_path / "c").read_text() == "mine"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_cache_of_non_finite_teacher_logits_is_never_written(tmp_path, value):
+    teacher, variables = lookup_teacher(row=0, value=value)
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, TOKENS, K, shard_rows=2),
+            r"teacher: expected finite logits, got NaN or infinite ones on token rows \[0, 2\)")
+    assert not (tmp_path / "c").exists()
+
+
+def test_rows_after_non_finite_teacher_logits_are_not_written(tmp_path):
+    """Rows 0-1 hold ids 1..2 only, rows 2-3 an id 0 whose logits are NaN: the first shard
+    is written, the second never, and the cache stays unfinished (refused on read)."""
+    tokens = np.concatenate([np.ones((2, LENGTH), np.int32), np.zeros((2, LENGTH), np.int32)])
+    teacher, variables = lookup_teacher(row=0, value=np.nan)
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, tokens, K, shard_rows=2),
+            r"on token rows \[2, 4\)")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", "shard-00000.npz"]
+    refused(lambda: offline.read_topk_cache(tmp_path / "c"), "unfinished")
+
+
+def test_float16_values_that_underflow_are_never_written(tmp_path):
+    teacher, variables = lookup_teacher()
+    table = variables["params"]["Embed_0"]["embedding"]
+    variables = {"params": {"Embed_0": {"embedding": table.at[:, 0].set(1e6)}}}  # log-probs of -1e6 elsewhere
+    refused(lambda: offline.write_topk_cache(tmp_path / "c", teacher, variables, TOKENS, VOCAB,
+                                             values_dtype=np.float16), "values_dtype: .* got float16")
+    assert not (tmp_path / "c").exists()
+    offline.write_topk_cache(tmp_path / "c", teacher, variables, TOKENS, VOCAB)  # float32 holds them
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"prompt_mask": np.ones((4, 3), bool)}, r"prompt_mask: expected bool \[4, 2\]"),
+    ({"prompts": np.full((4, 2), VOCAB)}, r"prompts: expected ids in \[0, 11\)"),
+    ({"rng": 3}, "rng: expected None .* or a jax.random key, got int"),
+    ({"temperature": float("inf")}, "temperature: expected a finite number >= 0, got inf"),
+    ({"temperature": "hot"}, "temperature: expected a number >= 0"),
+    ({"top_k": 2.5}, "top_k: expected None or an int, got 2.5"),
+    ({"metadata": {"x": {1, 2}}}, "metadata: expected JSON values"),
+])
+def test_write_generations_refuses_bad_arguments_before_writing(built, tmp_path, kwargs, words):
+    _, teacher, variables, tokens = built
+    kwargs = {"prompts": tokens[:4, :2]} | kwargs
+    with pytest.raises((InputError, InputTypeError), match=words):
+        offline.write_generations(tmp_path / "g", teacher, variables, max_new_tokens=2, batch_size=2, shard_rows=2,
+                                  **kwargs)
+    assert not (tmp_path / "g").exists()
+
+
+def test_write_generations_stores_numpy_int_options_as_json(built, tmp_path):
+    _, teacher, variables, tokens = built
+    m = offline.write_generations(tmp_path / "g", teacher, variables, tokens[:2, :2], 2, eos_id=np.int32(3),
+                                  batch_size=2, shard_rows=2)
+    assert m["sampling"]["eos_id"] == 3 and offline.read_generations(tmp_path / "g")[2] == m
