@@ -219,3 +219,13 @@ def test_help_lists_datasets_defaults_and_teacher_files(capsys):
                   "(default: 3, the seed's; 4 with --method dkd", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
                   "64)", "teacher.ckpt", ".pt/.pth", "torchvision-layout ResNet"):
         assert words in text, words
+
+
+@pytest.mark.parametrize("args,words", [
+    (["on-policy", "--length", "5000"], "the teacher's training step (batch 64 x 10002 tokens) would need"),
+    (["distill", "--dataset", "text", "--context", "5000", "--vocab-size", "300"],
+     "the teacher's training step (batch 64 x 5000 tokens) would need"),
+])
+def test_sizes_beyond_memory_are_refused_before_anything_runs(capsys, tmp_path, args, words):
+    refused(kdjax_here(capsys, *args, "--out", tmp_path / "o"), words, "lower --")
+    assert not (tmp_path / "o").exists()

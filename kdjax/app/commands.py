@@ -177,6 +177,9 @@ def cmd_distill(args, rep: Reporter) -> int:
     if tok is not None:
         rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
     inputs.validate_models((teacher, student), ds)
+    if args.arch in ("transformer", "llama"):
+        inputs.check_lm_memory(args, student if t_state is not None else teacher,
+                               "student" if t_state is not None else "teacher")
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
     if objective is not None and args.method not in methods.ON_POLICY_METHODS:
         methods.validate(objective, teacher, student, ds)
@@ -408,6 +411,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
 
     check_vocabulary(tok, student)
     inputs.validate_models((student,), ds)
+    inputs.check_lm_memory(args, student, "student")
     cfg = inputs.run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     validation = meta.get("validation") or {}
@@ -454,11 +458,12 @@ def cmd_on_policy(args, rep: Reporter) -> int:
         raise UsageError(f"--methods: expected each method once, got {args.methods}")
     if args.batch_size > args.train:
         raise UsageError(f"--batch-size: expected at most --train ({args.train}) prompts, got {args.batch_size}")
-    inputs.claim_out(args)
     s = ot.Setup(task=ot.Task(length=args.length), train=args.train, test=args.test,
                  teacher=(args.teacher_layers, args.teacher_dim), student=(args.student_layers, args.student_dim),
                  teacher_steps=args.teacher_steps, warmup=args.warmup, steps=args.steps, batch=args.batch_size,
                  lr=args.lr)
+    inputs.check_program_memory(s.largest_programs(), "--length, --batch-size, --train or the model sizes")
+    inputs.claim_out(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     rep.line(f"sorting {args.length} digits: {args.train} training / {args.test} held-out prompts; teacher "
              f"{args.teacher_layers} x {args.teacher_dim} ({args.teacher_steps} steps), student {args.student_layers} "

@@ -16,7 +16,7 @@ from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
            "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
-           "seal_out", "save_hf_overwrite", "identity"]
+           "seal_out", "save_hf_overwrite", "identity", "check_program_memory", "check_lm_memory"]
 
 
 def check_out(args) -> None:
@@ -267,6 +267,37 @@ def check_logits_memory(ds, teacher, copies: int, memory: int | None = None) -> 
                          f"cache (kdjax teacher-logits, then --teacher-logits CACHE), or lower --text-bytes / "
                          f"--context / --seeds")
     return need
+
+
+def check_program_memory(programs, hint: str, memory: int | None = None) -> None:
+    """Refuse in one line, before anything runs, a program whose buffers (arguments, outputs
+    and temporaries, from XLA's ``memory_analysis`` of the compiled program) would take more
+    than half of ``memory`` (default: this machine's). ``programs``: ``(what, lowered)``;
+    ``hint`` names the options that size them."""
+    memory = _physical_memory() if memory is None else memory
+    for what, lowered in programs:
+        m = lowered.compile().memory_analysis()
+        if m is None or not memory:
+            continue
+        need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+        if need > memory // 2:
+            raise UsageError(f"{what} would need {need / 2**30:.1f} GiB, more than half of this machine's "
+                             f"{memory / 2**30:.1f} GiB; lower {hint}")
+
+
+def check_lm_memory(args, model, who: str) -> None:
+    """``check_program_memory`` of ``model``'s training step at ``--batch-size`` x ``--context``
+    tokens (the language models: their sizes are the user's to choose)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax.train import create_train_state, make_train_step
+
+    tokens = jax.ShapeDtypeStruct((args.batch_size, args.context), jnp.int32)
+    state = jax.eval_shape(lambda: create_train_state(model, 0, jnp.zeros((1, args.context), jnp.int32)))
+    step = make_train_step(model, "ce").lower(state, {"x": tokens, "y": tokens}, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    check_program_memory([(f"the {who}'s training step (batch {args.batch_size} x {args.context} tokens)", step)],
+                         "--batch-size or --context")
 
 
 def validate_models(models, ds) -> None:

@@ -71,8 +71,26 @@ class Setup:
         from kdjax.models import Llama
 
         return Llama(vocab_size=self.task.vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                     num_layers=layers, num_heads=4, num_kv_heads=2, max_position_embeddings=64,
-                     tie_word_embeddings=True)
+                     num_layers=layers, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=max(64, 2 * (self.task.length + 1)), tie_word_embeddings=True)
+
+    def largest_programs(self):
+        """``(what, lowered program)`` of the experiment's largest programs, built abstractly
+        (nothing computed): the teacher's training step and its greedy answers to every
+        training prompt, whose memory ``kdjax on-policy`` checks before it starts."""
+        import kdjax
+        from kdjax.generation import rollout
+
+        teacher, n = self.model(*self.teacher), self.task.length + 1
+        tokens = lambda rows, length: jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        state = jax.eval_shape(lambda: kdjax.create_train_state(teacher, 0, jnp.zeros((1, 2 * n), jnp.int32)))
+        batch = {"x": tokens(self.batch, 2 * n), "y": tokens(self.batch, 2 * n),
+                 "where": jax.ShapeDtypeStruct((self.batch, 2 * n), bool)}
+        step = kdjax.make_train_step(teacher, "ce").lower(state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        answers = jax.jit(lambda v, p: rollout(teacher, v, p, n, eos_id=self.task.eos).tokens).lower(
+            {"params": state.params}, tokens(self.train, n))
+        return [(f"the teacher's training step (batch {self.batch} x {2 * n} tokens)", step),
+                (f"the teacher's answers to the {self.train} training prompts ({n} tokens each)", answers)]
 
 
 def _sequence_data(prompts, answers):
