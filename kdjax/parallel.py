@@ -66,12 +66,41 @@ def make_mesh(members: int = 1, data: int | None = None, fsdp: int = 1, devices:
     ``data=None`` takes the devices ``members x fsdp`` leave. Uses the first
     ``members * data * fsdp`` devices, in order (``fsdp`` varies fastest: a parameter's
     shards sit on neighbouring devices).
+
+    Args:
+      members, fsdp: ints >= 1.
+      data: an int >= 1, or None (the devices left).
+      devices: a non-empty sequence of distinct ``jax.Device``s (default ``jax.devices()``).
+
+    Returns:
+      The ``Mesh``.
+
+    Raises:
+      InputTypeError: a count that is not an int; ``devices`` that is not a sequence of devices.
+      InputError: a count < 1; ``devices`` empty or naming a device twice; ``members x fsdp``
+        that does not divide the devices (``data=None``); ``members x data x fsdp`` larger than
+        the devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
     check_count("make_mesh: members", members)
     check_count("make_mesh: fsdp", fsdp)
     if data is not None:
         check_count("make_mesh: data", data)
+    if devices is None:
+        devices = jax.devices()
+    elif isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
+        raise InputTypeError(f"make_mesh: devices: expected a sequence of jax devices, got {type(devices).__name__}")
+    devices = list(devices)
+    if not devices:
+        raise InputError("make_mesh: devices: expected at least one device, got an empty sequence")
+    for d in devices:
+        if not isinstance(d, jax.Device):
+            raise InputTypeError(f"make_mesh: devices: expected jax devices (jax.devices()), got "
+                                 f"{d!r} ({type(d).__name__})")
+    seen = set()
+    for d in devices:
+        if d in seen:
+            raise InputError(f"make_mesh: devices: expected distinct devices, got {d} more than once")
+        seen.add(d)
     if data is None:
         if len(devices) % (members * fsdp):
             raise InputError(f"make_mesh: expected members x fsdp to divide the {len(devices)} devices, got "

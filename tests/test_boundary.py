@@ -304,3 +304,27 @@ def test_sample_logits_refuses_bad_input_in_one_line():
         one_line(e, words)
     tokens, logp = sample_logits(logits, KEY, top_k=5, top_p=1.0)
     assert tokens.shape == (2,) and logp.shape == (2,)
+
+
+# ----------------------------------------------------------------------------- make_mesh
+
+
+def test_make_mesh_refuses_bad_devices_and_counts_in_one_line():
+    from kdjax import parallel
+
+    d = jax.devices()[0]
+    for kwargs, error, words in [
+        (dict(devices=[]), InputError, "devices: expected at least one device, got an empty sequence"),
+        (dict(devices=[d, d]), InputError, "devices: expected distinct devices"),
+        (dict(devices=["cpu:0"]), InputTypeError, "devices: expected jax devices"),
+        (dict(devices=3), InputTypeError, "devices: expected a sequence of jax devices, got int"),
+        (dict(data=0, devices=[d]), InputError, "data: expected an int >= 1, got 0"),
+        (dict(fsdp=-1, devices=[d]), InputError, "fsdp: expected an int >= 1, got -1"),
+        (dict(members=2.0, devices=[d]), InputTypeError, "members: expected an int >= 1"),
+        (dict(members=2, devices=[d]), InputError, "expected members x fsdp to divide the 1 devices"),
+        (dict(data=2, devices=[d]), InputError, "expected members x data x fsdp <= 1 devices"),
+    ]:
+        with pytest.raises(error) as e:
+            parallel.make_mesh(**kwargs)
+        one_line(e, words)
+    assert parallel.make_mesh(devices=(d,)).devices.shape == (1, 1, 1)
