@@ -12,7 +12,8 @@ the teacher side never carries a gradient. None of the divergences but ``dkd`` i
 multiplied by T² (``distillation_loss`` does that).
 
 Checks on shapes and dtypes run at trace time. Range checks on ``temperature``,
-``alpha``, ``beta`` and the label values run whenever those values are concrete
+``alpha``, ``beta``, the label values and the teacher logits' finiteness (a NaN or
+infinite teacher logit is refused) run whenever those values are concrete
 (Python numbers, NumPy arrays, jax arrays outside ``jit``); traced values cannot be
 inspected, so ``kdjax.train`` validates them at its entry points instead.
 """
@@ -28,7 +29,7 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["soft_kl", "reverse_kl", "jsd", "dkd", "hard_ce", "distillation_loss", "masked_mean",
-           "check_temperature", "check_alpha", "check_beta", "check_where", "check_labels",
+           "check_temperature", "check_alpha", "check_beta", "check_where", "check_labels", "check_finite",
            "divergence_per_position", "DIVERGENCES"]
 
 
@@ -75,12 +76,28 @@ def _check_logits(name: str, logits) -> None:
         raise InputError(f"{name}: expected a non-empty batch, got shape {logits.shape}")
 
 
+def check_finite(name: str, values) -> None:
+    """Raise ``InputError`` naming the first non-finite entry of concrete ``values`` (a
+    NumPy array or a jax array outside ``jit``); traced values are not checked (no host
+    callback: under ``jit`` a NaN or infinity goes through)."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    host = np.asarray(values)  # NumPy, not jnp: inside a jit trace jnp would stage the check
+    if not np.isfinite(host).all():
+        bad = np.argwhere(~np.isfinite(host))
+        first = tuple(int(i) for i in bad[0])
+        raise InputError(f"{name}: expected finite values, got {host[first]} at index {list(first)} "
+                         f"({len(bad)} non-finite of {host.size})")
+
+
 def _check_pair(student_logits, teacher_logits) -> None:
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise InputError(f"teacher_logits: expected the student's shape {student_logits.shape}, "
                          f"got {teacher_logits.shape}")
+    # one +inf teacher logit would make its position's divergence silently 0
+    check_finite("teacher_logits", teacher_logits)
 
 
 def check_where(where, positions: tuple) -> None:
@@ -297,9 +314,26 @@ def _hard_ce(logits, labels):
 
 def masked_mean(values, where=None):
     """Mean of ``values`` over the positions ``where`` selects (all when None); 0 when it
-    selects none (EasyDeL's and Liger-Kernel's normalisation by the valid-token count)."""
+    selects none (EasyDeL's and Liger-Kernel's normalisation by the valid-token count).
+
+    Args:
+      values: an array ``[...]``.
+      where: None or a bool array of exactly ``values``' shape.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputTypeError: ``where`` that is not bool.
+      InputError: ``where`` of another shape (no broadcasting: a mask of the wrong shape
+        would select the wrong positions silently).
+    """
     if where is None:
         return jnp.mean(values)
+    if not hasattr(where, "dtype") or where.dtype != jnp.bool_:
+        raise InputTypeError(f"where: expected a bool mask, got {getattr(where, 'dtype', type(where).__name__)}")
+    if tuple(where.shape) != tuple(np.shape(values)):
+        raise InputError(f"where: expected the values' shape {tuple(np.shape(values))}, got {tuple(where.shape)}")
     count = jnp.sum(where)
     total = jnp.sum(jnp.where(where, values, 0))
     return total / jnp.maximum(count, 1).astype(total.dtype)
