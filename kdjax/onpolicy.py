@@ -36,9 +36,9 @@ import numpy as np
 import optax
 
 from kdjax import parallel
-from kdjax.errors import InputError, check_count
+from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.generation import rollout
-from kdjax.losses import check_beta, check_temperature, jsd
+from kdjax.losses import _concrete_scalar, check_beta, check_temperature, jsd
 from kdjax.train import TrainState, adam
 from kdjax.train.step import MeshStep, constrained_step, place_model_args
 
@@ -58,10 +58,32 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     with :math:`P = \mathrm{softmax}(t / T)` (teacher), :math:`Q = \mathrm{softmax}(s / T)`
     (student); ``beta = 0`` is KL(P‖Q), ``beta = 1`` KL(Q‖P); no :math:`T^2`. Without
     ``labels``, the mean over every position; with no counted position, 0.
+
+    Args:
+      student_logits: ``[..., vocab]`` floating.
+      teacher_logits: the same shape (finite values, checked when concrete).
+      labels: None or integer ``[...]`` (-100: not counted).
+      beta: a number in [0, 1].
+      temperature: a finite number > 0.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: shapes that differ, labels that are not integers of the
+        logits' leading shape; ``beta``, ``temperature`` out of range and non-finite teacher
+        logits when concrete (under ``jit`` traced values are not checked).
     """
     check_beta(beta)
     check_temperature(temperature)
     per_position = jsd(student_logits, teacher_logits, temperature, beta)
+    if labels is not None:
+        if not hasattr(labels, "dtype") or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise InputTypeError(f"labels: expected integer token ids (-100: not counted), got "
+                                 f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if tuple(labels.shape) != tuple(per_position.shape):
+            raise InputError(f"labels: expected the logits' leading shape {tuple(per_position.shape)}, got "
+                             f"{tuple(labels.shape)}")
     if labels is None:
         return jnp.mean(per_position)
     keep = labels != -100
@@ -71,7 +93,33 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
 def reverse_kl_advantages(sampling_logprobs, teacher_logprobs, mask, coef=1.0, discount=0.0):
     """tinker-cookbook's per-token advantages ``A_t = -coef * mask_t * (log q_sampler(x_t) -
     log p_teacher(x_t))``; with ``discount > 0`` each replaced by ``sum_{s >= t}
-    discount^(s - t) A_s`` (within the row). ``[batch, tokens]``; no gradient."""
+    discount^(s - t) A_s`` (within the row). ``[batch, tokens]``; no gradient.
+
+    Args:
+      sampling_logprobs, teacher_logprobs: floating ``[batch, tokens]``.
+      mask: ``[batch, tokens]``, true at counted tokens.
+      coef: a finite number.
+      discount: a number in [0, 1].
+
+    Returns:
+      ``[batch, tokens]`` advantages.
+
+    Raises:
+      InputError / InputTypeError: arrays that are not ``[batch, tokens]`` alike; ``coef``
+        not finite or ``discount`` outside [0, 1] when concrete (under ``jit`` traced values
+        are not checked).
+    """
+    shape = tuple(np.shape(sampling_logprobs))
+    if len(shape) != 2 or not jnp.issubdtype(sampling_logprobs.dtype, jnp.floating):
+        raise InputError(f"sampling_logprobs: expected floating [batch, tokens], got "
+                         f"{getattr(sampling_logprobs, 'dtype', '')}{list(shape)}")
+    for name, v in (("teacher_logprobs", teacher_logprobs), ("mask", mask)):
+        if tuple(np.shape(v)) != shape:
+            raise InputError(f"{name}: expected sampling_logprobs' shape {shape}, got {tuple(np.shape(v))}")
+    c = _concrete_scalar("coef", coef)
+    if c is not None and not np.isfinite(c):
+        raise InputError(f"coef: expected a finite number, got {c}")
+    check_beta(discount, "discount")
     a = -coef * mask.astype(sampling_logprobs.dtype) * (sampling_logprobs - teacher_logprobs)
     a = jax.lax.stop_gradient(a)
     if isinstance(discount, (int, float)) and discount == 0:
@@ -99,7 +147,23 @@ def _positions(mask):
 
 def sequence_logprobs(model, variables, tokens, mask, start: int, temperature=1.0):
     """``(logits [B, n, V], log-probs [B, n])`` of ``tokens[:, start:]`` given what precedes
-    them (``n = length - start``; padding masked, positions per row), at ``temperature``."""
+    them (``n = length - start``; padding masked, positions per row), at ``temperature``.
+
+    Raises:
+      InputError / InputTypeError: ``tokens`` not integer ``[B, length]``, ``mask`` of another
+        shape, ``start`` not an int in ``[1, length - 1]``, ``temperature`` not finite > 0
+        (when concrete).
+    """
+    if not hasattr(tokens, "dtype") or np.ndim(tokens) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InputTypeError(f"tokens: expected integer token ids [batch, length], got "
+                             f"{getattr(tokens, 'dtype', type(tokens).__name__)}{list(np.shape(tokens))}")
+    if tuple(np.shape(mask)) != tuple(tokens.shape):
+        raise InputError(f"mask: expected the tokens' shape {tuple(tokens.shape)}, got {tuple(np.shape(mask))}")
+    check_count("start", start)
+    if start >= tokens.shape[1]:
+        raise InputError(f"start: expected an int in [1, {tokens.shape[1] - 1}] (tokens of length "
+                         f"{tokens.shape[1]}), got {start}")
+    check_temperature(temperature)
     logits = model.apply(variables, tokens, mask=mask, position_ids=_positions(mask))[:, start - 1:-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature, axis=-1)
     return logits, jnp.take_along_axis(logp, tokens[:, start:, None], axis=-1)[..., 0]
@@ -134,13 +198,31 @@ class OnPolicy:
     prompt_length: int | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise InputError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if not hasattr(self.teacher, "apply"):
+            raise InputTypeError(f"teacher: expected a decoder (a Flax module such as kdjax's TransformerLM or "
+                                 f"Llama), got {type(self.teacher).__name__}")
         check_count("max_new_tokens", self.max_new_tokens)
-        if not 0 <= float(self.lmbda) <= 1:
+        lmbda = _concrete_scalar("lmbda", self.lmbda)
+        if lmbda is not None and not 0 <= lmbda <= 1:
             raise InputError(f"lmbda: expected a probability in [0, 1], got {self.lmbda}")
         check_beta(self.beta)
         check_temperature(self.temperature)
+        if not isinstance(self.seq_kd, (bool, np.bool_)):
+            raise InputTypeError(f"seq_kd: expected True or False, got {self.seq_kd!r}")
+        if self.top_k is not None:
+            check_count("top_k", self.top_k)
+        p = None if self.top_p is None else _concrete_scalar("top_p", self.top_p)
+        if p is not None and not 0 < p <= 1:
+            raise InputError(f"top_p: expected a number in (0, 1], got {p}")
+        for name in ("eos_id", "pad_id"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name), 0)
+        c = _concrete_scalar("coef", self.coef)
+        if c is not None and not np.isfinite(c):
+            raise InputError(f"coef: expected a finite number, got {c}")
+        check_beta(self.discount, "discount")
         if self.seq_kd and self.method != "gkd":
             raise InputError("seq_kd: only used with method='gkd' (the reverse KL always samples the student)")
         if self.prompt_length is not None:
@@ -254,6 +336,8 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
     state and the teacher's variables over ``"fsdp"`` by ``rules``, as
     ``kdjax.make_train_step(..., mesh=)`` does.
     """
+    OnPolicy(teacher, method, max_new_tokens, lmbda, beta, seq_kd, temperature, top_k, top_p, eos_id, pad_id, coef,
+             discount)  # checks the options as given, before they are converted
     objective = OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
                          float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
     step = functools.partial(on_policy_step, student=student, objective=objective, tx=adam() if tx is None else tx)

@@ -328,3 +328,139 @@ def test_make_mesh_refuses_bad_devices_and_counts_in_one_line():
             parallel.make_mesh(**kwargs)
         one_line(e, words)
     assert parallel.make_mesh(devices=(d,)).devices.shape == (1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- onpolicy
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(discount=float("nan")), InputError, ["discount: expected a number in [0, 1], got nan"]),
+    (dict(discount=2.0), InputError, ["discount", "got 2.0"]),
+    (dict(discount=-1.0), InputError, ["discount", "got -1.0"]),
+    (dict(coef=float("inf")), InputError, ["coef: expected a finite number, got inf"]),
+    (dict(coef=float("nan")), InputError, ["coef", "nan"]),
+    (dict(coef="1"), InputTypeError, ["coef: expected a real number"]),
+    (dict(teacher_logprobs=jnp.zeros((2, 4))), InputError, ["teacher_logprobs: expected sampling_logprobs' shape"]),
+    (dict(mask=jnp.ones((3,), bool)), InputError, ["mask: expected sampling_logprobs' shape (2, 3), got (3,)"]),
+])
+def test_reverse_kl_advantages_refuses_bad_values_in_one_line(kwargs, error, words):
+    from kdjax import onpolicy
+
+    args = dict(sampling_logprobs=-jnp.ones((2, 3)), teacher_logprobs=-jnp.ones((2, 3)) * 2,
+                mask=jnp.ones((2, 3), bool))
+    with pytest.raises(error) as e:
+        onpolicy.reverse_kl_advantages(**(args | kwargs))
+    one_line(e, *words)
+
+
+def test_generalized_jsd_loss_refuses_bad_values_in_one_line():
+    from kdjax import onpolicy
+
+    s, t = jnp.zeros((2, 3, 5)), jnp.ones((2, 3, 5))
+    for args, kwargs, error, words in [
+        ((s, t), dict(beta=1.5), InputError, "beta: expected a number in [0, 1], got 1.5"),
+        ((s, t), dict(beta=float("nan")), InputError, "beta"),
+        ((s, t), dict(temperature=0.0), InputError, "temperature: expected a finite number > 0, got 0.0"),
+        ((s, t), dict(temperature=-1.0), InputError, "temperature"),
+        ((s, t[:, :2]), {}, InputError, "teacher_logits: expected the student's shape"),
+        ((s, t.at[0, 1, 2].set(jnp.inf)), {}, InputError, "teacher_logits: expected finite values"),
+        ((s, t, jnp.zeros((2, 4), jnp.int32)), {}, InputError, "labels: expected the logits' leading shape (2, 3)"),
+        ((s, t, jnp.zeros((2, 3))), {}, InputTypeError, "labels: expected integer token ids"),
+    ]:
+        with pytest.raises(error) as e:
+            onpolicy.generalized_jsd_loss(*args, **kwargs)
+        one_line(e, words)
+
+
+def test_sequence_logprobs_refuses_a_start_out_of_range(decoder):
+    from kdjax import onpolicy
+
+    model, variables = decoder
+    tokens, mask = PROMPTS, jnp.ones(PROMPTS.shape, bool)
+    for start, error, words in [(0, InputError, "start: expected an int >= 1, got 0"),
+                                (3, InputError, "start: expected an int in [1, 2] (tokens of length 3), got 3"),
+                                (1.0, InputTypeError, "start")]:
+        with pytest.raises(error) as e:
+            onpolicy.sequence_logprobs(model, variables, tokens, mask, start)
+        one_line(e, words)
+    with pytest.raises(InputError) as e:
+        onpolicy.sequence_logprobs(model, variables, tokens, mask[:, :2], 1)
+    one_line(e, "mask: expected the tokens' shape (2, 3)")
+    logits, logp = onpolicy.sequence_logprobs(model, variables, tokens, mask, 2)
+    assert logits.shape == (2, 1, 11) and logp.shape == (2, 1)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(method=3), InputError, ["method: expected one of"]),
+    (dict(lmbda="half"), InputTypeError, ["lmbda: expected a real number"]),
+    (dict(lmbda=float("nan")), InputError, ["lmbda: expected a probability in [0, 1], got nan"]),
+    (dict(beta=-0.1), InputError, ["beta", "-0.1"]),
+    (dict(max_new_tokens=2.5), InputTypeError, ["max_new_tokens", "2.5"]),
+    (dict(max_new_tokens=0), InputError, ["max_new_tokens: expected an int >= 1, got 0"]),
+    (dict(temperature=float("inf")), InputError, ["temperature"]),
+    (dict(top_k=0), InputError, ["top_k: expected an int >= 1, got 0"]),
+    (dict(top_p=0.0), InputError, ["top_p: expected a number in (0, 1], got 0.0"]),
+    (dict(eos_id=-1), InputError, ["eos_id: expected an int >= 0, got -1"]),
+    (dict(coef=float("nan")), InputError, ["coef: expected a finite number"]),
+    (dict(discount=1.5), InputError, ["discount", "1.5"]),
+    (dict(seq_kd="yes"), InputTypeError, ["seq_kd: expected True or False"]),
+    (dict(teacher="gpt2"), InputTypeError, ["teacher: expected a decoder", "str"]),
+])
+def test_on_policy_options_are_checked_in_one_line(decoder, kwargs, error, words):
+    from kdjax import onpolicy
+
+    model, _ = decoder
+    with pytest.raises(error) as e:
+        onpolicy.OnPolicy(**({"teacher": model} | kwargs))
+    one_line(e, *words)
+    if "teacher" not in kwargs:  # and make_on_policy_step checks them before converting (int(2.5) was 2)
+        with pytest.raises(error) as e:
+            onpolicy.make_on_policy_step(model, model, **kwargs)
+        one_line(e, *words)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_losses_refuse_non_finite_concrete_teacher_logits(bad):
+    """One +inf teacher logit made its position's KL silently 0; now every entry point that
+    takes teacher logits refuses a concrete non-finite one, naming where it is."""
+    from kdjax import losses
+
+    s = np.zeros((2, 3, 5), np.float32)
+    t = np.ones((2, 3, 5), np.float32)
+    t[1, 2, 4] = bad
+    y = np.zeros((2, 3), np.int32)
+    for call in (lambda: losses.soft_kl(s, t), lambda: losses.reverse_kl(s, t), lambda: losses.jsd(s, t),
+                 lambda: losses.dkd(s, t, y), lambda: losses.distillation_loss(s, t, y),
+                 lambda: losses.distillation_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), divergence="jsd"),
+                 lambda: jax.grad(lambda a: losses.soft_kl(a, t).sum())(s)):
+        with pytest.raises(InputError) as e:
+            call()
+        one_line(e, "teacher_logits: expected finite values", "at index [1, 2, 4]", "1 non-finite of 30")
+
+
+def test_losses_under_jit_do_not_check_traced_teacher_logits():
+    """Documented: a traced teacher logit cannot be inspected without a host callback, so
+    under jit it is not checked (the value goes through); finite values give the same
+    number as outside jit."""
+    from kdjax import losses
+
+    s, t = jnp.zeros((2, 5)), jnp.arange(10.0).reshape(2, 5)
+    np.testing.assert_array_equal(jax.jit(losses.soft_kl)(s, t), losses.soft_kl(s, t))
+    jax.jit(losses.soft_kl)(s, t.at[0, 0].set(jnp.inf))  # no error, no callback
+
+
+def test_masked_mean_refuses_a_bad_where_in_one_line():
+    from kdjax import losses
+
+    values = jnp.arange(6.0).reshape(2, 3)
+    for where, error, words in [(jnp.ones((2, 1), bool), InputError, "where: expected the values' shape (2, 3), got (2, 1)"),
+                                (jnp.ones((3,), bool), InputError, "where: expected the values' shape (2, 3)"),
+                                (jnp.ones((2, 3), jnp.int32), InputTypeError, "where: expected a bool mask, got int32"),
+                                ([[True] * 3] * 2, InputTypeError, "where: expected a bool mask, got list")]:
+        with pytest.raises(error) as e:
+            losses.masked_mean(values, where)
+        one_line(e, words)
+    assert float(losses.masked_mean(values, jnp.asarray([[True, False, False], [False, False, True]]))) == 2.5
