@@ -11,7 +11,7 @@ import pytest
 
 import kdjax
 from kdjax import losses, offline
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 
 rng = np.random.default_rng(0)
 S = jnp.asarray(rng.normal(size=(3, 5, 11)) * 2, jnp.float32)
@@ -283,3 +283,83 @@ def test_distill_offline_resumes_bitwise_after_a_crash(tmp_path):
     assert any("students: resuming at step 2" in line for line in lines), lines
     for a, b in zip(jax.tree_util.tree_leaves(got.students), jax.tree_util.tree_leaves(want.students)):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- topk_kl refuses what is not a top-k
+
+VALUES, INDICES = offline.topk_logprobs(T, 4)
+
+
+def _refused(words, values=VALUES, indices=INDICES, student=S, **kwargs):
+    with pytest.raises((InputError, InputTypeError), match=words) as e:
+        offline.topk_kl(student, values, indices, **kwargs)
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("indices,words", [
+    (INDICES.at[0, 0, 0].set(11), r"indices: expected token ids in \[0, 11\), got ids in \[0, 11\]"),
+    (INDICES.at[0, 0, 0].set(-1), r"indices: expected token ids in \[0, 11\), got ids in \[-1, 10\]"),
+    (INDICES.at[1, 2, 1].set(INDICES[1, 2, 0]), "indices: expected k distinct token ids per position"),
+])
+def test_topk_kl_refuses_token_ids_the_student_does_not_have(indices, words):
+    _refused(words, indices=indices)
+
+
+@pytest.mark.parametrize("values,words", [
+    (VALUES.at[0, 0, 0].set(jnp.nan), "values: expected finite log-probabilities, got 1 NaN"),
+    (VALUES.at[0, 0, 0].set(jnp.inf), "values: expected finite log-probabilities"),
+    (VALUES.at[0, 0, 3].set(-jnp.inf), "values: expected finite log-probabilities"),
+    (VALUES + 1.0, r"values: expected log-probabilities \(<= 0\), got a maximum of"),
+    (VALUES - VALUES[..., :1], "values: expected the log-probabilities of k tokens .* sum to"),
+    (jnp.round(VALUES).astype(jnp.int32), "values: expected floating point log-probabilities, got int32"),
+])
+def test_topk_kl_refuses_values_that_are_not_log_probabilities(values, words):
+    _refused(words, values=values)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"values": VALUES[:2]}, r"values / indices: expected \[..., k\] with the student's positions \(3, 5\)"),
+    ({"values": VALUES[..., :3]}, r"values / indices: expected \[..., k\]"),
+    ({"student": S[:, :4]}, r"values / indices: expected \[..., k\] with the student's positions \(3, 4\)"),
+    ({"values": VALUES[0, 0, 0], "indices": INDICES[0, 0, 0], "student": S[0, 0]}, "values: expected an array"),
+    ({"values": np.zeros((3, 5, 12), np.float32), "indices": np.zeros((3, 5, 12), np.int32)},
+     r"expected k in \[1, 11\] \(the student's vocabulary\), got k = 12"),
+    ({"values": VALUES.tolist()}, "values: expected an array"),
+    ({"temperature": 0.0}, "temperature: expected a finite number > 0, got 0.0"),
+    ({"temperature": -2.0}, "temperature: expected a finite number > 0"),
+    ({"temperature": float("nan")}, "temperature: expected a finite number > 0"),
+    ({"missing": "tail"}, "missing: expected one of"),
+    ({"eps": 0.0}, r"eps: expected a number in \(0, 1\)"),
+])
+def test_topk_kl_refuses_bad_shapes_and_options(kwargs, words):
+    _refused(words, **kwargs)
+
+
+def test_topk_distillation_loss_refuses_what_topk_kl_refuses():
+    with pytest.raises(InputError, match=r"indices: expected token ids in \[0, 11\)"):
+        offline.topk_distillation_loss(S, VALUES, INDICES + 8, Y)
+    with pytest.raises(InputError, match=r"values: expected log-probabilities \(<= 0\)"):
+        offline.topk_distillation_loss(S, -VALUES, INDICES, Y)
+
+
+def test_topk_logprobs_refuses_non_finite_teacher_logits():
+    with pytest.raises(InputError, match="teacher_logits: expected finite logits"):
+        offline.topk_logprobs(T.at[0, 0, 0].set(jnp.inf), 4)
+
+
+def test_topk_kl_under_jit_does_what_its_docstring_says():
+    """Traced arrays cannot be checked without a host callback: under jit an id >= V gives
+    NaN (not a plausible number), and valid arrays give the eager result (to XLA's rounding)."""
+    f = jax.jit(lambda s, v, i: offline.topk_kl(s, v, i, 2.0))
+    np.testing.assert_allclose(f(S, VALUES, INDICES), offline.topk_kl(S, VALUES, INDICES, 2.0), rtol=1e-6)
+    assert np.isnan(np.asarray(f(S, VALUES, INDICES.at[0, 0, 0].set(11)))[0, 0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_topk_kl_accepts_full_vocabulary_values_rounded_to_their_dtype(dtype):
+    """No false refusal: at k = vocab (a flat 4096-token teacher, the highest entropy) the
+    probabilities sum to 1 only up to the rounding of the values' dtype."""
+    teacher = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4096)) * 0.1, jnp.float32)
+    values, indices = offline.topk_logprobs(teacher, 4096)
+    got = offline.topk_kl(jnp.zeros((2, 4096), jnp.float32), values.astype(dtype), indices)
+    assert np.all(np.isfinite(np.asarray(got)))
