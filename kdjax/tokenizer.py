@@ -2,17 +2,19 @@
 ``hf`` extra; never a download): a local ``tokenizer.json`` (``load_tokenizer``), or a
 byte-level BPE trained offline on the user's text (``train_bpe``). ``kdjax.data.text(...,
 tokenizer=)`` tokenises a corpus with one; ``check_vocabulary`` refuses a tokenizer and
-models that do not share a vocabulary.
+models that do not share a vocabulary; ``content_sha256`` and ``same_tokenizer`` compare
+tokenizers by content (their canonical JSON), not by vocabulary size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["EOS", "train_bpe", "load_tokenizer", "check_vocabulary", "eos_id"]
+__all__ = ["EOS", "train_bpe", "load_tokenizer", "check_vocabulary", "eos_id", "content_sha256", "same_tokenizer"]
 
 EOS = "<|endoftext|>"
 
@@ -45,16 +47,71 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | N
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json`` (one line if unreadable)."""
+    """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json`` (or a folder holding one).
+
+    Args:
+      path: the file, or a folder with a ``tokenizer.json``.
+
+    Returns:
+      The ``tokenizers.Tokenizer``.
+
+    Raises:
+      InputError: a missing or unreadable file, one that is not a tokenizer's JSON, or a
+        tokenizer with an empty vocabulary (one line, whatever the ``tokenizers`` library
+        raised, its Rust panics included).
+      InputTypeError: ``path`` is not a path.
+    """
     tk = _tokenizers()
-    path = os.fspath(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InputTypeError(f"tokenizer: expected a path to a tokenizer.json, got {type(path).__name__}") from None
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     try:
-        return tk.Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises its own Exception type with a long message
+        tok = tk.Tokenizer.from_file(path)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # tokenizers raises Exception, or a PanicException (a BaseException) from Rust
         raise InputError(f"{path}: expected a tokenizer.json file ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:160]})") from None
+    if tok.get_vocab_size() < 1:
+        raise InputError(f"{path}: expected a tokenizer with a vocabulary, got one of 0 tokens")
+    return tok
+
+
+def _as_tokenizer(name: str, tokenizer):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    if not hasattr(tokenizer, "to_str"):
+        raise InputTypeError(f"{name}: expected a tokenizers.Tokenizer or a path to a tokenizer.json, got "
+                             f"{type(tokenizer).__name__}")
+    return tokenizer
+
+
+def content_sha256(tokenizer) -> str:
+    """The sha256 (hex) of a tokenizer's canonical JSON, ``tokenizer.to_str()``: equal for
+    the same tokenizer however its file is formatted (indentation, key order), different
+    for another vocabulary, merges, normaliser or special tokens even of the same size.
+    The canonical JSON is the ``tokenizers`` library's own: compare hashes made with the
+    same library version.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer``, or a path to a ``tokenizer.json`` (or its folder).
+
+    Returns:
+      64 hex digits.
+
+    Raises:
+      InputError / InputTypeError: as ``load_tokenizer``; an object that is not a tokenizer.
+    """
+    return hashlib.sha256(_as_tokenizer("tokenizer", tokenizer).to_str().encode("utf-8")).hexdigest()
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers (``tokenizers.Tokenizer`` objects or paths) have the same
+    content: ``content_sha256(a) == content_sha256(b)``."""
+    return content_sha256(_as_tokenizer("a", a)) == content_sha256(_as_tokenizer("b", b))
 
 
 def eos_id(tokenizer) -> int:

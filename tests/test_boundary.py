@@ -464,3 +464,38 @@ def test_masked_mean_refuses_a_bad_where_in_one_line():
             losses.masked_mean(values, where)
         one_line(e, words)
     assert float(losses.masked_mean(values, jnp.asarray([[True, False, False], [False, False, True]]))) == 2.5
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizers_are_compared_by_content_not_size(tmp_path):
+    from kdjax import tokenizer as tk
+
+    a = tk.train_bpe(["def f(x):\n    return x + 1\n" * 30], 270, tmp_path / "a.json")
+    b = tk.train_bpe(["the quick brown fox jumps over the lazy dog. " * 30], 270, tmp_path / "b.json")
+    assert a.get_vocab_size() == b.get_vocab_size() == 270
+    assert not tk.same_tokenizer(a, b) and tk.content_sha256(a) != tk.content_sha256(b)
+    # the same tokenizer in a file formatted otherwise: the same content
+    (tmp_path / "pretty.json").write_text(json.dumps(json.loads((tmp_path / "a.json").read_text()), indent=3,
+                                                     sort_keys=True))
+    assert tk.same_tokenizer(tmp_path / "a.json", tmp_path / "pretty.json")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "tokenizer.json").write_bytes((tmp_path / "b.json").read_bytes())
+    assert tk.content_sha256(tmp_path / "folder") == tk.content_sha256(b)  # a folder: its tokenizer.json
+    assert tk.content_sha256(str(tmp_path / "a.json")) == tk.content_sha256(a)
+    assert len(tk.content_sha256(a)) == 64
+    with pytest.raises(InputTypeError) as e:
+        tk.content_sha256(3)
+    one_line(e, "expected a tokenizers.Tokenizer or a path")
+
+
+@pytest.mark.parametrize("content", [b"{}", b"[]", b"\"x\"", b"not json", bytes(range(256)),
+                                     b'{"version":"1.0","model":{"type":"BPE","vocab":{"a":0},"merges":["a b"]}}'])
+def test_load_tokenizer_refuses_a_file_that_is_not_a_tokenizer_in_one_line(tmp_path, content):
+    from kdjax import tokenizer as tk
+
+    (tmp_path / "t.json").write_bytes(content)
+    with pytest.raises(InputError) as e:
+        tk.load_tokenizer(tmp_path / "t.json")
+    one_line(e, "expected a tokenizer.json file")
