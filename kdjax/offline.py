@@ -14,6 +14,11 @@ distribution (what DistillKit and MaxText store to train many students from one 
   read back for any number of student runs.
 * ``write_generations`` / ``read_generations``: the teacher's completions of a prompt set
   (sequence-level KD), stored the same way.
+* ``check_cache_tokenizer``: whether a cache was built with a given tokenizer (by content).
+
+A cache's ``manifest.json`` carries its own sha256 (over its canonical JSON) and every
+shard's; each read verifies both, checks every key, type and shard path (inside the cache,
+links resolved) and each shard's arrays before any number is used.
 
 The teacher's mass outside its top k (``missing``): ``"zero"`` renormalises the k
 log-probabilities (at temperature T) to sum to 1, and the student's mass outside them does
@@ -44,7 +49,7 @@ from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses import check_alpha, check_labels, check_temperature, check_where, _hard_ce, masked_mean
 
 __all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD", "fingerprint",
-           "write_topk_cache", "read_topk_cache", "write_generations", "read_generations"]
+           "write_topk_cache", "read_topk_cache", "write_generations", "read_generations", "check_cache_tokenizer"]
 
 MISSING = ("zero", "symmetric_uniform")
 _LOGPROB_SLACK = 1e-5  # how far above 0 a stored "log-probability" may round
@@ -633,6 +638,44 @@ def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
         raise InputError(f"{directory}: built with another teacher")
     arrays, m = _read_shards(directory, FORMAT, "write_topk_cache")
     return arrays["values"], arrays["indices"], m
+
+
+def check_cache_tokenizer(manifest: dict, tokenizer) -> None:
+    """Refuse a cache built with another tokenizer, compared by content, not by size.
+
+    The cache records the sha256 of its tokenizer's canonical JSON (``tokenizer.to_str()``,
+    the ``tokenizers`` library's own serialisation: equal however the file is formatted) as
+    ``metadata["tokenizer_sha256"]`` (``kdjax teacher-logits`` does; a library caller passes
+    it in ``write_topk_cache``'s ``metadata``). Two tokenizers of the same size with other
+    merges, vocabularies or special tokens differ here.
+
+    Args:
+        manifest: a cache's manifest, as ``read_topk_cache`` / ``read_generations`` return it
+            (checksum verified there).
+        tokenizer: a ``tokenizers.Tokenizer``, or a path to a ``tokenizer.json`` (or its folder).
+
+    Raises:
+        InputError: the manifest records no tokenizer, or another one (both hashes named).
+        InputTypeError: ``manifest`` is not a dict or ``tokenizer`` not a tokenizer.
+    """
+    if not isinstance(manifest, dict):
+        raise InputTypeError(f"manifest: expected a cache's manifest (a dict, read_topk_cache's third result), got "
+                             f"{type(manifest).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from kdjax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    if not callable(getattr(tokenizer, "to_str", None)):
+        raise InputTypeError(f"tokenizer: expected a tokenizers.Tokenizer or a path to a tokenizer.json, got "
+                             f"{type(tokenizer).__name__}")
+    want = (manifest.get("metadata") or {}).get("tokenizer_sha256")
+    if want is None:
+        raise InputError("manifest: expected a cache that records its tokenizer (metadata tokenizer_sha256), got "
+                         "none; rebuild it with kdjax teacher-logits --overwrite")
+    got = _sha(tokenizer.to_str().encode("utf-8"))
+    if got != want:
+        raise InputError(f"tokenizer: expected the cache's tokenizer (content sha256 {want}), got another (content "
+                         f"sha256 {got})")
 
 
 # ----------------------------------------------------------------------------- teacher generations (SeqKD)

@@ -396,3 +396,54 @@ def test_write_generations_stores_numpy_int_options_as_json(built, tmp_path):
     m = offline.write_generations(tmp_path / "g", teacher, variables, tokens[:2, :2], 2, eos_id=np.int32(3),
                                   batch_size=2, shard_rows=2)
     assert m["sampling"]["eos_id"] == 3 and offline.read_generations(tmp_path / "g")[2] == m
+
+
+# ----------------------------------------------------------------------------- 6. the tokenizer, by content
+
+@pytest.fixture(scope="module")
+def tokenizers_pair(tmp_path_factory):
+    """Two byte-level BPE tokenizers of the same size trained on different text."""
+    pytest.importorskip("tokenizers")
+    from kdjax import tokenizer as tk
+
+    root = tmp_path_factory.mktemp("tok")
+    a = tk.train_bpe(["the cat sat on the mat and the dog ran far away, " * 40], 264, root / "a.json")
+    b = tk.train_bpe(["print('hello world'); import sys; x = 1 + 2 " * 40], 264, root / "b.json")
+    assert a.get_vocab_size() == b.get_vocab_size()
+    return root, a, b
+
+
+def test_a_cache_of_the_same_tokenizer_is_accepted_however_its_file_is_formatted(tokenizers_pair):
+    root, a, _ = tokenizers_pair
+    manifest = {"metadata": {"tokenizer_sha256": offline._sha(a.to_str().encode())}}
+    offline.check_cache_tokenizer(manifest, a)
+    offline.check_cache_tokenizer(manifest, root / "a.json")
+    (root / "a-pretty.json").write_text(json.dumps(json.loads((root / "a.json").read_text()), indent=7))
+    offline.check_cache_tokenizer(manifest, root / "a-pretty.json")
+
+
+def test_a_cache_of_another_tokenizer_of_the_same_size_is_refused(tokenizers_pair):
+    _, a, b = tokenizers_pair
+    want, got = offline._sha(a.to_str().encode()), offline._sha(b.to_str().encode())
+    line = refused(lambda: offline.check_cache_tokenizer({"metadata": {"tokenizer_sha256": want}}, b),
+                   "tokenizer: expected the cache's tokenizer")
+    assert want in line and got in line
+
+
+def test_a_cache_that_records_no_tokenizer_is_refused(tokenizers_pair):
+    refused(lambda: offline.check_cache_tokenizer({"metadata": {}}, tokenizers_pair[1]),
+            "expected a cache that records its tokenizer")
+
+
+def test_check_cache_tokenizer_refuses_what_is_not_a_manifest_or_tokenizer(tokenizers_pair):
+    with pytest.raises(InputTypeError, match="manifest: expected a cache's manifest"):
+        offline.check_cache_tokenizer([], tokenizers_pair[1])
+    with pytest.raises(InputTypeError, match="tokenizer: expected a tokenizers.Tokenizer"):
+        offline.check_cache_tokenizer({"metadata": {"tokenizer_sha256": "ab" * 32}}, 300)
+
+
+def test_the_tokenizer_hash_is_covered_by_the_cache_checksum(cache, tokenizers_pair):
+    """A cache rebuilt for tokenizer b by editing its hash is refused before any compare."""
+    _, _, b = tokenizers_pair
+    edit(cache, lambda m: m["metadata"].update(tokenizer_sha256=offline._sha(b.to_str().encode())))
+    refused(lambda: offline.read_topk_cache(cache), "its checksum does not match")
