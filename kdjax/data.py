@@ -28,7 +28,7 @@ from kdjax.errors import InputError, InputTypeError, check_count
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
            "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule",
-           "take_batch"]
+           "take_batch", "text_documents", "decode_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +221,11 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     ``max_bytes`` keeps only the first that many training bytes (and a tenth as many of
     validation). With a ``tokenizer`` (a ``tokenizers.Tokenizer``, ``kdjax.tokenizer``),
     each file (or split) is decoded as UTF-8 and encoded, its end-of-text token appended,
-    and the vocabulary is the tokenizer's. Each split is cut into non-overlapping windows
+    and the vocabulary is the tokenizer's: the corpus must then be valid UTF-8 (an
+    ``InputError`` names the file and the offset of the first invalid byte; nothing is
+    replaced by U+FFFD), a ``.txt`` is split at a character boundary and a ``max_bytes``
+    cut inside a character drops that partial character. Byte-level (no tokenizer), any
+    bytes are tokens, as they are. Each split is cut into non-overlapping windows
     of the concatenated tokens (packed, no padding): ``x`` int32 ``[windows, length]``,
     ``y`` the next tokens (``x`` shifted by one). The returned ``Dataset`` keeps them as
     ``x_train``/``y_train``, ``x_test``/``y_test`` (the validation split),
@@ -230,7 +234,8 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     check_count("length", length)
     if tokenizer is not None and path is not None and os.fspath(path).endswith(".npz"):
         raise InputError(f"{path}: holds token ids already; expected a .txt corpus to use a tokenizer with")
-    name, train, val, vocab = text_documents(path, modules=modules, validation_every=validation_every)
+    name, train, val, vocab = text_documents(path, modules=modules, validation_every=validation_every,
+                                             utf8=tokenizer is not None)
     if max_bytes is not None:
         train, val = _first(train, max_bytes), _first(val, max(length + 1, max_bytes // 10))
     if tokenizer is None:
@@ -241,7 +246,7 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
         eos, vocab = eos_id(tokenizer), int(tokenizer.get_vocab_size())
         encode = lambda docs: np.concatenate([np.zeros(0, np.int64)] + [
             np.asarray(e.ids + [eos], np.int64)
-            for e in tokenizer.encode_batch([bytes(d).decode("utf-8", errors="replace") for d in docs])])
+            for e in tokenizer.encode_batch([decode_text(d, name) for d in docs])])
         train, val = encode(train), encode(val)
         name += f", {vocab}-token tokenizer"
     for what, arr in (("training", train), ("validation", val)):
@@ -251,9 +256,22 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     return Dataset(name, xt, yt, xv, yv, int(vocab))
 
 
-def text_documents(path: str | os.PathLike | None = None, *, modules=TEXT_MODULES, validation_every: int = 10):
+def text_documents(path: str | os.PathLike | None = None, *, modules=TEXT_MODULES, validation_every: int = 10,
+                   utf8: bool = False):
     """``(name, train documents, validation documents, vocabulary)`` of ``text``'s corpus,
-    before tokenisation: lists of byte arrays (of token arrays for an ``.npz``)."""
+    before tokenisation: lists of byte arrays (of token arrays for an ``.npz``).
+
+    Args:
+      path: None (the standard library's source), a ``.txt`` or an ``.npz`` corpus.
+      modules, validation_every: as ``text``.
+      utf8: the documents are text to decode (for a tokenizer): every file must be valid
+        UTF-8, and a ``.txt`` is split into train and validation at a character boundary.
+        Without it the bytes are taken as they are (byte-level models).
+
+    Raises:
+      InputError: a missing, empty or malformed corpus; with ``utf8``, a file that is not
+        UTF-8, naming it and the byte offset of its first invalid byte.
+    """
     if path is None:
         import sysconfig
 
@@ -263,12 +281,51 @@ def text_documents(path: str | os.PathLike | None = None, *, modules=TEXT_MODULE
         if not files:
             raise InputError(f"text: none of the {len(modules)} modules was found under {root}")
         chunks = [np.frombuffer(open(f, "rb").read(), np.uint8) for f in files]
+        if utf8:
+            for f, c in zip(files, chunks):
+                _check_utf8(c, f)
         val = [c for i, c in enumerate(chunks) if i % validation_every == validation_every - 1]
         train = [c for i, c in enumerate(chunks) if i % validation_every != validation_every - 1]
         return (f"text (Python {sys.version_info.major}.{sys.version_info.minor} stdlib, {len(files)} files)", train,
                 val, 256)
-    train, val, vocab = _user_corpus(os.fspath(path))
+    train, val, vocab = _user_corpus(os.fspath(path), utf8)
     return os.path.basename(os.fspath(path)), [train], [val], vocab
+
+
+def _check_utf8(data, source: str) -> None:
+    """``InputError`` naming ``source`` and the offset of the first byte that is not UTF-8."""
+    raw = bytes(data)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source}: expected UTF-8 text, got the byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                         f"({e.reason}); convert the file to UTF-8, or train byte-level without a tokenizer") from None
+
+
+def decode_text(document, source: str = "text") -> str:
+    """A document of UTF-8 bytes as ``str``, strictly (never a U+FFFD in place of a bad byte).
+
+    A character cut at the document's end (``max_bytes``, ``_first``) is dropped: only its
+    first bytes are there. Any other invalid byte is refused.
+
+    Args:
+      document: bytes, or a uint8 array (``text_documents``' documents).
+      source: the file or corpus named in the error.
+
+    Returns:
+      The text.
+
+    Raises:
+      InputError: naming ``source`` and the offset of the first invalid byte.
+    """
+    raw = bytes(document)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.end == len(raw) and e.reason == "unexpected end of data":
+            return raw[:e.start].decode("utf-8")
+        raise InputError(f"{source}: expected UTF-8 text, got the byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                         f"({e.reason}); convert the file to UTF-8, or train byte-level without a tokenizer") from None
 
 
 def _first(docs, n: int) -> list:
@@ -282,7 +339,7 @@ def _first(docs, n: int) -> list:
     return out
 
 
-def _user_corpus(path: str):
+def _user_corpus(path: str, utf8: bool = False):
     if not os.path.isfile(path):
         raise InputError(f"{path}: expected an existing .txt or .npz file, got no such file")
     if path.endswith(".npz"):
@@ -302,6 +359,10 @@ def _user_corpus(path: str):
     if len(data) == 0:
         raise InputError(f"{path}: expected a non-empty text corpus, got an empty file")
     cut = len(data) - len(data) // 10
+    if utf8:
+        _check_utf8(data, path)
+        while 0 < cut < len(data) and 0x80 <= data[cut] < 0xC0:  # not inside a character
+            cut -= 1
     return data[:cut], data[cut:], 256
 
 

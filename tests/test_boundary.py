@@ -499,3 +499,61 @@ def test_load_tokenizer_refuses_a_file_that_is_not_a_tokenizer_in_one_line(tmp_p
     with pytest.raises(InputError) as e:
         tk.load_tokenizer(tmp_path / "t.json")
     one_line(e, "expected a tokenizer.json file")
+
+
+# ----------------------------------------------------------------------------- text corpus
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from kdjax import tokenizer as tk
+
+    return tk.train_bpe(["héllo wörld, ünïcode text " * 40], 280)
+
+
+def test_a_non_utf8_corpus_is_refused_with_the_file_and_offset(tmp_path, bpe):
+    from kdjax import data
+
+    good = "héllo wörld " * 200
+    raw = good.encode("utf-8")
+    bad = raw[:1001] + b"\xff" + raw[1001:]  # offset 1001 lies between two characters
+    assert raw[1001] < 0x80
+    (tmp_path / "bad.txt").write_bytes(bad)
+    with pytest.raises(InputError) as e:
+        data.text(8, tmp_path / "bad.txt", tokenizer=bpe)
+    one_line(e, str(tmp_path / "bad.txt"), "expected UTF-8 text", "0xff at byte offset 1001")
+    with pytest.raises(InputError) as e:
+        data.text_documents(tmp_path / "bad.txt", utf8=True)
+    one_line(e, "0xff at byte offset 1001")
+    data.text(8, tmp_path / "bad.txt")  # byte-level: any bytes are tokens, as before
+    (tmp_path / "latin1.txt").write_bytes(good.encode("latin-1"))
+    with pytest.raises(InputError) as e:
+        data.text(8, tmp_path / "latin1.txt", tokenizer=bpe)
+    one_line(e, "0xe9 at byte offset 1")
+
+
+def test_a_utf8_corpus_is_split_and_cut_without_replacement_characters(tmp_path, bpe):
+    """The train/validation split and a max_bytes cut fall inside two-byte characters here:
+    no U+FFFD comes out of either (each split decodes strictly)."""
+    from kdjax import data
+
+    text = "é" * 3000  # + "a": 6001 bytes, whose 10% split at byte 5401 falls inside a character
+    (tmp_path / "c.txt").write_bytes(text.encode("utf-8") + b"a")
+    name, train, val, _ = data.text_documents(tmp_path / "c.txt", utf8=True)
+    assert data.decode_text(train[0]) + data.decode_text(val[0]) == text + "a"
+    assert bytes(val[0][:1]) != b"\xa9"  # the cut moved back to the start of a character
+    ds = data.text(4, tmp_path / "c.txt", tokenizer=bpe, max_bytes=1001)  # a cut inside a character
+    assert ds.x_train.size > 0
+    for x in (ds.x_train, ds.x_test):
+        assert "\ufffd" not in bpe.decode(np.asarray(x).ravel().tolist())
+    assert data.decode_text(b"ab\xc3") == "ab"  # a character cut at the end is dropped
+    with pytest.raises(InputError) as e:
+        data.decode_text(b"a\xc3b", "corpus.txt")
+    one_line(e, "corpus.txt: expected UTF-8 text", "0xc3 at byte offset 1")
+
+
+def test_the_bundled_text_still_loads_with_a_tokenizer(bpe):
+    from kdjax import data
+
+    ds = data.text(16, tokenizer=bpe, max_bytes=20000)
+    assert ds.num_classes == bpe.get_vocab_size() and ds.x_train.shape[1] == 16
