@@ -226,6 +226,14 @@ def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
     ]:
         p = kdjax_here(capsys, *args)
         assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+    # a hand-edited manifest (the teacher's validation accuracy): refused, never printed as the teacher's
+    edited = json.loads(manifest)
+    edited["metadata"]["validation"]["accuracy"] = 0.99
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(edited, indent=1))
+    p = kdjax_here(capsys, *base, *cache)
+    assert p.returncode == 2 and "its checksum does not match its contents" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "0.99" not in p.stdout
+    (tmp_path / "cache" / "manifest.json").write_bytes(manifest)
     # another teacher into the same cache: refused; a truncated shard: refused on read
     convert.save_hf(teacher, teacher.init(jax.random.PRNGKey(1), jnp.zeros((1, 16), jnp.int32)), tmp_path / "hf",
                     overwrite=True)
