@@ -162,7 +162,10 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
         raise InputTypeError(f"values: expected floating point log-probabilities, got {values.dtype}")
     check_temperature(temperature)
     if not _traced(eps):
-        e = float(np.asarray(eps))
+        try:
+            e = float(np.asarray(eps))
+        except (TypeError, ValueError):
+            raise InputTypeError(f"eps: expected a number in (0, 1), got {eps!r}") from None
         if not 0.0 < e < 1.0:
             raise InputError(f"eps: expected a number in (0, 1), got {e}")
     if not _traced(indices):
@@ -625,10 +628,27 @@ def _shard_ok(directory, shard) -> bool:
 
 
 def read_topk_cache(directory, *, tokens=None, teacher=None, variables=None):
-    """``(values [rows, length, k], indices [rows, length, k], manifest)`` of a finished cache,
-    every shard verified against its checksum. Given ``tokens`` (and ``teacher`` with its
-    ``variables``), a cache built for other tokens (another teacher) is refused: one line,
-    never a student trained on the wrong teacher's numbers."""
+    """Read a finished top-k cache, every byte of it verified before any number is returned.
+
+    The manifest's own checksum, then its keys, types and shard paths (each a file inside
+    ``directory``, links resolved), then each shard's checksum, arrays (names, shapes,
+    dtypes) and values (ids in ``[0, vocab)``, distinct per position; log-probabilities
+    finite, ``<= 0``, summing to at most 1). Given ``tokens`` (and ``teacher`` with its
+    ``variables``), a cache built for other tokens (another teacher) is refused: never a
+    student trained on the wrong teacher's numbers.
+
+    Args:
+        directory: the cache folder (``write_topk_cache``, ``kdjax teacher-logits``).
+        tokens: optional, the ``[rows, length]`` tokens it must have been built for.
+        teacher, variables: optional, the teacher it must have been built with.
+
+    Returns:
+        ``(values [rows, length, k], indices [rows, length, k], manifest)``.
+
+    Raises:
+        InputError: anything above that does not hold, in one line naming the file;
+            an unfinished cache; a cache of an older kdjax (unsigned: rebuild it).
+    """
     directory = os.fspath(directory)
     m = _read_manifest(directory)
     if tokens is not None and (np.shape(tokens) != (m["rows"], m["length"])
@@ -692,7 +712,18 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
     ``[rows, P + max_new_tokens]`` int32 and ``mask`` bool, a manifest with checksums, the
     teacher's fingerprint, the prompts' sha256 and every option; atomic, resumable, another
     teacher, prompts or option refused). Sequence-level KD (Kim & Rush) trains on them
-    (``kdjax.onpolicy.sequence_data``). Returns the manifest."""
+    (``kdjax.onpolicy.sequence_data``).
+
+    Returns:
+        The manifest (a dict, signed on disk with its own checksum).
+
+    Raises:
+        InputError / InputTypeError: before anything is written, prompts that are not
+            integer ``[rows >= 1, P >= 1]`` ids of the teacher's vocabulary, a
+            ``prompt_mask`` of another shape, an ``rng`` that is not a key, a temperature
+            that is not finite and ``>= 0``, options or ``metadata`` that are not JSON
+            values, counts below 1; a cache of another build in ``directory``.
+    """
     from kdjax.generation import rollout
 
     check_count("max_new_tokens", max_new_tokens)
@@ -746,13 +777,24 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
 
 
 def read_generations(directory, *, prompts=None, prompt_mask=None, teacher=None, variables=None):
-    """``(tokens [rows, P + N], mask [rows, P + N], manifest)`` of a finished generations
-    cache, every shard verified; given ``prompts`` (``teacher``), one built for other prompts
-    (another teacher) is refused in one line."""
+    """Read a finished generations cache, verified as ``read_topk_cache`` verifies.
+
+    Args:
+        directory: the cache folder (``write_generations``).
+        prompts, prompt_mask: optional, the prompts it must have been built for.
+        teacher, variables: optional, the teacher it must have been built with.
+
+    Returns:
+        ``(tokens [rows, P + N] int32, mask [rows, P + N] bool, manifest)``.
+
+    Raises:
+        InputError: a manifest or shard that does not verify, other prompts, another
+            teacher, an unfinished cache, one line each.
+    """
     directory = os.fspath(directory)
     m = _read_manifest(directory, GENERATIONS_FORMAT)
     if prompts is not None:
-        p = np.asarray(prompts)
+        p = _check_rows("prompts", prompts)
         mask = np.ones(p.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
         if _sha(np.ascontiguousarray(p.astype(np.int64)).tobytes() + mask.tobytes()) != m["prompts"]:
             raise InputError(f"{directory}: built for other prompts")

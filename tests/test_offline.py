@@ -339,6 +339,7 @@ def test_topk_kl_refuses_values_that_are_not_log_probabilities(values, words):
     ({"temperature": float("nan")}, "temperature: expected a finite number > 0"),
     ({"missing": "tail"}, "missing: expected one of"),
     ({"eps": 0.0}, r"eps: expected a number in \(0, 1\)"),
+    ({"eps": "small"}, r"eps: expected a number in \(0, 1\)"),
 ])
 def test_topk_kl_refuses_bad_shapes_and_options(kwargs, words):
     _refused(words, **kwargs)
