@@ -9,6 +9,9 @@ file under ``arrays/``. Guarantees:
 * atomic: everything is written under ``<path>.tmp``; ``kdjax.json`` goes in last, then
   the directory is renamed into place, so a crash leaves the old checkpoint or the new
   one, never half of one (``save_rotating`` keeps the previous one as ``<path>.prev``);
+  a write that fails (a full disk: Orbax raises it as a ``ValueError``) removes
+  ``<path>.tmp`` and raises one ``OSError`` line, "checkpoint: could not write <path>:
+  <reason>", the previous checkpoint untouched;
 * verified on read: a missing, truncated or altered file fails its checksum and raises
   ``InputError`` naming the checkpoint;
 * exact: arrays come back bit for bit, in the structure of a ``target``, placed like it.
@@ -67,6 +70,11 @@ def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
 
     Sharded arrays are written shard by shard, each process its own (on many processes
     every process must call ``save``); no process gathers a whole array.
+
+    Raises:
+      OSError: one line, "checkpoint: could not write <path>: <reason>" (``errno`` kept),
+        when a write fails (a full disk included, which Orbax raises as a ``ValueError``);
+        ``<path>.tmp`` is removed and the checkpoint at ``path`` is left as it was.
     """
     _save(os.fspath(path), tree, meta, keep_previous=False)
 
@@ -75,7 +83,8 @@ def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> No
     """``save``, keeping the previous checkpoint as ``<path>.prev``.
 
     A crash at any point leaves at least one complete checkpoint: the new one, or the
-    previous one (as ``path`` or ``path.prev``).
+    previous one (as ``path`` or ``path.prev``). A failed write raises ``OSError`` as
+    ``save`` does.
     """
     _save(os.fspath(path), tree, meta, keep_previous=True)
 
@@ -123,28 +132,60 @@ def _save(path: str, tree, meta, keep_previous: bool) -> None:
     primary = jax.process_index() == 0
     tmp = path + ".tmp"  # the same name on every process
     state = serialization.to_state_dict(tree)
+    try:
+        if primary:
+            _remove(tmp)
+            os.makedirs(tmp)
+        _barrier("kdjax-checkpoint-start")
+        with ocp.StandardCheckpointer() as writer:  # leaving the block waits for every write
+            writer.save(os.path.abspath(os.path.join(tmp, ARRAYS)), state)
+        if primary:
+            arrays = jax.tree_util.tree_map(lambda x: [list(np.shape(x)), np.dtype(x.dtype).name], state)
+            manifest = {"format": FORMAT, "meta": meta or {}, "arrays": arrays, "files": _digests(tmp)}
+            atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, sort_keys=True))
+            _fsync_dir(tmp)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:  # a full disk: Orbax raises it as a ValueError
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint left; the previous one untouched
+        raise _write_error(path, e) from e
     if primary:
-        _remove(tmp)
-        os.makedirs(tmp)
-    _barrier("kdjax-checkpoint-start")
-    with ocp.StandardCheckpointer() as writer:  # leaving the block waits for every write
-        writer.save(os.path.abspath(os.path.join(tmp, ARRAYS)), state)
-    if primary:
-        arrays = jax.tree_util.tree_map(lambda x: [list(np.shape(x)), np.dtype(x.dtype).name], state)
-        manifest = {"format": FORMAT, "meta": meta or {}, "arrays": arrays, "files": _digests(tmp)}
-        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, sort_keys=True))
-        _fsync_dir(tmp)
-        if keep_previous and os.path.exists(path):
-            _remove(path + ".prev")
-            os.replace(path, path + ".prev")
-        old = path + ".old"
-        if os.path.exists(path):  # (save: the checkpoint being replaced)
+        try:
+            if keep_previous and os.path.exists(path):
+                _remove(path + ".prev")
+                os.replace(path, path + ".prev")
+            old = path + ".old"
+            if os.path.exists(path):  # (save: the checkpoint being replaced)
+                _remove(old)
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if os.path.exists(old) and not os.path.exists(path):
+                    os.replace(old, path)  # the previous checkpoint back in place
+                raise
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
             _remove(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-        _remove(old)
+        except OSError as e:
+            raise _write_error(path, e) from e
     _barrier("kdjax-checkpoint-done")
+
+
+def _write_error(path: str, error: BaseException) -> OSError:
+    """One ``OSError`` line for a failed write: the operating system's reason (found in the
+    exception's chain when Orbax wraps it), its ``errno`` kept."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen and not (isinstance(cause, OSError) and cause.errno):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno:
+        reason, number = cause.strerror or os.strerror(cause.errno), cause.errno
+    else:
+        reason, number = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}", None
+    out = OSError(f"checkpoint: could not write {path}: {reason}")
+    out.errno = number
+    return out
 
 
 def load(path: str | os.PathLike, target=None):

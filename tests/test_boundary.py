@@ -557,3 +557,60 @@ def test_the_bundled_text_still_loads_with_a_tokenizer(bpe):
 
     ds = data.text(16, tokenizer=bpe, max_bytes=20000)
     assert ds.num_classes == bpe.get_vocab_size() and ds.x_train.shape[1] == 16
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _wrapped_enospc(*args, **kwargs):
+    try:
+        _enospc()
+    except OSError as e:
+        raise ValueError("Orbax: async write failed") from e
+
+
+def _tensorstore_enospc(*args, **kwargs):
+    raise ValueError("Error writing local file \"/x/d/c/0\": [OS error 28: No space left on device]")
+
+
+@pytest.mark.parametrize("writer", [_enospc, _wrapped_enospc, _tensorstore_enospc])
+@pytest.mark.parametrize("rotating", [False, True])
+def test_a_full_disk_during_a_checkpoint_is_one_oserror_line_and_keeps_the_previous(tmp_path, monkeypatch,
+                                                                                    writer, rotating):
+    import orbax.checkpoint as ocp
+
+    from kdjax import checkpoint
+
+    path = tmp_path / "ckpt"
+    save = checkpoint.save_rotating if rotating else checkpoint.save
+    save(path, {"w": np.arange(3.0)}, {"step": 1})
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", writer)
+    with pytest.raises(OSError) as e:
+        save(path, {"w": np.arange(3.0) + 1}, {"step": 2})
+    one_line(e, f"checkpoint: could not write {path}:", "No space left on device")
+    assert not isinstance(e.value, ValueError)
+    if writer is not _tensorstore_enospc:
+        assert e.value.errno == 28
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no ckpt.tmp, nothing half written
+    tree, meta = checkpoint.load(path)
+    assert meta == {"step": 1} and tree["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_full_disk_in_the_background_saver_is_raised_by_wait(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from kdjax import checkpoint
+
+    saver = checkpoint.RotatingSaver(tmp_path / "ckpt")
+    saver({"w": np.zeros(2)}, {"step": 1})
+    saver.wait()
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", _wrapped_enospc)
+    saver({"w": np.ones(2)}, {"step": 2})
+    with pytest.raises(OSError) as e:
+        saver.wait()
+    one_line(e, "checkpoint: could not write", "No space left on device")
+    assert checkpoint.load_latest(tmp_path / "ckpt")[1] == {"step": 1}
