@@ -216,7 +216,7 @@ def test_help_lists_datasets_defaults_and_teacher_files(capsys):
 
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["distill"].format_help().split())
     for words in ("synthetic", "digits", "text (byte-level", "PATH.npz", "PATH.txt", "softening temperature T > 0 "
-                  "(default: 3, the seed's; 4 with --method dkd", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
+                  "(default: 3, 08_distillation.py's; 4 with --method dkd", "(default: 0.7)", "learning rate (default: 0.001)", "examples per step (default: "
                   "64)", "teacher.ckpt", ".pt/.pth", "torchvision-layout ResNet"):
         assert words in text, words
 

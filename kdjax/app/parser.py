@@ -9,14 +9,26 @@ import sys
 from kdjax.app import EXIT_USAGE, UsageError, commands
 from kdjax.app.methods import FEATURE_METHODS, METHODS
 
-__all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults"]
+__all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults", "version"]
+
+
+def version() -> str:
+    """The installed kdjax's version (``importlib.metadata``), or ``"unknown"`` when kdjax runs
+    from a folder it was not installed from."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kdjax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in its help (``None`` and ``False`` defaults left out)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        if (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                or "%(default)" in (action.help or "")):  # `is`: a default of 0 is shown
             return action.help
         return super()._get_help_string(action)
 
@@ -47,11 +59,14 @@ def _positive_int(text):
 
 
 def _common_output(p):
-    p.add_argument("--out", default=None, help="directory for results.json, plots (and checkpoints)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for results.json, plots (and checkpoints); without it nothing is saved")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace kdjax's own outputs of an earlier run in --out (nothing else there is touched)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
     p.add_argument("--json", action="store_true", help="machine-readable results on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (bars on a terminal, else a plain line on stderr every ~10%% or ~30 s)")
 
 
 def _float_in(lo, hi, what):
@@ -67,11 +82,13 @@ def _float_in(lo, hi, what):
 
 
 def _training_args(p, seeds_default: int):
-    p.add_argument("--dataset", default="synthetic", help="synthetic (the seed's random labels), digits (scikit-learn's, bundled), text (byte-level "
-                   "Python sources, with --arch transformer), PATH.npz (x_train, y_train, x_test, y_test; images "
-                   "NHWC) or PATH.txt (a corpus, with --arch transformer)")
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic (random labels: the reference script 08_distillation.py's data), digits "
+                        "(scikit-learn's, bundled), text (byte-level Python sources, bundled; a language model: "
+                        "--arch llama by default, or transformer), PATH.npz (x_train, y_train, x_test, y_test; images "
+                        "NHWC) or PATH.txt (a corpus, for a language model)")
     p.add_argument("--arch", choices=["mlp", "resnet", "transformer", "llama"], default=None,
-                   help="mlp: the seed's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
+                   help="mlp: the reference script's teacher/student MLPs; resnet: BasicBlock ResNets on images; "
                         "transformer: GPT-2 language models on --dataset text (bytes); llama: Llama-family "
                         "decoders on tokenised text (--tokenizer; --teacher a Hugging Face folder). Default: mlp, "
                         "or for text (text, a .txt corpus) llama")
@@ -87,11 +104,11 @@ def _training_args(p, seeds_default: int):
                    help="resnet: student channels per stage")
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
                    help="resnet: 3x3/1 conv (cifar) or torchvision's 7x7/2 conv + max pool (imagenet)")
-    p.add_argument("--context", type=_positive_int, default=64, help="transformer: tokens per window")
-    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer: teacher layers")
-    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer: teacher d_model")
-    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer: student layers")
-    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer: student d_model")
+    p.add_argument("--context", type=_positive_int, default=64, help="transformer, llama: tokens per window")
+    p.add_argument("--teacher-layers", type=_positive_int, default=2, help="transformer, llama: teacher layers (trained here)")
+    p.add_argument("--teacher-dim", type=_positive_int, default=64, help="transformer, llama: teacher width (d_model / hidden size; trained here)")
+    p.add_argument("--student-layers", type=_positive_int, default=1, help="transformer, llama: student layers")
+    p.add_argument("--student-dim", type=_positive_int, default=32, help="transformer, llama: student width (d_model / hidden size)")
     p.add_argument("--heads", type=_positive_int, default=4, help="transformer, llama: attention heads")
     p.add_argument("--kv-heads", type=_positive_int, default=2, help="llama: key/value heads (grouped queries)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -100,7 +117,7 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--vocab-size", type=_positive_int, default=1024,
                    help="llama: the BPE trained when no tokenizer is given")
     p.add_argument("--save-hf", default=None, metavar="DIR",
-                   help="transformer, llama: write the first seed's distilled student as a Hugging Face "
+                   help="transformer, llama: write the distilled student of the first --seed as a Hugging Face "
                         "folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
@@ -109,12 +126,12 @@ def _training_args(p, seeds_default: int):
                    help="--dataset text: training bytes kept (validation a tenth as many)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=100,
-                        help="the seed's 'epochs': one random minibatch per step")
+                        help="training steps, one random minibatch each (what 08_distillation.py calls epochs)")
     length.add_argument("--epochs", type=_positive_int, default=None, help="real shuffled passes instead")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                   help="adam (the seed's) or sgd (momentum, weight decay: torch.optim.SGD)")
+                   help="adam (08_distillation.py's) or sgd (momentum, weight decay: torch.optim.SGD)")
     p.add_argument("--momentum", type=_float_in(0, 1, "a number in [0, 1)"), default=0.9, help="sgd")
     p.add_argument("--weight-decay", type=_float_in(0, float("inf"), "a number >= 0"), default=5e-4,
                    help="sgd: L2 weight decay (every parameter)")
@@ -122,10 +139,11 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: annealed to 0 over the run (CosineAnnealingLR, per step)")
     p.add_argument("--seeds", type=_positive_int, default=seeds_default, help="number of seeds")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--teacher", default=None,
-                   help="load the teacher instead of training it: a kdjax checkpoint (e.g. teacher.ckpt of an "
-                        "earlier --out), or a PyTorch state_dict .pt/.pth (needs torch): the seed's TeacherMLP "
+    p.add_argument("--seed", type=int, default=0, help="first seed (the seeds are --seed, --seed + 1, ...)")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="load the teacher instead of training it: a Hugging Face folder (config.json, "
+                        "*.safetensors, tokenizer.json) with --arch llama, a kdjax checkpoint (e.g. teacher.ckpt of an "
+                        "earlier --out), or a PyTorch state_dict .pt/.pth (needs torch): 08_distillation.py's TeacherMLP "
                         "names with --arch mlp, a torchvision-layout ResNet with --arch resnet, a Hugging Face "
                         "GPT-2 with --arch transformer; its shapes must match the width/depth options")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
@@ -137,6 +155,44 @@ def _training_args(p, seeds_default: int):
                         "first, parameters replicated)")
 
 
+# The --help sections, in this order; an option not listed stays under "options".
+_GROUPS = {
+    "data": ("dataset", "num_classes", "text_bytes", "length", "train", "test"),
+    "models": ("arch", "teacher", "teacher_hidden", "student_hidden", "teacher_blocks", "teacher_widths",
+               "student_blocks", "student_widths", "stem"),
+    "language models (--arch transformer or llama)": (
+        "context", "teacher_layers", "teacher_dim", "student_layers", "student_dim", "heads", "kv_heads", "tokenizer",
+        "vocab_size", "teacher_logits", "topk_missing", "save_hf", "save_hf_teacher"),
+    "training": ("steps", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "nesterov",
+                 "lr_schedule", "teacher_steps", "warmup", "seeds", "seed", "sections", "quick"),
+    "distillation method": ("method", "methods", "temperature", "alpha", "omit", "feature_layers", "feature_weight",
+                            "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "tune", "temperatures",
+                            "alphas", "validation_fraction"),
+    "top-k cache": ("k", "values_dtype"),
+    "output and resume": ("out", "overwrite", "no_plots", "json", "quiet", "checkpoint_every", "resume",
+                          "tensorboard"),
+    "performance": ("mesh", "members_per_group"),
+}
+# Per command, where an option means something else there (on-policy's models are small
+# language models of its own task; teacher-logits' --batch-size is windows per forward pass).
+_GROUP_OF = {"on-policy": {d: "models" for d in ("teacher_layers", "teacher_dim", "student_layers", "student_dim")},
+             "teacher-logits": {"teacher": "models", "context": "data", "tokenizer": "data",
+                                "batch_size": "performance"}}
+
+
+def _grouped(p, command: str) -> None:
+    """Move the options of subparser ``p`` into their --help sections (``_GROUPS``)."""
+    where = {dest: title for title, dests in _GROUPS.items() for dest in dests} | _GROUP_OF.get(command, {})
+    actions = [a for a in p._optionals._group_actions if a.dest in where]
+    for title in _GROUPS:
+        mine = [a for a in actions if where[a.dest] == title]
+        if mine:
+            group = p.add_argument_group(title)
+            group._group_actions.extend(mine)
+            for a in mine:
+                p._optionals._group_actions.remove(a)
+
+
 def _resumable(p):
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
                    help="with --out: checkpoint every K steps (default: every ~5%% of the run)")
@@ -146,10 +202,11 @@ def _resumable(p):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdjax", description="Knowledge distillation in JAX.")
+    parser.add_argument("--version", action="version", version=f"kdjax {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)
 
-    demo = add("demo", help="the seed's five demos, then distillation on digits: held out, "
+    demo = add("demo", help="the five demos of the reference script (08_distillation.py), then distillation on digits: held out, "
                                        "an omitted class, tuned T and alpha")
     demo.add_argument("--seeds", type=int, default=8, help="seeds for the multi-seed comparisons (>= 2)")
     demo.add_argument("--seed", type=int, default=42, help="first seed")
@@ -162,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = add("distill", help="teacher, standard and distilled student on a data set")
     _training_args(distill, seeds_default=4)
     distill.add_argument("--temperature", type=float, default=None,
-                         help="softening temperature T > 0 (default: 3, the seed's; 4 with --method dkd, mdistiller's)")
+                         help="softening temperature T > 0 (default: 3, 08_distillation.py's; 4 with --method dkd, mdistiller's)")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
     distill.add_argument("--method", choices=list(METHODS), default="kd",
                          help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
@@ -177,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="feature methods: add the logit term W * T^2 KL (T from --temperature, default 4 "
                               "as mdistiller's KD) to the method's CE + feature term")
     distill.add_argument("--crd-negatives", type=_positive_int, default=16384,
-                         help="crd: negatives per example (mdistiller's 16384)")
+                         help="crd: negatives per example (mdistiller's)")
     distill.add_argument("--lmbda", type=_float_in(0, 1.0000001, "a probability in [0, 1]"), default=0.5,
                          help="gkd: the probability of a step on the student's own samples (TRL's lmbda)")
     distill.add_argument("--beta", type=_float_in(0, 1.0000001, "a number in [0, 1]"), default=0.5,
@@ -239,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the cache directory (shards + manifest.json + tokenizer.json); run again to resume")
     tl.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     tl.add_argument("--json", action="store_true", help="a machine-readable summary on stdout")
-    tl.add_argument("--quiet", action="store_true", help="no progress bars")
+    tl.add_argument("--quiet", action="store_true",
+                    help="no progress (bars on a terminal, else a plain line on stderr every ~10%% or ~30 s)")
     tl.set_defaults(func=commands.cmd_teacher_logits, arch="llama")
 
     op = add("on-policy", help="sorting digits: a trained teacher, a small student trained by SFT, KD, SeqKD, GKD "
@@ -249,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--length", type=_positive_int, default=8, help="digits per prompt")
     op.add_argument("--train", type=_positive_int, default=4096, help="training prompts")
     op.add_argument("--test", type=_positive_int, default=512, help="held-out prompts")
-    op.add_argument("--teacher-layers", type=_positive_int, default=2)
-    op.add_argument("--teacher-dim", type=_positive_int, default=128)
-    op.add_argument("--student-layers", type=_positive_int, default=1)
-    op.add_argument("--student-dim", type=_positive_int, default=32)
+    op.add_argument("--teacher-layers", type=_positive_int, default=2, help="the teacher's layers")
+    op.add_argument("--teacher-dim", type=_positive_int, default=128, help="the teacher's hidden size")
+    op.add_argument("--student-layers", type=_positive_int, default=1, help="the student's layers")
+    op.add_argument("--student-dim", type=_positive_int, default=32, help="the student's hidden size")
     op.add_argument("--teacher-steps", type=_positive_int, default=2000, help="the teacher's cross-entropy steps")
     op.add_argument("--warmup", type=int, default=0,
                     help="supervised steps every student starts from (the same for every method)")
@@ -275,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _resumable(sw)
     _common_output(sw)
     sw.set_defaults(func=commands.cmd_sweep)
+    for name, command in sub.choices.items():
+        _grouped(command, name)
     return parser
 
 
@@ -345,7 +405,7 @@ _ONLY_WITH = {
     "alpha": (lambda a: a.command != "distill" or (not a.tune and a.method == "kd"),
               "only used with --method kd (without --tune)"),
     "tune": (lambda a: a.method == "kd", "only used with --method kd"),
-    **dict.fromkeys(("checkpoint_every", "no_plots"), (lambda a: a.out is not None, "only used with --out DIR")),
+    "checkpoint_every": (lambda a: a.out is not None, "only used with --out DIR"),  # --no-plots alone: harmless
     "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None,
                   "only used with --out DIR or --save-hf DIR"),
 }
