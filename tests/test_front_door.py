@@ -66,3 +66,90 @@ def test_no_plots_without_out_is_accepted_harmless():
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
     check_modes(args, given_options(argv))  # no UsageError
+
+
+def refused(p, *words):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdjax: error:"), p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_teacher_trained_here_then_its_top_k_cache_then_students_from_it(tmp_path, capsys):
+    """The acceptance chain on kdjax alone: distill --save-hf-teacher T, teacher-logits
+    --teacher T (its top-k coverage measured, stored and warned about), distill --teacher-logits."""
+    from kdjax import convert
+
+    teacher_dir, cache = tmp_path / "T", tmp_path / "cache"
+    p = kdjax_here(capsys, "distill", *LM, "--save-hf-teacher", teacher_dir, "--out", tmp_path / "o1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"teacher (seed 0) written to {teacher_dir}" in p.stdout
+    model, _ = convert.load_hf(teacher_dir)
+    assert model.num_layers == 1 and model.hidden_size == 16 and model.max_position_embeddings >= 16
+    assert (teacher_dir / "tokenizer.json").read_bytes() == (tmp_path / "o1" / "tokenizer.json").read_bytes()
+    results = json.loads((tmp_path / "o1" / "results.json").read_text())
+    assert results["save_hf_teacher"] == str(teacher_dir)
+    record = json.loads((tmp_path / "o1" / ".kdjax-outputs.json").read_text())
+    assert record["save_hf_teacher"] == os.path.realpath(teacher_dir)
+
+    build = ["teacher-logits", "--teacher", teacher_dir, "--text-bytes", "20000", "--context", "16", "--k", "8",
+             "--quiet", "--json", "--out", cache]
+    p = kdjax_here(capsys, *build)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    coverage = summary["topk_coverage"]
+    assert 8 / 300 * 0.5 < coverage < 0.5  # a 2-step teacher is near uniform over 300 tokens: top 8 keep little
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["metadata"]["validation"]["topk_coverage"] == coverage  # signed with the manifest
+    warnings = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "--k" in warnings[0] and "--min-coverage 0.5" in warnings[0], p.stderr
+
+    p = kdjax_here(capsys, "distill", "--dataset", "text", "--arch", "llama", "--text-bytes", "20000", "--context",
+                   "16", "--student-dim", "16", "--steps", "2", "--seeds", "1", "--quiet", "--no-plots",
+                   "--teacher-logits", cache, "--out", tmp_path / "o2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "teacher (cached, top-8)" in p.stdout and f"{coverage:.1%} of the teacher's probability mass" in p.stdout
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())["teacher_logits"]["topk_coverage"] == coverage
+
+
+def test_top_k_coverage_is_the_kept_probability_mass():
+    """topk_coverage against NumPy on a model whose logits are known; all k: 1."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kdjax.app.commands import topk_coverage
+
+    table = np.random.default_rng(0).normal(size=(7, 7)).astype(np.float32) * 3
+
+    class Lookup:  # logits of each position: a row of the table, chosen by its token
+        def apply(self, variables, x):
+            return jnp.asarray(table)[x]
+
+    tokens = np.array([[0, 1, 2], [3, 4, 5], [6, 0, 1]])
+    p = np.exp(table - table.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.mean([np.sort(p[t])[-2:].sum() for t in tokens.ravel()])
+    assert abs(topk_coverage(Lookup(), {}, tokens, 2, batch_size=2) - want) < 1e-6  # a padded last batch
+    assert abs(topk_coverage(Lookup(), {}, tokens, 7, batch_size=3) - 1) < 1e-6
+
+
+def test_save_hf_teacher_is_checked_like_save_hf_before_anything_runs(tmp_path, capsys):
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    refused(kdjax_here(capsys, "distill", *LM, "--save-hf", hf, "--save-hf-teacher", hf),
+            "--save-hf-teacher", "apart from --save-hf")
+    refused(kdjax_here(capsys, "distill", *LM, "--save-hf", hf, "--save-hf-teacher", hf / "teacher"),
+            "apart from --save-hf")
+    refused(kdjax_here(capsys, "distill", *LM, "--out", out, "--save-hf-teacher", out), "--save-hf-teacher",
+            "other than --out")
+    refused(kdjax_here(capsys, "distill", *LM, "--out", out, "--save-hf-teacher", out / "checkpoints" / "t"),
+            "--save-hf-teacher", "outside the run's own outputs")
+    assert not out.exists() and not hf.exists()
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")  # the user's: never replaced without --overwrite
+    refused(kdjax_here(capsys, "distill", *LM, "--save-hf-teacher", hf), "--save-hf-teacher", "--overwrite")
+    assert (hf / "config.json").read_text() == "{}"
+    refused(kdjax_here(capsys, "distill", "--dataset", "digits", "--save-hf-teacher", tmp_path / "t"),
+            "--save-hf-teacher: only used with --arch transformer or llama")
+    refused(kdjax_here(capsys, "distill", *LM, "--teacher-logits", tmp_path / "c", "--save-hf-teacher",
+                       tmp_path / "t"), "--save-hf-teacher: only used with", "not with --teacher-logits")

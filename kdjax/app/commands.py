@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from kdjax.app import UsageError, inputs, methods
-from kdjax.app.reporting import Reporter, fmt_ci, jsonable
+from kdjax.app.reporting import Reporter, fmt_ci, jsonable, version
 from kdjax.errors import InputError
 
 __all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_on_policy", "cmd_sweep", "cmd_teacher_logits"]
@@ -283,15 +283,17 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
                              "validation_mean_ci": tuned.validation_mean_ci,
                              "best": {"temperature": tuned.best[0], "alpha": tuned.best[1]}}
     if args.save_hf:
-        from kdjax import convert
-
         own = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), r.distilled)
-        convert.save_hf(student, {"params": own.params, **own.model_state}, args.save_hf,
-                        overwrite=inputs.save_hf_overwrite(args))
-        if tok is not None:
-            checkpoint.atomic_write_text(os.path.join(args.save_hf, "tokenizer.json"), tok.to_str())
+        _write_hf(args, "--save-hf", student, own, tok)
         rep.line(f"distilled student (seed {seeds[0]}) written to {args.save_hf} (Hugging Face format)")
         results["save_hf"] = args.save_hf
+    if getattr(args, "save_hf_teacher", None):
+        own = jax.tree_util.tree_map(np.asarray, r.teacher_member(0))
+        _write_hf(args, "--save-hf-teacher", teacher, own, tok)
+        which = "loaded" if r.teacher_losses is None else f"seed {seeds[0]}"
+        rep.line(f"teacher ({which}) written to {args.save_hf_teacher} (Hugging Face format; kdjax teacher-logits "
+                 f"--teacher {args.save_hf_teacher} caches its top-k)")
+        results["save_hf_teacher"] = args.save_hf_teacher
     if args.out and tok is not None:
         checkpoint.atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
     if args.out:
@@ -312,6 +314,42 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
             [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy", "test accuracy"),
     }
     return _finish(args, rep, results, figs)
+
+
+def _write_hf(args, flag: str, model, state, tok) -> None:
+    """``model`` with ``state``'s weights as a Hugging Face folder at ``flag``'s path (checked
+    before the run: ``outputs.check_save_hf``), its tokenizer beside it."""
+    from kdjax import checkpoint, convert
+
+    directory = args.save_hf if flag == "--save-hf" else args.save_hf_teacher
+    convert.save_hf(model, {"params": state.params, **state.model_state}, directory,
+                    overwrite=inputs.save_hf_overwrite(args, flag))
+    if tok is not None:
+        checkpoint.atomic_write_text(os.path.join(directory, "tokenizer.json"), tok.to_str())
+
+
+def topk_coverage(model, variables, tokens, k: int, batch_size: int) -> float:
+    """The mean, over every position of ``tokens`` (``[windows, length]``), of the probability
+    mass ``model``'s top ``k`` tokens hold: sum(exp(top-k log-probabilities)), in [0, 1]. What
+    a top-k cache keeps of the teacher (1: all of it); computed ``batch_size`` windows at a
+    time, the last batch padded (its padding rows dropped)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax.offline import topk_logprobs
+
+    @jax.jit
+    def mass(x):
+        values, _ = topk_logprobs(model.apply(variables, x), k)
+        return jnp.sum(jnp.exp(values), axis=-1).sum(axis=-1)  # [windows]: summed over positions
+
+    tokens = np.asarray(tokens, np.int32)
+    total = 0.0
+    for i in range(0, len(tokens), batch_size):
+        rows = tokens[i:i + batch_size]
+        padded = np.concatenate([rows, np.zeros((batch_size - len(rows), tokens.shape[1]), np.int32)])
+        total += float(np.asarray(mass(padded), np.float64)[:len(rows)].sum())
+    return total / tokens.size
 
 
 def _sha256(data: bytes) -> str:
@@ -347,10 +385,12 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
         rep.line(f"{args.out} holds a cache: it is resumed (the same teacher, data, tokenizer and k) or refused")
     t0 = time.perf_counter()
     ev = evaluate_on(teacher, t_state, ds.x_test, ds.y_test)
+    coverage = round(topk_coverage(teacher, variables, ds.x_test, args.k, min(args.batch_size, len(ds.x_test))), 6)
     metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
                 "tokenizer_sha256": _sha256(tok.to_str().encode()), "dataset": ds.name, "context": int(length),
                 "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(ds.x_test).tobytes()),
-                               "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])}}
+                               "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
+                               "topk_coverage": coverage}}
     inputs.claim_out(args)
     m = offline.write_topk_cache(args.out, teacher, variables, ds.x_train, args.k, batch_size=args.batch_size,
                                  values_dtype=np.dtype(args.values_dtype), metadata=metadata)
@@ -363,11 +403,17 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
              f"token ({size / tokens:.1f} on disk, against {4 * m['vocab']} for float32 logits over the "
              f"{m['vocab']}-token vocabulary); {seconds:.1f} s")
     rep.line(f"teacher on the validation windows: next-token accuracy {float(ev['accuracy']):.4f}, "
-             f"{float(ev['loss']) / np.log(2):.3f} bits per token")
+             f"{float(ev['loss']) / np.log(2):.3f} bits per token; its top {args.k} hold {coverage:.1%} of its "
+             f"probability mass (mean over positions)")
+    if coverage < args.min_coverage:
+        rep.warn(f"warning: the top {args.k} keep only {coverage:.1%} of the teacher's probability mass (below "
+                 f"--min-coverage {args.min_coverage:g}): students distilled from this cache learn a truncated "
+                 f"teacher; raise --k, or use a stronger teacher")
     if args.json:
         print(json.dumps({"cache": args.out, "rows": rows, "length": length, "k": args.k, "vocab": m["vocab"],
                           "bytes_per_token": m["bytes_per_token"], "bytes_on_disk": size, "seconds": seconds,
-                          "teacher_validation": metadata["validation"]}))
+                          "topk_coverage": coverage, "teacher_validation": metadata["validation"],
+                          "kdjax_version": version()}))
     return 0
 
 
@@ -420,8 +466,10 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         else None
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
              f"T = {args.temperature:g}, alpha = {args.alpha:g}; {args.seeds} seed(s)")
-    rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token; "
-             f"{inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
+    coverage = validation.get("topk_coverage")
+    rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token"
+             + ("" if coverage is None else f", {coverage:.1%} of the teacher's probability mass")
+             + f"; {inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
     mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size, [("student", student, ds.x_train[:1])])
     from kdjax.app import metrics
 
@@ -440,7 +488,8 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     if teacher_eval is None:
         rep.line("the cache's teacher figures are for other validation windows: no teacher row")
     extra = {"teacher_logits": {"cache": cache, "k": m["k"], "bytes_per_token": m["bytes_per_token"],
-                                "missing": args.topk_missing, "teacher_folder": meta.get("teacher_folder")}}
+                                "missing": args.topk_missing, "teacher_folder": meta.get("teacher_folder"),
+                                "topk_coverage": coverage}}
     return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
                            teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)
 

@@ -41,8 +41,9 @@ def check_out(args) -> None:
             if os.path.isdir(os.path.join(out, "checkpoints")) and not (resume or overwrite):
                 raise UsageError(f"--out: {out} holds the checkpoints of an unfinished run; pass --resume to "
                                  f"continue it or --overwrite to start over")
-    if getattr(args, "save_hf", None):
-        outputs.check_save_hf(args, outputs.declared(args) if out is not None else ())
+    for flag, dest in outputs.HF_OUTPUTS:
+        if getattr(args, dest, None):
+            outputs.check_save_hf(args, flag, getattr(args, dest), outputs.declared(args) if out is not None else ())
 
 
 def claim_out(args) -> None:
@@ -52,9 +53,9 @@ def claim_out(args) -> None:
 
     if args.out is None:
         return
-    save_hf = getattr(args, "save_hf", None)
+    folders = {dest: getattr(args, dest, None) for _, dest in outputs.HF_OUTPUTS}
     outputs.Outputs(args.out, outputs.declared(args)).claim(
-        args.overwrite, save_hf=os.path.realpath(os.path.abspath(save_hf)) if save_hf else None)
+        args.overwrite, **{dest: os.path.realpath(os.path.abspath(d)) if d else None for dest, d in folders.items()})
 
 
 def seal_out(args) -> None:
@@ -65,14 +66,14 @@ def seal_out(args) -> None:
         outputs.Outputs(args.out, outputs.declared(args)).seal()
 
 
-def save_hf_overwrite(args) -> bool:
-    """May the Hugging Face files in --save-hf be replaced: --overwrite, or this run's own
-    (recorded in --out when it was claimed)."""
+def save_hf_overwrite(args, flag: str = "--save-hf") -> bool:
+    """May the Hugging Face files in ``flag``'s folder (``--save-hf``, ``--save-hf-teacher``) be
+    replaced: --overwrite, or this run's own (recorded in --out when it was claimed)."""
     from kdjax.app import outputs
 
     if args.overwrite or args.out is None:
         return args.overwrite
-    return outputs.Outputs(args.out, ()).read().get("save_hf") == os.path.realpath(os.path.abspath(args.save_hf))
+    return outputs.written_here(args, flag, getattr(args, dict(outputs.HF_OUTPUTS)[flag]))
 
 
 def hf_folder(args) -> bool:

@@ -1,5 +1,6 @@
 """What a command writes, by manifest: ``.kdjax-outputs.json`` in ``--out`` names every file
-and folder kdjax wrote there (and the ``--save-hf`` folder it wrote into), so that
+and folder kdjax wrote there (and the Hugging Face folders, ``--save-hf`` and ``--save-hf-teacher``,
+it wrote into), so that
 
 * ``--overwrite`` removes exactly those and nothing of the user's;
 * a file kdjax would write but did not (the user's own ``tokenizer.json``, a teacher
@@ -20,7 +21,8 @@ import shutil
 
 from kdjax.app import UsageError
 
-__all__ = ["MANIFEST", "HF_FILES", "Outputs", "declared", "check_save_hf", "hf_files_present", "same_or_inside"]
+__all__ = ["MANIFEST", "HF_FILES", "HF_OUTPUTS", "Outputs", "declared", "check_save_hf", "written_here",
+           "hf_files_present", "same_or_inside"]
 
 MANIFEST = ".kdjax-outputs.json"
 
@@ -162,35 +164,62 @@ def _is_pattern(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 
-def check_save_hf(args, out_names=()) -> bool:
-    """Refuse a ``--save-hf DIR`` this run would damage, before anything runs; True when its
-    Hugging Face files are this run's own (a resumed run that wrote them before a kill)."""
-    target = args.save_hf
+# The Hugging Face folders a command may write besides --out: (flag, the argument's name,
+# the key of the --out record that says this run wrote it).
+HF_OUTPUTS = (("--save-hf", "save_hf"), ("--save-hf-teacher", "save_hf_teacher"))
+
+
+def check_save_hf(args, flag: str, target: str, out_names=()) -> bool:
+    """Refuse a Hugging Face output folder ``target`` (given as ``flag``: ``--save-hf`` or
+    ``--save-hf-teacher``) this run would damage, before anything runs; True when its Hugging
+    Face files are this run's own (a resumed run that wrote them before a kill).
+
+    Args:
+      args: the parsed command line (``--out``, ``--overwrite``, ``--resume``, the inputs).
+      flag: the option that names ``target``.
+      target: the folder.
+      out_names: what the run may write into ``--out`` (``declared``).
+
+    Returns:
+      Whether ``target`` already holds Hugging Face files this run may replace.
+
+    Raises:
+      UsageError: a file, a folder that is, holds or lies inside an input, ``--out``, one of
+        the run's outputs or the other Hugging Face output; or one holding Hugging Face
+        files without ``--overwrite`` that this run did not write.
+    """
     if os.path.exists(target) and not os.path.isdir(target):
-        raise UsageError(f"--save-hf: expected a directory, got an existing file {target}")
-    for flag, other in (("--teacher", getattr(args, "teacher", None)),
-                        ("--teacher-logits", getattr(args, "teacher_logits", None)),
-                        ("--tokenizer", getattr(args, "tokenizer", None))):
+        raise UsageError(f"{flag}: expected a directory, got an existing file {target}")
+    for other_flag, other in (("--teacher", getattr(args, "teacher", None)),
+                              ("--teacher-logits", getattr(args, "teacher_logits", None)),
+                              ("--tokenizer", getattr(args, "tokenizer", None))):
         if other and os.path.exists(other) and (same_or_inside(target, other) or same_or_inside(other, target)):
-            raise UsageError(f"--save-hf: expected a folder apart from {flag} ({other}), got {target}")
+            raise UsageError(f"{flag}: expected a folder apart from {other_flag} ({other}), got {target}")
+    for other_flag, dest in HF_OUTPUTS:
+        other = getattr(args, dest, None)
+        if other_flag != flag and other and (same_or_inside(target, other) or same_or_inside(other, target)):
+            raise UsageError(f"{flag}: expected a folder apart from {other_flag} ({other}): each writes its own "
+                             f"config.json and weights, got {target}")
     if args.out is not None:
         if _real(target) == _real(args.out):
-            raise UsageError(f"--save-hf: expected a folder other than --out ({args.out}: the run's results and "
+            raise UsageError(f"{flag}: expected a folder other than --out ({args.out}: the run's results and "
                              f"checkpoints), got the same folder")
         for name in out_names:
             if same_or_inside(target, os.path.join(args.out, name)):
-                raise UsageError(f"--save-hf: expected a folder outside the run's own outputs in --out, got {target} "
+                raise UsageError(f"{flag}: expected a folder outside the run's own outputs in --out, got {target} "
                                  f"(inside {os.path.join(args.out, name)})")
         if same_or_inside(args.out, target):
-            raise UsageError(f"--out: expected a folder outside --save-hf ({target}), got {args.out}")
+            raise UsageError(f"--out: expected a folder outside {flag} ({target}), got {args.out}")
     present = hf_files_present(target)
     if not present or args.overwrite:
         return bool(present)
-    ours = False
-    if args.out is not None and getattr(args, "resume", False):
-        record = Outputs(args.out, ()).read()
-        ours = record.get("save_hf") == _real(target)
-    if not ours:
-        raise UsageError(f"--save-hf: {target} exists; pass --overwrite to replace its Hugging Face files "
+    if not (args.out is not None and getattr(args, "resume", False) and written_here(args, flag, target)):
+        raise UsageError(f"{flag}: {target} exists; pass --overwrite to replace its Hugging Face files "
                          f"({', '.join(present)}; nothing else in the folder is touched)")
     return True
+
+
+def written_here(args, flag: str, target: str) -> bool:
+    """The record of ``--out`` says this run writes its ``flag`` folder into ``target``."""
+    key = dict(HF_OUTPUTS)[flag]
+    return args.out is not None and Outputs(args.out, ()).read().get(key) == _real(target)

@@ -8,19 +8,9 @@ import sys
 
 from kdjax.app import EXIT_USAGE, UsageError, commands
 from kdjax.app.methods import FEATURE_METHODS, METHODS
+from kdjax.app.reporting import version
 
 __all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults", "version"]
-
-
-def version() -> str:
-    """The installed kdjax's version (``importlib.metadata``), or ``"unknown"`` when kdjax runs
-    from a folder it was not installed from."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("kdjax")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -168,7 +158,7 @@ _GROUPS = {
     "distillation method": ("method", "methods", "temperature", "alpha", "omit", "feature_layers", "feature_weight",
                             "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "tune", "temperatures",
                             "alphas", "validation_fraction"),
-    "top-k cache": ("k", "values_dtype"),
+    "top-k cache": ("k", "min_coverage", "values_dtype"),
     "output and resume": ("out", "overwrite", "no_plots", "json", "quiet", "checkpoint_every", "resume",
                           "tensorboard"),
     "performance": ("mesh", "members_per_group"),
@@ -248,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--topk-missing", choices=["zero", "symmetric_uniform"], default="zero",
                          help="with --teacher-logits: the teacher's mass outside its top k, renormalised away "
                               "(zero) or one more outcome (DistillKit's symmetric_uniform)")
+    distill.add_argument("--save-hf-teacher", default=None, metavar="DIR",
+                         help="transformer, llama: write the teacher (trained here for the first --seed, or the one "
+                              "loaded) as a Hugging Face folder (config.json, model.safetensors, tokenizer.json) "
+                              "that kdjax teacher-logits --teacher DIR and transformers load")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
                          help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
@@ -289,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--tokenizer", default=None, metavar="PATH",
                     help="a tokenizer.json (default: the --teacher folder's); copied into the cache")
     tl.add_argument("--k", type=_positive_int, default=64, help="log-probabilities kept per token")
+    tl.add_argument("--min-coverage", type=_float_in(0, 1.0000001, "a fraction in [0, 1]"), default=0.5,
+                    help="warn when the top k keep less of the teacher's probability mass than this (the mean "
+                         "over the validation windows' positions; it is stored in the cache and printed)")
     tl.add_argument("--values-dtype", choices=["float32", "float16"], default="float32",
                     help="storage of the log-probabilities (token ids are int32): k * 8 or k * 6 bytes per token")
     tl.add_argument("--batch-size", type=_positive_int, default=32, help="windows per teacher forward pass")
@@ -385,6 +382,9 @@ _ONLY_WITH = {
                    "folder)"),
     "save_hf": (lambda a: a.command == "distill" and a.arch in ("transformer", "llama"),
                 "only used with kdjax distill --arch transformer or llama"),
+    "save_hf_teacher": (lambda a: a.arch in ("transformer", "llama") and not a.teacher_logits,
+                        "only used with --arch transformer or llama, and not with --teacher-logits (no teacher "
+                        "runs: the cache is all there is of it)"),
     "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
     "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch not in ("transformer", "llama"),
                     "only used with a --dataset PATH.npz of labelled examples"),
@@ -406,8 +406,9 @@ _ONLY_WITH = {
               "only used with --method kd (without --tune)"),
     "tune": (lambda a: a.method == "kd", "only used with --method kd"),
     "checkpoint_every": (lambda a: a.out is not None, "only used with --out DIR"),  # --no-plots alone: harmless
-    "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None,
-                  "only used with --out DIR or --save-hf DIR"),
+    "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None
+                  or getattr(a, "save_hf_teacher", None) is not None,
+                  "only used with --out DIR, --save-hf DIR or --save-hf-teacher DIR"),
 }
 
 

@@ -9,7 +9,18 @@ import sys
 
 import numpy as np
 
-__all__ = ["Reporter", "fmt_ci", "verdict", "jsonable"]
+__all__ = ["Reporter", "fmt_ci", "verdict", "jsonable", "version"]
+
+
+def version() -> str:
+    """The installed kdjax's version (``importlib.metadata``), or ``"unknown"`` when kdjax runs
+    from a folder it was not installed from."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kdjax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Reporter:
@@ -26,6 +37,10 @@ class Reporter:
 
     def line(self, text: str):
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def warn(self, text: str):
+        """One line on stderr (also with --quiet and --json): something the user should act on."""
+        print(text, file=sys.stderr, flush=True)
 
     def table(self, title: str, columns, rows):
         from rich.table import Table
