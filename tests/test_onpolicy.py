@@ -195,7 +195,7 @@ def test_teacher_generations_cache_and_seqkd_data(setup, tmp_path):
         np.testing.assert_array_equal(tokens[r:r + 2], g.tokens)
         np.testing.assert_array_equal(mask[r:r + 2], g.mask)
     # a build that lost its second shard resumes to the same files
-    (tmp_path / "g" / "manifest.json").write_text(json.dumps(m | {"shards": m["shards"][:1]}))
+    offline._write_manifest(tmp_path / "g", m | {"shards": m["shards"][:1]})  # as a killed build leaves it, signed
     (tmp_path / "g" / "shard-00001.npz").unlink()
     offline.write_generations(tmp_path / "g", teacher, t_state.variables, prompts, N, prompt_mask=pmask,
                               rng=jax.random.PRNGKey(2), temperature=0.8, eos_id=7, batch_size=2, shard_rows=2)
