@@ -48,6 +48,21 @@ def _positive_int(text):
     return v
 
 
+SEED_LIMIT = 2**32  # seeds are NumPy SeedSequence / jax.random.PRNGKey entropy: non-negative, and this fits both
+
+
+def _seed(text):
+    """``--seed``: an integer in [0, 2^32) (a negative one or one past int64 was a traceback
+    from NumPy or JAX once the run had started)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {text!r}")
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {v}")
+    return v
+
+
 def _common_output(p):
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for results.json, plots (and checkpoints); without it nothing is saved")
@@ -129,7 +144,7 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: annealed to 0 over the run (CosineAnnealingLR, per step)")
     p.add_argument("--seeds", type=_positive_int, default=seeds_default, help="number of seeds")
-    p.add_argument("--seed", type=int, default=0, help="first seed (the seeds are --seed, --seed + 1, ...)")
+    p.add_argument("--seed", type=_seed, default=0, help="first seed (the seeds are --seed, --seed + 1, ...)")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="load the teacher instead of training it: a Hugging Face folder (config.json, "
                         "*.safetensors, tokenizer.json) with --arch llama, a kdjax checkpoint (e.g. teacher.ckpt of an "
@@ -199,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", help="the five demos of the reference script (08_distillation.py), then distillation on digits: held out, "
                                        "an omitted class, tuned T and alpha")
     demo.add_argument("--seeds", type=int, default=8, help="seeds for the multi-seed comparisons (>= 2)")
-    demo.add_argument("--seed", type=int, default=42, help="first seed")
+    demo.add_argument("--seed", type=_seed, default=42, help="first seed")
     demo.add_argument("--sections", default="1-8", help="which sections to run, e.g. 1-5 or 1,6 (6: held-out "
                       "digits, 7: omitted class, 8: tuned T and alpha)")
     demo.add_argument("--quick", action="store_true", help="2 digits epochs instead of 30 (smoke tests)")
@@ -268,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     om.add_argument("--validation-fraction", type=float, default=0.2,
                     help="share of the training rows whose inputs set the bias shift")
     om.add_argument("--seeds", type=int, default=8, help="number of seeds (>= 2)")
-    om.add_argument("--seed", type=int, default=0, help="first seed")
+    om.add_argument("--seed", type=_seed, default=0, help="first seed")
     _common_output(om)
     om.set_defaults(func=commands.cmd_omit_class, arch="mlp")
 
@@ -315,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per update")
     op.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     op.add_argument("--seeds", type=_positive_int, default=4, help="students per method (>= 2 for intervals)")
-    op.add_argument("--seed", type=int, default=0, help="first seed")
+    op.add_argument("--seed", type=_seed, default=0, help="first seed")
     _common_output(op)
     op.set_defaults(func=commands.cmd_on_policy, arch="llama")
 
