@@ -155,7 +155,7 @@ def test_a_refusal_after_the_out_is_made_removes_it(capsys, tmp_path):
 def test_one_seed_prints_no_interval(capsys):
     p = kdjax_here(capsys, "distill", *TINY)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "n = 1, no interval" in p.stdout and "± 0.0000" not in p.stdout and "n = 1 seed(s)" in p.stdout
+    assert "n = 1, no interval" in p.stdout and "± 0.0000" not in p.stdout and "n = 1 seed" in p.stdout
 
 
 # ----------------------------------------------------------------------------- property

@@ -153,3 +153,67 @@ def test_save_hf_teacher_is_checked_like_save_hf_before_anything_runs(tmp_path, 
             "--save-hf-teacher: only used with --arch transformer or llama")
     refused(kdjax_here(capsys, "distill", *LM, "--teacher-logits", tmp_path / "c", "--save-hf-teacher",
                        tmp_path / "t"), "--save-hf-teacher: only used with", "not with --teacher-logits")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return dict(os.environ, KDJAX_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")))
+
+
+def _run_to_files(env, tmp_path, *args):
+    """``python -m kdjax ARGS`` with stdout and stderr to files (not a terminal: a job's log)."""
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        code = subprocess.run([sys.executable, "-m", "kdjax", *map(str, args)], stdout=out, stderr=err, env=env,
+                              timeout=600).returncode
+    return code, (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+
+
+def test_progress_in_a_log_and_wall_times_in_results(env, tmp_path):
+    """stdout to a file: plain progress lines on stderr (phase, step/total, loss, elapsed,
+    remaining), about one per tenth; results.json has the wall time of each phase and the run."""
+    args = ["distill", "--dataset", "digits", "--steps", "40", "--seeds", "2", "--teacher-hidden", "32",
+            "--student-hidden", "8", "--no-plots"]
+    code, out, err = _run_to_files(env, tmp_path, *args, "--out", tmp_path / "run")
+    assert code == 0, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("kdjax: ")]
+    for phase in ("teachers", "students"):
+        mine = [x for x in lines if x.startswith(f"kdjax: {phase} step ")]
+        assert 2 <= len(mine) <= 12, mine  # every ~10%, not every chunk
+        assert mine[-1].startswith(f"kdjax: {phase} step 40/40 (100%), loss ") and " elapsed" in mine[-1]
+        assert " left in " in mine[0] and ", loss " in mine[0]
+    assert "kdjax: teachers step" not in out  # the log lines are stderr's; stdout keeps the tables
+    sentence = [x for x in out.splitlines() if x.startswith("Distilled - standard test accuracy on digits")]
+    assert len(sentence) == 1 and "(95% CI, n = 2 seeds)" in sentence[0] and "too wide to conclude" in sentence[0]
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["conclusion"] == sentence
+    m, h = r["paired_gain"]
+    assert f"{m:+.4f} ± {h:.4f}" in sentence[0]  # the interval as computed, from the run's own numbers
+    wall = r["wall_seconds"]
+    assert set(wall["phases"]) == {"setup", "teachers", "students", "finish"}
+    assert all(v >= 0 for v in wall["phases"].values())
+    assert sum(wall["phases"].values()) <= wall["run"] + 1e-6
+    from importlib import metadata
+
+    assert r["kdjax_version"] == metadata.version("kdjax")
+    code, out, err = _run_to_files(env, tmp_path, *args, "--quiet")
+    assert code == 0 and "kdjax: teachers step" not in err, err[-3000:]  # --quiet silences them
+
+
+def test_conclusion_sentence_says_what_the_interval_shows():
+    from kdjax.app.reporting import conclusion
+
+    what = "Distilled - standard test accuracy (paired by seed)"
+    assert conclusion(what, (0.0213, 0.0101), 8) == (
+        "Distilled - standard test accuracy (paired by seed): +0.0213 ± 0.0101 (95% CI, n = 8 seeds): the interval "
+        "excludes 0, distillation helped.")
+    assert conclusion(what, (-0.0213, 0.0101), 8).endswith("the interval excludes 0, distillation hurt.")
+    assert conclusion(what, (0.0100, 0.0250), 8).endswith("the interval includes 0, no significant difference.")
+    # lower is better (bits per token): a significant rise is a loss
+    assert conclusion("bits", (0.5, 0.1), 4, lower_is_better=True).endswith("distillation hurt.")
+    # too few seeds: the interval is printed as computed, and said to be too wide to conclude
+    few = conclusion(what, (0.7489, 0.6212), 2)
+    assert "+0.7489 ± 0.6212 (95% CI, n = 2 seeds)" in few and "excludes 0, but with n = 2 it is too wide" in few
+    assert "includes 0, but with n = 3" in conclusion(what, (0.1, 0.3), 3)
+    one = conclusion(what, (0.05, None), 1)
+    assert "(n = 1, no interval)" in one and "±" not in one and "--seeds 4" in one
+    assert "0.7140000462532043" not in conclusion(what, (0.7140000462532043, 0.1), 4)  # no raw float32 digits

@@ -12,10 +12,14 @@ import time
 import numpy as np
 
 from kdjax.app import UsageError, inputs, methods
-from kdjax.app.reporting import Reporter, fmt_ci, jsonable, version
+from kdjax.app.reporting import Reporter, conclusion, fmt_ci, jsonable, plural, version
 from kdjax.errors import InputError
 
 __all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_on_policy", "cmd_sweep", "cmd_teacher_logits"]
+
+
+_SYNTHETIC = ("--dataset synthetic (the default) has random labels, the reference script 08_distillation.py's data: "
+              "held-out accuracy is chance whatever the method; --dataset digits or --dataset text for a meaningful run.")
 
 
 def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
@@ -26,6 +30,8 @@ def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
     if jax.process_index() != 0:  # on many hosts, process 0 reports
         return 0
     results = jsonable(results)
+    results["kdjax_version"] = version()
+    results["wall_seconds"] = rep.timing()  # the run and each phase (setup, training phases, finish)
     results["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
                               "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     if args.out:
@@ -34,7 +40,7 @@ def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
         atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
         inputs.seal_out(args)
         rep.line(f"wrote {os.path.join(args.out, 'results.json')}"
-                 + ("" if args.no_plots else f" and {len(plots)} plots"))
+                 + ("" if args.no_plots or not plots else f" and {plural(len(plots), 'plot')}"))
     if args.json:
         print(json.dumps(results))
     return 0
@@ -145,7 +151,13 @@ def cmd_omit_class(args, rep: Reporter) -> int:
     r = demo.omitted_class(rep, seeds, epochs=args.epochs, omit=args.omit, temperature=args.temperature,
                            alpha=args.alpha, teacher_hidden=args.teacher_hidden, student_hidden=args.student_hidden,
                            validation_fraction=args.validation_fraction, ds=ds)
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+    gain, n, k = r["paired_gain"], len(seeds), args.omit
+    lines = [conclusion(f"Distilled - standard accuracy on the omitted class {k} ({how}, paired by seed)",
+                        gain[when]["omitted"], n)
+             for when, how in (("before", "raw"), ("after", "bias matched to the class prior"))]
+    lines.append(conclusion(f"Distilled - standard overall test accuracy (bias matched, paired by seed)",
+                            gain["after"]["overall"], n))
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
                **r}
     return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
         os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
@@ -171,6 +183,8 @@ def cmd_distill(args, rep: Reporter) -> int:
     ckpts = inputs.checkpoints(args)
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
+    if args.dataset == "synthetic":
+        rep.line(_SYNTHETIC)
     cfg = inputs.run_config(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
@@ -189,7 +203,7 @@ def cmd_distill(args, rep: Reporter) -> int:
              f"{ds.num_classes} classes; {cfg.describe()}; "
              + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
                 else f"method {args.method}: {objective.describe()}" if objective is not None
-                else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {args.seeds} seed(s)")
+                else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {plural(args.seeds, 'seed')}")
     rep.line(f"teacher {inputs.describe(teacher)}, student {inputs.describe(student)}")
     if args.teacher and t_state is None:
         t_state = inputs.load_teacher(args.teacher, teacher, ds)
@@ -218,12 +232,12 @@ def cmd_distill(args, rep: Reporter) -> int:
             tuned = workflows.tuned_distill(
                 teacher, student, ds, cfg, seeds, temperatures=args.temperatures, alphas=args.alphas,
                 validation_fraction=args.validation_fraction, teacher_state=t_state, checkpoints=ckpts,
-                on_chunk=on_chunk, log=rep.line, mesh=mesh, on_losses=log.losses)
+                on_chunk=on_chunk, log=rep.line, mesh=mesh, on_losses=rep.watch(log.losses))
             r = tuned.result
         else:
             r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
                                   alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
-                                  on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=log.losses,
+                                  on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=rep.watch(log.losses),
                                   objective=objective)
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
                        {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
@@ -231,7 +245,7 @@ def cmd_distill(args, rep: Reporter) -> int:
                         "standard": seed_names("standard"), "distilled": seed_names("distilled")})
     if tuned is not None:
         rep.table(f"validation accuracy ({args.validation_fraction:g} of the training rows), mean ± 95% CI over "
-                  f"n = {len(seeds)} seed(s); "
+                  f"n = {plural(len(seeds), 'seed')}; "
                   f"rows T, columns alpha", ["T \\ alpha"] + [f"{a:g}" for a in tuned.alphas],
                   [[f"{T:g}"] + [fmt_ci(c) for c in row]
                    for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
@@ -254,7 +268,7 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     lm = args.arch in ("transformer", "llama")
     unit = "token" if args.arch == "llama" else "byte"
-    over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    over = f"mean ± 95% CI over n = {plural(len(seeds), 'seed')}"
     label = lambda k: (teacher_label if k == "teacher" else
                        f"distilled ({args.method})" if k == "distilled" and args.method != "kd" else k)
     rep.table(f"validation next-{unit} accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
@@ -268,7 +282,15 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
                   ["model", f"bits per {unit}"],
                   [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
                   + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+    what = "Distilled - standard" if args.method == "kd" else f"Distilled ({args.method}) - standard"
+    lines = [conclusion(f"{what} {f'validation next-{unit} accuracy' if lm else 'test accuracy'} on {ds.name} "
+                        f"(paired by seed)", gain, len(seeds))]
+    if lm:
+        lines.append(conclusion(f"{what} validation bits per {unit} (paired by seed; lower is better)", bpb_gain,
+                                len(seeds), lower_is_better=True, digits=3))
+    if ds.name.startswith("synthetic"):
+        lines.append(_SYNTHETIC)
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
                "method": args.method, "objective": objective.describe() if objective is not None else None,
                "teacher_test_accuracy": float(acc["teacher"][0]) if "teacher" in acc else None,
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
@@ -465,7 +487,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same_validation \
         else None
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
-             f"T = {args.temperature:g}, alpha = {args.alpha:g}; {args.seeds} seed(s)")
+             f"T = {args.temperature:g}, alpha = {args.alpha:g}; {plural(args.seeds, 'seed')}")
     coverage = validation.get("topk_coverage")
     rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token"
              + ("" if coverage is None else f", {coverage:.1%} of the teacher's probability mass")
@@ -481,7 +503,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         r = workflows.distill_offline(student, ds, cfg, seeds, values, indices, temperature=args.temperature,
                                       alpha=args.alpha, missing=args.topk_missing, teacher_eval=teacher_eval,
                                       checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
-                                      on_losses=log.losses)
+                                      on_losses=rep.watch(log.losses))
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
                        {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
                        {"teacher": ["teacher/cached"], **names})
@@ -517,10 +539,11 @@ def cmd_on_policy(args, rep: Reporter) -> int:
     rep.line(f"sorting {args.length} digits: {args.train} training / {args.test} held-out prompts; teacher "
              f"{args.teacher_layers} x {args.teacher_dim} ({args.teacher_steps} steps), student {args.student_layers} "
              f"x {args.student_dim}: " + (f"{args.warmup} supervised steps, then " if args.warmup else "")
-             + f"{args.steps} updates of each method, batch {args.batch_size}, Adam {args.lr:g}; {len(seeds)} seed(s)")
+             + f"{args.steps} updates of each method, batch {args.batch_size}, Adam {args.lr:g}; {plural(len(seeds), 'seed')}")
     t0 = time.perf_counter()
-    r = ot.run(s, seeds, tuple(args.methods), log=rep.line)
-    over = f"mean ± 95% CI over n = {len(seeds)} seed(s)"
+    with rep.progress() as on_chunk:
+        r = ot.run(s, seeds, tuple(args.methods), log=rep.line, on_progress=on_chunk)
+    over = f"mean ± 95% CI over n = {plural(len(seeds), 'seed')}"
     base = args.methods[0]
     paired = r[f"paired_vs_{base}"]
     for key, title in (("accuracy", "exact-match accuracy of greedy answers (held out; higher is better)"),
@@ -529,9 +552,32 @@ def cmd_on_policy(args, rep: Reporter) -> int:
         rep.table(f"{title}, {over}; teacher: {r['teacher'][key]:.4f}", ["method", key, f"- {base} (paired)"],
                   [[m, fmt_ci(r["mean_ci"][m][key]), "" if m == base else fmt_ci(paired[m][key], signed=True)]
                    for m in args.methods])
+    r["conclusion"] = rep.conclude(
+        [conclusion(f"Method {m} - {base}: exact-match accuracy on held-out prompts (paired by seed)", paired[m]["accuracy"],
+                    len(seeds), better=f"{m} beats {base}", worse=f"{m} is worse than {base}")
+         for m in args.methods[1:]] or [f"One method ({base}): nothing to compare; --methods lists several."])
     r["seconds"] = time.perf_counter() - t0
     r["config"] = vars(args) | {"func": None}
     return _finish(args, rep, r, {})
+
+
+def _sweep_conclusion(acc, stats, temps, alphas, n: int) -> str:
+    """The best distilling cell (alpha > 0) against cross-entropy alone (alpha = 0) at its T,
+    paired by seed (a sweep's members of one seed share init and minibatches); the cell is
+    chosen on the test set, which the sentence says."""
+    from kdjax.stats import mean_ci
+
+    cells = [(i, j) for i in range(len(temps)) for j in range(len(alphas)) if alphas[j] != 0]
+    if not cells:
+        return "Every cell has alpha = 0 (cross-entropy alone): nothing is distilled, nothing to compare."
+    i, j = max(cells, key=lambda ij: stats[ij[0]][ij[1]][0])
+    cell = f"T = {temps[i]:g}, alpha = {alphas[j]:g}"
+    if 0 not in alphas:
+        return (f"The best distilling cell is {cell}: test accuracy {fmt_ci(stats[i][j])} (95% CI, n = "
+                f"{plural(n, 'seed')}); add --alphas 0 for cross-entropy alone to compare against, paired by seed.")
+    diff = mean_ci(acc[i, j] - acc[i, alphas.index(0)])
+    return conclusion(f"The best distilling cell ({cell}, chosen on the test set, so optimistic) - cross-entropy "
+                      f"alone (alpha = 0) at T = {temps[i]:g}, test accuracy (paired by seed)", diff, n)
 
 
 def cmd_sweep(args, rep: Reporter) -> int:
@@ -543,6 +589,8 @@ def cmd_sweep(args, rep: Reporter) -> int:
     ckpts = inputs.checkpoints(args)
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
+    if args.dataset == "synthetic":
+        rep.line(_SYNTHETIC)
     cfg = inputs.run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -568,14 +616,14 @@ def cmd_sweep(args, rep: Reporter) -> int:
     with rep.progress() as on_chunk, contextlib.closing(log):
         r = workflows.run_sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
                                 checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
-                                members_per_group=args.members_per_group, on_losses=log.losses)
+                                members_per_group=args.members_per_group, on_losses=rep.watch(log.losses))
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
                        {"accuracy": {"teacher": [r.teacher_accuracy], "students": r.accuracy}},
                        {"teacher": ["teacher/loaded" if t_state is not None else names["teachers"][0]],
                         "students": names["students"]})
     acc = r.accuracy.reshape(len(temps), len(alphas), len(seeds))
     stats = [[mean_ci(acc[i, j]) for j in range(len(alphas))] for i in range(len(temps))]
-    rep.table(f"mean test accuracy ± 95% CI over n = {len(seeds)} seed(s) (rows: temperature, columns: alpha)",
+    rep.table(f"mean test accuracy ± 95% CI over n = {plural(len(seeds), 'seed')} (rows: temperature, columns: alpha)",
               ["T \\ alpha"] + [f"{a:g}" for a in alphas],
               [[f"{t:g}"] + [fmt_ci(c, digits=3) for c in row] for t, row in zip(temps, stats)])
     best = max(((i, j) for i in range(len(temps)) for j in range(len(alphas))),
@@ -583,7 +631,10 @@ def cmd_sweep(args, rep: Reporter) -> int:
     rep.line(f"teacher test accuracy {r.teacher_accuracy:.4f}; best: T = {temps[best[0]]:g}, "
              f"alpha = {alphas[best[1]]:g} ({stats[best[0]][best[1]][0]:.4f})")
     means = np.array([[m for m, _ in row] for row in stats])
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None},
+    lines = [_sweep_conclusion(acc, stats, temps, alphas, len(seeds))]
+    if args.dataset == "synthetic":
+        lines.append(_SYNTHETIC)
+    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
                "temperatures": temps,
                "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
                "test_accuracy": acc.tolist(), "mean_ci": stats,
@@ -596,6 +647,6 @@ def cmd_sweep(args, rep: Reporter) -> int:
 
         atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
-                                             means, f"{ds.name}: {len(seeds)} seed(s) per cell")}
+                                             means, f"{ds.name}: {plural(len(seeds), 'seed')} per cell")}
     return _finish(args, rep, results, figs)
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from kdjax.app import UsageError
-from kdjax.app.reporting import Reporter, jsonable
+from kdjax.app.reporting import Reporter, jsonable, plural
 from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
@@ -315,9 +315,10 @@ def describe(model) -> str:
     from kdjax.models import Llama, ResNet, TransformerLM
 
     if isinstance(model, TransformerLM):
-        return f"TransformerLM({model.num_layers} layers, d_model {model.d_model}, {model.num_heads} heads)"
+        return (f"TransformerLM({plural(model.num_layers, 'layer')}, d_model {model.d_model}, "
+                f"{plural(model.num_heads, 'head')})")
     if isinstance(model, Llama):
-        return (f"{model.architecture}({model.num_layers} layers, hidden {model.hidden_size}, {model.num_heads} "
+        return (f"{model.architecture}({plural(model.num_layers, 'layer')}, hidden {model.hidden_size}, {model.num_heads} "
                 f"heads / {model.num_kv_heads} kv, vocab {model.vocab_size})")
     if isinstance(model, ResNet):
         return f"ResNet(blocks {tuple(model.stage_sizes)}, widths {tuple(model.widths)}, {model.stem} stem)"

@@ -176,15 +176,17 @@ def train_student(s: Setup, method: str, seed: int, runs: Runs, t_state, prompts
     return student, state, np.asarray(m["loss"])
 
 
-def run(s: Setup, seeds, methods=METHODS, log=lambda line: None) -> dict:
+def run(s: Setup, seeds, methods=METHODS, log=lambda line: None, on_progress=lambda *a: None) -> dict:
     """Teacher (trained once, on the first seed), then every method x seed; the evaluation of
-    each, and mean ± 95% CI per method."""
+    each, and mean ± 95% CI per method. ``on_progress(phase, done, total)`` after the teacher
+    (``"teacher"``) and after each student (``"students"``: method x seed)."""
     from kdjax.generation import rollout
     from kdjax.stats import mean_ci
 
     prompts, answers = s.task.make(s.train, seed=0)
     test_p, test_a = s.task.make(s.test, seed=1)
     teacher, t_state, t_losses = train_teacher(s, seeds[0], prompts, answers)
+    on_progress("teacher", 1, 1)
     t_eval = evaluate(teacher, t_state.variables, teacher, t_state.variables, test_p, test_a, s.task, seeds[0])
     log(f"teacher: {t_eval['accuracy']:.3f} exact match, {t_eval['bits_per_token']:.3f} bits/token on held-out "
         f"prompts")
@@ -198,6 +200,7 @@ def run(s: Setup, seeds, methods=METHODS, log=lambda line: None) -> dict:
             ev = evaluate(student, state.variables, teacher, t_state.variables, test_p, test_a, s.task, seed)
             for k, v in ev.items():
                 per[method][k].append(v)
+            on_progress("students", sum(map(len, (per[m]["accuracy"] for m in methods))), len(methods) * len(seeds))
         log(f"{method}: accuracy {np.mean(per[method]['accuracy']):.3f}, teacher NLL "
             f"{np.mean(per[method]['teacher_nll']):.3f}, bits/token {np.mean(per[method]['bits_per_token']):.3f}")
     stats = {m: {k: mean_ci(v) for k, v in d.items()} for m, d in per.items()}
