@@ -101,7 +101,7 @@ def seed_comparison(rep, seeds, programs=None) -> dict:
     n_t, n_s = _member_param_count(r.teacher.params), _member_param_count(r.students.params)
 
     rep.section("DEMO 3: Basic knowledge distillation — the teacher")
-    rep.line(f"Seed data: {len(ds.y_train)} examples x {ds.input_dim} features, {ds.num_classes} "
+    rep.line(f"The reference script's data: {len(ds.y_train)} examples x {ds.input_dim} features, {ds.num_classes} "
              f"random labels; {cfg.describe()}.")
     rep.line(f"Teacher parameters: {n_t:,}")
     _log_every_20(rep, "teacher", r.teacher_losses[0], t_accs[0])
@@ -114,7 +114,7 @@ def seed_comparison(rep, seeds, programs=None) -> dict:
     acc = {name: {split: r.accuracy[split][name] for split in ("train", "test")}
            for name in ("teacher", "standard", "distilled")}
     a0 = {k: float(v["train"][0]) for k, v in acc.items()}
-    rep.table(f"the seed's single run (seed {seeds[0]}), training accuracy", ["model", "accuracy"],
+    rep.table(f"the reference script's single run (seed {seeds[0]}), training accuracy", ["model", "accuracy"],
               [["teacher", f"{a0['teacher']:.4f}"], ["student (standard)", f"{a0['standard']:.4f}"],
                ["student (distilled)", f"{a0['distilled']:.4f}"],
                ["improvement from distillation", f"{a0['distilled'] - a0['standard']:+.4f}"]])
@@ -124,7 +124,7 @@ def seed_comparison(rep, seeds, programs=None) -> dict:
     rows.append(["distilled - standard (paired)", fmt_ci(gain["train"]), fmt_ci(gain["test"])])
     rep.table(f"over n = {len(seeds)} seeds (teachers one vmapped program, students another): mean ± 95% CI",
               ["model", "train accuracy", "held-out accuracy"], rows)
-    rep.line("The seed's labels are random: held-out accuracy is chance (0.2) for every model; "
+    rep.line("The reference script's labels are random: held-out accuracy is chance (0.2) for every model; "
              "training accuracy measures memorisation of 500 random labels, not learning.")
     return {
         "param_counts": {"teacher": n_t, "student": n_s, "compression": n_t / n_s},
@@ -139,8 +139,8 @@ def seed_comparison(rep, seeds, programs=None) -> dict:
 
 def hyperparameters(rep, seeds, programs=None) -> dict:
     """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the seed's demo-5 data."""
-    rep.section("DEMO 5: the seed's temperature and alpha sweeps (one teacher; both sweeps x seeds as one program)")
-    rep.line("As in the seed, this ranks settings by TRAINING accuracy on random labels: how many of 400 random "
+    rep.section("DEMO 5: the reference script's temperature and alpha sweeps (one teacher; both sweeps x seeds as one program)")
+    rep.line("As in the reference script, this ranks settings by TRAINING accuracy on random labels: how many of 400 random "
              "labels a student memorises, not how well it generalises (section 8 chooses T and alpha on "
              "validation data).")
     ds, cfg = data.synthetic(400, 40, 4, seed=42, test_samples=400), RunConfig(steps=80, batch_size=64)
@@ -303,11 +303,11 @@ def conclusion(results: dict) -> list[str]:
     lines = []
     if "temperature_effect" in results:
         e = results["temperature_effect"]["entropy"]
-        lines.append(f"1-2. Temperature softens the teacher: the entropy of the seed's logits grows from {e[0]:.2f} "
+        lines.append(f"1-2. Temperature softens the teacher: the entropy of the reference script's logits grows from {e[0]:.2f} "
                      f"(T = 1) to {e[-1]:.2f} nats (T = 10), exposing what it knows about the other classes.")
     if "seed_comparison" in results:
         s = results["seed_comparison"]
-        lines.append(f"3-4. On the seed's random labels nothing generalises (held-out accuracy "
+        lines.append(f"3-4. On the reference script's random labels nothing generalises (held-out accuracy "
                      f"{s['mean_ci']['teacher']['test'][0]:.3f} for the teacher, chance 0.2); the distilled student "
                      f"memorises {-s['paired_gain']['train'][0]:.3f} fewer training labels than the standard one "
                      f"({verdict(s['paired_gain']['train'])} on training accuracy).")
@@ -318,7 +318,7 @@ def conclusion(results: dict) -> list[str]:
                      f"memorises most; it says nothing about held-out data.")
     if "digits" in results:
         d = results["digits"]
-        lines.append(f"6. On held-out digits at the seed's T = 3 / alpha = 0.7 the distilled "
+        lines.append(f"6. On held-out digits at the reference script's T = 3 / alpha = 0.7 the distilled "
                      f"{d['config']['student_hidden']}-unit student scores "
                      f"{d['paired_gain'][0]:+.4f} ± {d['paired_gain'][1]:.4f} against the standard one: "
                      f"{d['verdict']}.")
