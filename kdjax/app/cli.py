@@ -10,6 +10,7 @@ traceback. A refused run leaves nothing behind.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shlex
 import shutil
@@ -119,6 +120,9 @@ def run() -> None:
     except KeyboardInterrupt:  # while JAX starts: nothing ran yet
         print("\nkdjax: interrupted; nothing was saved", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)
+    # Orbax reports a failed checkpoint write through absl's logger with a traceback before kdjax's
+    # one line (kdjax.checkpoint turns it into an OSError): the command prints that line alone
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     gc.freeze()
     code = main()
     if code == EXIT_INTERRUPTED:  # what was saved is on disk; XLA's threads may be mid-program: no teardown

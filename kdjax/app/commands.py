@@ -186,14 +186,16 @@ def cmd_distill(args, rep: Reporter) -> int:
     if args.dataset == "synthetic":
         rep.line(_SYNTHETIC)
     cfg = inputs.run_config(args)
+    inputs.check_schedule_memory(args, len(ds.y_train), 3 * args.seeds)  # teachers, standard and distilled
     seeds = list(range(args.seed, args.seed + args.seeds))
     teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
     if tok is not None:
         rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
     inputs.validate_models((teacher, student), ds)
-    if args.arch in ("transformer", "llama"):
-        inputs.check_lm_memory(args, student if t_state is not None else teacher,
-                               "student" if t_state is not None else "teacher")
+    if args.arch in ("transformer", "llama"):  # the larger step: a teacher trained here, else the student's
+        inputs.check_lm_memory(args, student, "student", step=t_state is not None)
+        if t_state is None:
+            inputs.check_lm_memory(args, teacher, "teacher")
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
     if objective is not None and args.method not in methods.ON_POLICY_METHODS:
         methods.validate(objective, teacher, student, ds)
@@ -473,6 +475,10 @@ def _distill_from_cache(args, rep: Reporter) -> int:
                else "other text or another --context / --text-bytes")
         raise UsageError(f"--teacher-logits {cache}: built for other training tokens than these ({why}; the cache: "
                          f"{meta.get('dataset')}, context {meta.get('context')})")
+    try:  # the same tokens, and the same tokenizer by content (not only its size)
+        offline.check_cache_tokenizer(m, tok)
+    except InputError as e:
+        raise UsageError(f"--teacher-logits: {e}") from None
     teacher = Llama.from_hf_config(meta["teacher_config"])
     student = inputs.student_like(teacher, args)
     from kdjax.tokenizer import check_vocabulary
@@ -481,6 +487,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     inputs.validate_models((student,), ds)
     inputs.check_lm_memory(args, student, "student")
     cfg = inputs.run_config(args)
+    inputs.check_schedule_memory(args, len(ds.y_train), 2 * args.seeds)
     seeds = list(range(args.seed, args.seed + args.seeds))
     validation = meta.get("validation") or {}
     same_validation = validation.get("tokens_sha256") == _sha256(np.ascontiguousarray(ds.x_test).tobytes())
@@ -529,6 +536,7 @@ def cmd_on_policy(args, rep: Reporter) -> int:
         raise UsageError(f"--methods: expected each method once, got {args.methods}")
     if args.batch_size > args.train:
         raise UsageError(f"--batch-size: expected at most --train ({args.train}) prompts, got {args.batch_size}")
+    inputs.check_schedule_memory(args, args.train, args.seeds * len(args.methods) + 1)
     s = ot.Setup(task=ot.Task(length=args.length), train=args.train, test=args.test,
                  teacher=(args.teacher_layers, args.teacher_dim), student=(args.student_layers, args.student_dim),
                  teacher_steps=args.teacher_steps, warmup=args.warmup, steps=args.steps, batch=args.batch_size,
@@ -593,6 +601,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
         rep.line(_SYNTHETIC)
     cfg = inputs.run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
+    inputs.check_schedule_memory(args, len(ds.y_train), len(temps) * len(alphas) * args.seeds + 1)
     seeds = list(range(args.seed, args.seed + args.seeds))
     T, A, S = sweep.grid(temps, alphas, seeds)
     make_hyper(T, A)  # validates every value before anything is compiled

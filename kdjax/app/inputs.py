@@ -4,7 +4,6 @@ and the run's identity for resuming."""
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 
@@ -16,7 +15,7 @@ from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
            "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
-           "seal_out", "save_hf_overwrite", "identity", "check_program_memory", "check_lm_memory"]
+           "seal_out", "save_hf_overwrite", "identity", "check_program_memory", "check_lm_memory", "check_schedule_memory"]
 
 
 def check_out(args) -> None:
@@ -116,11 +115,10 @@ def tokenizer(args):
         return tk.load_tokenizer(path)
     if args.dataset != "text" and not args.dataset.endswith(".txt"):
         raise UsageError(f"--arch llama: expected --dataset text or a .txt corpus, got {args.dataset!r}")
-    _, train, _, _ = data.text_documents(None if args.dataset == "text" else args.dataset)
+    _, train, _, _ = data.text_documents(None if args.dataset == "text" else args.dataset, utf8=True)
     docs = data._first(train, args.text_bytes)
-    # UTF-8 is checked on reading; a document cut at --text-bytes may end inside a character: dropped
-    text = lambda d: codecs.getincrementaldecoder("utf-8")().decode(bytes(d), final=False)
-    return tk.train_bpe((text(d) for d in docs), args.vocab_size)
+    # UTF-8 (a character a cut at --text-bytes leaves half is dropped; a bad byte is one line)
+    return tk.train_bpe([data.decode_text(d, args.dataset) for d in docs], args.vocab_size)
 
 
 def _content(tok) -> str:
@@ -286,19 +284,44 @@ def check_program_memory(programs, hint: str, memory: int | None = None) -> None
                              f"{memory / 2**30:.1f} GiB; lower {hint}")
 
 
-def check_lm_memory(args, model, who: str) -> None:
-    """``check_program_memory`` of ``model``'s training step at ``--batch-size`` x ``--context``
-    tokens (the language models: their sizes are the user's to choose)."""
+def check_lm_memory(args, model, who: str, step: bool = True) -> None:
+    """Refuse a language model whose parameters, gradients and Adam state would not fit half
+    of this machine's memory; with ``step``, then ``check_program_memory`` of its training
+    step at ``--batch-size`` x ``--context`` tokens (the sizes are the user's to choose).
+    Nothing is allocated: the state is built from ``jax.eval_shape`` alone."""
     import jax
     import jax.numpy as jnp
 
-    from kdjax.train import create_train_state, make_train_step
+    from kdjax.train import TrainState, adam, make_train_step
 
     tokens = jax.ShapeDtypeStruct((args.batch_size, args.context), jnp.int32)
-    state = jax.eval_shape(lambda: create_train_state(model, 0, jnp.zeros((1, args.context), jnp.int32)))
-    step = make_train_step(model, "ce").lower(state, {"x": tokens, "y": tokens}, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    check_program_memory([(f"the {who}'s training step (batch {args.batch_size} x {args.context} tokens)", step)],
+    variables = dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, args.context),
+                                                                                            jnp.int32)))
+    params = variables.pop("params")
+    size = sum(int(np.prod(p.shape, dtype=object)) * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
+    memory = _physical_memory()
+    if memory and 4 * size > memory // 2:  # parameters, gradients and Adam's two moments, before XLA sees them
+        raise UsageError(f"the {who}'s parameters, gradients and optimizer state would need {4 * size / 2**30:.1f} "
+                         f"GiB, more than half of this machine's {memory / 2**30:.1f} GiB; lower the model sizes")
+    if not step:
+        return
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, variables, jax.eval_shape(adam().init, params))
+    lowered = make_train_step(model, "ce").lower(state, {"x": tokens, "y": tokens},
+                                                 jax.ShapeDtypeStruct((2,), jnp.uint32))
+    check_program_memory([(f"the {who}'s training step (batch {args.batch_size} x {args.context} tokens)", lowered)],
                          "--batch-size or --context")
+
+
+def check_schedule_memory(args, num_examples: int, members: int, memory: int | None = None) -> None:
+    """Refuse, before any schedule or seed list is built, a run whose minibatch index
+    schedules (``members`` of them: int32 ``[steps, batch]``) would take more than half of
+    ``memory`` (default: this machine's)."""
+    steps = args.steps if getattr(args, "epochs", None) is None else (num_examples // args.batch_size) * args.epochs
+    need = 4 * members * steps * args.batch_size
+    memory = _physical_memory() if memory is None else memory
+    if memory and need > memory // 2:
+        raise UsageError(f"--steps / --epochs x --batch-size x --seeds: the index schedules alone would take "
+                         f"{need / 2**30:.1f} GiB, more than half of this machine's {memory / 2**30:.1f} GiB")
 
 
 def validate_models(models, ds) -> None:
