@@ -229,3 +229,15 @@ def test_help_lists_datasets_defaults_and_teacher_files(capsys):
 def test_sizes_beyond_memory_are_refused_before_anything_runs(capsys, tmp_path, args, words):
     refused(kdjax_here(capsys, *args, "--out", tmp_path / "o"), words, "lower --")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["distill", "--steps", "99999999999999999999"], "the index schedules alone would take"),
+    (["distill", "--seeds", "100000000000"], "the index schedules alone would take"),
+    (["sweep", "--steps", "9999999999999"], "the index schedules alone would take"),
+    (["distill", "--dataset", "text", "--student-dim", "1000000000", "--vocab-size", "300", "--text-bytes", "20000",
+      "--context", "16"], "the student's parameters, gradients and optimizer state would need"),
+])
+def test_sizes_that_would_hang_or_abort_are_refused_first(capsys, tmp_path, args, words):
+    refused(kdjax_here(capsys, *args, "--quiet", "--out", tmp_path / "o"), words)
+    assert not (tmp_path / "o").exists()
