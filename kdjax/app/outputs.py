@@ -39,8 +39,8 @@ _RUN = ("results.json", "metrics.jsonl", "checkpoints")
 _CACHE = ("manifest.json", "tokenizer.json", "shard-*.npz", "generations-*.npz")
 
 # What a Hugging Face folder written by kdjax holds (convert.save_hf's files and the tokenizer).
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-            "model.safetensors.index.json", "tokenizer.json")
+HF_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+            "tokenizer.json")
 
 
 def declared(args) -> tuple[str, ...]:
