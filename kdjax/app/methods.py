@@ -1,6 +1,8 @@
-"""``kdjax distill --method``: the mdistiller methods as ``kdjax.features`` objectives, and the
-on-policy methods of language models (``gkd``: TRL's GKD, ``reverse_kl``: tinker-cookbook's
-on-policy reverse KL) as ``kdjax.onpolicy.OnPolicy`` objectives.
+"""``kdjax distill --method``: the method table (``TABLE``: one row per method — its objective,
+the options it takes, its architectures, its default temperature, its reference), which the
+parser's choices and "only used with" refusals read. The mdistiller methods are
+``kdjax.features`` objectives, the on-policy methods of language models (``gkd``: TRL's
+GKD, ``reverse_kl``: tinker-cookbook's on-policy reverse KL) ``kdjax.onpolicy.OnPolicy``.
 
 Weights, temperatures and CRD's settings are mdistiller's defaults
 (``mdistiller/engine/cfg.py``): CE weight 1 for every feature method; FitNet 100 on the
@@ -12,13 +14,93 @@ CE 1, alpha 1, beta 8, T 4, warm-up over the first 20/240 of the run.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from kdjax.app import UsageError
 
-METHODS = ("kd", "dkd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "gkd", "reverse_kl")
-FEATURE_METHODS = ("fitnet", "at", "sp", "rkd", "pkt", "crd")
-ON_POLICY_METHODS = ("gkd", "reverse_kl")
-_WEIGHTS = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "crd": 0.8}
-_LOSS = {"fitnet": "hint", "at": "at", "sp": "sp", "rkd": "rkd", "pkt": "pkt", "crd": "crd"}
+LM_ARCHS, VISION_ARCHS = ("transformer", "llama"), ("mlp", "resnet")
+FEATURE_OPTIONS = ("feature_layers", "feature_weight", "kd_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of ``--method``: the objective it trains with, the method options it takes
+    (argument names; any other method option is refused with it), the architectures it
+    runs on, its default ``--temperature`` and the reference it equals."""
+
+    build: Callable  # (args, teacher, student, total steps) -> an objective (kdjax.objectives), or None: "kd"
+    options: tuple = ()
+    archs: tuple = VISION_ARCHS
+    temperature: float = 4.0
+    reference: str = ""
+
+
+def _dkd(args, teacher, student, total_steps):
+    from kdjax.features import Objective
+
+    return Objective(ce=1.0, kd=1.0, temperature=args.temperature, divergence="dkd", dkd_alpha=1.0, dkd_beta=8.0,
+                     warmup_steps=max(1, round(total_steps * 20 / 240)))
+
+
+def _feature(loss: str, weight: float):
+    def build(args, teacher, student, total_steps):
+        from kdjax.features import Objective, Term
+
+        pairs = parse_pairs(args.feature_layers) if args.feature_layers else default_pairs(args.method, teacher,
+                                                                                             student)
+        w = args.feature_weight if args.feature_weight is not None else weight
+        options = {"negatives": args.crd_negatives} if loss == "crd" else {}
+        return Objective(ce=1.0, kd=args.kd_weight or 0.0, temperature=args.temperature,
+                         terms=tuple(Term(loss, t, s, w, options=options) for t, s in pairs))
+    return build
+
+
+def _on_policy(args, teacher, student, total_steps):
+    from kdjax.onpolicy import OnPolicy
+
+    prompt, new = on_policy_split(args)
+    return OnPolicy(teacher, args.method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
+                    temperature=args.temperature, prompt_length=prompt)
+
+
+_MDISTILLER = "mdistiller's {} (mdistiller/distillers/{}.py, weights of engine/cfg.py)"
+# The method table: a new method is its library file (an objective) and one row here.
+TABLE = {
+    "kd": Method(lambda *a: None, ("temperature", "alpha", "tune"), VISION_ARCHS + LM_ARCHS, 3.0,
+                 "Hinton et al. (2015); 08_distillation.py's loss"),
+    "dkd": Method(_dkd, ("temperature",), reference=_MDISTILLER.format("dkd_loss", "DKD")),
+    "fitnet": Method(_feature("hint", 100.0), FEATURE_OPTIONS, reference=_MDISTILLER.format("FitNet", "FitNet")),
+    "at": Method(_feature("at", 1000.0), FEATURE_OPTIONS, reference=_MDISTILLER.format("at_loss", "AT")),
+    "sp": Method(_feature("sp", 3000.0), FEATURE_OPTIONS, reference=_MDISTILLER.format("sp_loss", "SP")),
+    "rkd": Method(_feature("rkd", 1.0), FEATURE_OPTIONS, reference=_MDISTILLER.format("rkd_loss", "RKD")),
+    "pkt": Method(_feature("pkt", 30000.0), FEATURE_OPTIONS, reference=_MDISTILLER.format("pkt_loss", "PKT")),
+    "crd": Method(_feature("crd", 0.8), FEATURE_OPTIONS + ("crd_negatives",),
+                  reference=_MDISTILLER.format("CRD", "CRD")),
+    "gkd": Method(_on_policy, ("temperature", "lmbda", "beta", "prompt_tokens"), LM_ARCHS, 0.9,
+                  "TRL 1.16's GKDTrainer (trl/experimental/gkd), generalized_jsd_loss"),
+    "reverse_kl": Method(_on_policy, ("temperature", "prompt_tokens"), LM_ARCHS, 1.0,
+                         "tinker-cookbook's on-policy distillation (reverse-KL advantages, importance sampling)"),
+}
+METHODS = tuple(TABLE)
+FEATURE_METHODS = tuple(m for m, row in TABLE.items() if "feature_layers" in row.options)
+ON_POLICY_METHODS = tuple(m for m, row in TABLE.items() if "prompt_tokens" in row.options)  # sample in the step
+# every option some method takes: with any other --method it is refused (the parser's "only with")
+METHOD_OPTIONS = tuple(dict.fromkeys(o for row in TABLE.values() for o in row.options))
+
+
+def methods_taking(option: str) -> tuple:
+    """The methods whose row lists ``option``."""
+    return tuple(m for m, row in TABLE.items() if option in row.options)
+
+
+def only_with(option: str) -> str:
+    """The parser's refusal of ``option`` with another method: "only used with --method ..."."""
+    taking = methods_taking(option)
+    if taking == FEATURE_METHODS:
+        return "only used with a feature --method"
+    names = ", ".join(taking[:-1]) + (" or " if len(taking) > 1 else "") + taking[-1]
+    return f"only used with --method {names}"
 
 
 def _stages(model) -> list[str]:
@@ -72,22 +154,22 @@ def _split_pair(item: str):
 
 
 def resolve_temperature(args) -> None:
-    """``--temperature`` left out: the seed's 3 for kd, mdistiller's 4 for dkd and for the
-    logit term a feature method gets with ``--kd-weight``; the sampling temperature of the
-    on-policy methods: 0.9 for gkd (TRL's GKDConfig), 1 for reverse_kl (tinker-cookbook)."""
+    """``--temperature`` left out: the method's row (3 for kd, 08_distillation.py's; mdistiller's
+    4 for dkd and for the logit term a feature method gets with ``--kd-weight``; the sampling
+    temperature of the on-policy methods: 0.9 for gkd, TRL's GKDConfig, 1 for reverse_kl)."""
     if args.temperature is None:
-        args.temperature = {"gkd": 0.9, "reverse_kl": 1.0}.get(
-            args.method, 4.0 if args.method == "dkd" or getattr(args, "kd_weight", None) else 3.0)
+        args.temperature = TABLE[args.method].temperature
 
 
 def check_arch(args) -> None:
-    lm = args.arch in ("transformer", "llama")
-    if args.method in ON_POLICY_METHODS and not lm:
-        raise UsageError(f"--method {args.method}: expected a language model (--arch transformer or llama), got "
-                         f"--arch {args.arch}")
-    if args.method not in ("kd",) + ON_POLICY_METHODS and lm:
-        raise UsageError(f"--method {args.method}: expected --arch mlp or resnet (language models take --method "
-                         f"kd, gkd or reverse_kl)")
+    """Refuse a method on an architecture its row does not list."""
+    row = TABLE[args.method]
+    if args.arch not in row.archs:
+        want = ("a language model (--arch transformer or llama)" if row.archs == LM_ARCHS
+                else f"--arch {' or '.join(row.archs)}")
+        taking = [m for m, r in TABLE.items() if args.arch in r.archs]
+        raise UsageError(f"--method {args.method}: expected {want}, got --arch {args.arch} (which takes --method "
+                         f"{', '.join(taking)})")
 
 
 def on_policy_split(args) -> tuple[int, int]:
@@ -100,27 +182,8 @@ def on_policy_split(args) -> tuple[int, int]:
 
 
 def objective(args, teacher, student, total_steps: int):
-    """The ``kdjax.features.Objective`` of ``args.method`` (the ``kdjax.onpolicy.OnPolicy``
-    of an on-policy method; None for ``kd``)."""
-    from kdjax.features import Objective, Term
-
-    method = args.method
-    if method == "kd":
-        return None
-    if method in ON_POLICY_METHODS:
-        from kdjax.onpolicy import OnPolicy
-
-        prompt, new = on_policy_split(args)
-        return OnPolicy(teacher, method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
-                        temperature=args.temperature, prompt_length=prompt)
-    if method == "dkd":
-        return Objective(ce=1.0, kd=1.0, temperature=args.temperature, divergence="dkd", dkd_alpha=1.0, dkd_beta=8.0,
-                         warmup_steps=max(1, round(total_steps * 20 / 240)))
-    pairs = parse_pairs(args.feature_layers) if args.feature_layers else default_pairs(method, teacher, student)
-    weight = args.feature_weight if args.feature_weight is not None else _WEIGHTS[method]
-    options = {"negatives": args.crd_negatives} if method == "crd" else {}
-    return Objective(ce=1.0, kd=args.kd_weight or 0.0, temperature=args.temperature,
-                     terms=tuple(Term(_LOSS[method], t, s, weight, options=options) for t, s in pairs))
+    """The objective of ``args.method`` (its row's ``build``; None for ``kd``, the built-in)."""
+    return TABLE[args.method].build(args, teacher, student, total_steps)
 
 
 def validate(objective, teacher, student, ds) -> None:

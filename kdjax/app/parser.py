@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from kdjax.app import EXIT_USAGE, UsageError, commands
-from kdjax.app.methods import FEATURE_METHODS, METHODS
+from kdjax.app.methods import METHOD_OPTIONS, METHODS, TABLE, only_with
 from kdjax.app.reporting import version
 
 __all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults", "version"]
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float, default=None,
                          help="softening temperature T > 0 (default: 3, 08_distillation.py's; 4 with --method dkd, mdistiller's)")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
-    distill.add_argument("--method", choices=list(METHODS), default="kd",
+    distill.add_argument("--method", choices=METHODS, default="kd",
                          help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
                               "pkt, crd (mdistiller's weights); for language models also gkd (TRL's GKD) and "
                               "reverse_kl (on-policy; see docs/cli.md)")
@@ -407,19 +407,15 @@ _ONLY_WITH = {
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
     **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
                     (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
-    "temperature": (lambda a: a.command != "distill" or (not a.tune and (a.method in ("kd", "dkd", "gkd", "reverse_kl")
+    # the method options: each applies to the methods whose row in methods.TABLE lists it
+    **{o: (lambda a, o=o: a.command != "distill" or o in TABLE[a.method].options, only_with(o))
+       for o in METHOD_OPTIONS},
+    "temperature": (lambda a: a.command != "distill" or (not a.tune and ("temperature" in TABLE[a.method].options
                                                                          or a.kd_weight)),
-                    "only used with --method kd, dkd, gkd or reverse_kl (or a feature method with --kd-weight), and "
-                    "not with --tune (which chooses T from --temperatures)"),
-    **dict.fromkeys(("lmbda", "beta"), (lambda a: getattr(a, "method", "kd") == "gkd", "only used with --method gkd")),
-    "prompt_tokens": (lambda a: getattr(a, "method", "kd") in ("gkd", "reverse_kl"),
-                      "only used with --method gkd or reverse_kl"),
-    **dict.fromkeys(("feature_layers", "feature_weight", "kd_weight"),
-                    (lambda a: getattr(a, "method", "kd") in FEATURE_METHODS, "only used with a feature --method")),
-    "crd_negatives": (lambda a: getattr(a, "method", "kd") == "crd", "only used with --method crd"),
-    "alpha": (lambda a: a.command != "distill" or (not a.tune and a.method == "kd"),
-              "only used with --method kd (without --tune)"),
-    "tune": (lambda a: a.method == "kd", "only used with --method kd"),
+                    only_with("temperature") + " (or a feature method with --kd-weight), and not with --tune "
+                    "(which chooses T from --temperatures)"),
+    "alpha": (lambda a: a.command != "distill" or (not a.tune and "alpha" in TABLE[a.method].options),
+              only_with("alpha") + " (without --tune)"),
     "checkpoint_every": (lambda a: a.out is not None, "only used with --out DIR"),  # --no-plots alone: harmless
     "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None
                   or getattr(a, "save_hf_teacher", None) is not None,
