@@ -231,3 +231,80 @@ def test_ctrl_c_is_one_line_exit_130_and_resumes(tmp_path):
     assert lines[0].startswith("kdjax: interrupted; the last checkpoints are in") and lines[0].endswith("--resume")
     resume = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
+
+
+def test_a_resume_never_replaces_a_model_folder_another_run_wrote(tmp_path, capsys, monkeypatch):
+    """A run killed while training had only claimed its --save-hf folder; another run wrote a
+    model there meanwhile: the resume is refused, the other model untouched."""
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    with monkeypatch.context() as m:
+        _kill_after_writing(m, "students", 4)
+        p = kdjax_here(capsys, "distill", *LM, "--out", out, "--save-hf", hf)
+    assert p.returncode == 130
+    p = kdjax_here(capsys, "distill", *LM, "--seed", "7", "--out", tmp_path / "other", "--save-hf", hf)  # another run
+    assert p.returncode == 0, p.stderr[-2000:]
+    theirs = snapshot(hf)
+    refused(kdjax_here(capsys, "distill", *LM, "--out", out, "--save-hf", hf, "--resume"), "--save-hf",
+            "exists; pass --overwrite")
+    assert snapshot(hf) == theirs
+
+
+def test_an_unwritable_save_hf_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("a file")
+    refused(kdjax_here(capsys, "distill", *LM, "--out", tmp_path / "o", "--save-hf", tmp_path / "afile" / "sub"), "--save-hf",
+            "cannot be made", "is a file")
+
+
+def test_overwrite_keeps_a_users_file_that_only_looks_like_a_shard(tmp_path):
+    from kdjax.app import outputs
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    names = outputs._CACHE
+    (cache / "shard-00000.npz").write_bytes(b"kdjax's")
+    (cache / "shard-old-backup.npz").write_bytes(b"the user's")
+    outputs.Outputs(str(cache), names).write(["manifest.json", "tokenizer.json", names[-1]])
+    outputs.Outputs(str(cache), names).claim(True)
+    assert not (cache / "shard-00000.npz").exists() and (cache / "shard-old-backup.npz").read_bytes() == b"the user's"
+
+
+def test_a_kill_during_save_hf_leaves_no_temporary_file_after_the_next_write(tmp_path):
+    from kdjax import convert
+    from kdjax.models import Llama
+
+    model = Llama(vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=4, num_kv_heads=2)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / ".tmp-save_hf-abc123").write_bytes(b"half a model")  # what a kill during save_hf leaves
+    (folder / ".tmp-notes").write_text("not save_hf's")
+    convert.save_hf(model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32)), folder)
+    assert sorted(os.listdir(folder)) == [".tmp-notes", "config.json", "model.safetensors"]
+
+
+def test_written_files_are_readable_as_the_umask_says(tmp_path):
+    from kdjax import checkpoint
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(str(tmp_path / "results.json"), "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644  # mkstemp would make it 0600
+
+
+def test_cache_metadata_is_checked_when_read(tmp_path):
+    """A manifest edited and checksummed again passes the checksum: what distill reads from its
+    metadata is checked anyway."""
+    from kdjax.app import UsageError, commands
+
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    ok = {"teacher_config": config, "validation": {"accuracy": 0.5, "loss": 2.0}}
+    assert commands._cache_teacher("c", {"vocab": 300}, ok).vocab_size == 300
+    for meta, words in [({**ok, "validation": {"accuracy": "x", "loss": 2.0}}, "validation.accuracy"),
+                        ({**ok, "validation": {"accuracy": 1.7, "loss": 2.0}}, "validation.accuracy"),
+                        ({**ok, "validation": {"accuracy": 0.5, "loss": float("nan")}}, "validation.loss"),
+                        ({**ok, "teacher_config": config | {"vocab_size": 400}}, "vocab_size 400"),
+                        ({**ok, "teacher_config": config | {"model_type": "gpt2", "architectures": None}}, "")]:
+        with pytest.raises(UsageError, match=words):
+            commands._cache_teacher("c", {"vocab": 300}, meta)

@@ -345,9 +345,12 @@ def _write_hf(args, flag: str, model, state, tok) -> None:
     before the run: ``outputs.check_save_hf``), its tokenizer beside it."""
     from kdjax import checkpoint, convert
 
+    from kdjax.app import outputs
+
     directory = args.save_hf if flag == "--save-hf" else args.save_hf_teacher
-    convert.save_hf(model, {"params": state.params, **state.model_state}, directory,
-                    overwrite=inputs.save_hf_overwrite(args, flag))
+    overwrite = inputs.save_hf_overwrite(args, flag)  # as checked before the run
+    outputs.mark_writing(args, flag)
+    convert.save_hf(model, {"params": state.params, **state.model_state}, directory, overwrite=overwrite)
     if tok is not None:
         checkpoint.atomic_write_text(os.path.join(directory, "tokenizer.json"), tok.to_str())
 
@@ -447,7 +450,6 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     The student is of the cached teacher's family; the tokens must be the cache's."""
     from kdjax import offline, workflows
     from kdjax.losses import check_alpha, check_temperature
-    from kdjax.models import Llama
 
     for flag, given in (("--teacher", args.teacher), ("--tune", args.tune), ("--teacher-steps", args.teacher_steps),
                         ("--method " + args.method, args.method != "kd")):
@@ -479,7 +481,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         offline.check_cache_tokenizer(m, tok)
     except InputError as e:
         raise UsageError(f"--teacher-logits: {e}") from None
-    teacher = Llama.from_hf_config(meta["teacher_config"])
+    teacher = _cache_teacher(cache, m, meta)
     student = inputs.student_like(teacher, args)
     from kdjax.tokenizer import check_vocabulary
 
@@ -521,6 +523,33 @@ def _distill_from_cache(args, rep: Reporter) -> int:
                                 "topk_coverage": coverage}}
     return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
                            teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)
+
+
+def _cache_teacher(cache: str, m: dict, meta: dict):
+    """The cached teacher's model from the manifest's metadata, checked first: a Llama-family
+    configuration of the cache's vocabulary, validation figures that are numbers in range. (The
+    manifest's checksum catches an edit or damage; these catch a manifest that was re-checksummed
+    after an edit, or written by hand.)"""
+    import math
+
+    from kdjax import convert
+    from kdjax.models import Llama
+
+    where = f"--teacher-logits {cache}: manifest.json teacher_config"
+    try:
+        arch = convert._hf_architecture(meta["teacher_config"], where)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if arch == "GPT2LMHeadModel" or meta["teacher_config"].get("vocab_size") != m["vocab"]:
+        raise UsageError(f"{where}: expected a Llama-family teacher of the cache's {m['vocab']}-token vocabulary, got "
+                         f"{arch} with vocab_size {meta['teacher_config'].get('vocab_size')!r}")
+    validation = meta.get("validation") or {}
+    for key, hi in (("accuracy", 1.0), ("loss", math.inf), ("topk_coverage", 1.0)):
+        v = validation.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= hi) or math.isnan(v):
+            raise UsageError(f"--teacher-logits {cache}: manifest.json validation.{key}: expected a number in [0, "
+                             f"{hi:g}], got {v!r}")
+    return Llama.from_hf_config(meta["teacher_config"])
 
 
 def cmd_on_policy(args, rep: Reporter) -> int:

@@ -53,8 +53,10 @@ def claim_out(args) -> None:
     if args.out is None:
         return
     folders = {dest: getattr(args, dest, None) for _, dest in outputs.HF_OUTPUTS}
-    outputs.Outputs(args.out, outputs.declared(args)).claim(
-        args.overwrite, **{dest: os.path.realpath(os.path.abspath(d)) if d else None for dest, d in folders.items()})
+    claimed = {dest: os.path.realpath(os.path.abspath(d)) if d else None for dest, d in folders.items()}
+    if not getattr(args, "resume", False):  # a new run has written no Hugging Face folder yet
+        claimed |= {dest + "_writing": False for dest in folders}
+    outputs.Outputs(args.out, outputs.declared(args)).claim(args.overwrite, **claimed)
 
 
 def seal_out(args) -> None:

@@ -36,7 +36,7 @@ _PLOTS = {
     "on-policy": (),
 }
 _RUN = ("results.json", "metrics.jsonl", "checkpoints")
-_CACHE = ("manifest.json", "tokenizer.json", "shard-*.npz", "generations-*.npz")
+_CACHE = ("manifest.json", "tokenizer.json", "shard-[0-9][0-9][0-9][0-9][0-9].npz")  # offline's shard names exactly
 
 # What a Hugging Face folder written by kdjax holds (convert.save_hf's files and the tokenizer).
 HF_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
@@ -140,13 +140,14 @@ class Outputs:
         """Once every input is accepted: with ``overwrite``, remove exactly the recorded
         outputs (and writes a kill interrupted); create the directory; record what this run
         may write, before it writes it."""
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+            if name.startswith(".tmp-") and os.path.isfile(os.path.join(self.directory, name)):
+                os.remove(os.path.join(self.directory, name))  # a write a kill interrupted (atomic_write_bytes)
         if overwrite and os.path.isdir(self.directory):
             ours = self.recorded()
             for name in os.listdir(self.directory):
                 path = os.path.join(self.directory, name)
-                if name.startswith(".tmp-"):  # a write a kill interrupted (checkpoint.atomic_write_bytes)
-                    os.remove(path)
-                elif name != MANIFEST and _matches(name, ours):
+                if name != MANIFEST and _matches(name, ours):
                     if os.path.isdir(path) and not os.path.islink(path):
                         shutil.rmtree(path)
                     else:
@@ -210,6 +211,13 @@ def check_save_hf(args, flag: str, target: str, out_names=()) -> bool:
                                  f"(inside {os.path.join(args.out, name)})")
         if same_or_inside(args.out, target):
             raise UsageError(f"--out: expected a folder outside {flag} ({target}), got {args.out}")
+    probe = target
+    while not os.path.exists(probe):  # the folder, or the nearest existing one it would be made in
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag}: {target} cannot be made: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: {target} cannot be written: no permission to write in {probe}")
     present = hf_files_present(target)
     if not present or args.overwrite:
         return bool(present)
@@ -220,6 +228,16 @@ def check_save_hf(args, flag: str, target: str, out_names=()) -> bool:
 
 
 def written_here(args, flag: str, target: str) -> bool:
-    """The record of ``--out`` says this run writes its ``flag`` folder into ``target``."""
+    """The record of ``--out`` says this run began writing its ``flag`` folder into ``target``
+    (``mark_writing``): the Hugging Face files there are its own. A folder it only claimed,
+    that another run wrote into meanwhile, is not."""
     key = dict(HF_OUTPUTS)[flag]
-    return args.out is not None and Outputs(args.out, ()).read().get(key) == _real(target)
+    record = Outputs(args.out, ()).read() if args.out is not None else {}
+    return record.get(key) == _real(target) and record.get(key + "_writing") is True
+
+
+def mark_writing(args, flag: str) -> None:
+    """Record, just before this run writes its ``flag`` folder, that the files there are its own."""
+    if args.out is not None:
+        out = Outputs(args.out, ())
+        out.write(out.read().get("files", []), **{dict(HF_OUTPUTS)[flag] + "_writing": True})
