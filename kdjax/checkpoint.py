@@ -42,12 +42,25 @@ ARRAYS = "arrays"
 MAGIC = b"kdjax-checkpoint v1 "  # the header of a v1 file
 
 
+def temp_file(directory: str, prefix: str = ".tmp-") -> tuple[int, str]:
+    """``(fd, path)`` of a new file in ``directory`` whose mode follows the umask, as an
+    ordinary ``open`` would make it (``tempfile.mkstemp`` makes it 0600: a renamed result
+    would be unreadable to others)."""
+    for _ in range(100):
+        name = os.path.join(directory, prefix + next(tempfile._get_candidate_names()))
+        try:
+            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = temp_file(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

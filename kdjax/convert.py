@@ -302,6 +302,7 @@ _GPT2_INTS = (("vocab_size", True), ("n_layer", True), ("n_embd", True), ("n_hea
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 # the files save_hf writes (and, with overwrite=True, replaces or removes as stale)
 _HF_OWN = ("config.json", "model.safetensors", "model.safetensors.index.json")
+_TEMP = ".tmp-save_hf-"  # save_hf's temporary files, renamed into place
 _HF_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
@@ -465,27 +466,51 @@ def load_hf(directory, *, dtype=None):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: expected a Hugging Face checkpoint directory with a readable config.json "
                          f"({type(e).__name__}: {e})") from None
-    model = _hf_model(config, dtype, os.path.join(path, "config.json"))
+    _hf_architecture(config, os.path.join(path, "config.json"))  # every field checked before the weights are read
     files = _weight_files(path)
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
         raise InputError("load_hf: needs the safetensors package (pip install 'kdjax[hf]')") from None
 
-    state = {}
+    shapes = {}
     try:
         for name in files:
             with safe_open(os.path.join(path, name), framework="flax") as f:
-                for key in f.keys():
-                    state[key] = np.asarray(f.get_tensor(key).astype(dtype))
+                shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as e:
         raise InputError(f"{path}: could not read the weights {files} ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from None
+    _check_sizes(config, shapes, path)  # before a model of config.json's sizes is built (they may be absurd)
+    model = _hf_model(config, dtype, os.path.join(path, "config.json"))
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="flax") as f:
+            for key in f.keys():
+                state[key] = np.asarray(f.get_tensor(key).astype(dtype))
     like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
     try:
         return model, torch_to_variables(state, like, tied=model.tied_weights)
     except InputError as e:
         raise InputError(f"{path}: the weights do not fit config.json: {e}") from None
+
+
+def _check_sizes(config: dict, shapes: dict, path: str) -> None:
+    """The layer count and the embedding's shape of the weights against ``config.json``: a
+    config whose sizes disagree with its weights is refused from the headers alone."""
+    gpt2 = "transformer.wte.weight" in shapes
+    layers_key, embed_key = ("transformer.h", "transformer.wte.weight") if gpt2 else ("model.layers",
+                                                                                    "model.embed_tokens.weight")
+    n_layers = config.get("n_layer" if gpt2 else "num_hidden_layers")
+    width = config.get("n_embd" if gpt2 else "hidden_size")
+    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(layers_key) + r"\.(\d+)\.", k))}
+    if found and len(found) != n_layers:
+        raise InputError(f"{path}: the weights do not fit config.json: they hold {len(found)} layers, config.json "
+                         f"says {n_layers}")
+    want = (config.get("vocab_size"), width)
+    if embed_key in shapes and shapes[embed_key] != want:
+        raise InputError(f"{path}: the weights do not fit config.json: {embed_key}: expected shape {want} (its "
+                         f"vocab_size and {'n_embd' if gpt2 else 'hidden_size'}), got {shapes[embed_key]}")
 
 
 def hf_files(directory) -> list:
@@ -562,8 +587,8 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
     """
     import json
     import os
-    import tempfile
 
+    from kdjax.checkpoint import temp_file
     from kdjax.models import Llama, TransformerLM
 
     try:
@@ -589,10 +614,13 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
     tensors = {k: np.ascontiguousarray(v) for k, v in variables_to_torch(variables).items()}
     created = not os.path.exists(path)
     os.makedirs(path, exist_ok=True)
+    for stale in os.listdir(path):  # a save_hf a kill interrupted: its own temporary files only
+        if stale.startswith(_TEMP):
+            os.unlink(os.path.join(path, stale))
     temps = []
 
     def temp():
-        fd, name = tempfile.mkstemp(prefix=".tmp-save_hf-", dir=path)
+        fd, name = temp_file(path, _TEMP)
         os.close(fd)
         temps.append(name)
         return name
