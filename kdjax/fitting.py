@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import features, parallel, sweep as sweeps
+from kdjax import parallel, sweep as sweeps
 from kdjax.data import Dataset, epoch_schedule, seed_schedule
 from kdjax.errors import InputError, check_count
+from kdjax.features.taps import capture
+from kdjax.objectives import Teacher, as_variables
 from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evaluate, init_variables, make_hyper,
                          make_run, predict_logits, sgd, state_from_params)
 
@@ -203,7 +205,7 @@ def teacher_features_for(teacher, teacher_state, taps, ds: Dataset, members: boo
 @functools.partial(jax.jit, static_argnames=("teacher", "taps", "members"))
 def _teacher_features(teacher, taps, params, model_state, x, members):
     def one(p, s):
-        return features.capture(teacher, {"params": p, **s}, x, list(taps))[1]
+        return capture(teacher, {"params": p, **s}, x, list(taps))[1]
     return jax.vmap(one)(params, model_state) if members else one(params, model_state)
 
 
@@ -246,12 +248,14 @@ def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None
     """The batched initial state ``fit_members`` starts from (one member per seed); with a
     ``mesh``, created sharded on it (``sweep.init_members(..., mesh=)``).
 
-    With a ``kdjax.features.Objective`` that has connectors (or CRD), each member also
-    gets its own, shaped from ``teacher`` (``teacher_state``: one teacher, or one per seed
-    with ``per_seed_teacher``) and drawn from the member's init key."""
+    With an ``objective`` that has an ``init`` hook (the protocol's: a feature objective's
+    connectors, CRD's heads and bank), each member also gets its own parts, shaped from
+    ``teacher`` (``teacher_state``: one teacher, or one per seed with ``per_seed_teacher``)
+    and drawn from the member's init key."""
     keys = sweeps.member_keys(np.asarray(seeds))
     tx = cfg.tx(len(ds.y_train))
-    if not isinstance(objective, features.Objective):
+    init = getattr(objective, "init", None)
+    if init is None:
         return sweeps.init_members(model, keys["init"], _example(model, ds), cfg.learning_rate, tx=tx, mesh=mesh)
     params, model_state = init_variables(model, keys["init"], _example(model, ds), members=True)
     example = jax.ShapeDtypeStruct((2, *_example(model, ds).shape[1:]), _example(model, ds).dtype)
@@ -262,8 +266,8 @@ def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None
             else teacher_state
         one = jax.tree_util.tree_map(lambda a: a[i], (params, model_state))
         # the connectors' key: the member's init words, folded (the student's own init is unchanged)
-        members.append(features.init_connectors(objective, np.asarray(k) ^ np.uint32(0x9E3779B9), *one, model,
-                                                teacher, t_state, example, labels=ds.y_train))
+        members.append(init(np.asarray(k) ^ np.uint32(0x9E3779B9), model, *one,
+                            teacher=Teacher(teacher, as_variables(t_state)), example=example, labels=ds.y_train))
     params, model_state = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *members)
     return state_from_params(params, model_state=model_state, learning_rate=cfg.learning_rate, tx=tx, members=True)
 
@@ -310,24 +314,25 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
     over ``"data"`` (``make_sweep_run``). Returns ``(batched state, losses [N, steps]
     as NumPy)``.
 
-    For a ``kdjax.features.Objective``: ``teacher_features`` (``teacher_features_for``,
-    laid out like ``teacher_logits``) and ``init_states`` (``initial_members`` with the
-    objective: the students with their connectors); ``hyper`` is None.
+    ``teacher_features`` (``teacher_features_for``, laid out like ``teacher_logits``) and
+    ``init_states`` (``initial_members`` with the objective: the students with their
+    trainable parts), for an objective with taps (a ``kdjax.features.Objective``).
     ``extra_data``: more per-example arrays every member's minibatches carry (rows aligned
     with ``ds``'s training rows; e.g. ``kdjax.offline.TopKKD``'s cached top-k).
-    For a ``kdjax.onpolicy.OnPolicy`` objective: ``teacher_variables`` (the online
-    teacher's; one per member, batched, with ``member_teachers``), and no ``hyper``.
+    ``teacher_variables``: an online teacher's, for an objective that runs it in the step
+    (``kdjax.onpolicy.OnPolicy``); one per member, batched, with ``member_teachers``.
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
     if teacher_variables is not None:
-        per_member_teacher, hyper = bool(member_teachers), teacher_variables
+        per_member_teacher = bool(member_teachers)
     n = len(ds.y_train)
     programs = Programs() if programs is None else programs  # not `or`: an empty Programs is falsy
     run = programs.run(model, objective, cfg._tx_key(n), members=True, shared_schedule=shared,
                        member_teacher_logits=per_member_teacher, mesh=mesh, members_per_group=members_per_group)
-    index = isinstance(objective, features.Objective) and objective.needs_index
-    data, args = _device_data(ds, teacher_logits, teacher_features, index, extra_data), (hyper,)
+    index = getattr(objective, "needs_index", False)
+    data = _device_data(ds, teacher_logits, teacher_features, index, extra_data)
+    args = (hyper,) if teacher_variables is None else (hyper, teacher_variables)
     if start is None:
         states = init_states if init_states is not None else initial_members(model, ds, cfg, seeds, mesh=mesh)
         losses, done = [], 0

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.errors import InputError, InputTypeError, check_count
-from kdjax.losses import (DIVERGENCES, _hard_ce, check_alpha, check_beta, check_labels, check_temperature,
-                          check_where, divergence_per_position)
+from kdjax.losses import (DIVERGENCES, MISSING, _hard_ce, check_alpha, check_beta, check_finite, check_labels,
+                          check_temperature, check_where, divergence_per_position, topk_kl)
 
 __all__ = ["linear_distillation_loss", "FusedLM"]
 
@@ -35,9 +35,7 @@ def _chunk_sums(h, kernel, bias, teacher, t_layer, labels, where, hyper, config)
     logits = h @ kernel
     if bias is not None:
         logits = logits + bias[None, :]
-    if kind == "topk":  # (values, indices): kdjax.offline's sparse KL, ``divergence`` its missing-mass rule
-        from kdjax.offline import topk_kl
-
+    if kind == "topk":  # (values, indices): the sparse KL, ``divergence`` its missing-mass rule
         div = topk_kl(logits, *teacher, temperature, missing=divergence)
     else:
         t_logits = teacher
@@ -178,8 +176,8 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     (means over the tokens ``where`` selects, or all). The teacher is either its logits
     ``[..., vocab]`` or, with no ``[tokens, vocab]`` array at all, its hidden states and
     output layer (``teacher_hidden @ teacher_kernel + teacher_bias``), or its cached top-k
-    ``teacher_topk = (values, indices)`` (``kdjax.offline.topk_logprobs``; D is then
-    ``kdjax.offline.topk_kl`` with ``missing``); it carries no gradient. Differentiable in ``student_hidden``, ``student_kernel`` and
+    ``teacher_topk = (values, indices)`` (``kdjax.losses.topk_logprobs``; D is then
+    ``kdjax.losses.topk_kl`` with ``missing``); it carries no gradient. Differentiable in ``student_hidden``, ``student_kernel`` and
     ``student_bias``. Works under ``jit``, ``vmap`` and with tokens sharded over a mesh.
 
     Args:
@@ -199,8 +197,6 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
     >>> bool(jnp.allclose(fused, distillation_loss(h @ w, t, y, 2.0, 0.5)))
     True
     """
-    from kdjax.offline import MISSING
-
     check_count("chunk_size", chunk_size)
     given = [name for name, v in (("teacher_logits", teacher_logits), ("teacher_hidden", teacher_hidden),
                                   ("teacher_topk", teacher_topk)) if v is not None]
@@ -237,6 +233,7 @@ def linear_distillation_loss(student_hidden, student_kernel, labels, *, student_
         if tuple(teacher_logits.shape) != positions + (vocab,):
             raise InputError(f"teacher_logits: expected shape {positions + (vocab,)}, got "
                              f"{tuple(teacher_logits.shape)}")
+        check_finite("teacher_logits", teacher_logits)  # concrete only: one +inf would zero its KL
         kind, teacher = "logits", flat(teacher_logits)
     elif teacher_topk is not None:
         values, indices = teacher_topk
@@ -275,7 +272,7 @@ class FusedLM:
     against the online teacher's hidden states and head (again no ``[tokens, vocab]``
     array), ``batch["teacher_logits"]`` when cached, or the cached top-k
     ``batch["teacher_topk_values"]``/``["teacher_topk_indices"]`` (``kdjax.offline``: the
-    sparse KL with ``missing``, as ``offline.TopKKD``). ``divergence``/``beta``: as
+    sparse KL with ``missing``, as ``kdjax.objectives.TopKKD``). ``divergence``/``beta``: as
     ``distillation_loss``; ``chunk_size``: tokens per chunk.
     """
 
@@ -284,32 +281,34 @@ class FusedLM:
     chunk_size: int = 256
     missing: str = "zero"
 
-    def loss(self, params, model_state, batch, rng, hyper, teacher_variables, *, model, teacher):
+    def check(self, batch, *, hyper, teacher):
         if hyper is None:
             raise InputError("hyper: FusedLM needs a Hyper (kdjax.make_hyper), got None")
-        for who, m in (("model", model), ("teacher", teacher)):
+        if "teacher_logits" not in batch and "teacher_topk_values" not in batch and teacher is None:
+            raise InputError("objective FusedLM: expected batch['teacher_logits'] (or ['teacher_topk_values'/"
+                             "'teacher_topk_indices']) or both a bound teacher and teacher_params, got neither")
+
+    def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """The objective protocol: ``(loss, (model_state, {}))``."""
+        for who, m in (("model", student), ("teacher", None if teacher is None else teacher.model)):
             if m is not None and not hasattr(m, "output_layer"):
                 raise InputError(f"{who}: FusedLM needs a model with output_layer(params) and "
                                  f"apply(..., hidden_states=True) (kdjax's TransformerLM and Llama), got "
                                  f"{type(m).__name__}")
         variables = {"params": params, **model_state}
-        h = model.apply(variables, batch["x"], train=True, rngs={"dropout": rng}, hidden_states=True)
-        kernel, bias = model.output_layer(params)
+        h = student.apply(variables, batch["x"], train=True, rngs={"dropout": rng}, hidden_states=True)
+        kernel, bias = student.output_layer(params)
         kw = dict(student_bias=bias, temperature=hyper.temperature, alpha=hyper.alpha, where=batch.get("where"),
                   divergence=self.divergence, beta=self.beta, chunk_size=self.chunk_size)
         if "teacher_logits" in batch:
-            return linear_distillation_loss(h, kernel, batch["y"], teacher_logits=batch["teacher_logits"], **kw)
-        if "teacher_topk_values" in batch:
+            loss = linear_distillation_loss(h, kernel, batch["y"], teacher_logits=batch["teacher_logits"], **kw)
+        elif "teacher_topk_values" in batch:
             topk = (batch["teacher_topk_values"], batch["teacher_topk_indices"])
-            return linear_distillation_loss(h, kernel, batch["y"], teacher_topk=topk, missing=self.missing, **kw)
-        if teacher is None or teacher_variables is None:
-            raise InputError("FusedLM: expected batch['teacher_logits'] or both a bound teacher and teacher_params, "
-                             "got neither")
-        if hasattr(teacher_variables, "model_state"):  # a TrainState
-            t_vars = {"params": teacher_variables.params, **teacher_variables.model_state}
+            loss = linear_distillation_loss(h, kernel, batch["y"], teacher_topk=topk, missing=self.missing, **kw)
         else:
-            t_vars = teacher_variables if "params" in teacher_variables else {"params": teacher_variables}
-        th = jax.lax.stop_gradient(teacher.apply(t_vars, batch["x"], hidden_states=True))
-        tk, tb = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher.output_layer(t_vars["params"]))
-        return linear_distillation_loss(h, kernel, batch["y"], teacher_hidden=th, teacher_kernel=tk, teacher_bias=tb,
-                                        **kw)
+            t_vars = teacher.variables
+            th = jax.lax.stop_gradient(teacher.model.apply(t_vars, batch["x"], hidden_states=True))
+            tk, tb = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher.model.output_layer(t_vars["params"]))
+            loss = linear_distillation_loss(h, kernel, batch["y"], teacher_hidden=th, teacher_kernel=tk,
+                                            teacher_bias=tb, **kw)
+        return loss, (model_state, {})

@@ -35,12 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.generation import rollout
 from kdjax.losses import _concrete_scalar, check_beta, check_temperature, jsd
-from kdjax.train import TrainState, adam
-from kdjax.train.step import MeshStep, constrained_step, place_model_args
+from kdjax.train import make_run, make_train_step
 
 __all__ = ["generalized_jsd_loss", "reverse_kl_advantages", "importance_sampling_loss", "sequence_logprobs",
            "OnPolicy", "make_on_policy_step", "make_on_policy_run", "sequence_data", "METHODS"]
@@ -169,10 +167,6 @@ def sequence_logprobs(model, variables, tokens, mask, start: int, temperature=1.
     return logits, jnp.take_along_axis(logp, tokens[:, start:, None], axis=-1)[..., 0]
 
 
-def _variables(v):
-    return v.variables if isinstance(v, TrainState) else (v if "params" in v else {"params": v})
-
-
 @dataclasses.dataclass(frozen=True)
 class OnPolicy:
     """An on-policy objective: what ``make_on_policy_step`` trains with, and a train-step
@@ -196,6 +190,8 @@ class OnPolicy:
     coef: float = 1.0
     discount: float = 0.0
     prompt_length: int | None = None
+
+    teacher_online = True  # the teacher scores (and may sample) inside every step: nothing to cache
 
     def __post_init__(self):
         if not isinstance(self.method, str) or self.method not in METHODS:
@@ -250,17 +246,20 @@ class OnPolicy:
         return {"prompts": x[:, :p], "prompt_mask": jnp.ones((x.shape[0], p), bool), "completions": x[:, p:p + n],
                 "completion_mask": jnp.ones((x.shape[0], n), bool)}
 
-    def loss(self, params, model_state, batch, key, teacher_variables, *, model):
-        """``(loss, metrics)`` for the student ``model`` at ``params``: the draw with ``key``
-        (from the student's current parameters, no gradient through it), the teacher's
-        scores, the loss."""
-        if teacher_variables is None:
-            raise InputError("OnPolicy: expected the teacher's variables (a TrainState or params), got None")
+    def check(self, batch, *, hyper, teacher):
+        if teacher is None:
+            raise InputError("OnPolicy: expected the teacher's variables (teacher_params: a TrainState, variables "
+                             "or params), got None")
+
+    def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """The objective protocol: ``(loss, (model_state, metrics))`` for the student at
+        ``params``: the draw with ``rng`` (from the student's current parameters, no gradient
+        through it), the teacher's scores, the loss."""
+        model, key, t_vars = student, rng, teacher.variables
         batch = self._batch(batch)
         prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
         p, n = prompts.shape[1], self.max_new_tokens
         k_choice, k_sample = jax.random.split(key)
-        t_vars = _variables(teacher_variables)
         s_vars = jax.lax.stop_gradient({"params": params, **model_state})
         sample = functools.partial(rollout, prompts=prompts, max_new_tokens=n, rng=k_sample,
                                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -270,7 +269,7 @@ class OnPolicy:
         if self.method == "gkd":
             on_policy = jax.random.uniform(k_choice) <= self.lmbda  # TRL: random.random() <= lmbda
             if self.seq_kd:
-                off_policy = lambda: completion(sample(self.teacher, t_vars))
+                off_policy = lambda: completion(sample(teacher.model, t_vars))
             else:
                 if "completions" not in batch or "completion_mask" not in batch:
                     raise InputError("batch: GKD takes the data's completions with probability 1 - lmbda; expected "
@@ -289,7 +288,7 @@ class OnPolicy:
         tokens = jnp.concatenate([prompts.astype(jnp.int32), completions.astype(jnp.int32)], axis=1)
         mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
         t_logits, t_logp = jax.tree_util.tree_map(jax.lax.stop_gradient,
-                                                  sequence_logprobs(self.teacher, t_vars, tokens, mask, p))
+                                                  sequence_logprobs(teacher.model, t_vars, tokens, mask, p))
         s_logits, s_logp = sequence_logprobs(model, {"params": params, **model_state}, tokens, mask, p)
         if self.method == "gkd":
             loss = generalized_jsd_loss(s_logits, t_logits, jnp.where(completion_mask, completions, -100), self.beta)
@@ -299,18 +298,7 @@ class OnPolicy:
         counted = jnp.maximum(jnp.sum(completion_mask), 1)
         metrics = {"on_policy": on_policy, "completion_tokens": jnp.sum(completion_mask),
                    "teacher_nll": -jnp.sum(jnp.where(completion_mask, t_logp, 0.0)) / counted}
-        return loss, metrics
-
-
-def on_policy_step(state, batch, rng, teacher_variables, *, student, objective: OnPolicy, tx):
-    """One on-policy step (unjitted; see ``make_on_policy_step``)."""
-    key = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(lambda params: objective.loss(params, state.model_state, batch, key,
-                                                               teacher_variables, model=student), has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, state.model_state, opt_state), {"loss": loss, **metrics}
+        return loss, (model_state, metrics)
 
 
 def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_new_tokens: int = 16,
@@ -336,18 +324,39 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
     state and the teacher's variables over ``"fsdp"`` by ``rules``, as
     ``kdjax.make_train_step(..., mesh=)`` does.
     """
+    objective = _objective(teacher, method, max_new_tokens=max_new_tokens, lmbda=lmbda, beta=beta, seq_kd=seq_kd,
+                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
+                           coef=coef, discount=discount)
+    return _TeacherLast(make_train_step(student, objective, tx=tx, teacher=teacher, jit=jit, mesh=mesh, rules=rules,
+                                        donate=donate))
+
+
+def _objective(teacher, method="gkd", *, max_new_tokens=16, lmbda=0.5, beta=0.5, seq_kd=False, temperature=1.0,
+               top_k=None, top_p=None, eos_id=None, pad_id=None, coef=1.0, discount=0.0) -> OnPolicy:
+    """The ``OnPolicy`` of ``make_on_policy_step``'s options, checked as given (``int(2.5)``
+    would be 2) before they are converted."""
     OnPolicy(teacher, method, max_new_tokens, lmbda, beta, seq_kd, temperature, top_k, top_p, eos_id, pad_id, coef,
-             discount)  # checks the options as given, before they are converted
-    objective = OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
-                         float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
-    step = functools.partial(on_policy_step, student=student, objective=objective, tx=adam() if tx is None else tx)
-    if not jit:
-        return step
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0,) if donate else ())
-    rules = parallel.check_rules(rules, mesh)
-    sharded = functools.partial(constrained_step, step=step, mesh=mesh, rules=rules)
-    return MeshStep(jax.jit(sharded, donate_argnums=(0,) if donate else ()), mesh, rules)
+             discount)
+    return OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
+                    float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
+
+
+class _TeacherLast:
+    """A train step or run called as ``f(state, batch or data[, schedule], rng,
+    teacher_variables)`` (no ``hyper``: the objective has none), its objective's metrics
+    beside the loss; every other attribute is the wrapped function's."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        *head, teacher_variables = args
+        state, metrics = self.fn(*head, None, teacher_variables)
+        return state, {"loss": metrics["loss"], **metrics.get("terms", {})}
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
 
 
 def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = True, mesh=None, rules=None,
@@ -358,31 +367,9 @@ def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = 
     ``make_on_policy_step``; equal to calling that step ``steps`` times (tested). With a
     ``mesh``, placed as ``make_on_policy_step(..., mesh=)`` (the data set replicated, each
     minibatch split over ``"data"`` and ``"fsdp"``)."""
-    step = make_on_policy_step(student, teacher, method, jit=False, **options)
-    rules = parallel.check_rules(rules, mesh) if mesh is not None else ()
-
-    def run(state, data, schedule, rng, teacher_variables):
-        def body(state, idx):
-            batch = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
-            if mesh is None:
-                return step(state, batch, rng, teacher_variables)
-            batch = parallel.constrain(batch, parallel.data_sharding(mesh))
-            return constrained_step(state, batch, rng, teacher_variables, step=step, mesh=mesh, rules=rules)
-        return jax.lax.scan(body, state, schedule)
-
-    jitted = jax.jit(run, donate_argnums=(0,) if donate else ())
-    if mesh is None:
-        return jitted
-
-    def placed(state, data, schedule, rng, teacher_variables):
-        parallel.check_divides(np.shape(schedule)[-1], mesh, parallel.BATCH, "batch size")
-        parallel.check_rules(rules, mesh, state.params, teacher_variables)
-        state = parallel.put(state, parallel.model_shardings(state, mesh, rules))
-        rng, teacher_variables = place_model_args(mesh, rules, (rng, teacher_variables))
-        return jitted(state, parallel.put(data, parallel.replicated(mesh)),
-                      parallel.put(schedule, parallel.schedule_sharding(mesh)), rng, teacher_variables)
-
-    return placed
+    tx = options.pop("tx", None)
+    objective = _objective(teacher, method, **options)
+    return _TeacherLast(make_run(student, objective, tx=tx, teacher=teacher, mesh=mesh, rules=rules, donate=donate))
 
 
 def sequence_data(tokens, mask, prompt_length: int, pad_id: int = 0) -> dict:

@@ -93,8 +93,10 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
                    rules=None, members_per_group: int | None = None):
     """Jitted ``vmap`` of ``run_steps`` over members.
 
-    Call as ``run(states, data, schedules, rngs, hyper)`` with ``states``, ``rngs`` and
-    the fields of ``hyper`` batched on axis 0 and ``data`` shared. ``schedules`` is
+    Call as ``run(states, data, schedules, rngs, hyper=None, teacher_variables=None)`` with
+    ``states``, ``rngs`` and the fields of ``hyper`` batched on axis 0 and ``data`` shared;
+    ``teacher_variables``: an online teacher's (shared, or one per member with
+    ``member_teacher_logits``), for an objective that runs the teacher in the step. ``schedules`` is
     ``[N, steps, batch]``, or one ``[steps, batch]`` schedule for every member when
     ``shared_schedule`` (a sweep over temperature x alpha at one seed: every member
     sees the same minibatches, so the first layer is one wide matmul for all members).
@@ -118,13 +120,11 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     in the last bits (XLA may order a batched matmul's sums differently from an unbatched
     one's). ``pick_members_per_group`` chooses by timing.
     """
-    from kdjax.onpolicy import OnPolicy
-
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    # an OnPolicy objective's "hyper" is the teacher's variables: per member, or shared
-    shared_hyper = objective == "ce" or (isinstance(objective, OnPolicy) and not member_teacher_logits)
-    hyper_axes = None if shared_hyper else 0
-    in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes)  # (state, own data, schedule, rng, hyper)
+    hyper_axes = None if objective == "ce" else 0  # "ce": a Hyper, if any, is shared
+    teacher_axes = 0 if member_teacher_logits else None  # an online teacher: one per member, or shared
+    # (state, own data, schedule, rng, hyper, teacher variables)
+    in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes, teacher_axes)
     split = functools.partial(_split_data, member_teacher_logits)
     if members_per_group is not None:
         if mesh is not None:
@@ -144,9 +144,7 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
                              batch_sharding=parallel.data_sharding(mesh),
                              state_sharding=functools.partial(parallel.model_shardings, mesh=mesh, rules=rules))
     jitted = jax.jit(vrun, donate_argnums=0)
-    # an on-policy objective's hyper is a teacher's variables: sharded by the rules, shared or per member
-    teacher_hyper = None if not isinstance(objective, OnPolicy) else "member" if member_teacher_logits else "shared"
-    place = functools.partial(_place_members, mesh, rules, shared_schedule, member_teacher_logits, teacher_hyper)
+    place = functools.partial(_place_members, mesh, rules, shared_schedule, member_teacher_logits, in_axes)
     return CheckedRun(jitted, place=place)
 
 
@@ -160,21 +158,22 @@ def _split_data(per_member: bool, data):
     return {k: v for k, v in data.items() if k not in own}, own
 
 
-def _vmapped_run(states, data, schedules, rngs, hyper, *, step, in_axes, split, batch_sharding,
+def _vmapped_run(states, data, schedules, rngs, hyper=None, teacher=None, *, step, in_axes, split, batch_sharding,
                  state_sharding=None):
     if batch_sharding is None and np.shape(jax.tree_util.tree_leaves(states)[0])[0] == 1:
         # one member: XLA:CPU runs a vmap over a batch of one slower than the plain program
-        # (the seed teacher: 833 vs 656 us/step); the same member function, unbatched
-        return _grouped_run(states, data, schedules, rngs, hyper, step=step, in_axes=in_axes, size=1, split=split)
+        # (docs/benchmarks.md); the same member function, unbatched
+        return _grouped_run(states, data, schedules, rngs, hyper, teacher, step=step, in_axes=in_axes, size=1,
+                            split=split)
     shared, own = split(data)
 
-    def member(state, own, schedule, rng, hyp):
+    def member(state, own, schedule, rng, hyp, t):
         # (inside vmap's spmd_axis_name, every sharding constraint also splits axis 0 over "members")
-        return run_steps(state, {**shared, **own}, schedule, rng, hyp, step=step, batch_sharding=batch_sharding,
+        return run_steps(state, {**shared, **own}, schedule, rng, hyp, t, step=step, batch_sharding=batch_sharding,
                          state_sharding=state_sharding)
 
     spmd = None if batch_sharding is None else "members"
-    return jax.vmap(member, in_axes=in_axes, spmd_axis_name=spmd)(states, own, schedules, rngs, hyper)
+    return jax.vmap(member, in_axes=in_axes, spmd_axis_name=spmd)(states, own, schedules, rngs, hyper, teacher)
 
 
 def pick_members_per_group(model, objective, states, data, schedules, rngs, hyper=None, *,
@@ -208,23 +207,24 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
     return min(medians, key=medians.get), medians
 
 
-def _grouped_run(states, data, schedules, rngs, hyper, *, step, in_axes, size, split):
+def _grouped_run(states, data, schedules, rngs, hyper=None, teacher=None, *, step, in_axes, size, split):
     # lax.map over the per-member arguments (in_axes 0; of data, the per-member teacher
     # entries); the rest is shared by every member.
     shared, own = split(data)
-    mapped = (states, own, schedules if in_axes[2] == 0 else None, rngs, hyper if in_axes[4] == 0 else None)
+    args = (schedules, hyper, teacher)
+    per_member = [a if axis == 0 else None for a, axis in zip(args, (in_axes[2], in_axes[4], in_axes[5]))]
 
     def member(m):
-        state, own, schedule, rng, hyp = m
-        return run_steps(state, {**shared, **own}, schedules if schedule is None else schedule, rng,
-                         hyper if hyp is None else hyp, step=step)
+        state, own, rng, *mine = m
+        schedule, hyp, t = [whole if one is None else one for whole, one in zip(args, mine)]
+        return run_steps(state, {**shared, **own}, schedule, rng, hyp, t, step=step)
 
     # size 1: a plain loop over members, the single run's own program per member
     # (lax.map's batch_size=1 would still vmap each member over a batch of one)
-    return jax.lax.map(member, mapped, batch_size=None if size == 1 else size)
+    return jax.lax.map(member, (states, own, rngs, *per_member), batch_size=None if size == 1 else size)
 
 
-def _place_members(mesh, rules, shared_schedule, member_teacher_logits, teacher_hyper, states, data, schedules,
+def _place_members(mesh, rules, shared_schedule, member_teacher_logits, in_axes, states, data, schedules,
                    args, kwargs):
     members = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
     parallel.check_divides(members, mesh, "members", "members")
@@ -235,11 +235,11 @@ def _place_members(mesh, rules, shared_schedule, member_teacher_logits, teacher_
             for k, v in data.items()}
     schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
     states = parallel.put(states, parallel.model_shardings(states, mesh, rules, members=True))
-    if teacher_hyper is None:
-        return states, data, schedules, parallel.put(args, mem), kwargs
-    rngs, teacher = args
-    teacher = parallel.put(teacher, parallel.model_shardings(teacher, mesh, rules, members=teacher_hyper == "member"))
-    return states, data, schedules, (parallel.put(rngs, mem), teacher), kwargs
+    rngs, hyper, teacher = (tuple(args) + (None, None))[:3]
+    placed = [parallel.put(rngs, mem), parallel.put(hyper, mem if in_axes[4] == 0 else rep)]
+    if teacher is not None:
+        placed.append(parallel.put(teacher, parallel.model_shardings(teacher, mesh, rules, members=in_axes[5] == 0)))
+    return states, data, schedules, tuple(placed), kwargs
 
 
 def evaluate_members(model, params, x, y):

@@ -21,9 +21,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from kdjax import checkpoint, data, features, onpolicy, parallel, sweep as sweeps
+from kdjax import checkpoint, data, parallel, sweep as sweeps
 from kdjax.data import Dataset
 from kdjax.errors import InputError
+from kdjax.fused import FusedLM
+from kdjax.objectives import TopKKD, as_variables, own_variables
 from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members,
                            paired_students, teacher_features_for, teacher_logits_for, time_group_sizes)
 from kdjax.stats import mean_ci
@@ -165,7 +167,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             log: Callable[[str], None] = lambda line: None, mesh=None,
             transfer: Dataset | None = None, teacher_cfg: RunConfig | None = None,
             programs: Programs | None = None, on_losses: OnLosses | None = None,
-            objective: features.Objective | None = None) -> DistillResult:
+            objective=None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
@@ -190,15 +192,15 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     ``"data"`` axis only. ``programs`` (``kdjax.fitting.Programs``) keeps the compiled
     programs for later calls.
 
-    With a ``kdjax.onpolicy.OnPolicy`` objective (GKD, on-policy reverse KL; its
-    ``prompt_length`` splits each window into prompt and data completion) step 2 is the
-    phases ``"standard"`` (cross-entropy) and ``"distilled"`` (the objective, sampling in
-    the step, the teacher online). With an ``objective``
-    (``kdjax.features.Objective``: feature distillation, DKD, ...) step 2 is two phases: ``"standard"`` (cross-entropy) and ``"distilled"`` (the
-    objective, its teacher taps cached once in eval mode, its connectors trained with the
-    students); ``temperature`` and ``alpha`` are unused (the objective holds its own). The
-    result's ``students`` then hold the students' own variables only (no optimizer state;
-    ``distilled_states`` has the full states, connectors included).
+    With an ``objective`` (any object of the protocol, ``kdjax.objectives``: a feature
+    objective, DKD, GKD, your own) step 2 is two phases: ``"standard"`` (cross-entropy) and
+    ``"distilled"`` (the objective with ``hyper=None``: it holds its own weights;
+    ``temperature`` and ``alpha`` are unused). The teacher's logits are cached once in eval
+    mode, and its ``teacher_taps`` (an attribute the objective may have) too, unless the
+    objective says ``teacher_online = True`` (on-policy methods: the teacher runs in the
+    step, one per seed or the loaded one); parts the objective's ``init`` hook adds
+    (connectors) train with the students. The result's ``students`` then hold the students'
+    own variables only (no optimizer state; ``distilled_states`` has the full states).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -211,17 +213,14 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     if transfer.input_shape != ds.input_shape or transfer.num_classes != ds.num_classes:
         raise InputError(f"transfer: expected examples of shape {ds.input_shape} in {ds.num_classes} classes "
                          f"(as {ds.name}), got {transfer.input_shape} in {transfer.num_classes}")
-    on_policy = isinstance(objective, onpolicy.OnPolicy)  # the teacher runs online: no cached logits
+    on_policy = getattr(objective, "teacher_online", False)  # the teacher runs in the step: no cached logits
     if teacher_state is None:
         t_states, t_losses = phase("teachers", teacher, "ce", ds, teacher_cfg or cfg, seeds)
         logits = None if on_policy else teacher_logits_for(teacher, t_states, transfer, members=True)
     else:
         t_states, t_losses = teacher_state, None
         logits = None if on_policy else teacher_logits_for(teacher, teacher_state, transfer)
-    if isinstance(objective, onpolicy.OnPolicy):
-        s_states, s_losses, full = _on_policy_students(phase, objective, teacher, t_states, student, transfer, cfg,
-                                                       seeds, per_seed=teacher_state is None)
-    elif objective is not None:
+    if objective is not None:
         s_states, s_losses, full = _objective_students(phase, objective, teacher, t_states, student, transfer, cfg,
                                                        seeds, logits, per_seed=teacher_state is None)
     else:
@@ -246,18 +245,20 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
 def _objective_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, logits, *, per_seed):
     """Standard students (CE) and the objective's, paired by seed: ``(student-only states of
     both halves, losses [2n, steps], the objective's full states)``."""
-    if not isinstance(objective, features.Objective):
-        raise InputError(f"objective: expected a kdjax.features.Objective, got {type(objective).__name__}")
-    feats = teacher_features_for(teacher, t_states, objective.teacher_taps, transfer, members=per_seed) \
-        if objective.teacher_taps else None
     std, std_losses = phase("standard", student, "ce", transfer, cfg, seeds)
-    init = initial_members(student, transfer, cfg, seeds, objective=objective, teacher=teacher,
-                           teacher_state=t_states, per_seed_teacher=per_seed)
-    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, teacher_logits=logits,
-                              teacher_features=feats, init_states=init)
+    if getattr(objective, "teacher_online", False):
+        kw = {"teacher_variables": as_variables(t_states), "member_teachers": per_seed}
+    else:
+        taps = getattr(objective, "teacher_taps", ())
+        kw = {"teacher_logits": logits,
+              "teacher_features": teacher_features_for(teacher, t_states, taps, transfer, members=per_seed)
+              if taps else None}
+    if hasattr(objective, "init"):
+        kw["init_states"] = initial_members(student, transfer, cfg, seeds, objective=objective, teacher=teacher,
+                                            teacher_state=t_states, per_seed_teacher=per_seed)
+    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, **kw)
     host = lambda tree: jax.tree_util.tree_map(parallel.to_host, tree)
-    own = lambda st: TrainState(host(st.step), *features.student_variables(host(st.params), host(st.model_state)),
-                                None)
+    own = lambda st: TrainState(host(st.step), *own_variables(host(st.params), host(st.model_state)), None)
     both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), own(std), own(dist))
     return both, np.concatenate([std_losses, dist_losses]), dist
 
@@ -274,16 +275,14 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     log-probabilities on ``ds``'s training rows (``read_topk_cache``). Phase
     ``"students"``: per seed a standard student (alpha = 0: exactly cross-entropy) and a
     distilled one trained at ``temperature``, ``alpha`` on ``alpha T^2 KL_topk + (1 - alpha)
-    CE`` (``offline.topk_kl`` with ``missing``), same init and minibatches, one vmapped
+    CE`` (``kdjax.losses.topk_kl`` with ``missing``), same init and minibatches, one vmapped
     program. With ``fused`` and a student that names its output layer (kdjax's
     ``TransformerLM``, ``Llama``) the loss is ``kdjax.fused.FusedLM`` (no ``[tokens,
-    vocab]`` array; equal to ``offline.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
+    vocab]`` array; equal to ``kdjax.objectives.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
     the cache when it was built) becomes the teacher's row; without it there is none.
     Checkpoints, resume, mesh and callbacks as in ``distill``; the result's ``teacher`` is
     None.
     """
-    from kdjax import offline
-
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("seeds: expected at least one seed, got none")
@@ -301,10 +300,7 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
                          f"{int(indices.min())} to {int(indices.max())}")
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
-    from kdjax.fused import FusedLM
-
-    objective = (FusedLM(missing=missing) if fused and hasattr(student, "output_layer")
-                 else offline.TopKKD(missing))
+    objective = (FusedLM(missing=missing) if fused and hasattr(student, "output_layer") else TopKKD(missing))
     states, losses = phase("students", student, objective, ds, cfg, seeds + seeds, hyper=hyper,
                            extra_data={"teacher_topk_values": values, "teacher_topk_indices": indices})
     accuracy, eval_loss = {}, {}
@@ -319,21 +315,6 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
     return DistillResult(seeds, None, None, states, {"standard": losses[:n], "distilled": losses[n:]}, accuracy,
                          stats, gain, eval_loss)
-
-
-def _on_policy_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, *, per_seed):
-    """Standard students (CE on the windows) and on-policy ones (``objective``: the teacher
-    online, one per seed or one shared), paired by seed: ``(both halves, losses [2n, steps],
-    the on-policy states)``."""
-    if objective.teacher != teacher:
-        raise InputError("objective: the OnPolicy objective's teacher differs from the workflow's teacher")
-    std, std_losses = phase("standard", student, "ce", transfer, cfg, seeds)
-    t_vars = {"params": t_states.params, **t_states.model_state}
-    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, teacher_variables=t_vars,
-                              member_teachers=per_seed)
-    host = lambda tree: jax.tree_util.tree_map(parallel.to_host, tree)
-    both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), host(std), host(dist))
-    return both, np.concatenate([std_losses, dist_losses]), dist
 
 
 @dataclasses.dataclass

@@ -32,10 +32,9 @@ from kdjax.features import losses as L
 from kdjax.features.connectors import check_mapped, connector_for
 from kdjax.features.taps import capture
 from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce, masked_mean
+from kdjax.objectives import CONNECTORS, Teacher, as_variables, own_variables, raw_key
 
 __all__ = ["Term", "Objective", "objective", "LOSSES", "CONNECTORS", "student_variables", "init_connectors"]
-
-CONNECTORS = "connectors"
 
 LOSSES: dict[str, Callable] = {
     "hint": L.hint, "at": L.attention_transfer, "sp": L.similarity_preserving, "rkd": L.rkd, "pkt": L.pkt,
@@ -163,9 +162,22 @@ class Objective:
 
     # ------------------------------------------------------------------ the loss
 
-    def loss(self, params, model_state, batch, rng, step, teacher_variables, *, model, teacher):
-        """``(loss, (new_model_state, metrics))`` for one batch; what the train step
-        differentiates. ``params``/``model_state`` include the connectors' subtrees."""
+    needs_step = True  # DKD's warm-up reads batch["step"]
+
+    def check(self, batch, *, hyper, teacher):
+        """Trace-time checks: no ``hyper`` (the objective holds its weights), no padding mask
+        with feature terms."""
+        if hyper is not None:
+            raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
+                             "hyper=None, got a Hyper")
+        if batch.get("where") is not None and self.terms:
+            raise InputError("objective: feature terms do not take a padding mask (batch['where']); expected "
+                             "batches without one, or an objective of ce and kd only")
+
+    def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """``(loss, (new_model_state, metrics))`` for one batch (the objective protocol);
+        ``params``/``model_state`` include the connectors' subtrees."""
+        model, step = student, batch.get("step", 0)
         s_params, s_state, c_params, c_state = _split(params, model_state)
         taps = self.student_taps
         x = batch["x"]
@@ -175,11 +187,8 @@ class Objective:
                                                      rngs=rngs)
         else:
             logits, new_s_state = _apply_train(model, s_params, s_state, x, rngs)
-        t_logits, t_feats = self._teacher_outputs(batch, teacher, teacher_variables)
+        t_logits, t_feats = self._teacher_outputs(batch, teacher)
         where = batch.get("where")  # token-level: only these positions count (CE and the logit term)
-        if where is not None and self.terms:
-            raise InputError("objective: feature terms do not take a padding mask (batch['where']); expected "
-                             "batches without one, or an objective of ce and kd only")
         metrics, total = {}, 0.0
         if self.ce:
             metrics["ce"] = self.ce * masked_mean(hard_ce(logits, batch["y"], where=where), where)
@@ -213,7 +222,7 @@ class Objective:
             new_state[CONNECTORS] = new_c_state
         return total, (new_state, metrics)
 
-    def _teacher_outputs(self, batch, teacher, teacher_variables):
+    def _teacher_outputs(self, batch, teacher: Teacher | None):
         taps = self.teacher_taps
         cached = batch.get("teacher_features")
         if (not taps or cached is not None) and (not self.kd or "teacher_logits" in batch):
@@ -221,14 +230,13 @@ class Objective:
             if missing:
                 raise InputError(f"batch['teacher_features']: expected the teacher taps {taps}, missing {missing}")
             return batch.get("teacher_logits"), dict(cached or {})
-        if teacher is None or teacher_variables is None:
+        if teacher is None:
             raise InputError("objective: expected cached teacher outputs (batch['teacher_features'], "
                              "batch['teacher_logits']) or a bound teacher and teacher_params, got neither")
-        variables = _as_variables(teacher_variables)
         if taps:
-            t_logits, feats = capture(teacher, variables, batch["x"], taps, train=False)
+            t_logits, feats = capture(teacher.model, teacher.variables, batch["x"], taps, train=False)
         else:
-            t_logits, feats = teacher.apply(variables, batch["x"], train=False), {}
+            t_logits, feats = teacher.model.apply(teacher.variables, batch["x"], train=False), {}
         feats = jax.tree_util.tree_map(jax.lax.stop_gradient, feats)
         return jax.lax.stop_gradient(t_logits), feats
 
@@ -249,16 +257,26 @@ class Objective:
 
     # ------------------------------------------------------------------ initialisation
 
-    def init(self, rng, student, student_variables, teacher, teacher_variables, example, *, labels=None):
-        """``(connector params, connector state)`` for one student: connectors shaped from the
-        two models' taps on ``example`` (an input batch or ``ShapeDtypeStruct``), CRD's heads
-        and memory bank (``labels``: every training label, for its negatives). ``rng``: a
-        JAX key or raw ``uint32[2]`` words. Empty dicts when no term needs any."""
+    def init(self, rng, student, params, model_state, *, teacher: Teacher, example, labels=None):
+        """The objective protocol's ``init`` hook: ``(params, model_state)`` with this
+        objective's connectors (and CRD heads and memory bank) added under
+        ``"connectors"``, shaped from the two models' taps on ``example`` (an input batch or
+        ``ShapeDtypeStruct``); ``labels``: every training label (CRD's negatives); ``rng``: a
+        JAX key, raw ``uint32[2]`` words or an int. The student's own variables unchanged.
+
+        Raises:
+          InputError: the student has a module named ``"connectors"``; CRD without ``labels``.
+        """
+        if CONNECTORS in params or CONNECTORS in model_state:
+            raise InputError(f"student: its variables already have a '{CONNECTORS}' entry, the name kdjax keeps "
+                             f"for connectors; rename that module")
+        params, model_state = dict(params), dict(model_state)
         if not any(t.connected or t.loss == "crd" for t in self.terms):
-            return {}, {}
-        s_shapes, t_shapes = self.tap_shapes(student, student_variables, teacher, teacher_variables, example)
-        params, state = {}, {}
-        key = _raw_key(rng)
+            return params, model_state
+        s_shapes, t_shapes = self.tap_shapes(student, {"params": params, **model_state}, teacher.model,
+                                             teacher.variables, example)
+        c_params, c_state = {}, {}
+        key = raw_key(rng)
         for i, term in enumerate(self.terms):
             k = jax.random.fold_in(key, i)
             s, t = s_shapes[term.student], t_shapes[term.teacher]
@@ -268,35 +286,30 @@ class Objective:
                 o = term.crd_options()
                 embed = crd_lib.Embed(o["feat_dim"], dtype=s.dtype)
                 ks, kt, km = jax.random.split(k, 3)
-                params[term.key] = {"embed_s": _init_params(embed, ks, s), "embed_t": _init_params(embed, kt, t)}
+                c_params[term.key] = {"embed_s": _init_params(embed, ks, s), "embed_t": _init_params(embed, kt, t)}
                 n = int(np.asarray(labels).shape[0])
-                state[term.key] = {"memory": crd_lib.init_memory(km, n, o["feat_dim"], s.dtype),
-                                   "classes": jax.device_put(crd_lib.class_index(labels))}
+                c_state[term.key] = {"memory": crd_lib.init_memory(km, n, o["feat_dim"], s.dtype),
+                                     "classes": jax.device_put(crd_lib.class_index(labels))}
             elif term.connected:
                 conn = connector_for(s.shape, t.shape, dtype=s.dtype)
                 variables = dict(flax.core.unfreeze(_init_variables(conn, k, s.shape, s.dtype)))
-                params[term.key] = variables.pop("params")
+                c_params[term.key] = variables.pop("params")
                 if variables:
-                    state[term.key] = variables
-        return params, state
+                    c_state[term.key] = variables
+        if c_params:
+            params[CONNECTORS] = c_params
+        if c_state:
+            model_state[CONNECTORS] = c_state
+        return params, model_state
 
     def tap_shapes(self, student, student_variables, teacher, teacher_variables, example):
         """``({student tap: ShapeDtypeStruct}, {teacher tap: ...})`` on ``example`` (abstract)."""
         x = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
         s = jax.eval_shape(lambda v, x: capture(student, v, x, self.student_taps)[1],
-                           _as_variables(student_variables), x) if self.student_taps else {}
+                           as_variables(student_variables), x) if self.student_taps else {}
         t = jax.eval_shape(lambda v, x: capture(teacher, v, x, self.teacher_taps)[1],
-                           _as_variables(teacher_variables), x) if self.teacher_taps else {}
+                           as_variables(teacher_variables), x) if self.teacher_taps else {}
         return s, t
-
-
-def _raw_key(rng):
-    # kdjax.train's convention: a typed key, raw uint32[2] words, or an int (as PRNGKey(int))
-    if isinstance(rng, (int, np.integer)):
-        return jax.random.PRNGKey(int(rng))
-    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return jnp.asarray(rng, jnp.uint32)
 
 
 def _init_params(module, key, struct):
@@ -307,15 +320,6 @@ def _init_params(module, key, struct):
 def _init_variables(module, key, shape, dtype):
     # jitted once per module and shape (modules hash by their fields), not once per student
     return module.init(key, jnp.zeros(shape, dtype), train=False)
-
-
-def _as_variables(tree) -> dict:
-    """``{"params", ...}`` from a TrainState, a variables dict or a params tree."""
-    if hasattr(tree, "params") and hasattr(tree, "model_state"):
-        p, s = student_variables(tree.params, tree.model_state)
-        return {"params": p, **s}
-    tree = dict(flax.core.unfreeze(tree))
-    return tree if "params" in tree else {"params": tree}
 
 
 def _apply_train(model, params, state, x, rngs):
@@ -342,27 +346,17 @@ def _split(params, model_state):
 
 def student_variables(params, model_state=None):
     """``(params, model_state)`` of the student alone: the connectors' subtrees removed
-    (what to export, convert or evaluate elsewhere)."""
-    params, model_state, _, _ = _split(params, model_state or {})
-    return params, model_state
+    (what to export, convert or evaluate elsewhere); ``kdjax.objectives.own_variables``."""
+    return own_variables(params, model_state)
 
 
-def init_connectors(objective: Objective, rng, params, model_state, student, teacher, teacher_variables, example,
+def init_connectors(objective, rng, params, model_state, student, teacher, teacher_variables, example,
                     *, labels=None):
-    """``(params, model_state)`` with the objective's connectors (and CRD bank) added under
-    ``"connectors"``; the student's own variables unchanged. Refuses a student that has a
-    module named ``"connectors"``."""
-    if CONNECTORS in params or CONNECTORS in model_state:
-        raise InputError(f"student: its variables already have a '{CONNECTORS}' entry, the name kdjax keeps for "
-                         f"connectors; rename that module")
-    c_params, c_state = objective.init(rng, student, {"params": params, **model_state}, teacher, teacher_variables,
-                                       example, labels=labels)
-    params, model_state = dict(params), dict(model_state)
-    if c_params:
-        params[CONNECTORS] = c_params
-    if c_state:
-        model_state[CONNECTORS] = c_state
-    return params, model_state
+    """``objective.init`` with the teacher as a module and its variables (params, a
+    variables dict or a ``TrainState``): ``(params, model_state)`` with the objective's
+    connectors (and CRD bank) added under ``"connectors"``."""
+    return objective.init(rng, student, params, model_state, teacher=Teacher(teacher, as_variables(teacher_variables)),
+                          example=example, labels=labels)
 
 
 def objective(ce: float = 1.0, kd: float = 0.0, terms=(), *, temperature: float = 4.0, divergence: str = "kl",

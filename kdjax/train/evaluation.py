@@ -11,7 +11,7 @@ import numpy as np
 
 from kdjax.errors import InputError
 from kdjax.losses import hard_ce
-from kdjax.train.step import _variables_of, apply_model
+from kdjax.objectives import apply_model, as_variables
 
 __all__ = ["predict_logits", "evaluate"]
 
@@ -73,3 +73,9 @@ def evaluate(model, params, x, y, members: bool = False, *, batch_size: int | No
     _check_batch_size(batch_size)
     params, model_state = _variables_of(params)
     return _evaluate(model, params, model_state, x, y, bool(members), batch_size)
+
+
+def _variables_of(tree):
+    """``(params, model_state)`` of a ``TrainState``, a variables dict or a params tree."""
+    variables = dict(as_variables(tree))
+    return variables.pop("params"), variables

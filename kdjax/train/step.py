@@ -1,10 +1,11 @@
 """The pure train step and fused (``lax.scan``) runs.
 
-* ``train_step(state, batch, rng, hyper, teacher_params)`` is one optimizer step for an
-  objective: ``"ce"`` (cross-entropy), ``"kd"`` (``distillation_loss`` against a frozen
-  teacher) or a callable ``loss(logits, batch, teacher_logits, hyper)``. A model is any
-  ``flax.linen`` module called as ``apply(variables, x, train=bool, rngs={"dropout": key})``;
-  in training the step passes ``train=True`` and updates ``model_state``.
+* ``train_step(state, batch, rng, hyper, teacher_params)`` is one optimizer step of an
+  objective (``kdjax.objectives``: any object with ``loss(student, params, model_state,
+  batch, *, rng, hyper, teacher)``; ``"ce"``, ``"kd"`` and a callable ``loss(logits, batch,
+  teacher_logits, hyper)`` are shorthands). The step calls only that protocol: it knows no
+  method. A model is any ``flax.linen`` module called as ``apply(variables, x, train=bool,
+  rngs={"dropout": key})``; in training ``model_state`` is updated.
 * ``run_steps`` scans that step over a precomputed ``[steps, batch]`` index schedule with
   the whole data set on device: one compiled program per run (or per chunk).
 * ``make_train_step`` / ``make_run`` bind the model, optimizer and objective with
@@ -17,10 +18,8 @@ the step count only, so chunked, looped, fused and resumed runs agree exactly.
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any, Mapping
+from typing import Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,139 +27,53 @@ import optax
 
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
-from kdjax.features.objectives import Objective
-from kdjax.fused import FusedLM
-from kdjax.losses import check_where, distillation_loss, hard_ce, masked_mean
+from kdjax.objectives import OBJECTIVES, Teacher, apply_model, as_objective, as_variables
 from kdjax.train.optimizers import adam
 from kdjax.train.state import Hyper, TrainState, _check_model
 
 __all__ = ["OBJECTIVES", "apply_model", "train_step", "make_train_step", "run_steps", "make_run"]
 
-OBJECTIVES = ("ce", "kd")
-
-
-def _variables_of(tree) -> tuple[Any, dict]:
-    """``(params, model_state)`` of a ``TrainState``, or ``(tree, {})`` for a params tree."""
-    if isinstance(tree, TrainState):
-        return tree.params, tree.model_state
-    return tree, {}
-
-
-def apply_model(model, params, model_state, x, *, train: bool, rng=None):
-    """``(logits, new_model_state)``: ``model.apply`` in train or eval mode.
-
-    In train mode the collections in ``model_state`` are mutable (BatchNorm statistics
-    are updated) and ``rng`` seeds dropout. A model that needs a collection the state
-    lacks (a BatchNorm model given ``model_state={}``) raises ``InputError``.
-    """
-    variables = {"params": params, **model_state}
-    rngs = None if rng is None else {"dropout": rng}
-    try:
-        if train and model_state:
-            return model.apply(variables, x, train=True, rngs=rngs, mutable=list(model_state))
-        return model.apply(variables, x, train=train, rngs=rngs), model_state
-    except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as e:
-        found = re.search(r'collection "(\w+)"', str(e))
-        name = found.group(1) if found else "a non-parameter collection"
-        raise InputError(
-            f"model_state: {type(model).__name__} needs its '{name}' variables (e.g. BatchNorm "
-            f"statistics), got model_state with collections {sorted(model_state)}; build the state "
-            f"with kdjax.create_train_state(model, rng, x[:1]), or pass model_state= to "
-            f"state_from_params (a TrainState, not bare params, to predict_logits/evaluate)") from None
-
-
-def _teacher_logits(batch, teacher, teacher_params):
-    if "teacher_logits" in batch:
-        return batch["teacher_logits"]
-    if teacher is None or teacher_params is None:
-        return None
-    params, model_state = _variables_of(teacher_params)
-    return apply_model(teacher, params, model_state, batch["x"], train=False)[0]
-
-
-def _on_policy(objective) -> bool:
-    from kdjax.onpolicy import OnPolicy  # kdjax.onpolicy builds on this module
-
-    return isinstance(objective, OnPolicy)
-
-
-def _loss_fn(params, model_state, batch, rng, step, hyper, teacher_params, *, model, objective, teacher):
-    """``(loss, (new_model_state, metrics))``; metrics are an objective's terms (else {})."""
-    if _on_policy(objective):  # its hyper is the teacher's variables
-        loss, metrics = objective.loss(params, model_state, batch, rng, hyper, model=model)
-        return loss, (model_state, metrics)
-    if isinstance(objective, Objective):
-        return objective.loss(params, model_state, batch, rng, step, teacher_params, model=model, teacher=teacher)
-    if isinstance(objective, FusedLM):
-        loss = objective.loss(params, model_state, batch, rng, hyper, teacher_params, model=model, teacher=teacher)
-        return loss, (model_state, {})
-    logits, new_state = apply_model(model, params, model_state, batch["x"], train=True, rng=rng)
-    where = batch.get("where")  # token-level: only these positions count
-    if objective == "ce":
-        check_where(where, logits.shape[:-1])
-        return masked_mean(hard_ce(logits, batch["y"]), where), (new_state, {})
-    t_logits = _teacher_logits(batch, teacher, teacher_params)
-    if objective == "kd":
-        loss = distillation_loss(logits, t_logits, batch["y"], hyper.temperature, hyper.alpha, where=where)
-        return loss, (new_state, {})
-    loss = objective(logits, batch, t_logits, hyper)
-    if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
-        raise InputError(f"objective: expected the callable to return a float scalar, got "
-                         f"{jnp.result_type(loss)}{list(jnp.shape(loss))}")
-    return loss, (new_state, {})
-
-
-def _check_objective(objective) -> None:
-    if not (isinstance(objective, (Objective, FusedLM)) or _on_policy(objective) or callable(objective)
-            or objective in OBJECTIVES):
-        raise InputError(f"objective: expected one of {OBJECTIVES}, a kdjax.features.Objective, a kdjax.fused.FusedLM "
-                         f"or a callable "
-                         f"loss(logits, batch, teacher_logits, hyper), got {objective!r}")
+def _loss_fn(params, model_state, batch, rng, hyper, teacher, *, model, objective):
+    return objective.loss(model, params, model_state, batch, rng=rng, hyper=hyper, teacher=teacher)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                hyper: Hyper | None = None, teacher_params=None, *, model, tx,
                objective="kd", teacher=None):
-    """One optimizer step. Pure: returns ``(new_state, {"loss": loss})``, plus ``"terms"``
-    (each weighted part of the loss) for a ``kdjax.features.Objective``.
+    """One optimizer step of ``objective``. Pure.
 
     Args:
       state: the ``TrainState`` to update (its ``model_state`` is updated too).
-      batch: ``{"x": [B, ...], "y": [B]}`` plus, to distil, either
-        ``"teacher_logits": [B, C]`` (cached) or nothing, in which case the teacher
-        runs online (eval mode) from ``teacher_params``.
-      rng: base key; dropout uses ``fold_in(rng, state.step)``.
-      hyper: ``Hyper`` for ``objective="kd"``; any pytree of arrays for a callable.
-      teacher_params: the frozen teacher's params, or its ``TrainState`` (a teacher
-        with BatchNorm needs its ``model_state``); online distillation only.
-      model, tx, objective, teacher: bound with ``functools.partial``. ``objective``
-        is ``"ce"``, ``"kd"``, ``loss(logits, batch, teacher_logits, hyper) ->
-        scalar`` (``teacher_logits`` is None when there is no teacher), or a
-        ``kdjax.features.Objective`` (feature terms on tapped intermediate values; the
-        teacher's come from ``batch["teacher_features"]`` or the online teacher; ``hyper``
-        must be None).
+      batch: the minibatch the objective reads (``{"x": [B, ...], "y": [B]}`` for the
+        built-ins, plus cached teacher outputs such as ``"teacher_logits"``).
+      rng: base key; the objective gets ``fold_in(rng, state.step)``.
+      hyper: the objective's hyperparameters (a ``Hyper`` for ``"kd"``; any pytree of
+        arrays, traced; None when it has none).
+      teacher_params: the frozen teacher's variables, params or ``TrainState`` (a teacher
+        with BatchNorm needs its ``model_state``): the objective gets
+        ``Teacher(teacher, variables)``; None without an online teacher.
+      model, tx, objective, teacher: bound with ``functools.partial`` (``make_train_step``).
+        ``objective``: an object of the protocol (``kdjax.objectives``), ``"ce"``,
+        ``"kd"`` or a callable ``loss(logits, batch, teacher_logits, hyper) -> scalar``.
+
+    Returns:
+      ``(new_state, {"loss": loss})``, plus ``"terms"``: the objective's metrics, when it
+      returns any (each weighted part of a ``kdjax.features.Objective``'s loss).
+
+    Raises:
+      InputError: what the objective's ``check`` hook refuses (trace time).
     """
-    _check_objective(objective)
-    if objective == "kd" or isinstance(objective, FusedLM):
-        name = "'kd'" if objective == "kd" else "FusedLM"
-        if hyper is None:
-            raise InputError(f"hyper: objective {name} needs a Hyper (see kdjax.make_hyper), got None")
-        cached = "teacher_logits" in batch or (name == "FusedLM" and "teacher_topk_values" in batch)
-        if not cached and (teacher is None or teacher_params is None):
-            also = " (or ['teacher_topk_values'/'teacher_topk_indices'])" if name == "FusedLM" else ""
-            raise InputError(f"objective {name}: expected batch['teacher_logits']{also} or both a bound "
-                             "teacher and teacher_params, got neither")
-    if _on_policy(objective) and hyper is None:
-        raise InputError("hyper: a kdjax.onpolicy.OnPolicy objective takes the teacher's variables in hyper's place, "
-                         "got None")
-    if isinstance(objective, Objective) and hyper is not None:
-        raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
-                         "hyper=None, got a Hyper")
+    objective = as_objective(objective)
+    teacher = None if teacher is None or teacher_params is None else Teacher(teacher, as_variables(teacher_params))
+    check = getattr(objective, "check", None)
+    if check is not None:
+        check(batch, hyper=hyper, teacher=teacher)
+    if getattr(objective, "needs_step", False):
+        batch = {**batch, "step": state.step}
     key = jax.random.fold_in(rng, state.step)
-    loss_fn = functools.partial(_loss_fn, model=model, objective=objective, teacher=teacher)
+    loss_fn = functools.partial(_loss_fn, model=model, objective=objective)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (model_state, terms)), grads = grad_fn(state.params, state.model_state, batch, key, state.step, hyper,
-                                                  teacher_params)
+    (loss, (model_state, terms)), grads = grad_fn(state.params, state.model_state, batch, key, hyper, teacher)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "terms": terms} if terms else {"loss": loss}
@@ -185,7 +98,7 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
     when ``fsdp=1``), the key and hyperparameters replicated; the returned state keeps
     its sharding.
     """
-    _check_objective(objective)
+    as_objective(objective)  # refuses what is not an objective, before anything is traced
     _check_model(model, "model")
     if teacher is not None:
         _check_model(teacher, "teacher")
@@ -301,15 +214,21 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
     return jax.lax.scan(body, state, schedule)
 
 
+def _rows(data) -> int:
+    """The examples in ``data``: the rows of ``data["x"]``, else of its first array."""
+    leaves = [data["x"]] if "x" in data else jax.tree_util.tree_leaves(data)
+    return np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
+
+
 def _check_run_inputs(data, schedule) -> None:
-    if "x" not in data or "y" not in data:
-        raise InputError(f"data: expected keys 'x' and 'y' (optionally 'teacher_logits'), got {sorted(data)}")
-    n = data["x"].shape[0] if data["x"].ndim else 0
+    if not jax.tree_util.tree_leaves(data):
+        raise InputError(f"data: expected per-example arrays (e.g. 'x' and 'y'), got {data!r}")
+    n = _rows(data)
     for path, arr in jax.tree_util.tree_leaves_with_path(data):
         if arr.ndim == 0 or arr.shape[0] != n:
             raise InputError(f"data{jax.tree_util.keystr(path)}: expected {n} rows (as data['x']), got shape "
                              f"{arr.shape}")
-    if not jnp.issubdtype(data["y"].dtype, jnp.integer):
+    if "y" in data and not jnp.issubdtype(data["y"].dtype, jnp.integer):
         raise InputTypeError(f"data['y']: expected integer class labels, got dtype {data['y'].dtype}")
     if schedule.ndim != 2 or not jnp.issubdtype(schedule.dtype, jnp.integer):
         raise InputError(f"schedule: expected integer indices of shape [steps, batch], got "
@@ -379,10 +298,10 @@ class CheckedRun:
                              "pass the state that call returned, a copy made before it "
                              "(jax.tree_util.tree_map(jnp.copy, state)), or build the run with donate=False")
         if not isinstance(schedule, jax.core.Tracer) and np.size(schedule):
-            idx, n = np.asarray(schedule), np.shape(data["x"])[0]
+            idx, n = np.asarray(schedule), _rows(data)
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= n:
-                raise InputError(f"schedule: expected indices in [0, {n}) (the rows of data['x']), "
+                raise InputError(f"schedule: expected indices in [0, {n}) (the rows of the data), "
                                  f"got values from {lo} to {hi}")
         if self.place is not None:
             state, data, schedule, args, kwargs = self.place(state, data, schedule, args, kwargs)
