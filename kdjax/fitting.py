@@ -316,11 +316,11 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
 
     ``teacher_features`` (``teacher_features_for``, laid out like ``teacher_logits``) and
     ``init_states`` (``initial_members`` with the objective: the students with their
-    trainable parts), for an objective with taps (a ``kdjax.features.Objective``).
+    trainable parts), for an objective with taps (a feature objective).
     ``extra_data``: more per-example arrays every member's minibatches carry (rows aligned
-    with ``ds``'s training rows; e.g. ``kdjax.offline.TopKKD``'s cached top-k).
+    with ``ds``'s training rows; e.g. a teacher's cached top-k).
     ``teacher_variables``: an online teacher's, for an objective that runs it in the step
-    (``kdjax.onpolicy.OnPolicy``); one per member, batched, with ``member_teachers``.
+    (an on-policy method); one per member, batched, with ``member_teachers``.
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)

@@ -58,7 +58,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
     Returns:
       ``(new_state, {"loss": loss})``, plus ``"terms"``: the objective's metrics, when it
-      returns any (each weighted part of a ``kdjax.features.Objective``'s loss).
+      returns any (e.g. each weighted part of a feature objective's loss).
 
     Raises:
       InputError: what the objective's ``check`` hook refuses (trace time).
