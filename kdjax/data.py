@@ -419,9 +419,9 @@ def take_batch(data: dict, indices) -> dict:
     """``{name: array[indices]}`` for every array of ``data`` (device arrays of equal length),
     as one compiled gather: one dispatch per call, the data set never leaving the device.
 
-    For loops that call a step from Python: on the seed's shapes a step costs ~50 µs
-    while ``{k: v[idx] for k, v in data.items()}`` costs ~860 µs (one indexing op per
-    array, each through ``jnp``'s indexing path) and ``take_batch`` ~20 µs. Pass
+    For loops that call a step from Python: ``{k: v[idx] for k, v in data.items()}`` runs
+    one indexing op per array, each through ``jnp``'s indexing path, which can cost more
+    than a small step (docs/benchmarks.md has the figures). Pass
     ``indices`` as a NumPy row of a schedule (``seed_schedule``, ``epoch_schedule``):
     their bounds are checked on the host (inside the program an out-of-range index could
     not raise); device indices are passed as they are.

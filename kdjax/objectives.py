@@ -16,7 +16,9 @@ a dict of scalars (may be empty). Optional hooks, found by name and never by cla
   ``(params, model_state)``: the student's variables with the objective's trainable parts
   added (connectors, CRD heads and memory banks);
 * ``needs_step = True``: the batch carries ``"step"``, the optimizer step count;
-* ``needs_index = True``: the data carry ``"index"``, each example's row.
+* ``needs_index = True``: the data carry ``"index"``, each example's row;
+* ``teacher``: the teacher module, when the objective names its own (no ``teacher=`` bound);
+* ``teacher_online = True`` / ``teacher_taps``: what ``kdjax.workflows.distill`` runs or caches.
 
 Built-ins here: ``CE()``, ``KD(divergence=...)``, ``LogitLoss(fn)`` (the version-2 callable
 ``fn(logits, batch, teacher_logits, hyper)``) and ``TopKKD`` (cached top-k log-probabilities);

@@ -223,9 +223,9 @@ def fsdp(out_path):
     sharded_init = sweep.init_members(student, keys["init"], tokens[:1], mesh=mesh24)  # model.init, out_shardings
     init_diff, init_held = maxdiff(plain, sharded_init), split_fraction(sharded_init.params)
     base, lb = sweep.make_sweep_run(student, gkd, shared_schedule=True)(plain, lm_data, lm_sched2,
-                                                                        keys["dropout"], t_state.variables)
+                                                                        keys["dropout"], None, t_state.variables)
     m, lm = sweep.make_sweep_run(student, gkd, shared_schedule=True, mesh=mesh24)(
-        sharded_init, lm_data, lm_sched2, keys["dropout"], t_state.variables)
+        sharded_init, lm_data, lm_sched2, keys["dropout"], None, t_state.variables)
     q = m.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     results["on_policy_sweep"] = {"state": maxdiff(base, m), "loss": maxdiff(lb["loss"], lm["loss"]),
                                   "held": q.addressable_shards[0].data.size / q.size, "init": init_diff,

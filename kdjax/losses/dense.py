@@ -329,7 +329,7 @@ def masked_mean(values, where=None):
         would select the wrong positions silently).
     """
     if where is None:
-        return jnp.mean(values)
+        return jnp.mean(values) if np.size(values) else jnp.zeros((), jnp.result_type(values))
     if not hasattr(where, "dtype") or where.dtype != jnp.bool_:
         raise InputTypeError(f"where: expected a bool mask, got {getattr(where, 'dtype', type(where).__name__)}")
     if tuple(where.shape) != tuple(np.shape(values)):

@@ -77,7 +77,8 @@ def _target_logprobs(values, temperature, missing):
     if missing == "zero":
         return scaled - alpha_lse
     leftover = jnp.clip(1.0 - jnp.exp(jax.nn.logsumexp(values, axis=-1, keepdims=True)), 0.0, 1.0)
-    return scaled - jnp.log(jnp.exp(alpha_lse) + leftover ** a)
+    # log(exp(alpha_lse) + leftover ** a), in log space: at a small T both terms underflow
+    return scaled - jnp.logaddexp(alpha_lse, a * jnp.log(leftover))
 
 
 def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-6):

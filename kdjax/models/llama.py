@@ -57,6 +57,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None, dtype) 
     low_freq_factor, high_freq_factor, original_max_position_embeddings)`` long wavelengths
     are divided by ``factor`` and the band between smoothly interpolated
     (``transformers``' ``_compute_llama3_parameters``)."""
+    if head_dim < 2 or head_dim % 2:
+        raise InputError(f"Llama: expected an even head dimension of at least 2 (rotary embeddings rotate pairs; "
+                         f"hidden_size / num_heads), got {head_dim}")
     np_dtype = np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
     inv = 1.0 / (np.asarray(theta, np_dtype) ** (np.arange(0, head_dim, 2).astype(np_dtype) / head_dim))
     if scaling is None:

@@ -192,8 +192,8 @@ def _canonical_grads(x, kernel, dy, stride, pads):
         dx_pads.append((k - 1 - lo, x.shape[1 + d] - dilated + lo))
     dx = lax.conv_general_dilated(dy, flipped, (1, 1), dx_pads, lhs_dilation=(s, s), dimension_numbers=_DN)
     # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel; summed over
-    # chunks of images, since XLA:CPU's convolution with a kernel as large as the image runs
-    # 1.7-2x faster on 16 images than on 128 at 32x32 and 16x16 (docs/benchmarks.md, the cifar preset)
+    # chunks of images, since XLA:CPU runs a convolution with a kernel as large as the image
+    # faster on few images (docs/benchmarks.md has the figures)
     dk_pads = [(lo, k + (dy.shape[1 + d] - 1) * s - x.shape[1 + d] - lo) for d, (lo, _) in enumerate(pads)]
     dk, size = None, max(WEIGHT_GRAD_IMAGES, -(-x.shape[0] // WEIGHT_GRAD_CHUNKS))
     for a in range(0, x.shape[0], size):

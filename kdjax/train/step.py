@@ -55,6 +55,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       model, tx, objective, teacher: bound with ``functools.partial`` (``make_train_step``).
         ``objective``: an object of the protocol (``kdjax.objectives``), ``"ce"``,
         ``"kd"`` or a callable ``loss(logits, batch, teacher_logits, hyper) -> scalar``.
+        ``teacher``: the teacher module; default the objective's own ``teacher``
+        attribute, when it names one (an on-policy objective does).
 
     Returns:
       ``(new_state, {"loss": loss})``, plus ``"terms"``: the objective's metrics, when it
@@ -64,6 +66,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       InputError: what the objective's ``check`` hook refuses (trace time).
     """
     objective = as_objective(objective)
+    teacher = getattr(objective, "teacher", None) if teacher is None else teacher  # an objective may name its own
     teacher = None if teacher is None or teacher_params is None else Teacher(teacher, as_variables(teacher_params))
     check = getattr(objective, "check", None)
     if check is not None:
