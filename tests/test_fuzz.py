@@ -719,9 +719,7 @@ def _known_cli(capsys, tmp_path_factory, world, kind):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("student-dim 3", marks=pytest.mark.xfail(strict=True, reason=(
-        "kdjax distill --arch llama --teacher DIR --student-dim 3 (4 heads: head_dim 0): ZeroDivisionError "
-        "'0.0 cannot be raised to a negative power' from models/llama.py rotary embedding, not one line"))),
+    "student-dim 3",  # found here (head_dim 0: a ZeroDivisionError in the rotary embedding); llama.py refuses it now
     "seed -1", "seed 1e23",  # found here (NumPy's and JAX's tracebacks); parser.py refuses them now
     "k > vocab into an existing folder",  # found here; fixed by 148e080 (k is checked before --out is claimed)
 ])
@@ -729,21 +727,16 @@ def test_known_failures_cli_are_one_line_and_touch_nothing(capsys, tmp_path_fact
     _known_cli(capsys, tmp_path_factory, world, kind)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "offline.topk_kl(s, values, ids, temperature=1e-3, missing='symmetric_uniform') on exact top-3 "
-    "log-probabilities: inf (offline._target_logprobs: log(exp(lse) + leftover ** (1/T)) underflows to log(0); "
-    "logaddexp in log space would not)"))
 def test_topk_kl_at_a_small_temperature_is_finite():
+    """Found here: inf, the leftover mass's term underflowing to log(0); now in log space."""
     from kdjax import offline
 
     student, _, values, indices = _topk_inputs(3, None)
     assert _finite(offline.topk_kl(student, values, indices, 1e-3, missing="symmetric_uniform"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "losses.masked_mean(np.zeros((0, 3), np.float32)) with where=None: NaN (jnp.mean of nothing), while the "
-    "docstring promises 0 when nothing is selected"))
 def test_masked_mean_of_nothing_is_0():
+    """Found here: NaN (jnp.mean of nothing), while the docstring promises 0."""
     from kdjax.losses import masked_mean
 
     assert float(masked_mean(np.zeros((0, 3), np.float32))) == 0.0
