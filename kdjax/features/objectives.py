@@ -32,7 +32,7 @@ from kdjax.features import losses as L
 from kdjax.features.connectors import check_mapped, connector_for
 from kdjax.features.taps import capture
 from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce, masked_mean
-from kdjax.objectives import CONNECTORS, Teacher, as_variables, own_variables, raw_key
+from kdjax.objectives import CONNECTORS, Teacher, apply_model, as_variables, own_variables, raw_key
 
 __all__ = ["Term", "Objective", "objective", "LOSSES", "CONNECTORS", "student_variables", "init_connectors"]
 
@@ -186,7 +186,7 @@ class Objective:
             (logits, new_s_state), s_feats = capture(model, {"params": s_params, **s_state}, x, taps, train=True,
                                                      rngs=rngs)
         else:
-            logits, new_s_state = _apply_train(model, s_params, s_state, x, rngs)
+            logits, new_s_state = apply_model(model, s_params, s_state, x, train=True, rng=rng)
         t_logits, t_feats = self._teacher_outputs(batch, teacher)
         where = batch.get("where")  # token-level: only these positions count (CE and the logit term)
         metrics, total = {}, 0.0
@@ -320,12 +320,6 @@ def _init_params(module, key, struct):
 def _init_variables(module, key, shape, dtype):
     # jitted once per module and shape (modules hash by their fields), not once per student
     return module.init(key, jnp.zeros(shape, dtype), train=False)
-
-
-def _apply_train(model, params, state, x, rngs):
-    if state:
-        return model.apply({"params": params, **state}, x, train=True, rngs=rngs, mutable=list(state))
-    return model.apply({"params": params}, x, train=True, rngs=rngs), {}
 
 
 def _connect(s, t, params, state, name):

@@ -25,6 +25,7 @@ import optax
 from kdjax import parallel
 from kdjax.errors import InputError, InputTypeError
 from kdjax.losses import check_alpha, check_beta, check_temperature
+from kdjax.objectives import raw_key
 from kdjax.train.optimizers import _check_lr, adam
 
 __all__ = ["TrainState", "Hyper", "make_hyper", "init_variables", "create_train_state", "state_from_params",
@@ -102,15 +103,6 @@ def _example_struct(example) -> jax.ShapeDtypeStruct:
     return struct
 
 
-def _raw_key(rng) -> np.ndarray | jax.Array:
-    """A JAX key from a typed key, raw ``uint32[2]`` words or an int (as ``PRNGKey(int)``)."""
-    if isinstance(rng, (int, np.integer)):
-        return np.array([(int(rng) >> 32) & 0xFFFFFFFF, int(rng) & 0xFFFFFFFF], np.uint32)
-    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return rng
-
-
 def _split_variables(variables) -> tuple[Any, dict]:
     variables = dict(flax.core.unfreeze(variables))
     return variables.pop("params", {}), variables
@@ -136,7 +128,7 @@ def init_variables(model, rng, example_input, *, members: bool = False):
         if keys.ndim != 2 or len(keys) == 0:
             raise InputError(f"init_keys: expected [N, 2] raw keys (N >= 1), got shape {keys.shape}")
         return _init_members(model, keys, struct.shape, np.dtype(struct.dtype))
-    return _init_one(model, _raw_key(rng), struct.shape, np.dtype(struct.dtype))
+    return _init_one(model, raw_key(rng), struct.shape, np.dtype(struct.dtype))
 
 
 def _model_init(model, key, shape, dtype):
@@ -209,7 +201,7 @@ def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules, m
         return TrainState(jnp.zeros(lead, jnp.int32), params, model_state,
                           (jax.vmap(opt.init) if members else opt.init)(params))
 
-    key = np.asarray(rng) if members else _raw_key(rng)
+    key = np.asarray(rng) if members else raw_key(rng)
     out = parallel.model_shardings(jax.eval_shape(build, key), mesh, rules, members=members)
     return jax.jit(build, out_shardings=out)(parallel.put(key, parallel.replicated(mesh)))
 
