@@ -15,12 +15,14 @@ CE 1, alpha 1, beta 8, T 4, warm-up over the first 20/240 of the run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
 
 from kdjax.app import UsageError
 
 LM_ARCHS, VISION_ARCHS = ("transformer", "llama"), ("mlp", "resnet")
 FEATURE_OPTIONS = ("feature_layers", "feature_weight", "kd_weight")
+_load = importlib.import_module  # a row's library module, imported when the method is chosen (--help stays light)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +59,8 @@ def _feature(loss: str, weight: float):
 
 
 def _on_policy(args, teacher, student, total_steps):
-    from kdjax.onpolicy import OnPolicy
-
     prompt, new = on_policy_split(args)
-    return OnPolicy(teacher, args.method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
+    return _load("kdjax.onpolicy").OnPolicy(teacher, args.method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
                     temperature=args.temperature, prompt_length=prompt)
 
 
