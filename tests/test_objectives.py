@@ -216,3 +216,31 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_a_method_is_one_table_row(capsys, tmp_path, monkeypatch):
+    """docs/design.md's example: the objective above and one row of the method table give
+    `kdjax distill --method tv`, with the parser's choices, refusals and architecture check."""
+    from test_cli import kdjax_here
+
+    from kdjax.app import methods
+
+    row = methods.Method(lambda args, *_: TVPlusCE(args.kd_weight or 1.0), ("kd_weight",),
+                         reference="total variation + CE (docs/design.md's example)")
+    monkeypatch.setitem(methods.TABLE, "tv", row)
+    tiny = ["--steps", "3", "--seeds", "2", "--teacher-hidden", "16", "--student-hidden", "8", "--batch-size", "16",
+            "--quiet", "--no-plots", "--out", tmp_path / "o"]
+    p = kdjax_here(capsys, "distill", "--method", "tv", "--kd-weight", "2", *tiny)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "distilled (tv)" in p.stdout
+    for args, words in [(["--method", "tv", "--alpha", "0.5"], "--alpha: only used with --method kd"),
+                        (["--method", "tv", "--dataset", "text"], "--method tv: expected --arch mlp or resnet"),
+                        (["--method", "fitnet", "--kd-weight", "1", "--feature-weight", "1"], None)]:
+        p = kdjax_here(capsys, "distill", *args, "--steps", "1", "--quiet")
+        if words is None:  # kd_weight is now taken by a non-feature method too: the message names every method
+            assert p.returncode in (0, 2), p.stderr
+            continue
+        assert p.returncode == 2 and words in p.stderr, (args, p.stderr)
+    assert "tv" in methods.methods_taking("kd_weight")
+    p = kdjax_here(capsys, "distill", "--method", "kd", "--kd-weight", "1", "--steps", "1", "--quiet")
+    assert p.returncode == 2 and "--kd-weight: only used with --method fitnet, at, sp, rkd, pkt, crd or tv" in p.stderr

@@ -176,7 +176,7 @@ def cmd_distill(args, rep: Reporter) -> int:
         return _distill_from_cache(args, rep)
     methods.resolve_temperature(args)
     methods.check_arch(args)
-    if args.method in methods.ON_POLICY_METHODS:
+    if methods.on_policy(args.method):
         methods.on_policy_split(args)  # --prompt-tokens against --context, before anything is built
     check_temperature(args.temperature)  # before anything is trained
     check_alpha(args.alpha)
@@ -197,14 +197,14 @@ def cmd_distill(args, rep: Reporter) -> int:
         if t_state is None:
             inputs.check_lm_memory(args, teacher, "teacher")
     objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
-    if objective is not None and args.method not in methods.ON_POLICY_METHODS:
+    if hasattr(objective, "tap_shapes"):  # taps and connectors traced on abstract shapes
         methods.validate(objective, teacher, student, ds)
-    if args.method not in methods.ON_POLICY_METHODS:  # on-policy: the teacher runs online, nothing cached
+    if not getattr(objective, "teacher_online", False):  # on-policy: the teacher runs in the step, nothing cached
         inputs.check_logits_memory(ds, teacher, 1 if (args.teacher or t_state is not None) else 2 * args.seeds)
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, examples of shape {ds.input_shape}, "
              f"{ds.num_classes} classes; {cfg.describe()}; "
              + (f"T in {args.temperatures}, alpha in {args.alphas} (tuned)" if args.tune
-                else f"method {args.method}: {objective.describe()}" if objective is not None
+                else f"method {args.method}: {methods.describe(objective)}" if objective is not None
                 else f"T = {args.temperature:g}, alpha = {args.alpha:g}") + f"; {plural(args.seeds, 'seed')}")
     rep.line(f"teacher {inputs.describe(teacher)}, student {inputs.describe(student)}")
     if args.teacher and t_state is None:
@@ -293,7 +293,7 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
     if ds.name.startswith("synthetic"):
         lines.append(_SYNTHETIC)
     results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
-               "method": args.method, "objective": objective.describe() if objective is not None else None,
+               "method": args.method, "objective": methods.describe(objective) if objective is not None else None,
                "teacher_test_accuracy": float(acc["teacher"][0]) if "teacher" in acc else None,
                "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
                "paired_gain": gain, "losses": r.losses,

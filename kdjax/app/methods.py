@@ -82,22 +82,27 @@ TABLE = {
     "reverse_kl": Method(_on_policy, ("temperature", "prompt_tokens"), LM_ARCHS, 1.0,
                          "tinker-cookbook's on-policy distillation (reverse-KL advantages, importance sampling)"),
 }
-METHODS = tuple(TABLE)
-FEATURE_METHODS = tuple(m for m, row in TABLE.items() if "feature_layers" in row.options)
-ON_POLICY_METHODS = tuple(m for m, row in TABLE.items() if "prompt_tokens" in row.options)  # sample in the step
-# every option some method takes: with any other --method it is refused (the parser's "only with")
-METHOD_OPTIONS = tuple(dict.fromkeys(o for row in TABLE.values() for o in row.options))
 
 
 def methods_taking(option: str) -> tuple:
-    """The methods whose row lists ``option``."""
+    """The methods whose row lists ``option`` (``"prompt_tokens"``: the on-policy methods, which
+    sample in the step; ``"feature_layers"``: the feature methods)."""
     return tuple(m for m, row in TABLE.items() if option in row.options)
+
+
+def method_options() -> tuple:
+    """Every option some method takes: with any other ``--method`` it is refused."""
+    return tuple(dict.fromkeys(o for row in TABLE.values() for o in row.options))
+
+
+def on_policy(method: str) -> bool:
+    return "prompt_tokens" in TABLE[method].options
 
 
 def only_with(option: str) -> str:
     """The parser's refusal of ``option`` with another method: "only used with --method ..."."""
     taking = methods_taking(option)
-    if taking == FEATURE_METHODS:
+    if taking == methods_taking("feature_layers"):
         return "only used with a feature --method"
     names = ", ".join(taking[:-1]) + (" or " if len(taking) > 1 else "") + taking[-1]
     return f"only used with --method {names}"
@@ -179,6 +184,11 @@ def on_policy_split(args) -> tuple[int, int]:
         raise UsageError(f"--prompt-tokens: expected 1 to {args.context - 1} (the --context window holds the "
                          f"prompt and the completion), got {prompt}")
     return prompt, args.context - prompt
+
+
+def describe(objective) -> str:
+    """The objective in words: its ``describe()``, else its ``repr``."""
+    return objective.describe() if hasattr(objective, "describe") else repr(objective)
 
 
 def objective(args, teacher, student, total_steps: int):

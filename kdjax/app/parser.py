@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from kdjax.app import EXIT_USAGE, UsageError, commands
-from kdjax.app.methods import METHOD_OPTIONS, METHODS, TABLE, only_with
+from kdjax.app.methods import TABLE, method_options, only_with
 from kdjax.app.reporting import version
 
 __all__ = ["build_parser", "given_options", "check_modes", "resolve_defaults", "version"]
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float, default=None,
                          help="softening temperature T > 0 (default: 3, 08_distillation.py's; 4 with --method dkd, mdistiller's)")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term, in [0, 1]")
-    distill.add_argument("--method", choices=METHODS, default="kd",
+    distill.add_argument("--method", choices=list(TABLE), default="kd",
                          help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
                               "pkt, crd (mdistiller's weights); for language models also gkd (TRL's GKD) and "
                               "reverse_kl (on-policy; see docs/cli.md)")
@@ -407,15 +407,6 @@ _ONLY_WITH = {
                     (lambda a: a.optimizer == "sgd", "only used with --optimizer sgd")),
     **dict.fromkeys(("temperatures", "alphas", "validation_fraction"),
                     (lambda a: a.command != "distill" or a.tune, "only used with --tune")),
-    # the method options: each applies to the methods whose row in methods.TABLE lists it
-    **{o: (lambda a, o=o: a.command != "distill" or o in TABLE[a.method].options, only_with(o))
-       for o in METHOD_OPTIONS},
-    "temperature": (lambda a: a.command != "distill" or (not a.tune and ("temperature" in TABLE[a.method].options
-                                                                         or a.kd_weight)),
-                    only_with("temperature") + " (or a feature method with --kd-weight), and not with --tune "
-                    "(which chooses T from --temperatures)"),
-    "alpha": (lambda a: a.command != "distill" or (not a.tune and "alpha" in TABLE[a.method].options),
-              only_with("alpha") + " (without --tune)"),
     "checkpoint_every": (lambda a: a.out is not None, "only used with --out DIR"),  # --no-plots alone: harmless
     "overwrite": (lambda a: a.out is not None or getattr(a, "save_hf", None) is not None
                   or getattr(a, "save_hf_teacher", None) is not None,
@@ -423,10 +414,27 @@ _ONLY_WITH = {
 }
 
 
+def _method_options() -> dict:
+    """The method options' rules, read from the method table (``methods.TABLE``) when used:
+    each option applies to the methods whose row lists it."""
+    rules = {o: (lambda a, o=o: a.command != "distill" or o in TABLE[a.method].options, only_with(o))
+             for o in method_options()}
+    if "temperature" in rules:
+        rules["temperature"] = (lambda a: a.command != "distill" or (
+            not a.tune and ("temperature" in TABLE[a.method].options or a.kd_weight)),
+            only_with("temperature") + " (or a feature method with --kd-weight), and not with --tune (which "
+            "chooses T from --temperatures)")
+    if "alpha" in rules:
+        rules["alpha"] = (lambda a: a.command != "distill" or (not a.tune and "alpha" in TABLE[a.method].options),
+                          only_with("alpha") + " (without --tune)")
+    return rules
+
+
 def check_modes(args, given: set[str]) -> None:
     """Refuse an option the chosen mode would ignore: it would change nothing the user expects."""
+    rules = _ONLY_WITH | _method_options()
     for dest in sorted(given):
-        applies, why = _ONLY_WITH.get(dest, (None, None))
+        applies, why = rules.get(dest, (None, None))
         if applies is not None and not applies(args):
             raise UsageError(f"--{dest.replace('_', '-')}: {why}")
 
