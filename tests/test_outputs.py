@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from test_cli import kdjax_here
@@ -308,3 +309,37 @@ def test_cache_metadata_is_checked_when_read(tmp_path):
                         ({**ok, "teacher_config": config | {"model_type": "gpt2", "architectures": None}}, "")]:
         with pytest.raises(UsageError, match=words):
             commands._cache_teacher("c", {"vocab": 300}, meta)
+
+
+def test_a_resume_after_the_data_changed_is_refused(tmp_path, capsys, monkeypatch):
+    """The options alone cannot tell that the data changed after a kill: the run's identity
+    holds the data's content too."""
+    from kdjax import data
+
+    ds = data.synthetic(200, 10, 3, seed=0, test_samples=50)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    args = ["--dataset", path, *MLP, "--out", tmp_path / "out"]
+    with monkeypatch.context() as m:
+        _kill_after_writing(m, "students", 4)
+        assert kdjax_here(capsys, "distill", *args).returncode == 130
+    y = ds.y_train.copy()
+    y[0] = (y[0] + 1) % 3  # one label changed
+    np.savez(path, x_train=ds.x_train, y_train=y, x_test=ds.x_test, y_test=ds.y_test)
+    refused(kdjax_here(capsys, "distill", *args, "--resume"), "resume:", "data_sha256")
+
+
+def test_the_identity_holds_the_teachers_content(tmp_path):
+    from kdjax import data
+    from kdjax.app import inputs
+    from kdjax.workflows import Checkpoints
+
+    ds = data.synthetic(20, 4, 2, seed=0, test_samples=5)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"weights A")
+    ids = [inputs.with_inputs(Checkpoints("c", identity={"--seed": 0}), ds, teacher).identity]
+    (teacher / "model.safetensors").write_bytes(b"weights B")
+    ids.append(inputs.with_inputs(Checkpoints("c", identity={"--seed": 0}), ds, teacher).identity)
+    assert ids[0]["--seed"] == 0 and ids[0]["data_sha256"] == ids[1]["data_sha256"]
+    assert ids[0]["input0_sha256"] != ids[1]["input0_sha256"]

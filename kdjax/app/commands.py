@@ -188,6 +188,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     cfg = inputs.run_config(args)
     inputs.check_schedule_memory(args, len(ds.y_train), 3 * args.seeds)  # teachers, standard and distilled
     seeds = list(range(args.seed, args.seed + args.seeds))
+    ckpts = inputs.with_inputs(ckpts, ds, args.teacher)
     teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
     if tok is not None:
         rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
@@ -491,6 +492,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     cfg = inputs.run_config(args)
     inputs.check_schedule_memory(args, len(ds.y_train), 2 * args.seeds)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    ckpts = inputs.with_inputs(ckpts, ds, os.path.join(cache, "manifest.json"))
     validation = meta.get("validation") or {}
     same_validation = validation.get("tokens_sha256") == _sha256(np.ascontiguousarray(ds.x_test).tobytes())
     teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same_validation \
@@ -632,6 +634,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     temps, alphas = list(args.temperatures), list(args.alphas)
     inputs.check_schedule_memory(args, len(ds.y_train), len(temps) * len(alphas) * args.seeds + 1)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    ckpts = inputs.with_inputs(ckpts, ds, args.teacher)
     T, A, S = sweep.grid(temps, alphas, seeds)
     make_hyper(T, A)  # validates every value before anything is compiled
     teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)

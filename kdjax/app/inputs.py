@@ -15,7 +15,7 @@ from kdjax.errors import InputError
 
 __all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
            "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
-           "seal_out", "save_hf_overwrite", "identity", "check_program_memory", "check_lm_memory", "check_schedule_memory"]
+           "seal_out", "save_hf_overwrite", "identity", "with_inputs", "check_program_memory", "check_lm_memory", "check_schedule_memory"]
 
 
 def check_out(args) -> None:
@@ -408,6 +408,33 @@ def checkpoints(args):
         return None
     return Checkpoints(os.path.join(args.out, "checkpoints"), args.checkpoint_every, args.resume,
                        json.loads(json.dumps(jsonable(identity(args)))))  # as it reads back from disk
+
+
+def with_inputs(ckpts, ds, *paths):
+    """``ckpts`` whose identity also holds the content of the run's inputs: the data set's
+    arrays and every file of ``paths`` (a teacher folder or file, a cache), as sha256. A
+    ``--resume`` after the corpus, the teacher's weights or the cache changed is then refused,
+    as one with other options is (the options alone cannot tell)."""
+    import dataclasses
+    import hashlib
+
+    if ckpts is None:
+        return None
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        h.update(str((a.shape, a.dtype)).encode() + np.ascontiguousarray(a).tobytes())
+    extra = {"data_sha256": h.hexdigest()}
+    for i, path in enumerate(p for p in paths if p):
+        h = hashlib.sha256()
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+        for f in files:
+            h.update(os.path.relpath(f, path).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        extra[f"input{i}_sha256"] = h.hexdigest()
+    return dataclasses.replace(ckpts, identity={**(ckpts.identity or {}), **extra})
 
 
 _MESH_AXES = ("members", "data", "fsdp")
