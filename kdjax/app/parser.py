@@ -65,7 +65,8 @@ def _seed(text):
 
 def _common_output(p):
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="directory for results.json, plots (and checkpoints); without it nothing is saved")
+                   help="directory for results.json, plots, metrics.jsonl and checkpoints; without it none of "
+                        "these is written (--save-hf and --tensorboard write to their own folders)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace kdjax's own outputs of an earlier run in --out (nothing else there is touched)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
@@ -122,8 +123,8 @@ def _training_args(p, seeds_default: int):
     p.add_argument("--vocab-size", type=_positive_int, default=1024,
                    help="llama: the BPE trained when no tokenizer is given")
     p.add_argument("--save-hf", default=None, metavar="DIR",
-                   help="transformer, llama: write the distilled student of the first --seed as a Hugging Face "
-                        "folder (config.json, model.safetensors, tokenizer.json)")
+                   help="kdjax distill, transformer or llama: write the distilled student of the first --seed as "
+                        "a Hugging Face folder (config.json, model.safetensors; llama: tokenizer.json too)")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--dataset PATH.npz: the class count (default: the training labels' maximum + 1; "
                         "test labels outside it are refused)")
@@ -254,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --teacher-logits: the teacher's mass outside its top k, renormalised away "
                               "(zero) or one more outcome (DistillKit's symmetric_uniform)")
     distill.add_argument("--save-hf-teacher", default=None, metavar="DIR",
-                         help="transformer, llama: write the teacher (trained here for the first --seed, or the one "
-                              "loaded) as a Hugging Face folder (config.json, model.safetensors, tokenizer.json) "
-                              "that kdjax teacher-logits --teacher DIR and transformers load")
+                         help="llama: write the teacher (trained here for the first --seed, or the one loaded) as a "
+                              "Hugging Face folder (config.json, model.safetensors, tokenizer.json) that kdjax "
+                              "teacher-logits --teacher DIR and transformers load")
     distill.add_argument("--teacher-steps", type=_positive_int, default=None,
                          help="train the teachers this many steps (default: as the students)")
     distill.add_argument("--tune", action="store_true",
@@ -397,9 +398,9 @@ _ONLY_WITH = {
                    "folder)"),
     "save_hf": (lambda a: a.command == "distill" and a.arch in ("transformer", "llama"),
                 "only used with kdjax distill --arch transformer or llama"),
-    "save_hf_teacher": (lambda a: a.arch in ("transformer", "llama") and not a.teacher_logits,
-                        "only used with --arch transformer or llama, and not with --teacher-logits (no teacher "
-                        "runs: the cache is all there is of it)"),
+    "save_hf_teacher": (lambda a: a.arch == "llama" and not a.teacher_logits,
+                        "only used with --arch llama (a folder kdjax teacher-logits reads), and not with "
+                        "--teacher-logits (no teacher runs: the cache is all there is of it)"),
     "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
     "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch not in ("transformer", "llama"),
                     "only used with a --dataset PATH.npz of labelled examples"),
