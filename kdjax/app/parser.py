@@ -65,8 +65,8 @@ def _seed(text):
 
 def _common_output(p):
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="directory for results.json, plots, metrics.jsonl and checkpoints; without it none of "
-                        "these is written (--save-hf and --tensorboard write to their own folders)")
+                   help="directory for results.json, plots, metrics.jsonl and checkpoints; without it nothing is "
+                        "saved but what --save-hf and --tensorboard write to their own folders")
     p.add_argument("--overwrite", action="store_true",
                    help="replace kdjax's own outputs of an earlier run in --out (nothing else there is touched)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
