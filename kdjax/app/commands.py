@@ -416,6 +416,8 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
     coverage = round(topk_coverage(teacher, variables, ds.x_test, args.k, min(args.batch_size, len(ds.x_test))), 6)
     metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
                 "tokenizer_sha256": _sha256(tok.to_str().encode()), "dataset": ds.name, "context": int(length),
+                # the shards' bytes depend on the batch (XLA's sums): a resume with another one is refused
+                "batch_size": int(args.batch_size),
                 "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(ds.x_test).tobytes()),
                                "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
                                "topk_coverage": coverage}}
