@@ -13,6 +13,7 @@ import tomllib
 import pytest
 
 from test_cli import kdjax_here
+from test_cli_trust import refused
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LM = ["--dataset", "text", "--arch", "llama", "--text-bytes", "20000", "--context", "16", "--teacher-layers", "1",
@@ -66,14 +67,6 @@ def test_no_plots_without_out_is_accepted_harmless():
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
     check_modes(args, given_options(argv))  # no UsageError
-
-
-def refused(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdjax: error:"), p.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_teacher_trained_here_then_its_top_k_cache_then_students_from_it(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from test_cli import kdjax_here
+from test_cli_trust import refused, snapshot
 
 pytest.importorskip("matplotlib")
 
@@ -23,18 +24,6 @@ MLP = ["--steps", "6", "--seeds", "1", "--teacher-hidden", "16", "--student-hidd
 LM = ["--dataset", "text", "--arch", "llama", "--steps", "4", "--seeds", "1", "--text-bytes", "20000", "--context", "16",
       "--teacher-layers", "1", "--teacher-dim", "16", "--student-dim", "16", "--vocab-size", "300", "--quiet",
       "--no-plots", "--checkpoint-every", "2"]
-
-
-def snapshot(directory):
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def refused(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdjax: error:"), p.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")
