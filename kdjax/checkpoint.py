@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from kdjax import parallel
 from kdjax.errors import InputError
 
 __all__ = ["save", "load", "save_rotating", "load_latest", "RotatingSaver", "atomic_write_bytes",
@@ -277,6 +278,7 @@ def _restore(path: str, arrays: dict, target):
     import orbax.checkpoint as ocp
 
     like = _like(path, arrays, _empty, target)
+    parallel.barrier("kdjax-checkpoint-restore")  # the reader's first step is a collective
     with ocp.StandardCheckpointer() as reader:
         tree = reader.restore(os.path.abspath(os.path.join(path, ARRAYS)), jax.tree_util.tree_map(_abstract, like))
     return _into(target, tree)
@@ -393,7 +395,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _barrier(name: str) -> None:
+def _barrier(name: str) -> None:  # (in the saver's thread: a collective, not parallel.barrier)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

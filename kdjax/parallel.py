@@ -345,8 +345,22 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
+        barrier("kdjax_to_host")
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``barrier(name)``; a no-op for one process.
+
+    Before a cross-process collective: gloo gives a collective's first connection 30 s,
+    and a process may arrive later than that (members on separate processes share no
+    collective while they train); the coordination service's barrier waits 10 minutes.
+    """
+    if jax.process_count() > 1:
+        from jax._src import distributed  # the one barrier with a timeout JAX offers
+
+        distributed.global_state.client.wait_at_barrier(name, 600_000)
 
 
 _ENV = ("KDJAX_COORDINATOR", "KDJAX_NUM_PROCESSES", "KDJAX_PROCESS_ID")

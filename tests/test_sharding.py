@@ -92,6 +92,7 @@ def test_two_processes_killed_and_resumed_end_bit_for_bit(tmp_path):
     for p in procs:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+    assert ckpt.exists(), [p.stderr.read()[-3000:] for p in procs]
     _, meta, _, _ = checkpoint.load_latest(ckpt)
     assert 0 < meta["done"] < 300 and not (tmp_path / "part" / "results.json").exists()
     outs = _finish(_two_process_cli(args + ["--out", str(tmp_path / "part"), "--resume"], _free_port()))
