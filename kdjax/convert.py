@@ -569,7 +569,8 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
     ``config.json`` and ``model.safetensors`` and removes a stale index and shards of
     ``save_hf``'s naming (``hf_files``); every other file in the folder is left as it was.
     Each file is written to a temporary file in the folder and renamed into place, so a
-    crash leaves each file old or new, never half written.
+    crash leaves each file old or new, never half written. On many processes every process
+    calls it: sharded arrays are gathered (``parallel.to_host``) and process 0 writes.
 
     Args:
       model: a kdjax ``Llama``-family model or ``TransformerLM``.
@@ -585,14 +586,15 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
         ``directory`` that is a file, or one holding ``hf_files`` without ``overwrite``.
       InputTypeError: ``model`` is not one of kdjax's decoders.
     """
-    import json
     import os
 
-    from kdjax.checkpoint import temp_file
+    import jax
+
+    from kdjax import parallel
     from kdjax.models import Llama, TransformerLM
 
     try:
-        from safetensors.numpy import save_file
+        import safetensors.numpy  # noqa: F401
     except ImportError:
         raise InputError("save_hf: needs the safetensors package (pip install 'kdjax[hf]')") from None
 
@@ -611,7 +613,24 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
     if own and not overwrite:
         raise InputError(f"save_hf: {path} exists; pass overwrite=True to replace its "
                          f"{', '.join(os.path.basename(f) for f in own)} (no other file is touched)")
-    tensors = {k: np.ascontiguousarray(v) for k, v in variables_to_torch(variables).items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in
+               variables_to_torch(jax.tree_util.tree_map(parallel.to_host, variables)).items()}
+    parallel.barrier("kdjax-save-hf-checked")  # every process has checked the folder before it changes
+    written = [os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")]
+    if jax.process_index() == 0:
+        _write_hf_files(path, own, tensors, config)
+    parallel.barrier("kdjax-save-hf-written")
+    return sorted(written)
+
+
+def _write_hf_files(path: str, own: list, tensors: dict, config: dict) -> None:
+    import json
+    import os
+
+    from safetensors.numpy import save_file
+
+    from kdjax.checkpoint import temp_file
+
     created = not os.path.exists(path)
     os.makedirs(path, exist_ok=True)
     for stale in os.listdir(path):  # a save_hf a kill interrupted: its own temporary files only
@@ -636,9 +655,8 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
         for name in own:  # a stale index first: readers then take model.safetensors
             if os.path.basename(name) not in ("config.json", "model.safetensors"):
                 os.unlink(name)
-        written = [os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")]
-        os.replace(weights, written[0])
-        os.replace(cfg, written[1])
+        os.replace(weights, os.path.join(path, "model.safetensors"))
+        os.replace(cfg, os.path.join(path, "config.json"))
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -651,4 +669,3 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
         if created and not os.listdir(path):
             os.rmdir(path)
         raise
-    return sorted(written)

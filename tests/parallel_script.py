@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kdjax
-from kdjax import checkpoint, data, parallel, sweep
+from kdjax import checkpoint, convert, data, parallel, sweep
 from kdjax.errors import InputError
 
 
@@ -289,6 +289,7 @@ def distributed_fsdp_run(out_path):
                         data.seed_schedule(jax.random.PRNGKey(2), 32, 8, 4), jax.random.PRNGKey(4),
                         kdjax.make_hyper(2.0, 0.5), t_state)
     checkpoint.save(out_path, {"state": state, "losses": losses}, {**_where(), "held": held})
+    convert.save_hf(student, {"params": state.params}, out_path + ".hf")  # gathered; process 0 writes
 
 
 def _where() -> dict:

@@ -122,6 +122,14 @@ def test_two_processes_train_like_one_process(tmp_path, variant):
     assert meta_one == {"processes": 1, "devices": 4, "local_devices": 4, **held}
     for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if variant == "fsdp":  # the Hugging Face folder of the sharded student, written by process 0
+        from safetensors.numpy import load_file
+
+        hf_two, hf_one = load_file(tmp_path / "two.ckpt.hf" / "model.safetensors"), \
+            load_file(tmp_path / "one.ckpt.hf" / "model.safetensors")
+        assert sorted(hf_two) == sorted(hf_one) and len(hf_two) > 5
+        for name in hf_one:
+            np.testing.assert_allclose(hf_two[name], hf_one[name], rtol=1e-5, atol=1e-6)
 
 
 def _two_process_cli(args, port):

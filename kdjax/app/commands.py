@@ -50,6 +50,10 @@ def _metrics_log(args, members: dict):
     """``metrics.jsonl`` in --out (when given) and TensorBoard scalars (--tensorboard DIR)."""
     from kdjax.app.metrics import MetricsLog
 
+    import jax
+
+    if jax.process_index() != 0:  # on many hosts, process 0 logs (every process sees every loss)
+        return MetricsLog(None, None, members)
     path = None if args.out is None else os.path.join(args.out, "metrics.jsonl")
     return MetricsLog(path, args.tensorboard, members, resume=getattr(args, "resume", False))
 
@@ -348,11 +352,15 @@ def _write_hf(args, flag: str, model, state, tok) -> None:
 
     from kdjax.app import outputs
 
+    import jax
+
     directory = args.save_hf if flag == "--save-hf" else args.save_hf_teacher
     overwrite = inputs.save_hf_overwrite(args, flag)  # as checked before the run
-    outputs.mark_writing(args, flag)
+    primary = jax.process_index() == 0  # on many hosts, process 0 writes (save_hf too)
+    if primary:
+        outputs.mark_writing(args, flag)
     convert.save_hf(model, {"params": state.params, **state.model_state}, directory, overwrite=overwrite)
-    if tok is not None:
+    if tok is not None and primary:
         checkpoint.atomic_write_text(os.path.join(directory, "tokenizer.json"), tok.to_str())
 
 

@@ -47,16 +47,24 @@ def check_out(args) -> None:
 
 def claim_out(args) -> None:
     """Once every input is accepted: clear the old run (--overwrite: exactly the outputs kdjax
-    recorded writing), create --out and record what this run may write there."""
+    recorded writing), create --out and record what this run may write there. On many
+    processes process 0 does it, between two barriers: every process has checked --out
+    before it changes, and none writes into it before it is claimed."""
+    import jax
+
+    from kdjax import parallel
     from kdjax.app import outputs
 
     if args.out is None:
         return
-    folders = {dest: getattr(args, dest, None) for _, dest in outputs.HF_OUTPUTS}
-    claimed = {dest: os.path.realpath(os.path.abspath(d)) if d else None for dest, d in folders.items()}
-    if not getattr(args, "resume", False):  # a new run has written no Hugging Face folder yet
-        claimed |= {dest + "_writing": False for dest in folders}
-    outputs.Outputs(args.out, outputs.declared(args)).claim(args.overwrite, **claimed)
+    parallel.barrier("kdjax-out-checked")
+    if jax.process_index() == 0:
+        folders = {dest: getattr(args, dest, None) for _, dest in outputs.HF_OUTPUTS}
+        claimed = {dest: os.path.realpath(os.path.abspath(d)) if d else None for dest, d in folders.items()}
+        if not getattr(args, "resume", False):  # a new run has written no Hugging Face folder yet
+            claimed |= {dest + "_writing": False for dest in folders}
+        outputs.Outputs(args.out, outputs.declared(args)).claim(args.overwrite, **claimed)
+    parallel.barrier("kdjax-out-claimed")
 
 
 def seal_out(args) -> None:
