@@ -182,8 +182,12 @@ def main(argv=None) -> int:
     for name, res in out["presets"].items():
         t = Table(title=f"preset {name}: teacher {res['shapes']['teacher']}, student "
                         f"{res['shapes']['student']}, batch {res['shapes']['batch']}")
+        image = bool(res["shapes"].get("image"))
+        if image:  # the CPU reference is torch's default layout; channels-last beside it
+            res["torch_nchw"], res["speedup_vs_torch_nchw"] = nchw_reference(
+                {n: r["us_per_step"]["median"] for n, r in res["results"].items() if "us_per_step" in r})
         for col in ("impl", "µs/step med", "min", "max", "steps/s", "GFLOP/s", "% peak",
-                    "compile s", "× torch_eager", "× best peer"):
+                    "compile s", "× torch NCHW (CPU ref)" if image else "× torch_eager", "× best peer"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in res["results"].items():
             if "error" in r:
@@ -196,7 +200,9 @@ def main(argv=None) -> int:
                       f"{us['median']:.1f}", f"{us['min']:.1f}", f"{us['max']:.1f}",
                       f"{r['steps_per_s']:.0f}", f"{r['gflops']:.2f}", f"{100 * r['frac_peak']:.1f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
-                      f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.2f}",
+                      (f"{res['speedup_vs_torch_nchw'][impl]:.2f}" if impl in res["speedup_vs_torch_nchw"]
+                       else "(ref)" if impl == res["torch_nchw"] else "") if image
+                      else f"{res['speedup_vs_torch_eager'].get(impl, 1.0):.2f}",
                       f"{res['speedup_vs_best_torch'][impl]:.2f}" if impl in res["speedup_vs_best_torch"]
                       else " ".join(f"(best {k})" for k, v in res["best_torch"].items() if v == impl))
         console.print(t)
@@ -226,12 +232,16 @@ def main(argv=None) -> int:
         sh = f["shape"]
         t = Table(title=f"preset features: ResNet teacher {sh['teacher']} -> student {sh['student']}, batch "
                         f"{sh['batch']}, {sh['image']} images, teacher online; {sh['objective']}")
-        for col in ("impl", "ms/step med", "min", "max", "compile s", "× best peer"):
+        f["torch_nchw"], f["speedup_vs_torch_nchw"] = nchw_reference(
+            {n: r["ms_per_step"]["median"] for n, r in f["results"].items()})
+        for col in ("impl", "ms/step med", "min", "max", "compile s", "× torch NCHW (CPU ref)", "× best peer"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in f["results"].items():
             ms = r["ms_per_step"]
             t.add_row(impl, f"{ms['median']:.1f}", f"{ms['min']:.1f}", f"{ms['max']:.1f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                      f"{f['speedup_vs_torch_nchw'][impl]:.2f}" if impl in f["speedup_vs_torch_nchw"]
+                      else "(ref)" if impl == f["torch_nchw"] else "",
                       f"{f['speedup_vs_best_peer'][impl]:.2f}" if impl in f["speedup_vs_best_peer"]
                       else "(best)" if impl == f["best_peer"] else "")
         console.print(t)
@@ -290,6 +300,16 @@ def main(argv=None) -> int:
         with open(args.json_path, "w") as f:
             json.dump(out, f, indent=2)
     return 0
+
+
+def nchw_reference(med: dict) -> tuple[str | None, dict]:
+    """The image presets' CPU reference: the fastest PyTorch single-run row in torch's default
+    (NCHW) layout, and ``{kdjax row: its median / the row's median}`` (> 1: kdjax faster).
+    The channels-last rows stay in the table beside it (and in ``best_torch``)."""
+    nchw = {n: m for n, m in med.items()
+            if n.startswith("torch") and "channels_last" not in n and "sweep" not in n}
+    ref = min(nchw, key=nchw.get) if nchw else None
+    return ref, {n: med[ref] / m for n, m in med.items() if ref and n.startswith("kdjax") and "sweep" not in n}
 
 
 def jax_rows(out: dict) -> dict:
