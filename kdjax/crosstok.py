@@ -1,0 +1,343 @@
+"""Cross-tokenizer distillation: Universal Logit Distillation (ULD, Boizard et al., 2024).
+
+A teacher with another tokenizer has another vocabulary, so its distribution cannot be
+compared token by token with the student's. ULD compares the *sorted* probabilities instead:
+per aligned position ``k``, with ``p`` the student's and ``q`` the teacher's probabilities
+(each side at its own temperature), both sorted in descending order and zero-padded to the
+larger vocabulary ``V = max(V_s, V_t)``::
+
+    uld_b = (1 / n_b) · Σ_{k < n_b} Σ_{v < V} | sort↓(p_{b,k})_v − sort↓(q_{b,k})_v |
+    loss  = mean_b uld_b
+
+Equal to TRL 1.16's ``trl.experimental.gold.ULDLoss`` (``GOLDConfig`` defaults:
+``uld_skip_student_eos=True``, ``uld_skip_teacher_eos=True``, temperatures 1, distillation
+weight 1, cross-entropy weight 0, "observed" merging):
+
+* **Positional alignment** (``uld_loss``, TRL's ``use_extended_uld=False``): each side's masked
+  positions in order, the last one dropped per side when skipping its EOS, truncated to the
+  shorter side, ``n_b`` that length; a row with no position left on either side contributes 0
+  and still counts in the batch mean. TRL slices ``[first masked, first masked + count)``; for
+  a contiguous mask (its answer span) that is the same positions.
+* **Byte-offset alignment** (``align_by_byte_offsets``, ``alignment_indices``,
+  ``uld_loss_aligned``; TRL's ``use_extended_uld=True``): two tokenizations of the same text
+  are grouped where both split at the same byte; a group of positions ``[i, …, i+k]`` becomes
+  ``probs[i] · Π_{j=i+1..i+k} max(probs[j, token_j], 1e-8)`` (the first position's distribution
+  times the conditional probabilities of the tokens actually there); ``n_b`` is the number of
+  groups with positions on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.errors import InputError, InputTypeError
+
+__all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "ULD", "MERGE_EPS"]
+
+MERGE_EPS = 1e-8  # TRL's clamp of a merged token's conditional probability
+
+
+def _check_logits(logits, name: str):
+    shape = jnp.shape(logits)
+    if len(shape) != 3:
+        raise InputError(f"{name}: expected [batch, length, vocab] logits, got shape {list(shape)}")
+    if not jnp.issubdtype(jnp.result_type(logits), jnp.floating):
+        raise InputTypeError(f"{name}: expected floating logits, got {jnp.result_type(logits)}")
+    if shape[-1] < 1 or shape[1] < 1:
+        raise InputError(f"{name}: expected a non-empty length and vocabulary, got shape {list(shape)}")
+
+
+def _check_where(where, shape, name: str):
+    if where is None:
+        raise InputError(f"{name}: expected a [batch, length] bool mask, got None")
+    if jnp.result_type(where) != jnp.bool_:
+        raise InputTypeError(f"{name}: expected a bool mask, got {jnp.result_type(where)}")
+    if tuple(jnp.shape(where)) != tuple(shape):
+        raise InputError(f"{name}: expected shape {list(shape)} (the logits' [batch, length]), "
+                         f"got {list(jnp.shape(where))}")
+
+
+def _check_temperature(t, name: str):
+    if isinstance(t, (int, float, np.floating, np.integer)) and not t > 0:
+        raise InputError(f"{name}: expected a positive temperature, got {t}")
+
+
+def _sorted_l1(p, q):
+    """``Σ_v |sort↓(p)_v − sort↓(q)_v|`` per row, both zero-padded to the larger vocabulary."""
+    v = max(p.shape[-1], q.shape[-1])
+    ps = -jnp.sort(-p, axis=-1)
+    qs = -jnp.sort(-q, axis=-1)
+    ps = jnp.pad(ps, [(0, 0)] * (p.ndim - 1) + [(0, v - p.shape[-1])])
+    qs = jnp.pad(qs, [(0, 0)] * (q.ndim - 1) + [(0, v - q.shape[-1])])
+    return jnp.sum(jnp.abs(ps - qs), axis=-1)
+
+
+def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, student_temperature=1.0,
+             teacher_temperature=1.0, skip_student_eos=True, skip_teacher_eos=True):
+    """ULD with positional alignment: TRL's ``ULDLoss`` (``use_extended_uld=False``).
+
+    ``loss = mean_b (1/n_b) Σ_{k<n_b} Σ_v |sort↓(softmax(s_{b,π_s(k)}/T_s))_v −
+    sort↓(softmax(t_{b,π_t(k)}/T_t))_v|`` with ``π`` each side's masked positions in order,
+    ``n_b = min(#s − e_s, #t − e_t)`` (``e`` = 1 when skipping that side's EOS, its last masked
+    position), rows with ``n_b ≤ 0`` contributing 0; vocabularies zero-padded to the larger.
+
+    Args:
+      student_logits: ``[B, L_s, V_s]`` floats.
+      teacher_logits: ``[B, L_t, V_t]`` floats (another length and vocabulary allowed); no
+        gradient flows into it.
+      student_where: ``[B, L_s]`` bool, the student's scored positions.
+      teacher_where: ``[B, L_t]`` bool, the teacher's.
+      student_temperature, teacher_temperature: positive; each side's softmax temperature.
+      skip_student_eos, skip_teacher_eos: drop each row's last masked position on that side
+        (TRL's defaults: both True).
+
+    Returns:
+      The float scalar loss.
+
+    Raises:
+      InputError: wrong ranks, batch sizes, mask shapes or a non-positive temperature.
+      InputTypeError: integer logits or a non-bool mask.
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    b, ls, _ = student_logits.shape
+    bt, lt, _ = teacher_logits.shape
+    if b != bt:
+        raise InputError(f"teacher_logits: expected batch size {b} (the student's), got {bt}")
+    _check_where(student_where, (b, ls), "student_where")
+    _check_where(teacher_where, (b, lt), "teacher_where")
+    _check_temperature(student_temperature, "student_temperature")
+    _check_temperature(teacher_temperature, "teacher_temperature")
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    k = min(ls, lt)
+    # each side's masked positions first, in order (a stable sort of the unmasked flag)
+    order_s = jnp.argsort(~student_where, axis=1, stable=True)[:, :k]
+    order_t = jnp.argsort(~teacher_where, axis=1, stable=True)[:, :k]
+    s = jnp.take_along_axis(student_logits, order_s[..., None], axis=1)
+    t = jnp.take_along_axis(teacher_logits, order_t[..., None], axis=1)
+    p = jax.nn.softmax(s / student_temperature, axis=-1)
+    q = jax.nn.softmax(t / teacher_temperature, axis=-1)
+    n_s = jnp.sum(student_where, axis=1) - int(bool(skip_student_eos))
+    n_t = jnp.sum(teacher_where, axis=1) - int(bool(skip_teacher_eos))
+    n = jnp.maximum(jnp.minimum(n_s, n_t), 0)
+    valid = jnp.arange(k)[None, :] < n[:, None]
+    per = jnp.where(valid, _sorted_l1(p, q), 0.0)
+    return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
+
+
+# ----------------------------------------------------------------------------- byte-offset alignment
+
+def align_by_byte_offsets(s_offsets, t_offsets):
+    """Groups of positions where two tokenizations of the same text split at the same byte.
+
+    Walks both ``(start, end)`` byte-offset lists, advancing the side whose current token ends
+    earlier; a group closes when both sides end at the same byte (TRL's
+    ``ULDLoss._align_by_byte_offsets``). What is left of either side when one runs out forms a
+    last group (possibly empty on one side).
+
+    Args:
+      s_offsets, t_offsets: sequences of ``(start, end)`` byte offsets, one per token.
+
+    Returns:
+      ``(student_groups, teacher_groups)``: equal-length lists of lists of positions.
+    """
+    s_groups, t_groups = [], []
+    s_start = t_start = s = t = 0
+    n_s, n_t = len(s_offsets), len(t_offsets)
+    while s < n_s and t < n_t:
+        s_end, t_end = s_offsets[s][1], t_offsets[t][1]
+        s += s_end <= t_end
+        t += t_end <= s_end
+        if s_end == t_end:
+            s_groups.append(list(range(s_start, s)))
+            t_groups.append(list(range(t_start, t)))
+            s_start, t_start = s, t
+    if s < n_s or t < n_t:
+        s_groups.append(list(range(s_start, n_s)))
+        t_groups.append(list(range(t_start, n_t)))
+    return s_groups, t_groups
+
+
+def alignment_indices(student_offsets, teacher_offsets, student_where, teacher_where, *, groups=None,
+                      members=None, skip_student_eos=True, skip_teacher_eos=True):
+    """Host-side (NumPy) index arrays for ``uld_loss_aligned``, one row per batch item.
+
+    Each row's scored positions are its masked positions in order (the last dropped when
+    skipping that side's EOS); their byte offsets are aligned with ``align_by_byte_offsets``
+    and the pairs with positions on both sides kept (TRL drops the others).
+
+    Args:
+      student_offsets: ``[B, L_s, 2]`` int byte offsets of the student's tokens (one text per row).
+      teacher_offsets: ``[B, L_t, 2]`` the teacher's, in the same byte coordinates.
+      student_where, teacher_where: ``[B, L]`` bool masks.
+      groups: the number of group slots ``G`` (default: the most any row needs).
+      members: the most positions per group ``M`` (default: the most any group has).
+      skip_student_eos, skip_teacher_eos: as in ``uld_loss``.
+
+    Returns:
+      A dict of NumPy arrays: ``student_index``/``teacher_index`` ``[B, G, M]`` positions,
+      ``student_member``/``teacher_member`` ``[B, G, M]`` bool (slot used), ``group_valid``
+      ``[B, G]`` bool. Slot 0 of a group is its first position (the merged distribution's base).
+
+    Raises:
+      InputError: shapes that disagree, or ``groups``/``members`` too small for the data.
+    """
+    so, to = np.asarray(student_offsets), np.asarray(teacher_offsets)
+    sw, tw = np.asarray(student_where, bool), np.asarray(teacher_where, bool)
+    if so.ndim != 3 or so.shape[-1] != 2 or to.ndim != 3 or to.shape[-1] != 2:
+        raise InputError(f"offsets: expected [batch, length, 2], got {list(so.shape)} and {list(to.shape)}")
+    if sw.shape != so.shape[:2] or tw.shape != to.shape[:2] or so.shape[0] != to.shape[0]:
+        raise InputError(f"where: expected {list(so.shape[:2])} and {list(to.shape[:2])}, got {list(sw.shape)} "
+                         f"and {list(tw.shape)}")
+    rows = []
+    for i in range(so.shape[0]):
+        ps, pt = np.flatnonzero(sw[i]), np.flatnonzero(tw[i])
+        ps, pt = ps[:max(len(ps) - int(skip_student_eos), 0)], pt[:max(len(pt) - int(skip_teacher_eos), 0)]
+        if len(ps) == 0 or len(pt) == 0:
+            rows.append([])
+            continue
+        sg, tg = align_by_byte_offsets(so[i, ps].tolist(), to[i, pt].tolist())
+        rows.append([([int(ps[j]) for j in a], [int(pt[j]) for j in c]) for a, c in zip(sg, tg) if a and c])
+    need_g = max([len(r) for r in rows] + [1])
+    need_m = max([max(len(a), len(c)) for r in rows for a, c in r] + [1])
+    g = need_g if groups is None else groups
+    m = need_m if members is None else members
+    if g < need_g or m < need_m:
+        raise InputError(f"groups/members: the data need at least {need_g} groups of {need_m} positions, "
+                         f"got {g} and {m}")
+    out = {k: np.zeros((so.shape[0], g, m), np.int32) for k in ("student_index", "teacher_index")}
+    out.update({k: np.zeros((so.shape[0], g, m), bool) for k in ("student_member", "teacher_member")})
+    out["group_valid"] = np.zeros((so.shape[0], g), bool)
+    for i, r in enumerate(rows):
+        for j, (a, c) in enumerate(r):
+            out["student_index"][i, j, :len(a)], out["student_member"][i, j, :len(a)] = a, True
+            out["teacher_index"][i, j, :len(c)], out["teacher_member"][i, j, :len(c)] = c, True
+            out["group_valid"][i, j] = True
+    return out
+
+
+def _merge(probs, tokens, index, member):
+    """``probs[first] · Π_{later members} max(probs[pos, tokens[pos]], MERGE_EPS)`` per group."""
+    rows = jnp.take_along_axis(probs, index.reshape(index.shape[0], -1)[..., None], axis=1)
+    rows = rows.reshape(*index.shape, probs.shape[-1])  # [B, G, M, V]
+    tok = jnp.take_along_axis(tokens, index.reshape(index.shape[0], -1), axis=1).reshape(index.shape)
+    scal = jnp.take_along_axis(rows, tok[..., None], axis=-1)[..., 0]  # [B, G, M]
+    later = member & (jnp.arange(index.shape[-1]) > 0)
+    factor = jnp.prod(jnp.where(later, jnp.maximum(scal, MERGE_EPS), 1.0), axis=-1)
+    return rows[:, :, 0, :] * factor[..., None]
+
+
+def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_tokens, alignment,
+                     student_temperature=1.0, teacher_temperature=1.0):
+    """ULD over byte-offset alignment groups: TRL's ``ULDLoss`` with ``use_extended_uld=True``
+    ("observed" merging).
+
+    ``loss = mean_b (1/G_b) Σ_{g<G_b} Σ_v |sort↓(P_{b,g})_v − sort↓(Q_{b,g})_v|`` where a group
+    ``[i, …, i+k]`` of one side merges to ``probs[i] · Π_{j>i} max(probs[j, token_j], 1e-8)``
+    and ``G_b`` is row b's number of groups (rows with none contribute 0).
+
+    Args:
+      student_logits: ``[B, L_s, V_s]``; teacher_logits: ``[B, L_t, V_t]`` (no gradient).
+      student_tokens: ``[B, L_s]`` ints, the student's tokens at its positions (the ids whose
+        conditional probability a merge multiplies in); teacher_tokens: ``[B, L_t]``.
+      alignment: ``alignment_indices(...)``'s dict (NumPy or jnp arrays).
+      student_temperature, teacher_temperature: positive softmax temperatures.
+
+    Returns:
+      The float scalar loss.
+
+    Raises:
+      InputError: shapes that disagree or a non-positive temperature.
+      InputTypeError: integer logits or non-integer tokens.
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    _check_temperature(student_temperature, "student_temperature")
+    _check_temperature(teacher_temperature, "teacher_temperature")
+    keys = ("student_index", "teacher_index", "student_member", "teacher_member", "group_valid")
+    if not isinstance(alignment, dict) or any(k not in alignment for k in keys):
+        raise InputError(f"alignment: expected alignment_indices(...)'s dict with keys {keys}, got "
+                         f"{sorted(alignment) if isinstance(alignment, dict) else type(alignment).__name__}")
+    for name, tok, logits in (("student_tokens", student_tokens, student_logits),
+                              ("teacher_tokens", teacher_tokens, teacher_logits)):
+        if not jnp.issubdtype(jnp.result_type(tok), jnp.integer):
+            raise InputTypeError(f"{name}: expected integer token ids, got {jnp.result_type(tok)}")
+        if tuple(jnp.shape(tok)) != tuple(logits.shape[:2]):
+            raise InputError(f"{name}: expected shape {list(logits.shape[:2])}, got {list(jnp.shape(tok))}")
+    valid = jnp.asarray(alignment["group_valid"])
+    if valid.shape[0] != student_logits.shape[0] or teacher_logits.shape[0] != student_logits.shape[0]:
+        raise InputError(f"alignment: expected batch size {student_logits.shape[0]}, got {valid.shape[0]} "
+                         f"(teacher {teacher_logits.shape[0]})")
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
+    q = jax.nn.softmax(teacher_logits / teacher_temperature, axis=-1)
+    sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),
+                jnp.asarray(alignment["student_member"]))
+    tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
+                jnp.asarray(alignment["teacher_member"]))
+    per = jnp.where(valid, _sorted_l1(sp, tq), 0.0)
+    n = jnp.sum(valid, axis=1)
+    return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
+
+
+# ----------------------------------------------------------------------------- the objective
+
+@dataclasses.dataclass(frozen=True)
+class ULD:
+    """Train a student with ULD against a teacher of another tokenizer (positional alignment):
+    ``crossentropy_weight · mean_where(CE(student(x), y)) + distillation_weight · uld_loss``.
+
+    The batch: ``"x"``/``"y"``/``"where"`` the student's tokens, targets and scored positions;
+    ``"teacher_where"`` the teacher's scored positions; the teacher's logits cached as
+    ``batch["teacher_logits"]`` or from the online teacher (``Teacher(model, variables)``) on
+    ``batch["teacher_x"]``, its own tokenization of the same text. ``hyper`` is unused (may be
+    None); the defaults are TRL's ``GOLDConfig``'s.
+    """
+
+    crossentropy_weight: float = 0.0
+    distillation_weight: float = 1.0
+    student_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    skip_student_eos: bool = True
+    skip_teacher_eos: bool = True
+
+    def __post_init__(self):
+        for name in ("crossentropy_weight", "distillation_weight"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name}: expected a non-negative weight, got {getattr(self, name)}")
+        _check_temperature(self.student_temperature, "student_temperature")
+        _check_temperature(self.teacher_temperature, "teacher_temperature")
+
+    def check(self, batch, *, hyper, teacher):
+        for key in ("x", "y", "where", "teacher_where"):
+            if key not in batch:
+                raise InputError(f"ULD: expected batch[{key!r}], got keys {sorted(batch)}")
+        if "teacher_logits" not in batch and (teacher is None or "teacher_x" not in batch):
+            raise InputError("ULD: expected batch['teacher_logits'] or a bound teacher with batch['teacher_x'] "
+                             "(the teacher's tokenization of the same text)")
+
+    def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        from kdjax.objectives import apply_model  # kdjax.objectives imports the loss modules
+        from kdjax.losses import hard_ce, masked_mean
+
+        self.check(batch, hyper=hyper, teacher=teacher)
+        logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
+        if "teacher_logits" in batch:
+            t = batch["teacher_logits"]
+        else:
+            variables = dict(teacher.variables)
+            t = apply_model(teacher.model, variables.pop("params"), variables, batch["teacher_x"], train=False)[0]
+        uld = uld_loss(logits, t, student_where=batch["where"], teacher_where=batch["teacher_where"],
+                       student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature,
+                       skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos)
+        loss = self.distillation_weight * uld
+        metrics = {"uld": uld}
+        if self.crossentropy_weight > 0:
+            ce = masked_mean(hard_ce(logits, batch["y"]), batch["where"])
+            loss = loss + self.crossentropy_weight * ce
+            metrics["ce"] = ce
+        return loss, (new_state, metrics)
