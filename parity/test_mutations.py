@@ -207,3 +207,47 @@ def test_gkd_parity_catches_a_swapped_beta_and_an_undiscounted_advantage(monkeyp
                         lambda s, t, m, coef=1.0, discount=0.0: real_adv(s, t, m, coef, 0.0))
     failed = [r.name for r in run_check("gkd", Ctx("float64")) if not r.passed]
     assert failed == [n for n in failed if "discount=0.9" in n] and failed, failed
+
+
+def _crosstok_failed(monkeypatch, attr, fn):
+    pytest.importorskip("trl")
+    import kdjax.crosstok as crosstok
+
+    monkeypatch.setattr(crosstok, attr, fn(getattr(crosstok, attr)))
+    rows = run_check("crosstok", Ctx("float64"))
+    return sorted(r.name for r in rows if not r.passed), sorted(r.name for r in rows)
+
+
+def test_crosstok_parity_catches_unsorted_probabilities(monkeypatch):
+    """ULD without its sort (L1 of the padded distributions as they come): every row fails."""
+    def unsorted(_):
+        def l1(p, q):
+            v = max(p.shape[-1], q.shape[-1])
+            pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, v - a.shape[-1])])
+            return jnp.sum(jnp.abs(pad(p) - pad(q)), axis=-1)
+        return l1
+    failed, rows = _crosstok_failed(monkeypatch, "_sorted_l1", unsorted)
+    assert failed == rows and failed, failed
+
+
+def test_crosstok_parity_catches_eos_not_skipped(monkeypatch):
+    """EOS never skipped (positional and alignment): every row fails but one. A teacher EOS at the
+    end of a text the student ends with no EOS forms a last group with no student position, which
+    TRL (and kdjax) drop anyway, so skipping it or not is the same loss there."""
+    def keep_eos(original):
+        return lambda *a, **k: original(*a, **{**k, "skip_student_eos": False, "skip_teacher_eos": False})
+    import kdjax.crosstok as crosstok
+    monkeypatch.setattr(crosstok, "alignment_indices", keep_eos(crosstok.alignment_indices))
+    failed, rows = _crosstok_failed(monkeypatch, "uld_loss", keep_eos)
+    assert failed == [r for r in rows if "EOS on the teacher only" not in r or "positional" in r], failed
+
+
+def test_crosstok_parity_catches_a_skipped_merge(monkeypatch):
+    """Alignment groups not merged (each group's first distribution alone): the byte-offset rows fail."""
+    def first_only(_):
+        def merge(probs, tokens, index, member):
+            rows = jnp.take_along_axis(probs, index[..., 0][..., None], axis=1)
+            return rows
+        return merge
+    failed, rows = _crosstok_failed(monkeypatch, "_merge", first_only)
+    assert failed == [r for r in rows if "byte-offset" in r] and failed, failed

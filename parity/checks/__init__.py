@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 from parity.checks.common import DTYPES, F64, TOL, Ctx, Result, compare, precision
+from parity.checks.crosstok import check_crosstok
 from parity.checks.features import check_features
 from parity.checks.gpt import check_gpt2_hf, check_transformer
 from parity.checks.llama import check_llama_hf
@@ -57,6 +58,7 @@ CHECKS: dict[str, Callable[[Ctx], list[Result]]] = {
     "llama_hf": check_llama_hf,
     "topk": check_topk,
     "gkd": check_gkd,
+    "crosstok": check_crosstok,
 }
 
 
