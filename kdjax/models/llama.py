@@ -10,15 +10,13 @@ optional bias on q/k/v (Qwen2) and on o, an optional RMSNorm of each query and k
 is SwiGLU, ``down(silu(gate(x)) * up(x))``. ``Llama.from_hf_config`` reads a
 ``LlamaConfig``/``Qwen2Config``/``Qwen3Config``/``MistralConfig`` (or its dict).
 
-As ``transformers``: RMSNorm is computed in at least float32 and cast back before the
-weight, softmax in at least float32; cos/sin of the rotary embedding in at least float32.
-(``transformers`` computes those in float32 even for a float64 model; kdjax in the model's
-dtype when it is wider, so float64 stays float64.)
+As ``transformers``: RMSNorm (cast back before the weight), softmax and the rotary cos/sin
+are computed in at least float32 (``transformers``: in float32 even for a float64 model;
+kdjax in the model's dtype when it is wider, so float64 stays float64).
 """
 
 from __future__ import annotations
 
-import math
 import dataclasses
 from typing import Any, Mapping
 
@@ -32,6 +30,7 @@ from kdjax.errors import InputError
 __all__ = ["Llama", "ARCHITECTURES"]
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_MODEL_TYPES = dict(zip(("llama", "qwen2", "qwen3", "mistral"), ARCHITECTURES))  # config.json's model_type
 
 
 def _wide(dtype):
@@ -53,10 +52,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None, dtype) -> np.ndarray:
-    """Inverse frequencies ``1 / theta^(2i / head_dim)``; with Llama 3's scaling ``(factor,
-    low_freq_factor, high_freq_factor, original_max_position_embeddings)`` long wavelengths
-    are divided by ``factor`` and the band between smoothly interpolated
-    (``transformers``' ``_compute_llama3_parameters``)."""
+    """Inverse frequencies ``1 / theta^(2i / head_dim)``; with Llama 3's scaling ``(factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings)`` long wavelengths are divided by ``factor``
+    and the band between smoothly interpolated (``transformers``' ``_compute_llama3_parameters``)."""
     if head_dim < 2 or head_dim % 2:
         raise InputError(f"Llama: expected an even head dimension of at least 2 (rotary embeddings rotate pairs; "
                          f"hidden_size / num_heads), got {head_dim}")
@@ -66,7 +64,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None, dtype) 
         return inv
     factor, low, high, old = scaling
     low_wavelen, high_wavelen = old / low, old / high
-    wavelen = 2 * math.pi / inv
+    wavelen = 2 * np.pi / inv
     scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
     smooth = (old / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
@@ -75,8 +73,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None, dtype) 
 
 
 def _repeat_kv(x, group: int):
-    """``[b, kv heads, n, d]`` -> ``[b, kv heads * group, n, d]``, each head ``group`` times in
-    a row (``transformers``' ``repeat_kv``)."""
+    """``[b, kv heads, n, d]`` -> ``[b, kv heads * group, n, d]``, each head ``group`` times in a row."""
     return jnp.repeat(x, group, axis=1)
 
 
@@ -209,13 +206,12 @@ class _Model(nn.Module):  # Hugging Face's "model": embed_tokens, layers, norm
 
 
 class Llama(nn.Module):
-    """A Llama-family causal language model (see the module docstring): ``apply(variables,
-    tokens [batch, length], train=False, mask=None, position_ids=None)`` -> logits
-    ``[batch, length, vocab_size]``. ``mask``: ``[batch, length]`` bool, false at padding
-    (those keys are never attended to); ``position_ids``: ``[batch, length]`` (default
-    ``0..length-1``, as ``transformers`` without them). No dropout (these models train
-    without). ``hidden_states=True`` returns the final normalised hidden states instead of
-    the logits (for ``kdjax.fused.linear_distillation_loss``)."""
+    """A Llama-family causal language model (see the module docstring): ``apply(variables, tokens
+    [batch, length], train=False, mask=None, position_ids=None)`` -> logits ``[batch, length,
+    vocab_size]``. ``mask``: ``[batch, length]`` bool, false at padding (keys never attended to);
+    ``position_ids``: ``[batch, length]`` (default ``0..length-1``, as ``transformers``). No
+    dropout. ``hidden_states=True``: the final normalised hidden states instead of the logits
+    (for ``kdjax.fused.linear_distillation_loss``)."""
 
     vocab_size: int = 32000
     hidden_size: int = 64
@@ -261,16 +257,14 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens, train: bool = False, mask=None, position_ids=None, hidden_states: bool = False,
                  cache=None, cache_index=None):
-        """With ``cache`` (``init_cache``) the tokens are decoded into it: written at slots
-        ``cache_index, cache_index + 1, ...``, attending causally by slot to every slot
-        before; ``mask`` is then ``[batch, cache length]`` over the slots (false at padding;
-        default all true) and the result is ``(logits or hidden states, new cache)``."""
+        """With ``cache`` (``init_cache``) the tokens are written at slots ``cache_index, ...``,
+        attending causally by slot; ``mask`` is then ``[batch, cache length]`` over the slots (false
+        at padding; default all true) and the result ``(logits or hidden states, new cache)``."""
         if cache is not None:
             return self._decode(tokens, mask, position_ids, hidden_states, cache, cache_index)
         self._check(tokens, mask)
         b, n = tokens.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(n), (b, n))
+        position_ids = jnp.broadcast_to(jnp.arange(n), (b, n)) if position_ids is None else position_ids
         cos, sin = self._rotary(position_ids)
         allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]
         if mask is not None:
@@ -284,12 +278,10 @@ class Llama(nn.Module):
         slots = cache[0][0].shape[2]
         if index is None:
             raise InputError("cache_index: expected the slot of the first token when decoding with a cache, got None")
-        if mask is None:
-            mask = jnp.ones((b, slots), bool)
+        mask = jnp.ones((b, slots), bool) if mask is None else mask
         if tuple(mask.shape) != (b, slots):
             raise InputError(f"Llama: expected a mask over the cache's slots {(b, slots)}, got {tuple(mask.shape)}")
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(index + jnp.arange(n), (b, n))
+        position_ids = jnp.broadcast_to(index + jnp.arange(n), (b, n)) if position_ids is None else position_ids
         cos, sin = self._rotary(position_ids)
         query_slots = index + jnp.arange(n)
         allowed = (jnp.arange(slots)[None, :] <= query_slots[:, None])[None, None] & mask[:, None, None, :].astype(bool)
@@ -339,9 +331,7 @@ class Llama(nn.Module):
         """The model of a ``transformers`` ``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config`` or
         ``MistralConfig`` (an object or its ``to_dict()``/``config.json`` dict)."""
         c = dict(config if isinstance(config, Mapping) else config.to_dict())
-        arch = (c.get("architectures") or [None])[0] or {
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "mistral": "MistralForCausalLM"}.get(c.get("model_type"))
+        arch = (c.get("architectures") or [None])[0] or _MODEL_TYPES.get(c.get("model_type"))
         if arch not in ARCHITECTURES:
             raise InputError(f"config: expected one of the architectures {ARCHITECTURES}, got "
                              f"{arch or c.get('model_type')!r}")
@@ -381,13 +371,12 @@ class Llama(nn.Module):
 
     def hf_config(self) -> dict:
         """A ``config.json`` dict ``transformers`` builds this model from."""
-        model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                      "MistralForCausalLM": "mistral"}[self.architecture]
+        model_type = {a: t for t, a in _MODEL_TYPES.items()}[self.architecture]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             f, low, high, old = self.rope_scaling
-            rope = {"rope_theta": self.rope_theta, "rope_type": "llama3", "factor": f, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": int(old)}
+            rope |= {"rope_type": "llama3", "factor": f, "low_freq_factor": low, "high_freq_factor": high,
+                     "original_max_position_embeddings": int(old)}
         out = {"architectures": [self.architecture], "model_type": model_type, "vocab_size": self.vocab_size,
                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
