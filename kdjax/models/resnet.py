@@ -14,22 +14,17 @@ Two points where Flax's defaults are not PyTorch's, both matched here:
 * Padding: PyTorch's symmetric ``padding=1`` of a 3x3 convolution is not ``"SAME"``
   at stride 2 (which pads 0 before and 1 after an even size): padding is explicit.
 
-Init is torchvision's: convolutions kaiming-normal (fan_out, ReLU gain, untruncated),
-BatchNorm weight 1 and bias 0, ``fc`` PyTorch's ``nn.Linear`` init; ``model.init`` draws
-it with ``jax.random``, ``init_variables`` with NumPy on the host (no program to compile:
-a jitted init of even a small ResNet compiles for seconds on CPU).
+Init is torchvision's (convolutions kaiming-normal, fan_out, untruncated; BatchNorm 1 and 0;
+``fc`` as ``nn.Linear``): ``model.init`` draws it with ``jax.random``, ``init_variables``
+with NumPy on the host (no program to compile: a jitted init compiles slowly on CPU).
 
-The convolutions' gradients are written out (``conv2d``) so that, on CPU, every
-convolution XLA sees is in its canonical NHWC/HWIO form: autodiff's transposed
-convolutions are not, and inside a ``lax.scan`` (a fused run) XLA:CPU then falls back
-to a loop up to 30x slower than the same convolution outside it (jax-ml/jax#12868).
-The numbers are the same (the same convolutions, with explicit transposes; the kernel's
-gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images, or ``WEIGHT_GRAD_CHUNKS``
-chunks of a large batch, which is faster on CPU and rounds differently from one
-convolution over the whole batch). Being ``custom_vjp``s,
-``conv2d`` and training-mode ``BatchNorm`` (``batch_norm_train``, whose closed-form
-gradient saves a pass over the activations) support reverse-mode differentiation only
-(no ``jax.jvp``).
+The convolutions' gradients are written out (``conv2d``) as canonical NHWC/HWIO
+convolutions: XLA:CPU runs autodiff's transposed ones slowly inside ``lax.scan``
+(jax-ml/jax#12868; docs/library.md has the why and the figures). The kernel's gradient
+is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images (or ``WEIGHT_GRAD_CHUNKS`` chunks),
+which rounds differently from one convolution over the batch. ``conv2d`` and
+training-mode ``BatchNorm`` (``batch_norm_train``, a closed-form gradient) are
+``custom_vjp``s: reverse-mode differentiation only (no ``jax.jvp``).
 """
 
 from __future__ import annotations
@@ -67,8 +62,7 @@ class BatchNorm(nn.Module):
     (``m = momentum``, ``n`` values per channel). Evaluation: the running statistics.
     Params ``scale`` (PyTorch ``weight``) and ``bias``; ``batch_stats`` ``mean``
     (``running_mean``) and ``var`` (``running_var``). Initialisation does not update
-    the statistics. In training the gradient is the closed form of ``batch_norm_train``
-    (reverse-mode only).
+    the statistics. Training differentiates by ``batch_norm_train`` (reverse-mode only).
     """
 
     momentum: float = 0.1
@@ -238,10 +232,7 @@ class Conv(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), self.dtype)
-        pads = _padding(k)
-        if isinstance(pads, str):
-            pads = lax.padtype_to_pads(x.shape[1:3], (k, k), (self.stride, self.stride), pads)
-        return conv2d(jnp.asarray(x, self.dtype), kernel, self.stride, tuple(map(tuple, pads)))
+        return conv2d(jnp.asarray(x, self.dtype), kernel, self.stride, _padding(k))
 
 
 def _conv(features: int, kernel_size: int, stride: int, name: str, dtype) -> Conv:
@@ -324,10 +315,8 @@ class ResNet(nn.Module):
         self._check_config()
         self._check_input(x)
         d = self.dtype
-        if self.stem == "imagenet":
-            x = _conv(self.widths[0], 7, 2, "conv1", d)(x)
-        else:
-            x = _conv(self.widths[0], 3, 1, "conv1", d)(x)
+        k, stride = (7, 2) if self.stem == "imagenet" else (3, 1)
+        x = _conv(self.widths[0], k, stride, "conv1", d)(x)
         x = nn.relu(BatchNorm(dtype=d, name="bn1")(x, train))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
