@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-xla", action="store_true",
                     help="also time the JAX rows under the other --xla-defaults (a second process: XLA reads "
                          "its options once) and print both")
+    ap.add_argument("--tiny", action="store_true",
+                    help="every preset at tiny shapes (benchmarks/tiny.py): the accelerator script's CPU dry run "
+                         "and its test; code paths and loss checks, not speed")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", PRECISIONS[args.precision][0])
     torch.set_float32_matmul_precision(PRECISIONS[args.precision][1])
 
+    from benchmarks import tiny
     from benchmarks.bench import bench_preset, matmul_peak
     from benchmarks.presets import GPU_IMPLS, IMAGE_IMPLS, IMPLS, PRESETS
 
@@ -113,18 +117,18 @@ def main(argv=None) -> int:
         "threads": {"cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
                     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "xla_defaults": args.xla_defaults,
                     "flags_added": added},
-        "presets": {},
+        "presets": {}, "tiny": args.tiny,
     }
     start = time.perf_counter()
     with console.status("measuring matmul peak") as status:
-        peak = matmul_peak(torch_device, n=2048 if dev.platform == "cpu" else 8192)
+        peak = matmul_peak(torch_device, n=256 if args.tiny else 2048 if dev.platform == "cpu" else 8192)
         out["peak"] = peak
         out["peak_gflops"] = max(peak["jax"], peak["torch"])
         for name in names:
             if name == "lm":
                 from benchmarks.lm import SHAPES, bench_lm
 
-                shape = args.lm_shape or SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                shape = args.lm_shape or (tiny.LM_SHAPE if args.tiny else SHAPES["gpu" if dev.platform == "gpu" else "cpu"])
                 out["lm"] = bench_lm(*shape, dtype=args.lm_dtype, repeats=min(args.repeats, 3),
                                      torch_device=torch_device, on_progress=status.update)
                 continue
@@ -133,12 +137,12 @@ def main(argv=None) -> int:
 
                 out["features"] = bench_features(steps=max(2, args.steps or STEPS), repeats=min(args.repeats, 3),
                                                  torch_device=torch_device, which=which, eager_torch=args.eager_torch,
-                                                 on_progress=status.update)
+                                                 on_progress=status.update, p=tiny.features() if args.tiny else None)
                 continue
             if name == "llama":
                 from benchmarks.llama import SHAPES as LLAMA_SHAPES, bench_llama
 
-                ls = LLAMA_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                ls = tiny.llama() if args.tiny else LLAMA_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
                 if args.steps:
                     ls = dataclasses.replace(ls, steps=max(2, args.steps))
                 out["llama"] = bench_llama(ls, repeats=min(args.repeats, 3), torch_device=torch_device,
@@ -148,14 +152,15 @@ def main(argv=None) -> int:
             if name == "on_policy":
                 from benchmarks.on_policy import SHAPES as OP_SHAPES, bench_on_policy
 
-                out["on_policy"] = bench_on_policy(OP_SHAPES["gpu" if dev.platform == "gpu" else "cpu"],
+                out["on_policy"] = bench_on_policy(tiny.on_policy() if args.tiny
+                                                   else OP_SHAPES["gpu" if dev.platform == "gpu" else "cpu"],
                                                    repeats=args.repeats, torch_device=torch_device,
                                                    on_progress=status.update)
                 continue
             if name == "gpt2":
                 from benchmarks.gpt2 import SHAPES as GPT2_SHAPES, bench_gpt2
 
-                g = GPT2_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
+                g = tiny.gpt2() if args.tiny else GPT2_SHAPES["gpu" if dev.platform == "gpu" else "cpu"]
                 if args.gpt2_shape:
                     g = dataclasses.replace(g, batch=args.gpt2_shape[0], length=args.gpt2_shape[1])
                 if args.gpt2_model:
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
                                          peak_gflops=out["peak_gflops"], which=which, eager_torch=args.eager_torch,
                                          on_progress=status.update)
                 continue
-            p = PRESETS[name]
+            p = tiny.presets()[name] if args.tiny else PRESETS[name]
             if args.steps:
                 p = dataclasses.replace(p, steps=args.steps, sweep_steps=max(1, min(p.sweep_steps, args.steps)))
             out["presets"][name] = bench_preset(p, args.repeats, torch_device, out["peak_gflops"],
