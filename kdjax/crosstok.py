@@ -226,7 +226,7 @@ def _merge(probs, tokens, index, member):
     rows = rows.reshape(*index.shape, probs.shape[-1])  # [B, G, M, V]
     tok = jnp.take_along_axis(tokens, index.reshape(index.shape[0], -1), axis=1).reshape(index.shape)
     scal = jnp.take_along_axis(rows, tok[..., None], axis=-1)[..., 0]  # [B, G, M]
-    later = member & (jnp.arange(index.shape[-1]) > 0)
+    later = member & (jnp.arange(index.shape[-1]) > 0)[None, None, :]
     factor = jnp.prod(jnp.where(later, jnp.maximum(scal, MERGE_EPS), 1.0), axis=-1)
     return rows[:, :, 0, :] * factor[..., None]
 
