@@ -104,6 +104,15 @@ def flax_to_torch(params: Mapping[str, Mapping[str, Any]], like=None) -> dict:
 
     Returns NumPy arrays; load them with ``{k: torch.from_numpy(v) for k, v in ...}``.
     ``like`` is an optional ``state_dict`` to check keys and shapes against.
+
+    Args:
+      params: ``{layer: {"kernel", "bias"}}`` of Linear layers; like: None or a ``state_dict``.
+
+    Returns:
+      ``{torch name: NumPy array}``.
+
+    Raises:
+      InputError: another structure, a wrong rank, or a mismatch with ``like``.
     """
     out: dict[str, np.ndarray] = {}
     for layer, leaves in params.items():
@@ -146,6 +155,15 @@ def torch_name(collection: str, path) -> str:
     'layer1.0.downsample.0.weight'
     >>> torch_name("batch_stats", ("bn1", "var"))
     'bn1.running_var'
+
+    Args:
+      collection: ``"params"`` or ``"batch_stats"``; path: the module names, then the leaf.
+
+    Returns:
+      The ``state_dict`` key.
+
+    Raises:
+      InputError: a leaf with no PyTorch name.
     """
     *modules, leaf = path
     if (collection, leaf) not in _LEAF_NAMES:
@@ -269,6 +287,16 @@ def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
     names to the name whose array they repeat (``{"lm_head.weight":
     "transformer.wte.weight"}`` for Hugging Face GPT-2). Load with
     ``{k: torch.from_numpy(v) for k, v in ...}``.
+
+    Args:
+      variables: a Flax variables dict; num_batches_tracked, tied: as above.
+      linear_after_flatten: as ``torch_to_variables``.
+
+    Returns:
+      ``{torch name: NumPy array}``.
+
+    Raises:
+      InputError: a leaf with no PyTorch name, a bad ``linear_after_flatten`` or ``tied``.
     """
     out: dict[str, np.ndarray] = {}
     for path, leaf in _leaves(variables).items():

@@ -57,6 +57,17 @@ def validate_arrays(x, y, where: str, num_classes: int | None = None):
     """Check one (features, labels) pair; return them as (float32, int32) NumPy arrays.
 
     Raises ValueError/TypeError naming ``where``, what was expected and what came.
+
+    Args:
+      x: features ``[n, ...]``; y: integer labels ``[n]``.
+      where: the name in error messages; num_classes: labels must be below it (None: unchecked).
+
+    Returns:
+      ``(x, y)`` as float32 and int32 NumPy arrays.
+
+    Raises:
+      InputError: a wrong shape, no example, non-finite features or a label out of range.
+      InputTypeError: non-numeric features or non-integer labels.
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
@@ -105,6 +116,13 @@ def synthetic(num_samples: int = 500, input_dim: int = 50, num_classes: int = 5,
 
     The labels carry no signal, so held-out accuracy is chance (1 / num_classes);
     training accuracy measures memorisation, as in the seed.
+
+    Args:
+      num_samples, test_samples: training and test rows; input_dim: features per row.
+      num_classes: label range; seed: NumPy seed of the draws.
+
+    Returns:
+      A ``Dataset``.
     """
     rng = np.random.default_rng(seed)
     n = num_samples + test_samples
@@ -117,7 +135,17 @@ def synthetic(num_samples: int = 500, input_dim: int = 50, num_classes: int = 5,
 def synthetic_images(num_samples: int = 500, shape=(8, 8, 3), num_classes: int = 5,
                      seed: int = 42, test_samples: int = 500) -> Dataset:
     """``synthetic`` with NHWC images: the same draws as ``synthetic(..., input_dim=prod(shape))``,
-    reshaped to ``[n, *shape]`` (random labels: training accuracy is memorisation)."""
+    reshaped to ``[n, *shape]`` (random labels: training accuracy is memorisation).
+
+    Args:
+      shape: ``(height, width, channels)``; the rest as ``synthetic``.
+
+    Returns:
+      A ``Dataset`` of images.
+
+    Raises:
+      InputError: a shape that is not three positive ints.
+    """
     shape = tuple(int(d) for d in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"shape: expected (height, width, channels) of positive ints, got {shape}")
@@ -131,6 +159,15 @@ def digits(test_fraction: float = 0.25, seed: int = 0, images: bool = False) -> 
 
     Stratified train/test split; features scaled to [0, 1] (pixel values are 0..16);
     ``[n, 64]``, or NHWC images ``[n, 8, 8, 1]`` with ``images=True``.
+
+    Args:
+      test_fraction: the share of rows held out; seed: the split's seed; images: NHWC images.
+
+    Returns:
+      A ``Dataset``.
+
+    Raises:
+      ImportError: scikit-learn is not installed.
     """
     try:
         from sklearn.datasets import load_digits
@@ -159,6 +196,12 @@ def validation_split(ds: Dataset, fraction: float = 0.2, seed: int = 0) -> Datas
     Returns a ``Dataset`` that trains on the remaining rows and whose ``x_test`` /
     ``y_test`` are the validation rows: tune on it (``sweep(..., split="test")``)
     and ``ds``'s own test set is never looked at.
+
+    Args:
+      ds: the data set; fraction: in (0, 1); seed: the split's seed.
+
+    Raises:
+      InputError: a fraction outside (0, 1), or one that leaves a split empty.
     """
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise InputError(f"validation fraction: expected a number in (0, 1), got {fraction!r}")
@@ -172,7 +215,18 @@ def validation_split(ds: Dataset, fraction: float = 0.2, seed: int = 0) -> Datas
 
 def without_class(ds: Dataset, label: int) -> Dataset:
     """``ds`` with every *training* example of class ``label`` removed (its test set
-    keeps them): Hinton et al.'s transfer set that never shows the student a class."""
+    keeps them): Hinton et al.'s transfer set that never shows the student a class.
+
+    Args:
+      ds: the data set; label: the class to omit from training.
+
+    Returns:
+      A ``Dataset``.
+
+    Raises:
+      InputTypeError: a label that is not an int.
+      InputError: a label out of range, absent from training, or the only class there.
+    """
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
         raise InputTypeError(f"omitted class: expected an int label, got {type(label).__name__}")
     if not 0 <= label < ds.num_classes:
@@ -194,7 +248,17 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset
     """Load a user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test``.
 
     The class count is ``num_classes`` or, when None, the training labels' maximum + 1;
-    test labels outside it are refused."""
+    test labels outside it are refused.
+
+    Args:
+      path: the ``.npz`` file; num_classes: the class count (None: from the labels).
+
+    Returns:
+      A ``Dataset`` named after the file.
+
+    Raises:
+      InputError: a missing or unreadable file, missing keys, or invalid arrays.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: expected an existing .npz file, got no such file")
@@ -246,6 +310,16 @@ def take_batch(data: dict, indices) -> dict:
     ``indices`` as a NumPy row of a schedule (``seed_schedule``, ``epoch_schedule``):
     their bounds are checked on the host (inside the program an out-of-range index could
     not raise); device indices are passed as they are.
+
+    Args:
+      data: ``{name: array}``, arrays with equal numbers of rows; indices: integer rows.
+
+    Returns:
+      ``{name: array[indices]}``.
+
+    Raises:
+      InputError: an empty ``data``, unequal row counts, or host indices out of range.
+      InputTypeError: non-integer indices.
     """
     if not data:
         raise InputError("data: expected a dict of arrays, got an empty one")
@@ -266,7 +340,17 @@ def take_batch(data: dict, indices) -> dict:
 # Schedules are built with NumPy from the key: they are data, not computation, and
 # compiling a vmapped permutation costs about a second on CPU for every new shape.
 def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndarray:
-    """``[steps, batch_size]`` int32 indices; row k = a random permutation of n, first batch_size."""
+    """``[steps, batch_size]`` int32 indices; row k = a random permutation of n, first batch_size.
+
+    Args:
+      rng: a JAX key (typed, or raw ``uint32`` words); num_samples: rows n; batch_size, steps: the shape.
+
+    Returns:
+      The schedule, a NumPy int32 array.
+
+    Raises:
+      InputError: a batch size outside ``[1, n]`` or a count < 1.
+    """
     _check_schedule_args(num_samples, batch_size, steps, "steps")
     g = _generator(rng)
     rows = np.stack([g.permutation(num_samples)[:batch_size] for _ in range(steps)])
@@ -274,7 +358,17 @@ def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndar
 
 
 def epoch_schedule(rng, num_samples: int, batch_size: int, epochs: int) -> np.ndarray:
-    """``[epochs * (n // batch_size), batch_size]`` int32 indices: shuffled passes over the data."""
+    """``[epochs * (n // batch_size), batch_size]`` int32 indices: shuffled passes over the data.
+
+    Args:
+      rng: as ``seed_schedule``; num_samples: rows n; batch_size; epochs: passes.
+
+    Returns:
+      The schedule, a NumPy int32 array.
+
+    Raises:
+      InputError: a batch size outside ``[1, n]`` or a count < 1.
+    """
     _check_schedule_args(num_samples, batch_size, epochs, "epochs")
     g = _generator(rng)
     per_epoch = num_samples // batch_size

@@ -55,6 +55,16 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
     ``y`` the next tokens (``x`` shifted by one). The returned ``Dataset`` keeps them as
     ``x_train``/``y_train``, ``x_test``/``y_test`` (the validation split),
     ``num_classes`` the vocabulary size.
+
+    Args:
+      length: tokens per window; path, modules, validation_every: the corpus (see
+        ``text_documents``); max_bytes: a training-byte cap; tokenizer: None (bytes) or one.
+
+    Returns:
+      A ``Dataset`` of ``[windows, length]`` int32 windows.
+
+    Raises:
+      InputError: a missing, empty or malformed corpus, or (tokenised) one that is not UTF-8.
     """
     check_count("length", length)
     if tokenizer is not None and path is not None and os.fspath(path).endswith(".npz"):

@@ -29,6 +29,13 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
     teacher, prompts or option refused). Sequence-level KD (Kim & Rush) trains on them
     (``kdjax.onpolicy.sequence_data``).
 
+    Args:
+        directory: the cache folder; teacher, variables: the model and its variables.
+        prompts, prompt_mask, max_new_tokens, rng, temperature, top_k, top_p, eos_id, pad_id:
+            as ``kdjax.generate``.
+        batch_size: rows per generation call; shard_rows: rows per shard (a multiple of it).
+        metadata: JSON values stored in the manifest.
+
     Returns:
         The manifest (a dict, signed on disk with its own checksum).
 

@@ -30,7 +30,14 @@ _REBUILD = {"kdjax-topk": "rebuild the cache (kdjax teacher-logits --overwrite, 
 
 def fingerprint(model, variables) -> str:
     """sha256 of a model's configuration and every variable's bytes: which teacher a cache
-    was built with."""
+    was built with.
+
+    Args:
+      model: the teacher module (its fields are hashed); variables: its variables.
+
+    Returns:
+      The hex digest.
+    """
     h = hashlib.sha256(repr(model).encode())
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         a = np.asarray(leaf)

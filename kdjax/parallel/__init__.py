@@ -114,33 +114,77 @@ def make_mesh(members: int = 1, data: int | None = None, fsdp: int = 1, devices:
 
 def data_only(mesh: Mesh) -> Mesh:
     """The same ``"data"`` and ``"fsdp"`` axes with one member (the first row of devices):
-    for a run of a single model beside a sweep's mesh."""
+    for a run of a single model beside a sweep's mesh.
+
+    Args:
+      mesh: a mesh of ``make_mesh``.
+
+    Returns:
+      The ``Mesh`` of its first member row.
+    """
     return Mesh(mesh.devices[:1], AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Every array whole on every device: data sets, the step counter.
+
+    Args:
+      mesh: a mesh of ``make_mesh``.
+
+    Returns:
+      The ``NamedSharding``.
+    """
     return NamedSharding(mesh, P())
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows (axis 0) over ``"data"`` and ``"fsdp"``: a batch."""
+    """Rows (axis 0) over ``"data"`` and ``"fsdp"``: a batch.
+
+    Args:
+      mesh: a mesh of ``make_mesh``.
+
+    Returns:
+      The ``NamedSharding``.
+    """
     return NamedSharding(mesh, P(BATCH))
 
 
 def member_sharding(mesh: Mesh) -> NamedSharding:
-    """Axis 0 over ``"members"``: a sweep's hyperparameters, keys."""
+    """Axis 0 over ``"members"``: a sweep's hyperparameters, keys.
+
+    Args:
+      mesh: a mesh of ``make_mesh``.
+
+    Returns:
+      The ``NamedSharding``.
+    """
     return NamedSharding(mesh, P("members"))
 
 
 def schedule_sharding(mesh: Mesh, members: bool = False) -> NamedSharding:
     """A ``[steps, batch]`` schedule (``[N, steps, batch]`` with ``members``): batch columns over
-    ``"data"`` and ``"fsdp"``, so each device gathers its own rows of every minibatch."""
+    ``"data"`` and ``"fsdp"``, so each device gathers its own rows of every minibatch.
+
+    Args:
+      mesh: a mesh of ``make_mesh``; members: the schedule has a leading member axis.
+
+    Returns:
+      The ``NamedSharding``.
+    """
     return NamedSharding(mesh, P("members", None, BATCH) if members else P(None, BATCH))
 
 
 def check_divides(count: int, mesh: Mesh, axis: str | tuple, what: str) -> None:
     """``InputError`` unless the mesh axis (or axes: their product) divides ``count`` (checked
-    before compiling)."""
+    before compiling).
+
+    Args:
+      count: the number to split; mesh: the mesh; axis: an axis name or a tuple of them.
+      what: the name in the error message.
+
+    Raises:
+      InputError: the axes' product does not divide ``count``.
+    """
     names = (axis,) if isinstance(axis, str) else tuple(axis)
     size = math.prod(mesh.shape[a] for a in names)
     if count % size:
@@ -155,6 +199,12 @@ def put(tree, sharding):
     On one process this is ``jax.device_put``. On many, every process passes the same
     global values (e.g. the whole data set and schedule, built from the same seeds) and
     each keeps only the shards of its own devices.
+
+    Args:
+      tree: a pytree of arrays; sharding: a ``NamedSharding`` or a tree of them like ``tree``.
+
+    Returns:
+      ``tree`` with every leaf a placed ``jax.Array``.
     """
     def one(x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
@@ -170,7 +220,14 @@ def put(tree, sharding):
 
 
 def to_host(x) -> np.ndarray:
-    """A NumPy copy of a (possibly sharded, possibly multi-process) array."""
+    """A NumPy copy of a (possibly sharded, possibly multi-process) array.
+
+    Args:
+      x: an array (a ``jax.Array``, sharded or not, or anything NumPy reads).
+
+    Returns:
+      The whole array as NumPy.
+    """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -185,6 +242,9 @@ def barrier(name: str) -> None:
     Before a cross-process collective: gloo gives a collective's first connection 30 s,
     and a process may arrive later than that (members on separate processes share no
     collective while they train); the coordination service's barrier waits 10 minutes.
+
+    Args:
+      name: the barrier's name, the same on every process.
     """
     if jax.process_count() > 1:
         from jax._src import distributed  # the one barrier with a timeout JAX offers
@@ -205,6 +265,15 @@ def initialize(environ=None) -> bool:
     (all three, or none), else from a cluster JAX detects by itself (SLURM, Open MPI,
     TPU pods). Call it first, before anything touches a device. Returns True if it
     connected. An incomplete or invalid environment raises ``InputError``.
+
+    Args:
+      environ: the environment to read (default ``os.environ``).
+
+    Returns:
+      True if ``jax.distributed`` was started.
+
+    Raises:
+      InputError: some but not all of the three variables, or a malformed one.
     """
     env = os.environ if environ is None else environ
     given = {k: env[k] for k in _ENV if env.get(k)}
@@ -241,7 +310,14 @@ def _int(text: str) -> int:
 
 
 def describe(mesh: Mesh | None) -> str:
-    """One line: the mesh's shape and devices."""
+    """One line: the mesh's shape and devices.
+
+    Args:
+      mesh: a mesh, or None (one device).
+
+    Returns:
+      The line.
+    """
     if mesh is None:
         d = jax.devices()[0]
         return f"one device ({d.platform})"
@@ -254,7 +330,14 @@ def describe(mesh: Mesh | None) -> str:
 
 def default_shape(num_devices: int, members: int, batch: int) -> tuple[int, int]:
     """The mesh the CLI uses when none is given: as many devices as possible on members
-    (embarrassingly parallel), the rest on data where they divide the batch."""
+    (embarrassingly parallel), the rest on data where they divide the batch.
+
+    Args:
+      num_devices: the devices; members: the sweep's members; batch: the batch size.
+
+    Returns:
+      ``(members, data)`` axis sizes.
+    """
     m = math.gcd(num_devices, members)
     d = num_devices // m
     while d > 1 and batch % d:

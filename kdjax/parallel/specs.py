@@ -50,7 +50,19 @@ def check_rules(rules, mesh: Mesh | None = None, *trees) -> tuple:
     """``rules`` as a tuple of ``(pattern, spec)``, each checked: a compilable regular
     expression, a spec of mesh axis names (or tuples of them) and None, and, when
     ``trees`` (variables or params) are given, a pattern that names at least one array
-    in them."""
+    in them.
+
+    Args:
+      rules: None, a dict or a sequence of ``(pattern, spec)`` pairs; mesh: not read (kept for
+        callers); trees: variables or params the patterns must name.
+
+    Returns:
+      The checked rules, a tuple.
+
+    Raises:
+      InputTypeError: an entry that is not a ``(pattern, spec)`` pair.
+      InputError: a bad regular expression, an unknown axis, or a pattern that names nothing.
+    """
     if rules is None:
         return ()
     if isinstance(rules, dict):
@@ -105,7 +117,18 @@ def _spec(path, shape, mesh, rules, lead) -> P:
 def param_specs(tree, mesh: Mesh, rules=None, *, members: bool = False):
     """The ``PartitionSpec`` of every leaf of ``tree`` (params, or a variables dict with
     ``"params"`` and e.g. ``"batch_stats"``) by the module's rule (see the module
-    docstring). With ``members``, axis 0 is a sweep's member axis (over ``"members"``)."""
+    docstring). With ``members``, axis 0 is a sweep's member axis (over ``"members"``).
+
+    Args:
+      tree: params or variables; mesh: the mesh; rules: as ``check_rules``; members: axis 0 is
+        a member axis.
+
+    Returns:
+      A tree of ``PartitionSpec``s shaped like ``tree``.
+
+    Raises:
+      InputError: a bad rule, or one that does not fit an array it names.
+    """
     rules = check_rules(rules, mesh)
     lead = int(bool(members))
 
@@ -121,7 +144,14 @@ def param_specs(tree, mesh: Mesh, rules=None, *, members: bool = False):
 def state_specs(state, mesh: Mesh, rules=None, *, members: bool = False):
     """``PartitionSpec``s of a ``TrainState``: params and model state by ``param_specs``,
     every optimizer-state array as the parameter it belongs to (the same path at the end
-    of its own, the same shape), the step counter replicated."""
+    of its own, the same shape), the step counter replicated.
+
+    Args:
+      state: a ``TrainState``; mesh, rules, members: as ``param_specs``.
+
+    Returns:
+      The ``TrainState`` of ``PartitionSpec``s.
+    """
     rules = check_rules(rules, mesh)
     lead = int(bool(members))
     params = param_specs(state.params, mesh, rules, members=members)
@@ -144,27 +174,56 @@ def state_specs(state, mesh: Mesh, rules=None, *, members: bool = False):
 
 def model_shardings(tree, mesh: Mesh, rules=None, *, members: bool = False):
     """``NamedSharding``s of a model's arrays: a ``TrainState`` by ``state_specs``, a params or
-    variables tree by ``param_specs``."""
+    variables tree by ``param_specs``.
+
+    Args:
+      tree: a ``TrainState``, params or variables; mesh, rules, members: as ``param_specs``.
+
+    Returns:
+      A tree of ``NamedSharding``s shaped like ``tree``.
+    """
     specs = state_specs if hasattr(tree, "opt_state") else param_specs
     return shardings(specs(tree, mesh, rules, members=members), mesh)
 
 
 def shardings(specs, mesh: Mesh):
-    """``NamedSharding``s of a tree of ``PartitionSpec``s."""
+    """``NamedSharding``s of a tree of ``PartitionSpec``s.
+
+    Args:
+      specs: a tree of ``PartitionSpec``s; mesh: the mesh.
+
+    Returns:
+      A tree of ``NamedSharding``s.
+    """
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda s: isinstance(s, P))
 
 
 def constrain(tree, specs):
     """``jax.lax.with_sharding_constraint`` of ``tree`` to a tree of ``NamedSharding``s (inside a
-    traced function: keeps a run's carried state where the placement put it)."""
+    traced function: keeps a run's carried state where the placement put it).
+
+    Args:
+      tree: traced arrays; specs: a tree of ``NamedSharding``s shaped like ``tree``.
+
+    Returns:
+      ``tree``, constrained.
+    """
     return jax.lax.with_sharding_constraint(tree, specs)
 
 
 def describe_sharding(tree, mesh: Mesh | None = None, rules=None) -> str:
     """One line: how many arrays of ``tree`` are split, and the bytes one device holds of
     the whole: from the placed arrays, or, with a ``mesh``, from ``param_specs`` on their
-    shapes (arrays or ``jax.ShapeDtypeStruct``s; nothing is placed)."""
+    shapes (arrays or ``jax.ShapeDtypeStruct``s; nothing is placed).
+
+    Args:
+      tree: placed arrays, or shapes with a ``mesh``; mesh: None or a mesh; rules: as
+        ``param_specs``.
+
+    Returns:
+      The line.
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
     if mesh is None:
