@@ -348,11 +348,8 @@ def _digests(root: str) -> dict:
     for directory, _, files in os.walk(arrays):
         for name in files:
             full = os.path.join(directory, name)
-            h = hashlib.sha256()
             with open(full, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(full, arrays)] = h.hexdigest()
+                out[os.path.relpath(full, arrays)] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 
