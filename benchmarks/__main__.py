@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", nargs="*", default=None,
                     help="time only these (torch_eager, torch_eager_cached, torch_compile, torch_compile_func, "
                          "torch_func_sweep, keras_distiller, keras_distiller_spe, kdjax_step, kdjax_fused, "
-                         "kdjax_sweep; for the image presets also torch_eager_cached_channels_last (cifar), "
+                         "kdjax_sweep; tunix (llama preset; its own venv); for the image presets also torch_eager_cached_channels_last (cifar), "
                          "torch_eager_channels_last, torch_compile_channels_last (features); on a GPU also "
                          "torch_compile_func_graphs, torch_func_sweep_graphs)")
     ap.add_argument("--eager-torch", action="store_true",
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     from benchmarks.presets import GPU_IMPLS, IMAGE_IMPLS, IMPLS, PRESETS
 
     gpu = args.device == "gpu"
-    which = tuple(args.impl) if args.impl else IMPLS + IMAGE_IMPLS + (GPU_IMPLS if gpu else ())
-    known = IMPLS + IMAGE_IMPLS + GPU_IMPLS
+    which = tuple(args.impl) if args.impl else IMPLS + IMAGE_IMPLS + ("tunix",) + (GPU_IMPLS if gpu else ())
+    known = IMPLS + IMAGE_IMPLS + GPU_IMPLS + ("tunix",)  # tunix: the llama preset's JAX peer (its own venv)
     if set(which) - set(known):
         print(f"benchmarks: error: --impl expected some of {', '.join(known)}, got "
               f"{', '.join(sorted(set(which) - set(known)))}", file=sys.stderr)
@@ -274,16 +274,28 @@ def main(argv=None) -> int:
                         f"heads, SwiGLU), vocab {sh['vocab']}, {sh['batch']} x {sh['length']} tokens per step, "
                         f"teacher online")
         for col in ("impl", "ms/step med", "min", "max", "tokens/s", "GFLOP/s", "% peak", "temp MB", "compile s",
-                    "× best torch"):
+                    "× best torch", "× tunix", "peak RSS MB"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in g["results"].items():
+            if "ms_per_step" not in r:  # tunix: skipped (its venv is missing) or failed, with the reason
+                why = r.get("skipped") or r.get("error", "")
+                t.add_row(impl, "[yellow]skipped[/]" if "skipped" in r else "[red]failed[/]", "", "", "", "", "", "", "",
+                          "", "", why[:120])
+                continue
+            if impl == "tunix":
+                ms = r["ms_per_step"]
+                t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}",
+                          f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}", "-",
+                          f"{r['compile_s']:.1f}", "", "(ref)", f"{r['peak_rss_bytes'] / 2**20:.0f}")
+                continue
             ms = r["ms_per_step"]
             t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}", f"{r['tokens_per_s']:.0f}",
                       f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
                       "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
                       "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                       f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
-                      else "(best)" if impl == g["best_torch"] else "")
+                      else "(best)" if impl == g["best_torch"] else "",
+                      f"{r['speedup_vs_tunix']:.2f}" if "speedup_vs_tunix" in r else "", "")
         console.print(t)
     if "on_policy" in out:
         g = out["on_policy"]

@@ -14,7 +14,10 @@ Rows (same process, same weights, same batches, interleaved repetitions, medians
   logits; ``torch_compile``: ``torch.compile`` of that whole step;
 * ``kdjax_step`` / ``kdjax_fused``: ``kdjax.models.Llama`` with ``kdjax.fused.FusedLM`` (no
   ``[tokens, vocab]`` array; teacher through its hidden states and head), a Python loop
-  over the jitted step / one ``lax.scan``.
+  over the jitted step / one ``lax.scan``;
+* ``tunix``: google-tunix's ``DistillationTrainer`` + ``LogitStrategy`` on its own ``Qwen2``,
+  the same weights, in its own venv after the other rows (``benchmarks/tunix_row.py``);
+  reported skipped with its reason where that venv is missing.
 
 Before timing, every row's first two losses must equal ``kdjax_step``'s to a relative 1e-4.
 The JSON also has each kdjax row's compiled temporary memory. FLOPs: matmuls only.
@@ -146,7 +149,12 @@ class TorchRow(Impl):
         return time.perf_counter() - t0, len(self.batches)
 
 
-IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused")
+IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused", "tunix")
+
+
+def results_losses(results) -> list:
+    """The first two losses every timed row was checked to share with kdjax_step."""
+    return next(r["first_losses"] for r in results.values() if r.get("first_losses"))
 
 
 def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", peak_gflops: float | None = None,
@@ -161,12 +169,24 @@ def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", p
     table = {"torch_eager": lambda: TorchRow(s, inp, compiled=False),
              "torch_compile": lambda: TorchRow(s, inp, compiled=True, use_compile=not eager_torch),
              "kdjax_step": lambda: KdjaxStep(s, inp, fused), "kdjax_fused": lambda: KdjaxFused(s, inp, fused)}
-    rows = [table[n]() for n in IMPLS if n in which]
+    rows = [table[n]() for n in IMPLS if n in which and n in table]
     if not any(r.name == "kdjax_step" for r in rows):
         rows.insert(0, KdjaxStep(s, inp, fused))
     results, med, best, speedup = time_checked_rows("llama", rows, which, repeats, on_progress)
+    if "tunix" in which:  # the JAX-native peer, in its own venv (skipped with its reason where absent)
+        from benchmarks.tunix_row import bench_tunix
+
+        results["tunix"] = bench_tunix(s, inp, results_losses(results), temperature=TEMPERATURE, alpha=ALPHA,
+                                       repeats=repeats, on_progress=on_progress)
+        if "ms_per_step" in results["tunix"]:
+            med["tunix"] = results["tunix"]["ms_per_step"]["median"] / 1e3
+            tunix_vs = {n: med["tunix"] / m for n, m in med.items() if n.startswith("kdjax")}
+            for n, v in tunix_vs.items():
+                results[n]["speedup_vs_tunix"] = v
     flops = s.flops()
     for name, r in results.items():
+        if "ms_per_step" not in r:
+            continue
         r.update(tokens_per_s=s.tokens / med[name], gflops=flops / med[name] / 1e9,
                  frac_peak=flops / med[name] / 1e9 / peak_gflops if peak_gflops else None)
     return {"shape": dataclasses.asdict(s), "flops_per_step": flops, "tokens_per_step": s.tokens, "results": results,

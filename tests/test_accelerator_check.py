@@ -46,3 +46,14 @@ def test_accelerator_check_real_run_fits_eight_minutes():
     assert {"parity", "bench-mlp", "bench-image", "bench-lm", "bench-gpt2", "bench-llama",
             "bench-on_policy"} <= set(device_run)
     assert sum(device_run.values()) <= 480, device_run
+
+
+def test_tunix_row_skips_with_its_reason(monkeypatch, tmp_path):
+    """Without tunix's venv (CI) the llama preset's tunix row is reported skipped, with why."""
+    from benchmarks.tunix_row import bench_tunix, tunix_python
+
+    monkeypatch.setenv("KDJAX_TUNIX_VENV", str(tmp_path / "absent"))
+    py, why = tunix_python()
+    assert py is None and "tunix not installed" in why and "tunix_venv.sh" in why
+    r = bench_tunix(None, None, [1.0, 1.0], temperature=2.0, alpha=0.5, repeats=1)
+    assert r == {"skipped": why}

@@ -1,0 +1,98 @@
+"""The ``tunix`` row's body; runs inside tunix's own virtual environment (``benchmarks/tunix_venv.sh``),
+never imported by the project's code (it imports tunix, which the project's environment lacks).
+
+    <tunix venv>/bin/python benchmarks/tunix_peer.py SPEC.json OUT.json
+
+SPEC (written by ``benchmarks/tunix_row.py``): two Hugging Face folders (``teacher``, ``student``:
+``Qwen2ForCausalLM.save_pretrained`` of the llama preset's models, the very weights kdjax's rows
+use), their shapes, ``tokens`` (an ``.npy`` of ``[windows, length + 1]`` token ids), ``schedule``
+(``[steps, batch]`` window indices per step), ``temperature``, ``alpha``, ``lr``, ``repeats``.
+
+tunix's own model (``tunix.models.qwen2.model.Qwen2``, loaded by ``tunix.models.qwen2.params.
+create_model_from_safe_tensors``), its ``DistillationTrainer`` with ``strategies.LogitStrategy``
+and ``optax.adam(lr)``; one step is what ``trainer.train`` does per step: ``_prepare_inputs`` (the
+teacher's forward, here under ``nnx.jit``: the trainer calls the strategy's teacher function as
+given) and the trainer's jitted train step (``jit_train_and_eval_step``). The token windows carry
+``length + 1`` tokens: the forward functions read ``[:, :-1]``, the labels are ``[:, 1:]`` one-hot
+(``LogitStrategy`` takes label distributions). Writes the first two losses (no update before the
+first), per-step seconds of each repetition, and the process's peak resident memory."""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def main(spec_path, out_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+    from tunix.distillation import distillation_trainer as dt
+    from tunix.distillation import strategies
+    from tunix.models.qwen2 import model as qmodel
+    from tunix.models.qwen2 import params as qparams
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    spec = json.load(open(spec_path))
+    vocab = spec["vocab"]
+
+    def config(cfg):
+        layers, d, h, kv, inter = cfg
+        return qmodel.ModelConfig(num_layers=layers, vocab_size=vocab, embed_dim=d, hidden_dim=inter, num_heads=h,
+                                  head_dim=d // h, num_kv_heads=kv, rope_theta=int(spec["rope_theta"]),
+                                  norm_eps=spec["norm_eps"], use_tied_embedding=True)
+
+    teacher = qparams.create_model_from_safe_tensors(spec["teacher_dir"], config(spec["teacher"]))
+    student = qparams.create_model_from_safe_tensors(spec["student_dir"], config(spec["student"]))
+
+    def forward(model, input_tokens, input_mask):
+        x = input_tokens[:, :-1]
+        b, n = x.shape
+        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), dtype=jnp.bool_)), (b, n, n))
+        logits, _ = model(x, positions, None, causal)
+        return logits
+
+    def labels(input_tokens, input_mask):
+        return jax.nn.one_hot(input_tokens[:, 1:], vocab, dtype=jnp.float32)
+
+    strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=nnx.jit(forward),
+                                        labels_fn=labels, temperature=spec["temperature"], alpha=spec["alpha"])
+    cfg = dt.TrainingConfig(eval_every_n_steps=10**9, max_steps=10**9, max_inflight_computations=1)
+    trainer = dt.DistillationTrainer(student, teacher, strategy, optax.adam(spec["lr"]), cfg)
+    train_step, _ = trainer.jit_train_and_eval_step()
+
+    tokens = jnp.asarray(np.load(spec["tokens"]))
+    schedule = np.asarray(spec["schedule"])
+    batches = [dt.TrainingInput(input_tokens=tokens[idx], input_mask=jnp.ones(tokens[idx].shape, jnp.bool_))
+               for idx in schedule]
+
+    def step(batch):
+        loss, aux, grad_norm = train_step(trainer._prepare_inputs(batch))
+        return loss
+
+    t0 = time.perf_counter()
+    first = [float(step(b)) for b in batches[:2]]  # compiles both programs
+    compile_s = time.perf_counter() - t0
+    per_step = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        for b in batches:
+            loss = step(b)
+        jax.block_until_ready(loss)
+        per_step.append((time.perf_counter() - t0) / len(batches))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import tunix  # noqa: F401  (version below)
+    from importlib.metadata import version
+
+    json.dump({"first_losses": first, "seconds_per_step": per_step, "median_s": statistics.median(per_step),
+               "compile_s": compile_s, "peak_rss_bytes": peak,
+               "versions": {"tunix": version("google-tunix"), "jax": jax.__version__,
+                            "flax": version("flax")}}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
