@@ -285,7 +285,8 @@ def main(argv=None) -> int:
             if impl == "tunix":
                 ms = r["ms_per_step"]
                 t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}",
-                          f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}", "-",
+                          f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
+                          "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
                           f"{r['compile_s']:.1f}", "", "(ref)", f"{r['peak_rss_bytes'] / 2**20:.0f}")
                 continue
             ms = r["ms_per_step"]

@@ -59,7 +59,8 @@ def main(spec_path, out_path):
     def labels(input_tokens, input_mask):
         return jax.nn.one_hot(input_tokens[:, 1:], vocab, dtype=jnp.float32)
 
-    strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=nnx.jit(forward),
+    teacher_forward = nnx.jit(forward)
+    strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=teacher_forward,
                                         labels_fn=labels, temperature=spec["temperature"], alpha=spec["alpha"])
     cfg = dt.TrainingConfig(eval_every_n_steps=10**9, max_steps=10**9, max_inflight_computations=1)
     trainer = dt.DistillationTrainer(student, teacher, strategy, optax.adam(spec["lr"]), cfg)
@@ -85,11 +86,23 @@ def main(spec_path, out_path):
         jax.block_until_ready(loss)
         per_step.append((time.perf_counter() - t0) / len(batches))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memory = {}
+    try:  # XLA's compiled temporaries of the two programs (what kdjax's "temp MB" reports of its one)
+        b = batches[0]
+        memory["teacher_temp_bytes"] = teacher_forward.lower(
+            teacher, b.input_tokens, b.input_mask).compile().memory_analysis().temp_size_in_bytes
+        prepared = trainer._prepare_inputs(b)
+        memory["teacher_logits_bytes"] = int(prepared.teacher_output.nbytes)
+        jitted = trainer._jitted_train_step_fn  # functools.partial(nnx.jit(train_step), model, optimizer)
+        memory["step_temp_bytes"] = jitted.func.lower(*jitted.args, prepared).compile().memory_analysis(
+        ).temp_size_in_bytes
+    except Exception as e:  # reported, not fatal: the timings stand
+        memory["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     import tunix  # noqa: F401  (version below)
     from importlib.metadata import version
 
     json.dump({"first_losses": first, "seconds_per_step": per_step, "median_s": statistics.median(per_step),
-               "compile_s": compile_s, "peak_rss_bytes": peak,
+               "compile_s": compile_s, "peak_rss_bytes": peak, "memory": memory,
                "versions": {"tunix": version("google-tunix"), "jax": jax.__version__,
                             "flax": version("flax")}}, open(out_path, "w"))
 

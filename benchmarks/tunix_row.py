@@ -64,4 +64,14 @@ def bench_tunix(s, inp, want_losses, *, temperature: float, alpha: float, repeat
     sec = got["seconds_per_step"]
     return {"ms_per_step": {"median": 1e3 * got["median_s"], "min": 1e3 * min(sec), "max": 1e3 * max(sec)},
             "repeats": len(sec), "first_losses": got["first_losses"], "compile_s": got["compile_s"],
-            "temp_bytes": None, "peak_rss_bytes": got["peak_rss_bytes"], "versions": got["versions"]}
+            "temp_bytes": _temp_bytes(got["memory"]), "memory": got["memory"], "peak_rss_bytes": got["peak_rss_bytes"],
+            "versions": got["versions"]}
+
+
+def _temp_bytes(memory: dict) -> int | None:
+    """The step's compiled temporary memory, comparable to kdjax's one program: the train step's
+    temporaries plus the teacher's logits it holds as an input (the teacher's forward runs first,
+    its own temporaries freed before the step)."""
+    if "step_temp_bytes" not in memory:
+        return None
+    return memory["step_temp_bytes"] + memory["teacher_logits_bytes"]
