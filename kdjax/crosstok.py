@@ -24,6 +24,8 @@ weight 1, cross-entropy weight 0, "observed" merging):
   ``probs[i] · Π_{j=i+1..i+k} max(probs[j, token_j], 1e-8)`` (the first position's distribution
   times the conditional probabilities of the tokens actually there); ``n_b`` is the number of
   groups with positions on both sides.
+* **Hybrid** (``Hybrid``, TRL's ``uld_use_hybrid_loss``): JSD on the tokens both vocabularies share,
+  the sorted L1 on the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "ULD", "MERGE_EPS"]
+__all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "Hybrid",
+           "hybrid_from_vocabs", "ULD", "MERGE_EPS"]
 
 MERGE_EPS = 1e-8  # TRL's clamp of a merged token's conditional probability
 
@@ -76,8 +79,50 @@ def _sorted_l1(p, q):
     return jnp.sum(jnp.abs(ps - qs), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hybrid:
+    """TRL's hybrid ULD (``uld_use_hybrid_loss``): per position ``w_m · Σ_{shared} JSD_β + w_u ·
+    sorted-L1 over the other tokens``, the JSD on probabilities clamped at 1e-8 (not renormalised),
+    ``w_m = #shared / V_t`` and ``w_u = 1 − w_m`` unless both weights are given.
+    ``student_ids[i]``/``teacher_ids[i]``: the same token string in each vocabulary."""
+
+    student_ids: tuple
+    teacher_ids: tuple
+    beta: float = 0.5
+    matched_weight: float | None = None
+    unmatched_weight: float | None = None
+
+
+def hybrid_from_vocabs(student_vocab, teacher_vocab, **options) -> Hybrid:
+    """``Hybrid`` of the token strings two vocabularies (``tokenizer.get_vocab()``) share."""
+    pairs = sorted((t, student_vocab[tok]) for tok, t in teacher_vocab.items() if tok in student_vocab)
+    return Hybrid(tuple(int(p[1]) for p in pairs), tuple(int(p[0]) for p in pairs), **options)
+
+
+def _position_loss(p, q, hybrid):
+    if hybrid is None:
+        return _sorted_l1(p, q)
+    si, ti = np.asarray(hybrid.student_ids, np.int64), np.asarray(hybrid.teacher_ids, np.int64)
+    if len(si) != len(ti) or np.any(si >= p.shape[-1]) or np.any(ti >= q.shape[-1]):
+        raise InputError(f"hybrid: expected as many student as teacher ids, within the vocabularies "
+                         f"({p.shape[-1]}, {q.shape[-1]}), got {len(si)} and {len(ti)}")
+    ls, lt, beta = jnp.log(jnp.maximum(p[..., si], 1e-8)), jnp.log(jnp.maximum(q[..., ti], 1e-8)), hybrid.beta
+    if beta == 0:
+        jsd = jnp.exp(lt) * (lt - ls)
+    elif beta == 1:
+        jsd = jnp.exp(ls) * (ls - lt)
+    else:
+        mix = jnp.logaddexp(ls + np.log1p(-beta), lt + np.log(beta))
+        jsd = beta * jnp.exp(lt) * (lt - mix) + (1 - beta) * jnp.exp(ls) * (ls - mix)
+    s_un, t_un = np.setdiff1d(np.arange(p.shape[-1]), si), np.setdiff1d(np.arange(q.shape[-1]), ti)
+    rest = _sorted_l1(p[..., s_un], q[..., t_un]) if len(s_un) and len(t_un) else 0.0
+    w_m = len(ti) / q.shape[-1] if hybrid.matched_weight is None else hybrid.matched_weight
+    w_u = 1.0 - w_m if hybrid.matched_weight is None else hybrid.unmatched_weight
+    return w_m * jnp.sum(jsd, axis=-1) + w_u * rest
+
+
 def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, student_temperature=1.0,
-             teacher_temperature=1.0, skip_student_eos=True, skip_teacher_eos=True):
+             teacher_temperature=1.0, skip_student_eos=True, skip_teacher_eos=True, hybrid=None):
     """ULD with positional alignment: TRL's ``ULDLoss`` (``use_extended_uld=False``).
 
     ``loss = mean_b (1/n_b) Σ_{k<n_b} Σ_v |sort↓(softmax(s_{b,π_s(k)}/T_s))_v −
@@ -94,6 +139,7 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
       student_temperature, teacher_temperature: positive; each side's softmax temperature.
       skip_student_eos, skip_teacher_eos: drop each row's last masked position on that side
         (TRL's defaults: both True).
+      hybrid: None, or a ``Hybrid``: its per-position loss replaces the sorted L1.
 
     Returns:
       The float scalar loss.
@@ -125,7 +171,7 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
     n_t = jnp.sum(teacher_where, axis=1) - int(bool(skip_teacher_eos))
     n = jnp.maximum(jnp.minimum(n_s, n_t), 0)
     valid = jnp.arange(k)[None, :] < n[:, None]
-    per = jnp.where(valid, _sorted_l1(p, q), 0.0)
+    per = jnp.where(valid, _position_loss(p, q, hybrid), 0.0)
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
 
 
@@ -232,7 +278,7 @@ def _merge(probs, tokens, index, member):
 
 
 def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_tokens, alignment,
-                     student_temperature=1.0, teacher_temperature=1.0):
+                     student_temperature=1.0, teacher_temperature=1.0, hybrid=None):
     """ULD over byte-offset alignment groups: TRL's ``ULDLoss`` with ``use_extended_uld=True``
     ("observed" merging).
 
@@ -246,6 +292,7 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
         conditional probability a merge multiplies in); teacher_tokens: ``[B, L_t]``.
       alignment: ``alignment_indices(...)``'s dict (NumPy or jnp arrays).
       student_temperature, teacher_temperature: positive softmax temperatures.
+      hybrid: None, or a ``Hybrid`` (as in ``uld_loss``).
 
     Returns:
       The float scalar loss.
@@ -279,7 +326,7 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
                 jnp.asarray(alignment["student_member"]))
     tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
                 jnp.asarray(alignment["teacher_member"]))
-    per = jnp.where(valid, _sorted_l1(sp, tq), 0.0)
+    per = jnp.where(valid, _position_loss(sp, tq, hybrid), 0.0)
     n = jnp.sum(valid, axis=1)
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
 
@@ -304,6 +351,7 @@ class ULD:
     teacher_temperature: float = 1.0
     skip_student_eos: bool = True
     skip_teacher_eos: bool = True
+    hybrid: Hybrid | None = None
 
     def __post_init__(self):
         for name in ("crossentropy_weight", "distillation_weight"):
@@ -333,7 +381,8 @@ class ULD:
             t = apply_model(teacher.model, variables.pop("params"), variables, batch["teacher_x"], train=False)[0]
         uld = uld_loss(logits, t, student_where=batch["where"], teacher_where=batch["teacher_where"],
                        student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature,
-                       skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos)
+                       skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos,
+                       hybrid=self.hybrid)
         loss = self.distillation_weight * uld
         metrics = {"uld": uld}
         if self.crossentropy_weight > 0:

@@ -251,3 +251,9 @@ def test_crosstok_parity_catches_a_skipped_merge(monkeypatch):
         return merge
     failed, rows = _crosstok_failed(monkeypatch, "_merge", first_only)
     assert failed == [r for r in rows if "byte-offset" in r] and failed, failed
+
+
+def test_crosstok_parity_catches_an_ignored_hybrid(monkeypatch):
+    """Hybrid ULD computed as plain ULD (no JSD on the shared tokens): exactly the hybrid rows fail."""
+    failed, rows = _crosstok_failed(monkeypatch, "_position_loss", lambda original: lambda p, q, h: original(p, q, None))
+    assert failed == [r for r in rows if "hybrid" in r] and failed, failed

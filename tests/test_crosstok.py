@@ -151,3 +151,30 @@ def test_uld_objective_through_make_train_step():
         kdjax.make_train_step(student, obj)(fresh(), {"x": x, "y": x, "where": where, "teacher_logits": t_logits}, key)
     with pytest.raises(InputError, match="teacher_x"):
         kdjax.make_train_step(student, obj)(fresh(), batch, key)
+
+
+def test_hybrid_equals_numpy_formula():
+    s, t, sw, tw = inputs(4)
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    hybrid = crosstok.hybrid_from_vocabs({"a": 0, "b": 1, "c": 2, "d": 3, "e": 4},
+                                         {"c": 5, "a": 0, "z": 1, "b": 7, "y": 2}, beta=0.3)
+    assert hybrid.student_ids == (0, 2, 1) and hybrid.teacher_ids == (0, 5, 7)
+    got = crosstok.uld_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), student_where=sw,
+                            teacher_where=tw, hybrid=hybrid)
+
+    def per_position(p, q, beta=0.3):
+        a, b = np.log(np.maximum(p[[0, 2, 1]], 1e-8)), np.log(np.maximum(q[[0, 5, 7]], 1e-8))
+        m = np.log((1 - beta) * np.exp(a) + beta * np.exp(b))
+        jsd = (beta * np.exp(b) * (b - m) + (1 - beta) * np.exp(a) * (a - m)).sum()
+        rest = sorted_l1(p[[3, 4]], q[[1, 2, 3, 4, 6, 8]])
+        return 3 / 9 * jsd + 6 / 9 * rest
+
+    losses = []
+    for b in range(s.shape[0]):
+        ps, pt = np.flatnonzero(sw[b])[:-1], np.flatnonzero(tw[b])[:-1]
+        n = min(len(ps), len(pt))
+        losses.append(0.0 if n <= 0 else
+                      sum(per_position(softmax(s[b, ps[k]]), softmax(t[b, pt[k]])) for k in range(n)) / n)
+    np.testing.assert_allclose(float(got), np.mean(losses), rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="hybrid"):
+        crosstok.uld_loss(s, t, student_where=sw, teacher_where=tw, hybrid=crosstok.Hybrid((0, 1), (0,)))

@@ -33,9 +33,19 @@ def _trl_uld(**overrides):
     from trl.experimental.gold.gold_trainer import ULDLoss
     cfg = dict(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
                uld_teacher_temperature=1.0, uld_skip_student_eos=True, uld_skip_teacher_eos=True,
-               use_extended_uld=False, uld_token_merge_strategy="observed")
+               use_extended_uld=False, uld_token_merge_strategy="observed", beta=0.5)
+    tokenizers = overrides.pop("tokenizers", (None, None))
     cfg.update(overrides)
-    return ULDLoss(types.SimpleNamespace(**cfg))
+    return ULDLoss(types.SimpleNamespace(**cfg), *tokenizers)
+
+
+def _hybrid(ref):
+    """kdjax's ``Hybrid`` of TRL's ULDLoss's settings and vocabulary mapping; None when not hybrid."""
+    if not ref.use_hybrid_loss:
+        return None
+    return crosstok.hybrid_from_vocabs(ref.student_tokenizer.get_vocab(), ref.teacher_tokenizer.get_vocab(),
+                                       beta=ref.beta, matched_weight=ref.hybrid_matched_weight,
+                                       unmatched_weight=ref.hybrid_unmatched_weight)
 
 
 def _labels(spans, length):
@@ -97,11 +107,13 @@ def _positional_rows(ctx: Ctx, tol) -> list[Result]:
 
 
 @functools.lru_cache(maxsize=None)
-def tokenizer_pair(vs: int, vt: int):
-    """Two byte-level BPEs trained offline on the same text, of ``vs`` and ``vt`` tokens."""
+def tokenizer_pair(vs: int, vt: int, other: bool = False):
+    """Two byte-level BPEs trained offline of ``vs`` and ``vt`` tokens: on the same text, or with
+    ``other`` the teacher's on other text too (other merges: vocabularies that share only part)."""
     from kdjax.tokenizer import train_bpe
     corpus = [" ".join(TEXTS)] * 8 + TEXTS
-    return train_bpe(corpus, vs), train_bpe(corpus, vt)
+    teacher = ["lorem ipsum dolor sit amet, consectetur adipiscing elit"] * 40 + TEXTS if other else corpus[::-1]
+    return train_bpe(corpus, vs), train_bpe(teacher, vt)
 
 
 def encode_batch(tok, texts, prompt: int, eos: bool):
@@ -123,10 +135,15 @@ def encode_batch(tok, texts, prompt: int, eos: bool):
     return ids, y, off
 
 
-EXTENDED = [  # (name, student vocab, teacher vocab, TRL overrides, student EOS, teacher EOS)
+EXTENDED = [  # (name, student vocab, teacher vocab, TRL overrides, student EOS, teacher EOS); hybrid: other merges
     ("BPE 280 vs 330, EOS on the teacher only", 280, 330, {"uld_skip_student_eos": False}, False, True),
     ("BPE 340 vs 270, both EOS, temperatures 1.5 / 0.8", 340, 270,
      {"uld_student_temperature": 1.5, "uld_teacher_temperature": 0.8}, True, True),
+    ("hybrid (JSD beta 0.5 on shared tokens, adaptive weights), BPE 280 vs 330", 280, 330,
+     {"uld_use_hybrid_loss": True}, False, True),
+    ("hybrid, beta 0.2, weights 0.3 / 0.7, temperature 2, BPE 300 vs 260", 300, 260,
+     {"uld_use_hybrid_loss": True, "beta": 0.2, "uld_hybrid_matched_weight": 0.3, "uld_hybrid_unmatched_weight": 0.7,
+      "uld_student_temperature": 2.0}, True, True),
 ]
 
 
@@ -134,14 +151,14 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
     out = []
     rng = np.random.default_rng(41)
 
-    @functools.partial(jax.jit, static_argnames=("ts", "tt"))
-    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt):
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "hybrid"))
+    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, hybrid):
         f = lambda a: crosstok.uld_loss_aligned(a, t, student_tokens=ids_s, teacher_tokens=ids_t, alignment=alignment,
-                                                student_temperature=ts, teacher_temperature=tt)
+                                                student_temperature=ts, teacher_temperature=tt, hybrid=hybrid)
         return jax.value_and_grad(f)(s)
 
     for name, vs, vt, over, eos_s, eos_t in EXTENDED:
-        tok_s, tok_t = tokenizer_pair(vs, vt)
+        tok_s, tok_t = tokenizer_pair(vs, vt, "uld_use_hybrid_loss" in over)
         texts = TEXTS[:3]
         ids_s, ys, off_s = encode_batch(tok_s, texts, 2, eos_s)
         ids_t, yt, off_t = encode_batch(tok_t, texts, 1, eos_t)
@@ -151,7 +168,7 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
         # concentrate some mass on the tokens that are there, so merged products are not all tiny
         np.put_along_axis(s, ids_s[..., None], 4.0, axis=-1)
         np.put_along_axis(t, ids_t[..., None], 4.0, axis=-1)
-        ref = _trl_uld(use_extended_uld=True, **over)
+        ref = _trl_uld(use_extended_uld=True, tokenizers=(tok_s, tok_t), **over)
         xs = ctx.t(s).requires_grad_()
         loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(ids_s), ctx.t(ids_t),
                    student_byte_offsets=ctx.t(off_s), teacher_byte_offsets=ctx.t(off_t))
@@ -162,10 +179,33 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
         merged = int((alignment["student_member"].sum(-1) > 1).sum() + (alignment["teacher_member"].sum(-1) > 1).sum())
         val, grad = value_and_grad(jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ids_s),
                                    jnp.asarray(ids_t), {k: jnp.asarray(v) for k, v in alignment.items()},
-                                   ref.student_temperature, ref.teacher_temperature)
+                                   ref.student_temperature, ref.teacher_temperature, _hybrid(ref))
         out.append(_row(f"ULD byte-offset alignment: {name}", ctx, {"loss": val, "grad": grad},
                            {"loss": loss.detach(), "grad": xs.grad}, tol,
-                           note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"))
+                           note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
+                           + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
+    return out
+
+
+def _positional_hybrid_rows(ctx: Ctx, tol) -> list[Result]:
+    """Hybrid ULD with positional alignment on a BPE pair's vocabularies (beta 0 and 1: KL both ways)."""
+    out = []
+    rng = np.random.default_rng(42)
+    tok_s, tok_t = tokenizer_pair(280, 330, True)
+    vs, vt = tok_s.get_vocab_size(), tok_t.get_vocab_size()
+    for beta in (0.0, 1.0):
+        s, t = rng.standard_normal((3, 7, vs)) * 2, rng.standard_normal((3, 9, vt)) * 2
+        ys, yt = _labels([(1, 6), (0, 3), (2, 7)], 7), _labels([(2, 9), (3, 8), (0, 2)], 9)
+        ref = _trl_uld(uld_use_hybrid_loss=True, beta=beta, tokenizers=(tok_s, tok_t))
+        xs = ctx.t(s).requires_grad_()
+        loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(np.zeros((3, 7), np.int64)), ctx.t(np.zeros((3, 9), np.int64)))
+        loss.backward()
+        f = lambda a, t=t: crosstok.uld_loss(a, jnp.asarray(t, ctx.jdtype), student_where=jnp.asarray(ys != IGNORE),
+                                             teacher_where=jnp.asarray(yt != IGNORE), hybrid=_hybrid(ref))
+        val, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(s, ctx.jdtype))
+        out.append(_row(f"ULD positional hybrid: beta {beta:g}, BPE vocabularies {vs} vs {vt}", ctx,
+                        {"loss": val, "grad": grad}, {"loss": loss.detach(), "grad": xs.grad}, tol,
+                        note=f"{len(_hybrid(ref).teacher_ids)} shared"))
     return out
 
 
@@ -177,4 +217,4 @@ def check_crosstok(ctx: Ctx) -> list[Result]:
         _trl_uld()
     except ImportError as e:
         return [Result("ULD vs TRL ULDLoss", ctx.dtype, 0.0, 0.0, *tol, False, f"trl: {e}", skipped=True)]
-    return _positional_rows(ctx, tol) + _extended_rows(ctx, tol)
+    return _positional_rows(ctx, tol) + _positional_hybrid_rows(ctx, tol) + _extended_rows(ctx, tol)
