@@ -49,7 +49,8 @@ def inputs(seed=0, b=3, ls=6, lt=8, vs=5, vt=9):
                                          (1.0, 1.0, False, False)])
 def test_uld_equals_numpy_formula(ts, tt, es, et):
     s, t, sw, tw = inputs()
-    got = crosstok.uld_loss(jnp.asarray(s), jnp.asarray(t), student_where=jnp.asarray(sw), teacher_where=jnp.asarray(tw),
+    got = crosstok.uld_loss(jnp.asarray(s), jnp.asarray(t), student_where=jnp.asarray(sw),
+                            teacher_where=jnp.asarray(tw),
                             student_temperature=ts, teacher_temperature=tt, skip_student_eos=es, skip_teacher_eos=et)
     want = numpy_uld(s.astype(np.float64), t.astype(np.float64), sw, tw, ts, tt, es, et)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)

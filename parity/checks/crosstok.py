@@ -198,7 +198,8 @@ def _positional_hybrid_rows(ctx: Ctx, tol) -> list[Result]:
         ys, yt = _labels([(1, 6), (0, 3), (2, 7)], 7), _labels([(2, 9), (3, 8), (0, 2)], 9)
         ref = _trl_uld(uld_use_hybrid_loss=True, beta=beta, tokenizers=(tok_s, tok_t))
         xs = ctx.t(s).requires_grad_()
-        loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(np.zeros((3, 7), np.int64)), ctx.t(np.zeros((3, 9), np.int64)))
+        ids_s, ids_t = np.zeros((3, 7), np.int64), np.zeros((3, 9), np.int64)  # unused without merging
+        loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(ids_s), ctx.t(ids_t))
         loss.backward()
         f = lambda a, t=t: crosstok.uld_loss(a, jnp.asarray(t, ctx.jdtype), student_where=jnp.asarray(ys != IGNORE),
                                              teacher_where=jnp.asarray(yt != IGNORE), hybrid=_hybrid(ref))
