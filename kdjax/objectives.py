@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.errors import InputError
-from kdjax.losses import MISSING, check_where, distillation_loss, hard_ce, masked_mean, topk_distillation_loss
+from kdjax.losses import (MISSING, SPARSE_LOSSES, check_temperature, check_where, distillation_loss, hard_ce,
+                          masked_mean, topk_distillation_loss)
 
 __all__ = ["Teacher", "CE", "KD", "LogitLoss", "TopKKD", "as_objective", "apply_model", "as_variables",
            "own_variables", "teacher_logits", "raw_key", "CONNECTORS", "OBJECTIVES"]
@@ -202,13 +203,20 @@ class TopKKD:
     """KD on cached top-k teacher log-probabilities: ``topk_distillation_loss`` of the student's
     logits against ``batch["teacher_topk_values"]``/``["teacher_topk_indices"]``
     (``kdjax.offline.topk_logprobs`` of the teacher, computed once) with ``hyper``'s
-    temperature and alpha; ``missing`` as ``kdjax.losses.topk_kl``; ``where`` masks."""
+    temperature and alpha; ``missing``, ``sparse_loss`` (one of ``kdjax.losses.SPARSE_LOSSES``) and
+    ``generation_temperature`` (the cache's) as ``topk_distillation_loss`` takes them;
+    ``where`` masks."""
 
     missing: str = "zero"
+    sparse_loss: str = "kl"
+    generation_temperature: float = 1.0
 
     def __post_init__(self):
         if self.missing not in MISSING:
             raise InputError(f"missing: expected one of {MISSING}, got {self.missing!r}")
+        if self.sparse_loss not in SPARSE_LOSSES:
+            raise InputError(f"sparse_loss: expected one of {SPARSE_LOSSES}, got {self.sparse_loss!r}")
+        check_temperature(self.generation_temperature, "generation_temperature")
 
     def check(self, batch, *, hyper, teacher):
         _check_xy(batch, "TopKKD")
@@ -222,7 +230,8 @@ class TopKKD:
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         loss = topk_distillation_loss(logits, batch["teacher_topk_values"], batch["teacher_topk_indices"], batch["y"],
-                                      hyper.temperature, hyper.alpha, where=batch.get("where"), missing=self.missing)
+                                      hyper.temperature, hyper.alpha, where=batch.get("where"), missing=self.missing,
+                                      loss=self.sparse_loss, generation_temperature=self.generation_temperature)
         return loss, (new_state, {})
 
 

@@ -209,6 +209,34 @@ def test_gkd_parity_catches_a_swapped_beta_and_an_undiscounted_advantage(monkeyp
     assert failed == [n for n in failed if "discount=0.9" in n] and failed, failed
 
 
+def test_topk_parity_catches_an_ignored_generation_temperature(monkeypatch):
+    """Targets cached at T = 0.7 read as if at T = 1: exactly the rows with such targets fail."""
+    pytest.importorskip("torch")
+    from kdjax.losses import sparse
+
+    original = sparse._target_logprobs
+    monkeypatch.setattr(sparse, "_target_logprobs", lambda v, t, m, gen=1.0: original(v, t, m))
+    rows = run_check("topk", Ctx("float64"))
+    failed = sorted(r.name for r in rows if not r.passed)
+    assert failed == sorted(r.name for r in rows if "targets at" in r.name) and failed, failed
+
+
+def test_topk_parity_catches_reversed_ranking_pairs(monkeypatch):
+    """The hinge and logistic ranking rows see the teacher's preferences turned around."""
+    pytest.importorskip("torch")
+    from kdjax.losses import ranking
+
+    original = ranking._pairs
+
+    def reversed_pairs(*args):
+        p, pairs = original(*args)
+        return p, jnp.swapaxes(pairs, -1, -2)
+
+    monkeypatch.setattr(ranking, "_pairs", reversed_pairs)
+    failed = [r.name for r in run_check("topk", Ctx("float64")) if not r.passed]
+    assert len(failed) == 3 and all("hinge" in n or "logistic" in n for n in failed), failed
+
+
 def _crosstok_failed(monkeypatch, attr, fn):
     pytest.importorskip("trl")
     import kdjax.crosstok as crosstok

@@ -135,7 +135,7 @@ ROOT = pathlib.Path(kdjax.__file__).parent
 LAYERS = [
     {"errors", "stats"},
     {"losses", "data", "parallel", "checkpoint", "tokenizer"},
-    {"models", "generation", "objectives", "features", "fused", "convert"},
+    {"models", "generation", "objectives", "features", "fused", "convert", "crosstok"},
     {"train", "sweep"},
     {"onpolicy", "offline", "fitting"},
     {"workflows", "hinton"},

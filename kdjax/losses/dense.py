@@ -45,11 +45,11 @@ def _concrete_scalar(name: str, value):
     return float(arr)
 
 
-def check_temperature(temperature) -> None:
-    """Raise ValueError unless a concrete temperature is finite and > 0."""
-    t = _concrete_scalar("temperature", temperature)
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """Raise InputError unless a concrete temperature is finite and > 0."""
+    t = _concrete_scalar(name, temperature)
     if t is not None and not (math.isfinite(t) and t > 0):
-        raise InputError(f"temperature: expected a finite number > 0, got {t}")
+        raise InputError(f"{name}: expected a finite number > 0, got {t}")
 
 
 def check_alpha(alpha) -> None:

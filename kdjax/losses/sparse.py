@@ -5,7 +5,15 @@
 * ``topk_kl(student_logits, values, indices, temperature, missing=...)``: the per-position
   KL of the student from the sparse teacher, as DistillKit's ``sparse_kl_div_inner``
   (``distillkit/lossfuncs/kl.py``, with ``get_target_logprobs`` of ``lossfuncs/common.py``).
-* ``topk_distillation_loss``: ``alpha T^2 mean(topk_kl) + (1 - alpha) mean(CE)``.
+* ``topk_jsd``, ``topk_tvd``: the Jensen-Shannon divergence and the total variation
+  distance likewise, as DistillKit's ``sparse_js_div`` and ``sparse_tvd``; the ranking
+  losses ``topk_hinge`` and ``topk_logistic_ranking`` are in ``kdjax.losses.ranking``.
+* ``topk_distillation_loss``: ``alpha T^2 mean(topk_<loss>) + (1 - alpha) mean(CE)``.
+
+A cache may hold log-probabilities computed at a temperature other than 1
+(``generation_temperature``): DistillKit's ``get_target_logprobs`` brings them to T by
+raising the probabilities to the power ``T_gen / T`` and renormalising (these functions do
+the same).
 
 The teacher's mass outside its top k (``missing``): ``"zero"`` renormalises the k
 log-probabilities (at temperature T) to sum to 1, and the student's mass outside them does
@@ -18,21 +26,20 @@ float32 rounding left at ``k = vocab`` (~1e-7) into ~1e-3 (kept, for parity).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.losses.dense import _hard_ce, check_alpha, check_labels, check_temperature, check_where, masked_mean
+from kdjax.losses.ranking import topk_hinge, topk_logistic_ranking
+from kdjax.losses.topk_checks import _check_topk_ids, _check_topk_logprobs, _traced, check_topk
 
-__all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss"]
+__all__ = ["MISSING", "SPARSE_LOSSES", "topk_logprobs", "topk_kl", "topk_jsd", "topk_tvd", "topk_distillation_loss"]
 
 MISSING = ("zero", "symmetric_uniform")
-_LOGPROB_SLACK = 1e-5  # how far above 0 a stored "log-probability" may round
-
-
-def _traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def topk_logprobs(teacher_logits, k: int):
@@ -69,9 +76,10 @@ def _log_missing(logprobs, eps):
     return _log1mexp(jnp.minimum(jax.nn.logsumexp(logprobs, axis=-1), -eps))
 
 
-def _target_logprobs(values, temperature, missing):
-    """DistillKit's ``get_target_logprobs`` for log-probability inputs generated at T = 1."""
-    a = 1.0 / temperature
+def _target_logprobs(values, temperature, missing, generation_temperature=1.0):
+    """DistillKit's ``get_target_logprobs`` for log-probability inputs generated at
+    ``generation_temperature``: ``a log p_i - log Z`` with ``a = T_gen / T``."""
+    a = generation_temperature / temperature
     scaled = a * values
     alpha_lse = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
     if missing == "zero":
@@ -81,30 +89,62 @@ def _target_logprobs(values, temperature, missing):
     return scaled - jnp.logaddexp(alpha_lse, a * jnp.log(leftover))
 
 
-def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-6):
+def _check_number(name: str, value, lo: float, hi: float) -> None:
+    if _traced(value):
+        return
+    try:
+        v = float(np.asarray(value))
+    except (TypeError, ValueError):
+        raise InputTypeError(f"{name}: expected a number in ({lo:g}, {hi:g}), got {value!r}") from None
+    if not lo < v < hi:
+        raise InputError(f"{name}: expected a number in ({lo:g}, {hi:g}), got {v}")
+
+
+def _sparse_logprobs(student_logits, values, indices, temperature, missing, eps, generation_temperature):
+    """Checked inputs -> (the student's log-probabilities at the k ids, the teacher's target
+    log-probabilities, no gradient), both at temperature T in at least float32 (DistillKit's
+    ``get_logprobs``)."""
+    if missing not in MISSING:
+        raise InputError(f"missing: expected one of {MISSING}, got {missing!r}")
+    check_topk(student_logits, values, indices)
+    check_temperature(temperature)
+    check_temperature(generation_temperature, "generation_temperature")
+    _check_number("eps", eps, 0.0, 1.0)
+    wide = jnp.promote_types(student_logits.dtype, jnp.float32)  # DistillKit: float32 for half-precision logits
+    s = student_logits.astype(wide) / temperature
+    student = jnp.take_along_axis(s, indices, axis=-1) - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    target = _target_logprobs(values.astype(wide), temperature, missing, generation_temperature)
+    return student, jax.lax.stop_gradient(target)
+
+
+def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-6,
+            generation_temperature=1.0):
     r"""Per-position KL of the student from the sparse teacher, as DistillKit's
-    ``sparse_kl_div_inner`` (log-probability targets generated at temperature 1):
+    ``sparse_kl_div_inner`` (``distillkit/lossfuncs/kl.py``):
 
     .. math:: \sum_{i \in \mathrm{top}k} p_i (\log p_i - \log q_i) \;[+\; p_m (\log p_m - \log q_m)]
 
     with :math:`q = \mathrm{softmax}(s / T)` over the whole vocabulary gathered at the k ids,
-    :math:`p` the teacher's k log-probabilities at temperature T (renormalised over the k
-    for ``missing="zero"``; for ``"symmetric_uniform"`` with the leftover mass
+    :math:`p` the teacher's k log-probabilities brought to temperature T (renormalised over
+    the k for ``missing="zero"``; for ``"symmetric_uniform"`` with the leftover mass
     :math:`p_m = 1 - \sum p_i` as one more outcome, against the student's
     :math:`q_m = 1 - \sum q_i`, counted where :math:`p_m > \epsilon`). Not multiplied by
     :math:`T^2`. The teacher side carries no gradient.
 
     Args:
         student_logits: ``[..., V]`` floating point.
-        values: ``[..., k]`` the teacher's log-probabilities at temperature 1 (``topk_logprobs``
-            or ``read_topk_cache``): finite, ``<= 0``, their probabilities summing to at most 1.
+        values: ``[..., k]`` the teacher's log-probabilities at ``generation_temperature``
+            (``topk_logprobs`` or ``read_topk_cache``): finite, ``<= 0``, their
+            probabilities summing to at most 1.
         indices: ``[..., k]`` integer, their distinct token ids in ``[0, V)``.
         temperature: finite, ``> 0``.
         missing: ``"zero"`` or ``"symmetric_uniform"`` (the module docstring).
-        eps: in ``(0, 1)``: the leftover mass counted by ``"symmetric_uniform"``.
+        eps: in ``(0, 1)``.
+        generation_temperature: the temperature ``values`` were computed at (a cache's
+            property; 1 for ``topk_logprobs``).
 
     Returns:
-        ``[...]``, the KL per position, in ``student_logits``' dtype.
+        ``[...]``, per position, in ``student_logits``' dtype.
 
     Raises:
         InputError / InputTypeError: shapes, dtypes, ``missing``; and, for concrete arrays
@@ -118,43 +158,9 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
     number. Check arrays where they enter (``read_topk_cache`` checks every shard), or call
     once outside ``jit``.
     """
-    if missing not in MISSING:
-        raise InputError(f"missing: expected one of {MISSING}, got {missing!r}")
-    for name, x in (("student_logits", student_logits), ("values", values), ("indices", indices)):
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")) or len(x.shape) < 1:
-            raise InputTypeError(f"{name}: expected an array [..., {'V' if name == 'student_logits' else 'k'}], "
-                                 f"got {type(x).__name__} {getattr(x, 'shape', '')}")
-    if not jnp.issubdtype(student_logits.dtype, jnp.floating):
-        raise InputTypeError(f"student_logits: expected floating point, got {student_logits.dtype}")
-    if values.shape != indices.shape or values.shape[:-1] != student_logits.shape[:-1]:
-        raise InputError(f"values / indices: expected [..., k] with the student's positions "
-                         f"{tuple(student_logits.shape[:-1])}, got {tuple(values.shape)} and {tuple(indices.shape)}")
-    vocab = student_logits.shape[-1]
-    if not 1 <= values.shape[-1] <= vocab:
-        raise InputError(f"values / indices: expected k in [1, {vocab}] (the student's vocabulary), got "
-                         f"k = {values.shape[-1]}")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise InputTypeError(f"indices: expected integer token ids, got {indices.dtype}")
-    if not jnp.issubdtype(values.dtype, jnp.floating):
-        raise InputTypeError(f"values: expected floating point log-probabilities, got {values.dtype}")
-    check_temperature(temperature)
-    if not _traced(eps):
-        try:
-            e = float(np.asarray(eps))
-        except (TypeError, ValueError):
-            raise InputTypeError(f"eps: expected a number in (0, 1), got {eps!r}") from None
-        if not 0.0 < e < 1.0:
-            raise InputError(f"eps: expected a number in (0, 1), got {e}")
-    if not _traced(indices):
-        _check_topk_ids(indices, vocab)
-    if not _traced(values):
-        _check_topk_logprobs(values)
-    wide = jnp.promote_types(student_logits.dtype, jnp.float32)  # DistillKit: float32 for half-precision logits
-    s = student_logits.astype(wide) / temperature
-    student = jnp.take_along_axis(s, indices, axis=-1) - jax.nn.logsumexp(s, axis=-1, keepdims=True)
-    target = jax.lax.stop_gradient(_target_logprobs(values.astype(wide), temperature, missing))
-    p = jnp.exp(target)
-    kl = jnp.sum(p * (target - student), axis=-1)
+    student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
+                                       generation_temperature)
+    kl = jnp.sum(jnp.exp(target) * (target - student), axis=-1)
     if missing == "symmetric_uniform":
         log_t, log_s = _log_missing(target, eps), _log_missing(student, eps)
         p_m = jnp.exp(log_t)
@@ -162,49 +168,71 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
     return kl.astype(student_logits.dtype)
 
 
-def _check_topk_ids(indices, vocab: int, where: str = "") -> None:
-    """Refuse concrete top-k ids outside ``[0, vocab)`` or repeated at a position."""
-    ids = np.asarray(indices)
-    if not ids.size:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise InputError(f"{where}indices: expected token ids in [0, {vocab}), got ids in [{lo}, {hi}]")
-    ordered = np.sort(ids, axis=-1)
-    if (ordered[..., 1:] == ordered[..., :-1]).any():
-        raise InputError(f"{where}indices: expected k distinct token ids per position, got a position with a "
-                         f"repeated id")
+def topk_jsd(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-8,
+             generation_temperature=1.0):
+    r"""Per-position Jensen-Shannon divergence between the sparse teacher and the student, as
+    DistillKit's ``sparse_jsd_inner`` (``distillkit/lossfuncs/jsd.py``):
+
+    .. math:: \tfrac12 \big[\sum_i p_i \log \tfrac{p_i}{m_i} + \sum_i q_i \log \tfrac{q_i}{m_i}\big],
+       \quad m_i = \tfrac12 (p_i + q_i)
+
+    over the k ids (terms where :math:`p_i` or :math:`q_i \le \epsilon` dropped, :math:`m`
+    clamped at :math:`\epsilon`), plus, for ``missing="zero"``, the student's mass outside
+    them times :math:`\log 2` (there :math:`p = 0`), or, for ``"symmetric_uniform"``, the
+    leftover masses :math:`1 - \sum p_i`, :math:`1 - \sum q_i` (clamped to
+    :math:`[\epsilon, 1 - \epsilon]`) as one more outcome. Not multiplied by :math:`T^2`.
+
+    Args, Returns, Raises: as ``topk_kl``.
+    """
+    student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
+                                       generation_temperature)
+    p, q = jnp.exp(target), jnp.exp(student)
+    log_m = jnp.log(jnp.maximum(0.5 * (p + q), eps))
+    kl_pm = jnp.sum(jnp.where(p > eps, p * (target - log_m), 0.0), axis=-1)
+    kl_qm = jnp.sum(jnp.where(q > eps, q * (student - log_m), 0.0), axis=-1)
+    if missing == "symmetric_uniform":
+        log_pm = jnp.log1p(-jnp.clip(p.sum(-1), eps, 1.0 - eps))
+        log_qm = jnp.log1p(-jnp.clip(q.sum(-1), eps, 1.0 - eps))
+        p_m, q_m = jnp.exp(log_pm), jnp.exp(log_qm)
+        log_mm = jnp.log(jnp.maximum(0.5 * (p_m + q_m), eps))
+        kl_pm = kl_pm + jnp.where(p_m > eps, p_m * (log_pm - log_mm), 0.0)
+        kl_qm = kl_qm + jnp.where(q_m > eps, q_m * (log_qm - log_mm), 0.0)
+    else:
+        kl_qm = kl_qm + jnp.maximum(1.0 - q.sum(-1), 0.0) * math.log(2.0)
+    return (0.5 * (kl_pm + kl_qm)).astype(student_logits.dtype)
 
 
-def _check_topk_logprobs(values, where: str = "") -> None:
-    """Refuse concrete top-k "log-probabilities" that are not: NaN or infinite, positive,
-    or whose probabilities sum past 1 (beyond the rounding of their dtype)."""
-    v = np.asarray(values)
-    if not v.size:
-        return
-    if v.dtype.itemsize < 4:  # float16 / bfloat16: summed in float32
-        v = v.astype(np.float32)
-    if not np.isfinite(v).all():
-        raise InputError(f"{where}values: expected finite log-probabilities, got {int((~np.isfinite(v)).sum())} "
-                         f"NaN or infinite")
-    if v.max() > _LOGPROB_SLACK:
-        raise InputError(f"{where}values: expected log-probabilities (<= 0), got a maximum of {float(v.max()):g} "
-                         f"(logits rather than log_softmax?)")
-    p = np.exp(v)
-    total = p.sum(axis=-1)
-    # each value rounded in its dtype moves the sum by up to eps * sum(p * |log p|)
-    eps = max(float(jnp.finfo(np.asarray(values).dtype).eps), float(np.finfo(np.float32).eps))
-    slack = _LOGPROB_SLACK + eps * -np.einsum("...k,...k->...", p, v)
-    if (total > 1 + slack).any():
-        raise InputError(f"{where}values: expected the log-probabilities of k tokens (probabilities summing to at "
-                         f"most 1), got a position whose probabilities sum to {float(total.max()):.6g} "
-                         f"(shifted logits rather than log_softmax?)")
+def topk_tvd(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-8,
+             generation_temperature=1.0):
+    r"""Per-position total variation distance between the sparse teacher and the student, as
+    DistillKit's ``sparse_tvd_inner`` (``distillkit/lossfuncs/tvd.py``):
+
+    .. math:: \tfrac12 \big[\sum_i |p_i - q_i| + |p_m - q_m|\big]
+
+    over the k ids, with :math:`p_m = 0` for ``missing="zero"`` (the student's mass outside
+    the k counts whole) or the leftover masses :math:`1 - \sum p_i`, :math:`1 - \sum q_i`
+    (clamped to :math:`[0, 1]`) for ``"symmetric_uniform"``. Not multiplied by :math:`T^2`
+    (DistillKit's ``TVDLoss`` does that). ``eps`` is unused (DistillKit's signature).
+
+    Args, Returns, Raises: as ``topk_kl``.
+    """
+    student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
+                                       generation_temperature)
+    p, q = jnp.exp(target), jnp.exp(student)
+    q_out = jnp.clip(1.0 - q.sum(-1), 0.0, 1.0 if missing == "symmetric_uniform" else None)
+    p_out = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0) if missing == "symmetric_uniform" else 0.0
+    tvd = 0.5 * (jnp.sum(jnp.abs(p - q), axis=-1) + jnp.abs(p_out - q_out))
+    return tvd.astype(student_logits.dtype)
+
+
+SPARSE_LOSSES = ("kl", "jsd", "tvd", "hinge", "logistic_ranking")
 
 
 def topk_distillation_loss(student_logits, values, indices, labels, temperature=2.0, alpha=0.5, *, where=None,
-                           missing: str = "zero"):
-    """``alpha T^2 mean(topk_kl) + (1 - alpha) mean(CE)`` over every position, or those
-    ``where`` selects (``distillation_loss`` with the sparse teacher).
+                           missing: str = "zero", loss: str = "kl", generation_temperature=1.0):
+    """``alpha T^2 mean(topk_<loss>) + (1 - alpha) mean(CE)`` over every position, or those
+    ``where`` selects (``distillation_loss`` with the sparse teacher); for the ranking losses
+    ``alpha * topk_hinge / topk_logistic_ranking + (1 - alpha) mean(CE)`` (no temperature).
 
     Args:
         student_logits: ``[..., V]`` floating point.
@@ -213,18 +241,28 @@ def topk_distillation_loss(student_logits, values, indices, labels, temperature=
         temperature: finite, ``> 0``.
         alpha: in ``[0, 1]``.
         where: None or bool ``[...]``.
-        missing: ``"zero"`` or ``"symmetric_uniform"``.
+        missing: ``"zero"`` or ``"symmetric_uniform"`` (the divergences only).
+        loss: one of ``SPARSE_LOSSES``: ``topk_kl``, ``topk_jsd``, ``topk_tvd``,
+            ``kdjax.losses.topk_hinge``, ``topk_logistic_ranking``.
+        generation_temperature: the temperature ``values`` were computed at.
 
     Returns:
         The scalar loss.
 
     Raises:
         InputError / InputTypeError: as ``topk_kl`` (value checks on concrete arrays only;
-            under ``jit`` see ``topk_kl``), and for ``alpha``, ``labels``, ``where``.
+            under ``jit`` see ``topk_kl``), and for ``alpha``, ``labels``, ``where``, ``loss``.
     """
+    if loss not in SPARSE_LOSSES:
+        raise InputError(f"loss: expected one of {SPARSE_LOSSES}, got {loss!r}")
     check_alpha(alpha)
     check_where(where, student_logits.shape[:-1])
     check_labels(labels, student_logits.shape, where)
-    soft = masked_mean(topk_kl(student_logits, values, indices, temperature, missing=missing), where)
     hard = masked_mean(_hard_ce(student_logits, labels), where)
+    if loss in ("hinge", "logistic_ranking"):
+        rank = topk_hinge if loss == "hinge" else topk_logistic_ranking
+        return alpha * rank(student_logits, values, indices, where=where).astype(hard.dtype) + (1 - alpha) * hard
+    divergence = {"kl": topk_kl, "jsd": topk_jsd, "tvd": topk_tvd}[loss]
+    soft = masked_mean(divergence(student_logits, values, indices, temperature, missing=missing,
+                                  generation_temperature=generation_temperature), where)
     return alpha * temperature ** 2 * soft + (1 - alpha) * hard

@@ -273,27 +273,50 @@ def check_fused(ctx: Ctx) -> list[Result]:
 
 
 def check_topk(ctx: Ctx) -> list[Result]:
-    """kdjax.offline.topk_kl against our PyTorch version of DistillKit's sparse KL
+    """kdjax.losses' sparse family against our PyTorch transcription of DistillKit's
     (``parity/distillkit_reference.py``): per-position values and the student gradient, k = 7
-    of 61, both missing-mass modes, T = 1 and 2."""
-    from kdjax import offline
+    of 61. KL, JSD and TVD in both missing-mass modes at T = 1 and 2 and with targets
+    generated at T = 0.7; hinge (the teacher's gaps and a fixed margin) and logistic ranking
+    with a position mask and two unsupported teacher tokens."""
+    from kdjax import losses
     from parity import distillkit_reference as dk
 
     rng = np.random.default_rng(41)
     s, t = rng.normal(size=(3, 6, 61)) * 2, rng.normal(size=(3, 6, 61)) * 3
-    values, indices = offline.topk_logprobs(jnp.asarray(t, jnp.float64 if ctx.dtype == "float64" else jnp.float32), 7)
+    values, indices = losses.topk_logprobs(jnp.asarray(t, jnp.float64 if ctx.dtype == "float64" else jnp.float32), 7)
     values = jnp.asarray(values, ctx.jdtype)
+    ids = torch.from_numpy(np.asarray(indices)).long()
     out = []
-    for missing in offline.MISSING:
-        for temperature in (1.0, 2.0):
-            f = lambda x: jnp.sum(offline.topk_kl(x, values, indices, temperature, missing=missing))
-            got_v = offline.topk_kl(jnp.asarray(s, ctx.jdtype), values, indices, temperature, missing=missing)
-            got_g = jax.grad(f)(jnp.asarray(s, ctx.jdtype))
-            ts = ctx.t(s).requires_grad_()
-            want = dk.sparse_kl(ts, torch.from_numpy(np.asarray(indices)).long().to(ts.device),
-                                ctx.t(np.asarray(values)), temperature, missing)
-            want.sum().backward()
-            out.append(compare(f"top-k KL (DistillKit), k = 7 of 61, missing={missing}, T={temperature:g}", ctx,
-                               {"value": got_v, "grad": got_g}, {"value": want.detach(), "grad": ts.grad},
-                               TOL[ctx.dtype]["grad"]))
+
+    def row(name, ours, theirs):
+        got = {"value": ours(jnp.asarray(s, ctx.jdtype)), "grad": jax.grad(lambda x: jnp.sum(ours(x)))(
+            jnp.asarray(s, ctx.jdtype))}
+        ts = ctx.t(s).requires_grad_()
+        want = theirs(ts)
+        want.sum().backward()
+        out.append(compare(name, ctx, got, {"value": want.detach(), "grad": ts.grad}, TOL[ctx.dtype]["grad"]))
+
+    divergences = {"KL": (losses.topk_kl, dk.sparse_kl), "JSD": (losses.topk_jsd, dk.sparse_jsd),
+                   "TVD": (losses.topk_tvd, dk.sparse_tvd)}
+    for label, (ours, theirs) in divergences.items():
+        for missing in losses.MISSING:
+            for temperature, gen in ((1.0, 1.0), (2.0, 1.0), (2.0, 0.7)):
+                row(f"top-k {label} (DistillKit), k = 7 of 61, missing={missing}, T={temperature:g}"
+                    + ("" if gen == 1.0 else f", targets at T={gen:g}"),
+                    lambda x: ours(x, values, indices, temperature, missing=missing, generation_temperature=gen),
+                    lambda x: theirs(x, ids.to(x.device), ctx.t(np.asarray(values)), temperature, missing, gen=gen))
+    where = np.ones((3, 6), bool)
+    where[1, 4:] = False
+    thin = np.asarray(values).copy()
+    thin[0, 0, -2:] = -40.0  # below eps: not supported, no pair uses them
+    thin = jnp.asarray(thin, ctx.jdtype)
+    for margin in (None, 0.1):
+        row(f"top-k hinge (DistillKit), margin={margin}, masked",
+            lambda x: losses.topk_hinge(x, thin, indices, margin=margin, where=jnp.asarray(where)),
+            lambda x: dk.sparse_hinge(x, ids.to(x.device), ctx.t(np.asarray(thin)), torch.from_numpy(where).to(x.device),
+                                      margin))
+    row("top-k logistic ranking (DistillKit), masked",
+        lambda x: losses.topk_logistic_ranking(x, thin, indices, where=jnp.asarray(where)),
+        lambda x: dk.sparse_logistic_ranking(x, ids.to(x.device), ctx.t(np.asarray(thin)),
+                                             torch.from_numpy(where).to(x.device)))
     return out
