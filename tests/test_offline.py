@@ -209,6 +209,12 @@ def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
     assert results["teacher_logits"]["bytes_per_token"] == 64 and not (tmp_path / "o" / "teacher.ckpt").exists()
     model, _ = convert.load_hf(tmp_path / "student")
     assert model.hidden_size == 16 and model.vocab_size == teacher.vocab_size
+    p = kdjax_here(capsys, *base, "--teacher-logits", tmp_path / "cache", "--topk-loss", "hinge", "--out",
+                   tmp_path / "o2", "--no-plots")  # DistillKit's ranking loss: another objective, another result
+    assert p.returncode == 0 and "top-k hinge" in p.stdout, p.stderr
+    hinge = json.loads((tmp_path / "o2" / "results.json").read_text())
+    assert hinge["teacher_logits"]["loss"] == "hinge" and results["teacher_logits"]["loss"] == "kl"
+    assert hinge["losses"]["distilled"] != results["losses"]["distilled"]
     # refusals, one line each, before anything trains
     other = tk.train_bpe(["print('hello world') " * 50], 280, tmp_path / "other.json")
     assert other.get_vocab_size() <= teacher.vocab_size
@@ -221,6 +227,8 @@ def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
         (base + cache + ["--method", "dkd"], "--method dkd: not used with --teacher-logits"),
         (base + cache + ["--teacher-dim", "8"], "--teacher-dim: only used with"),
         (base + ["--topk-missing", "symmetric_uniform"], "--topk-missing: only used with --teacher-logits"),
+        (base + ["--topk-loss", "jsd"], "--topk-loss: only used with --teacher-logits"),
+        (base + cache + ["--topk-loss", "hinge", "--temperature", "2"], "--temperature: not used with --topk-loss hinge"),
         (base + ["--teacher-logits", tmp_path / "nothing"], "--teacher-logits: "),
         (["teacher-logits", "--teacher", tmp_path / "tok.json", "--out", tmp_path / "c2"], "expected a Hugging Face"),
     ]:

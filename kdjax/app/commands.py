@@ -467,6 +467,12 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         if given:
             raise UsageError(f"{flag}: not used with --teacher-logits (the cache is the teacher; --method kd "
                              f"with --temperature and --alpha)")
+    if args.topk_loss in ("hinge", "logistic_ranking"):
+        for flag, given in (("--temperature", args.temperature is not None),
+                            ("--topk-missing", args.topk_missing != "zero")):
+            if given:
+                raise UsageError(f"{flag}: not used with --topk-loss {args.topk_loss} (a ranking loss: it orders the "
+                                 f"teacher's top k, at no temperature)")
     methods.resolve_temperature(args)
     check_temperature(args.temperature)
     check_alpha(args.alpha)
@@ -508,7 +514,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same_validation \
         else None
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
-             f"T = {args.temperature:g}, alpha = {args.alpha:g}; {plural(args.seeds, 'seed')}")
+             f"top-k {args.topk_loss}, T = {args.temperature:g}, alpha = {args.alpha:g}; {plural(args.seeds, 'seed')}")
     coverage = validation.get("topk_coverage")
     rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token"
              + ("" if coverage is None else f", {coverage:.1%} of the teacher's probability mass")
@@ -522,7 +528,8 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     log = _metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
     with rep.progress() as on_chunk, contextlib.closing(log):
         r = workflows.distill_offline(student, ds, cfg, seeds, values, indices, temperature=args.temperature,
-                                      alpha=args.alpha, missing=args.topk_missing, teacher_eval=teacher_eval,
+                                      alpha=args.alpha, missing=args.topk_missing, loss=args.topk_loss,
+                                      teacher_eval=teacher_eval,
                                       checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
                                       on_losses=rep.watch(log.losses))
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
@@ -531,7 +538,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     if teacher_eval is None:
         rep.line("the cache's teacher figures are for other validation windows: no teacher row")
     extra = {"teacher_logits": {"cache": cache, "k": m["k"], "bytes_per_token": m["bytes_per_token"],
-                                "missing": args.topk_missing, "teacher_folder": meta.get("teacher_folder"),
+                                "missing": args.topk_missing, "loss": args.topk_loss, "teacher_folder": meta.get("teacher_folder"),
                                 "topk_coverage": coverage}}
     return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
                            teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)

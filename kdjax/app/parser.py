@@ -168,7 +168,7 @@ _GROUPS = {
                "student_blocks", "student_widths", "stem"),
     "language models (--arch transformer or llama)": (
         "context", "teacher_layers", "teacher_dim", "student_layers", "student_dim", "heads", "kv_heads", "tokenizer",
-        "vocab_size", "teacher_logits", "topk_missing", "save_hf", "save_hf_teacher"),
+        "vocab_size", "teacher_logits", "topk_missing", "topk_loss", "save_hf", "save_hf_teacher"),
     "training": ("steps", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "nesterov",
                  "lr_schedule", "teacher_steps", "warmup", "seeds", "seed", "sections", "quick"),
     "distillation method": ("method", "methods", "temperature", "alpha", "omit", "feature_layers", "feature_weight",
@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--topk-missing", choices=["zero", "symmetric_uniform"], default="zero",
                          help="with --teacher-logits: the teacher's mass outside its top k, renormalised away "
                               "(zero) or one more outcome (DistillKit's symmetric_uniform)")
+    distill.add_argument("--topk-loss", choices=["kl", "jsd", "tvd", "hinge", "logistic_ranking"], default="kl",
+                         help="with --teacher-logits: the loss against the teacher's top k (DistillKit's sparse KL, "
+                              "JSD, TVD, or its ranking losses hinge and logistic_ranking, which take no "
+                              "--temperature); default: kl")
     distill.add_argument("--save-hf-teacher", default=None, metavar="DIR",
                          help="llama: write the teacher (trained here for the first --seed, or the one loaded) as a "
                               "Hugging Face folder (config.json, model.safetensors, tokenizer.json) that kdjax "
@@ -389,7 +393,8 @@ _ONLY_WITH = {
                      "only used with --arch transformer or llama, and not with a --teacher folder or "
                      "--teacher-logits cache (its config says)")),
     "teacher_logits": (lambda a: a.arch == "llama", "only used with --arch llama"),
-    "topk_missing": (lambda a: getattr(a, "teacher_logits", None) is not None, "only used with --teacher-logits"),
+    **dict.fromkeys(("topk_missing", "topk_loss"), (lambda a: getattr(a, "teacher_logits", None) is not None,
+                                                    "only used with --teacher-logits")),
     **dict.fromkeys(("kv_heads", "tokenizer", "vocab_size"),
                     (lambda a: a.arch == "llama", "only used with --arch llama")),
     "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not _hf_folder(a)

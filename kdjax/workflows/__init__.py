@@ -277,7 +277,8 @@ def _objective_students(phase, objective, teacher, t_states, student, transfer, 
 
 
 def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], values, indices, *,
-                    temperature: float = 3.0, alpha: float = 0.7, missing: str = "zero", fused: bool = True,
+                    temperature: float = 3.0, alpha: float = 0.7, missing: str = "zero", loss: str = "kl",
+                    fused: bool = True,
                     teacher_eval: dict | None = None, splits: Sequence[str] = ("test",),
                     checkpoints: Checkpoints | None = None, chunk: int | None = None,
                     on_chunk: OnChunk | None = None, log: Callable[[str], None] = lambda line: None, mesh=None,
@@ -287,11 +288,12 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     ``values`` / ``indices`` ``[*ds.y_train.shape, k]`` are the teacher's top-k
     log-probabilities on ``ds``'s training rows (``read_topk_cache``). Phase
     ``"students"``: per seed a standard student (alpha = 0: exactly cross-entropy) and a
-    distilled one trained at ``temperature``, ``alpha`` on ``alpha T^2 KL_topk + (1 - alpha)
-    CE`` (``kdjax.losses.topk_kl`` with ``missing``), same init and minibatches, one vmapped
-    program. With ``fused`` and a student that names its output layer (kdjax's
-    ``TransformerLM``, ``Llama``) the loss is ``kdjax.fused.FusedLM`` (no ``[tokens,
-    vocab]`` array; equal to ``kdjax.objectives.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
+    distilled one trained at ``temperature``, ``alpha`` on ``kdjax.losses.topk_distillation_loss``
+    with ``missing`` and ``loss`` (``alpha T^2 KL_topk + (1 - alpha) CE`` for ``"kl"``), same
+    init and minibatches, one vmapped program. With ``fused``, ``loss="kl"`` and a student
+    that names its output layer (kdjax's ``TransformerLM``, ``Llama``) the loss is
+    ``kdjax.fused.FusedLM`` (no ``[tokens, vocab]`` array; equal to
+    ``kdjax.objectives.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
     the cache when it was built) becomes the teacher's row; without it there is none.
     Checkpoints, resume, mesh and callbacks as in ``distill``; the result's ``teacher`` is
     None.
@@ -299,7 +301,8 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     Args:
       student, ds, cfg, seeds: as in ``distill``.
       values, indices: the teacher's top-k log-probabilities and token ids.
-      temperature, alpha, missing, fused, teacher_eval: as above; the rest as in ``distill``.
+      temperature, alpha, missing, loss, fused, teacher_eval: as above (``loss``: one of
+        ``kdjax.losses.SPARSE_LOSSES``); the rest as in ``distill``.
 
     Returns:
       A ``DistillResult`` (``teacher`` None).
@@ -324,7 +327,8 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
                          f"{int(indices.min())} to {int(indices.max())}")
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
-    objective = (FusedLM(missing=missing) if fused and hasattr(student, "output_layer") else TopKKD(missing))
+    objective = (FusedLM(missing=missing) if fused and loss == "kl" and hasattr(student, "output_layer")
+                 else TopKKD(missing, loss))
     states, losses = phase("students", student, objective, ds, cfg, seeds + seeds, hyper=hyper,
                            extra_data={"teacher_topk_values": values, "teacher_topk_indices": indices})
     accuracy, eval_loss = {}, {}
