@@ -392,7 +392,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _barrier(name: str) -> None:  # (in the saver's thread: a collective, not parallel.barrier)
+def _barrier(name: str) -> None:  # a device collective (parallel.barrier here deadlocked a save)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
