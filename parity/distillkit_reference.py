@@ -112,3 +112,30 @@ def sparse_logistic_ranking(logits, ids, values, mask=None, eps=1e-9):
     s = logits.gather(-1, ids)
     terms = torch.nn.functional.softplus(-(s.unsqueeze(-1) - s.unsqueeze(-2)))
     return (terms * pairs).sum() / (pairs.sum() + eps)
+
+
+def hidden_state_loss(kind, pairs, mask=None):
+    """DistillKit's ``compute_hs_loss`` (``distillkit/lossfuncs/hidden_state.py``, read from the
+    public index as the fork zcomputerwiz/DistillKit at b32fad3c carries it; arcee-ai's own copy
+    is not stored there) after the projection: ``pairs`` is the list of ``(student_h,
+    teacher_h)`` layers ``[batch, length, width]``, ``mask`` the ``[batch, length]`` attention
+    mask (None: every token). ``"mse"``: the masked sum of squared errors over ``mask.sum() *
+    width``; ``"cosine"``: the masked sum of ``1 - F.cosine_similarity`` over ``mask.sum()``;
+    the mean over the layers."""
+    if mask is None:
+        mask = torch.ones(pairs[0][0].shape[:-1], dtype=torch.bool, device=pairs[0][0].device)
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(-1)
+    total = torch.tensor(0.0, dtype=pairs[0][0].dtype, device=pairs[0][0].device)
+    for student_h, teacher_h in pairs:
+        teacher_h = teacher_h.to(dtype=student_h.dtype)
+        layer_mask = mask.to(student_h.dtype)
+        if kind == "mse":
+            layer = ((student_h - teacher_h) ** 2 * layer_mask).sum() / (layer_mask.sum() * student_h.shape[-1])
+        elif kind == "cosine":
+            cos = torch.nn.functional.cosine_similarity(student_h, teacher_h, dim=-1)
+            layer = ((1 - cos) * layer_mask.squeeze(-1)).sum() / layer_mask.sum()
+        else:
+            raise RuntimeError(f"Unimplemented hidden state loss type {kind!r}")
+        total = total + layer
+    return total / len(pairs)

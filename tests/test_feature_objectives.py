@@ -224,9 +224,56 @@ def test_transformer_hidden_states_and_attention_probabilities():
                                                             None, t_state)
     for key in ("mse:transformer.h.0", "mse:transformer.h.0.attn:attention_probs"):
         assert float(m["terms"][key][-5:].mean()) < float(m["terms"][key][:5].mean()), key
-    with pytest.raises(InputError, match="feature terms do not take a padding mask"):
+    # the hidden-state term takes the mask; the attention-probability term ([batch, heads, L, L]) is refused
+    with pytest.raises(InputError, match=r"mse: expected where of the features' leading shape \(2, 2, 8\)"):
         kdjax.make_train_step(student, obj, teacher=teacher)(
             state, {"x": x[:2], "y": y[:2], "where": jnp.ones((2, 8), bool)}, jax.random.PRNGKey(0), None, t_state)
+    rkd_obj = features.objective(ce=1.0, terms=[("rkd", "transformer.h.1", "transformer.h.0", 1.0)])
+    with pytest.raises(InputError, match=r"expected feature terms whose loss takes one .* got \['rkd:transformer.h.0'\]"):
+        kdjax.make_train_step(student, rkd_obj, teacher=teacher)(
+            kdjax.create_train_state(student, 1, x[:1]), {"x": x[:2], "y": y[:2], "where": jnp.ones((2, 8), bool)},
+            jax.random.PRNGKey(0), None, t_state)
+
+
+def test_feature_terms_take_the_padding_mask():
+    """With batch['where'] a hidden-state term is the mean over the selected tokens only: equal
+    to the loss on those tokens gathered, unchanged by anything at masked positions; without a
+    mask the term is what it was."""
+    teacher, student = kdjax.TransformerLM(19, 2, 16, 2, 8), kdjax.TransformerLM(19, 1, 16, 2, 8)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.integers(0, 19, (4, 8)), jnp.int32)
+    where = jnp.asarray(rng.random((4, 8)) < 0.6).at[0, 0].set(True)
+    t_state, s_state = kdjax.create_train_state(teacher, 0, x[:1]), kdjax.create_train_state(student, 1, x[:1])
+    _, t_f = features.capture(teacher, t_state.variables, x, ["transformer.h.1"])
+    _, s_f = features.capture(student, s_state.variables, x, ["transformer.h.0"])
+    s, t = s_f["transformer.h.0"], t_f["transformer.h.1"]
+    for name in ("mse", "mae", "hint", "cosine", "pooled_cosine"):
+        fn = features.LOSSES[name]
+        got = fn(s, t, where=where)
+        np.testing.assert_allclose(got, fn(s[where], t[where]), rtol=1e-6, err_msg=name)
+        noisy = jnp.where(where[..., None], s, 1e3)  # masked positions do not count
+        np.testing.assert_allclose(fn(noisy, t, where=where), got, rtol=1e-6, err_msg=name)
+        assert float(fn(s, t, where=jnp.zeros_like(where))) == 0.0
+    for name in ("mse", "cosine"):
+        obj = features.objective(ce=0.0, terms=[(name, "transformer.h.1", "transformer.h.0", 2.0)])
+        batch = {"x": x, "y": x, "where": where}
+        _, m = kdjax.make_train_step(student, obj, teacher=teacher, donate=False)(
+            s_state, batch, jax.random.PRNGKey(0), None, t_state)
+        fn = features.LOSSES[name]
+        np.testing.assert_allclose(m["terms"][f"{name}:transformer.h.0"], 2.0 * fn(s, t, where=where), rtol=1e-5)
+        _, m = kdjax.make_train_step(student, obj, teacher=teacher, donate=False)(
+            s_state, {"x": x, "y": x}, jax.random.PRNGKey(0), None, t_state)
+        np.testing.assert_allclose(m["terms"][f"{name}:transformer.h.0"], 2.0 * fn(s, t), rtol=1e-5)
+
+
+def test_feature_mask_errors():
+    s = jnp.ones((2, 3, 4))
+    with pytest.raises(InputError, match=r"mse: expected where of the features' leading shape \(2, 3\).*got \(2, 4\)"):
+        features.mse(s, s, where=jnp.ones((2, 4), bool))
+    with pytest.raises(kdjax.errors.InputTypeError, match="hint: expected where as a bool mask, got float32"):
+        features.hint(s, s, where=jnp.ones((2, 3)))
+    with pytest.raises(InputError, match="pooled_cosine: expected axis=-1 with where"):
+        features.pooled_cosine(s, s, 1, where=jnp.ones((2, 3), bool))
 
 
 def test_objective_ce_and_kd_follow_the_padding_mask(pair):

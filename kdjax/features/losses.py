@@ -6,6 +6,15 @@ equals a named reference function (cited per function): mdistiller's
 flattened, so NHWC here gives the value of NCHW there), Keras 3's ``FeatureDistillation``
 losses and tunix's feature pooling. ``parity/checks/features.py`` checks value and gradient
 in float64.
+
+The element-wise losses (``hint``, ``mse``, ``mae``, ``cosine_similarity``,
+``pooled_cosine``) take ``where``: a bool mask of the features' leading axes (``[batch,
+length]`` for token features ``[batch, length, width]``); the loss is then the mean over the
+selected positions of the per-position value (a mean over the last axis for the squared and
+absolute errors), as DistillKit's hidden-state losses take the attention mask
+(``distillkit/lossfuncs/hidden_state.py``, ``compute_hs_loss``: ``mse`` is its ``"mse"``,
+``pooled_cosine`` of equal shapes its ``"cosine"``); 0 when it selects nothing. Without
+``where`` each computes exactly what it did before.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.errors import InputError, InputTypeError
+from kdjax.losses.dense import masked_mean
 
 __all__ = ["hint", "attention_transfer", "similarity_preserving", "rkd", "pkt", "mse", "mae", "cosine_similarity",
            "pool_to_shape", "pooled_cosine"]
@@ -39,17 +49,43 @@ def _pair(name: str, s, t, *, same_shape: bool = False, min_rank: int = 2):
     return s, jax.lax.stop_gradient(t)
 
 
+def _token_mask(name: str, where, s):
+    """Refuse a ``where`` that is not a bool mask of ``s``' leading axes ``s.shape[:-1]``."""
+    if not hasattr(where, "dtype") or where.dtype != jnp.bool_:
+        raise InputTypeError(f"{name}: expected where as a bool mask, got "
+                             f"{getattr(where, 'dtype', type(where).__name__)}")
+    if s.ndim < 2 or tuple(where.shape) != tuple(s.shape[:-1]):
+        raise InputError(f"{name}: expected where of the features' leading shape {tuple(s.shape[:-1])} (features "
+                         f"[batch, length, width], mask [batch, length]), got {tuple(where.shape)}")
+    return where
+
+
 def _l2_normalize(v, axis=-1, eps=1e-12):
     # torch.nn.functional.normalize: v / max(||v||, eps). The max is taken before the square
     # root so that a zero vector (RKD's i = j differences) has torch's gradient, not 0 * inf.
     return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=axis, keepdims=True), eps * eps))
 
 
-def hint(s, t):
+def hint(s, t, *, where=None):
     r"""FitNets' hint loss (Romero et al., 2015): :math:`\mathrm{mean}((s - t)^2)` over every
     element, as ``F.mse_loss`` in mdistiller's ``distillers/FitNet.py`` (the student's
-    feature already mapped to the teacher's shape by a connector)."""
+    feature already mapped to the teacher's shape by a connector).
+
+    Args:
+      s, t: student and teacher features of one shape.
+      where: None, or a bool mask ``s.shape[:-1]``: then
+        :math:`\sum_{n \in m} \mathrm{mean}_d (s_{nd} - t_{nd})^2 / |m|` (the module docstring).
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: shapes that differ; ``where`` not bool or not of the
+        features' leading shape.
+    """
     s, t = _pair("hint", s, t, same_shape=True, min_rank=1)
+    if where is not None:
+        return masked_mean(jnp.mean((s - t) ** 2, axis=-1), _token_mask("hint", where, s))
     return jnp.mean((s - t) ** 2)
 
 
@@ -153,17 +189,36 @@ def pkt(s, t, eps: float = 1e-7):
 
 # ----------------------------------------------------------------------------- Keras 3, tunix
 
-def mse(s, t):
+def mse(s, t, *, where=None):
     r"""Keras 3 ``FeatureDistillation(loss="mse")``: ``mean(mean_squared_error(t, s))``, i.e.
     :math:`\mathrm{mean}((s - t)^2)` over every element (``keras/src/distillation/
-    distillation_loss.py``; equal shapes, no connector there)."""
+    distillation_loss.py``; equal shapes, no connector there).
+
+    Args:
+      s, t: student and teacher features of one shape.
+      where: None, or a bool mask ``s.shape[:-1]``: then
+        :math:`\sum_{n \in m} \mathrm{mean}_d (s_{nd} - t_{nd})^2 / |m|`, DistillKit's
+        ``compute_hs_loss("mse", ...)`` (``distillkit/lossfuncs/hidden_state.py``) for one layer.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: as ``hint``.
+    """
     s, t = _pair("mse", s, t, same_shape=True, min_rank=1)
+    if where is not None:
+        return masked_mean(jnp.mean((t - s) ** 2, axis=-1), _token_mask("mse", where, s))
     return jnp.mean((t - s) ** 2)
 
 
-def mae(s, t):
-    r"""Keras 3 ``FeatureDistillation(loss="mae")``: :math:`\mathrm{mean}|s - t|`."""
+def mae(s, t, *, where=None):
+    r"""Keras 3 ``FeatureDistillation(loss="mae")``: :math:`\mathrm{mean}|s - t|`; with
+    ``where`` (bool ``s.shape[:-1]``) the mean over the selected positions of
+    :math:`\mathrm{mean}_d |s_{nd} - t_{nd}|`. Args, Returns, Raises: as ``mse``."""
     s, t = _pair("mae", s, t, same_shape=True, min_rank=1)
+    if where is not None:
+        return masked_mean(jnp.mean(jnp.abs(t - s), axis=-1), _token_mask("mae", where, s))
     return jnp.mean(jnp.abs(t - s))
 
 
@@ -172,13 +227,17 @@ def _keras_normalize(v, eps=1e-7):
     return v * jnp.minimum(jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True)), 1.0 / eps)
 
 
-def cosine_similarity(s, t):
+def cosine_similarity(s, t, *, where=None):
     r"""Keras 3 ``FeatureDistillation(loss="cosine_similarity")``: the mean over every
     position of :math:`-\langle \hat t, \hat s\rangle` along the last axis (channels of an
     NHWC map, the width of an embedding), :math:`\hat v = v \min(1/\|v\|, 10^7)` as
-    ``keras.losses.cosine_similarity``. Minimised at -1."""
+    ``keras.losses.cosine_similarity``. Minimised at -1. ``where`` (bool ``s.shape[:-1]``):
+    the mean over the selected positions only. Args, Returns, Raises: as ``mse``."""
     s, t = _pair("cosine_similarity", s, t, same_shape=True, min_rank=1)
-    return jnp.mean(-jnp.sum(_keras_normalize(t) * _keras_normalize(s), axis=-1))
+    per_position = -jnp.sum(_keras_normalize(t) * _keras_normalize(s), axis=-1)
+    if where is not None:
+        return masked_mean(per_position, _token_mask("cosine_similarity", where, s))
+    return jnp.mean(per_position)
 
 
 def pool_to_shape(x, shape):
@@ -197,13 +256,33 @@ def pool_to_shape(x, shape):
     return summed / float(np.prod(windows))
 
 
-def pooled_cosine(s, t, axis=-1):
+def pooled_cosine(s, t, axis=-1, *, where=None):
     r"""tunix's ``FeaturePoolingStrategy`` feature loss (``tunix/distillation/strategies/
     feature_pooling.py``): the teacher's features average-pooled to the student's shape
     (``pool_to_shape``), then :math:`\mathrm{mean}(1 - \cos(s, t))` along ``axis``
-    (``optax.cosine_distance``, no epsilon)."""
+    (``optax.cosine_distance``, no epsilon).
+
+    Args:
+      s, t: student features and teacher features at least as large on every axis.
+      axis: the axis of the cosine.
+      where: None, or a bool mask ``s.shape[:-1]`` (then ``axis`` must be the last):
+        :math:`\sum_{n \in m} (1 - \cos(s_n, t_n)) / |m|`, DistillKit's
+        ``compute_hs_loss("cosine", ...)`` (``distillkit/lossfuncs/hidden_state.py``; its
+        ``F.cosine_similarity`` clamps the norms' product at 1e-8, which only zero vectors meet).
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: shapes ``pool_to_shape`` refuses; ``where`` as ``hint``,
+        or with another ``axis``.
+    """
     s, t = _pair("pooled_cosine", s, t, min_rank=1)
+    if where is not None and axis not in (-1, s.ndim - 1):
+        raise InputError(f"pooled_cosine: expected axis=-1 with where (a mask of the other axes), got axis={axis}")
     t = pool_to_shape(t, s.shape)
     dot = jnp.sum(s * t, axis=axis)
     norm = lambda v: jnp.sqrt(jnp.sum(v * v, axis=axis))
+    if where is not None:
+        return masked_mean(1.0 - dot / (norm(s) * norm(t)), _token_mask("pooled_cosine", where, s))
     return jnp.mean(1.0 - dot / (norm(s) * norm(t)))

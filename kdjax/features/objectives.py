@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ LOSSES: dict[str, Callable] = {
     "hint": L.hint, "at": L.attention_transfer, "sp": L.similarity_preserving, "rkd": L.rkd, "pkt": L.pkt,
     "mse": L.mse, "mae": L.mae, "cosine": L.cosine_similarity, "pooled_cosine": L.pooled_cosine, "crd": crd_lib.crd_loss,
 }
+_MASKED = ("hint", "mse", "mae", "cosine", "pooled_cosine")  # losses that take a token mask (where=)
 _CONNECTED = ("hint",)  # losses whose terms get a connector unless told otherwise (FitNet's regressor)
 _CRD_DEFAULTS = {"feat_dim": 128, "negatives": 16384, "temperature": 0.07, "momentum": 0.5}  # mdistiller's cfg.py
 
@@ -57,7 +59,9 @@ class Term:
     ``loss``: a name in ``LOSSES`` or a callable ``f(s, t) -> scalar``; ``connector``: None
     (the loss's default: FitNet's ``hint`` gets one), True or False; ``options``: extra
     arguments of the loss (``{"p": 2}`` for ``at``; for ``crd``: ``feat_dim``, ``negatives``,
-    ``temperature``, ``momentum``, defaults mdistiller's).
+    ``temperature``, ``momentum``, defaults mdistiller's). With a padding mask
+    (``batch["where"]``, ``[batch, length]``) the loss is called with ``where=`` (masked means
+    over tokens; ``takes_mask`` says which losses can).
     """
 
     loss: Any
@@ -88,6 +92,17 @@ class Term:
         """The term's name in metrics and in the connectors' subtree: ``"at:layer2"``."""
         name = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
         return f"{name}:{self.student}"
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the loss takes a token mask: the element-wise built-ins, or a callable with a
+        ``where`` parameter."""
+        if isinstance(self.loss, str):
+            return self.loss in _MASKED
+        try:
+            return "where" in inspect.signature(self.loss).parameters
+        except (TypeError, ValueError):
+            return False
 
     @property
     def connected(self) -> bool:
@@ -165,14 +180,15 @@ class Objective:
     needs_step = True  # DKD's warm-up reads batch["step"]
 
     def check(self, batch, *, hyper, teacher):
-        """Trace-time checks: no ``hyper`` (the objective holds its weights), no padding mask
-        with feature terms."""
+        """Trace-time checks: no ``hyper`` (the objective holds its weights); with a padding mask
+        (``batch["where"]``), only feature terms whose loss takes one."""
         if hyper is not None:
             raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
                              "hyper=None, got a Hyper")
-        if batch.get("where") is not None and self.terms:
-            raise InputError("objective: feature terms do not take a padding mask (batch['where']); expected "
-                             "batches without one, or an objective of ce and kd only")
+        unmasked = [t.key for t in self.terms if not t.takes_mask]
+        if batch.get("where") is not None and unmasked:
+            raise InputError(f"objective: with a padding mask (batch['where']) expected feature terms whose loss takes "
+                             f"one ({', '.join(_MASKED)} or a callable with a where parameter), got {unmasked}")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
         """``(loss, (new_model_state, metrics))`` for one batch (the objective protocol);
@@ -188,7 +204,7 @@ class Objective:
         else:
             logits, new_s_state = apply_model(model, s_params, s_state, x, train=True, rng=rng)
         t_logits, t_feats = self._teacher_outputs(batch, teacher)
-        where = batch.get("where")  # token-level: only these positions count (CE and the logit term)
+        where = batch.get("where")  # token-level: only these positions count (CE, the logit term, feature terms)
         metrics, total = {}, 0.0
         if self.ce:
             metrics["ce"] = self.ce * masked_mean(hard_ce(logits, batch["y"], where=where), where)
@@ -212,7 +228,8 @@ class Objective:
                 if term.connected:
                     s, new_c_state[key] = _connect(s, t, c_params[key], c_state.get(key, {}), key)
                 fn = LOSSES[term.loss] if isinstance(term.loss, str) else term.loss
-                value = fn(s, t, **dict(term.options))
+                masked = {} if where is None else {"where": where}  # the token mask over the features' positions
+                value = fn(s, t, **dict(term.options), **masked)
             metrics[key] = term.weight * value
         for v in metrics.values():
             total = total + v

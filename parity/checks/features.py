@@ -52,6 +52,7 @@ def check_features(ctx: Ctx) -> list[Result]:
         out.append(compare(f"feature loss: {name}", ctx, {"value": value, "grad": grad},
                            {"value": ref.detach().reshape(()), "grad": torch.from_numpy(want_grad)}, tol))
     out += _keras_and_flax_rows(ctx, rng)
+    out += check_masked_hidden_states(ctx)
     out += check_crd(ctx)
     out += check_fitnet_run(ctx)
     return out
@@ -85,6 +86,42 @@ def _keras_and_flax_rows(ctx: Ctx, rng) -> list[Result]:
     want = nn.avg_pool(x.reshape(1, 7, 9, 12, 1), windows, strides, "VALID").reshape(3, 4, 12)
     out.append(compare("pool_to_shape = flax.linen.avg_pool (tunix's reduce_array_to_target_shape)", ctx,
                        features.pool_to_shape(x, (3, 4, 12)), np.asarray(want), tol))
+    return out
+
+
+def check_masked_hidden_states(ctx: Ctx) -> list[Result]:
+    """Token features with an attention mask against our PyTorch transcription of DistillKit's
+    ``compute_hs_loss`` (``parity/distillkit_reference.py``): ``mse(s, t, where=m)`` for its
+    ``"mse"``, ``pooled_cosine(s, t, where=m)`` (equal shapes) for its ``"cosine"``, one layer
+    and the mean of two, value and student gradients; and without a mask."""
+    from parity import distillkit_reference as dk
+
+    rng = np.random.default_rng(43)
+    layers = [(rng.standard_normal((3, 7, 10)), rng.standard_normal((3, 7, 10))) for _ in range(2)]
+    mask = rng.random((3, 7)) < 0.6
+    mask[1] = False
+    mask[1, 2] = True
+    out = []
+    for kind, ours in (("mse", features.mse), ("cosine", features.pooled_cosine)):
+        for n_layers in (1, 2):
+            for masked in (True, False):
+                where = jnp.asarray(mask) if masked else None
+
+                def loss(ss, ts=tuple(jnp.asarray(t, ctx.jdtype) for _, t in layers[:n_layers])):
+                    return sum(ours(a, b, where=where) for a, b in zip(ss, ts)) / n_layers
+
+                value, grads = jax.jit(jax.value_and_grad(loss))(tuple(jnp.asarray(s, ctx.jdtype)
+                                                                     for s, _ in layers[:n_layers]))
+                ts = [ctx.t(s).requires_grad_() for s, _ in layers[:n_layers]]
+                ref = dk.hidden_state_loss(kind, [(a, ctx.t(t)) for a, (_, t) in zip(ts, layers)],
+                                           torch.from_numpy(mask).to(ts[0].device) if masked else None)
+                ref.backward()
+                got = {"value": value, **{f"grad{i}": g for i, g in enumerate(grads)}}
+                want = {"value": ref.detach().reshape(()), **{f"grad{i}": a.grad for i, a in enumerate(ts)}}
+                out.append(compare(f"DistillKit hidden-state {kind}, {n_layers} layer(s), "
+                                   f"{'attention mask' if masked else 'no mask'}: "
+                                   f"{ours.__name__}(s, t{', where=mask' if masked else ''})", ctx, got, want,
+                                   TOL[ctx.dtype]["grad"]))
     return out
 
 
