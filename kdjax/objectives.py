@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 from kdjax.losses import (MISSING, SPARSE_LOSSES, check_temperature, check_where, distillation_loss, hard_ce,
                           masked_mean, topk_distillation_loss)
 
@@ -205,11 +205,13 @@ class TopKKD:
     (``kdjax.offline.topk_logprobs`` of the teacher, computed once) with ``hyper``'s
     temperature and alpha; ``missing``, ``sparse_loss`` (one of ``kdjax.losses.SPARSE_LOSSES``) and
     ``generation_temperature`` (the cache's) as ``topk_distillation_loss`` takes them;
-    ``where`` masks."""
+    ``renormalize=True`` (``sparse_loss="kl"``, ``missing="zero"``): tunix's top-k KL, the
+    student's softmax renormalised over the teacher's k ids; ``where`` masks."""
 
     missing: str = "zero"
     sparse_loss: str = "kl"
     generation_temperature: float = 1.0
+    renormalize: bool = False
 
     def __post_init__(self):
         if self.missing not in MISSING:
@@ -217,6 +219,11 @@ class TopKKD:
         if self.sparse_loss not in SPARSE_LOSSES:
             raise InputError(f"sparse_loss: expected one of {SPARSE_LOSSES}, got {self.sparse_loss!r}")
         check_temperature(self.generation_temperature, "generation_temperature")
+        if not isinstance(self.renormalize, bool):
+            raise InputTypeError(f"renormalize: expected True or False, got {self.renormalize!r}")
+        if self.renormalize and (self.sparse_loss, self.missing) != ("kl", "zero"):
+            raise InputError(f"renormalize=True: expected sparse_loss='kl' and missing='zero' (tunix's top-k KL), got "
+                             f"sparse_loss={self.sparse_loss!r}, missing={self.missing!r}")
 
     def check(self, batch, *, hyper, teacher):
         _check_xy(batch, "TopKKD")
@@ -231,7 +238,8 @@ class TopKKD:
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         loss = topk_distillation_loss(logits, batch["teacher_topk_values"], batch["teacher_topk_indices"], batch["y"],
                                       hyper.temperature, hyper.alpha, where=batch.get("where"), missing=self.missing,
-                                      loss=self.sparse_loss, generation_temperature=self.generation_temperature)
+                                      loss=self.sparse_loss, generation_temperature=self.generation_temperature,
+                                      **({"renormalize": True} if self.renormalize else {}))
         return loss, (new_state, {})
 
 

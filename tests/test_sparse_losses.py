@@ -115,3 +115,49 @@ def test_topkkd_trains_with_each_sparse_loss_and_refuses_wrong_ones():
         losses.topk_hinge(S, values, indices, where=WHERE[:, :3])
     with pytest.raises(InputError, match="eps: expected a number in"):
         losses.topk_jsd(S, values, indices, eps=1.5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_renormalized_topk_kl_is_the_kl_over_the_k_ids(temperature):
+    """renormalize=True (tunix's distill_top_k): both sides softmaxed over the k ids alone; the
+    default gathers the full-vocabulary softmax and so differs; at k = vocab the two agree."""
+    values, indices = losses.topk_logprobs(T, 4)
+    s_k, t_k = jnp.take_along_axis(S, indices, -1), jnp.take_along_axis(T, indices, -1)
+    p, log_q = jax.nn.softmax(t_k / temperature), jax.nn.log_softmax(s_k / temperature)
+    want = jnp.sum(p * (jnp.log(p) - log_q), -1)
+    got = losses.topk_kl(S, values, indices, temperature, renormalize=True)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert float(jnp.max(jnp.abs(losses.topk_kl(S, values, indices, temperature) - got))) > 1e-3
+    full_v, full_i = losses.topk_logprobs(T, 9)
+    np.testing.assert_allclose(losses.topk_kl(S, full_v, full_i, temperature, renormalize=True),
+                               losses.soft_kl(S, T, temperature), rtol=2e-5, atol=2e-6)
+    combined = losses.topk_distillation_loss(S, values, indices, Y, temperature, 0.3, where=WHERE, renormalize=True)
+    hard = losses.masked_mean(losses.hard_ce(S, Y, where=WHERE), WHERE)
+    np.testing.assert_allclose(combined, 0.3 * temperature**2 * losses.masked_mean(got, WHERE) + 0.7 * hard, rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(losses.topk_kl(x, values, indices, temperature, renormalize=True)))(S)
+    outside = np.ones(S.shape, bool)
+    np.put_along_axis(outside, np.asarray(indices), False, -1)
+    assert float(jnp.max(jnp.abs(grad[outside]))) == 0.0  # logits outside the k ids get no gradient
+
+
+def test_renormalized_topk_errors_and_objective():
+    values, indices = losses.topk_logprobs(T, 4)
+    with pytest.raises(InputError, match="renormalize=True: expected missing='zero'.*got missing='symmetric_uniform'"):
+        losses.topk_kl(S, values, indices, missing="symmetric_uniform", renormalize=True)
+    with pytest.raises(kdjax.errors.InputTypeError, match="renormalize: expected True or False, got 'yes'"):
+        losses.topk_kl(S, values, indices, renormalize="yes")
+    with pytest.raises(InputError, match="renormalize: expected False with loss='jsd'"):
+        losses.topk_distillation_loss(S, values, indices, Y, loss="jsd", renormalize=True)
+    with pytest.raises(InputError, match="renormalize=True: expected sparse_loss='kl' and missing='zero'"):
+        TopKKD(sparse_loss="tvd", renormalize=True)
+    student = kdjax.MLP((8,), 9)
+    x = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+    params, state = kdjax.train.init_variables(student, 0, x[:1])
+    values, indices, y, where = values.reshape(8, 4), indices.reshape(8, 4), Y.reshape(8), WHERE.reshape(8)
+    batch = {"x": x, "y": y, "where": where, "teacher_topk_values": values, "teacher_topk_indices": indices}
+    hyper = kdjax.make_hyper(2.0, 0.6)
+    got, _ = TopKKD(renormalize=True).loss(student, params, state, batch, rng=jax.random.PRNGKey(0), hyper=hyper,
+                                          teacher=None)
+    logits = student.apply({"params": params, **state}, x)
+    np.testing.assert_allclose(got, losses.topk_distillation_loss(logits, values, indices, y, 2.0, 0.6, where=where,
+                                                                  renormalize=True), rtol=1e-6)

@@ -10,6 +10,10 @@
   losses ``topk_hinge`` and ``topk_logistic_ranking`` are in ``kdjax.losses.ranking``.
 * ``topk_distillation_loss``: ``alpha T^2 mean(topk_<loss>) + (1 - alpha) mean(CE)``.
 
+``renormalize=True`` (``topk_kl``, ``topk_distillation_loss``): tunix's top-k KL
+(``LogitStrategy(distill_top_k=k)``), the student's softmax renormalised over the teacher's k
+ids, where DistillKit (and the default) gathers the full-vocabulary softmax.
+
 A cache may hold log-probabilities computed at a temperature other than 1
 (``generation_temperature``): DistillKit's ``get_target_logprobs`` brings them to T by
 raising the probabilities to the power ``T_gen / T`` and renormalising (these functions do
@@ -100,25 +104,32 @@ def _check_number(name: str, value, lo: float, hi: float) -> None:
         raise InputError(f"{name}: expected a number in ({lo:g}, {hi:g}), got {v}")
 
 
-def _sparse_logprobs(student_logits, values, indices, temperature, missing, eps, generation_temperature):
+def _sparse_logprobs(student_logits, values, indices, temperature, missing, eps, generation_temperature,
+                     renormalize=False):
     """Checked inputs -> (the student's log-probabilities at the k ids, the teacher's target
     log-probabilities, no gradient), both at temperature T in at least float32 (DistillKit's
-    ``get_logprobs``)."""
+    ``get_logprobs``; with ``renormalize``, the student's softmax over the k ids only)."""
     if missing not in MISSING:
         raise InputError(f"missing: expected one of {MISSING}, got {missing!r}")
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise InputTypeError(f"renormalize: expected True or False, got {renormalize!r}")
+    if renormalize and missing != "zero":
+        raise InputError(f"renormalize=True: expected missing='zero' (the student has no mass outside the k ids to "
+                         f"match), got missing={missing!r}")
     check_topk(student_logits, values, indices)
     check_temperature(temperature)
     check_temperature(generation_temperature, "generation_temperature")
     _check_number("eps", eps, 0.0, 1.0)
     wide = jnp.promote_types(student_logits.dtype, jnp.float32)  # DistillKit: float32 for half-precision logits
     s = student_logits.astype(wide) / temperature
-    student = jnp.take_along_axis(s, indices, axis=-1) - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    gathered = jnp.take_along_axis(s, indices, axis=-1)
+    student = gathered - jax.nn.logsumexp(gathered if renormalize else s, axis=-1, keepdims=True)
     target = _target_logprobs(values.astype(wide), temperature, missing, generation_temperature)
     return student, jax.lax.stop_gradient(target)
 
 
 def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = "zero", eps: float = 1e-6,
-            generation_temperature=1.0):
+            generation_temperature=1.0, renormalize: bool = False):
     r"""Per-position KL of the student from the sparse teacher, as DistillKit's
     ``sparse_kl_div_inner`` (``distillkit/lossfuncs/kl.py``):
 
@@ -131,6 +142,11 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
     :math:`q_m = 1 - \sum q_i`, counted where :math:`p_m > \epsilon`). Not multiplied by
     :math:`T^2`. The teacher side carries no gradient.
 
+    With ``renormalize=True``, tunix's ``LogitStrategy(distill_top_k=k)``
+    (``tunix/distillation/strategies/logit.py``): the student's softmax is taken over its logits
+    at the k ids alone, :math:`q_i = \exp(s_i / T) / \sum_{j \in \mathrm{top}k} \exp(s_j / T)`,
+    so that both sides are distributions over the k ids (``missing="zero"`` only).
+
     Args:
         student_logits: ``[..., V]`` floating point.
         values: ``[..., k]`` the teacher's log-probabilities at ``generation_temperature``
@@ -142,12 +158,15 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
         eps: in ``(0, 1)``.
         generation_temperature: the temperature ``values`` were computed at (a cache's
             property; 1 for ``topk_logprobs``).
+        renormalize: False (DistillKit's: the student's full-vocabulary softmax) or True
+            (tunix's: renormalised over the k ids).
 
     Returns:
         ``[...]``, per position, in ``student_logits``' dtype.
 
     Raises:
-        InputError / InputTypeError: shapes, dtypes, ``missing``; and, for concrete arrays
+        InputError / InputTypeError: shapes, dtypes, ``missing``, ``renormalize`` not a bool or
+            with ``missing="symmetric_uniform"``; and, for concrete arrays
             and numbers only, ``temperature``, ``eps``, ids out of ``[0, V)`` or repeated at a
             position, values NaN, infinite, positive or whose probabilities sum past 1.
 
@@ -159,7 +178,7 @@ def topk_kl(student_logits, values, indices, temperature=1.0, *, missing: str = 
     once outside ``jit``.
     """
     student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
-                                       generation_temperature)
+                                       generation_temperature, renormalize)
     kl = jnp.sum(jnp.exp(target) * (target - student), axis=-1)
     if missing == "symmetric_uniform":
         log_t, log_s = _log_missing(target, eps), _log_missing(student, eps)
@@ -229,7 +248,8 @@ SPARSE_LOSSES = ("kl", "jsd", "tvd", "hinge", "logistic_ranking")
 
 
 def topk_distillation_loss(student_logits, values, indices, labels, temperature=2.0, alpha=0.5, *, where=None,
-                           missing: str = "zero", loss: str = "kl", generation_temperature=1.0):
+                           missing: str = "zero", loss: str = "kl", generation_temperature=1.0,
+                           renormalize: bool = False):
     """``alpha T^2 mean(topk_<loss>) + (1 - alpha) mean(CE)`` over every position, or those
     ``where`` selects (``distillation_loss`` with the sparse teacher); for the ranking losses
     ``alpha * topk_hinge / topk_logistic_ranking + (1 - alpha) mean(CE)`` (no temperature).
@@ -245,16 +265,23 @@ def topk_distillation_loss(student_logits, values, indices, labels, temperature=
         loss: one of ``SPARSE_LOSSES``: ``topk_kl``, ``topk_jsd``, ``topk_tvd``,
             ``kdjax.losses.topk_hinge``, ``topk_logistic_ranking``.
         generation_temperature: the temperature ``values`` were computed at.
+        renormalize: ``topk_kl``'s (``loss="kl"`` only): True is tunix's
+            ``LogitStrategy(T, alpha, distill_top_k=k)`` given the teacher's top-k and real
+            labels everywhere (no ``where``).
 
     Returns:
         The scalar loss.
 
     Raises:
         InputError / InputTypeError: as ``topk_kl`` (value checks on concrete arrays only;
-            under ``jit`` see ``topk_kl``), and for ``alpha``, ``labels``, ``where``, ``loss``.
+            under ``jit`` see ``topk_kl``), and for ``alpha``, ``labels``, ``where``, ``loss``,
+            ``renormalize`` with another loss than ``"kl"``.
     """
     if loss not in SPARSE_LOSSES:
         raise InputError(f"loss: expected one of {SPARSE_LOSSES}, got {loss!r}")
+    if renormalize is not False and loss != "kl":
+        raise InputError(f"renormalize: expected False with loss={loss!r} (tunix's renormalised top-k is a KL), "
+                         f"got {renormalize!r}")
     check_alpha(alpha)
     check_where(where, student_logits.shape[:-1])
     check_labels(labels, student_logits.shape, where)
@@ -263,6 +290,7 @@ def topk_distillation_loss(student_logits, values, indices, labels, temperature=
         rank = topk_hinge if loss == "hinge" else topk_logistic_ranking
         return alpha * rank(student_logits, values, indices, where=where).astype(hard.dtype) + (1 - alpha) * hard
     divergence = {"kl": topk_kl, "jsd": topk_jsd, "tvd": topk_tvd}[loss]
+    options = {"renormalize": renormalize} if loss == "kl" else {}
     soft = masked_mean(divergence(student_logits, values, indices, temperature, missing=missing,
-                                  generation_temperature=generation_temperature), where)
+                                  generation_temperature=generation_temperature, **options), where)
     return alpha * temperature ** 2 * soft + (1 - alpha) * hard

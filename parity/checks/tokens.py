@@ -319,4 +319,24 @@ def check_topk(ctx: Ctx) -> list[Result]:
         lambda x: losses.topk_logistic_ranking(x, thin, indices, where=jnp.asarray(where)),
         lambda x: dk.sparse_logistic_ranking(x, ids.to(x.device), ctx.t(np.asarray(thin)),
                                              torch.from_numpy(where).to(x.device)))
+    out += _tunix_topk_rows(ctx, s, t, values, indices, row)
     return out
+
+
+def _tunix_topk_rows(ctx: Ctx, s, t, values, indices, row) -> list[Result]:
+    """tunix's renormalised top-k (``LogitStrategy(distill_top_k=7)``, our PyTorch transcription
+    ``parity/tunix_reference.py``) against ``topk_kl(renormalize=True)`` per position and
+    ``topk_distillation_loss(renormalize=True)`` as tunix's whole loss (real labels, every
+    position), value and student gradient."""
+    from kdjax import losses
+    from parity import tunix_reference as tx
+
+    for temperature in (1.0, 2.0):
+        row(f"top-k KL renormalised (tunix distill_top_k), k = 7 of 61, T={temperature:g}",
+            lambda x: losses.topk_kl(x, values, indices, temperature, renormalize=True),
+            lambda x: tx.topk_kl(x, ctx.t(t), 7, temperature))
+    labels = np.random.default_rng(42).integers(0, 61, s.shape[:-1])
+    row("tunix LogitStrategy(T=2, alpha=0.3, distill_top_k=7) = topk_distillation_loss(renormalize=True)",
+        lambda x: losses.topk_distillation_loss(x, values, indices, jnp.asarray(labels), 2.0, 0.3, renormalize=True),
+        lambda x: tx.logit_strategy_loss(x, ctx.t(t), ctx.t(labels), 7, 2.0, 0.3))
+    return []
