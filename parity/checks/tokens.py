@@ -227,10 +227,95 @@ def check_conventions_packages(ctx: Ctx) -> list[Result]:
                 "softmaxes; no kdjax call)": (conventions.keras_logits_distillation(s, t, T), ld("kl_divergence"))}
 
     out += rows("torchdistill", torchdistill_rows) + rows("trl", trl_rows)
+    if _real_package("trl")[0] is not None:
+        out += _trl_option_rows(ctx)
     # Keras's LogitsDistillation on float64 inputs differs from the same formula by ~1e-7
     # relative (measured; its KLDivergence alone is exact), so float64 rows get float32's tolerance
     out += rows("keras", keras_rows, TOL["float32"]["loss"],
                 "float32 tolerance: Keras rounds inside LogitsDistillation" if ctx.dtype == "float64" else "")
+    return out
+
+
+# (beta, T, (student, teacher) logit_scale, (student, teacher) final_logit_softcapping, num_items_in_batch)
+TRL_OPTION_CASES = [(0.5, 1.0, (1.0, 1.0), (None, None), None), (0.0, 2.0, (0.5, 1.3), (None, None), None),
+                    (1.0, 1.0, (1.0, 1.0), (5.0, 8.0), None), (0.3, 2.0, (0.7, 1.2), (6.0, None), 17.0)]
+
+
+def _trl_option_rows(ctx: Ctx) -> list[Result]:
+    """``losses.gkd_loss`` against the installed TRL 1.16: ``GKDTrainer.generalized_jsd_loss``
+    with ``reduction="sum"|"mean"|"batchmean"`` and ``num_items_in_batch`` (labels -100 and
+    none); ``DistillationTrainer``'s divergence with ``logit_scale``/``final_logit_softcapping``
+    and ``num_items_in_batch``, per token from TRL's own ``_stats_tile``/``_jsd_tile``/
+    ``_backward_tile`` (``trl/kernels/chunked_divergence.py``) run in this dtype and reduced as
+    ``_chunked_divergence_loss``, value and student gradient; and the whole
+    ``_chunked_divergence_loss`` (identity ``lm_head``), which computes in float32."""
+    import math
+
+    from trl.experimental.gkd import GKDTrainer
+    from trl.kernels import chunked_divergence as cd
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    s, t, y, mask, _ = _convention_inputs(ctx)
+    js, jt, jm = jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(mask)
+    tol, out = TOL[ctx.dtype]["loss"], []
+    for reduction in losses.REDUCTIONS:
+        for labels in (True, False):
+            for beta, T, nib in ((0.0, 1.0, None), (0.4, 2.0, None), (1.0, 1.0, None), (0.4, 2.0, 17.0)):
+                if nib is not None and (reduction != "batchmean" or not labels):
+                    continue
+                got = losses.gkd_loss(js, jt, where=jm if labels else None, beta=beta, temperature=T,
+                                      reduction=reduction, num_items_in_batch=nib)
+                want = GKDTrainer.generalized_jsd_loss(ctx.t(s), ctx.t(t), ctx.t(y) if labels else None, beta, T,
+                                                       reduction=reduction, num_items_in_batch=nib)
+                out.append(compare(f"trl GKDTrainer.generalized_jsd_loss(beta={beta:g}, T={T:g}, reduction="
+                                   f"{reduction!r}{', num_items_in_batch=17' if nib else ''}), "
+                                   f"{'labels -100' if labels else 'no labels'} = gkd_loss", ctx, got,
+                                   _numpy(want), tol))
+    V = TOK_V
+    s2, t2, valid = ctx.t(s).reshape(-1, V), ctx.t(t).reshape(-1, V), torch.from_numpy(mask.reshape(-1))
+    for beta, T, scales, caps, nib in TRL_OPTION_CASES:
+        kw = dict(s_scale=scales[0], s_softcap=caps[0] or 1.0, t_scale=scales[1], t_softcap=caps[1] or 1.0,
+                  inv_t=1 / T, S_HAS_SOFTCAP=caps[0] is not None, T_HAS_SOFTCAP=caps[1] is not None, BLOCK_SIZE=None)
+        with torch.no_grad():  # TRL's per-token forward and backward, in this dtype
+            z = lambda: torch.zeros(s2.shape[0], dtype=s2.dtype)
+            s_max, t_max, s_sum, s_x, t_sum, t_gap, s_gap = z() - math.inf, z() - math.inf, z(), z(), z(), z(), z()
+            cd._stats_tile(s2, None, t2, None, s_max, s_sum, s_x, t_max, t_sum, t_gap, s_gap, V, **kw)
+            s_log_z, t_log_z = s_max + torch.log(s_sum), t_max + torch.log(t_sum)
+            if beta == 0.0:
+                div = aux = t_gap / t_sum - t_log_z + s_log_z
+            elif beta == 1.0:
+                div = aux = s_gap / s_sum - s_log_z + t_log_z
+            else:
+                div, aux = z(), z()
+                cd._jsd_tile(s2, None, t2, None, s_log_z, t_log_z, div, aux, V, beta, **kw)
+            denom = valid.sum().clamp(min=1).to(s2.dtype) if nib is None else torch.tensor(nib, dtype=s2.dtype)
+            value = div.masked_fill(~valid, 0).sum() / denom
+            grad = s2.clone()
+            cd._backward_tile(grad, None, t2, None, s_log_z, t_log_z, aux, valid.to(s2.dtype) / denom, V, beta,
+                              kw["s_scale"], kw["s_softcap"], kw["t_scale"], kw["t_softcap"], kw["inv_t"],
+                              0 if beta == 0.0 else 1 if beta == 1.0 else 2, kw["S_HAS_SOFTCAP"], kw["T_HAS_SOFTCAP"],
+                              None)
+        ours = lambda a: losses.gkd_loss(a, jt, where=jm, beta=beta, temperature=T, num_items_in_batch=nib,
+                                         logit_scale=scales, final_logit_softcapping=caps)
+        g_val, g_grad = jax.value_and_grad(ours)(js)
+        name = (f"trl DistillationTrainer divergence (beta={beta:g}, T={T:g}, logit_scale={scales}, "
+                f"final_logit_softcapping={caps}{', num_items_in_batch=17' if nib else ''})")
+        out.append(compare(f"{name}: TRL's tiles in {ctx.dtype} = gkd_loss", ctx,
+                           {"value": g_val, "grad": g_grad}, {"value": value.numpy(),
+                                                              "grad": grad.reshape(s.shape).numpy()},
+                           TOL[ctx.dtype]["grad"]))
+        hs = torch.from_numpy(s.reshape(1, -1, V)).float().requires_grad_()
+        eye = torch.eye(V)
+        full, _, _ = _chunked_divergence_loss(hs, torch.from_numpy(t.reshape(1, -1, V)).float(), eye, eye,
+                                              valid.reshape(1, -1), beta, num_items_in_batch=nib,
+                                              student_logit_scale=scales[0], teacher_logit_scale=scales[1],
+                                              student_final_logit_softcapping=caps[0],
+                                              teacher_final_logit_softcapping=caps[1], temperature=T)
+        full.backward()
+        out.append(compare(f"{name}: _chunked_divergence_loss (float32 inside TRL) = gkd_loss", ctx,
+                           {"value": g_val, "grad": g_grad},
+                           {"value": full.detach().double().numpy(), "grad": hs.grad.reshape(s.shape).double().numpy()},
+                           TOL["float32"]["grad"], "float32 tolerance: TRL's kernel computes in float32"))
     return out
 
 
