@@ -244,3 +244,12 @@ def test_a_method_is_one_table_row(capsys, tmp_path, monkeypatch):
     assert "tv" in methods.methods_taking("kd_weight")
     p = kdjax_here(capsys, "distill", "--method", "kd", "--kd-weight", "1", "--steps", "1", "--quiet")
     assert p.returncode == 2 and "--kd-weight: only used with --method fitnet, at, sp, rkd, pkt, crd or tv" in p.stderr
+
+
+def test_the_docs_list_every_method_with_its_reference():
+    """docs/cli.md's method list is the method table: each row's name, architectures and reference."""
+    from kdjax.app import methods
+
+    doc = (ROOT.parent / "docs" / "cli.md").read_text()
+    for name, row in methods.TABLE.items():
+        assert f"| `{name}` | {', '.join(row.archs)} | {row.reference} |" in doc, name

@@ -186,22 +186,32 @@ def cmd_distill(args, rep: Reporter) -> int:
     check_alpha(args.alpha)
     ckpts = inputs.checkpoints(args)
     tok = inputs.tokenizer(args)
-    ds = inputs.dataset(args, tok)
+    paired = None
+    if args.method == "uld":  # a teacher with another tokenizer: the text in both tokenizations
+        teacher, t_state, student = inputs.teacher_and_student(args, None, tok)
+        paired = inputs.paired_text(args, tok, teacher)
+        ds = paired.student
+    else:
+        ds = inputs.dataset(args, tok)
     if args.dataset == "synthetic":
         rep.line(_SYNTHETIC)
     cfg = inputs.run_config(args)
     inputs.check_schedule_memory(args, len(ds.y_train), 3 * args.seeds)  # teachers, standard and distilled
     seeds = list(range(args.seed, args.seed + args.seeds))
     ckpts = inputs.with_inputs(ckpts, ds, args.teacher)
-    teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
+    if paired is None:
+        teacher, t_state, student = inputs.teacher_and_student(args, ds, tok)
     if tok is not None:
-        rep.line(f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else f'a byte-level BPE of {tok.get_vocab_size()} tokens trained here')}")
+        trained = f"a byte-level BPE of {tok.get_vocab_size()} tokens trained here"
+        rep.line(f"tokenizer: {args.tokenizer or trained}; the teacher's: {args.teacher}/tokenizer.json"
+                 if paired is not None else
+                 f"tokenizer: {args.tokenizer or (args.teacher + '/tokenizer.json' if t_state is not None else trained)}")
     inputs.validate_models((teacher, student), ds)
     if args.arch in ("transformer", "llama"):  # the larger step: a teacher trained here, else the student's
         inputs.check_lm_memory(args, student, "student", step=t_state is not None)
         if t_state is None:
             inputs.check_lm_memory(args, teacher, "teacher")
-    objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)))
+    objective = methods.objective(args, teacher, student, cfg.total_steps(len(ds.y_train)), tokenizer=tok)
     if hasattr(objective, "tap_shapes"):  # taps and connectors traced on abstract shapes
         methods.validate(objective, teacher, student, ds)
     if not getattr(objective, "teacher_online", False):  # on-policy: the teacher runs in the step, nothing cached
@@ -216,8 +226,9 @@ def cmd_distill(args, rep: Reporter) -> int:
         t_state = inputs.load_teacher(args.teacher, teacher, ds)
     if args.teacher:
         rep.line(f"teacher loaded from {args.teacher}")
+    t_example = ds.x_train[:1] if paired is None else paired.extra["teacher_x"][:1]
     mesh = inputs.make_mesh(args, rep, len(seeds), cfg.batch_size,
-                            [("teacher", teacher, ds.x_train[:1]), ("student", student, ds.x_train[:1])])
+                            [("teacher", teacher, t_example), ("student", student, ds.x_train[:1])])
     t_cfg = None
     if args.teacher_steps is not None:
         if args.tune or args.teacher:
@@ -245,7 +256,8 @@ def cmd_distill(args, rep: Reporter) -> int:
             r = workflows.distill(teacher, student, ds, cfg, seeds, temperature=args.temperature,
                                   alpha=args.alpha, teacher_state=t_state, checkpoints=ckpts,
                                   on_chunk=on_chunk, log=rep.line, mesh=mesh, teacher_cfg=t_cfg, on_losses=rep.watch(log.losses),
-                                  objective=objective)
+                                  objective=objective, extra_data=paired and paired.extra,
+                                  teacher_data=paired and paired.teacher)
         log.evaluation("test", cfg.total_steps(len(ds.y_train)),
                        {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
                        {"teacher": ["teacher/loaded"] if t_state is not None else seed_names("teacher"),
@@ -258,14 +270,20 @@ def cmd_distill(args, rep: Reporter) -> int:
                    for T, row in zip(tuned.temperatures, tuned.validation_mean_ci)])
         rep.line(f"chosen on validation: T = {tuned.best[0]:g}, alpha = {tuned.best[1]:g}; students retrained "
                  f"on all {len(ds.y_train)} training rows")
+    per_byte = None if paired is None else {"teacher": paired.tokens_per_byte["teacher"],
+                                            "standard": paired.tokens_per_byte["student"],
+                                            "distilled": paired.tokens_per_byte["student"]}
     return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=teacher, objective=objective,
-                           tuned=tuned, teacher_label="teacher (loaded)" if t_state is not None else "teacher")
+                           tuned=tuned, teacher_label="teacher (loaded)" if t_state is not None else "teacher",
+                           per_byte=per_byte)
 
 
 def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher, objective, tuned,
-                    teacher_label: str, extra: dict | None = None) -> int:
+                    teacher_label: str, extra: dict | None = None, per_byte: dict | None = None) -> int:
     """The tables, ``results.json``, the Hugging Face student, checkpoints and plots of a
-    ``distill`` run (``teacher`` None: no teacher checkpoint, e.g. from a top-k cache)."""
+    ``distill`` run (``teacher`` None: no teacher checkpoint, e.g. from a top-k cache).
+    ``per_byte``: each model's target tokens per byte (models with other tokenizers): bits per
+    byte instead of per token."""
     import jax
 
     from kdjax import checkpoint
@@ -275,25 +293,27 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
     acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
     lm = args.arch in ("transformer", "llama")
     unit = "token" if args.arch == "llama" else "byte"
+    bits = "byte" if per_byte else unit  # other tokenizers: only bits per byte compare
     over = f"mean ± 95% CI over n = {plural(len(seeds), 'seed')}"
     label = lambda k: (teacher_label if k == "teacher" else
                        f"distilled ({args.method})" if k == "distilled" and args.method != "kd" else k)
-    rep.table(f"validation next-{unit} accuracy ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
+    own = " (each model on its own tokens)" if per_byte else ""
+    rep.table(f"validation next-{unit} accuracy{own} ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
               [[label(k), fmt_ci(v)] for k, v in stats.items()]
               + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
-    bpb = {k: np.asarray(v) / np.log(2) for k, v in r.eval_loss["test"].items()}
+    bpb = {k: np.asarray(v) / np.log(2) * (per_byte[k] if per_byte else 1) for k, v in r.eval_loss["test"].items()}
     bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
     bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
     if lm:
-        rep.table(f"validation bits per {unit} (cross-entropy / ln 2; lower is better), {over}",
-                  ["model", f"bits per {unit}"],
+        rep.table(f"validation bits per {bits} (cross-entropy / ln 2{' x tokens per byte' if per_byte else ''}; "
+                  f"lower is better), {over}", ["model", f"bits per {bits}"],
                   [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
                   + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
     what = "Distilled - standard" if args.method == "kd" else f"Distilled ({args.method}) - standard"
     lines = [conclusion(f"{what} {f'validation next-{unit} accuracy' if lm else 'test accuracy'} on {ds.name} "
                         f"(paired by seed)", gain, len(seeds))]
     if lm:
-        lines.append(conclusion(f"{what} validation bits per {unit} (paired by seed; lower is better)", bpb_gain,
+        lines.append(conclusion(f"{what} validation bits per {bits} (paired by seed; lower is better)", bpb_gain,
                                 len(seeds), lower_is_better=True, digits=3))
     if ds.name.startswith("synthetic"):
         lines.append(_SYNTHETIC)
@@ -304,8 +324,10 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
                "paired_gain": gain, "losses": r.losses,
                "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}} | (extra or {})
     if lm:
-        results[f"bits_per_{unit}"] = {k: v.tolist() for k, v in bpb.items()}
-        results[f"bits_per_{unit}_mean_ci"], results[f"bits_per_{unit}_paired_gain"] = bpb_stats, bpb_gain
+        results[f"bits_per_{bits}"] = {k: v.tolist() for k, v in bpb.items()}
+        results[f"bits_per_{bits}_mean_ci"], results[f"bits_per_{bits}_paired_gain"] = bpb_stats, bpb_gain
+        if per_byte:
+            results["tokens_per_byte"] = per_byte
     if tuned is not None:
         results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
                              "validation_accuracy": tuned.validation.tolist(),

@@ -96,19 +96,22 @@ def hf_folder(args) -> bool:
 
 def tokenizer(args):
     """``--arch llama``'s tokenizer: ``--tokenizer``, the ``--teacher`` folder's, or a
-    byte-level BPE of ``--vocab-size`` tokens trained here on the training text; else None."""
+    byte-level BPE of ``--vocab-size`` tokens trained here on the training text; else None.
+    With ``--method uld`` the student's own: ``--tokenizer`` or one trained here (the
+    teacher's is ``teacher_tokenizer``)."""
     if args.arch != "llama":
         return None
     from kdjax import data
     from kdjax import tokenizer as tk
 
+    uld = getattr(args, "method", None) == "uld"
     if args.tokenizer:
         tok = tk.load_tokenizer(args.tokenizer)
         own = os.path.join(args.teacher, "tokenizer.json") if hf_folder(args) else None
-        if own and os.path.isfile(own) and _content(tk.load_tokenizer(own)) != _content(tok):
+        if not uld and own and os.path.isfile(own) and _content(tk.load_tokenizer(own)) != _content(tok):
             raise UsageError(f"--tokenizer {args.tokenizer}: expected the teacher's own tokenizer ({own}), got "
                              f"another one (its vocabulary or merges differ): the teacher's token ids would "
-                             f"mean other text")
+                             f"mean other text; a teacher with another tokenizer distils with --method uld")
         return tok
     cache = getattr(args, "teacher_logits", None)
     if cache:
@@ -117,18 +120,44 @@ def tokenizer(args):
             raise UsageError(f"--teacher-logits {cache}: has no tokenizer.json (kdjax teacher-logits writes one); "
                              f"pass --tokenizer PATH, the one the cache was built with")
         return tk.load_tokenizer(path)
-    if hf_folder(args):
-        path = os.path.join(args.teacher, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise UsageError(f"--teacher {args.teacher}: has no tokenizer.json; pass --tokenizer PATH (the "
-                             f"teacher's own: a tokenizer with another vocabulary would train on garbage)")
-        return tk.load_tokenizer(path)
+    if hf_folder(args) and not uld:
+        return teacher_tokenizer(args)
     if args.dataset != "text" and not args.dataset.endswith(".txt"):
         raise UsageError(f"--arch llama: expected --dataset text or a .txt corpus, got {args.dataset!r}")
     _, train, _, _ = data.text_documents(None if args.dataset == "text" else args.dataset, utf8=True)
     docs = data._first(train, args.text_bytes)
     # UTF-8 (a character a cut at --text-bytes leaves half is dropped; a bad byte is one line)
     return tk.train_bpe([data.decode_text(d, args.dataset) for d in docs], args.vocab_size)
+
+
+def teacher_tokenizer(args):
+    """The ``--teacher`` folder's own ``tokenizer.json``."""
+    from kdjax import tokenizer as tk
+
+    path = os.path.join(args.teacher, "tokenizer.json")
+    if not os.path.isfile(path) and getattr(args, "method", None) == "uld":
+        raise UsageError(f"--teacher {args.teacher}: has no tokenizer.json; --method uld needs the teacher's own "
+                         f"tokenizer in its folder (--tokenizer is the student's)")
+    if not os.path.isfile(path):
+        raise UsageError(f"--teacher {args.teacher}: has no tokenizer.json; pass --tokenizer PATH (the "
+                         f"teacher's own: a tokenizer with another vocabulary would train on garbage)")
+    return tk.load_tokenizer(path)
+
+
+def paired_text(args, tok, teacher):
+    """``--method uld``'s data: the corpus in the student's and the teacher's tokenizations
+    (``kdjax.crosstok.text.paired_text``)."""
+    from kdjax.crosstok.text import paired_text as paired
+
+    if args.dataset != "text" and not args.dataset.endswith(".txt"):
+        raise UsageError(f"--method uld: expected --dataset text or a .txt corpus (text both tokenizers read), "
+                         f"got {args.dataset!r}")
+    try:
+        return paired(args.context, None if args.dataset == "text" else args.dataset, student_tokenizer=tok,
+                      teacher_tokenizer=teacher_tokenizer(args), max_bytes=args.text_bytes,
+                      max_teacher_length=teacher.max_position_embeddings)
+    except InputError as e:
+        raise UsageError(f"--method uld: {e}") from None
 
 
 def _content(tok) -> str:
@@ -227,6 +256,17 @@ def teacher_and_student(args, ds, tok):
     ``--teacher`` Hugging Face folder with ``--arch llama``, else built by ``models``; with a
     tokenizer, both models checked against its vocabulary."""
     t_state = None
+    if getattr(args, "method", None) == "uld":  # the student of the teacher's family with its own vocabulary
+        if not (hf_folder(args) and args.arch == "llama"):
+            raise UsageError(f"--method uld: expected --teacher DIR, a Llama-family Hugging Face folder with its own "
+                             f"tokenizer.json, got {args.teacher or 'none'}")
+        from kdjax.tokenizer import check_vocabulary
+
+        teacher, t_state, student = hf_teacher(args)
+        student = student.clone(vocab_size=int(tok.get_vocab_size()))
+        check_vocabulary(teacher_tokenizer(args), teacher)
+        check_vocabulary(tok, student)
+        return teacher, t_state, student
     if hf_folder(args) and args.arch == "llama":
         teacher, t_state, student = hf_teacher(args)
     else:

@@ -2,7 +2,9 @@
 the options it takes, its architectures, its default temperature, its reference), which the
 parser's choices and "only used with" refusals read. The mdistiller methods are
 ``kdjax.features`` objectives, the on-policy methods of language models (``gkd``: TRL's
-GKD, ``reverse_kl``: tinker-cookbook's on-policy reverse KL) ``kdjax.onpolicy.OnPolicy``.
+GKD, ``reverse_kl``: tinker-cookbook's on-policy reverse KL) ``kdjax.onpolicy.OnPolicy``,
+``uld`` (a teacher with another tokenizer: TRL's ULD) ``kdjax.crosstok.ULD`` with weights
+``1 - alpha`` on CE and ``alpha`` on ULD.
 
 Weights, temperatures and CRD's settings are mdistiller's defaults
 (``mdistiller/engine/cfg.py``): CE weight 1 for every feature method; FitNet 100 on the
@@ -31,14 +33,14 @@ class Method:
     (argument names; any other method option is refused with it), the architectures it
     runs on, its default ``--temperature`` and the reference it equals."""
 
-    build: Callable  # (args, teacher, student, total steps) -> an objective (kdjax.objectives), or None: "kd"
+    build: Callable  # (args, teacher, student, total steps, tokenizer) -> an objective (kdjax.objectives), or None: kd
     options: tuple = ()
     archs: tuple = VISION_ARCHS
     temperature: float = 4.0
     reference: str = ""
 
 
-def _dkd(args, teacher, student, total_steps):
+def _dkd(args, teacher, student, total_steps, *_):
     from kdjax.features import Objective
 
     return Objective(ce=1.0, kd=1.0, temperature=args.temperature, divergence="dkd", dkd_alpha=1.0, dkd_beta=8.0,
@@ -46,7 +48,7 @@ def _dkd(args, teacher, student, total_steps):
 
 
 def _feature(loss: str, weight: float):
-    def build(args, teacher, student, total_steps):
+    def build(args, teacher, student, total_steps, *_):
         from kdjax.features import Objective, Term
 
         pairs = parse_pairs(args.feature_layers) if args.feature_layers else default_pairs(args.method, teacher,
@@ -58,10 +60,21 @@ def _feature(loss: str, weight: float):
     return build
 
 
-def _on_policy(args, teacher, student, total_steps):
+def _on_policy(args, teacher, student, total_steps, *_):
     prompt, new = on_policy_split(args)
     return _load("kdjax.onpolicy").OnPolicy(teacher, args.method, max_new_tokens=new, lmbda=args.lmbda, beta=args.beta,
                     temperature=args.temperature, prompt_length=prompt)
+
+
+def _uld(args, teacher, student, total_steps, tokenizer):
+    crosstok = _load("kdjax.crosstok")
+    from kdjax.app.inputs import teacher_tokenizer
+
+    hybrid = (crosstok.hybrid_from_vocabs(tokenizer.get_vocab(), teacher_tokenizer(args).get_vocab())
+              if args.uld_hybrid else None)
+    return crosstok.ULD(crossentropy_weight=1.0 - args.alpha, distillation_weight=args.alpha,
+                        student_temperature=args.temperature, teacher_temperature=args.temperature, hybrid=hybrid,
+                        teacher=teacher)
 
 
 _MDISTILLER = "mdistiller's {} (mdistiller/distillers/{}.py, weights of engine/cfg.py)"
@@ -81,6 +94,9 @@ TABLE = {
                   "TRL 1.16's GKDTrainer (trl/experimental/gkd), generalized_jsd_loss"),
     "reverse_kl": Method(_on_policy, ("temperature", "prompt_tokens"), LM_ARCHS, 1.0,
                          "tinker-cookbook's on-policy distillation (reverse-KL advantages, importance sampling)"),
+    "uld": Method(_uld, ("temperature", "alpha", "uld_hybrid"), ("llama",), 1.0,
+                  "TRL 1.16's ULDLoss (trl/experimental/gold), byte-offset alignment: a teacher with another "
+                  "tokenizer"),
 }
 
 
@@ -191,9 +207,10 @@ def describe(objective) -> str:
     return objective.describe() if hasattr(objective, "describe") else repr(objective)
 
 
-def objective(args, teacher, student, total_steps: int):
-    """The objective of ``args.method`` (its row's ``build``; None for ``kd``, the built-in)."""
-    return TABLE[args.method].build(args, teacher, student, total_steps)
+def objective(args, teacher, student, total_steps: int, tokenizer=None):
+    """The objective of ``args.method`` (its row's ``build``; None for ``kd``, the built-in);
+    ``tokenizer``: the student's, for a method that reads its vocabulary."""
+    return TABLE[args.method].build(args, teacher, student, total_steps, tokenizer)
 
 
 def validate(objective, teacher, student, ds) -> None:

@@ -172,7 +172,7 @@ _GROUPS = {
     "training": ("steps", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "nesterov",
                  "lr_schedule", "teacher_steps", "warmup", "seeds", "seed", "sections", "quick"),
     "distillation method": ("method", "methods", "temperature", "alpha", "omit", "feature_layers", "feature_weight",
-                            "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "tune", "temperatures",
+                            "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "uld_hybrid", "tune", "temperatures",
                             "alphas", "validation_fraction"),
     "top-k cache": ("k", "min_coverage", "values_dtype"),
     "output and resume": ("out", "overwrite", "no_plots", "json", "quiet", "checkpoint_every", "resume",
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--method", choices=list(TABLE), default="kd",
                          help="kd (Hinton's, --temperature/--alpha), dkd, or a feature method: fitnet, at, sp, rkd, "
                               "pkt, crd (mdistiller's weights); for language models also gkd (TRL's GKD) and "
-                              "reverse_kl (on-policy; see docs/cli.md)")
+                              "reverse_kl (on-policy), and uld (a --teacher folder with another tokenizer: TRL's "
+                              "ULD, (1 - alpha) CE + alpha ULD); see docs/cli.md")
     distill.add_argument("--feature-layers", nargs="+", default=None, metavar="T:S",
                          help="feature methods: teacher:student tap pairs (TEACHER=STUDENT when a tap has ':', "
                               "e.g. fc:input=fc:input); default: the method's layers")
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--prompt-tokens", type=_positive_int, default=None,
                          help="gkd, reverse_kl: the first tokens of each --context window are the prompt, the rest "
                               "the completion the student samples (default: half)")
+    distill.add_argument("--uld-hybrid", action="store_true",
+                         help="uld: TRL's hybrid form (JSD on the tokens both vocabularies share, ULD on the rest)")
     distill.add_argument("--teacher-logits", default=None, metavar="CACHE",
                          help="llama: train the students from a teacher's top-k cache (kdjax teacher-logits) "
                               "instead of running a teacher; the student is of the cached teacher's family")
@@ -397,15 +400,16 @@ _ONLY_WITH = {
                                                     "only used with --teacher-logits")),
     **dict.fromkeys(("kv_heads", "tokenizer", "vocab_size"),
                     (lambda a: a.arch == "llama", "only used with --arch llama")),
-    "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not _hf_folder(a)
-                   and not getattr(a, "teacher_logits", None),
+    "vocab_size": (lambda a: a.arch == "llama" and not a.tokenizer and not getattr(a, "teacher_logits", None)
+                   and (not _hf_folder(a) or getattr(a, "method", None) == "uld"),
                    "only used with --arch llama when the tokenizer is trained here (no --tokenizer, no --teacher "
-                   "folder)"),
+                   "folder but with --method uld)"),
     "save_hf": (lambda a: a.command == "distill" and a.arch in ("transformer", "llama"),
                 "only used with kdjax distill --arch transformer or llama"),
-    "save_hf_teacher": (lambda a: a.arch == "llama" and not a.teacher_logits,
+    "save_hf_teacher": (lambda a: a.arch == "llama" and not a.teacher_logits and getattr(a, "method", None) != "uld",
                         "only used with --arch llama (a folder kdjax teacher-logits reads), and not with "
-                        "--teacher-logits (no teacher runs: the cache is all there is of it)"),
+                        "--teacher-logits (no teacher runs: the cache is all there is of it) or --method uld "
+                        "(the teacher is the --teacher folder)"),
     "text_bytes": (lambda a: a.dataset == "text", "only used with --dataset text"),
     "num_classes": (lambda a: a.dataset.endswith(".npz") and a.arch not in ("transformer", "llama"),
                     "only used with a --dataset PATH.npz of labelled examples"),

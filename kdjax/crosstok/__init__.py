@@ -31,11 +31,13 @@ weight 1, cross-entropy weight 0, "observed" merging):
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.crosstok.align import align_by_byte_offsets, alignment_indices
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "Hybrid",
@@ -175,97 +177,6 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
 
 
-# ----------------------------------------------------------------------------- byte-offset alignment
-
-def align_by_byte_offsets(s_offsets, t_offsets):
-    """Groups of positions where two tokenizations of the same text split at the same byte.
-
-    Walks both ``(start, end)`` byte-offset lists, advancing the side whose current token ends
-    earlier; a group closes when both sides end at the same byte (TRL's
-    ``ULDLoss._align_by_byte_offsets``). What is left of either side when one runs out forms a
-    last group (possibly empty on one side).
-
-    Args:
-      s_offsets, t_offsets: sequences of ``(start, end)`` byte offsets, one per token.
-
-    Returns:
-      ``(student_groups, teacher_groups)``: equal-length lists of lists of positions.
-    """
-    s_groups, t_groups = [], []
-    s_start = t_start = s = t = 0
-    n_s, n_t = len(s_offsets), len(t_offsets)
-    while s < n_s and t < n_t:
-        s_end, t_end = s_offsets[s][1], t_offsets[t][1]
-        s += s_end <= t_end
-        t += t_end <= s_end
-        if s_end == t_end:
-            s_groups.append(list(range(s_start, s)))
-            t_groups.append(list(range(t_start, t)))
-            s_start, t_start = s, t
-    if s < n_s or t < n_t:
-        s_groups.append(list(range(s_start, n_s)))
-        t_groups.append(list(range(t_start, n_t)))
-    return s_groups, t_groups
-
-
-def alignment_indices(student_offsets, teacher_offsets, student_where, teacher_where, *, groups=None,
-                      members=None, skip_student_eos=True, skip_teacher_eos=True):
-    """Host-side (NumPy) index arrays for ``uld_loss_aligned``, one row per batch item.
-
-    Each row's scored positions are its masked positions in order (the last dropped when
-    skipping that side's EOS); their byte offsets are aligned with ``align_by_byte_offsets``
-    and the pairs with positions on both sides kept (TRL drops the others).
-
-    Args:
-      student_offsets: ``[B, L_s, 2]`` int byte offsets of the student's tokens (one text per row).
-      teacher_offsets: ``[B, L_t, 2]`` the teacher's, in the same byte coordinates.
-      student_where, teacher_where: ``[B, L]`` bool masks.
-      groups: the number of group slots ``G`` (default: the most any row needs).
-      members: the most positions per group ``M`` (default: the most any group has).
-      skip_student_eos, skip_teacher_eos: as in ``uld_loss``.
-
-    Returns:
-      A dict of NumPy arrays: ``student_index``/``teacher_index`` ``[B, G, M]`` positions,
-      ``student_member``/``teacher_member`` ``[B, G, M]`` bool (slot used), ``group_valid``
-      ``[B, G]`` bool. Slot 0 of a group is its first position (the merged distribution's base).
-
-    Raises:
-      InputError: shapes that disagree, or ``groups``/``members`` too small for the data.
-    """
-    so, to = np.asarray(student_offsets), np.asarray(teacher_offsets)
-    sw, tw = np.asarray(student_where, bool), np.asarray(teacher_where, bool)
-    if so.ndim != 3 or so.shape[-1] != 2 or to.ndim != 3 or to.shape[-1] != 2:
-        raise InputError(f"offsets: expected [batch, length, 2], got {list(so.shape)} and {list(to.shape)}")
-    if sw.shape != so.shape[:2] or tw.shape != to.shape[:2] or so.shape[0] != to.shape[0]:
-        raise InputError(f"where: expected {list(so.shape[:2])} and {list(to.shape[:2])}, got {list(sw.shape)} "
-                         f"and {list(tw.shape)}")
-    rows = []
-    for i in range(so.shape[0]):
-        ps, pt = np.flatnonzero(sw[i]), np.flatnonzero(tw[i])
-        ps, pt = ps[:max(len(ps) - int(skip_student_eos), 0)], pt[:max(len(pt) - int(skip_teacher_eos), 0)]
-        if len(ps) == 0 or len(pt) == 0:
-            rows.append([])
-            continue
-        sg, tg = align_by_byte_offsets(so[i, ps].tolist(), to[i, pt].tolist())
-        rows.append([([int(ps[j]) for j in a], [int(pt[j]) for j in c]) for a, c in zip(sg, tg) if a and c])
-    need_g = max([len(r) for r in rows] + [1])
-    need_m = max([max(len(a), len(c)) for r in rows for a, c in r] + [1])
-    g = need_g if groups is None else groups
-    m = need_m if members is None else members
-    if g < need_g or m < need_m:
-        raise InputError(f"groups/members: the data need at least {need_g} groups of {need_m} positions, "
-                         f"got {g} and {m}")
-    out = {k: np.zeros((so.shape[0], g, m), np.int32) for k in ("student_index", "teacher_index")}
-    out.update({k: np.zeros((so.shape[0], g, m), bool) for k in ("student_member", "teacher_member")})
-    out["group_valid"] = np.zeros((so.shape[0], g), bool)
-    for i, r in enumerate(rows):
-        for j, (a, c) in enumerate(r):
-            out["student_index"][i, j, :len(a)], out["student_member"][i, j, :len(a)] = a, True
-            out["teacher_index"][i, j, :len(c)], out["teacher_member"][i, j, :len(c)] = c, True
-            out["group_valid"][i, j] = True
-    return out
-
-
 def _merge(probs, tokens, index, member):
     """``probs[first] · Π_{later members} max(probs[pos, tokens[pos]], MERGE_EPS)`` per group."""
     rows = jnp.take_along_axis(probs, index.reshape(index.shape[0], -1)[..., None], axis=1)
@@ -305,7 +216,7 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
     _check_logits(teacher_logits, "teacher_logits")
     _check_temperature(student_temperature, "student_temperature")
     _check_temperature(teacher_temperature, "teacher_temperature")
-    keys = ("student_index", "teacher_index", "student_member", "teacher_member", "group_valid")
+    keys = _ALIGNMENT
     if not isinstance(alignment, dict) or any(k not in alignment for k in keys):
         raise InputError(f"alignment: expected alignment_indices(...)'s dict with keys {keys}, got "
                          f"{sorted(alignment) if isinstance(alignment, dict) else type(alignment).__name__}")
@@ -335,14 +246,24 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
 
 @dataclasses.dataclass(frozen=True)
 class ULD:
-    """Train a student with ULD against a teacher of another tokenizer (positional alignment):
-    ``crossentropy_weight · mean_where(CE(student(x), y)) + distillation_weight · uld_loss``.
+    """Train a student with ULD against a teacher of another tokenizer:
+    ``crossentropy_weight · mean_where(CE(student(x), y)) + distillation_weight · uld``.
 
-    The batch: ``"x"``/``"y"``/``"where"`` the student's tokens, targets and scored positions;
-    ``"teacher_where"`` the teacher's scored positions; the teacher's logits cached as
-    ``batch["teacher_logits"]`` or from the online teacher (``Teacher(model, variables)``) on
-    ``batch["teacher_x"]``, its own tokenization of the same text. ``hyper`` is unused (may be
-    None); the defaults are TRL's ``GOLDConfig``'s.
+    The batch: ``"x"``/``"y"`` the student's tokens and targets, ``"where"`` its scored
+    positions (default: all); the teacher's logits cached as ``batch["teacher_logits"]`` or
+    from the online teacher (``Teacher(model, variables)``) on ``batch["teacher_x"]``, its own
+    tokenization of the same text. Two alignments, chosen by the batch:
+
+    * positional (``uld_loss``): ``batch["teacher_where"]``, the teacher's scored positions;
+    * byte offsets (``uld_loss_aligned``, TRL's extended ULD): the ``alignment_indices`` arrays
+      (``"student_index"``, ``"teacher_index"``, ``"student_member"``, ``"teacher_member"``,
+      ``"group_valid"``) and ``batch["teacher_y"]``, the teacher's tokens at its positions
+      (the student's are ``"y"``); the EOS skipping is then the alignment's.
+
+    ``hyper`` is unused (may be None); the defaults are TRL's ``GOLDConfig``'s. ``teacher``:
+    the teacher module, for steps with no ``teacher=`` bound (``kdjax.workflows.distill``).
+    ``teacher_online``: ``kdjax.workflows.distill`` runs the teacher in the step (its logits on
+    the student's tokens would mean nothing).
     """
 
     crossentropy_weight: float = 0.0
@@ -352,6 +273,8 @@ class ULD:
     skip_student_eos: bool = True
     skip_teacher_eos: bool = True
     hybrid: Hybrid | None = None
+    teacher: Any = None  # the teacher module, when no teacher= is bound to the step (kdjax.workflows)
+    teacher_online = True
 
     def __post_init__(self):
         for name in ("crossentropy_weight", "distillation_weight"):
@@ -360,10 +283,18 @@ class ULD:
         _check_temperature(self.student_temperature, "student_temperature")
         _check_temperature(self.teacher_temperature, "teacher_temperature")
 
+    def describe(self) -> str:
+        form = "hybrid ULD" if self.hybrid is not None else "ULD"
+        return (f"{self.crossentropy_weight:g} * CE + {self.distillation_weight:g} * {form} (T student "
+                f"{self.student_temperature:g}, teacher {self.teacher_temperature:g}; TRL's ULDLoss)")
+
     def check(self, batch, *, hyper, teacher):
-        for key in ("x", "y", "where", "teacher_where"):
-            if key not in batch:
-                raise InputError(f"ULD: expected batch[{key!r}], got keys {sorted(batch)}")
+        aligned = "group_valid" in batch
+        need = ("x", "y") + (("teacher_y",) + _ALIGNMENT if aligned else ("teacher_where",))
+        missing = [k for k in need if k not in batch]
+        if missing:
+            raise InputError(f"ULD: expected batch[{missing[0]!r}] ({'byte-offset' if aligned else 'positional'} "
+                             f"alignment), got keys {sorted(batch)}")
         if "teacher_logits" not in batch and (teacher is None or "teacher_x" not in batch):
             raise InputError("ULD: expected batch['teacher_logits'] or a bound teacher with batch['teacher_x'] "
                              "(the teacher's tokenization of the same text)")
@@ -379,14 +310,22 @@ class ULD:
         else:
             variables = dict(teacher.variables)
             t = apply_model(teacher.model, variables.pop("params"), variables, batch["teacher_x"], train=False)[0]
-        uld = uld_loss(logits, t, student_where=batch["where"], teacher_where=batch["teacher_where"],
-                       student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature,
-                       skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos,
-                       hybrid=self.hybrid)
+        where = batch.get("where", jnp.ones(logits.shape[:2], bool))
+        temps = {"student_temperature": self.student_temperature, "teacher_temperature": self.teacher_temperature}
+        if "group_valid" in batch:
+            uld = uld_loss_aligned(logits, t, student_tokens=batch["y"], teacher_tokens=batch["teacher_y"],
+                                   alignment={k: batch[k] for k in _ALIGNMENT}, hybrid=self.hybrid, **temps)
+        else:
+            uld = uld_loss(logits, t, student_where=where, teacher_where=batch["teacher_where"],
+                           skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos,
+                           hybrid=self.hybrid, **temps)
         loss = self.distillation_weight * uld
         metrics = {"uld": uld}
         if self.crossentropy_weight > 0:
-            ce = masked_mean(hard_ce(logits, batch["y"]), batch["where"])
+            ce = masked_mean(hard_ce(logits, batch["y"]), where)
             loss = loss + self.crossentropy_weight * ce
             metrics["ce"] = ce
         return loss, (new_state, metrics)
+
+
+_ALIGNMENT = ("student_index", "teacher_index", "student_member", "teacher_member", "group_valid")

@@ -167,7 +167,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
             log: Callable[[str], None] = lambda line: None, mesh=None,
             transfer: Dataset | None = None, teacher_cfg: RunConfig | None = None,
             programs: Programs | None = None, on_losses: OnLosses | None = None,
-            objective=None) -> DistillResult:
+            objective=None, extra_data: dict | None = None, teacher_data: Dataset | None = None) -> DistillResult:
     """Teacher -> standard and distilled students -> evaluation -> statistics.
 
     1. Teachers: one per seed, trained with cross-entropy (phase ``"teachers"``), or
@@ -199,7 +199,10 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     mode, and its ``teacher_taps`` (an attribute the objective may have) too, unless the
     objective says ``teacher_online = True`` (on-policy methods: the teacher runs in the
     step, one per seed or the loaded one); parts the objective's ``init`` hook adds
-    (connectors) train with the students. The result's ``students`` then hold the students'
+    (connectors) train with the students; ``extra_data`` (per training row, e.g. a teacher's own
+    tokenization, ``kdjax.crosstok.paired_text``) rides in its minibatches. ``teacher_data``:
+    the teacher's own tokenization of ``ds``'s splits, which its evaluation reads (a teacher
+    with another tokenizer; default ``ds``). The result's ``students`` then hold the students'
     own variables only (no optimizer state; ``distilled_states`` has the full states).
 
     Args:
@@ -207,7 +210,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
       ds: the data set; cfg: steps, batch size, optimizer; seeds: one pair of students per seed.
       temperature, alpha: the distilled students' KD hyperparameters.
       teacher_state, teacher_cfg, transfer, splits, checkpoints, chunk, on_chunk, on_losses, log,
-        mesh, programs, objective: as above.
+        mesh, programs, objective, extra_data, teacher_data: as above.
 
     Returns:
       A ``DistillResult``: states, losses, accuracy per split, statistics and gains.
@@ -219,6 +222,8 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     if not seeds:
         raise InputError("seeds: expected at least one seed, got none")
     make_hyper(temperature, alpha)  # validates before anything trains
+    if teacher_data is not None and teacher_state is None:
+        raise InputError("teacher_data: expected a loaded teacher_state (a teacher trained here reads ds's tokens)")
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
@@ -235,7 +240,10 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
         logits = None if on_policy else teacher_logits_for(teacher, teacher_state, transfer)
     if objective is not None:
         s_states, s_losses, full = _objective_students(phase, objective, teacher, t_states, student, transfer, cfg,
-                                                       seeds, logits, per_seed=teacher_state is None)
+                                                       seeds, logits, per_seed=teacher_state is None,
+                                                       extra_data=extra_data)
+    elif extra_data is not None:
+        raise InputError("extra_data: expected an objective that reads it, got the built-in KD")
     else:
         pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
         s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
@@ -243,7 +251,7 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     accuracy, eval_loss = {}, {}
     for split in splits:
         x, y = _split(ds, split)
-        t_ev = evaluate_on(teacher, t_states, x, y, members=teacher_state is None)
+        t_ev = evaluate_on(teacher, t_states, *_split(ds if teacher_data is None else teacher_data, split), members=teacher_state is None)
         s_ev = evaluate_on(student, s_states, x, y, members=True)
         accuracy[split], eval_loss[split] = (
             {"teacher": np.atleast_1d(t_ev[k]), "standard": s_ev[k][:n], "distilled": s_ev[k][n:]}
@@ -255,7 +263,8 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
                          distilled_states=full)
 
 
-def _objective_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, logits, *, per_seed):
+def _objective_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, logits, *, per_seed,
+                        extra_data=None):
     """Standard students (CE) and the objective's, paired by seed: ``(student-only states of
     both halves, losses [2n, steps], the objective's full states)``."""
     std, std_losses = phase("standard", student, "ce", transfer, cfg, seeds)
@@ -269,7 +278,7 @@ def _objective_students(phase, objective, teacher, t_states, student, transfer, 
     if hasattr(objective, "init"):
         kw["init_states"] = initial_members(student, transfer, cfg, seeds, objective=objective, teacher=teacher,
                                             teacher_state=t_states, per_seed_teacher=per_seed)
-    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, **kw)
+    dist, dist_losses = phase("distilled", student, objective, transfer, cfg, seeds, extra_data=extra_data, **kw)
     host = lambda tree: jax.tree_util.tree_map(parallel.to_host, tree)
     own = lambda st: TrainState(host(st.step), *own_variables(host(st.params), host(st.model_state)), None)
     both = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), own(std), own(dist))
