@@ -1,17 +1,12 @@
 """Checkpoints: a pytree of arrays plus a JSON-able metadata dict, in one directory.
 
-Format ``kdjax-checkpoint v2``: a directory holding ``arrays/``, written by Orbax
-(``orbax-checkpoint``, which flax itself depends on: each process writes the shards of its
-own devices, and a restore reads them onto any mesh or device count), and
-``kdjax.json``: the metadata, every array's shape and dtype, and the sha256 of every
-file under ``arrays/``. Guarantees:
+Format ``kdjax-checkpoint v2``: a directory of ``arrays/``, written by Orbax (which flax depends
+on: each process writes its own devices' shards; a restore reads them onto any mesh), and
+``kdjax.json``: the metadata, every array's shape and dtype, the sha256 of every file. Guarantees:
 
-* atomic: everything is written under ``<path>.tmp``; ``kdjax.json`` goes in last, then
-  the directory is renamed into place, so a crash leaves the old checkpoint or the new
-  one, never half of one (``save_rotating`` keeps the previous one as ``<path>.prev``);
-  a write that fails (a full disk: Orbax raises it as a ``ValueError``) removes
-  ``<path>.tmp`` and raises one ``OSError`` line, "checkpoint: could not write <path>:
-  <reason>", the previous checkpoint untouched;
+* atomic: everything is written under ``<path>.tmp``, ``kdjax.json`` last, then renamed into
+  place: a crash leaves the old checkpoint or the new one, never half of one; a failed write
+  (a full disk too) removes ``<path>.tmp`` and raises one ``OSError`` line;
 * verified on read: a missing, truncated or altered file fails its checksum and raises
   ``InputError`` naming the checkpoint;
 * exact: arrays come back bit for bit, in the structure of a ``target``, placed like it.
@@ -44,9 +39,11 @@ MAGIC = b"kdjax-checkpoint v1 "  # the header of a v1 file
 
 
 def temp_file(directory: str, prefix: str = ".tmp-") -> tuple[int, str]:
-    """``(fd, path)`` of a new file in ``directory`` whose mode follows the umask, as an
-    ordinary ``open`` would make it (``tempfile.mkstemp`` makes it 0600: a renamed result
-    would be unreadable to others)."""
+    """A new file in ``directory`` (name ``prefix`` + random), its mode following the umask as
+    ``open``'s would (``tempfile.mkstemp``'s 0600 would hide a renamed result from others).
+
+    Returns: ``(fd, path)``. Raises: FileExistsError: no free name in 100 tries.
+    """
     for _ in range(100):
         name = os.path.join(directory, prefix + next(tempfile._get_candidate_names()))
         try:
@@ -57,7 +54,10 @@ def temp_file(directory: str, prefix: str = ".tmp-") -> tuple[int, str]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
+
+    Raises: OSError: the write failed; ``path`` is as it was and no temporary file is left.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -75,16 +75,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``atomic_write_bytes(path, text.encode())``."""
     atomic_write_bytes(path, text.encode())
 
 
 def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
-    """Save a pytree of arrays (e.g. params or a whole ``TrainState``) and ``meta`` as the
-    directory ``path`` (replaced if it exists).
+    """Save a pytree of arrays and metadata as the directory ``path`` (replaced if it exists).
 
-    Sharded arrays are written shard by shard, each process its own (on many processes
-    every process must call ``save``); no process gathers a whole array.
+    Sharded arrays are written shard by shard, each process its own (every process must call
+    ``save``); no process gathers a whole array.
 
+    Args:
+      path: the checkpoint directory; tree: e.g. params or a whole ``TrainState``; meta: JSON-able.
     Raises:
       OSError: one line, "checkpoint: could not write <path>: <reason>" (``errno`` kept),
         when a write fails (a full disk included, which Orbax raises as a ``ValueError``);
@@ -94,11 +96,10 @@ def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
 
 
 def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
-    """``save``, keeping the previous checkpoint as ``<path>.prev``.
+    """``save``, keeping the previous checkpoint as ``<path>.prev``: a crash at any point leaves
+    a complete checkpoint (the new one, or the previous one as ``path`` or ``path.prev``).
 
-    A crash at any point leaves at least one complete checkpoint: the new one, or the
-    previous one (as ``path`` or ``path.prev``). A failed write raises ``OSError`` as
-    ``save`` does.
+    Args: as ``save``. Raises: OSError: as ``save``.
     """
     _save(os.fspath(path), tree, meta, keep_previous=True)
 
@@ -132,6 +133,7 @@ class RotatingSaver:
         self._thread.start()
 
     def wait(self, raise_error: bool = True) -> None:
+        """Wait for the last write. Raises: its error, if ``raise_error`` (else it is dropped)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -203,17 +205,16 @@ def _write_error(path: str, error: BaseException) -> OSError:
 
 
 def load(path: str | os.PathLike, target=None):
-    """Load ``(tree, meta)``.
+    """Load a checkpoint (format v2 or v1).
 
-    With ``target`` (a pytree of the same structure, e.g. a freshly initialised
-    ``TrainState``, possibly sharded on a mesh) the tree is restored into that structure,
-    each array placed as the target's (read shard by shard: a checkpoint written on one
-    mesh restores onto another); shapes and dtypes are checked first. A dict ``target``
-    may name only some of the saved dict's entries: the others come back as NumPy.
-    ``target`` may also be a function ``meta -> target``, called once the checkpoint is
-    verified and before any array is read (to check the metadata first, or to shape
-    the target by it). Without a target, nested dicts of NumPy arrays are returned. A
-    damaged checkpoint raises ``InputError``.
+    Args:
+      path: the checkpoint.
+      target: None (nested dicts of NumPy arrays), a pytree of the saved structure (e.g. a
+        fresh ``TrainState``, possibly sharded: each array placed as the target's, read shard by
+        shard; shapes and dtypes checked first; a dict may name only some entries, the others
+        come back as NumPy), or a function ``meta -> target`` called before any array is read.
+    Returns: ``(tree, meta)``.
+    Raises: InputError: a damaged checkpoint, or one that does not match ``target``.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -222,12 +223,12 @@ def load(path: str | os.PathLike, target=None):
 
 
 def load_latest(path: str | os.PathLike, target=None):
-    """Load ``path``, or ``path.prev`` if ``path`` is missing or damaged.
+    """Load ``path``, or ``path.prev`` if ``path`` is missing or damaged; ``target`` as ``load``'s.
 
-    Returns ``(tree, meta, used_path, problem)`` where ``problem`` is the error message
-    of a damaged ``path`` (None if it was fine); raises ``FileNotFoundError`` if
-    neither exists and ``InputError`` if neither is usable. ``target`` as in ``load``;
-    its errors (and a checkpoint that does not match it) are raised, not taken for damage.
+    Returns: ``(tree, meta, used_path, problem)``, ``problem`` a damaged ``path``'s error or None.
+    Raises:
+      FileNotFoundError: neither exists. InputError: neither is usable (errors of ``target``,
+        and a checkpoint that does not match it, are raised as they are, not taken for damage).
     """
     path = os.fspath(path)
     problem = None

@@ -45,6 +45,7 @@ class Generation(NamedTuple):
 
     @property
     def completion_mask(self):
+        """``mask``'s completion part, ``[batch, new]``."""
         return self.mask[:, self.mask.shape[1] - self.logprobs.shape[1]:]
 
 

@@ -17,7 +17,17 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
 
 
 def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (95% two-sided)."""
+    """The 0.975 quantile of Student's t (95% two-sided).
+
+    Args:
+      df: degrees of freedom, at least 1.
+
+    Returns:
+      The quantile (a table to 30, then a Cornish-Fisher expansion; error < 1e-4).
+
+    Raises:
+      InputError: ``df`` below 1.
+    """
     if df < 1:
         raise InputError(f"df: expected >= 1, got {df}")
     if df <= len(_T975):
@@ -27,8 +37,15 @@ def t975(df: int) -> float:
 
 
 def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval (NaN for one
-    value: one sample has no interval, and 0 would read as certainty)."""
+    """Mean and the half-width of its 95% Student-t confidence interval.
+
+    Args:
+      values: numbers (any shape; flattened).
+
+    Returns:
+      ``(mean, half-width)``; the half-width is NaN for one value (one sample has no interval,
+      and 0 would read as certainty).
+    """
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size < 2:
         return float(v.mean()), float("nan")

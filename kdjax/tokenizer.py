@@ -28,10 +28,20 @@ def _tokenizers():
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None):
-    """A byte-level BPE ``tokenizers.Tokenizer`` of ``vocab_size`` tokens (at most; fewer
-    if the text has fewer merges) trained on ``texts``, with ``EOS`` as its token 0 and
-    every byte in its alphabet (any text encodes); written to ``path`` as
-    ``tokenizer.json`` when given. Deterministic for the same texts."""
+    """Train a byte-level BPE, ``EOS`` its token 0 and every byte in its alphabet (any text
+    encodes). Deterministic for the same texts.
+
+    Args:
+      texts: the training text.
+      vocab_size: the most tokens (fewer if the text has fewer merges); at least 257.
+      path: where to write it as ``tokenizer.json``, or None.
+
+    Returns:
+      The ``tokenizers.Tokenizer``.
+
+    Raises:
+      InputError: ``vocab_size`` not an int of at least 257.
+    """
     tk = _tokenizers()
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
         raise InputError(f"vocab_size: expected an int >= 257 (the 256 bytes and {EOS}), got {vocab_size!r}")
@@ -109,13 +119,29 @@ def content_sha256(tokenizer) -> str:
 
 
 def same_tokenizer(a, b) -> bool:
-    """Whether two tokenizers (``tokenizers.Tokenizer`` objects or paths) have the same
-    content: ``content_sha256(a) == content_sha256(b)``."""
+    """Whether two tokenizers have the same content.
+
+    Args:
+      a, b: ``tokenizers.Tokenizer`` objects or paths.
+
+    Returns:
+      ``content_sha256(a) == content_sha256(b)``.
+    """
     return content_sha256(_as_tokenizer("a", a)) == content_sha256(_as_tokenizer("b", b))
 
 
 def eos_id(tokenizer) -> int:
-    """The id of ``EOS`` (or of ``</s>``), appended after every document."""
+    """The end-of-text token, appended after every document.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer``.
+
+    Returns:
+      The id of ``EOS``, else of ``</s>``, else of ``<|im_end|>``.
+
+    Raises:
+      InputError: it has none of them.
+    """
     for name in (EOS, "</s>", "<|im_end|>"):
         i = tokenizer.token_to_id(name)
         if i is not None:
@@ -124,9 +150,20 @@ def eos_id(tokenizer) -> int:
 
 
 def check_vocabulary(tokenizer, *models) -> int:
-    """The tokenizer's vocabulary size, after checking every model's ``vocab_size``: the
-    models must share one, at least the tokenizer's (a model's embedding may be padded
-    beyond it, as Qwen's is)."""
+    """The tokenizer's vocabulary size, after checking every model's ``vocab_size``.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer``.
+      *models: models with a ``vocab_size``: they must share one, at least the tokenizer's (an
+        embedding may be padded beyond it, as Qwen's is).
+
+    Returns:
+      The tokenizer's vocabulary size, an int.
+
+    Raises:
+      InputTypeError: ``tokenizer`` is not a ``tokenizers.Tokenizer``.
+      InputError: the models' sizes differ or one is below the tokenizer's.
+    """
     if not hasattr(tokenizer, "get_vocab_size"):
         raise InputTypeError(f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
     size = int(tokenizer.get_vocab_size())

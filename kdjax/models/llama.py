@@ -1,19 +1,10 @@
-"""The Llama family of decoders: Llama (2 and 3), Qwen2/2.5, Qwen3 and Mistral, with Hugging
-Face's parameter names (``model.layers.0.self_attn.q_proj``, ``model.norm``, ``lm_head``), so
-``kdjax.convert.torch_to_variables`` maps their ``state_dict`` one to one.
+"""The Llama family of decoders (Llama 2 and 3, Qwen2/2.5, Qwen3, Mistral) with Hugging Face's
+parameter names, so ``kdjax.convert.torch_to_variables`` maps their ``state_dict`` one to one.
 
-A block is ``x + attn(rms_norm(x))``, then ``x + mlp(rms_norm(x))``; attention has grouped
-query heads (``num_kv_heads`` key/value heads, head ``i`` reading ``i // (num_heads /
-num_kv_heads)``), rotary position embeddings (Llama 3's frequency scaling optional), an
-optional bias on q/k/v (Qwen2) and on o, an optional RMSNorm of each query and key head
-(Qwen3), and an optional sliding window per layer (Mistral; Qwen's ``layer_types``); the MLP
-is SwiGLU, ``down(silu(gate(x)) * up(x))``. ``Llama.from_hf_config`` reads a
-``LlamaConfig``/``Qwen2Config``/``Qwen3Config``/``MistralConfig`` (or its dict).
-
-As ``transformers``: RMSNorm (cast back before the weight), softmax and the rotary cos/sin
-are computed in at least float32 (``transformers``: in float32 even for a float64 model;
-kdjax in the model's dtype when it is wider, so float64 stays float64).
-"""
+Blocks ``x + attn(rms_norm(x))``, then ``x + mlp(rms_norm(x))``: grouped-query attention, rotary
+embeddings (Llama 3's scaling optional), optional q/k/v and o biases (Qwen2), per-head q/k
+RMSNorm (Qwen3), sliding windows (Mistral; Qwen's ``layer_types``), a SwiGLU MLP. RMSNorm,
+softmax and the rotary cos/sin in at least float32, as ``transformers`` (float64 stays float64)."""
 
 from __future__ import annotations
 
@@ -52,9 +43,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None, dtype) -> np.ndarray:
-    """Inverse frequencies ``1 / theta^(2i / head_dim)``; with Llama 3's scaling ``(factor, low_freq_factor,
-    high_freq_factor, original_max_position_embeddings)`` long wavelengths are divided by ``factor``
-    and the band between smoothly interpolated (``transformers``' ``_compute_llama3_parameters``)."""
+    """Rotary inverse frequencies ``1 / theta^(2i / head_dim)``, as ``transformers``.
+
+    Args:
+      head_dim: even, at least 2; theta: the base; dtype: float64, else float32; scaling: None or Llama
+        3's ``(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)``.
+    Returns: NumPy ``[head_dim // 2]``.
+    Raises: InputError: ``head_dim`` odd or below 2.
+    """
     if head_dim < 2 or head_dim % 2:
         raise InputError(f"Llama: expected an even head dimension of at least 2 (rotary embeddings rotate pairs; "
                          f"hidden_size / num_heads), got {head_dim}")
@@ -206,12 +202,10 @@ class _Model(nn.Module):  # Hugging Face's "model": embed_tokens, layers, norm
 
 
 class Llama(nn.Module):
-    """A Llama-family causal language model (see the module docstring): ``apply(variables, tokens
-    [batch, length], train=False, mask=None, position_ids=None)`` -> logits ``[batch, length,
-    vocab_size]``. ``mask``: ``[batch, length]`` bool, false at padding (keys never attended to);
-    ``position_ids``: ``[batch, length]`` (default ``0..length-1``, as ``transformers``). No
-    dropout. ``hidden_states=True``: the final normalised hidden states instead of the logits
-    (for ``kdjax.fused.linear_distillation_loss``)."""
+    """A Llama-family causal LM: ``apply(variables, tokens [batch, length], train=False, mask=None,
+    position_ids=None)`` -> logits ``[batch, length, vocab_size]``; ``mask`` bool, false at padding;
+    ``position_ids`` default ``0..length-1``. No dropout. ``hidden_states=True``: the final normalised
+    hidden states instead (for ``kdjax.fused.linear_distillation_loss``)."""
 
     vocab_size: int = 32000
     hidden_size: int = 64
@@ -237,8 +231,10 @@ class Llama(nn.Module):
         return self.head_dim or self.hidden_size // self.num_heads
 
     def output_layer(self, params) -> tuple:
-        """``(kernel [hidden, vocab], None)``: the head applied to ``hidden_states=True``'s
-        output (the transposed token embedding when tied)."""
+        """The head applied to ``hidden_states=True``'s output, of this model's ``params``.
+
+        Returns: ``(kernel [hidden, vocab], None)`` (the transposed token embedding when tied).
+        """
         if self.tie_word_embeddings:
             return params["model"]["embed_tokens"]["embedding"].T, None
         return params["lm_head"]["kernel"], None
@@ -249,17 +245,18 @@ class Llama(nn.Module):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
     def init_cache(self, batch: int, length: int) -> tuple:
-        """An empty key/value cache of ``length`` slots for ``apply(..., cache=)``: per layer
-        ``(keys, values)``, each ``[batch, kv heads, length, head dim]``."""
+        """An empty key/value cache of ``batch`` rows and ``length`` slots for ``apply(..., cache=)``.
+
+        Returns: per layer ``(keys, values)``, each zeros ``[batch, kv heads, length, head dim]``.
+        """
         shape = (batch, self.num_kv_heads, length, self.head_size)
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.num_layers))
 
     @nn.compact
     def __call__(self, tokens, train: bool = False, mask=None, position_ids=None, hidden_states: bool = False,
                  cache=None, cache_index=None):
-        """With ``cache`` (``init_cache``) the tokens are written at slots ``cache_index, ...``,
-        attending causally by slot; ``mask`` is then ``[batch, cache length]`` over the slots (false
-        at padding; default all true) and the result ``(logits or hidden states, new cache)``."""
+        """With ``cache`` (``init_cache``): tokens written at slots ``cache_index, ...``, attending causally
+        by slot, ``mask`` ``[batch, cache length]`` (default all true); returns ``(output, new cache)``."""
         if cache is not None:
             return self._decode(tokens, mask, position_ids, hidden_states, cache, cache_index)
         self._check(tokens, mask)
@@ -324,12 +321,16 @@ class Llama(nn.Module):
             raise InputError(f"Llama: expected a mask shaped as the tokens {tuple(tokens.shape)}, got "
                              f"{tuple(mask.shape)}")
 
-    # ------------------------------------------------------------------ Hugging Face configs
-
     @classmethod
     def from_hf_config(cls, config, **overrides) -> "Llama":
-        """The model of a ``transformers`` ``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config`` or
-        ``MistralConfig`` (an object or its ``to_dict()``/``config.json`` dict)."""
+        """The model of a ``transformers`` config.
+
+        Args:
+          config: a ``LlamaConfig``/``Qwen2Config``/``Qwen3Config``/``MistralConfig`` or its dict.
+          **overrides: fields replacing the config's (``dtype=jnp.float64``, say).
+        Returns: the ``Llama``.
+        Raises: InputError: another architecture or rope type, or an MLP other than silu without bias.
+        """
         c = dict(config if isinstance(config, Mapping) else config.to_dict())
         arch = (c.get("architectures") or [None])[0] or _MODEL_TYPES.get(c.get("model_type"))
         if arch not in ARCHITECTURES:
@@ -370,7 +371,7 @@ class Llama(nn.Module):
         return cls(**(fields | overrides))
 
     def hf_config(self) -> dict:
-        """A ``config.json`` dict ``transformers`` builds this model from."""
+        """Returns: the ``config.json`` dict ``transformers`` builds this model from."""
         model_type = {a: t for t, a in _MODEL_TYPES.items()}[self.architecture]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:

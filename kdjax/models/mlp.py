@@ -34,7 +34,14 @@ __all__ = ["TeacherMLP", "StudentMLP", "MLP", "torch_linear_init", "init_params"
 
 
 def torch_linear_init(fan_in: int):
-    """Initializer for U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's nn.Linear."""
+    """Initializer for U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's nn.Linear.
+
+    Args:
+      fan_in: the layer's number of inputs.
+
+    Returns:
+      A Flax initializer ``init(key, shape, dtype=float32)``.
+    """
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -153,12 +160,23 @@ def init_params(model, key, input_dim: int, *, members: bool = False):
     """Params of a kdjax model for ``[batch, input_dim]`` inputs, drawn on the host.
 
     Every layer ``fc*`` gets kernel ``[in, out]`` and bias ``[out]`` from
-    U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's ``nn.Linear`` init, as ``model.init``), from
-    NumPy's generator seeded with ``key``: a JAX PRNG key, raw ``uint32`` key words
-    or an int. Same tree, shapes and dtypes as ``model.init(key, x)["params"]``; the
-    draws differ. With ``members=True``, ``key`` is a sequence of keys and every leaf
-    gets a leading member axis (member i = ``init_params(model, key[i], input_dim)``).
-    Returns NumPy arrays; nothing is compiled.
+    U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's ``nn.Linear`` init, as ``model.init``) with
+    NumPy's generator. Same tree, shapes and dtypes as ``model.init(key, x)["params"]``;
+    the draws differ. Nothing is compiled.
+
+    Args:
+      model: a kdjax MLP (dense layers ``fc1..fcK``).
+      key: a JAX PRNG key, raw ``uint32`` key words or an int; with ``members`` a sequence.
+      input_dim: the number of input features.
+      members: give every leaf a leading member axis (member i = ``init_params(model,
+        key[i], input_dim)``).
+
+    Returns:
+      The params as nested dicts of NumPy arrays.
+
+    Raises:
+      InputError: ``input_dim`` not a positive int, or no keys with ``members``.
+      InputTypeError: ``model`` is not a kdjax MLP.
     """
     if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
         raise InputError(f"input_dim: expected a positive int, got {input_dim!r}")
@@ -176,7 +194,14 @@ def init_params(model, key, input_dim: int, *, members: bool = False):
 
 
 def host_generator(key) -> np.random.Generator:
-    """NumPy's generator seeded with a JAX key (typed or raw ``uint32`` words) or an int."""
+    """NumPy's generator seeded with a JAX key.
+
+    Args:
+      key: a JAX key (typed or raw ``uint32`` words) or an int.
+
+    Returns:
+      A ``np.random.Generator``; equal keys give equal generators.
+    """
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return np.random.default_rng(np.asarray(key, np.uint64).ravel().tolist())
@@ -194,5 +219,12 @@ def _draw(shapes, key) -> dict:
 
 
 def param_count(params) -> int:
-    """Total number of scalars in a params pytree."""
+    """Total number of scalars in a params pytree.
+
+    Args:
+      params: a pytree of arrays.
+
+    Returns:
+      The sum of the leaves' sizes, an int.
+    """
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,30 +1,23 @@
 """ResNets in torchvision's layout (BasicBlock), channels-last, with PyTorch's BatchNorm.
 
-Module names follow torchvision's ``state_dict`` so ``kdjax.convert`` maps weights by
-name: ``conv1, bn1, layer{i}.{j}.conv1/bn1/conv2/bn2, layer{i}.{j}.downsample.0/.1,
-fc``. Inputs are NHWC ``[batch, height, width, channels]`` (PyTorch's are NCHW:
-``x.transpose(0, 2, 3, 1)``); a global average pool precedes ``fc``, so no flatten
-order is involved.
+Module names follow torchvision's ``state_dict`` (``conv1, bn1, layer{i}.{j}.conv1/bn1/conv2/bn2,
+layer{i}.{j}.downsample.0/.1, fc``) so ``kdjax.convert`` maps weights by name. Inputs are NHWC
+(PyTorch's NCHW: ``x.transpose(0, 2, 3, 1)``); a global average pool precedes ``fc``.
 
-Two points where Flax's defaults are not PyTorch's, both matched here:
-
-* ``BatchNorm``: PyTorch normalises a training batch with its *biased* variance but
-  updates ``running_var`` with the *unbiased* one, and weights the new batch by
-  ``momentum=0.1`` (Flax: 0.99 on the old value, biased variance throughout).
-* Padding: PyTorch's symmetric ``padding=1`` of a 3x3 convolution is not ``"SAME"``
-  at stride 2 (which pads 0 before and 1 after an even size): padding is explicit.
+Where Flax's defaults are not PyTorch's, matched here: ``BatchNorm`` normalises a training
+batch with its *biased* variance but updates ``running_var`` with the *unbiased* one, the new
+batch weighted by ``momentum=0.1`` (Flax: 0.99 on the old value, biased throughout); padding
+is explicit (PyTorch's ``padding=1`` is not ``"SAME"`` at stride 2).
 
 Init is torchvision's (convolutions kaiming-normal, fan_out, untruncated; BatchNorm 1 and 0;
 ``fc`` as ``nn.Linear``): ``model.init`` draws it with ``jax.random``, ``init_variables``
 with NumPy on the host (no program to compile: a jitted init compiles slowly on CPU).
 
-The convolutions' gradients are written out (``conv2d``) as canonical NHWC/HWIO
-convolutions: XLA:CPU runs autodiff's transposed ones slowly inside ``lax.scan``
-(jax-ml/jax#12868; docs/library.md has the why and the figures). The kernel's gradient
-is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images (or ``WEIGHT_GRAD_CHUNKS`` chunks),
-which rounds differently from one convolution over the batch. ``conv2d`` and
-training-mode ``BatchNorm`` (``batch_norm_train``, a closed-form gradient) are
-``custom_vjp``s: reverse-mode differentiation only (no ``jax.jvp``).
+The convolutions' gradients are written out (``conv2d``) as canonical NHWC/HWIO convolutions:
+XLA:CPU runs autodiff's transposed ones slowly inside ``lax.scan`` (jax-ml/jax#12868;
+docs/library.md). The kernel's gradient is summed over chunks of ``WEIGHT_GRAD_IMAGES`` images
+(or ``WEIGHT_GRAD_CHUNKS`` chunks), which rounds differently from one convolution. ``conv2d`` and
+``batch_norm_train`` are ``custom_vjp``s: reverse-mode differentiation only (no ``jax.jvp``).
 """
 
 from __future__ import annotations
@@ -109,21 +102,23 @@ def _batch_norm_plain(x, scale, bias, epsilon):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon: float):
-    r"""BatchNorm of ``x`` on its batch statistics (every axis but the last): returns
-    ``(y, mean, var)`` with :math:`y = (x - \mu_B)/\sigma \cdot w + b`, the *biased*
-    variance :math:`\sigma^2_B` and :math:`\sigma = \sqrt{\sigma^2_B + \epsilon}`.
+    r"""BatchNorm of ``x`` on its batch statistics (every axis but the last).
 
-    Its gradient is the closed form (as PyTorch's batch-norm backward), two reductions and
-    one elementwise pass instead of autodiff's chain through the mean and the variance;
-    with :math:`\hat x = (x - \mu_B)/\sigma` and averages over the ``n`` values of a channel,
+    Args:
+      x: ``[..., channels]``; scale, bias: ``[channels]``; epsilon: added to the variance.
+    Returns:
+      ``(y, mean, var)``: :math:`y = (x - \mu_B)/\sigma \cdot w + b`, the *biased* variance
+      :math:`\sigma^2_B`, :math:`\sigma = \sqrt{\sigma^2_B + \epsilon}`.
+
+    Its gradient is the closed form (as PyTorch's batch-norm backward) instead of autodiff's
+    chain; with :math:`\hat x = (x - \mu_B)/\sigma`, averages over a channel's ``n`` values,
 
     .. math::
         \partial x = \frac{w}{\sigma}\big(g - \overline{g} - \hat x\,\overline{g \hat x}\big)
         + \frac{g_\mu}{n} + \frac{2 g_{\sigma^2}}{n}(x - \mu_B),\quad
         \partial w = \textstyle\sum g \hat x,\quad \partial b = \sum g
 
-    (:math:`g_\mu, g_{\sigma^2}`: the cotangents of the returned statistics, zero in a
-    loss). Reverse-mode only (a ``custom_vjp``).
+    (:math:`g_\mu, g_{\sigma^2}`: the statistics' cotangents). Reverse-mode only (``custom_vjp``).
     """
     return _batch_norm_plain(x, scale, bias, epsilon)
 
@@ -161,9 +156,12 @@ def _conv_fwd_only(x, kernel, stride, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, stride: int, pads):
-    r"""``lax.conv_general_dilated`` of NHWC ``x`` with an HWIO ``kernel`` (square), stride
-    ``stride`` and padding ``pads = ((lo, hi), (lo, hi))``, whose gradients are
-    canonical convolutions on CPU (see the module docstring):
+    r"""``lax.conv_general_dilated`` whose gradients are canonical convolutions on CPU (module docstring).
+
+    Args:
+      x: NHWC; kernel: HWIO, square; stride: an int; pads: ``((lo, hi), (lo, hi))``.
+    Returns:
+      The NHWC output; its gradients:
 
     .. math::
         \partial x = \mathrm{conv}(\mathrm{dilate}_s(\partial y), \mathrm{flip}(K)^{\top_{IO}}),\quad
@@ -307,7 +305,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     def kdjax_init(self, rng, example, *, members: bool = False):
-        """The init hook of ``kdjax.train``: torchvision's init on the host (``init_variables``)."""
+        """The init hook of ``kdjax.train``. Returns: ``init_variables(self, rng, example, members=members)``."""
         return init_variables(self, rng, example, members=members)
 
     @nn.compact
@@ -356,16 +354,22 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", dtype=jnp.float32) -> ResNet:
-    """torchvision's ``resnet18`` layout (11,689,512 parameters with 1000 classes)."""
+    """torchvision's ``resnet18`` layout. Returns: the ``ResNet`` (11,689,512 parameters with 1000 classes)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, stem, dtype)
 
 
 def init_variables(model: ResNet, key, example, *, members: bool = False) -> tuple[dict, dict]:
-    """``(params, {"batch_stats": ...})`` of ``model`` for NHWC inputs like ``example`` (an
-    array or ``jax.ShapeDtypeStruct``), drawn on the host with torchvision's init (the
-    distributions ``model.init`` draws from; the values differ). ``key``: a JAX key, raw
-    ``uint32`` words or an int; with ``members=True`` a sequence of them, and every leaf
-    gets a leading member axis."""
+    """Variables drawn on the host with torchvision's init (``model.init``'s distributions).
+
+    Args:
+      model: the ``ResNet``; example: NHWC inputs (an array or ``jax.ShapeDtypeStruct``).
+      key: a JAX key, raw ``uint32`` words or an int; with ``members`` a sequence of them.
+      members: give every leaf a leading member axis.
+    Returns:
+      ``(params, {"batch_stats": ...})`` of NumPy arrays.
+    Raises:
+      InputError: ``members`` with no keys.
+    """
     shapes = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
                             jax.ShapeDtypeStruct(tuple(example.shape), example.dtype))
     fc_fan_in = shapes["params"]["fc"]["kernel"].shape[0]

@@ -37,9 +37,19 @@ __all__ = ["TransformerLM", "Conv1D", "check_tokens"]
 
 
 def check_tokens(tokens, vocab_size: int, max_len: int | None = None, where: str = "tokens") -> None:
-    """Host-side check of concrete token ids: integers in ``[0, vocab_size)``, ``[batch,
-    length]`` with length <= ``max_len``. (Inside ``jit`` an out-of-range id would be
-    clamped silently by the embedding lookup, so data is checked before it gets there.)"""
+    """Host-side check of token ids (inside ``jit`` the embedding lookup would clamp an
+    out-of-range id silently, so data is checked before it gets there).
+
+    Args:
+      tokens: ``[batch, length]`` integer ids (a tracer: only shape and dtype are checked).
+      vocab_size: ids must lie in ``[0, vocab_size)``.
+      max_len: the longest allowed length, or None.
+      where: the name the error messages give the tokens.
+
+    Raises:
+      InputError: a wrong shape, a length above ``max_len`` or an id out of range.
+      InputTypeError: ids that are not integers.
+    """
     shape, dtype = np.shape(tokens), np.asarray(tokens).dtype if not hasattr(tokens, "dtype") else tokens.dtype
     if len(shape) != 2:
         raise InputError(f"{where}: expected token ids of shape [batch, length], got shape {tuple(shape)}")
@@ -224,8 +234,14 @@ class TransformerLM(nn.Module):
         return cls(**(kw | overrides))
 
     def output_layer(self, params) -> tuple:
-        """``(kernel [d_model, vocab], bias or None)``: the head applied to the hidden states
-        ``apply(..., hidden_states=True)`` returns (the transposed embedding when tied)."""
+        """The head applied to the hidden states ``apply(..., hidden_states=True)`` returns.
+
+        Args:
+          params: this model's params.
+
+        Returns:
+          ``(kernel [d_model, vocab], bias or None)`` (the transposed embedding when tied).
+        """
         if self.tie_embeddings:
             return params["transformer"]["wte"]["embedding"].T, None
         return params["lm_head"]["kernel"], None
@@ -248,8 +264,15 @@ class TransformerLM(nn.Module):
             raise InputError(f"TransformerLM dropout_rate: expected a number in [0, 1), got {self.dropout_rate}")
 
     def init_cache(self, batch: int, length: int) -> tuple:
-        """An empty key/value cache of ``length`` slots for ``apply(..., cache=)``: per layer
-        ``(keys, values)``, each ``[batch, heads, length, d_model / heads]``."""
+        """An empty key/value cache for ``apply(..., cache=)``.
+
+        Args:
+          batch: rows.
+          length: slots.
+
+        Returns:
+          Per layer ``(keys, values)``, each zeros ``[batch, heads, length, d_model / heads]``.
+        """
         shape = (batch, self.num_heads, length, self.d_model // self.num_heads)
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.num_layers))
 
