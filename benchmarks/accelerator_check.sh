@@ -5,8 +5,9 @@
 # whole run stays within 8 minutes of device time (the limits sum to 480 s on one device).
 # Run from the repository root on a machine whose python has a CUDA jax and a CUDA torch:
 #   bash benchmarks/accelerator_check.sh OUTDIR
-#   DRY_RUN=1 bash benchmarks/accelerator_check.sh OUTDIR   # CPU, tiny shapes, every preset in one
-#     process (bench_all.json), parity's `loss` check only (~1.5 min on 2 cores; tests/test_accelerator_check.py)
+#   DRY_RUN=1 bash benchmarks/accelerator_check.sh OUTDIR   # CPU, tiny shapes, the presets in one process
+#     (bench_all.json; of the generic MLPs hinton only: wide is the same rows), parity's `loss` check only
+#     (~1 min on 2 cores; tests/test_accelerator_check.py)
 # PYTHON=... picks the interpreter, DEVICE=cpu|gpu|tpu the backend (default gpu; cpu when DRY_RUN=1).
 # DEMO=1 adds `kdjax demo` (not counted in the 8 minutes).
 # OUTDIR receives versions.txt, parity.json, bench_mlp.json (seed hinton wide), bench_image.json
@@ -58,8 +59,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA torch\"
 # parity: every check at matmul precision highest, float32 then float64
 step parity 90 "$py" -m parity --dtype all --device "$device" "${parity_only[@]}" --json "$out/parity.json"
 common=(--device "$device" --precision highest "${bench[@]}")
-if [ "$dry" = 1 ]; then  # one process for all presets: six interpreter start-ups cost more than the tiny runs
-  step bench-all 240 "$py" -m benchmarks --preset all "${common[@]}" --json "$out/bench_all.json"
+if [ "$dry" = 1 ]; then  # one process for the presets: six interpreter start-ups cost more than the tiny runs
+  step bench-all 240 "$py" -m benchmarks --preset seed hinton cifar features lm gpt2 llama on_policy "${common[@]}" \
+    --json "$out/bench_all.json"
 else
   step bench-mlp 60 "$py" -m benchmarks --preset seed hinton wide "${common[@]}" --json "$out/bench_mlp.json"
   step bench-image 45 "$py" -m benchmarks --preset cifar features "${common[@]}" --json "$out/bench_image.json"
