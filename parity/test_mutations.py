@@ -273,7 +273,7 @@ def test_crosstok_parity_catches_eos_not_skipped(monkeypatch):
 def test_crosstok_parity_catches_a_skipped_merge(monkeypatch):
     """Alignment groups not merged (each group's first distribution alone): the byte-offset rows fail."""
     def first_only(_):
-        def merge(probs, tokens, index, member):
+        def merge(probs, tokens, index, member, *_):  # (*_: a merge strategy, where _merge takes one)
             rows = jnp.take_along_axis(probs, index[..., 0][..., None], axis=1)
             return rows
         return merge

@@ -79,17 +79,13 @@ def _row(name, ctx, got, want, tol, note=""):
     return compare(name, ctx, got, want, tol, note=", ".join(([note] if note else []) + norm))
 
 
-def _positional_rows(ctx: Ctx, tol) -> list[Result]:
-    out = []
+@functools.lru_cache(maxsize=None)
+def _positional_cases(dtype: str, device: str) -> list:
+    """The positional rows' inputs with TRL's loss and student gradient, once per dtype and device
+    (TRL's side is the same every run; kdjax's is computed afresh, e.g. under a mutant)."""
+    ctx, cases = Ctx(dtype, device), []
     rng = np.random.default_rng(40)
     B, Ls, Lt = 3, 7, 9
-
-    @functools.partial(jax.jit, static_argnames=("ts", "tt", "es", "et"))
-    def value_and_grad(s, t, sw, tw, ts, tt, es, et):
-        f = lambda a: crosstok.uld_loss(a, t, student_where=sw, teacher_where=tw, student_temperature=ts,
-                                        teacher_temperature=tt, skip_student_eos=es, skip_teacher_eos=et)
-        return jax.value_and_grad(f)(s)
-
     for name, vs, vt, ss, tsp, over in POSITIONAL:
         s, t = rng.standard_normal((B, Ls, vs)) * 3, rng.standard_normal((B, Lt, vt)) * 3
         ys, yt = _labels(ss, Ls), _labels(tsp, Lt)
@@ -98,11 +94,24 @@ def _positional_rows(ctx: Ctx, tol) -> list[Result]:
         ids_s, ids_t = rng.integers(0, vs, (B, Ls)), rng.integers(0, vt, (B, Lt))
         loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(ids_s), ctx.t(ids_t))
         loss.backward()
+        cases.append((name, s, t, ys, yt, ref, {"loss": loss.detach(), "grad": xs.grad}))
+    return cases
+
+
+def _positional_rows(ctx: Ctx, tol) -> list[Result]:
+    out = []
+
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "es", "et"))
+    def value_and_grad(s, t, sw, tw, ts, tt, es, et):
+        f = lambda a: crosstok.uld_loss(a, t, student_where=sw, teacher_where=tw, student_temperature=ts,
+                                        teacher_temperature=tt, skip_student_eos=es, skip_teacher_eos=et)
+        return jax.value_and_grad(f)(s)
+
+    for name, s, t, ys, yt, ref, want in _positional_cases(ctx.dtype, ctx.torch_device):
         val, grad = value_and_grad(jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ys != IGNORE),
                                    jnp.asarray(yt != IGNORE), ref.student_temperature, ref.teacher_temperature,
                                    ref.skip_student_eos, ref.skip_teacher_eos)
-        out.append(_row(f"ULD positional: {name}", ctx, {"loss": val, "grad": grad},
-                           {"loss": loss.detach(), "grad": xs.grad}, tol))
+        out.append(_row(f"ULD positional: {name}", ctx, {"loss": val, "grad": grad}, want, tol))
     return out
 
 
@@ -147,16 +156,11 @@ EXTENDED = [  # (name, student vocab, teacher vocab, TRL overrides, student EOS,
 ]
 
 
-def _extended_rows(ctx: Ctx, tol) -> list[Result]:
-    out = []
+@functools.lru_cache(maxsize=None)
+def _extended_cases(dtype: str, device: str) -> list:
+    """The byte-offset rows' batches with TRL's loss and student gradient, once per dtype and device."""
+    ctx, cases = Ctx(dtype, device), []
     rng = np.random.default_rng(41)
-
-    @functools.partial(jax.jit, static_argnames=("ts", "tt", "hybrid"))
-    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, hybrid):
-        f = lambda a: crosstok.uld_loss_aligned(a, t, student_tokens=ids_s, teacher_tokens=ids_t, alignment=alignment,
-                                                student_temperature=ts, teacher_temperature=tt, hybrid=hybrid)
-        return jax.value_and_grad(f)(s)
-
     for name, vs, vt, over, eos_s, eos_t in EXTENDED:
         tok_s, tok_t = tokenizer_pair(vs, vt, "uld_use_hybrid_loss" in over)
         texts = TEXTS[:3]
@@ -173,6 +177,21 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
         loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(ids_s), ctx.t(ids_t),
                    student_byte_offsets=ctx.t(off_s), teacher_byte_offsets=ctx.t(off_t))
         loss.backward()
+        cases.append((name, s, t, (ids_s, ys, off_s), (ids_t, yt, off_t), ref,
+                      {"loss": loss.detach(), "grad": xs.grad}))
+    return cases
+
+
+def _extended_rows(ctx: Ctx, tol) -> list[Result]:
+    out = []
+
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "hybrid"))
+    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, hybrid):
+        f = lambda a: crosstok.uld_loss_aligned(a, t, student_tokens=ids_s, teacher_tokens=ids_t, alignment=alignment,
+                                                student_temperature=ts, teacher_temperature=tt, hybrid=hybrid)
+        return jax.value_and_grad(f)(s)
+
+    for name, s, t, (ids_s, ys, off_s), (ids_t, yt, off_t), ref, want in _extended_cases(ctx.dtype, ctx.torch_device):
         alignment = crosstok.alignment_indices(off_s, off_t, ys != IGNORE, yt != IGNORE,
                                                skip_student_eos=ref.skip_student_eos,
                                                skip_teacher_eos=ref.skip_teacher_eos)
@@ -180,16 +199,16 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
         val, grad = value_and_grad(jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ids_s),
                                    jnp.asarray(ids_t), {k: jnp.asarray(v) for k, v in alignment.items()},
                                    ref.student_temperature, ref.teacher_temperature, _hybrid(ref))
-        out.append(_row(f"ULD byte-offset alignment: {name}", ctx, {"loss": val, "grad": grad},
-                           {"loss": loss.detach(), "grad": xs.grad}, tol,
-                           note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
-                           + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
+        out.append(_row(f"ULD byte-offset alignment: {name}", ctx, {"loss": val, "grad": grad}, want, tol,
+                        note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
+                        + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
     return out
 
 
-def _positional_hybrid_rows(ctx: Ctx, tol) -> list[Result]:
-    """Hybrid ULD with positional alignment on a BPE pair's vocabularies (beta 0 and 1: KL both ways)."""
-    out = []
+@functools.lru_cache(maxsize=None)
+def _positional_hybrid_cases(dtype: str, device: str) -> list:
+    """The positional hybrid rows' inputs with TRL's loss and student gradient, once per dtype and device."""
+    ctx, cases = Ctx(dtype, device), []
     rng = np.random.default_rng(42)
     tok_s, tok_t = tokenizer_pair(280, 330, True)
     vs, vt = tok_s.get_vocab_size(), tok_t.get_vocab_size()
@@ -201,11 +220,19 @@ def _positional_hybrid_rows(ctx: Ctx, tol) -> list[Result]:
         ids_s, ids_t = np.zeros((3, 7), np.int64), np.zeros((3, 9), np.int64)  # unused without merging
         loss = ref(xs, ctx.t(t), ctx.t(ys), ctx.t(yt), ctx.t(ids_s), ctx.t(ids_t))
         loss.backward()
+        cases.append((f"beta {beta:g}, BPE vocabularies {vs} vs {vt}", s, t, ys, yt, ref,
+                      {"loss": loss.detach(), "grad": xs.grad}))
+    return cases
+
+
+def _positional_hybrid_rows(ctx: Ctx, tol) -> list[Result]:
+    """Hybrid ULD with positional alignment on a BPE pair's vocabularies (beta 0 and 1: KL both ways)."""
+    out = []
+    for name, s, t, ys, yt, ref, want in _positional_hybrid_cases(ctx.dtype, ctx.torch_device):
         f = lambda a, t=t: crosstok.uld_loss(a, jnp.asarray(t, ctx.jdtype), student_where=jnp.asarray(ys != IGNORE),
                                              teacher_where=jnp.asarray(yt != IGNORE), hybrid=_hybrid(ref))
         val, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(s, ctx.jdtype))
-        out.append(_row(f"ULD positional hybrid: beta {beta:g}, BPE vocabularies {vs} vs {vt}", ctx,
-                        {"loss": val, "grad": grad}, {"loss": loss.detach(), "grad": xs.grad}, tol,
+        out.append(_row(f"ULD positional hybrid: {name}", ctx, {"loss": val, "grad": grad}, want, tol,
                         note=f"{len(_hybrid(ref).teacher_ids)} shared"))
     return out
 
