@@ -281,6 +281,14 @@ def test_crosstok_parity_catches_a_skipped_merge(monkeypatch):
     assert failed == [r for r in rows if "byte-offset" in r] and failed, failed
 
 
+def test_crosstok_parity_catches_bayesian_merging_ignored(monkeypatch):
+    """TRL's "bayesian" strategy computed as "observed": exactly the bayesian rows fail."""
+    def always_observed(merge):
+        return lambda probs, tokens, index, member, *_: merge(probs, tokens, index, member, "observed")
+    failed, rows = _crosstok_failed(monkeypatch, "_merge", always_observed)
+    assert failed == [r for r in rows if "bayesian" in r] and failed, failed
+
+
 def test_crosstok_parity_catches_an_ignored_hybrid(monkeypatch):
     """Hybrid ULD computed as plain ULD (no JSD on the shared tokens): exactly the hybrid rows fail."""
     failed, rows = _crosstok_failed(monkeypatch, "_position_loss", lambda original: lambda p, q, h: original(p, q, None))

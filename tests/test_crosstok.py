@@ -111,6 +111,14 @@ def test_byte_offset_alignment_and_merge():
     groups = [(p[1] * p[2, ids_s[0, 2]], q[0] * q[1, ids_t[0, 1]]), (p[3], q[2] * q[3, ids_t[0, 3]])]
     want = np.mean([sorted_l1(a, b) for a, b in groups])
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    bayes = crosstok.uld_loss_aligned(jnp.asarray(s), jnp.asarray(t), student_tokens=ids_s, teacher_tokens=ids_t,
+                                      alignment=al, merge="bayesian")  # the last position's row, earlier scalars
+    groups = [(p[2] * p[1, ids_s[0, 1]], q[1] * q[0, ids_t[0, 0]]), (p[3], q[3] * q[2, ids_t[0, 2]])]
+    np.testing.assert_allclose(float(bayes), np.mean([sorted_l1(a, b) for a, b in groups]), rtol=1e-6)
+    with pytest.raises(InputError, match="merge: expected one of"):
+        crosstok.uld_loss_aligned(s, t, student_tokens=ids_s, teacher_tokens=ids_t, alignment=al, merge="last")
+    with pytest.raises(InputError, match="merge: expected one of"):
+        crosstok.ULD(merge="first")
     with pytest.raises(InputError, match="groups"):
         crosstok.alignment_indices(off_s, off_t, sw, tw, groups=1, skip_student_eos=False)
     with pytest.raises(InputTypeError, match="integer"):

@@ -101,6 +101,7 @@ def test_uld_objective_on_paired_windows_equals_uld_loss_aligned(paired):
     batch = {"x": paired.student.x_train[rows], "y": paired.student.y_train[rows],
              **{k: v[rows] for k, v in paired.extra.items()}}
     t_vars = teacher.init(jax.random.PRNGKey(1), jnp.asarray(batch["teacher_x"]))
+    t_vars = jax.tree_util.tree_map(lambda a: 4 * a, t_vars)  # a sharper teacher than a fresh init
     fresh = lambda: kdjax.create_train_state(student, jax.random.PRNGKey(0), jnp.asarray(batch["x"][:1]))
     obj = crosstok.ULD(crossentropy_weight=0.25, distillation_weight=0.5, teacher=teacher)
     _, m = kdjax.make_train_step(student, obj)(fresh(), batch, jax.random.PRNGKey(2), None, t_vars["params"])
@@ -111,6 +112,14 @@ def test_uld_objective_on_paired_windows_equals_uld_loss_aligned(paired):
     ce = kdjax.losses.masked_mean(kdjax.losses.hard_ce(s_logits, batch["y"]), np.ones(batch["y"].shape, bool))
     np.testing.assert_allclose(float(m["loss"]), 0.5 * float(want) + 0.25 * float(ce), rtol=1e-5)
     assert float(want) > 0.1  # the two random models disagree: the term is not vacuous
+    bayes = crosstok.ULD(distillation_weight=1.0, merge="bayesian", teacher=teacher)
+    _, mb = kdjax.make_train_step(student, bayes)(fresh(), batch, jax.random.PRNGKey(2), None, t_vars["params"])
+    want_b = crosstok.uld_loss_aligned(s_logits, t_logits, student_tokens=batch["y"],
+                                       teacher_tokens=batch["teacher_y"], merge="bayesian",
+                                       alignment={k: batch[k] for k in crosstok._ALIGNMENT})
+    np.testing.assert_allclose(float(mb["loss"]), float(want_b), rtol=2e-6)
+    # the windows have multi-token groups, so the merging shows (the gap is 100 float32 roundings)
+    assert (batch["teacher_member"].sum(-1) > 1).any() and abs(float(want_b) - float(want)) > 1e-5
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -140,6 +149,8 @@ def test_uld_refusals(capsys, other_teacher, tmp_path):
             "--method uld", "--arch llama")
     refused(kdjax_here(capsys, "distill", *LM, "--steps", "2", "--teacher", other_teacher, "--uld-hybrid"),
             "--uld-hybrid", "only used with --method uld")
+    refused(kdjax_here(capsys, "distill", *LM, "--steps", "2", "--teacher", other_teacher, "--uld-merge",
+                       "bayesian"), "--uld-merge", "only used with --method uld")
     refused(kdjax_here(capsys, "distill", *LM, "--steps", "2", "--teacher", other_teacher, "--method", "uld",
                        "--save-hf-teacher", tmp_path / "t"), "--save-hf-teacher", "--method uld")
     refused(kdjax_here(capsys, "distill", *LM, "--steps", "2", "--teacher", other_teacher, "--method", "uld",
@@ -172,7 +183,7 @@ def test_uld_at_alpha_zero_is_the_standard_student(capsys, other_teacher, tmp_pa
 
 def _run(out, *more):
     return [sys.executable, "-m", "kdjax", "distill", *LM, "--teacher", "{teacher}", "--method", "uld",
-            "--uld-hybrid", "--steps", "200", "--checkpoint-every", "5", "--batch-size", "8", "--out", str(out), *more]
+            "--uld-hybrid", "--uld-merge", "bayesian", "--steps", "200", "--checkpoint-every", "5", "--batch-size", "8", "--out", str(out), *more]
 
 
 def test_uld_killed_with_sigkill_resumes_bit_for_bit(other_teacher, tmp_path):
@@ -194,6 +205,7 @@ def test_uld_killed_with_sigkill_resumes_bit_for_bit(other_teacher, tmp_path):
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
     assert a["losses"] == b["losses"] and a["test_loss"] == b["test_loss"]
     assert a["bits_per_byte"] == b["bits_per_byte"]
+    assert "hybrid ULD" in a["objective"] and "bayesian merging" in a["objective"], a["objective"]
     from kdjax import checkpoint
 
     for name in ("student_distilled.ckpt", "student_standard.ckpt"):

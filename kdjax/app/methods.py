@@ -74,7 +74,7 @@ def _uld(args, teacher, student, total_steps, tokenizer):
               if args.uld_hybrid else None)
     return crosstok.ULD(crossentropy_weight=1.0 - args.alpha, distillation_weight=args.alpha,
                         student_temperature=args.temperature, teacher_temperature=args.temperature, hybrid=hybrid,
-                        teacher=teacher)
+                        merge=args.uld_merge, teacher=teacher)
 
 
 _MDISTILLER = "mdistiller's {} (mdistiller/distillers/{}.py, weights of engine/cfg.py)"
@@ -94,7 +94,7 @@ TABLE = {
                   "TRL 1.16's GKDTrainer (trl/experimental/gkd), generalized_jsd_loss"),
     "reverse_kl": Method(_on_policy, ("temperature", "prompt_tokens"), LM_ARCHS, 1.0,
                          "tinker-cookbook's on-policy distillation (reverse-KL advantages, importance sampling)"),
-    "uld": Method(_uld, ("temperature", "alpha", "uld_hybrid"), ("llama",), 1.0,
+    "uld": Method(_uld, ("temperature", "alpha", "uld_hybrid", "uld_merge"), ("llama",), 1.0,
                   "TRL 1.16's ULDLoss (trl/experimental/gold), byte-offset alignment: a teacher with another "
                   "tokenizer"),
 }

@@ -172,7 +172,7 @@ _GROUPS = {
     "training": ("steps", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "nesterov",
                  "lr_schedule", "teacher_steps", "warmup", "seeds", "seed", "sections", "quick"),
     "distillation method": ("method", "methods", "temperature", "alpha", "omit", "feature_layers", "feature_weight",
-                            "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "uld_hybrid", "tune", "temperatures",
+                            "kd_weight", "crd_negatives", "lmbda", "beta", "prompt_tokens", "uld_hybrid", "uld_merge", "tune", "temperatures",
                             "alphas", "validation_fraction"),
     "top-k cache": ("k", "min_coverage", "values_dtype"),
     "output and resume": ("out", "overwrite", "no_plots", "json", "quiet", "checkpoint_every", "resume",
@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "the completion the student samples (default: half)")
     distill.add_argument("--uld-hybrid", action="store_true",
                          help="uld: TRL's hybrid form (JSD on the tokens both vocabularies share, ULD on the rest)")
+    distill.add_argument("--uld-merge", choices=["observed", "bayesian"], default="observed",
+                         help="uld: a group of positions merges into the first position's distribution times the "
+                              "later tokens' probabilities (observed, TRL's default) or the last one's times the "
+                              "earlier ones' (bayesian)")
     distill.add_argument("--teacher-logits", default=None, metavar="CACHE",
                          help="llama: train the students from a teacher's top-k cache (kdjax teacher-logits) "
                               "instead of running a teacher; the student is of the cached teacher's family")

@@ -41,9 +41,10 @@ from kdjax.crosstok.align import align_by_byte_offsets, alignment_indices
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "Hybrid",
-           "hybrid_from_vocabs", "ULD", "MERGE_EPS"]
+           "hybrid_from_vocabs", "ULD", "MERGE_EPS", "MERGES"]
 
 MERGE_EPS = 1e-8  # TRL's clamp of a merged token's conditional probability
+MERGES = ("observed", "bayesian")  # TRL's uld_token_merge_strategy
 
 
 def _check_logits(logits, name: str):
@@ -177,25 +178,35 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
 
 
-def _merge(probs, tokens, index, member):
-    """``probs[first] · Π_{later members} max(probs[pos, tokens[pos]], MERGE_EPS)`` per group."""
-    rows = jnp.take_along_axis(probs, index.reshape(index.shape[0], -1)[..., None], axis=1)
-    rows = rows.reshape(*index.shape, probs.shape[-1])  # [B, G, M, V]
-    tok = jnp.take_along_axis(tokens, index.reshape(index.shape[0], -1), axis=1).reshape(index.shape)
-    scal = jnp.take_along_axis(rows, tok[..., None], axis=-1)[..., 0]  # [B, G, M]
-    later = member & (jnp.arange(index.shape[-1]) > 0)[None, None, :]
-    factor = jnp.prod(jnp.where(later, jnp.maximum(scal, MERGE_EPS), 1.0), axis=-1)
-    return rows[:, :, 0, :] * factor[..., None]
+def _merge(probs, tokens, index, member, merge: str):
+    """Each group's merged distribution: ``"observed"``: ``probs[first] · Π_{later} p_own``;
+    ``"bayesian"``: ``probs[last] · Π_{earlier} p_own``, where ``p_own = max(probs[pos,
+    tokens[pos]], MERGE_EPS)`` (TRL's ``_merge_probabilities_with_alignment_groups``)."""
+    b = index.shape[0]
+    own = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]  # [B, L]: each position's own token
+    scal = jnp.take_along_axis(own, index.reshape(b, -1), axis=1).reshape(index.shape)  # [B, G, M]
+    slot = jnp.arange(index.shape[-1])
+    if merge == "bayesian":
+        base_slot = jnp.maximum(jnp.sum(member, axis=-1) - 1, 0)
+        scalars = member & (slot[None, None, :] < base_slot[..., None])
+    else:
+        base_slot = jnp.zeros(index.shape[:2], jnp.int32)
+        scalars = member & (slot > 0)[None, None, :]
+    base_pos = jnp.take_along_axis(index, base_slot[..., None], axis=-1)  # [B, G, 1]
+    base = jnp.take_along_axis(probs, base_pos, axis=1)  # [B, G, V]
+    factor = jnp.prod(jnp.where(scalars, jnp.maximum(scal, MERGE_EPS), 1.0), axis=-1)
+    return base * factor[..., None]
 
 
 def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_tokens, alignment,
-                     student_temperature=1.0, teacher_temperature=1.0, hybrid=None):
-    """ULD over byte-offset alignment groups: TRL's ``ULDLoss`` with ``use_extended_uld=True``
-    ("observed" merging).
+                     student_temperature=1.0, teacher_temperature=1.0, hybrid=None, merge="observed"):
+    """ULD over byte-offset alignment groups: TRL's ``ULDLoss`` with ``use_extended_uld=True``.
 
     ``loss = mean_b (1/G_b) Σ_{g<G_b} Σ_v |sort↓(P_{b,g})_v − sort↓(Q_{b,g})_v|`` where a group
     ``[i, …, i+k]`` of one side merges to ``probs[i] · Π_{j>i} max(probs[j, token_j], 1e-8)``
-    and ``G_b`` is row b's number of groups (rows with none contribute 0).
+    ("observed") or ``probs[i+k] · Π_{j<i+k} max(probs[j, token_j], 1e-8)`` ("bayesian"),
+    and ``G_b`` is row b's number of groups (rows with none contribute 0). Position ``j``'s
+    probabilities are those of ``token_j``: for next-token logits, pass the next tokens.
 
     Args:
       student_logits: ``[B, L_s, V_s]``; teacher_logits: ``[B, L_t, V_t]`` (no gradient).
@@ -204,18 +215,21 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
       alignment: ``alignment_indices(...)``'s dict (NumPy or jnp arrays).
       student_temperature, teacher_temperature: positive softmax temperatures.
       hybrid: None, or a ``Hybrid`` (as in ``uld_loss``).
+      merge: ``"observed"`` (TRL's default) or ``"bayesian"`` (TRL's ``uld_token_merge_strategy``).
 
     Returns:
       The float scalar loss.
 
     Raises:
-      InputError: shapes that disagree or a non-positive temperature.
+      InputError: shapes that disagree, a non-positive temperature or an unknown ``merge``.
       InputTypeError: integer logits or non-integer tokens.
     """
     _check_logits(student_logits, "student_logits")
     _check_logits(teacher_logits, "teacher_logits")
     _check_temperature(student_temperature, "student_temperature")
     _check_temperature(teacher_temperature, "teacher_temperature")
+    if merge not in MERGES:
+        raise InputError(f"merge: expected one of {MERGES}, got {merge!r}")
     keys = _ALIGNMENT
     if not isinstance(alignment, dict) or any(k not in alignment for k in keys):
         raise InputError(f"alignment: expected alignment_indices(...)'s dict with keys {keys}, got "
@@ -234,9 +248,9 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
     p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
     q = jax.nn.softmax(teacher_logits / teacher_temperature, axis=-1)
     sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),
-                jnp.asarray(alignment["student_member"]))
+                jnp.asarray(alignment["student_member"]), merge)
     tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
-                jnp.asarray(alignment["teacher_member"]))
+                jnp.asarray(alignment["teacher_member"]), merge)
     per = jnp.where(valid, _position_loss(sp, tq, hybrid), 0.0)
     n = jnp.sum(valid, axis=1)
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
@@ -258,7 +272,8 @@ class ULD:
     * byte offsets (``uld_loss_aligned``, TRL's extended ULD): the ``alignment_indices`` arrays
       (``"student_index"``, ``"teacher_index"``, ``"student_member"``, ``"teacher_member"``,
       ``"group_valid"``) and ``batch["teacher_y"]``, the teacher's tokens at its positions
-      (the student's are ``"y"``); the EOS skipping is then the alignment's.
+      (the student's are ``"y"``); the EOS skipping is then the alignment's, and ``merge`` the
+      groups' merging (``uld_loss_aligned``).
 
     ``hyper`` is unused (may be None); the defaults are TRL's ``GOLDConfig``'s. ``teacher``:
     the teacher module, for steps with no ``teacher=`` bound (``kdjax.workflows.distill``).
@@ -273,6 +288,7 @@ class ULD:
     skip_student_eos: bool = True
     skip_teacher_eos: bool = True
     hybrid: Hybrid | None = None
+    merge: str = "observed"
     teacher: Any = None  # the teacher module, when no teacher= is bound to the step (kdjax.workflows)
     teacher_online = True
 
@@ -282,11 +298,14 @@ class ULD:
                 raise InputError(f"{name}: expected a non-negative weight, got {getattr(self, name)}")
         _check_temperature(self.student_temperature, "student_temperature")
         _check_temperature(self.teacher_temperature, "teacher_temperature")
+        if self.merge not in MERGES:
+            raise InputError(f"merge: expected one of {MERGES}, got {self.merge!r}")
 
     def describe(self) -> str:
         form = "hybrid ULD" if self.hybrid is not None else "ULD"
         return (f"{self.crossentropy_weight:g} * CE + {self.distillation_weight:g} * {form} (T student "
-                f"{self.student_temperature:g}, teacher {self.teacher_temperature:g}; TRL's ULDLoss)")
+                f"{self.student_temperature:g}, teacher {self.teacher_temperature:g}, {self.merge} merging of "
+                f"aligned groups; TRL's ULDLoss)")
 
     def check(self, batch, *, hyper, teacher):
         aligned = "group_valid" in batch
@@ -314,7 +333,8 @@ class ULD:
         temps = {"student_temperature": self.student_temperature, "teacher_temperature": self.teacher_temperature}
         if "group_valid" in batch:
             uld = uld_loss_aligned(logits, t, student_tokens=batch["y"], teacher_tokens=batch["teacher_y"],
-                                   alignment={k: batch[k] for k in _ALIGNMENT}, hybrid=self.hybrid, **temps)
+                                   alignment={k: batch[k] for k in _ALIGNMENT}, hybrid=self.hybrid, merge=self.merge,
+                                   **temps)
         else:
             uld = uld_loss(logits, t, student_where=where, teacher_where=batch["teacher_where"],
                            skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos,

@@ -6,7 +6,8 @@ Tokenizer pairs are trained offline with ``kdjax.tokenizer.train_bpe`` on the sa
 tokens the answer span after a masked prompt, right-padded. Rows: positional alignment
 (TRL's ``use_extended_uld=False``) with random vocabularies and lengths, temperatures, EOS on
 one side only, padding and an empty row; byte-offset alignment with probability merging
-(``use_extended_uld=True``) on the tokenizer pairs, EOS on the teacher side only.
+(``use_extended_uld=True``) on the tokenizer pairs, EOS on the teacher side only, with TRL's
+"observed" and "bayesian" merge strategies.
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ EXTENDED = [  # (name, student vocab, teacher vocab, TRL overrides, student EOS,
     ("hybrid, beta 0.2, weights 0.3 / 0.7, temperature 2, BPE 300 vs 260", 300, 260,
      {"uld_use_hybrid_loss": True, "beta": 0.2, "uld_hybrid_matched_weight": 0.3, "uld_hybrid_unmatched_weight": 0.7,
       "uld_student_temperature": 2.0}, True, True),
+    ("bayesian merging (the last position's distribution), BPE 280 vs 330, EOS on the teacher only", 280, 330,
+     {"uld_token_merge_strategy": "bayesian", "uld_skip_student_eos": False}, False, True),
+    ("bayesian merging, hybrid, both EOS, BPE 340 vs 270", 340, 270,
+     {"uld_token_merge_strategy": "bayesian", "uld_use_hybrid_loss": True}, True, True),
 ]
 
 
@@ -185,10 +190,14 @@ def _extended_cases(dtype: str, device: str) -> list:
 def _extended_rows(ctx: Ctx, tol) -> list[Result]:
     out = []
 
-    @functools.partial(jax.jit, static_argnames=("ts", "tt", "hybrid"))
-    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, hybrid):
-        f = lambda a: crosstok.uld_loss_aligned(a, t, student_tokens=ids_s, teacher_tokens=ids_t, alignment=alignment,
-                                                student_temperature=ts, teacher_temperature=tt, hybrid=hybrid)
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "hybrid", "merge"))
+    def value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, hybrid, merge):
+        # TRL's bayesian strategy reads the logits one position earlier (probs[k] predicts token k):
+        # kdjax's positions are the tokens the probabilities are of, so the logits shift by one
+        shift = (lambda z: jnp.roll(z, 1, axis=1)) if merge == "bayesian" else (lambda z: z)
+        f = lambda a: crosstok.uld_loss_aligned(shift(a), shift(t), student_tokens=ids_s, teacher_tokens=ids_t,
+                                                alignment=alignment, student_temperature=ts, teacher_temperature=tt,
+                                                hybrid=hybrid, merge=merge)
         return jax.value_and_grad(f)(s)
 
     for name, s, t, (ids_s, ys, off_s), (ids_t, yt, off_t), ref, want in _extended_cases(ctx.dtype, ctx.torch_device):
@@ -198,7 +207,8 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
         merged = int((alignment["student_member"].sum(-1) > 1).sum() + (alignment["teacher_member"].sum(-1) > 1).sum())
         val, grad = value_and_grad(jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ids_s),
                                    jnp.asarray(ids_t), {k: jnp.asarray(v) for k, v in alignment.items()},
-                                   ref.student_temperature, ref.teacher_temperature, _hybrid(ref))
+                                   ref.student_temperature, ref.teacher_temperature, _hybrid(ref),
+                                   ref.token_merge_strategy)
         out.append(_row(f"ULD byte-offset alignment: {name}", ctx, {"loss": val, "grad": grad}, want, tol,
                         note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
                         + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
