@@ -17,6 +17,7 @@ from kdjax.errors import InputError, InputTypeError
 __all__ = ["EOS", "train_bpe", "load_tokenizer", "check_vocabulary", "eos_id", "content_sha256", "same_tokenizer"]
 
 EOS = "<|endoftext|>"
+EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|im_end|>")  # what eos_id looks for, in this order
 
 
 def _tokenizers():
@@ -137,16 +138,17 @@ def eos_id(tokenizer) -> int:
       tokenizer: a ``tokenizers.Tokenizer``.
 
     Returns:
-      The id of ``EOS``, else of ``</s>``, else of ``<|im_end|>``.
+      The id of the first of ``EOS_NAMES`` it has (``<|endoftext|>``, ``</s>``, ``<|end_of_text|>``
+      (Llama 3), ``<|im_end|>``).
 
     Raises:
       InputError: it has none of them.
     """
-    for name in (EOS, "</s>", "<|im_end|>"):
+    for name in EOS_NAMES:
         i = tokenizer.token_to_id(name)
         if i is not None:
             return int(i)
-    raise InputError(f"tokenizer: expected an end-of-text token ({EOS!r} or '</s>'), found none")
+    raise InputError(f"tokenizer: expected an end-of-text token (one of {', '.join(EOS_NAMES)}), found none")
 
 
 def check_vocabulary(tokenizer, *models) -> int:

@@ -83,12 +83,28 @@ def test_uld_errors():
         crosstok.uld_loss(s, t, student_where=sw, teacher_where=tw[:, :3])
     with pytest.raises(InputError, match="batch size"):
         crosstok.uld_loss(s, t[:2], **ok)
-    with pytest.raises(InputError, match="positive temperature"):
-        crosstok.uld_loss(s, t, **ok, teacher_temperature=0.0)
+    for bad in (0.0, jnp.float32(-1), float("inf")):
+        with pytest.raises(InputError, match="teacher_temperature: expected a finite number > 0"):
+            crosstok.uld_loss(s, t, **ok, teacher_temperature=bad)
     with pytest.raises(InputError, match="None"):
         crosstok.uld_loss(s, t, student_where=None, teacher_where=tw)
-    with pytest.raises(InputError, match="non-negative"):
+    with pytest.raises(InputError, match="expected a finite number >= 0"):
         crosstok.ULD(distillation_weight=-1.0)
+    with pytest.raises(InputTypeError, match="distillation_weight: expected a number"):
+        crosstok.ULD(distillation_weight="1")
+    with pytest.raises(InputTypeError, match="hybrid: expected None or a Hybrid"):
+        crosstok.ULD(hybrid="x")
+    with pytest.raises(InputError, match="share no token"):
+        crosstok.hybrid_from_vocabs({"a": 0}, {"b": 0})
+    for bad in (dict(beta=2.0), dict(beta=float("nan"))):
+        with pytest.raises(InputError, match="hybrid beta"):
+            crosstok.Hybrid((0,), (0,), **bad)
+    with pytest.raises(InputError, match="non-negative int"):
+        crosstok.Hybrid((0, -1), (0, 1))
+    with pytest.raises(InputError, match="distinct"):
+        crosstok.Hybrid((0, 0), (0, 1))
+    with pytest.raises(InputError, match="both matched_weight and unmatched_weight"):
+        crosstok.Hybrid((0,), (0,), matched_weight=0.3)
 
 
 def test_byte_offset_alignment_and_merge():
@@ -123,6 +139,18 @@ def test_byte_offset_alignment_and_merge():
         crosstok.alignment_indices(off_s, off_t, sw, tw, groups=1, skip_student_eos=False)
     with pytest.raises(InputTypeError, match="integer"):
         crosstok.uld_loss_aligned(s, t, student_tokens=ids_s.astype(float), teacher_tokens=ids_t, alignment=al)
+    aligned = lambda **over: crosstok.uld_loss_aligned(s, t, **{"student_tokens": ids_s, "teacher_tokens": ids_t,
+                                                               "alignment": al, **over})
+    with pytest.raises(InputError, match=r"teacher_index in \[0, 5\)"):
+        aligned(alignment={**al, "teacher_index": al["teacher_index"] + 5})
+    with pytest.raises(InputError, match="expected group_valid of shape"):
+        aligned(alignment={**al, "group_valid": al["group_valid"][:, :1]})
+    with pytest.raises(InputTypeError, match="student_member of bool"):
+        aligned(alignment={**al, "student_member": al["student_member"].astype(np.int32)})
+    with pytest.raises(InputError, match=r"teacher_tokens: expected ids in \[0, 7\)"):
+        aligned(teacher_tokens=ids_t - 1)
+    with pytest.raises(InputError, match="student_index of shape"):
+        aligned(alignment={**al, "student_index": al["student_index"][0]})
 
 
 class TinyLM(nn.Module):

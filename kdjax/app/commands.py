@@ -362,7 +362,7 @@ def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher,
             os.path.join(args.out, "learning_curves.png"), r.losses, f"{ds.name}: student training loss"),
         "comparison": lambda: plots.comparison(
             os.path.join(args.out, "comparison.png"), names, [stats[k][0] for k in names],
-            [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy", "test accuracy"),
+            [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy{own}", "test accuracy"),
     }
     return _finish(args, rep, results, figs)
 

@@ -70,8 +70,12 @@ def _uld(args, teacher, student, total_steps, tokenizer):
     crosstok = _load("kdjax.crosstok")
     from kdjax.app.inputs import teacher_tokenizer
 
-    hybrid = (crosstok.hybrid_from_vocabs(tokenizer.get_vocab(), teacher_tokenizer(args).get_vocab())
-              if args.uld_hybrid else None)
+    hybrid = None
+    if args.uld_hybrid:
+        try:
+            hybrid = crosstok.hybrid_from_vocabs(tokenizer.get_vocab(), teacher_tokenizer(args).get_vocab())
+        except _load("kdjax.errors").InputError as e:
+            raise UsageError(f"--uld-hybrid: {e}") from None
     return crosstok.ULD(crossentropy_weight=1.0 - args.alpha, distillation_weight=args.alpha,
                         student_temperature=args.temperature, teacher_temperature=args.temperature, hybrid=hybrid,
                         merge=args.uld_merge, teacher=teacher)

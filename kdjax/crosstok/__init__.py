@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.crosstok.align import align_by_byte_offsets, alignment_indices
+from kdjax.crosstok.align import ALIGNMENT, align_by_byte_offsets, alignment_indices, check_alignment
 from kdjax.errors import InputError, InputTypeError
 
 __all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "Hybrid",
@@ -68,8 +68,10 @@ def _check_where(where, shape, name: str):
 
 
 def _check_temperature(t, name: str):
-    if isinstance(t, (int, float, np.floating, np.integer)) and not t > 0:
-        raise InputError(f"{name}: expected a positive temperature, got {t}")
+    """A finite positive number (a traced value is checked where it is concrete)."""
+    from kdjax.losses import check_temperature  # kdjax.losses' rule: concrete scalars, finite and > 0
+
+    check_temperature(t, name)
 
 
 def _sorted_l1(p, q):
@@ -95,10 +97,36 @@ class Hybrid:
     matched_weight: float | None = None
     unmatched_weight: float | None = None
 
+    def __post_init__(self):
+        from kdjax.losses import check_beta
+
+        for name in ("student_ids", "teacher_ids"):
+            ids = np.asarray(getattr(self, name))
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0):
+                raise InputError(f"hybrid: expected {name} as non-negative int token ids, got {getattr(self, name)!r}")
+            if len(np.unique(ids)) != len(ids):
+                raise InputError(f"hybrid: expected distinct {name}, got repeated ids")
+        if len(self.student_ids) != len(self.teacher_ids) or not self.student_ids:
+            raise InputError(f"hybrid: expected as many student as teacher ids (one pair per shared token, at least "
+                             f"one), got {len(self.student_ids)} and {len(self.teacher_ids)}")
+        check_beta(self.beta, "hybrid beta")
+        if (self.matched_weight is None) != (self.unmatched_weight is None):
+            raise InputError("hybrid: expected both matched_weight and unmatched_weight, or neither (adaptive)")
+
 
 def hybrid_from_vocabs(student_vocab, teacher_vocab, **options) -> Hybrid:
-    """``Hybrid`` of the token strings two vocabularies (``tokenizer.get_vocab()``) share."""
+    """``Hybrid`` of the token strings two vocabularies (``tokenizer.get_vocab()``) share.
+
+    Raises:
+      InputError: vocabularies that are not dicts, or that share no token (hybrid ULD would be ULD).
+    """
+    if not isinstance(student_vocab, dict) or not isinstance(teacher_vocab, dict):
+        raise InputError(f"hybrid_from_vocabs: expected two {{token: id}} dicts (tokenizer.get_vocab()), got "
+                         f"{type(student_vocab).__name__} and {type(teacher_vocab).__name__}")
     pairs = sorted((t, student_vocab[tok]) for tok, t in teacher_vocab.items() if tok in student_vocab)
+    if not pairs:
+        raise InputError("hybrid: the two vocabularies share no token, so hybrid ULD would be plain ULD; expected "
+                         "vocabularies with tokens in common")
     return Hybrid(tuple(int(p[1]) for p in pairs), tuple(int(p[0]) for p in pairs), **options)
 
 
@@ -240,10 +268,8 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
             raise InputTypeError(f"{name}: expected integer token ids, got {jnp.result_type(tok)}")
         if tuple(jnp.shape(tok)) != tuple(logits.shape[:2]):
             raise InputError(f"{name}: expected shape {list(logits.shape[:2])}, got {list(jnp.shape(tok))}")
+    check_alignment(alignment, student_logits.shape, teacher_logits.shape, student_tokens, teacher_tokens)
     valid = jnp.asarray(alignment["group_valid"])
-    if valid.shape[0] != student_logits.shape[0] or teacher_logits.shape[0] != student_logits.shape[0]:
-        raise InputError(f"alignment: expected batch size {student_logits.shape[0]}, got {valid.shape[0]} "
-                         f"(teacher {teacher_logits.shape[0]})")
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
     q = jax.nn.softmax(teacher_logits / teacher_temperature, axis=-1)
@@ -294,8 +320,14 @@ class ULD:
 
     def __post_init__(self):
         for name in ("crossentropy_weight", "distillation_weight"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"{name}: expected a non-negative weight, got {getattr(self, name)}")
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+                raise InputTypeError(f"{name}: expected a number >= 0, got {w!r} ({type(w).__name__})")
+            if not (np.isfinite(w) and w >= 0):
+                raise InputError(f"{name}: expected a finite number >= 0, got {w}")
+        if self.hybrid is not None and not isinstance(self.hybrid, Hybrid):
+            raise InputTypeError(f"hybrid: expected None or a Hybrid (hybrid_from_vocabs), got "
+                                 f"{type(self.hybrid).__name__}")
         _check_temperature(self.student_temperature, "student_temperature")
         _check_temperature(self.teacher_temperature, "teacher_temperature")
         if self.merge not in MERGES:
@@ -348,4 +380,4 @@ class ULD:
         return loss, (new_state, metrics)
 
 
-_ALIGNMENT = ("student_index", "teacher_index", "student_member", "teacher_member", "group_valid")
+_ALIGNMENT = ALIGNMENT

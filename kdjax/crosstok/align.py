@@ -1,16 +1,22 @@
 """Byte-offset alignment of two tokenizations of the same text (TRL's extended ULD):
 ``align_by_byte_offsets`` groups positions where both sides end at the same offset;
-``alignment_indices`` turns a batch of them into the index arrays ``uld_loss_aligned`` reads.
+``alignment_indices`` turns a batch of them into the index arrays ``uld_loss_aligned`` reads
+(``check_alignment`` checks them).
 Host-side NumPy: run it once on the data, not in the step.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["align_by_byte_offsets", "alignment_indices"]
+__all__ = ["align_by_byte_offsets", "alignment_indices", "check_alignment", "ALIGNMENT"]
+
+# the arrays alignment_indices returns (uld_loss_aligned reads them)
+ALIGNMENT = ("student_index", "teacher_index", "student_member", "teacher_member", "group_valid")
 
 
 def align_by_byte_offsets(s_offsets, t_offsets):
@@ -100,3 +106,32 @@ def alignment_indices(student_offsets, teacher_offsets, student_where, teacher_w
             out["teacher_index"][i, j, :len(c)], out["teacher_member"][i, j, :len(c)] = c, True
             out["group_valid"][i, j] = True
     return out
+
+
+def check_alignment(alignment, s_shape, t_shape, s_tokens, t_tokens) -> None:
+    """Shapes, dtypes and (for concrete arrays) index and token ranges of ``alignment_indices``' dict."""
+    b = s_shape[0]
+    if t_shape[0] != b:
+        raise InputError(f"teacher_logits: expected batch size {b} (the student's), got {t_shape[0]}")
+    shape = tuple(jnp.shape(alignment["student_index"]))
+    if len(shape) != 3 or shape[0] != b:
+        raise InputError(f"alignment: expected student_index of shape [batch {b}, groups, members], got {list(shape)}")
+    for key, want, kind in (("teacher_index", shape, jnp.integer), ("student_member", shape, jnp.bool_),
+                            ("teacher_member", shape, jnp.bool_), ("group_valid", shape[:2], jnp.bool_),
+                            ("student_index", shape, jnp.integer)):
+        got, dtype = tuple(jnp.shape(alignment[key])), jnp.result_type(alignment[key])
+        if got != want:
+            raise InputError(f"alignment: expected {key} of shape {list(want)}, got {list(got)}")
+        if not jnp.issubdtype(dtype, kind):
+            raise InputTypeError(f"alignment: expected {key} of {'int' if kind is jnp.integer else 'bool'} dtype, "
+                                 f"got {dtype}")
+    for key, length, tokens, vocab, side in (("student_index", s_shape[1], s_tokens, s_shape[2], "student"),
+                                             ("teacher_index", t_shape[1], t_tokens, t_shape[2], "teacher")):
+        if not any(isinstance(a, jax.core.Tracer) for a in (alignment[key], tokens)):  # concrete: check ranges
+            index, tok = np.asarray(alignment[key]), np.asarray(tokens)
+            if index.size and (index.min() < 0 or index.max() >= length):
+                raise InputError(f"alignment: expected {key} in [0, {length}) (the {side}'s positions), got "
+                                 f"[{index.min()}, {index.max()}]")
+            if tok.size and (tok.min() < 0 or tok.max() >= vocab):
+                raise InputError(f"{side}_tokens: expected ids in [0, {vocab}) (the {side}'s vocabulary), got "
+                                 f"[{tok.min()}, {tok.max()}]")

@@ -12,6 +12,7 @@ the same text. Bits per byte make the two tokenizations comparable in evaluation
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from kdjax.crosstok.align import alignment_indices
 from kdjax.data import Dataset, TEXT_MODULES, decode_text, text_documents
 from kdjax.data.corpus import _first
-from kdjax.errors import InputError, check_count
+from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.tokenizer import eos_id
 
 __all__ = ["PairedText", "paired_text"]
@@ -45,26 +46,44 @@ class PairedText:
     tokens_per_byte: dict
 
 
-def _stream(tokenizer, docs: list[str], base_chars: int = 0):
-    """``(ids, starts, ends)`` of the documents encoded one after another, each followed by EOS."""
-    eos, ids, starts, ends, base = eos_id(tokenizer), [], [], [], base_chars
+def _byte_lengths(tokenizer):
+    """Bytes per token id of a byte-level BPE with no normaliser (each character of its token
+    strings stands for one byte; an added token is its UTF-8 text), else None."""
+    cfg = json.loads(tokenizer.to_str())
+    if (cfg.get("decoder") or {}).get("type") != "ByteLevel" or cfg.get("normalizer"):
+        return None
+    table = np.zeros(int(tokenizer.get_vocab_size()), np.int64)
+    for token, i in tokenizer.get_vocab(with_added_tokens=False).items():
+        table[i] = len(token)
+    for i, added in tokenizer.get_added_tokens_decoder().items():
+        table[i] = len(added.content.encode("utf-8"))
+    return table
+
+
+def _stream(tokenizer, docs: list[str]):
+    """``(ids, starts, ends)`` of the documents encoded one after another, each followed by EOS;
+    UTF-8 byte offsets in the documents joined with one byte for each EOS. A byte-level BPE's
+    offsets are counted from its tokens' bytes (a token may end inside a character); another
+    tokenizer's character offsets are converted (its tokens hold whole characters)."""
+    eos, ids, starts, ends, base = eos_id(tokenizer), [], [], [], 0
+    lengths = _byte_lengths(tokenizer)
     for text, enc in zip(docs, tokenizer.encode_batch(docs)):
-        off = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + base
-        ids.append(np.asarray(enc.ids + [eos], np.int64))
-        starts.append(np.append(off[:, 0], base + len(text)))
-        ends.append(np.append(off[:, 1], base + len(text) + 1))
-        base += len(text) + 1
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        raw = text.encode("utf-8")
+        tok = np.asarray(enc.ids, np.int64)
+        if lengths is not None and int(lengths[tok].sum()) == len(raw):
+            end = np.cumsum(lengths[tok])
+            begin = end - lengths[tok]
+        else:  # characters -> bytes
+            cp = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+            prefix = np.concatenate([[0], np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))])
+            off = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+            begin, end = prefix[off[:, 0]], prefix[off[:, 1]]
+        ids.append(np.append(tok, eos))
+        starts.append(np.append(begin, len(raw)) + base)
+        ends.append(np.append(end, len(raw) + 1) + base)
+        base += len(raw) + 1
+    cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     return cat(ids), cat(starts), cat(ends)
-
-
-def _byte_prefix(docs: list[str]) -> np.ndarray:
-    """``prefix[c]``: UTF-8 bytes before character ``c`` of the joined documents (EOS: 0 bytes)."""
-    widths = []
-    for text in docs:
-        cp = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        widths += [1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000), np.zeros(1, np.int64)]
-    return np.concatenate([np.zeros(1, np.int64)] + [w.astype(np.int64) for w in widths]).cumsum()
 
 
 def _windows(ids: np.ndarray, length: int, name: str, what: str):
@@ -75,11 +94,11 @@ def _windows(ids: np.ndarray, length: int, name: str, what: str):
         np.int32)
 
 
-def _tokens_per_byte(ends: np.ndarray, prefix: np.ndarray, length: int) -> float:
-    """Targets per byte over the packed windows: window w's targets cover the characters from
-    the end of its first input to the end of its last target."""
+def _tokens_per_byte(ids: np.ndarray, ends: np.ndarray, eos: int, length: int) -> float:
+    """Targets per byte over the packed windows: window w's targets cover the bytes from the end
+    of its first input to the end of its last target (each EOS there counts one byte less)."""
     n = (len(ends) - 1) // length
-    covered = prefix[ends[n * length]] - prefix[ends[0]]
+    covered = ends[n * length] - ends[0] - int(np.sum(ids[1:n * length + 1] == eos))
     return n * length / max(int(covered), 1)
 
 
@@ -90,6 +109,18 @@ def _teacher_windows(s_starts, s_ends, t_ids, t_starts, t_ends, length: int):
     a = np.searchsorted(t_starts, first, side="left")
     b = np.searchsorted(t_ends, last, side="right")
     return [(int(i), int(j)) for i, j in zip(a, b)], n
+
+
+def _longest_fitting(spans, length: int, limit: int) -> int:
+    """A window length whose teacher spans fit ``limit``, scaled from the longest span (a guide)."""
+    width = max(b - a - 1 for a, b in spans)
+    return max(1, int(length * limit / width))
+
+
+def _group_ends(offsets, index, member) -> np.ndarray:
+    """``[n, G]``: the end byte of each group's last position."""
+    last = np.take_along_axis(index, np.maximum(member.sum(-1) - 1, 0)[..., None], axis=-1)[..., 0]
+    return np.take_along_axis(offsets[..., 1], last, axis=1)
 
 
 def paired_text(length: int, path: str | os.PathLike | None = None, *, student_tokenizer, teacher_tokenizer,
@@ -120,6 +151,20 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
         or a window whose teacher tokens exceed ``max_teacher_length``.
     """
     check_count("length", length)
+    for name, tok in (("student_tokenizer", student_tokenizer), ("teacher_tokenizer", teacher_tokenizer)):
+        if not hasattr(tok, "encode_batch"):
+            raise InputTypeError(f"{name}: expected a tokenizers.Tokenizer (kdjax.tokenizer.load_tokenizer), got "
+                                 f"{type(tok).__name__}")
+        try:
+            eos_id(tok)
+        except InputError as e:
+            raise InputError(f"{name}: {e}") from None
+    for name, value in (("max_bytes", max_bytes), ("max_teacher_length", max_teacher_length)):
+        if value is not None:
+            check_count(name, value)
+    if max_teacher_length is not None and length > max_teacher_length:
+        raise InputError(f"length: the teacher evaluates on windows of {length} of its tokens, more than its "
+                         f"max_position_embeddings ({max_teacher_length}); expected a smaller length")
     if path is not None and os.fspath(path).endswith(".npz"):
         raise InputError(f"{path}: holds token ids already; expected a .txt corpus to tokenize twice")
     name, train, val, _ = text_documents(path, modules=modules, utf8=True)
@@ -131,16 +176,19 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
         sides[side] = {split: _stream(tok, docs) for split, docs in (("train", train), ("validation", val))}
     windows = {side: [_windows(sides[side][split][0], length, name, f"{side} {split}")
                       for split in ("train", "validation")] for side in sides}
-    prefix = _byte_prefix(val)
-    per_byte = {side: _tokens_per_byte(sides[side]["validation"][2], prefix, length) for side in sides}
+    per_byte = {side: _tokens_per_byte(sides[side]["validation"][0], sides[side]["validation"][2],
+                                       eos_id(tok), length)
+                for side, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer))}
     s_ids, s_starts, s_ends = sides["student"]["train"]
     t_ids, t_starts, t_ends = sides["teacher"]["train"]
     spans, n = _teacher_windows(s_starts, s_ends, t_ids, t_starts, t_ends, length)
     width = max(1, max(b - a - 1 for a, b in spans))
     if max_teacher_length is not None and width > max_teacher_length:
+        fits = _longest_fitting(spans, length, max_teacher_length)
         raise InputError(f"context: the teacher's tokenization of a {length}-token window takes up to {width} "
                          f"positions, more than its max_position_embeddings ({max_teacher_length}); expected a "
-                         f"smaller context")
+                         f"smaller context (about {fits} student tokens) or a student tokenizer "
+                         f"of shorter tokens (a smaller vocabulary)")
     teacher_x, teacher_y = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
     s_off, t_off = np.zeros((n, length, 2), np.int64), np.zeros((n, width, 2), np.int64)
     t_where = np.zeros((n, width), bool)
@@ -152,11 +200,13 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
         s_off[w, :, 0], s_off[w, :, 1] = s_starts[ys], s_ends[ys]
     alignment = alignment_indices(s_off, t_off, np.ones((n, length), bool), t_where,
                                   skip_student_eos=False, skip_teacher_eos=False)
-    # the first group's text begins after each side's first input token: where those end apart,
-    # the two sides' first targets start at other characters and the group compares other text
-    first_s = s_ends[np.arange(n) * length]
+    # a group compares the same bytes when both sides end it at one byte (the last group may be a
+    # leftover that does not) and begin it at one: the first begins after each side's first input
+    ends = {side: _group_ends(off, alignment[f"{side}_index"], alignment[f"{side}_member"])
+            for side, off in (("student", s_off), ("teacher", t_off))}
+    alignment["group_valid"] &= ends["student"] == ends["teacher"]
     first_t = np.array([t_ends[a] if b > a else -1 for a, b in spans])
-    alignment["group_valid"][:, 0] &= first_s == first_t
+    alignment["group_valid"][:, 0] &= s_ends[np.arange(n) * length] == first_t
     (sx, sy), (svx, svy) = windows["student"]
     (tx, ty), (tvx, tvy) = windows["teacher"]
     sizes = {side: int(tok.get_vocab_size()) for side, tok in (("student", student_tokenizer),

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdjax import checkpoint, data, parallel
 from kdjax.data import Dataset
-from kdjax.errors import InputError
+from kdjax.errors import InputError, InputTypeError
 from kdjax.fused import FusedLM
 from kdjax.objectives import TopKKD, as_variables, own_variables
 from kdjax.fitting import (OnChunk, OnLosses, Programs, RunConfig, evaluate_on, fit_members, initial_members,
@@ -224,6 +224,13 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
     make_hyper(temperature, alpha)  # validates before anything trains
     if teacher_data is not None and teacher_state is None:
         raise InputError("teacher_data: expected a loaded teacher_state (a teacher trained here reads ds's tokens)")
+    if teacher_data is not None and not isinstance(teacher_data, Dataset):
+        raise InputTypeError(f"teacher_data: expected a kdjax.data.Dataset, got {type(teacher_data).__name__}")
+    if teacher_data is not None and teacher_data.num_classes > getattr(teacher, "vocab_size", teacher_data.num_classes):
+        raise InputError(f"teacher_data: expected the teacher's own tokens (at most its {teacher.vocab_size}-token "
+                         f"vocabulary), got {teacher_data.num_classes} classes")
+    if extra_data is not None and not isinstance(extra_data, dict):
+        raise InputTypeError(f"extra_data: expected a dict of per-row arrays, got {type(extra_data).__name__}")
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
