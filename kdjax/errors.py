@@ -21,8 +21,17 @@ class InputTypeError(TypeError):
 
 
 def check_count(name: str, value, minimum: int = 1) -> None:
-    """Raise unless ``value`` is an int ``>= minimum``: ``InputTypeError`` naming the type
-    that came (a float, a bool, a string), ``InputError`` for one out of range."""
+    """Check that ``value`` is an int ``>= minimum``.
+
+    Args:
+      name: the argument's name, for the message.
+      value: the value to check.
+      minimum: the smallest value accepted.
+
+    Raises:
+      InputTypeError: not an int (a float, a bool, a string), the type named.
+      InputError: an int below ``minimum``.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:

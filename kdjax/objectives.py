@@ -57,8 +57,15 @@ class Teacher:
 
 
 def as_variables(tree) -> dict:
-    """A Flax variables dict (``{"params": ..., "batch_stats": ...}``) from a ``TrainState``
-    (an objective's ``"connectors"`` left out), a variables dict or a bare params tree."""
+    """A Flax variables dict (``{"params": ..., "batch_stats": ...}``) from any of three forms.
+
+    Args:
+      tree: a ``TrainState`` (an objective's ``"connectors"`` left out), a variables dict or
+        ``FrozenDict`` (one with ``"params"``), or a bare params tree.
+
+    Returns:
+      A dict with ``"params"`` and the other collections (a bare params tree: ``{"params": tree}``).
+    """
     if hasattr(tree, "params") and hasattr(tree, "model_state"):
         params, state = own_variables(tree.params, tree.model_state)
         return {"params": params, **state}
@@ -67,8 +74,16 @@ def as_variables(tree) -> dict:
 
 
 def own_variables(params, model_state=None):
-    """``(params, model_state)`` of the student alone: the objective's parts (``"connectors"``)
-    removed (what to export, convert or evaluate elsewhere)."""
+    """The student's own variables: the objective's parts (``"connectors"``) removed (what to
+    export, convert or evaluate elsewhere).
+
+    Args:
+      params: the student's params, possibly with ``"connectors"``.
+      model_state: its other collections, or None (``{}``).
+
+    Returns:
+      ``(params, model_state)``: new dicts; the arguments are not changed.
+    """
     params, model_state = dict(params), dict(model_state or {})
     params.pop(CONNECTORS, None)
     model_state.pop(CONNECTORS, None)
@@ -76,7 +91,14 @@ def own_variables(params, model_state=None):
 
 
 def raw_key(rng):
-    """Raw ``uint32[2]`` key words from a typed key, raw words or an int (``PRNGKey(int)``'s)."""
+    """Raw ``uint32[2]`` key words.
+
+    Args:
+      rng: a typed PRNG key, raw key words (returned as they are) or an int.
+
+    Returns:
+      The key words; for an int, ``PRNGKey(int)``'s, as a NumPy array.
+    """
     if isinstance(rng, (int, np.integer)):
         return np.array([(int(rng) >> 32) & 0xFFFFFFFF, int(rng) & 0xFFFFFFFF], np.uint32)
     if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -119,8 +141,15 @@ def apply_model(model, params, model_state, x, *, train: bool, rng=None):
 
 
 def teacher_logits(batch, teacher: Teacher | None):
-    """The teacher's logits on ``batch["x"]``: cached (``batch["teacher_logits"]``), else the
-    online teacher in eval mode, else None."""
+    """The teacher's logits on ``batch["x"]``.
+
+    Args:
+      batch: the minibatch: ``"x"``, optionally the cached ``"teacher_logits"``.
+      teacher: None or a ``Teacher``, run in eval mode when nothing is cached.
+
+    Returns:
+      ``batch["teacher_logits"]`` if present, else the online teacher's logits, else None.
+    """
     if "teacher_logits" in batch:
         return batch["teacher_logits"]
     if teacher is None:
@@ -146,9 +175,30 @@ class CE:
     ``mean(CE(student(x), y))``; no teacher, no ``hyper``."""
 
     def check(self, batch, *, hyper, teacher):
+        """Trace-time validation of the batch.
+
+        Args:
+          batch: the minibatch; hyper, teacher: unused. (See kdjax.objectives, the protocol.)
+
+        Raises:
+          InputError: ``batch`` lacks ``"x"`` or ``"y"``.
+        """
         _check_xy(batch, "'ce'")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """The mean cross-entropy.
+
+        Args:
+          student, params, model_state: the student module and its variables.
+          batch: ``"x"``, ``"y"``, optionally ``"where"``.
+          rng: the dropout key; hyper, teacher: unused. (See kdjax.objectives, the protocol.)
+
+        Returns:
+          ``(loss, (new_model_state, {}))``.
+
+        Raises:
+          InputError, InputTypeError: labels or ``where`` that do not fit the logits.
+        """
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         where = batch.get("where")
         check_where(where, logits.shape[:-1])
@@ -165,12 +215,36 @@ class KD:
     divergence: str = "kl"
 
     def check(self, batch, *, hyper, teacher):
+        """Trace-time validation.
+
+        Args:
+          batch: the minibatch; hyper: the ``Hyper``; teacher: None or a ``Teacher``.
+          (See kdjax.objectives, the protocol.)
+
+        Raises:
+          InputError: ``batch`` lacks ``"x"`` or ``"y"``, ``hyper`` is None, or there is
+            neither a teacher nor ``batch["teacher_logits"]``.
+        """
         _check_xy(batch, "'kd'")
         if hyper is None:
             raise InputError("hyper: objective 'kd' needs a Hyper (see kdjax.make_hyper), got None")
         _check_teacher(batch, teacher, "'kd'")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """``distillation_loss`` of the student's logits against the teacher's.
+
+        Args:
+          student, params, model_state: the student module and its variables.
+          batch: ``"x"``, ``"y"``, optionally ``"where"`` and ``"teacher_logits"``.
+          rng: the dropout key; hyper: ``temperature`` and ``alpha``; teacher: None or a
+            ``Teacher``. (See kdjax.objectives, the protocol.)
+
+        Returns:
+          ``(loss, (new_model_state, {}))``.
+
+        Raises:
+          InputError, InputTypeError: as ``distillation_loss`` (shapes, labels, ``where``).
+        """
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         t = teacher_logits(batch, teacher)
         kw = {} if self.divergence == "kl" else {"divergence": self.divergence}
@@ -186,10 +260,32 @@ class LogitLoss:
     fn: Callable
 
     def check(self, batch, *, hyper, teacher):
+        """Trace-time validation.
+
+        Args:
+          batch: the minibatch; hyper, teacher: unused here. (See kdjax.objectives, the protocol.)
+
+        Raises:
+          InputError: ``batch`` lacks ``"x"``.
+        """
         if "x" not in batch:
             raise InputError(f"objective: expected batch key 'x', got {sorted(batch)}")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """``fn(logits, batch, teacher_logits, hyper)``.
+
+        Args:
+          student, params, model_state: the student module and its variables.
+          batch: ``"x"`` and whatever ``fn`` reads.
+          rng: the dropout key; hyper: passed to ``fn``; teacher: None or a ``Teacher`` (its
+            logits passed to ``fn``). (See kdjax.objectives, the protocol.)
+
+        Returns:
+          ``(loss, (new_model_state, {}))``.
+
+        Raises:
+          InputError: ``fn`` returned something other than a float scalar.
+        """
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         loss = self.fn(logits, batch, teacher_logits(batch, teacher), hyper)
         if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
@@ -226,6 +322,16 @@ class TopKKD:
                              f"sparse_loss={self.sparse_loss!r}, missing={self.missing!r}")
 
     def check(self, batch, *, hyper, teacher):
+        """Trace-time validation.
+
+        Args:
+          batch: the minibatch; hyper: the ``Hyper``; teacher: unused.
+          (See kdjax.objectives, the protocol.)
+
+        Raises:
+          InputError: ``batch`` lacks ``"x"``, ``"y"``, ``"teacher_topk_values"`` or
+            ``"teacher_topk_indices"``, or ``hyper`` is None.
+        """
         _check_xy(batch, "TopKKD")
         if hyper is None:
             raise InputError("hyper: TopKKD needs a Hyper (kdjax.make_hyper), got None")
@@ -235,6 +341,21 @@ class TopKKD:
                                  f"got keys {sorted(batch)}")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
+        """``topk_distillation_loss`` of the student's logits against the cached top-k.
+
+        Args:
+          student, params, model_state: the student module and its variables.
+          batch: ``"x"``, ``"y"``, ``"teacher_topk_values"``, ``"teacher_topk_indices"``,
+            optionally ``"where"``.
+          rng: the dropout key; hyper: ``temperature`` and ``alpha``; teacher: unused.
+          (See kdjax.objectives, the protocol.)
+
+        Returns:
+          ``(loss, (new_model_state, {}))``.
+
+        Raises:
+          InputError, InputTypeError: as ``topk_distillation_loss`` (shapes, labels, ``where``).
+        """
         logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
         loss = topk_distillation_loss(logits, batch["teacher_topk_values"], batch["teacher_topk_indices"], batch["y"],
                                       hyper.temperature, hyper.alpha, where=batch.get("where"), missing=self.missing,
@@ -244,8 +365,15 @@ class TopKKD:
 
 
 def as_objective(objective):
-    """The objective ``objective`` stands for: ``"ce"`` → ``CE()``, ``"kd"`` → ``KD()``, an
-    object with ``loss`` → itself, another callable → ``LogitLoss(objective)``.
+    """The objective ``objective`` stands for.
+
+    Args:
+      objective: ``"ce"`` (→ ``CE()``), ``"kd"`` (→ ``KD()``), an object with ``loss`` (→
+        itself) or another callable ``fn(logits, batch, teacher_logits, hyper)`` (→
+        ``LogitLoss(fn)``).
+
+    Returns:
+      An object implementing the protocol.
 
     Raises:
       InputError: anything else.

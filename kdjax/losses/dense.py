@@ -1,21 +1,9 @@
-"""Distillation losses: small pure functions, arrays in, arrays out.
+"""Distillation losses: small pure functions, arrays in, arrays out (listed in ``kdjax.losses``).
 
-Every divergence is per position (unreduced, optax style) over logits ``[..., classes]``
-of any rank and returns ``[...]``: ``soft_kl`` (teacher -> student, the seed's),
-``reverse_kl``, ``jsd`` (Liger-Kernel's generalised Jensen-Shannon divergence) and
-``dkd`` (decoupled KD, mdistiller's); ``hard_ce`` is the per-position cross-entropy.
-``distillation_loss`` is the scalar objective, averaged over all positions or over
-those a ``where`` mask selects (token-level KD: padding excluded).
-
-P = softmax(t / T) is the teacher's distribution, Q = softmax(s / T) the student's;
-the teacher side never carries a gradient. None of the divergences but ``dkd`` is
-multiplied by T² (``distillation_loss`` does that).
-
-Checks on shapes and dtypes run at trace time. Range checks on ``temperature``,
-``alpha``, ``beta``, the label values and the teacher logits' finiteness (a NaN or
-infinite teacher logit is refused) run whenever those values are concrete
-(Python numbers, NumPy arrays, jax arrays outside ``jit``); traced values cannot be
-inspected, so ``kdjax.train`` validates them at its entry points instead.
+Divergences are per position (unreduced, optax style): logits ``[..., classes]`` of any rank in,
+``[...]`` out. P = softmax(t / T) is the teacher's distribution, Q = softmax(s / T) the student's;
+the teacher side never carries a gradient. Shape and dtype checks run at trace time, range checks
+(a non-finite teacher logit too) on concrete values only (``kdjax.train`` checks traced ones on entry).
 """
 
 from __future__ import annotations
@@ -46,21 +34,33 @@ def _concrete_scalar(name: str, value):
 
 
 def check_temperature(temperature, name: str = "temperature") -> None:
-    """Raise InputError unless a concrete temperature is finite and > 0."""
+    """Check a concrete temperature (a traced one passes).
+
+    Args: temperature, name: the value and its name in the message.
+    Raises: InputError: not a finite scalar > 0. InputTypeError: not a real number.
+    """
     t = _concrete_scalar(name, temperature)
     if t is not None and not (math.isfinite(t) and t > 0):
         raise InputError(f"{name}: expected a finite number > 0, got {t}")
 
 
 def check_alpha(alpha) -> None:
-    """Raise ValueError unless a concrete alpha lies in [0, 1]."""
+    """Check a concrete alpha (a traced one passes).
+
+    Args: alpha: the value.
+    Raises: InputError: not a scalar in [0, 1] (NaN is not). InputTypeError: not a real number.
+    """
     a = _concrete_scalar("alpha", alpha)
     if a is not None and not (0.0 <= a <= 1.0):  # NaN fails both comparisons
         raise InputError(f"alpha: expected a number in [0, 1], got {a}")
 
 
 def check_beta(beta, name: str = "beta", upper: float | None = 1.0) -> None:
-    """Raise ValueError unless a concrete beta lies in [0, upper] (``upper=None``: [0, inf))."""
+    """Check a concrete beta (a traced one passes).
+
+    Args: beta, name: the value and its name in the message; upper: None for [0, inf).
+    Raises: InputError: not a scalar in [0, upper]. InputTypeError: not a real number.
+    """
     b = _concrete_scalar(name, beta)
     if b is not None and not (0.0 <= b and (b <= upper if upper is not None else math.isfinite(b))):
         bound = f"[0, {upper:g}]" if upper is not None else "[0, inf)"
@@ -77,9 +77,11 @@ def _check_logits(name: str, logits) -> None:
 
 
 def check_finite(name: str, values) -> None:
-    """Raise ``InputError`` naming the first non-finite entry of concrete ``values`` (a
-    NumPy array or a jax array outside ``jit``); traced values are not checked (no host
-    callback: under ``jit`` a NaN or infinity goes through)."""
+    """Check that concrete ``values`` are finite; traced ones pass (no host callback).
+
+    Args: name, values: the name in the message; a NumPy array or a jax array outside ``jit``.
+    Raises: InputError: naming the first non-finite entry and how many there are.
+    """
     if isinstance(values, jax.core.Tracer):
         return
     host = np.asarray(values)  # NumPy, not jnp: inside a jit trace jnp would stage the check
@@ -96,12 +98,15 @@ def _check_pair(student_logits, teacher_logits) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise InputError(f"teacher_logits: expected the student's shape {student_logits.shape}, "
                          f"got {teacher_logits.shape}")
-    # one +inf teacher logit would make its position's divergence silently 0
-    check_finite("teacher_logits", teacher_logits)
+    check_finite("teacher_logits", teacher_logits)  # one +inf would zero its position's divergence
 
 
 def check_where(where, positions: tuple) -> None:
-    """Raise unless ``where`` is None or a bool mask of shape ``positions``."""
+    """Check a ``where`` mask.
+
+    Args: where, positions: None or the mask; its expected shape (the logits' without classes).
+    Raises: InputTypeError: a mask that is not bool. InputError: one of another shape.
+    """
     if where is None:
         return
     if not hasattr(where, "dtype") or where.dtype != jnp.bool_:
@@ -112,8 +117,11 @@ def check_where(where, positions: tuple) -> None:
 
 
 def check_labels(labels, logits_shape, where=None) -> None:
-    """Raise unless ``labels`` are integer class indices of shape ``logits_shape[:-1]``, in
-    ``[0, classes)`` wherever ``where`` (if given) is true (checked when concrete)."""
+    """Check integer class labels (their values only when labels and ``where`` are concrete).
+
+    Args: labels, logits_shape, where: ``[...]`` indices; ``[..., classes]``; None or the positions checked.
+    Raises: InputTypeError: not integer. InputError: not of shape ``[...]``, a value out of range.
+    """
     positions, num_classes = tuple(logits_shape[:-1]), logits_shape[-1]
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise InputTypeError(f"labels: expected an integer dtype (class indices), got {labels.dtype}")
@@ -144,17 +152,16 @@ def soft_kl(student_logits, teacher_logits, temperature=1.0):
         \mathrm{KL}_i = \sum_c p_{ic} (\log p_{ic} - \log q_{ic}), \quad
         p = \mathrm{softmax}(t / T),\; q = \mathrm{softmax}(s / T)
 
-    with :math:`0 \log 0 = 0` (as ``torch.nn.functional.kl_div``). The teacher side
-    carries no gradient. Not multiplied by :math:`T^2`; ``distillation_loss`` does that.
+    with :math:`0 \log 0 = 0` (as ``torch.nn.functional.kl_div``); no :math:`T^2` (``distillation_loss``'s).
 
     Args:
-      student_logits: ``[..., num_classes]`` floating array.
-      teacher_logits: same shape as ``student_logits``.
+      student_logits, teacher_logits: ``[..., num_classes]`` floating arrays of one shape.
       temperature: scalar > 0 (Python float or traced scalar).
-
     Returns:
       ``[...]`` array of KL values.
-
+    Raises:
+      InputError, InputTypeError: logits not floating, empty or of two shapes; a non-finite teacher
+        logit; a temperature not > 0.
     >>> import jax.numpy as jnp
     >>> s = jnp.array([[1.0, 2.0, 3.0]])
     >>> float(soft_kl(s, s, 2.0)[0])
@@ -164,8 +171,7 @@ def soft_kl(student_logits, teacher_logits, temperature=1.0):
     check_temperature(temperature)
     log_p, log_q = _log_probs(student_logits, teacher_logits, temperature)
     p = jnp.exp(log_p)
-    # p == 0 (an underflowed teacher probability) contributes exactly 0, never NaN.
-    terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)
+    terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)  # p == 0 (an underflow) gives 0, never NaN
     return jnp.sum(terms, axis=-1)
 
 
@@ -176,8 +182,8 @@ def reverse_kl(student_logits, teacher_logits, temperature=1.0):
         \mathrm{RKL}_i = \sum_c q_{ic} (\log q_{ic} - \log p_{ic})
 
     Mode-seeking (the student concentrates on the teacher's modes); no :math:`T^2`.
-    Shapes and arguments as ``soft_kl``.
 
+    Args: student_logits, teacher_logits, temperature: as ``soft_kl``, and so are returns and raises.
     >>> import jax.numpy as jnp
     >>> s, t = jnp.array([[0.0, 0.0]]), jnp.array([[0.0, 1.0]])
     >>> bool(reverse_kl(s, t)[0] != soft_kl(s, t)[0])
@@ -206,11 +212,13 @@ def jsd(student_logits, teacher_logits, temperature=1.0, beta=0.5):
         \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(P \| M) + (1 - \beta)\,\mathrm{KL}(Q \| M),
         \quad M = \beta P + (1 - \beta) Q,
 
-    except at the ends, where (as in Liger-Kernel's kernel, and unlike the formula's
-    limit, which is 0) ``beta = 0`` is the forward KL(P‖Q) (``soft_kl``) and ``beta = 1``
-    the reverse KL(Q‖P) (``reverse_kl``). Symmetric in P and Q at ``beta = 0.5``, where
-    it is at most log 2. No :math:`T^2`. A traced ``beta`` computes all three and selects.
+    except at the ends (as Liger-Kernel's kernel, not the formula's limit 0): ``beta = 0`` is KL(P‖Q)
+    (``soft_kl``), ``beta = 1`` KL(Q‖P) (``reverse_kl``). Symmetric at ``beta = 0.5`` (at most log 2);
+    no :math:`T^2`; a traced ``beta`` computes all three and selects.
 
+    Args:
+      student_logits, teacher_logits, temperature: as ``soft_kl``, and so are returns and raises.
+      beta: the mixture weight in [0, 1] (Liger-Kernel's default; InputError outside).
     >>> import jax.numpy as jnp
     >>> s, t = jnp.array([[0.0, 3.0]]), jnp.array([[2.0, 0.0]])
     >>> bool(jnp.allclose(jsd(s, t, beta=0.0), soft_kl(s, t)))
@@ -240,18 +248,17 @@ def dkd(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta
         \mathrm{DKD}_i = T^2 \left(\alpha\, \mathrm{KL}(b^P_i \| b^Q_i)
                          + \beta\, \mathrm{KL}(\hat p_i \| \hat q_i)\right)
 
-    where :math:`b = (p_y, 1 - p_y)` is the binary target-vs-rest distribution (TCKD)
-    and :math:`\hat p, \hat q` the distributions over the non-target classes,
-    renormalised (NCKD). Its mean over a batch is mdistiller's ``dkd_loss(s, t, y,
-    alpha, beta, T)`` (T² included, as there; the CE term is separate). Computed from
-    log-probabilities, so it stays finite where the target probability rounds to 1.
+    where :math:`b = (p_y, 1 - p_y)` is the target-vs-rest distribution (TCKD) and :math:`\hat p,
+    \hat q` the renormalised non-target ones (NCKD). The batch mean is mdistiller's ``dkd_loss(s, t,
+    y, alpha, beta, T)`` (T² included, CE apart); finite where the target probability is 1.
 
     Args:
-      labels: ``[...]`` integer targets in ``[0, num_classes)`` (anything, e.g. -100, where
-        ``where`` is false); needs ``num_classes >= 2``.
+      student_logits, teacher_logits, temperature: as ``soft_kl``; ``num_classes >= 2``.
+      labels: ``[...]`` integer targets in ``[0, num_classes)`` (anything, e.g. -100, where not ``where``).
       alpha, beta: the TCKD and NCKD weights (>= 0; mdistiller's CIFAR defaults 1 and 8).
-      where: optional bool ``[...]``: positions where it is false give 0 (padding tokens;
-        ``masked_mean(dkd(..., where=mask), mask)`` is the valid-token mean).
+      where: optional bool ``[...]``; false positions give 0 (``masked_mean(_, where)``: the valid mean).
+    Returns:
+      ``[...]``; raises as ``soft_kl``, and on unfit labels or ``where``, a negative weight, < 2 classes.
     """
     _check_pair(student_logits, teacher_logits)
     check_where(where, student_logits.shape[:-1])
@@ -284,14 +291,13 @@ def hard_ce(logits, labels, *, where=None):
 
     Args:
       logits: ``[..., num_classes]`` floating array.
-      labels: ``[...]`` integer class indices in ``[0, num_classes)`` (anything where
-        ``where`` is false, e.g. PyTorch's ``ignore_index`` -100).
+      labels: ``[...]`` integer class indices in ``[0, num_classes)`` (anything where ``where`` is false, e.g. -100).
       where: optional bool ``[...]``: positions where it is false give 0.
         ``masked_mean(hard_ce(s, y, where=m), m)`` is ``F.cross_entropy(s[m], y[m])``.
-
     Returns:
       ``[...]`` array of losses.
-
+    Raises:
+      InputError, InputTypeError: logits not floating ``[..., classes]``; labels, ``where`` unfit.
     >>> import jax.numpy as jnp
     >>> round(float(hard_ce(jnp.zeros((1, 4)), jnp.array([2]))[0]), 6)  # log 4
     1.386294
@@ -305,28 +311,22 @@ def hard_ce(logits, labels, *, where=None):
 
 def _hard_ce(logits, labels):
     log_q = jax.nn.log_softmax(logits, axis=-1)
-    # A one-hot dot instead of take_along_axis: the same number (one nonzero term), but
-    # no gather forward / scatter backward, which are slow inside XLA:CPU loops. (Labels
-    # outside [0, classes), e.g. -100 at masked positions, give 0 there.)
+    # a one-hot dot, not take_along_axis (gather/scatter are slow in XLA:CPU loops); -100 gives 0
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=log_q.dtype)
     return -jnp.sum(one_hot * log_q, axis=-1)
 
 
 def masked_mean(values, where=None):
-    """Mean of ``values`` over the positions ``where`` selects (all when None); 0 when it
-    selects none (EasyDeL's and Liger-Kernel's normalisation by the valid-token count).
+    """Mean of ``values`` where ``where`` is true (all if None; 0 if none, as EasyDeL, Liger-Kernel).
 
     Args:
       values: an array ``[...]``.
       where: None or a bool array of exactly ``values``' shape.
-
     Returns:
       A scalar.
-
     Raises:
-      InputTypeError: ``where`` that is not bool.
-      InputError: ``where`` of another shape (no broadcasting: a mask of the wrong shape
-        would select the wrong positions silently).
+      InputTypeError: ``where`` not bool. InputError: ``where`` of another shape (no
+        broadcasting: a mask of the wrong shape would select the wrong positions silently).
     """
     if where is None:
         return jnp.mean(values) if np.size(values) else jnp.zeros((), jnp.result_type(values))
@@ -343,8 +343,13 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
 def divergence_per_position(student_logits, teacher_logits, temperature, divergence="kl", beta=0.5):
-    """The divergence ``distillation_loss`` names, per position ``[...]``: ``"kl"``
-    (``soft_kl``), ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or a callable ``f(s, t, T)``."""
+    """The divergence ``distillation_loss`` names, per position ``[...]``.
+
+    Args:
+      student_logits, teacher_logits, temperature, beta: as ``jsd`` (``beta`` for ``"jsd"`` only).
+      divergence: ``"kl"`` (``soft_kl``), ``"reverse_kl"``, ``"jsd"`` or a callable ``f(s, t, T)``
+        (raises as the divergence does; InputError for an unknown name).
+    """
     if callable(divergence):
         return divergence(student_logits, teacher_logits, temperature)
     if divergence == "kl":
@@ -363,28 +368,23 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, a
     .. math::
         L = \alpha\, T^2\, \overline{D_i} + (1 - \alpha)\, \overline{\mathrm{CE}_i}
 
-    with :math:`D` the divergence (``"kl"``: ``soft_kl``, the seed's; ``"reverse_kl"``;
-    ``"jsd"`` with ``beta``; or a callable ``f(s, t, T) -> [...]``) and the means over
-    every leading position, or over the positions where ``where`` (bool ``[...]``) is
-    true (0 if none is). For 2-D logits without ``where`` this is the seed's loss:
-    ``kl_div(log_softmax(s/T), softmax(t/T), 'batchmean') * T**2`` weighted by
-    ``alpha``, plus ``(1 - alpha) * cross_entropy(s, y)``. The teacher side carries no
-    gradient. ``temperature``, ``alpha`` and ``beta`` may be traced scalars (a vmapped
-    sweep over them compiles once).
+    with :math:`D` the divergence and the means over all positions, or those ``where`` selects (0
+    if none). For 2-D logits without ``where``, the seed's ``alpha * kl_div(log_softmax(s/T),
+    softmax(t/T), 'batchmean') * T**2 + (1 - alpha) * cross_entropy(s, y)``. ``temperature``,
+    ``alpha`` and ``beta`` may be traced scalars (a vmapped sweep over them compiles once).
 
     Args:
-      student_logits: ``[..., num_classes]``.
-      teacher_logits: ``[..., num_classes]``.
+      student_logits, teacher_logits: ``[..., num_classes]``.
       labels: ``[...]`` integer class indices (anything at masked positions).
-      temperature: softening temperature T > 0.
-      alpha: weight of the soft term, in [0, 1].
+      temperature, alpha: the softening temperature T > 0; the soft term's weight, in [0, 1].
       where: optional bool ``[...]`` mask of the positions that count.
-      divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or a callable.
+      divergence: ``"kl"`` (``soft_kl``, the seed's), ``"reverse_kl"``, ``"jsd"`` (with
+        ``beta``) or a callable ``f(s, t, T) -> [...]``.
       beta: ``jsd``'s mixture weight in [0, 1].
-
     Returns:
       A scalar ``jax.Array``.
-
+    Raises:
+      InputError, InputTypeError: as the divergence's and ``hard_ce``'s; ``alpha`` outside [0, 1].
     >>> import jax.numpy as jnp
     >>> s = jnp.array([[2.0, 1.0, 0.1]]); y = jnp.array([0])
     >>> bool(jnp.allclose(distillation_loss(s, s, y, 3.0, 0.0), hard_ce(s, y)[0]))
