@@ -1,14 +1,7 @@
-"""Training runs on a ``Dataset``: one model or N at once, fed in compiled chunks.
-
-* ``RunConfig``: how long, how to batch, the optimizer (torch-equal Adam or SGD).
-* ``fit`` / ``fit_members``: train one model, or N at once (one vmapped program), as a
-  compiled ``lax.scan`` fed in chunks (a callback runs between chunks, never per step),
-  resumable from a chunk boundary.
-* ``Programs``: the compiled programs, owned by the caller (no global cache).
-* ``paired_students``, ``teacher_logits_for``, ``evaluate_on``: the pieces the
-  workflows (``kdjax.workflows``) compose.
-
-Results are plain NumPy arrays and dicts.
+"""Training runs on a ``Dataset``: one model (``fit``) or N at once (``fit_members``, one vmapped
+program), as a compiled ``lax.scan`` fed in chunks (callbacks run between chunks, never per step),
+resumable; ``RunConfig`` says how long and with which optimizer (torch-equal Adam or SGD),
+``Programs`` holds the compiled programs (the caller's; no global cache). Results are NumPy.
 """
 
 from __future__ import annotations
@@ -33,10 +26,8 @@ from kdjax.train import (Hyper, adam, cosine_schedule, create_train_state, evalu
 __all__ = ["RunConfig", "Programs", "fit", "fit_members", "initial_members", "time_group_sizes", "paired_students",
            "teacher_logits_for", "teacher_features_for", "evaluate_on", "OnChunk", "OnLosses"]
 
-# on_chunk(phase, steps done, steps total, states): called after every compiled chunk
-OnChunk = Callable[[str, int, int, object], None]
-# on_losses(phase, first step of the chunk, the chunk's losses [members, steps] as a device
-# array): the per-step training losses, also between chunks (never a host copy of its own)
+OnChunk = Callable[[str, int, int, object], None]  # (phase, steps done, total, states) after every chunk
+# (phase, the chunk's first step, its losses [members, steps] as a device array: no host copy made)
 OnLosses = Callable[[str, int, jax.Array], None]
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -46,11 +37,10 @@ LR_SCHEDULES = ("constant", "cosine")
 class RunConfig:
     """How long, how to batch, and the optimizer.
 
-    ``steps``: the seed's "epochs" — one random minibatch (without replacement) per
-    step. ``epochs``: real shuffled passes (overrides ``steps`` when set).
-    ``optimizer``: ``"adam"`` (the seed's) or ``"sgd"`` (``momentum``,
-    ``weight_decay``, ``nesterov``, as KD papers train ResNets); ``lr_schedule``:
-    ``"constant"`` or ``"cosine"`` (annealed to 0 over the run, per step).
+    ``steps``: the seed's "epochs", one random minibatch (without replacement) per step.
+    ``epochs``: real shuffled passes (overrides ``steps`` when set). ``optimizer``: ``"adam"``
+    (the seed's) or ``"sgd"`` (``momentum``, ``weight_decay``, ``nesterov``, as KD papers train
+    ResNets); ``lr_schedule``: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run).
     """
 
     steps: int = 100
@@ -79,16 +69,23 @@ class RunConfig:
             sgd(self.learning_rate, self.momentum, self.weight_decay, self.nesterov)  # validates
 
     def schedule(self, key, num_samples: int):
+        """The run's minibatch indices, ``[total_steps, batch_size]`` int32 (NumPy).
+
+        Args: key: a JAX key; num_samples: the training rows n. Raises: InputError: ``batch_size`` > n.
+        """
         if self.epochs is not None:
             return epoch_schedule(key, num_samples, self.batch_size, self.epochs)
         return seed_schedule(key, num_samples, self.batch_size, self.steps)
 
     def total_steps(self, num_samples: int) -> int:
+        """The run's number of steps. Args: num_samples: the training rows."""
         return self.steps if self.epochs is None else (num_samples // self.batch_size) * self.epochs
 
     def tx(self, num_samples: int):
-        """The optimizer for a run over ``num_samples`` examples; None means kdjax's
-        default (``adam(learning_rate)``, whose state is built on the host)."""
+        """The optimizer; None: kdjax's default (``adam(learning_rate)``, state built on the host).
+
+        Args: num_samples: the training rows (a cosine schedule's length depends on them).
+        """
         return _make_tx(self._tx_key(num_samples))
 
     def _tx_key(self, num_samples: int) -> tuple:
@@ -119,13 +116,9 @@ def _make_tx(key: tuple):
 
 
 class Programs:
-    """The compiled training programs of workflow calls, held by the caller.
-
-    Every workflow function (``fit``, ``fit_members``, ``kdjax.workflows.distill``, ...)
-    takes ``programs=``: pass one ``Programs()`` to several calls on the same models and
-    shapes (a CLI command, the demo) and each program compiles once; leave it out and a
-    call compiles its own, dropped when it returns. Nothing is kept anywhere else.
-    """
+    """The compiled training programs of workflow calls, held by the caller: pass one ``Programs()``
+    as ``programs=`` to several calls (``fit``, ``fit_members``, ``kdjax.workflows.distill``, ...) on
+    the same models and shapes and each program compiles once; without it a call compiles its own."""
 
     def __init__(self):
         self._runs: dict = {}
@@ -135,7 +128,12 @@ class Programs:
 
     def run(self, model, objective, tx_key: tuple, *, members: bool = False, shared_schedule: bool = False,
             member_teacher_logits: bool = False, mesh=None, members_per_group=None):
-        """The jitted run for this configuration (``make_run`` or ``make_sweep_run``)."""
+        """The jitted run for this configuration (``make_run`` or ``make_sweep_run``), kept.
+
+        Args: model, objective: the student and its objective; tx_key: ``RunConfig._tx_key``'s;
+          members: ``make_sweep_run``, whose keywords the others are (``mesh`` also ``make_run``'s).
+        Returns: ``run(state, data, schedule, rng, ...) -> (state, metrics)``.
+        """
         key = (model, objective, tx_key, members, shared_schedule, member_teacher_logits, mesh, members_per_group)
         if key not in self._runs:
             tx = _make_tx(tx_key)
@@ -147,10 +145,8 @@ class Programs:
 
 
 def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
-    """``(start, end)`` of each compiled call: ``size`` steps each (the last one shorter when
-    ``size`` does not divide ``total``), or by default about 20 equal chunks for a progress
-    bar: a divisor of ``total`` that gives 5 to 40 chunks, the count nearest 20, since a
-    shorter last chunk is another program to compile (else ``ceil(total / 20)`` steps)."""
+    """``(start, end)`` of each compiled call: ``size`` steps each, or about 20 equal chunks (a divisor
+    of ``total`` giving 5 to 40, as a shorter last chunk is one more compile; else ``ceil(total / 20)``)."""
     if not size:
         fits = [d for d in range(max(1, total // 40), total // 5 + 1) if total % d == 0 and 5 <= total // d <= 40]
         size = min(fits, key=lambda d: abs(total // d - 20)) if fits else max(1, -(-total // 20))
@@ -158,8 +154,7 @@ def _chunks(total: int, size: int | None) -> list[tuple[int, int]]:
 
 
 def _on_device(a):
-    # jax.device_put copies host data as is; jnp.asarray would compile a small program
-    # per new shape on the way (JAX 0.10)
+    # jax.device_put copies host data as is; jnp.asarray would compile a program per new shape
     return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
 
 
@@ -188,16 +183,20 @@ def _example(model, ds: Dataset) -> jax.ShapeDtypeStruct:
 def teacher_logits_for(teacher, teacher_state, ds: Dataset, members: bool = False):
     """The eval-mode teacher's logits on every training example (computed once).
 
-    ``teacher_state`` is a ``TrainState`` (or a params tree for a stateless model).
-    With ``members=True`` it is batched (one teacher per member) and the result is
-    ``[N, n, classes]``.
+    Args:
+      teacher: the module; teacher_state: its ``TrainState`` (or a params tree for a stateless
+        model); ds: the dataset; members: ``teacher_state`` is batched (one teacher per member).
+    Returns: ``[n, classes]`` (``[N, n, classes]`` with ``members``), on device.
     """
     return predict_logits(teacher, teacher_state, _on_device(ds.x_train), members=members)
 
 
 def teacher_features_for(teacher, teacher_state, taps, ds: Dataset, members: bool = False) -> dict:
-    """``{tap: values on every training example}`` of the eval-mode teacher (computed once;
-    ``kdjax.features.capture``). With ``members=True`` one teacher per member: ``[N, n, ...]``."""
+    """The eval-mode teacher's taps on every training example (computed once; ``features.capture``).
+
+    Args: teacher, teacher_state, ds, members: as ``teacher_logits_for``; taps: the tap names.
+    Returns: ``{tap: [n, ...]}`` (``[N, n, ...]`` with ``members``). Raises: InputError: an unknown tap.
+    """
     params, model_state = teacher_state.params, teacher_state.model_state
     return _teacher_features(teacher, tuple(taps), params, model_state, _on_device(ds.x_train), bool(members))
 
@@ -210,7 +209,10 @@ def _teacher_features(teacher, taps, params, model_state, x, members):
 
 
 def evaluate_on(model, state, x, y, members: bool = False) -> dict:
-    """``{"loss", "accuracy"}`` as NumPy (``[N]`` arrays when ``members``)."""
+    """``{"loss": mean CE, "accuracy"}`` in eval mode (``train.evaluate``), NumPy; ``[N]`` each with ``members``.
+
+    Args: model, state: the module and its ``TrainState``; x, y: inputs, labels; members: batched.
+    """
     out = evaluate(model, state, _on_device(x), _on_device(y), members=members)
     return {k: parallel.to_host(v) for k, v in out.items()}
 
@@ -219,11 +221,16 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
         hyper: Hyper | None = None, teacher_logits=None, state=None,
         chunk: int | None = None, on_chunk: Callable[[int, int, object], None] | None = None, mesh=None,
         programs: Programs | None = None):
-    """Train one model; returns ``(state, losses [steps] as NumPy)``.
+    """Train one model: member i of ``fit_members`` is ``fit`` with ``seeds[i]`` (the same keys).
 
-    Keys come from ``seed`` exactly as in ``fit_members``, so member i of a sweep
-    equals ``fit`` with ``seeds[i]``. Pass ``state`` to continue from it. A ``mesh``
-    (its ``"data"`` axis) splits every minibatch over devices.
+    Args:
+      model, objective: the student and its objective (``kdjax.objectives.as_objective``'s forms).
+      ds, cfg, seed: the data, the ``RunConfig``, the seed of init, minibatches and dropout.
+      hyper, teacher_logits: the objective's ``Hyper``; the teacher's, cached, ``[n, classes]``.
+      state: continue from it; chunk: steps per compiled call (default: about 20 calls).
+      on_chunk: ``on_chunk(done, total, state)``; mesh: its ``"data"`` axis splits minibatches.
+      programs: a ``Programs`` to reuse (default: compiled for this call alone).
+    Returns: ``(state, losses [steps] as NumPy)``.
     """
     keys = {k: v[0] for k, v in sweeps.member_keys([seed]).items()}
     schedule = cfg.schedule(keys["schedule"], len(ds.y_train))
@@ -245,13 +252,13 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
 
 def initial_members(model, ds: Dataset, cfg: RunConfig, seeds, *, objective=None, teacher=None, teacher_state=None,
                     per_seed_teacher: bool = False, mesh=None):
-    """The batched initial state ``fit_members`` starts from (one member per seed); with a
-    ``mesh``, created sharded on it (``sweep.init_members(..., mesh=)``).
+    """The batched initial ``TrainState`` ``fit_members`` starts from (one member per seed).
 
-    With an ``objective`` that has an ``init`` hook (the protocol's: a feature objective's
-    connectors, CRD's heads and bank), each member also gets its own parts, shaped from
-    ``teacher`` (``teacher_state``: one teacher, or one per seed with ``per_seed_teacher``)
-    and drawn from the member's init key."""
+    Args:
+      model, ds, cfg, seeds: as ``fit_members``; mesh: create it sharded there (no ``init`` hook).
+      objective: with an ``init`` hook (feature connectors, CRD's heads and bank) each member gets
+        its own parts, from its init key, shaped from ``teacher`` and ``teacher_state`` (one
+        teacher, or one per seed, batched, with ``per_seed_teacher``)."""
     keys = sweeps.member_keys(np.asarray(seeds))
     tx = cfg.tx(len(ds.y_train))
     init = getattr(objective, "init", None)
@@ -280,8 +287,7 @@ def _member_inputs(ds: Dataset, cfg: RunConfig, seeds, teacher_logits):
         schedules = cfg.schedule(keys["schedule"][0], n)
     else:
         schedules = np.stack([cfg.schedule(k, n) for k in keys["schedule"]])
-    # one teacher's logits have one more axis than the labels ([n, classes], or [n, length,
-    # vocab] for a language model); one teacher per member, two more
+    # one teacher's logits have one axis more than the labels; one teacher per member, two more
     per_member_teacher = teacher_logits is not None and np.ndim(teacher_logits) == np.ndim(ds.y_train) + 2
     return keys, schedules, schedules.ndim == 2, per_member_teacher
 
@@ -295,32 +301,25 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
                 member_teachers: bool = False):
     """Train N models at once (one vmapped program), one per seed (and per hyper entry).
 
-    ``hyper`` fields, when given, are ``[N]`` arrays aligned with ``seeds``;
-    ``teacher_logits`` is ``[n, classes]`` (one teacher) or ``[N, n, classes]`` (one per
-    member; for a language model ``[n, length, vocab]`` or ``[N, n, length, vocab]``).
-    Members with equal seeds share init and minibatches (a paired design); when all
-    seeds are equal, one schedule is shared by all members. ``members_per_group``: as in
-    ``sweep.make_sweep_run`` (None: one vmap of all; ``time_group_sizes`` below
-    chooses by timing).
+    Members with equal seeds share init and minibatches; keys depend only on the seeds, dropout keys
+    on the step: a resumed run ends bitwise as an uninterrupted one (same ``members_per_group``).
 
-    Resuming: ``start=(states, losses_so_far)`` continues a run of the same config
-    from step ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``);
-    ``on_checkpoint(done, states, losses_so_far)`` is called after every chunk, then
-    ``on_losses(first step, the chunk's losses [N, k])`` (a device array), then
-    ``on_chunk(done, total, states)``. Keys
-    depend only on the seeds and dropout keys on the step count, so a resumed run
-    ends bitwise where an uninterrupted one does (with the same ``members_per_group``).
-    A ``mesh`` splits the members over its ``"members"`` axis and their minibatches
-    over ``"data"`` (``make_sweep_run``). Returns ``(batched state, losses [N, steps]
-    as NumPy)``.
-
-    ``teacher_features`` (``teacher_features_for``, laid out like ``teacher_logits``) and
-    ``init_states`` (``initial_members`` with the objective: the students with their
-    trainable parts), for an objective with taps (a feature objective).
-    ``extra_data``: more per-example arrays every member's minibatches carry (rows aligned
-    with ``ds``'s training rows; e.g. a teacher's cached top-k).
-    ``teacher_variables``: an online teacher's, for an objective that runs it in the step
-    (an on-policy method); one per member, batched, with ``member_teachers``.
+    Args:
+      model, objective, ds, cfg, chunk, programs: as ``fit``.
+      seeds: ``[N]`` (all equal: one schedule shared by all members); hyper: ``[N]`` fields.
+      teacher_logits: one teacher's ``[n, classes]`` (an LM's ``[n, length, vocab]``) or one per member, ``[N, ...]``.
+      start: ``(states, losses_so_far)``: continue a run of the same config from step
+        ``losses_so_far.shape[1]`` (a chunk boundary, with the same ``chunk``).
+      on_checkpoint, on_losses, on_chunk: after every chunk, in order: ``(done, states, losses so
+        far)``, ``(first step, the chunk's losses [N, k] on device)``, ``(done, total, states)``.
+      mesh: splits the members over its ``"members"`` axis, their minibatches over ``"data"``.
+      members_per_group: as ``sweep.make_sweep_run`` (None: one vmap of all; ``time_group_sizes`` picks by timing).
+      teacher_features, init_states: for an objective with taps: ``teacher_features_for``'s (laid
+        out like ``teacher_logits``) and ``initial_members``' with the objective.
+      extra_data: more per-example arrays (rows aligned with ``ds``'s; e.g. a cached top-k).
+      teacher_variables: an online teacher's (on-policy methods); one per member with ``member_teachers``.
+    Returns: ``(batched state, losses [N, steps] as NumPy)``.
+    Raises: InputError: ``start`` off a chunk boundary; an ``extra_data`` name kdjax uses itself.
     """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
@@ -362,8 +361,11 @@ def fit_members(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[i
 
 def time_group_sizes(model, objective, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], *,
                      hyper: Hyper | None = None, teacher_logits=None, chunk: int | None = None):
-    """``sweep.pick_members_per_group`` on the first chunk of the run ``fit_members``
-    would do with these arguments: ``(members_per_group, {candidate: median seconds})``."""
+    """``sweep.pick_members_per_group`` on the first chunk of the run ``fit_members`` would do.
+
+    Args: model, objective, ds, cfg, seeds, hyper, teacher_logits, chunk: as ``fit_members``.
+    Returns: ``(members_per_group, {candidate: median seconds})``.
+    """
     seeds = np.asarray(seeds)
     keys, schedules, shared, per_member_teacher = _member_inputs(ds, cfg, seeds, teacher_logits)
     a, b = _chunks(schedules.shape[-2], chunk)[0]
@@ -376,17 +378,16 @@ def time_group_sizes(model, objective, ds: Dataset, cfg: RunConfig, seeds: Seque
 
 def paired_students(seeds, teacher_logits, temperature: float, alpha: float, *,
                     per_seed: bool | None = None) -> dict:
-    """``fit_members`` keyword arguments (``seeds``, ``hyper``, ``teacher_logits``) that
-    train standard and distilled students as one vmapped program.
+    """``fit_members`` keyword arguments (``seeds``, ``hyper``, ``teacher_logits``) training standard
+    (members 0..n-1: alpha = 0 makes ``distillation_loss`` exactly the CE, bitwise; see
+    tests/test_train.py) and distilled students (n..2n-1) as one vmapped program; i and n + i share
+    seed i, hence init, minibatches and a per-seed teacher. Split results with ``[:n]``, ``[n:]``.
 
-    With n seeds: members 0..n-1 are standard students, because alpha = 0 makes
-    ``distillation_loss`` exactly the hard-label cross-entropy (bitwise; see
-    tests/test_train.py); members n..2n-1 distill at ``temperature`` and ``alpha``.
-    Members i and n + i share seed i, hence init and minibatches, and teacher i when
-    ``teacher_logits`` is per seed (``[n, examples, classes]``); a single teacher's
-    ``[examples, classes]`` is shared by all. Split results with ``[:n]`` and ``[n:]``.
-    ``per_seed`` says which it is (default: 3-D logits are per seed; pass it for
-    sequence models, whose single teacher's logits are 3-D too).
+    Args:
+      seeds: the n seeds; temperature, alpha: the distilled members'.
+      teacher_logits: per seed ``[n, examples, classes]``, or one teacher's, shared; per_seed: which
+        (default: 3-D logits are per seed; pass it for sequence models, whose are 3-D too).
+    Raises: InputError: per-seed logits for another number of seeds.
     """
     seeds, logits = np.asarray(seeds), parallel.to_host(teacher_logits)
     n = len(seeds)
