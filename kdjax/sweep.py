@@ -31,7 +31,18 @@ __all__ = ["grid", "member_keys", "init_members", "member_schedules", "make_swee
 
 
 def grid(temperatures: Sequence[float], alphas: Sequence[float], seeds: Sequence[int]):
-    """Flatten the Cartesian product into three equal-length NumPy arrays (T-major)."""
+    """Flatten the Cartesian product of the three axes into one row per member.
+
+    Args:
+      temperatures, alphas, seeds: the values of each axis.
+
+    Returns:
+      ``(temperatures, alphas, seeds)``: equal-length NumPy arrays (float64, float64, int64),
+      temperature-major (the seed varies fastest).
+
+    Raises:
+      InputError: an empty axis.
+    """
     rows = list(itertools.product(temperatures, alphas, seeds))
     if not rows:
         raise InputError("grid: expected at least one temperature, alpha and seed, got an empty axis")
@@ -43,7 +54,13 @@ def member_keys(seeds) -> dict[str, np.ndarray]:
     """Per-member raw ``uint32[2]`` PRNG keys for init, schedule and dropout.
 
     Derived with NumPy's ``SeedSequence`` (built for spawning independent streams from
-    one integer), so no program is compiled just to make keys. Arrays ``[N, 2]``.
+    one integer), so no program is compiled just to make keys.
+
+    Args:
+      seeds: N integer seeds (any shape; flattened).
+
+    Returns:
+      ``{"init", "schedule", "dropout"}``: ``[N, 2]`` uint32 arrays.
     """
     words = np.stack([np.random.SeedSequence(int(s)).generate_state(6, np.uint32)
                       for s in np.ravel(seeds)])
@@ -53,12 +70,25 @@ def member_keys(seeds) -> dict[str, np.ndarray]:
 def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None, mesh=None, rules=None):
     """A batched ``TrainState``: one member per key (leading axis N).
 
-    ``example_input`` is an example batch or an int ``input_dim``, as in
-    ``create_train_state``; member i starts exactly where ``create_train_state(model,
-    init_keys[i], example_input)`` does (params, ``model_state`` and optimizer state).
-    With a ``mesh`` the state is created sharded as ``make_sweep_run(..., mesh=, rules=)``
-    places it (members over ``"members"``, each member's arrays over ``"fsdp"``), as
-    ``create_train_state(..., mesh=)`` does.
+    Member i starts exactly where ``create_train_state(model, init_keys[i], example_input)``
+    does (params, ``model_state`` and optimizer state).
+
+    Args:
+      model: any linen module called as ``model(x, train=bool)``.
+      init_keys: ``[N, 2]`` raw keys (``member_keys(seeds)["init"]``).
+      example_input: an example batch (array or ``jax.ShapeDtypeStruct``) or an int
+        ``input_dim``, as in ``create_train_state``.
+      learning_rate, tx: as ``create_train_state``'s (default ``adam(learning_rate)``).
+      mesh, rules: create the state sharded as ``make_sweep_run(..., mesh=, rules=)`` places
+        it (members over ``"members"``, each member's arrays over ``"fsdp"``), as
+        ``create_train_state(..., mesh=)`` does.
+
+    Returns:
+      The batched ``TrainState``.
+
+    Raises:
+      InputError: ``init_keys`` not ``[N, 2]`` with N >= 1, or a learning rate that is not > 0.
+      InputTypeError: a model that is not a linen module called with ``train=``.
     """
     if isinstance(example_input, (int, np.integer)):
         example_input = jax.ShapeDtypeStruct((1, int(example_input)), getattr(model, "dtype", jnp.float32))
@@ -76,7 +106,20 @@ def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
                      epochs: int | None = None):
-    """``[N, steps, batch]`` schedules: the seed's random minibatches, or real epochs."""
+    """One index schedule per member: the seed's random minibatches, or real epochs.
+
+    Args:
+      schedule_keys: one key per member (``member_keys(seeds)["schedule"]``).
+      num_samples, batch_size: the training rows and the minibatch size.
+      steps, epochs: exactly one of them: ``seed_schedule``'s steps or ``epoch_schedule``'s passes.
+
+    Returns:
+      ``[N, steps, batch_size]`` int32 indices (NumPy).
+
+    Raises:
+      InputError: both or neither of ``steps`` and ``epochs``; a batch size outside
+        ``[1, num_samples]`` or a count < 1.
+    """
     if (steps is None) == (epochs is None):
         raise InputError("member_schedules: expected exactly one of steps or epochs")
     if steps is not None:
@@ -96,29 +139,39 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
     Call as ``run(states, data, schedules, rngs, hyper=None, teacher_variables=None)`` with
     ``states``, ``rngs`` and the fields of ``hyper`` batched on axis 0 and ``data`` shared;
     ``teacher_variables``: an online teacher's (shared, or one per member with
-    ``member_teacher_logits``), for an objective that runs the teacher in the step. ``schedules`` is
-    ``[N, steps, batch]``, or one ``[steps, batch]`` schedule for every member when
-    ``shared_schedule`` (a sweep over temperature x alpha at one seed: every member
-    sees the same minibatches, so the first layer is one wide matmul for all members).
-    With ``member_teacher_logits``, ``data["teacher_logits"]`` is ``[N, n, classes]`` (and
-    every leaf of ``data["teacher_features"]`` has a leading ``N``): member i distills from
-    its own teacher (e.g. one teacher per seed). Schedules with
-    an index outside the data's rows are refused on the host (``train.CheckedRun``).
-    Every member's ``model_state`` (BatchNorm statistics) is its own.
+    ``member_teacher_logits``), for an objective that runs the teacher in the step;
+    ``schedules``: ``[N, steps, batch]``, or one ``[steps, batch]`` with ``shared_schedule``.
+    Schedules with an index outside the data's rows are refused on the host
+    (``train.CheckedRun``). Every member's ``model_state`` (BatchNorm statistics) is its own.
 
-    With a ``mesh`` the members are split over its ``"members"`` axis and every member's
-    minibatches over its ``"data"`` and ``"fsdp"`` axes (both must divide evenly: checked
-    before compiling), and every member's state over ``"fsdp"`` by ``rules``
-    (``kdjax.parallel.param_specs``); inputs are placed for the caller and the results
-    come back sharded so.
+    Args:
+      model, objective, tx, teacher: as ``kdjax.train.make_run``.
+      shared_schedule: one schedule for every member (a sweep over temperature x alpha at one
+        seed: every member sees the same minibatches, so the first layer is one wide matmul).
+      member_teacher_logits: ``data["teacher_logits"]`` is ``[N, n, classes]`` (and every leaf
+        of ``data["teacher_features"]`` has a leading ``N``): member i distills from its own
+        teacher (e.g. one teacher per seed).
+      mesh: split the members over its ``"members"`` axis and every member's minibatches over
+        its ``"data"`` and ``"fsdp"`` axes (both must divide evenly: checked before
+        compiling); inputs are placed for the caller and the results come back sharded so.
+      rules: with a mesh, how every member's state is sharded over ``"fsdp"``
+        (``kdjax.parallel.param_specs``).
+      members_per_group: (no mesh) run the members that many at a time, one group after
+        another in the same program (``lax.map`` over groups, each group a ``vmap``; 1 is
+        members in sequence). The default, None, is one ``vmap`` of all of them (for one
+        member, its plain program: ``make_run``'s results, bitwise). Every choice computes
+        the same per-member functions; the floating-point results may differ in the last bits
+        (XLA may order a batched matmul's sums differently from an unbatched one's).
+        ``pick_members_per_group`` chooses by timing.
 
-    ``members_per_group`` (no mesh): run the members ``members_per_group`` at a time,
-    one group after another in the same program (``lax.map`` over groups, each group a
-    ``vmap``; 1 is members in sequence). The default, None, is one ``vmap`` of all of
-    them (for one member, its plain program: ``make_run``'s results, bitwise). Every
-    choice computes the same per-member functions; the floating-point results may differ
-    in the last bits (XLA may order a batched matmul's sums differently from an unbatched
-    one's). ``pick_members_per_group`` chooses by timing.
+    Returns:
+      ``run(...) -> (states, metrics)``, ``metrics["loss"]`` ``[N, steps]``; the ``states``
+      passed in are donated.
+
+    Raises:
+      InputError: ``members_per_group`` with a mesh, or not a positive int; ``objective`` not
+        an objective (``kdjax.objectives.as_objective``).
+      InputTypeError: a model or teacher that is not a linen module called with ``train=``.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     hyper_axes = None if objective == "ce" else 0  # "ce": a Hyper, if any, is shared
@@ -179,14 +232,26 @@ def _vmapped_run(states, data, schedules, rngs, hyper=None, teacher=None, *, ste
 def pick_members_per_group(model, objective, states, data, schedules, rngs, hyper=None, *,
                            candidates=None, repeats: int = 3, **make_kw):
     """Time ``make_sweep_run(model, objective, members_per_group=g, **make_kw)`` for each
-    ``g`` in ``candidates`` on these inputs and return ``(fastest g, {g: median seconds})``.
+    ``g`` in ``candidates`` on these inputs.
 
-    Default candidates: None (one vmap of all N members), 1 (members in sequence) and
-    the largest divisor of N not above sqrt(N) (groups); only None for one member. Each
-    candidate compiles once and runs ``1 + repeats`` times, interleaved with the
-    others, on a copy of ``states`` (nothing is donated or changed); pass a short
-    ``schedules``, e.g. one chunk of the real run. The choice depends on the machine and
-    its load: record it and pass it back explicitly to repeat a run bitwise.
+    Each candidate compiles once and runs ``1 + repeats`` times, interleaved with the
+    others, on a copy of ``states`` (nothing is donated or changed). The choice depends on
+    the machine and its load: record it and pass it back explicitly to repeat a run bitwise.
+
+    Args:
+      model, objective: as ``make_sweep_run``; make_kw: its other keywords.
+      states, data, schedules, rngs, hyper: a sweep run's arguments; pass a short
+        ``schedules``, e.g. one chunk of the real run.
+      candidates: the ``members_per_group`` values to time. Default: None (one vmap of all N
+        members), 1 (members in sequence) and the largest divisor of N not above sqrt(N)
+        (groups); only None for one member.
+      repeats: timed runs per candidate, >= 1.
+
+    Returns:
+      ``(fastest g, {g: median seconds})``.
+
+    Raises:
+      InputError: ``repeats`` < 1, or as ``make_sweep_run``.
     """
     if repeats < 1:
         raise InputError(f"repeats: expected a positive int, got {repeats}")
@@ -243,10 +308,27 @@ def _place_members(mesh, rules, shared_schedule, member_teacher_logits, in_axes,
 
 
 def evaluate_members(model, params, x, y):
-    """``evaluate`` for every member: ``{"loss": [N], "accuracy": [N]}``."""
+    """``evaluate`` for every member.
+
+    Args:
+      model: the module; params: the batched ``TrainState`` (or params); x, y: the data.
+
+    Returns:
+      ``{"loss": [N], "accuracy": [N]}`` (device arrays).
+    """
     return evaluate(model, params, x, y, members=True)
 
 
 def sweep_hyper(temperatures, alphas, dtype=jnp.float32):
-    """Validated, batched ``Hyper`` for a sweep."""
+    """Validated, batched ``Hyper`` for a sweep (``make_hyper`` of arrays).
+
+    Args:
+      temperatures, alphas: one value per member; dtype: the arrays' dtype.
+
+    Returns:
+      A ``Hyper`` with ``[N]`` fields.
+
+    Raises:
+      InputError: a temperature that is not finite and > 0, or an alpha outside [0, 1].
+    """
     return make_hyper(np.asarray(temperatures), np.asarray(alphas), dtype)
