@@ -43,10 +43,20 @@ def _check_batch_size(batch_size):
 def predict_logits(model, params, x, members: bool = False, *, batch_size: int | None = None):
     """Eval-mode logits (no dropout, BatchNorm running statistics) of ``model`` on ``x``.
 
-    ``params`` is a params tree or a ``TrainState`` (a model with BatchNorm needs the
-    state: its ``model_state``). With ``members=True`` it is batched (one model per
-    member) and the result is ``[N, n, classes]``. ``batch_size`` bounds memory:
-    ``x`` is evaluated that many rows at a time.
+    Args:
+      model: the linen module.
+      params: a params tree, a variables dict or a ``TrainState`` (a model with BatchNorm
+        needs the state: its ``model_state``).
+      x: the inputs ``[n, ...]``.
+      members: ``params`` is batched, one model per member.
+      batch_size: bounds memory: ``x`` is evaluated that many rows at a time (None: all).
+
+    Returns:
+      ``[n, ..., classes]`` logits (``[N, n, ..., classes]`` with ``members``).
+
+    Raises:
+      InputError: a ``batch_size`` that is not a positive int or None; a BatchNorm model
+        without its ``model_state``.
     """
     _check_batch_size(batch_size)
     params, model_state = _variables_of(params)
@@ -65,10 +75,18 @@ def _evaluate(model, params, model_state, x, y, members, batch_size):
 
 
 def evaluate(model, params, x, y, members: bool = False, *, batch_size: int | None = None):
-    """``{"loss": mean CE, "accuracy": fraction correct}`` of ``model`` (eval mode) on (x, y).
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) on (x, y).
 
-    ``params``, ``members`` and ``batch_size`` as in ``predict_logits``; with
-    ``members=True`` each metric is ``[N]``.
+    Args:
+      model, params, x, members, batch_size: as ``predict_logits``.
+      y: the integer labels.
+
+    Returns:
+      ``{"loss": mean CE, "accuracy": fraction correct}``, scalars (``[N]`` with ``members``).
+
+    Raises:
+      InputError: as ``predict_logits``; labels of another shape than the logits' positions.
+      InputTypeError: labels that are not integers.
     """
     _check_batch_size(batch_size)
     params, model_state = _variables_of(params)

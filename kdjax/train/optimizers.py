@@ -30,7 +30,16 @@ def adam(learning_rate=1e-3, dtype=jnp.float32) -> optax.GradientTransformation:
 
     The learning rate is injected into the optimizer state (a traced array), so
     changing it does not recompile; the betas and eps are static constants.
-    ``learning_rate`` may also be a schedule (``cosine_schedule``, ...).
+
+    Args:
+      learning_rate: a number > 0, or a schedule of the step count (``cosine_schedule``, ...).
+      dtype: the dtype of the injected hyperparameters (the params').
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      InputError: a learning rate that is not a finite number > 0 (nor a schedule).
     """
     _check_lr(learning_rate)
     factory = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"),
@@ -47,9 +56,21 @@ def sgd(learning_rate=0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
         \theta_t = \theta_{t-1} - \eta_t\,(g_t + \mu b_t \text{ if Nesterov else } b_t)
 
     Weight decay applies to every parameter (BatchNorm's too), as with one torch
-    param group. ``learning_rate`` is a number or a schedule of the optimizer step
-    count (``cosine_schedule``, ``multistep_schedule``), whose position lives in the
-    optimizer state, so a resumed run continues the schedule.
+    param group.
+
+    Args:
+      learning_rate: a number > 0 or a schedule of the optimizer step count
+        (``cosine_schedule``, ``multistep_schedule``), whose position lives in the optimizer
+        state, so a resumed run continues the schedule.
+      momentum: :math:`\mu`, in [0, 1) (0: no momentum buffer).
+      weight_decay: :math:`\lambda`, finite and >= 0.
+      nesterov: Nesterov momentum (needs ``momentum > 0``, as torch).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      InputError: any argument out of its range.
     """
     _check_lr(learning_rate)
     if not (0.0 <= momentum < 1.0):
@@ -82,6 +103,18 @@ def cosine_schedule(learning_rate: float, t_max: int, *, eta_min: float = 0.0,
               \quad e = \lfloor t / every \rfloor
 
     (torch's closed form; valid for ``e <= t_max``, the run torch users configure).
+
+    Args:
+      learning_rate: :math:`\eta`, the initial rate, > 0.
+      t_max: :math:`T_{max}`, in scheduler steps (a positive int).
+      eta_min: the final rate.
+      every: optimizer steps per scheduler step (a positive int).
+
+    Returns:
+      ``schedule(count) -> learning rate``, for ``adam``/``sgd``'s ``learning_rate``.
+
+    Raises:
+      InputError: a learning rate not > 0, or ``t_max``/``every`` not a positive int.
     """
     _check_lr(learning_rate)
     _check_every(t_max, every)
@@ -98,6 +131,18 @@ def multistep_schedule(learning_rate: float, milestones: Sequence[int], gamma: f
     r"""``torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)`` with
     ``scheduler.step()`` after every ``every`` optimizer steps:
     :math:`\eta_t = \eta\,\gamma^{|\{m \in milestones : m \le \lfloor t / every \rfloor\}|}`.
+
+    Args:
+      learning_rate: :math:`\eta`, the initial rate, > 0.
+      milestones: increasing positive ints, in scheduler steps.
+      gamma: the factor at each milestone, finite and > 0.
+      every: optimizer steps per scheduler step (a positive int).
+
+    Returns:
+      ``schedule(count) -> learning rate``.
+
+    Raises:
+      InputError: any argument out of its range.
     """
     _check_lr(learning_rate)
     _check_every(1, every)

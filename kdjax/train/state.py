@@ -66,8 +66,20 @@ class Hyper:
 
 
 def make_hyper(temperature=3.0, alpha=0.7, dtype=jnp.float32, *, beta=None) -> Hyper:
-    """Validated ``Hyper``: temperature finite and > 0, alpha in [0, 1], beta (if given)
-    >= 0 (each element)."""
+    """A validated ``Hyper``, cast on the host (no program is compiled for it).
+
+    Args:
+      temperature: a scalar or array, each element finite and > 0.
+      alpha: a scalar or array, each element in [0, 1].
+      dtype: the fields' dtype.
+      beta: None, or a scalar or array, each element finite and >= 0.
+
+    Returns:
+      ``Hyper(temperature, alpha, beta)`` as device arrays (``beta`` None when not given).
+
+    Raises:
+      InputError: an element out of its range.
+    """
     for t in np.ravel(np.asarray(temperature, dtype=np.float64)):
         check_temperature(t)
     for a in np.ravel(np.asarray(alpha, dtype=np.float64)):
@@ -114,9 +126,21 @@ def init_variables(model, rng, example_input, *, members: bool = False):
     A model that implements ``kdjax_init(rng, example, *, members)`` initialises itself
     (kdjax's models draw PyTorch's init on the host: nothing to compile); every other
     model runs its own ``model.init`` (compiled once per model and shape), with
-    ``train=False``. Only the shape and dtype of ``example_input`` matter (an array or a
-    ``jax.ShapeDtypeStruct``). With ``members=True``, ``rng`` is ``[N, 2]`` raw keys and
-    every leaf gets a leading member axis.
+    ``train=False``.
+
+    Args:
+      model: any linen module called as ``model(x, train=bool)``.
+      rng: a JAX key, raw ``uint32[2]`` key words or an int; with ``members``, ``[N, 2]`` raw keys.
+      example_input: an example batch ``[batch, ...]`` (an array or a ``jax.ShapeDtypeStruct``:
+        only its shape and dtype matter).
+      members: give every leaf a leading member axis, one member per key.
+
+    Returns:
+      ``(params, model_state)``: ``model_state`` the non-parameter collections (``{}`` if none).
+
+    Raises:
+      InputTypeError: a model that is not a linen module called with ``train=``.
+      InputError: an empty example batch, or (``members``) keys that are not ``[N, 2]``.
     """
     _check_model(model, "model")
     struct = _example_struct(example_input)
@@ -208,12 +232,24 @@ def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules, m
 
 def state_from_params(params, *, model_state=None, learning_rate=1e-3, tx=None,
                       members: bool = False) -> TrainState:
-    """A fresh ``TrainState`` (step 0, new optimizer state) around existing params (and
-    the model's non-parameter collections, e.g. ``{"batch_stats": ...}``), e.g. weights
-    converted from PyTorch with ``kdjax.convert.torch_to_variables``.
+    """A fresh ``TrainState`` (step 0, new optimizer state) around existing params, e.g.
+    weights converted from PyTorch with ``kdjax.convert.torch_to_variables``.
 
-    With ``members=True`` every leaf of ``params`` has a leading member axis, and so
-    does every leaf of the returned state (the input of a vmapped sweep run).
+    Args:
+      params: the params tree.
+      model_state: the model's non-parameter collections (e.g. ``{"batch_stats": ...}``);
+        None for none.
+      learning_rate: for the default optimizer, ``adam(learning_rate)`` (its state built on
+        the host).
+      tx: the optimizer, or None for that default.
+      members: every leaf of ``params`` has a leading member axis, and so will every leaf of
+        the state (the input of a vmapped sweep run).
+
+    Returns:
+      The ``TrainState``, on device.
+
+    Raises:
+      InputError: a learning rate that is not a finite number > 0 (nor a schedule).
     """
     _check_lr(learning_rate)
     model_state = {} if model_state is None else dict(model_state)
@@ -239,7 +275,15 @@ def _host_adam_state(params, learning_rate: float, members: bool):
 
 
 def set_learning_rate(state: TrainState, learning_rate) -> TrainState:
-    """Same state with a new learning rate (for states built with ``kdjax.adam``)."""
+    """Same state with a new learning rate (for states built with ``kdjax.adam``).
+
+    Args:
+      state: a ``TrainState`` whose optimizer injects its learning rate (``adam``'s).
+      learning_rate: the new rate (``[N]``, one per member, for a batched state).
+
+    Returns:
+      A new ``TrainState``; nothing is recompiled.
+    """
     hp = state.opt_state.hyperparams
     new = dict(hp, learning_rate=jnp.asarray(learning_rate, hp["learning_rate"].dtype))
     return state.replace(opt_state=state.opt_state._replace(hyperparams=new))

@@ -87,19 +87,29 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
                     rules=None, donate: bool = True):
     """Bind ``model``/``tx``/``objective``/``teacher`` into ``train_step``; jit with donation.
 
-    With ``jit=False`` the pure, unjitted step is returned (to scan, vmap or wrap).
-    The jitted step donates ``state`` (its buffers are reused for the result): do not
-    reuse the state you passed in, or pass ``donate=False``.
-    ``tx`` defaults to ``adam()``; it must be the optimizer the state was built with.
+    Args:
+      model: the student, any linen module called as ``model(x, train=bool)``.
+      objective: an object of the protocol (``kdjax.objectives``), ``"ce"``, ``"kd"`` or a
+        callable ``loss(logits, batch, teacher_logits, hyper)``.
+      tx: the optimizer the state was built with; default ``adam()``.
+      teacher: the online teacher's module (its variables come with each call), or None.
+      jit: False returns the pure, unjitted step (to scan, vmap or wrap).
+      mesh: (``kdjax.parallel.make_mesh``) make the step data-parallel over its ``"data"``
+        and ``"fsdp"`` axes, for batches fed from the host (data too large for the devices):
+        each process passes *its own* rows of the global batch (NumPy or jax arrays; one
+        process: all of them), placed with ``jax.make_array_from_process_local_data``; the
+        key and hyperparameters are replicated; the returned state keeps its sharding.
+      rules: with a mesh, how the state and the teacher's params are sharded over ``"fsdp"``
+        (``kdjax.parallel.param_specs``; replicated when ``fsdp=1``).
+      donate: the jitted step donates ``state`` (its buffers are reused for the result): do
+        not reuse the state you passed in, or pass False.
 
-    With a ``mesh`` (``kdjax.parallel.make_mesh``) the step is data-parallel over its
-    ``"data"`` and ``"fsdp"`` axes, for batches fed from the host (data too large for
-    the devices): each process passes *its own* rows of the global batch (NumPy or jax
-    arrays; one process: all of them), which are placed with
-    ``jax.make_array_from_process_local_data``. The state and the teacher's params are
-    sharded over ``"fsdp"`` by ``rules`` (``kdjax.parallel.param_specs``; replicated
-    when ``fsdp=1``), the key and hyperparameters replicated; the returned state keeps
-    its sharding.
+    Returns:
+      ``step(state, batch, rng, hyper=None, teacher_params=None) -> (state, metrics)``.
+
+    Raises:
+      InputError: an ``objective`` that is not one.
+      InputTypeError: a model or teacher that is not a linen module called with ``train=``.
     """
     as_objective(objective)  # refuses what is not an objective, before anything is traced
     _check_model(model, "model")
@@ -118,7 +128,15 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
 
 
 def constrained_step(state, *args, step, mesh, rules):
-    # the new state where the placement put the old one (sharded over "fsdp")
+    """``step(state, *args)`` with the new state where the placement put the old one.
+
+    Args:
+      state, args: the step's arguments; step: the unjitted step.
+      mesh, rules: the state is sharded by ``rules`` over ``mesh``'s ``"fsdp"`` axis.
+
+    Returns:
+      ``(state, metrics)``, the metrics replicated.
+    """
     state, metrics = step(state, *args)
     state = parallel.constrain(state, parallel.model_shardings(state, mesh, rules))
     return state, parallel.constrain(metrics, parallel.replicated(mesh))
@@ -130,8 +148,16 @@ def _is_model(x) -> bool:
 
 
 def place_model_args(mesh, rules, args):
-    """Place a step's trailing arguments: a ``Hyper``, a key or None replicated; a teacher's
-    params, variables or ``TrainState`` sharded by ``rules``."""
+    """Place a step's trailing arguments on ``mesh``.
+
+    Args:
+      mesh, rules: the mesh and its sharding rules (``kdjax.parallel.param_specs``).
+      args: the arguments: a ``Hyper``, a key or None (replicated); a teacher's params,
+        variables or ``TrainState`` (sharded by ``rules``).
+
+    Returns:
+      The placed arguments, a tuple.
+    """
     return tuple(parallel.put(x, parallel.model_shardings(x, mesh, rules) if _is_model(x)
                               else parallel.replicated(mesh)) for x in args)
 
@@ -243,21 +269,29 @@ def _check_run_inputs(data, schedule) -> None:
 def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, rules=None, donate: bool = True):
     """A jitted, state-donating ``run_steps`` for this model and objective.
 
-    Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The state's
-    buffers are donated (reused for the result): pass the returned state to the next
-    call; passing a donated one again raises ``InputError``. ``donate=False`` keeps the
-    caller's state intact (one more copy of it in memory). The program is
+    Call as ``run(state, data, schedule, rng, hyper, teacher_params)``. The program is
     compiled once per (shapes, dtypes); feed it fixed-size chunks of the schedule to
     drive a progress bar without recompiling. A concrete schedule with an index outside
     ``[0, len(data["x"]))`` raises ``InputError`` before anything runs.
 
-    With a ``mesh`` (``kdjax.parallel.make_mesh``) every minibatch is split over its
-    ``"data"`` and ``"fsdp"`` axes (the batch size must divide evenly; checked before
-    compiling), the data set is replicated, the state and the teacher's params are
-    sharded over ``"fsdp"`` by ``rules`` (``kdjax.parallel.param_specs``; replicated
-    when ``fsdp=1``), and XLA's partitioner gathers parameters and reduces gradients
-    (and BatchNorm's batch statistics) over the devices. Inputs are placed for the
-    caller; the returned state keeps its sharding.
+    Args:
+      model, objective, tx, teacher: as ``make_train_step``.
+      mesh: (``kdjax.parallel.make_mesh``) split every minibatch over its ``"data"`` and
+        ``"fsdp"`` axes (the batch size must divide evenly; checked before compiling); the
+        data set is replicated and XLA's partitioner gathers parameters and reduces gradients
+        (and BatchNorm's batch statistics) over the devices. Inputs are placed for the
+        caller; the returned state keeps its sharding.
+      rules: with a mesh, how the state and the teacher's params are sharded over ``"fsdp"``
+        (``kdjax.parallel.param_specs``; replicated when ``fsdp=1``).
+      donate: the state's buffers are donated (reused for the result): pass the returned
+        state to the next call; passing a donated one again raises ``InputError``. False
+        keeps the caller's state intact (one more copy of it in memory).
+
+    Returns:
+      ``run(...) -> (state, metrics)``, ``metrics["loss"]`` ``[steps]`` (a ``CheckedRun``).
+
+    Raises:
+      InputError, InputTypeError: as ``make_train_step``.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
     donated = (0,) if donate else ()
