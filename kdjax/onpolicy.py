@@ -1,27 +1,16 @@
 """On-policy distillation of language models: the student samples, the teacher scores the
 student's own tokens, and sampling, scoring and the update are one jitted step.
 
-* ``generalized_jsd_loss``: TRL's GKD loss (``trl/experimental/gkd/gkd_trainer.py``,
-  ``GKDTrainer.generalized_jsd_loss``): the generalised JSD with ``beta`` between the
-  softened student and teacher, averaged over the positions whose label is not -100.
-* ``reverse_kl_advantages`` and ``importance_sampling_loss``: the on-policy reverse KL of
-  Thinking Machines' tinker-cookbook (``tinker_cookbook/distillation/train_on_policy.py``,
-  ``incorporate_kl_penalty``; the ``importance_sampling`` loss of the Tinker API): per
-  sampled token the advantage ``-c (log q_sampler - log p_teacher)`` (optionally summed
-  over the future with a discount), and ``-sum(exp(log q - log q_sampler) A)``.
-* ``make_on_policy_step(student, teacher, method="gkd" | "reverse_kl", ...)``: one jitted
-  step ``(state, batch, rng, teacher_variables) -> (state, metrics)``: completions drawn
-  with ``kdjax.generation.rollout`` (GKD: from the student with probability ``lmbda``, else the
-  data's or, with ``seq_kd``, the teacher's), the teacher's forward pass, the loss and the
-  optimizer update. ``make_on_policy_run``: many of them as one ``lax.scan``.
-* ``sequence_data``: prompts + completions (e.g. the teacher's, ``offline.write_generations``:
-  sequence-level KD) as ``{"x", "y", "where"}`` for ``kdjax.make_run(student, "ce")``.
+* ``generalized_jsd_loss``: TRL's GKD loss (``trl/experimental/gkd/gkd_trainer.py``).
+* ``reverse_kl_advantages``, ``importance_sampling_loss``: the on-policy reverse KL of Thinking Machines'
+  tinker-cookbook (``distillation/train_on_policy.py``: ``incorporate_kl_penalty``; the Tinker API's loss).
+* ``make_on_policy_step`` / ``make_on_policy_run``: one jitted step (draw, score, update) / a scan.
+* ``sequence_data``: prompts + completions as training data of sequence-level KD.
 
-Batches are ``{"prompts": [B, P], "prompt_mask": [B, P]}`` (left-padded, as
-``kdjax.generate`` takes them) and, for GKD's off-policy draws, ``"completions": [B, N]``
-with ``"completion_mask"`` (true up to and including the end of each completion).
-Positions count each row's real tokens (as ``kdjax.generate``); TRL's forward pass counts
-the padding too, which changes its numbers for left-padded prompts only.
+Batches are ``{"prompts": [B, P], "prompt_mask": [B, P]}`` (left-padded, as ``kdjax.generate``
+takes them) and, for GKD's off-policy draws, ``"completions": [B, N]`` with ``"completion_mask"``
+(true up to and including the end of each completion). Positions count each row's real tokens (as
+``kdjax.generate``); TRL's count the padding too, which changes its numbers for left-padded prompts.
 """
 
 from __future__ import annotations
@@ -61,12 +50,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
       student_logits: ``[..., vocab]`` floating.
       teacher_logits: the same shape (finite values, checked when concrete).
       labels: None or integer ``[...]`` (-100: not counted).
-      beta: a number in [0, 1].
-      temperature: a finite number > 0.
-
+      beta, temperature: a number in [0, 1]; a finite number > 0.
     Returns:
       A scalar.
-
     Raises:
       InputError / InputTypeError: shapes that differ, labels that are not integers of the
         logits' leading shape; ``beta``, ``temperature`` out of range and non-finite teacher
@@ -96,12 +82,9 @@ def reverse_kl_advantages(sampling_logprobs, teacher_logprobs, mask, coef=1.0, d
     Args:
       sampling_logprobs, teacher_logprobs: floating ``[batch, tokens]``.
       mask: ``[batch, tokens]``, true at counted tokens.
-      coef: a finite number.
-      discount: a number in [0, 1].
-
+      coef, discount: a finite number; a number in [0, 1].
     Returns:
       ``[batch, tokens]`` advantages.
-
     Raises:
       InputError / InputTypeError: arrays that are not ``[batch, tokens]`` alike; ``coef``
         not finite or ``discount`` outside [0, 1] when concrete (under ``jit`` traced values
@@ -132,9 +115,13 @@ def reverse_kl_advantages(sampling_logprobs, teacher_logprobs, mask, coef=1.0, d
 
 
 def importance_sampling_loss(logprobs, sampling_logprobs, advantages):
-    """The Tinker API's ``importance_sampling`` loss, ``-sum(exp(logprobs -
-    sampling_logprobs) * advantages)`` over every token of the batch (a sum, as there);
-    its gradient is the policy gradient of the advantages under the sampler."""
+    """The Tinker API's ``importance_sampling`` loss, a scalar: ``-sum(exp(logprobs - sampling_logprobs)
+    * advantages)`` over every token (a sum, as there): the policy gradient under the sampler.
+
+    Args:
+      logprobs: the student's log-probabilities of the sampled tokens (differentiated).
+      sampling_logprobs, advantages: the sampler's, and ``reverse_kl_advantages`` (no gradient).
+    """
     ratio = jnp.exp(logprobs - jax.lax.stop_gradient(sampling_logprobs))
     return -jnp.sum(ratio * jax.lax.stop_gradient(advantages))
 
@@ -147,6 +134,10 @@ def sequence_logprobs(model, variables, tokens, mask, start: int, temperature=1.
     """``(logits [B, n, V], log-probs [B, n])`` of ``tokens[:, start:]`` given what precedes
     them (``n = length - start``; padding masked, positions per row), at ``temperature``.
 
+    Args:
+      model, variables: a decoder (``apply(variables, tokens, mask=, position_ids=)``) and its variables.
+      tokens, mask: integer ``[B, length]`` and its real-token mask; start: the first scored position.
+      temperature: divides the logits before the log-softmax.
     Raises:
       InputError / InputTypeError: ``tokens`` not integer ``[B, length]``, ``mask`` of another
         shape, ``start`` not an int in ``[1, length - 1]``, ``temperature`` not finite > 0
@@ -169,12 +160,10 @@ def sequence_logprobs(model, variables, tokens, mask, start: int, temperature=1.
 
 @dataclasses.dataclass(frozen=True)
 class OnPolicy:
-    """An on-policy objective: what ``make_on_policy_step`` trains with, and a train-step
-    objective of ``kdjax.train`` (``make_train_step``/``make_run``/``fit_members``, whose
-    ``hyper`` argument then carries the teacher's variables: ``kdjax.workflows.distill``
-    uses it so). Options as ``make_on_policy_step``; ``prompt_length``: with it, batches of
-    windows ``{"x": [B, L]}`` are split into prompts ``x[:, :prompt_length]`` and data
-    completions ``x[:, prompt_length:prompt_length + max_new_tokens]``."""
+    """An on-policy objective: what ``make_on_policy_step`` trains with, and a train-step objective
+    of ``kdjax.train`` (``kdjax.workflows.distill`` uses it so). Options as ``make_on_policy_step``;
+    ``prompt_length``: with it, batches of windows ``{"x": [B, L]}`` are split into prompts
+    ``x[:, :prompt_length]`` and data completions ``x[:, prompt_length:prompt_length + max_new_tokens]``."""
 
     teacher: Any
     method: str = "gkd"
@@ -247,14 +236,23 @@ class OnPolicy:
                 "completion_mask": jnp.ones((x.shape[0], n), bool)}
 
     def check(self, batch, *, hyper, teacher):
+        """Raises InputError without a teacher. Args: batch, hyper: unused; teacher: the ``Teacher``
+        or None (see kdjax.objectives, the protocol)."""
         if teacher is None:
             raise InputError("OnPolicy: expected the teacher's variables (teacher_params: a TrainState, variables "
                              "or params), got None")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
-        """The objective protocol: ``(loss, (model_state, metrics))`` for the student at
-        ``params``: the draw with ``rng`` (from the student's current parameters, no gradient
-        through it), the teacher's scores, the loss."""
+        """The draw with ``rng`` (from the student's current parameters, no gradient through it),
+        the teacher's scores and the loss (see kdjax.objectives, the protocol).
+
+        Args:
+          student, params, model_state: the student decoder and its variables.
+          batch: prompts (and GKD's completions) as the module docstring says, or windows ``"x"``.
+          rng: the draw's key; hyper: unused; teacher: the ``Teacher`` that scores.
+        Returns: ``(loss, (model_state, metrics))``: ``on_policy``, ``completion_tokens``, ``teacher_nll``.
+        Raises: InputError: a batch without what the method needs, or of the wrong shape.
+        """
         model, key, t_vars = student, rng, teacher.variables
         batch = self._batch(batch)
         prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
@@ -308,21 +306,24 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
                         mesh=None, rules=None):
     """The on-policy step ``step(state, batch, rng, teacher_variables) -> (state, metrics)``.
 
-    ``method="gkd"`` (TRL's ``GKDTrainer``): with probability ``lmbda`` the completions
-    are sampled from the student (``temperature``, ``top_k``, ``top_p``, up to
-    ``max_new_tokens``, stopping at ``eos_id``), otherwise they are the batch's
-    ``"completions"`` (with ``seq_kd``: sampled from the teacher instead); the loss is
-    ``generalized_jsd_loss`` with ``beta`` at temperature 1 over the completion tokens.
-    ``method="reverse_kl"`` (tinker-cookbook): the completions are always the student's;
-    the loss is ``importance_sampling_loss`` with ``reverse_kl_advantages(coef, discount)``.
-    The step's key is ``fold_in(rng, state.step)`` (a resumed run draws what an
-    uninterrupted one does); ``metrics``: the loss, whether the draw was on-policy, the
-    completion tokens counted and the teacher's NLL of them (nats per token). ``tx``
-    defaults to ``adam()``; ``state`` is donated unless ``donate=False``.
+    The step's key is ``fold_in(rng, state.step)`` (a resumed run draws what an uninterrupted
+    one does); ``metrics``: the loss, whether the draw was on-policy, the completion tokens
+    counted and the teacher's NLL of them (nats per token).
 
-    With a ``mesh`` the prompts are split over ``"data"`` and ``"fsdp"`` and the student's
-    state and the teacher's variables over ``"fsdp"`` by ``rules``, as
-    ``kdjax.make_train_step(..., mesh=)`` does.
+    Args:
+      student, teacher: the decoders (kdjax's ``TransformerLM``, ``Llama``).
+      method, lmbda, beta, seq_kd, coef, discount: ``"gkd"`` (TRL's ``GKDTrainer``): with
+        probability ``lmbda`` the completions are sampled from the student, else the batch's (with
+        ``seq_kd``: the teacher's); the loss is ``generalized_jsd_loss`` with ``beta`` at T = 1 over
+        the completion tokens. ``"reverse_kl"`` (tinker-cookbook): always the student's; the loss
+        is ``importance_sampling_loss`` with ``reverse_kl_advantages(coef, discount)``.
+      max_new_tokens, temperature, top_k, top_p, eos_id, pad_id: the draws', as ``kdjax.generate``.
+      tx, jit, donate: as ``kdjax.make_train_step`` (``tx`` defaults to ``adam()``).
+      mesh, rules: split the prompts over ``"data"`` and ``"fsdp"`` and the student's state and
+        the teacher's variables over ``"fsdp"`` by ``rules``, as ``make_train_step(..., mesh=)``.
+    Raises:
+      InputError, InputTypeError: an option out of its range (checked as given, before any
+        conversion), ``seq_kd`` without ``"gkd"``, a teacher that is not a Flax module.
     """
     objective = _objective(teacher, method, max_new_tokens=max_new_tokens, lmbda=lmbda, beta=beta, seq_kd=seq_kd,
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
@@ -363,23 +364,29 @@ def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = 
                        **options):
     """Many on-policy steps as one ``lax.scan``: ``run(state, data, schedule, rng,
     teacher_variables) -> (state, metrics [steps])``, batch k the rows ``schedule[k]`` of
-    every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``). Options as
-    ``make_on_policy_step``; equal to calling that step ``steps`` times (tested). With a
-    ``mesh``, placed as ``make_on_policy_step(..., mesh=)`` (the data set replicated, each
-    minibatch split over ``"data"`` and ``"fsdp"``)."""
+    every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``); equal to calling
+    ``make_on_policy_step``'s step ``steps`` times (tested).
+
+    Args:
+      student, teacher, method, donate, mesh, rules, options: as ``make_on_policy_step``'s (and Raises).
+    """
     tx = options.pop("tx", None)
     objective = _objective(teacher, method, **options)
     return _TeacherLast(make_run(student, objective, tx=tx, teacher=teacher, mesh=mesh, rules=rules, donate=donate))
 
 
 def sequence_data(tokens, mask, prompt_length: int, pad_id: int = 0) -> dict:
-    """Training data of sequence-level KD (Kim & Rush 2016): ``tokens``/``mask`` ``[rows, P +
-    N]`` (``Generation.tokens``/``.mask`` or ``offline.read_generations``: left-padded
-    prompts of length ``P`` then completions) with each row's real tokens moved to the
-    front (padding after them, ``pad_id``: a causal model's positions are then each row's
-    own). ``{"x": [rows, P + N - 1], "y": x shifted by one, "where": true where y is a
-    completion token}``: ``kdjax.make_run(student, "ce")`` on it is cross-entropy on the
-    completions only."""
+    """Training data of sequence-level KD (Kim & Rush 2016), each row's real tokens moved to the front
+    (a causal model's positions are then each row's own).
+
+    Args:
+      tokens, mask, prompt_length: ``[rows, P + N]`` (``Generation.tokens``/``.mask`` or
+        ``offline.read_generations``: left-padded prompts of length P, then completions) and P;
+      pad_id: the filler after each row's real tokens.
+    Returns: ``{"x": [rows, P + N - 1], "y": x shifted by one, "where": true where y is a completion
+      token}``: ``kdjax.make_run(student, "ce")`` on it is cross-entropy on the completions only.
+    Raises: InputError: ``tokens``/``mask`` not ``[rows, length]`` alike, or P outside (0, length).
+    """
     tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
     if tokens.ndim != 2 or tokens.shape != mask.shape or not 0 < prompt_length < tokens.shape[1]:
         raise InputError(f"tokens / mask: expected [rows, prompt_length + new] alike with 0 < prompt_length "
