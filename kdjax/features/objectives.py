@@ -5,13 +5,12 @@
 
 with ``D`` the logit divergence (``"kl"``: :math:`T^2\\,\\overline{\\mathrm{KL}}`, mdistiller's
 ``kd_loss``; ``"dkd"``: mdistiller's ``dkd_loss`` with its warm-up), each feature term a loss
-``ℓ_k`` on a tap pair (``kdjax.features.taps``) and an optional trained connector ``c_k``.
-The objective owns the taps it needs; the train step (``kdjax.train``) computes each once
-per step, and returns every weighted term under ``metrics["terms"]``.
+``ℓ_k`` on a tap pair (``kdjax.features.taps``) and an optional trained connector ``c_k``. The
+train step computes each tap once per step and returns every weighted term in ``metrics["terms"]``.
 
-Connector and CRD parameters live in the student's ``TrainState``: ``params["connectors"]``
-and ``model_state["connectors"]`` (their BatchNorm statistics, CRD's memory bank). The
-student's own model ignores them; ``student_variables`` strips them for export.
+Connector and CRD parameters live in the student's ``TrainState``: ``params["connectors"]`` and
+``model_state["connectors"]`` (BatchNorm statistics, CRD's memory bank), which the student's own
+model ignores and ``student_variables`` strips for export.
 """
 
 from __future__ import annotations
@@ -56,12 +55,11 @@ def _options(value) -> tuple:
 class Term:
     """One feature term: ``weight * loss(connector(student tap), teacher tap, **options)``.
 
-    ``loss``: a name in ``LOSSES`` or a callable ``f(s, t) -> scalar``; ``connector``: None
-    (the loss's default: FitNet's ``hint`` gets one), True or False; ``options``: extra
-    arguments of the loss (``{"p": 2}`` for ``at``; for ``crd``: ``feat_dim``, ``negatives``,
-    ``temperature``, ``momentum``, defaults mdistiller's). With a padding mask
-    (``batch["where"]``, ``[batch, length]``) the loss is called with ``where=`` (masked means
-    over tokens; ``takes_mask`` says which losses can).
+    ``loss``: a name in ``LOSSES`` or a callable ``f(s, t) -> scalar``; ``connector``: None (the
+    loss's default: FitNet's ``hint`` gets one), True or False; ``options``: extra arguments of the
+    loss (``{"p": 2}`` for ``at``; for ``crd``: ``feat_dim``, ``negatives``, ``temperature``,
+    ``momentum``, defaults mdistiller's). With a padding mask (``batch["where"]``, ``[batch,
+    length]``) the loss gets ``where=`` (masked means over tokens; see ``takes_mask``).
     """
 
     loss: Any
@@ -121,11 +119,10 @@ def _check_weight(name: str, w) -> None:
 class Objective:
     """A weighted sum of hard CE, logit KD and feature terms (see the module docstring).
 
-    ``kd``: the weight of the logit term, ``temperature`` its T, ``divergence`` one of
-    ``"kl"``, ``"reverse_kl"``, ``"jsd"`` (each times T², as ``distillation_loss``) or
-    ``"dkd"`` (mdistiller's ``dkd_loss`` with ``dkd_alpha``/``dkd_beta``, T² inside, scaled
-    by ``min((step + 1) / warmup_steps, 1)``; mdistiller warms up per epoch).
-    Immutable and hashable: it is part of the compiled program's identity.
+    ``kd``: the weight of the logit term, ``temperature`` its T, ``divergence`` one of ``"kl"``,
+    ``"reverse_kl"``, ``"jsd"`` (each times T², as ``distillation_loss``) or ``"dkd"`` (mdistiller's
+    ``dkd_loss`` with ``dkd_alpha``/``dkd_beta``, T² inside, scaled by ``min((step + 1) /
+    warmup_steps, 1)``; mdistiller's is per epoch). Hashable: part of the compiled program's identity.
     """
 
     ce: float = 1.0
@@ -175,13 +172,14 @@ class Objective:
                   + (" (connector)" if t.connected else "") for t in self.terms]
         return " + ".join(parts)
 
-    # ------------------------------------------------------------------ the loss
-
     needs_step = True  # DKD's warm-up reads batch["step"]
 
     def check(self, batch, *, hyper, teacher):
-        """Trace-time checks: no ``hyper`` (the objective holds its weights); with a padding mask
-        (``batch["where"]``), only feature terms whose loss takes one."""
+        """Trace-time checks (see kdjax.objectives, the protocol).
+
+        Args: batch: the minibatch; hyper: must be None (the objective holds its weights); teacher: unused.
+        Raises: InputError: a ``hyper``, or a padding mask (``batch["where"]``) with a term whose loss takes none.
+        """
         if hyper is not None:
             raise InputError("hyper: a kdjax.features.Objective holds its own weights and temperature; expected "
                              "hyper=None, got a Hyper")
@@ -191,8 +189,15 @@ class Objective:
                              f"one ({', '.join(_MASKED)} or a callable with a where parameter), got {unmasked}")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
-        """``(loss, (new_model_state, metrics))`` for one batch (the objective protocol);
-        ``params``/``model_state`` include the connectors' subtrees."""
+        """The weighted sum for one batch (see kdjax.objectives, the protocol).
+
+        Args:
+          student, params, model_state: the student and its variables, the connectors' subtrees in.
+          batch: ``"x"``, ``"y"``, ``"step"``; optionally ``"where"``, cached teacher outputs, CRD's ``"index"``.
+          rng: the dropout key (and CRD's); hyper: None; teacher: None or a ``Teacher``.
+        Returns: ``(loss, (new_model_state, metrics))``, ``metrics`` every weighted term.
+        Raises: InputError: no teacher outputs, cached or online; CRD without ``"index"``.
+        """
         model, step = student, batch.get("step", 0)
         s_params, s_state, c_params, c_state = _split(params, model_state)
         taps = self.student_taps
@@ -272,15 +277,14 @@ class Objective:
                                          momentum=o["momentum"])
         return value, {"memory": memory, "classes": state["classes"]}
 
-    # ------------------------------------------------------------------ initialisation
-
     def init(self, rng, student, params, model_state, *, teacher: Teacher, example, labels=None):
-        """The objective protocol's ``init`` hook: ``(params, model_state)`` with this
-        objective's connectors (and CRD heads and memory bank) added under
-        ``"connectors"``, shaped from the two models' taps on ``example`` (an input batch or
-        ``ShapeDtypeStruct``); ``labels``: every training label (CRD's negatives); ``rng``: a
-        JAX key, raw ``uint32[2]`` words or an int. The student's own variables unchanged.
+        """The objective protocol's ``init`` hook: ``(params, model_state)`` with this objective's
+        connectors (and CRD heads and memory bank) added under ``"connectors"``.
 
+        Args:
+          rng: a JAX key, raw ``uint32[2]`` words or an int; labels: every training label (CRD's).
+          student, params, model_state: the student and its variables (those unchanged).
+          teacher, example: the ``Teacher``; an input batch or ``ShapeDtypeStruct`` (the taps' shapes).
         Raises:
           InputError: the student has a module named ``"connectors"``; CRD without ``labels``.
         """
@@ -320,7 +324,11 @@ class Objective:
         return params, model_state
 
     def tap_shapes(self, student, student_variables, teacher, teacher_variables, example):
-        """``({student tap: ShapeDtypeStruct}, {teacher tap: ...})`` on ``example`` (abstract)."""
+        """``({student tap: ShapeDtypeStruct}, {teacher tap: ...})``, traced abstractly.
+
+        Args: student, student_variables, teacher, teacher_variables: the modules and their variables
+          (any form ``as_variables`` takes); example: an input batch or ``ShapeDtypeStruct``.
+        """
         x = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
         s = jax.eval_shape(lambda v, x: capture(student, v, x, self.student_taps)[1],
                            as_variables(student_variables), x) if self.student_taps else {}
@@ -356,26 +364,37 @@ def _split(params, model_state):
 
 
 def student_variables(params, model_state=None):
-    """``(params, model_state)`` of the student alone: the connectors' subtrees removed
-    (what to export, convert or evaluate elsewhere); ``kdjax.objectives.own_variables``."""
+    """``(params, model_state)`` without the connectors' subtrees (to export, convert or evaluate
+    elsewhere): ``kdjax.objectives.own_variables``.
+
+    Args: params, model_state: the student's variables with the objective's parts (None: ``{}``).
+    """
     return own_variables(params, model_state)
 
 
 def init_connectors(objective, rng, params, model_state, student, teacher, teacher_variables, example,
                     *, labels=None):
-    """``objective.init`` with the teacher as a module and its variables (params, a
-    variables dict or a ``TrainState``): ``(params, model_state)`` with the objective's
-    connectors (and CRD bank) added under ``"connectors"``."""
+    """``objective.init`` (``Objective.init``'s result) with the teacher as a module and its variables.
+
+    Args: objective: one with an ``init`` hook; teacher, teacher_variables: the module and its params,
+      variables or ``TrainState``; rng, params, model_state, student, example, labels: as ``Objective.init``.
+    Raises: InputError: as ``Objective.init``.
+    """
     return objective.init(rng, student, params, model_state, teacher=Teacher(teacher, as_variables(teacher_variables)),
                           example=example, labels=labels)
 
 
 def objective(ce: float = 1.0, kd: float = 0.0, terms=(), *, temperature: float = 4.0, divergence: str = "kl",
               **options) -> Objective:
-    """``Objective(ce, kd, temperature, divergence, terms=...)``; a term is a ``Term`` or a
-    tuple ``(loss, teacher tap, student tap, weight[, connector[, options]])``::
+    """``Objective(ce, kd, temperature, divergence, terms=...)``::
 
         kdjax.features.objective(ce=1.0, terms=[("at", "layer1", "layer1", 1000.0),
                                                 ("hint", "layer2", "layer2", 100.0)])
+
+    Args:
+      ce, kd, temperature, divergence, options: ``Objective``'s fields (the weights of hard CE and
+        the logit term, its T and divergence; ``dkd_alpha``, ``dkd_beta``, ``warmup_steps``).
+      terms: each a ``Term`` or ``(loss, teacher tap, student tap, weight[, connector[, options]])``.
+    Raises: InputError: what ``Objective`` or ``Term`` refuses (a negative weight, an unknown loss, ...).
     """
     return Objective(ce=ce, kd=kd, temperature=temperature, divergence=divergence, terms=tuple(terms), **options)
