@@ -78,10 +78,19 @@ class LinearConnector(nn.Module):
 def connector_for(student_shape, teacher_shape, *, relu: bool = True, dtype=jnp.float32) -> nn.Module:
     """The connector mapping features of ``student_shape`` to ``teacher_shape`` (batch first).
 
-    Rank 4 (NHWC maps): a ``ConvConnector`` chosen as mdistiller's ``ConvReg`` chooses (a
-    student map smaller than the teacher's, which ``ConvReg`` upsamples with a transposed
-    convolution, is refused). Other ranks: a ``LinearConnector`` on the last axis, the other
-    axes equal.
+    Args:
+      student_shape, teacher_shape: the two features' shapes.
+      relu: a ``ConvConnector``'s final ReLU (FitNet's, mdistiller's default).
+      dtype: the connector's dtype.
+
+    Returns:
+      Rank 4 (NHWC maps): a ``ConvConnector`` chosen as mdistiller's ``ConvReg`` chooses. Other
+      ranks: a ``LinearConnector`` on the last axis.
+
+    Raises:
+      InputError: batches that differ; a student map smaller than the teacher's (which
+        ``ConvReg`` upsamples with a transposed convolution); other ranks whose axes but the
+        last differ.
     """
     s, t = tuple(student_shape), tuple(teacher_shape)
     if s[:1] != t[:1]:
@@ -103,6 +112,14 @@ def connector_for(student_shape, teacher_shape, *, relu: bool = True, dtype=jnp.
 
 
 def check_mapped(name: str, mapped, teacher) -> None:
+    """Check that a connector's output has the teacher feature's shape.
+
+    Args:
+      name: the term's name, for the message; mapped, teacher: the two features.
+
+    Raises:
+      InputError: the shapes differ.
+    """
     if jnp.shape(mapped) != jnp.shape(teacher):
         raise InputError(f"{name}: the connector maps the student's feature to {jnp.shape(mapped)}, expected the "
                          f"teacher's {jnp.shape(teacher)}")

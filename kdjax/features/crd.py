@@ -42,8 +42,17 @@ class Embed(nn.Module):
 
 
 def init_memory(rng, num_data: int, dim: int, dtype=jnp.float32) -> dict:
-    """The bank's initial state, as ``ContrastMemory.__init__``: both memories uniform in
-    ``±1/sqrt(dim / 3)``, the normalisers ``z`` unset (-1)."""
+    """The bank's initial state, as ``ContrastMemory.__init__``.
+
+    Args:
+      rng: a JAX key (typed or raw words) or an int seed.
+      num_data, dim: the training examples (rows) and the embedding width.
+      dtype: the bank's dtype.
+
+    Returns:
+      ``{"memory_s", "memory_t": [num_data, dim] uniform in ±1/sqrt(dim / 3), "z": [2]}``,
+      the normalisers ``z`` unset (-1).
+    """
     stdv = 1.0 / math.sqrt(dim / 3)
     a, b = jax.random.split(jnp.asarray(rng) if not isinstance(rng, int) else jax.random.PRNGKey(rng))
     draw = lambda k: jax.random.uniform(k, (num_data, dim), dtype, -stdv, stdv)
@@ -51,9 +60,18 @@ def init_memory(rng, num_data: int, dim: int, dtype=jnp.float32) -> dict:
 
 
 def class_index(labels) -> dict:
-    """What ``sample_negatives`` needs of the training labels (kept in the bank's state):
-    the examples sorted by class (``order``), each class's first position there
-    (``start``) and size (``count``), and every example's class (``labels``)."""
+    """What ``sample_negatives`` needs of the training labels (kept in the bank's state).
+
+    Args:
+      labels: every training example's class (any shape; flattened).
+
+    Returns:
+      NumPy int32 arrays: the examples sorted by class (``order``), each class's first position
+      there (``start``) and size (``count``), and every example's class (``labels``).
+
+    Raises:
+      InputError: no labels, or a negative one.
+    """
     labels = np.asarray(labels).reshape(-1).astype(np.int32)
     if labels.size == 0 or labels.min() < 0:
         raise InputError(f"crd: expected non-negative class labels for the memory bank, got {labels.size} labels")
@@ -63,8 +81,18 @@ def class_index(labels) -> dict:
 
 
 def sample_negatives(key, labels, index: dict, negatives: int):
-    """``[batch, negatives]`` example indices, each row drawn from the examples whose
-    class differs from ``labels[row]`` (mdistiller's "exact" mode; see the module doc)."""
+    """Negative examples for each row of a batch (mdistiller's "exact" mode; see the module doc).
+
+    Args:
+      key: the draw's JAX key.
+      labels: ``[batch]`` the batch's classes.
+      index: ``class_index`` of the training labels.
+      negatives: how many per row (a Python int).
+
+    Returns:
+      ``[batch, negatives]`` example indices, row b's drawn from the examples whose class
+      differs from ``labels[b]``.
+    """
     order, start, count, label_of = (index[k] for k in ("order", "start", "count", "labels"))
     n = order.shape[0]
     other = n - count[labels]  # [batch] how many negatives each row has
@@ -84,9 +112,18 @@ def sample_negatives(key, labels, index: dict, negatives: int):
 
 
 def contrast_loss(x, num_data: int, eps: float = 1e-7):
-    """mdistiller's ``ContrastLoss``: ``x`` is ``[batch, 1 + m]`` scores (positive first);
-    with :math:`P_n = 1/N`, :math:`-\\big(\\sum_b \\log\\frac{x_{b0}}{x_{b0} + mP_n + \\epsilon}
-    + \\sum_{b, j \\ge 1} \\log\\frac{mP_n}{x_{bj} + mP_n + \\epsilon}\\big) / \\mathrm{batch}`."""
+    """mdistiller's ``ContrastLoss``: with :math:`P_n = 1/N`,
+    :math:`-\\big(\\sum_b \\log\\frac{x_{b0}}{x_{b0} + mP_n + \\epsilon}
+    + \\sum_{b, j \\ge 1} \\log\\frac{mP_n}{x_{bj} + mP_n + \\epsilon}\\big) / \\mathrm{batch}`.
+
+    Args:
+      x: ``[batch, 1 + m]`` scores, the positive first.
+      num_data: :math:`N`, the training examples.
+      eps: :math:`\\epsilon`.
+
+    Returns:
+      A scalar.
+    """
     m = x.shape[1] - 1
     pn = 1.0 / float(num_data)
     log_d1 = jnp.log(x[:, 0] / (x[:, 0] + m * pn + eps))
@@ -99,19 +136,26 @@ def _unit_rows(v):
 
 
 def crd_loss(f_s, f_t, rows, contrast, memory: dict, *, temperature: float = 0.07, momentum: float = 0.5):
-    """``(loss, new_memory)``: mdistiller's ``CRDLoss`` on embedded features.
-
-    Args:
-      f_s, f_t: ``[batch, dim]`` student and teacher embeddings (``Embed`` outputs).
-      rows: ``[batch]`` the examples' indices in the training set (their bank rows).
-      contrast: ``[batch, 1 + K]`` bank rows to score, the positive (``rows``) first.
-      memory: ``{"memory_s", "memory_t": [num_data, dim], "z": [2]}``.
+    """mdistiller's ``CRDLoss`` on embedded features.
 
     The student's embedding is scored against the teacher's memory and the teacher's
     against the student's, each ``exp(<w, v> / temperature) / Z`` with ``Z`` set on first
     use to the mean score times ``num_data`` (then fixed); the loss is the sum of the two
     ``contrast_loss``\\ es. The bank rows of the batch move to ``momentum * old + (1 -
     momentum) * new``, renormalised.
+
+    Args:
+      f_s, f_t: ``[batch, dim]`` student and teacher embeddings (``Embed`` outputs).
+      rows: ``[batch]`` the examples' indices in the training set (their bank rows).
+      contrast: ``[batch, 1 + K]`` bank rows to score, the positive (``rows``) first.
+      memory: ``{"memory_s", "memory_t": [num_data, dim], "z": [2]}``.
+      temperature, momentum: the scores' temperature and the bank's momentum (mdistiller's).
+
+    Returns:
+      ``(loss, new_memory)``.
+
+    Raises:
+      InputError: embeddings that are not ``[batch, dim]`` alike.
     """
     if f_s.ndim != 2 or f_t.ndim != 2 or f_s.shape != f_t.shape:
         raise InputError(f"crd: expected equal [batch, dim] embeddings, got {f_s.shape} and {f_t.shape}")

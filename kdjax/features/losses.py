@@ -114,6 +114,16 @@ def attention_transfer(s, t, p=2):
 
     over ``[batch, H*W]``, the larger map first average-pooled (adaptively, as
     ``F.adaptive_avg_pool2d``) to the smaller one's height (square maps, as there).
+
+    Args:
+      s, t: student and teacher NHWC maps ``[batch, height, width, channels]`` (channels may differ).
+      p: the power of the activations.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: maps that are not floating NHWC, or of different batches.
     """
     s, t = _pair("attention_transfer", s, t, min_rank=4)
     if s.ndim != 4 or t.ndim != 4:
@@ -129,7 +139,17 @@ def attention_transfer(s, t, p=2):
 def similarity_preserving(s, t):
     r"""Similarity-preserving KD (Tung & Mori, 2019), as mdistiller's ``similarity_loss``
     (``distillers/SP.py``): with :math:`G = \mathrm{normalize}_\mathrm{rows}(F F^\top)` of the
-    flattened ``[batch, features]`` maps, :math:`\sum (G_t - G_s)^2 / \mathrm{batch}^2`."""
+    flattened ``[batch, features]`` maps, :math:`\sum (G_t - G_s)^2 / \mathrm{batch}^2`.
+
+    Args:
+      s, t: student and teacher features ``[batch, ...]`` (their sizes may differ).
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: features that are not floating of rank >= 2, or of different batches.
+    """
     s, t = _pair("similarity_preserving", s, t)
     b = s.shape[0]
     gram = lambda f: _l2_normalize(f.reshape(b, -1) @ f.reshape(b, -1).T)
@@ -152,7 +172,19 @@ def rkd(s, t, distance_weight=25.0, angle_weight=50.0, *, squared: bool = False,
     r"""Relational KD (Park et al., 2019), as mdistiller's ``rkd_loss`` (``distillers/RKD.py``)
     on flattened ``[batch, features]`` embeddings: ``distance_weight`` × smooth-L1 between the
     pairwise distances of student and teacher, each divided by its mean over the positive
-    ones, plus ``angle_weight`` × smooth-L1 between the cosines of every triplet's angle."""
+    ones, plus ``angle_weight`` × smooth-L1 between the cosines of every triplet's angle.
+
+    Args:
+      s, t: student and teacher features ``[batch, ...]`` (their sizes may differ).
+      distance_weight, angle_weight: the two terms' weights (mdistiller's defaults).
+      squared: use squared distances; eps: the distances' floor (before the square root).
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: as ``similarity_preserving``.
+    """
     s, t = _pair("rkd", s, t)
     s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
 
@@ -171,7 +203,19 @@ def pkt(s, t, eps: float = 1e-7):
     r"""Probabilistic knowledge transfer (Passalis & Tefas, 2018), as mdistiller's ``pkt_loss``
     (``distillers/PKT.py``) on ``[batch, features]`` embeddings: cosine similarities scaled to
     [0, 1] and normalised per row into distributions P (teacher) and Q (student), then
-    :math:`\mathrm{mean}\, P \log((P + \epsilon) / (Q + \epsilon))` over every pair."""
+    :math:`\mathrm{mean}\, P \log((P + \epsilon) / (Q + \epsilon))` over every pair.
+
+    Args:
+      s, t: student and teacher embeddings ``[batch, features]`` (the widths may differ).
+      eps: :math:`\epsilon`, also added to the norms.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: embeddings that are not floating ``[batch, features]``, or
+        of different batches.
+    """
     s, t = _pair("pkt", s, t)
     if s.ndim != 2 or t.ndim != 2:
         raise InputError(f"pkt: expected [batch, features] embeddings, got {tuple(s.shape)} and {tuple(t.shape)}")
@@ -213,9 +257,19 @@ def mse(s, t, *, where=None):
 
 
 def mae(s, t, *, where=None):
-    r"""Keras 3 ``FeatureDistillation(loss="mae")``: :math:`\mathrm{mean}|s - t|`; with
-    ``where`` (bool ``s.shape[:-1]``) the mean over the selected positions of
-    :math:`\mathrm{mean}_d |s_{nd} - t_{nd}|`. Args, Returns, Raises: as ``mse``."""
+    r"""Keras 3 ``FeatureDistillation(loss="mae")``: :math:`\mathrm{mean}|s - t|`.
+
+    Args:
+      s, t: student and teacher features of one shape.
+      where: None, or a bool mask ``s.shape[:-1]``: then the mean over the selected positions
+        of :math:`\mathrm{mean}_d |s_{nd} - t_{nd}|`.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: as ``hint``.
+    """
     s, t = _pair("mae", s, t, same_shape=True, min_rank=1)
     if where is not None:
         return masked_mean(jnp.mean(jnp.abs(t - s), axis=-1), _token_mask("mae", where, s))
@@ -231,8 +285,18 @@ def cosine_similarity(s, t, *, where=None):
     r"""Keras 3 ``FeatureDistillation(loss="cosine_similarity")``: the mean over every
     position of :math:`-\langle \hat t, \hat s\rangle` along the last axis (channels of an
     NHWC map, the width of an embedding), :math:`\hat v = v \min(1/\|v\|, 10^7)` as
-    ``keras.losses.cosine_similarity``. Minimised at -1. ``where`` (bool ``s.shape[:-1]``):
-    the mean over the selected positions only. Args, Returns, Raises: as ``mse``."""
+    ``keras.losses.cosine_similarity``. Minimised at -1.
+
+    Args:
+      s, t: student and teacher features of one shape.
+      where: None, or a bool mask ``s.shape[:-1]``: the mean over the selected positions only.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      InputError / InputTypeError: as ``hint``.
+    """
     s, t = _pair("cosine_similarity", s, t, same_shape=True, min_rank=1)
     per_position = -jnp.sum(_keras_normalize(t) * _keras_normalize(s), axis=-1)
     if where is not None:
@@ -243,7 +307,18 @@ def cosine_similarity(s, t, *, where=None):
 def pool_to_shape(x, shape):
     """tunix's ``reduce_array_to_target_shape`` (``tunix/distillation/feature_extraction/
     pooling.py``, VALID padding): average pooling over every axis whose size differs, with
-    stride ``n // m`` and window ``n - (m - 1) * stride`` (``n`` in, ``m`` out)."""
+    stride ``n // m`` and window ``n - (m - 1) * stride`` (``n`` in, ``m`` out).
+
+    Args:
+      x: the array to pool.
+      shape: the target shape: the same rank, each size in ``[1, x's]``.
+
+    Returns:
+      ``x`` pooled to ``shape`` (``x`` itself when the shapes are equal).
+
+    Raises:
+      InputError: a target shape of another rank or with a size outside ``[1, x's]``.
+    """
     shape = tuple(int(d) for d in shape)
     if tuple(x.shape) == shape:
         return x

@@ -26,7 +26,14 @@ _OUTPUT, _INPUT = "__call__", "__kdjax_input__"
 
 
 def module_paths(variables) -> list[str]:
-    """The dotted names of every module that owns a variable (``"layer1.0.conv1"``, ...)."""
+    """The dotted names of every module that owns a variable (``"layer1.0.conv1"``, ...).
+
+    Args:
+      variables: a Flax variables dict (every collection is walked).
+
+    Returns:
+      The names, sorted.
+    """
     found = set()
 
     def walk(tree, prefix):
@@ -71,7 +78,16 @@ def _apply(model, variables, x, train, rngs, capture, inputs, kwargs):
 
 def available_taps(model, variables, x, *, train: bool = False, **kwargs) -> list[str]:
     """Every tap ``capture`` accepts for this model and input (traced abstractly, nothing
-    computed): each called submodule's output and input, and every sown value."""
+    computed): each called submodule's output and input, and every sown value.
+
+    Args:
+      model, variables, x: as ``capture``.
+      train: trace in train mode (some values are sown in one mode only).
+      **kwargs: more keyword arguments of ``model.apply``.
+
+    Returns:
+      The tap names, sorted.
+    """
     def names(variables, x):
         return _apply(model, variables, x, train, None, True, _AllPaths(), kwargs)[2]
 
@@ -99,12 +115,25 @@ def capture(model, variables, x, paths, *, train: bool = False, rngs=None, **kwa
     """``(output, {tap: value})``: ``model.apply(variables, x, train=train, **kwargs)`` and
     the values of the taps ``paths`` (see the module docstring).
 
-    In train mode the model's non-parameter collections (BatchNorm statistics) are updated
-    exactly as without taps, and ``output`` is ``(model output, new_model_state)``; in eval
-    mode it is the model output. A module called several times gives its last value.
+    A module called several times gives its last value.
+
+    Args:
+      model: any linen module called as ``model(x, train=bool)``.
+      variables: its full variables dict (``{"params": ..., "batch_stats": ...}``).
+      x: the input batch.
+      paths: a tap name or a sequence of them (see the module docstring).
+      train: train mode: the model's non-parameter collections (BatchNorm statistics) are
+        updated exactly as without taps.
+      rngs: the ``apply`` rngs (dropout), or None.
+      **kwargs: more keyword arguments of ``model.apply``.
+
+    Returns:
+      ``(output, {tap: value})``: ``output`` the model output, in train mode
+      ``(model output, new_model_state)``.
 
     Raises:
-      InputError: a tap the model does not have (the available ones are listed).
+      InputError: no tap, a tap the model does not have (the available ones are listed), or
+        one this call does not compute.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
