@@ -42,6 +42,7 @@ def temp_file(directory: str, prefix: str = ".tmp-") -> tuple[int, str]:
     """A new file in ``directory`` (name ``prefix`` + random), its mode following the umask as
     ``open``'s would (``tempfile.mkstemp``'s 0600 would hide a renamed result from others).
 
+    Args: directory: where; prefix: the name's start.
     Returns: ``(fd, path)``. Raises: FileExistsError: no free name in 100 tries.
     """
     for _ in range(100):
@@ -56,6 +57,7 @@ def temp_file(directory: str, prefix: str = ".tmp-") -> tuple[int, str]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
 
+    Args: path: the file (its directory is created if missing); data: the bytes.
     Raises: OSError: the write failed; ``path`` is as it was and no temporary file is left.
     """
     path = os.fspath(path)
@@ -75,7 +77,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``atomic_write_bytes(path, text.encode())``."""
+    """``atomic_write_bytes(path, text.encode())``. Args: path: the file; text: the str (UTF-8)."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -105,12 +107,10 @@ def save_rotating(path: str | os.PathLike, tree, meta: dict | None = None) -> No
 
 
 class RotatingSaver:
-    """``save_rotating`` to one path, in the background: ``saver(tree, meta)`` returns once
-    the arrays are copied off the devices (``jax.device_get``), and a thread writes them
-    while training goes on. A call first waits for the previous write; ``wait()`` waits
-    for the last one and re-raises its error. On many processes every write is
-    synchronous (the processes write their shards together).
-    """
+    """``save_rotating`` to one path, in the background: ``saver(tree, meta)`` returns once the
+    arrays are copied off the devices (``jax.device_get``), and a thread writes them while training
+    goes on. A call first waits for the previous write; ``wait()`` waits for the last one and
+    re-raises its error. On many processes every write is synchronous (all write their shards)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path, self._thread, self._error = os.fspath(path), None, None
@@ -133,7 +133,7 @@ class RotatingSaver:
         self._thread.start()
 
     def wait(self, raise_error: bool = True) -> None:
-        """Wait for the last write. Raises: its error, if ``raise_error`` (else it is dropped)."""
+        """Wait for the last write. Args: raise_error: re-raise its error, else drop it. Raises: that error."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -189,8 +189,7 @@ def _save(path: str, tree, meta, keep_previous: bool) -> None:
 
 
 def _write_error(path: str, error: BaseException) -> OSError:
-    """One ``OSError`` line for a failed write: the operating system's reason (found in the
-    exception's chain when Orbax wraps it), its ``errno`` kept."""
+    """One ``OSError`` line for a failed write: the OS's reason (in the chain when Orbax wraps it), errno kept."""
     seen, cause = set(), error
     while cause is not None and id(cause) not in seen and not (isinstance(cause, OSError) and cause.errno):
         seen.add(id(cause))
@@ -223,8 +222,9 @@ def load(path: str | os.PathLike, target=None):
 
 
 def load_latest(path: str | os.PathLike, target=None):
-    """Load ``path``, or ``path.prev`` if ``path`` is missing or damaged; ``target`` as ``load``'s.
+    """Load ``path``, or ``path.prev`` if ``path`` is missing or damaged.
 
+    Args: path: the checkpoint; target: as ``load``'s.
     Returns: ``(tree, meta, used_path, problem)``, ``problem`` a damaged ``path``'s error or None.
     Raises:
       FileNotFoundError: neither exists. InputError: neither is usable (errors of ``target``,
@@ -299,8 +299,7 @@ def _like(path: str, saved, as_saved, target):
 
 
 def _into(target, tree):
-    """``tree`` (a restored state dict) in ``target``'s structure, each array placed as the
-    target's (entries a dict target leaves out, as they are)."""
+    """``tree`` (a restored state dict) in ``target``'s structure and placement (what a dict leaves out, as is)."""
     if target is None:
         return tree
     place = lambda t, x: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x  # (v1: host arrays)
