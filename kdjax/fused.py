@@ -282,6 +282,15 @@ class FusedLM:
     missing: str = "zero"
 
     def check(self, batch, *, hyper, teacher):
+        """Trace-time validation (see kdjax.objectives, the protocol).
+
+        Args:
+          batch: the minibatch; hyper: the ``Hyper``; teacher: None or a ``Teacher``.
+
+        Raises:
+          InputError: ``hyper`` is None, or there is neither a teacher nor cached teacher logits
+            (full or top-k) in ``batch``.
+        """
         if hyper is None:
             raise InputError("hyper: FusedLM needs a Hyper (kdjax.make_hyper), got None")
         if "teacher_logits" not in batch and "teacher_topk_values" not in batch and teacher is None:
@@ -289,7 +298,21 @@ class FusedLM:
                              "'teacher_topk_indices']) or both a bound teacher and teacher_params, got neither")
 
     def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
-        """The objective protocol: ``(loss, (model_state, {}))``."""
+        """``linear_distillation_loss`` of the student's hidden states (see kdjax.objectives, the protocol).
+
+        Args:
+          student, params, model_state: the student (with ``output_layer``) and its variables.
+          batch: ``"x"``, ``"y"``, optionally ``"where"`` and cached ``"teacher_logits"`` or
+            ``"teacher_topk_values"``/``"teacher_topk_indices"``.
+          rng: the dropout key; hyper: ``temperature`` and ``alpha``; teacher: None or a
+            ``Teacher`` (used when nothing is cached).
+
+        Returns:
+          ``(loss, (model_state, {}))``.
+
+        Raises:
+          InputError: a student or teacher without ``output_layer``; as ``linear_distillation_loss``.
+        """
         for who, m in (("model", student), ("teacher", None if teacher is None else teacher.model)):
             if m is not None and not hasattr(m, "output_layer"):
                 raise InputError(f"{who}: FusedLM needs a model with output_layer(params) and "

@@ -245,7 +245,9 @@ def rollout(model, variables, prompts, max_new_tokens: int, *, rng=None, tempera
     mask of real tokens (prompts' real tokens, completions up to and including EOS) and each
     completion token's log-probability under the distribution it was drawn from.
 
-    Args and Raises: as ``generate``.
+    Args:
+      model, variables, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id, pad_id,
+        prompt_mask: as ``generate`` (and so are the Raises).
 
     Returns:
       A ``Generation``.

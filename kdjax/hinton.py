@@ -26,6 +26,14 @@ def match_prior_bias(logits, label: int, prior: float) -> float:
     Row i predicts ``label`` exactly when ``b > margin_i = max_{j != label} z_ij - z_i,label``,
     so ``b`` is the midpoint between the ``q``-th and ``(q+1)``-th smallest margins,
     ``q = round(prior * n)``. Needs no labels: it matches the predictions to a class prior.
+
+    Args:
+      logits: ``[n, classes]`` (e.g. a student's on validation inputs).
+      label: the class whose logit is shifted.
+      prior: the fraction of rows that should predict it, in [0, 1].
+
+    Returns:
+      The shift ``b``, a float.
     """
     z = np.asarray(logits, np.float64)
     margin = np.sort(np.delete(z, label, axis=1).max(axis=1) - z[:, label])
@@ -77,6 +85,18 @@ def omit_class(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[in
        validation inputs predicted as ``omit`` equal that class's share of the
        teacher's training labels (``match_prior_bias``). The test set is used only
        to report accuracy, overall and on the omitted class, before and after.
+
+    Args:
+      teacher, student, ds, cfg, seeds, temperature, alpha, teacher_state, on_chunk, mesh,
+        programs: as ``kdjax.workflows.distill``.
+      omit: the class the students never see.
+      validation_fraction: the validation split's share of ``ds``'s training rows, in (0, 1).
+
+    Returns:
+      An ``OmitClassResult``.
+
+    Raises:
+      InputError: as ``distill``; a validation fraction that leaves a split empty.
     """
     tune = data.validation_split(ds, validation_fraction)
     train = dataclasses.replace(ds, x_train=tune.x_train, y_train=tune.y_train)
