@@ -156,7 +156,14 @@ class DistillResult:
         return _take(self.students, slice(len(self.seeds), None))
 
     def teacher_member(self, i: int = 0):
-        """Teacher i (the loaded teacher when there is one)."""
+        """Teacher i (the loaded teacher when there is one).
+
+        Args:
+          i: the seed's index.
+
+        Returns:
+          The teacher's ``TrainState``.
+        """
         return self.teacher if self.teacher_losses is None else _take(self.teacher, i)
 
 
