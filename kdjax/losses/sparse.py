@@ -201,7 +201,11 @@ def topk_jsd(student_logits, values, indices, temperature=1.0, *, missing: str =
     leftover masses :math:`1 - \sum p_i`, :math:`1 - \sum q_i` (clamped to
     :math:`[\epsilon, 1 - \epsilon]`) as one more outcome. Not multiplied by :math:`T^2`.
 
-    Args, Returns, Raises: as ``topk_kl``.
+    Args:
+        student_logits, values, indices, temperature, missing, eps, generation_temperature: as
+            ``topk_kl`` (``eps``: the threshold and clamp above).
+
+    Returns and Raises: as ``topk_kl``'s.
     """
     student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
                                        generation_temperature)
@@ -231,9 +235,14 @@ def topk_tvd(student_logits, values, indices, temperature=1.0, *, missing: str =
     over the k ids, with :math:`p_m = 0` for ``missing="zero"`` (the student's mass outside
     the k counts whole) or the leftover masses :math:`1 - \sum p_i`, :math:`1 - \sum q_i`
     (clamped to :math:`[0, 1]`) for ``"symmetric_uniform"``. Not multiplied by :math:`T^2`
-    (DistillKit's ``TVDLoss`` does that). ``eps`` is unused (DistillKit's signature).
+    (DistillKit's ``TVDLoss`` does that).
 
-    Args, Returns, Raises: as ``topk_kl``.
+    Args:
+        student_logits, values, indices, temperature, missing, generation_temperature: as
+            ``topk_kl``.
+        eps: checked as ``topk_kl``'s, otherwise unused (DistillKit's signature).
+
+    Returns and Raises: as ``topk_kl``'s.
     """
     student, target = _sparse_logprobs(student_logits, values, indices, temperature, missing, eps,
                                        generation_temperature)

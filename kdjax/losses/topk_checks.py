@@ -16,8 +16,19 @@ def _traced(x) -> bool:
 
 
 def check_topk(student_logits, values, indices) -> None:
-    """Refuse top-k inputs that are not: shapes, dtypes; and, when concrete, ids out of
-    ``[0, V)`` or repeated at a position, values that are not log-probabilities."""
+    """Check a teacher's top-k inputs against the student's logits.
+
+    Args:
+      student_logits: ``[..., V]`` floating point.
+      values: ``[..., k]`` the teacher's log-probabilities, ``1 <= k <= V``.
+      indices: ``[..., k]`` their integer token ids.
+
+    Raises:
+      InputTypeError: a non-array or a wrong dtype.
+      InputError: shapes that do not match, a k outside ``[1, V]``; and, when concrete, ids
+        out of ``[0, V)`` or repeated at a position, values that are not log-probabilities
+        (NaN or infinite, positive, or whose probabilities sum past 1).
+    """
     for name, x in (("student_logits", student_logits), ("values", values), ("indices", indices)):
         if not (hasattr(x, "shape") and hasattr(x, "dtype")) or len(x.shape) < 1:
             raise InputTypeError(f"{name}: expected an array [..., {'V' if name == 'student_logits' else 'k'}], "
