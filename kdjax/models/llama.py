@@ -231,8 +231,9 @@ class Llama(nn.Module):
         return self.head_dim or self.hidden_size // self.num_heads
 
     def output_layer(self, params) -> tuple:
-        """The head applied to ``hidden_states=True``'s output, of this model's ``params``.
+        """The head applied to ``hidden_states=True``'s output.
 
+        Args: params: this model's params.
         Returns: ``(kernel [hidden, vocab], None)`` (the transposed token embedding when tied).
         """
         if self.tie_word_embeddings:
@@ -245,8 +246,9 @@ class Llama(nn.Module):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
     def init_cache(self, batch: int, length: int) -> tuple:
-        """An empty key/value cache of ``batch`` rows and ``length`` slots for ``apply(..., cache=)``.
+        """An empty key/value cache for ``apply(..., cache=)``.
 
+        Args: batch, length: its rows and slots.
         Returns: per layer ``(keys, values)``, each zeros ``[batch, kv heads, length, head dim]``.
         """
         shape = (batch, self.num_kv_heads, length, self.head_size)
@@ -396,5 +398,3 @@ class Llama(nn.Module):
         elif self.architecture == "MistralForCausalLM":
             out["sliding_window"] = None
         return out
-
-
