@@ -39,8 +39,7 @@ __all__ = ["BatchNorm", "batch_norm_train", "Conv", "conv2d", "BasicBlock", "Res
 
 STEMS = ("cifar", "imagenet")
 
-# torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out),
-# fan_out = out_channels * kh * kw (Flax's fan_out of a [kh, kw, in, out] kernel).
+# torch's kaiming_normal_(w, mode="fan_out", nonlinearity="relu"): N(0, 2 / (out_channels * kh * kw))
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated
 
 
@@ -183,9 +182,8 @@ def _canonical_grads(x, kernel, dy, stride, pads):
         dilated = (dy.shape[1 + d] - 1) * s + 1
         dx_pads.append((k - 1 - lo, x.shape[1 + d] - dilated + lo))
     dx = lax.conv_general_dilated(dy, flipped, (1, 1), dx_pads, lhs_dilation=(s, s), dimension_numbers=_DN)
-    # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel; summed over
-    # chunks of images, since XLA:CPU runs a convolution with a kernel as large as the image
-    # faster on few images (docs/benchmarks.md has the figures)
+    # dkernel: batch and channels swapped, dy (dilated by the stride) as the kernel; summed over chunks of
+    # images: XLA:CPU runs a convolution with a kernel as large as the image faster on few images (docs/benchmarks.md)
     dk_pads = [(lo, k + (dy.shape[1 + d] - 1) * s - x.shape[1 + d] - lo) for d, (lo, _) in enumerate(pads)]
     dk, size = None, max(WEIGHT_GRAD_IMAGES, -(-x.shape[0] // WEIGHT_GRAD_CHUNKS))
     for a in range(0, x.shape[0], size):
@@ -305,7 +303,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     def kdjax_init(self, rng, example, *, members: bool = False):
-        """The init hook of ``kdjax.train``. Returns: ``init_variables(self, rng, example, members=members)``."""
+        """The init hook of ``kdjax.train``. Args: rng, example, members: as ``init_variables``'s (Returns too)."""
         return init_variables(self, rng, example, members=members)
 
     @nn.compact
@@ -354,7 +352,9 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", dtype=jnp.float32) -> ResNet:
-    """torchvision's ``resnet18`` layout. Returns: the ``ResNet`` (11,689,512 parameters with 1000 classes)."""
+    """torchvision's ``resnet18`` layout. Returns: the ``ResNet`` (11,689,512 parameters with 1000 classes).
+
+    Args: num_classes, stem, dtype: as ``ResNet``'s fields (``stem`` ``"imagenet"`` by default here)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, stem, dtype)
 
 
