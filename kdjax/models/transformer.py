@@ -215,8 +215,18 @@ class TransformerLM(nn.Module):
 
         A ``state_dict`` cannot tell the number of heads (the shapes are the same for
         any count), so build the model from the checkpoint's config rather than by hand.
-        Refuses what ``TransformerLM`` does not implement (another activation or
-        LayerNorm epsilon, unscaled attention)."""
+
+        Args:
+          config: a ``GPT2Config`` or its dict.
+          **overrides: fields replacing the config's (``dtype=jnp.float64``, say).
+
+        Returns:
+          The ``TransformerLM``.
+
+        Raises:
+          InputError: what ``TransformerLM`` does not implement (another activation or
+            LayerNorm epsilon, unscaled attention), or a config without the keys it needs.
+        """
         c = config if isinstance(config, dict) else config.to_dict()
         need = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
