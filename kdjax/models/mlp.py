@@ -14,8 +14,8 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to th
 bound), so training from scratch behaves statistically like the reference. Two ways
 to get it: Flax's ``model.init(key, x)`` (``jax.random``, traceable), and
 ``init_params`` (NumPy on the host), which kdjax's own training uses because it
-compiles nothing (on CPU, compiling the random-number code of a jitted init took
-0.3-0.5 s per model, longer than training the seed's student).
+compiles nothing (on CPU, compiling a jitted init's random-number code took longer than
+training the seed's student: docs/benchmarks.md).
 """
 
 from __future__ import annotations
