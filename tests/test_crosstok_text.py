@@ -163,7 +163,7 @@ def test_uld_objective_on_paired_windows_equals_uld_loss_aligned(paired):
     s_logits = student.apply({"params": fresh().params}, jnp.asarray(batch["x"]))
     t_logits = teacher.apply(t_vars, jnp.asarray(batch["teacher_x"]))
     want = crosstok.uld_loss_aligned(s_logits, t_logits, student_tokens=batch["y"], teacher_tokens=batch["teacher_y"],
-                                     alignment={k: batch[k] for k in crosstok._ALIGNMENT})
+                                     alignment={k: batch[k] for k in crosstok.align.ALIGNMENT})
     ce = kdjax.losses.masked_mean(kdjax.losses.hard_ce(s_logits, batch["y"]), np.ones(batch["y"].shape, bool))
     np.testing.assert_allclose(float(m["loss"]), 0.5 * float(want) + 0.25 * float(ce), rtol=1e-5)
     assert float(want) > 0.1  # the two random models disagree: the term is not vacuous
@@ -171,7 +171,7 @@ def test_uld_objective_on_paired_windows_equals_uld_loss_aligned(paired):
     _, mb = kdjax.make_train_step(student, bayes)(fresh(), batch, jax.random.PRNGKey(2), None, t_vars["params"])
     want_b = crosstok.uld_loss_aligned(s_logits, t_logits, student_tokens=batch["y"],
                                        teacher_tokens=batch["teacher_y"], merge="bayesian",
-                                       alignment={k: batch[k] for k in crosstok._ALIGNMENT})
+                                       alignment={k: batch[k] for k in crosstok.align.ALIGNMENT})
     np.testing.assert_allclose(float(mb["loss"]), float(want_b), rtol=2e-6)
     # the windows have multi-token groups, so the merging shows (the gap is 100 float32 roundings)
     assert (batch["teacher_member"].sum(-1) > 1).any() and abs(float(want_b) - float(want)) > 1e-5

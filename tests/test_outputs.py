@@ -178,7 +178,7 @@ def test_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
 
 
 def test_save_hf_run_killed_before_results_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
-    from kdjax.app import commands
+    from kdjax.app import distill_report
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     p = kdjax_here(capsys, "distill", *LM, "--out", whole, "--save-hf", tmp_path / "hf_whole")
@@ -188,7 +188,7 @@ def test_save_hf_run_killed_before_results_resumes_bit_for_bit(tmp_path, capsys,
         raise KeyboardInterrupt  # after the Hugging Face folder, before results.json
 
     with monkeypatch.context() as m:
-        m.setattr(commands, "_finish", killed)
+        m.setattr(distill_report, "finish", killed)
         p = kdjax_here(capsys, "distill", *LM, "--out", cut, "--save-hf", tmp_path / "hf_cut")
     assert p.returncode == 130 and (tmp_path / "hf_cut" / "config.json").exists()
     assert not (cut / "results.json").exists()
@@ -285,19 +285,19 @@ def test_written_files_are_readable_as_the_umask_says(tmp_path):
 def test_cache_metadata_is_checked_when_read(tmp_path):
     """A manifest edited and checksummed again passes the checksum: what distill reads from its
     metadata is checked anyway."""
-    from kdjax.app import UsageError, commands
+    from kdjax.app import UsageError, inputs
 
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
     ok = {"teacher_config": config, "validation": {"accuracy": 0.5, "loss": 2.0}}
-    assert commands._cache_teacher("c", {"vocab": 300}, ok).vocab_size == 300
+    assert inputs.cache_teacher("c", {"vocab": 300}, ok).vocab_size == 300
     for meta, words in [({**ok, "validation": {"accuracy": "x", "loss": 2.0}}, "validation.accuracy"),
                         ({**ok, "validation": {"accuracy": 1.7, "loss": 2.0}}, "validation.accuracy"),
                         ({**ok, "validation": {"accuracy": 0.5, "loss": float("nan")}}, "validation.loss"),
                         ({**ok, "teacher_config": config | {"vocab_size": 400}}, "vocab_size 400"),
                         ({**ok, "teacher_config": config | {"model_type": "gpt2", "architectures": None}}, "")]:
         with pytest.raises(UsageError, match=words):
-            commands._cache_teacher("c", {"vocab": 300}, meta)
+            inputs.cache_teacher("c", {"vocab": 300}, meta)
 
 
 def test_a_resume_after_the_data_changed_is_refused(tmp_path, capsys, monkeypatch):

@@ -12,50 +12,11 @@ import time
 import numpy as np
 
 from kdjax.app import UsageError, inputs, methods
-from kdjax.app.reporting import Reporter, conclusion, fmt_ci, jsonable, plural, version
+from kdjax.app.distill_report import SYNTHETIC, finish, metrics_log, report_distill
+from kdjax.app.reporting import Reporter, conclusion, fmt_ci, plural, version
 from kdjax.errors import InputError
 
 __all__ = ["cmd_demo", "cmd_distill", "cmd_omit_class", "cmd_on_policy", "cmd_sweep", "cmd_teacher_logits"]
-
-
-_SYNTHETIC = ("--dataset synthetic (the default) has random labels, the reference script 08_distillation.py's data: "
-              "held-out accuracy is chance whatever the method; --dataset digits or --dataset text for a meaningful run.")
-
-
-def _finish(args, rep: Reporter, results: dict, plots: dict) -> int:
-    import jax
-
-    from kdjax.checkpoint import atomic_write_text
-
-    if jax.process_index() != 0:  # on many hosts, process 0 reports
-        return 0
-    results = jsonable(results)
-    results["kdjax_version"] = version()
-    results["wall_seconds"] = rep.timing()  # the run and each phase (setup, training phases, finish)
-    results["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
-                              "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-    if args.out:
-        if not args.no_plots:
-            results["plots"] = {k: os.path.basename(fn()) for k, fn in plots.items()}
-        atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
-        inputs.seal_out(args)
-        rep.line(f"wrote {os.path.join(args.out, 'results.json')}"
-                 + ("" if args.no_plots or not plots else f" and {plural(len(plots), 'plot')}"))
-    if args.json:
-        print(json.dumps(results))
-    return 0
-
-
-def _metrics_log(args, members: dict):
-    """``metrics.jsonl`` in --out (when given) and TensorBoard scalars (--tensorboard DIR)."""
-    from kdjax.app.metrics import MetricsLog
-
-    import jax
-
-    if jax.process_index() != 0:  # on many hosts, process 0 logs (every process sees every loss)
-        return MetricsLog(None, None, members)
-    path = None if args.out is None else os.path.join(args.out, "metrics.jsonl")
-    return MetricsLog(path, args.tensorboard, members, resume=getattr(args, "resume", False))
 
 
 def _parse_sections(text: str) -> list[int]:
@@ -129,7 +90,7 @@ def cmd_demo(args, rep: Reporter) -> int:
     for line in results["conclusion"]:
         rep.line(line)
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
-    return _finish(args, rep, results, figs)
+    return finish(args, rep, results, figs)
 
 
 def _omitted_plot(path, r: dict, seeds: int) -> str:
@@ -159,16 +120,12 @@ def cmd_omit_class(args, rep: Reporter) -> int:
     lines = [conclusion(f"Distilled - standard accuracy on the omitted class {k} ({how}, paired by seed)",
                         gain[when]["omitted"], n)
              for when, how in (("before", "raw"), ("after", "bias matched to the class prior"))]
-    lines.append(conclusion(f"Distilled - standard overall test accuracy (bias matched, paired by seed)",
+    lines.append(conclusion("Distilled - standard overall test accuracy (bias matched, paired by seed)",
                             gain["after"]["overall"], n))
     results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
                **r}
-    return _finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
+    return finish(args, rep, results, {"omitted_class": lambda: _omitted_plot(
         os.path.join(args.out, "omitted_class.png"), r, len(seeds))})
-
-
-def _variables(states) -> dict:
-    return {"params": states.params, "model_state": states.model_state}
 
 
 def cmd_distill(args, rep: Reporter) -> int:
@@ -194,7 +151,7 @@ def cmd_distill(args, rep: Reporter) -> int:
     else:
         ds = inputs.dataset(args, tok)
     if args.dataset == "synthetic":
-        rep.line(_SYNTHETIC)
+        rep.line(SYNTHETIC)
     cfg = inputs.run_config(args)
     inputs.check_schedule_memory(args, len(ds.y_train), 3 * args.seeds)  # teachers, standard and distilled
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -243,7 +200,7 @@ def cmd_distill(args, rep: Reporter) -> int:
                "tuning teachers": [f"teacher/seed{seeds[0]}"],
                "tuning students": [f"T{t:g}/alpha{a:g}/seed{s}" for t, a, s in
                                    zip(*sweep.grid(args.temperatures, args.alphas, seeds))]}
-    log = _metrics_log(args, members)
+    log = metrics_log(args, members)
     tuned = None
     with rep.progress() as on_chunk, contextlib.closing(log):
         if args.tune:
@@ -273,117 +230,9 @@ def cmd_distill(args, rep: Reporter) -> int:
     per_byte = None if paired is None else {"teacher": paired.tokens_per_byte["teacher"],
                                             "standard": paired.tokens_per_byte["student"],
                                             "distilled": paired.tokens_per_byte["student"]}
-    return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=teacher, objective=objective,
+    return report_distill(args, rep, r, ds, student, tok, seeds, teacher=teacher, objective=objective,
                            tuned=tuned, teacher_label="teacher (loaded)" if t_state is not None else "teacher",
                            per_byte=per_byte)
-
-
-def _report_distill(args, rep: Reporter, r, ds, student, tok, seeds, *, teacher, objective, tuned,
-                    teacher_label: str, extra: dict | None = None, per_byte: dict | None = None) -> int:
-    """The tables, ``results.json``, the Hugging Face student, checkpoints and plots of a
-    ``distill`` run (``teacher`` None: no teacher checkpoint, e.g. from a top-k cache).
-    ``per_byte``: each model's target tokens per byte (models with other tokenizers): bits per
-    byte instead of per token."""
-    import jax
-
-    from kdjax import checkpoint
-    from kdjax.app import plots
-    from kdjax.stats import mean_ci
-
-    acc, stats, gain = r.accuracy["test"], r.mean_ci["test"], r.paired_gain["test"]
-    lm = args.arch in ("transformer", "llama")
-    unit = "token" if args.arch == "llama" else "byte"
-    bits = "byte" if per_byte else unit  # other tokenizers: only bits per byte compare
-    over = f"mean ± 95% CI over n = {plural(len(seeds), 'seed')}"
-    label = lambda k: (teacher_label if k == "teacher" else
-                       f"distilled ({args.method})" if k == "distilled" and args.method != "kd" else k)
-    own = " (each model on its own tokens)" if per_byte else ""
-    rep.table(f"validation next-{unit} accuracy{own} ({over})" if lm else f"test accuracy ({over})", ["model", "accuracy"],
-              [[label(k), fmt_ci(v)] for k, v in stats.items()]
-              + [["distilled - standard (paired)", fmt_ci(gain, signed=True)]])
-    bpb = {k: np.asarray(v) / np.log(2) * (per_byte[k] if per_byte else 1) for k, v in r.eval_loss["test"].items()}
-    bpb_stats = {k: mean_ci(v) for k, v in bpb.items()}
-    bpb_gain = mean_ci(bpb["distilled"] - bpb["standard"])
-    if lm:
-        rep.table(f"validation bits per {bits} (cross-entropy / ln 2{' x tokens per byte' if per_byte else ''}; "
-                  f"lower is better), {over}", ["model", f"bits per {bits}"],
-                  [[teacher_label if k == "teacher" else k, fmt_ci(v)] for k, v in bpb_stats.items()]
-                  + [["distilled - standard (paired)", fmt_ci(bpb_gain, signed=True)]])
-    what = "Distilled - standard" if args.method == "kd" else f"Distilled ({args.method}) - standard"
-    lines = [conclusion(f"{what} {f'validation next-{unit} accuracy' if lm else 'test accuracy'} on {ds.name} "
-                        f"(paired by seed)", gain, len(seeds))]
-    if lm:
-        lines.append(conclusion(f"{what} validation bits per {bits} (paired by seed; lower is better)", bpb_gain,
-                                len(seeds), lower_is_better=True, digits=3))
-    if ds.name.startswith("synthetic"):
-        lines.append(_SYNTHETIC)
-    results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
-               "method": args.method, "objective": methods.describe(objective) if objective is not None else None,
-               "teacher_test_accuracy": float(acc["teacher"][0]) if "teacher" in acc else None,
-               "test_accuracy": {k: v.tolist() for k, v in acc.items()}, "mean_ci": stats,
-               "paired_gain": gain, "losses": r.losses,
-               "test_loss": {k: np.asarray(v).tolist() for k, v in r.eval_loss["test"].items()}} | (extra or {})
-    if lm:
-        results[f"bits_per_{bits}"] = {k: v.tolist() for k, v in bpb.items()}
-        results[f"bits_per_{bits}_mean_ci"], results[f"bits_per_{bits}_paired_gain"] = bpb_stats, bpb_gain
-        if per_byte:
-            results["tokens_per_byte"] = per_byte
-    if tuned is not None:
-        results["tuning"] = {"temperatures": tuned.temperatures, "alphas": tuned.alphas,
-                             "validation_accuracy": tuned.validation.tolist(),
-                             "validation_mean_ci": tuned.validation_mean_ci,
-                             "best": {"temperature": tuned.best[0], "alpha": tuned.best[1]}}
-    if args.save_hf:
-        own = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), r.distilled)
-        _write_hf(args, "--save-hf", student, own, tok)
-        rep.line(f"distilled student (seed {seeds[0]}) written to {args.save_hf} (Hugging Face format)")
-        results["save_hf"] = args.save_hf
-    if getattr(args, "save_hf_teacher", None):
-        own = jax.tree_util.tree_map(np.asarray, r.teacher_member(0))
-        _write_hf(args, "--save-hf-teacher", teacher, own, tok)
-        which = "loaded" if r.teacher_losses is None else f"seed {seeds[0]}"
-        rep.line(f"teacher ({which}) written to {args.save_hf_teacher} (Hugging Face format; kdjax teacher-logits "
-                 f"--teacher {args.save_hf_teacher} caches its top-k)")
-        results["save_hf_teacher"] = args.save_hf_teacher
-    if args.out and tok is not None:
-        checkpoint.atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
-    if args.out:
-        first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
-        meta = {"dataset": ds.name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
-        if teacher is not None:
-            checkpoint.save(os.path.join(args.out, "teacher.ckpt"), _variables(r.teacher_member(0)),
-                            meta | {"model": inputs.describe(teacher)})
-        for kind, states in (("distilled", r.distilled), ("standard", r.standard)):
-            checkpoint.save(os.path.join(args.out, f"student_{kind}.ckpt"), _variables(first(states)),
-                            meta | {"model": inputs.describe(student), "seed": seeds[0]})
-    names = [k for k in ("teacher", "standard", "distilled") if k in stats]
-    figs = {
-        "learning_curves": lambda: plots.learning_curves(
-            os.path.join(args.out, "learning_curves.png"), r.losses, f"{ds.name}: student training loss"),
-        "comparison": lambda: plots.comparison(
-            os.path.join(args.out, "comparison.png"), names, [stats[k][0] for k in names],
-            [stats[k][1] for k in names], gain, f"{ds.name}: test accuracy{own}", "test accuracy"),
-    }
-    return _finish(args, rep, results, figs)
-
-
-def _write_hf(args, flag: str, model, state, tok) -> None:
-    """``model`` with ``state``'s weights as a Hugging Face folder at ``flag``'s path (checked
-    before the run: ``outputs.check_save_hf``), its tokenizer beside it."""
-    from kdjax import checkpoint, convert
-
-    from kdjax.app import outputs
-
-    import jax
-
-    directory = args.save_hf if flag == "--save-hf" else args.save_hf_teacher
-    overwrite = inputs.save_hf_overwrite(args, flag)  # as checked before the run
-    primary = jax.process_index() == 0  # on many hosts, process 0 writes (save_hf too)
-    if primary:
-        outputs.mark_writing(args, flag)
-    convert.save_hf(model, {"params": state.params, **state.model_state}, directory, overwrite=overwrite)
-    if tok is not None and primary:
-        checkpoint.atomic_write_text(os.path.join(directory, "tokenizer.json"), tok.to_str())
 
 
 def topk_coverage(model, variables, tokens, k: int, batch_size: int) -> float:
@@ -430,6 +279,11 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
                          f"got {args.teacher}")
     if os.path.isfile(args.out):
         raise UsageError(f"--out: expected a directory for the cache, got an existing file {args.out}")
+    if args.method == "uld":
+        from kdjax.app.uld_cache import teacher_logits_uld
+
+        return teacher_logits_uld(args, rep)
+    args.k = 64 if args.k is None else args.k
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
     teacher, t_state, _ = inputs.hf_teacher(args, student=False)
@@ -484,11 +338,15 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     from kdjax import offline, workflows
     from kdjax.losses import check_alpha, check_temperature
 
+    if args.method == "uld":  # a teacher of another tokenizer, cached per aligned group
+        from kdjax.app.uld_cache import distill_from_uld_cache
+
+        return distill_from_uld_cache(args, rep)
     for flag, given in (("--teacher", args.teacher), ("--tune", args.tune), ("--teacher-steps", args.teacher_steps),
                         ("--method " + args.method, args.method != "kd")):
         if given:
             raise UsageError(f"{flag}: not used with --teacher-logits (the cache is the teacher; --method kd "
-                             f"with --temperature and --alpha)")
+                             f"with --temperature and --alpha, or uld for a cache of teacher-logits --method uld)")
     if args.topk_loss in ("hinge", "logistic_ranking"):
         for flag, given in (("--temperature", args.temperature is not None),
                             ("--topk-missing", args.topk_missing != "zero")):
@@ -503,6 +361,9 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     try:
         values, indices, m = offline.read_topk_cache(cache)  # every shard verified
     except InputError as e:
+        if offline.store.ULD_FORMAT in str(e):
+            raise UsageError(f"--teacher-logits {cache}: a ULD cache (kdjax teacher-logits --method uld); expected "
+                             f"--method uld to distil from it") from None
         raise UsageError(f"--teacher-logits: {e}") from None
     meta = m.get("metadata") or {}
     if "teacher_config" not in meta:
@@ -520,7 +381,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         offline.check_cache_tokenizer(m, tok)
     except InputError as e:
         raise UsageError(f"--teacher-logits: {e}") from None
-    teacher = _cache_teacher(cache, m, meta)
+    teacher = inputs.cache_teacher(cache, m, meta)
     student = inputs.student_like(teacher, args)
     from kdjax.tokenizer import check_vocabulary
 
@@ -547,7 +408,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     metrics.check_tensorboard(args.tensorboard)
     inputs.claim_out(args)
     names = {k: [f"{k}/seed{s}" for s in seeds] for k in ("standard", "distilled")}
-    log = _metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
+    log = metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
     with rep.progress() as on_chunk, contextlib.closing(log):
         r = workflows.distill_offline(student, ds, cfg, seeds, values, indices, temperature=args.temperature,
                                       alpha=args.alpha, missing=args.topk_missing, loss=args.topk_loss,
@@ -562,35 +423,8 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     extra = {"teacher_logits": {"cache": cache, "k": m["k"], "bytes_per_token": m["bytes_per_token"],
                                 "missing": args.topk_missing, "loss": args.topk_loss, "teacher_folder": meta.get("teacher_folder"),
                                 "topk_coverage": coverage}}
-    return _report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
+    return report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=None, tuned=None,
                            teacher_label=f"teacher (cached, top-{m['k']})", extra=extra)
-
-
-def _cache_teacher(cache: str, m: dict, meta: dict):
-    """The cached teacher's model from the manifest's metadata, checked first: a Llama-family
-    configuration of the cache's vocabulary, validation figures that are numbers in range. (The
-    manifest's checksum catches an edit or damage; these catch a manifest that was re-checksummed
-    after an edit, or written by hand.)"""
-    import math
-
-    from kdjax import convert
-    from kdjax.models import Llama
-
-    where = f"--teacher-logits {cache}: manifest.json teacher_config"
-    try:
-        arch = convert._hf_architecture(meta["teacher_config"], where)
-    except InputError as e:
-        raise UsageError(str(e)) from None
-    if arch == "GPT2LMHeadModel" or meta["teacher_config"].get("vocab_size") != m["vocab"]:
-        raise UsageError(f"{where}: expected a Llama-family teacher of the cache's {m['vocab']}-token vocabulary, got "
-                         f"{arch} with vocab_size {meta['teacher_config'].get('vocab_size')!r}")
-    validation = meta.get("validation") or {}
-    for key, hi in (("accuracy", 1.0), ("loss", math.inf), ("topk_coverage", 1.0)):
-        v = validation.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= hi) or math.isnan(v):
-            raise UsageError(f"--teacher-logits {cache}: manifest.json validation.{key}: expected a number in [0, "
-                             f"{hi:g}], got {v!r}")
-    return Llama.from_hf_config(meta["teacher_config"])
 
 
 def cmd_on_policy(args, rep: Reporter) -> int:
@@ -636,7 +470,7 @@ def cmd_on_policy(args, rep: Reporter) -> int:
          for m in args.methods[1:]] or [f"One method ({base}): nothing to compare; --methods lists several."])
     r["seconds"] = time.perf_counter() - t0
     r["config"] = vars(args) | {"func": None}
-    return _finish(args, rep, r, {})
+    return finish(args, rep, r, {})
 
 
 def _sweep_conclusion(acc, stats, temps, alphas, n: int) -> str:
@@ -668,7 +502,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
     if args.dataset == "synthetic":
-        rep.line(_SYNTHETIC)
+        rep.line(SYNTHETIC)
     cfg = inputs.run_config(args)
     temps, alphas = list(args.temperatures), list(args.alphas)
     inputs.check_schedule_memory(args, len(ds.y_train), len(temps) * len(alphas) * args.seeds + 1)
@@ -692,7 +526,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     inputs.claim_out(args)
     names = {"teachers": [f"teacher/seed{seeds[0]}"],
              "students": [f"T{t:g}/alpha{a:g}/seed{s}" for t, a, s in zip(T, A, S)]}
-    log = _metrics_log(args, names)
+    log = metrics_log(args, names)
     with rep.progress() as on_chunk, contextlib.closing(log):
         r = workflows.run_sweep(teacher, student, ds, cfg, T, A, S, teacher_state=t_state, teacher_seed=seeds[0],
                                 checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
@@ -713,7 +547,7 @@ def cmd_sweep(args, rep: Reporter) -> int:
     means = np.array([[m for m, _ in row] for row in stats])
     lines = [_sweep_conclusion(acc, stats, temps, alphas, len(seeds))]
     if args.dataset == "synthetic":
-        lines.append(_SYNTHETIC)
+        lines.append(SYNTHETIC)
     results = {"dataset": ds.name, "config": vars(args) | {"func": None}, "conclusion": rep.conclude(lines),
                "temperatures": temps,
                "alphas": alphas, "seeds": seeds, "teacher_test_accuracy": r.teacher_accuracy,
@@ -728,5 +562,5 @@ def cmd_sweep(args, rep: Reporter) -> int:
         atomic_write_text(os.path.join(args.out, "tokenizer.json"), tok.to_str())
     figs = {"heatmap": lambda: plots.heatmap(os.path.join(args.out, "sweep_heatmap.png"), temps, alphas,
                                              means, f"{ds.name}: {plural(len(seeds), 'seed')} per cell")}
-    return _finish(args, rep, results, figs)
+    return finish(args, rep, results, figs)
 

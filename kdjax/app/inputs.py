@@ -144,9 +144,9 @@ def teacher_tokenizer(args):
     return tk.load_tokenizer(path)
 
 
-def paired_text(args, tok, teacher):
+def paired_text(args, tok, teacher, teacher_tok=None):
     """``--method uld``'s data: the corpus in the student's and the teacher's tokenizations
-    (``kdjax.crosstok.text.paired_text``)."""
+    (``kdjax.crosstok.text.paired_text``); the teacher's tokenizer ``teacher_tok`` or its folder's."""
     from kdjax.crosstok.text import paired_text as paired
 
     if args.dataset != "text" and not args.dataset.endswith(".txt"):
@@ -154,7 +154,7 @@ def paired_text(args, tok, teacher):
                          f"got {args.dataset!r}")
     try:
         return paired(args.context, None if args.dataset == "text" else args.dataset, student_tokenizer=tok,
-                      teacher_tokenizer=teacher_tokenizer(args), max_bytes=args.text_bytes,
+                      teacher_tokenizer=teacher_tok or teacher_tokenizer(args), max_bytes=args.text_bytes,
                       max_teacher_length=teacher.max_position_embeddings)
     except InputError as e:
         raise UsageError(f"--method uld: {e}") from None
@@ -533,3 +533,29 @@ def make_mesh(args, rep: Reporter, members: int, batch: int, models=()):
                      f"{parallel.describe_sharding(shapes, mesh)}")
     return mesh
 
+
+def cache_teacher(cache: str, m: dict, meta: dict):
+    """The cached teacher's model from the manifest's metadata, checked first: a Llama-family
+    configuration of the cache's vocabulary, validation figures that are numbers in range. (The
+    manifest's checksum catches an edit or damage; these catch a manifest that was re-checksummed
+    after an edit, or written by hand.)"""
+    import math
+
+    from kdjax import convert
+    from kdjax.models import Llama
+
+    where = f"--teacher-logits {cache}: manifest.json teacher_config"
+    try:
+        arch = convert._hf_architecture(meta["teacher_config"], where)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if arch == "GPT2LMHeadModel" or meta["teacher_config"].get("vocab_size") != m["vocab"]:
+        raise UsageError(f"{where}: expected a Llama-family teacher of the cache's {m['vocab']}-token vocabulary, got "
+                         f"{arch} with vocab_size {meta['teacher_config'].get('vocab_size')!r}")
+    validation = meta.get("validation") or {}
+    for key, hi in (("accuracy", 1.0), ("loss", math.inf), ("topk_coverage", 1.0)):
+        v = validation.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= hi) or math.isnan(v):
+            raise UsageError(f"--teacher-logits {cache}: manifest.json validation.{key}: expected a number in [0, "
+                             f"{hi:g}], got {v!r}")
+    return Llama.from_hf_config(meta["teacher_config"])

@@ -36,7 +36,7 @@ _PLOTS = {
     "on-policy": (),
 }
 _RUN = ("results.json", "metrics.jsonl", "checkpoints")
-_CACHE = ("manifest.json", "tokenizer.json", "shard-[0-9][0-9][0-9][0-9][0-9].npz")  # offline's shard names exactly
+_CACHE = ("manifest.json", "tokenizer.json", "teacher_tokenizer.json", "shard-[0-9][0-9][0-9][0-9][0-9].npz")  # offline's shard names exactly
 
 # What a Hugging Face folder written by kdjax holds (convert.save_hf's files and the tokenizer).
 HF_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",

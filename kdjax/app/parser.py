@@ -308,8 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--dataset text: training bytes kept (as kdjax distill)")
     tl.add_argument("--context", type=_positive_int, default=64, help="tokens per window (as kdjax distill)")
     tl.add_argument("--tokenizer", default=None, metavar="PATH",
-                    help="a tokenizer.json (default: the --teacher folder's); copied into the cache")
-    tl.add_argument("--k", type=_positive_int, default=64, help="log-probabilities kept per token")
+                    help="a tokenizer.json (default: the --teacher folder's; with --method uld the student's, "
+                         "default: trained here); copied into the cache")
+    tl.add_argument("--method", choices=["kd", "uld"], default="kd",
+                    help="kd: the teacher's top-k log-probabilities per token (the student shares its tokenizer); "
+                         "uld: a teacher with another tokenizer, its sorted probabilities per byte-aligned group of "
+                         "the student's windows (--tokenizer is then the student's), for kdjax distill "
+                         "--teacher-logits CACHE --method uld")
+    tl.add_argument("--k", type=_positive_int, default=None,
+                    help="log-probabilities kept per token (kd, default 64), or probabilities per aligned group "
+                         "(uld, default 256; the teacher's vocabulary size is exact ULD)")
+    tl.add_argument("--temperature", type=float, default=None,
+                    help="uld: the teacher's softmax temperature (default 1), fixed in the cache")
+    tl.add_argument("--uld-merge", choices=["observed", "bayesian"], default="observed",
+                    help="uld: how a group of teacher positions merges (as kdjax distill --uld-merge), fixed in the "
+                         "cache")
+    tl.add_argument("--vocab-size", type=_positive_int, default=1024,
+                    help="uld without --tokenizer: the student's byte-level BPE, trained here on the training text "
+                         "(as kdjax distill)")
     tl.add_argument("--min-coverage", type=_float_in(0, 1.0000001, "a fraction in [0, 1]"), default=0.5,
                     help="warn when the top k keep less of the teacher's probability mass than this (the mean "
                          "over the validation windows' positions; it is stored in the cache and printed)")
@@ -441,6 +457,11 @@ def _method_options() -> dict:
     if "alpha" in rules:
         rules["alpha"] = (lambda a: a.command != "distill" or (not a.tune and "alpha" in TABLE[a.method].options),
                           only_with("alpha") + " (without --tune)")
+    for o in ("temperature", "uld_merge"):  # kdjax teacher-logits: the ULD cache's (a top-k cache is at T = 1)
+        if o in rules:
+            applies, why = rules[o]
+            rules[o] = (lambda a, applies=applies: a.method == "uld" if a.command == "teacher-logits" else applies(a),
+                        why + "; with kdjax teacher-logits, only with --method uld")
     return rules
 
 

@@ -31,7 +31,6 @@ weight 1, cross-entropy weight 0, "observed" merging):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +39,8 @@ import numpy as np
 from kdjax.crosstok.align import ALIGNMENT, align_by_byte_offsets, alignment_indices, check_alignment
 from kdjax.errors import InputError, InputTypeError
 
-__all__ = ["uld_loss", "uld_loss_aligned", "align_by_byte_offsets", "alignment_indices", "Hybrid",
-           "hybrid_from_vocabs", "ULD", "MERGE_EPS", "MERGES"]
+__all__ = ["uld_loss", "uld_loss_aligned", "uld_loss_cached", "teacher_sorted_groups", "align_by_byte_offsets",
+           "alignment_indices", "Hybrid", "hybrid_from_vocabs", "ULD", "MERGE_EPS", "MERGES"]
 
 MERGE_EPS = 1e-8  # TRL's clamp of a merged token's conditional probability
 MERGES = ("observed", "bayesian")  # TRL's uld_token_merge_strategy
@@ -116,6 +115,13 @@ class Hybrid:
 
 def hybrid_from_vocabs(student_vocab, teacher_vocab, **options) -> Hybrid:
     """``Hybrid`` of the token strings two vocabularies (``tokenizer.get_vocab()``) share.
+
+    Args:
+      student_vocab, teacher_vocab: ``{token string: id}`` dicts.
+      **options: ``Hybrid``'s ``beta``, ``matched_weight``, ``unmatched_weight``.
+
+    Returns:
+      A ``Hybrid`` pairing each shared token's student and teacher ids.
 
     Raises:
       InputError: vocabularies that are not dicts, or that share no token (hybrid ULD would be ULD).
@@ -256,18 +262,10 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
     _check_logits(teacher_logits, "teacher_logits")
     _check_temperature(student_temperature, "student_temperature")
     _check_temperature(teacher_temperature, "teacher_temperature")
-    if merge not in MERGES:
-        raise InputError(f"merge: expected one of {MERGES}, got {merge!r}")
-    keys = _ALIGNMENT
-    if not isinstance(alignment, dict) or any(k not in alignment for k in keys):
-        raise InputError(f"alignment: expected alignment_indices(...)'s dict with keys {keys}, got "
-                         f"{sorted(alignment) if isinstance(alignment, dict) else type(alignment).__name__}")
-    for name, tok, logits in (("student_tokens", student_tokens, student_logits),
-                              ("teacher_tokens", teacher_tokens, teacher_logits)):
-        if not jnp.issubdtype(jnp.result_type(tok), jnp.integer):
-            raise InputTypeError(f"{name}: expected integer token ids, got {jnp.result_type(tok)}")
-        if tuple(jnp.shape(tok)) != tuple(logits.shape[:2]):
-            raise InputError(f"{name}: expected shape {list(logits.shape[:2])}, got {list(jnp.shape(tok))}")
+    _check_merge(merge)
+    _check_alignment_keys(alignment)
+    _check_tokens("student_tokens", student_tokens, student_logits)
+    _check_tokens("teacher_tokens", teacher_tokens, teacher_logits)
     check_alignment(alignment, student_logits.shape, teacher_logits.shape, student_tokens, teacher_tokens)
     valid = jnp.asarray(alignment["group_valid"])
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
@@ -277,107 +275,117 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
                 jnp.asarray(alignment["student_member"]), merge)
     tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
                 jnp.asarray(alignment["teacher_member"]), merge)
-    per = jnp.where(valid, _position_loss(sp, tq, hybrid), 0.0)
+    return _group_mean(jnp.where(valid, _position_loss(sp, tq, hybrid), 0.0), valid)
+
+
+def _group_mean(per, valid):
+    """``mean_b (1/G_b) Σ_g per[b, g]`` over each row's valid groups (a row with none: 0)."""
     n = jnp.sum(valid, axis=1)
     return jnp.mean(jnp.sum(per, axis=1) / jnp.maximum(n, 1).astype(per.dtype))
 
 
-# ----------------------------------------------------------------------------- the objective
+def teacher_sorted_groups(teacher_logits, teacher_tokens, alignment, *, temperature=1.0, merge="observed",
+                          k=None):
+    """The teacher's side of ``uld_loss_aligned``, sorted: what a ULD cache stores.
 
-@dataclasses.dataclass(frozen=True)
-class ULD:
-    """Train a student with ULD against a teacher of another tokenizer:
-    ``crossentropy_weight · mean_where(CE(student(x), y)) + distillation_weight · uld``.
+    ``sort↓(Q_{b,g})[:k]`` with ``Q_{b,g}`` group g's merged probabilities at ``temperature``
+    (as ``uld_loss_aligned`` merges them). ``uld_loss_cached`` with all ``V_t`` of them equals
+    ``uld_loss_aligned``; with ``k < V_t`` the rest count as 0.
 
-    The batch: ``"x"``/``"y"`` the student's tokens and targets, ``"where"`` its scored
-    positions (default: all); the teacher's logits cached as ``batch["teacher_logits"]`` or
-    from the online teacher (``Teacher(model, variables)``) on ``batch["teacher_x"]``, its own
-    tokenization of the same text. Two alignments, chosen by the batch:
+    Args:
+      teacher_logits: ``[B, L_t, V_t]`` floats.
+      teacher_tokens: ``[B, L_t]`` ints, the teacher's tokens at its positions.
+      alignment: ``alignment_indices(...)``'s dict (its teacher arrays are read).
+      temperature: the teacher's softmax temperature, positive.
+      merge: ``"observed"`` or ``"bayesian"``, as in ``uld_loss_aligned``.
+      k: probabilities kept per group, ``1 <= k <= V_t``; None: all.
 
-    * positional (``uld_loss``): ``batch["teacher_where"]``, the teacher's scored positions;
-    * byte offsets (``uld_loss_aligned``, TRL's extended ULD): the ``alignment_indices`` arrays
-      (``"student_index"``, ``"teacher_index"``, ``"student_member"``, ``"teacher_member"``,
-      ``"group_valid"``) and ``batch["teacher_y"]``, the teacher's tokens at its positions
-      (the student's are ``"y"``); the EOS skipping is then the alignment's, and ``merge`` the
-      groups' merging (``uld_loss_aligned``).
+    Returns:
+      ``[B, G, k]`` floats, descending along the last axis.
 
-    ``hyper`` is unused (may be None); the defaults are TRL's ``GOLDConfig``'s. ``teacher``:
-    the teacher module, for steps with no ``teacher=`` bound (``kdjax.workflows.distill``).
-    ``teacher_online``: ``kdjax.workflows.distill`` runs the teacher in the step (its logits on
-    the student's tokens would mean nothing).
+    Raises:
+      InputError: shapes that disagree, a bad ``k``, temperature or ``merge``.
+      InputTypeError: integer logits or non-integer tokens.
     """
-
-    crossentropy_weight: float = 0.0
-    distillation_weight: float = 1.0
-    student_temperature: float = 1.0
-    teacher_temperature: float = 1.0
-    skip_student_eos: bool = True
-    skip_teacher_eos: bool = True
-    hybrid: Hybrid | None = None
-    merge: str = "observed"
-    teacher: Any = None  # the teacher module, when no teacher= is bound to the step (kdjax.workflows)
-    teacher_online = True
-
-    def __post_init__(self):
-        for name in ("crossentropy_weight", "distillation_weight"):
-            w = getattr(self, name)
-            if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
-                raise InputTypeError(f"{name}: expected a number >= 0, got {w!r} ({type(w).__name__})")
-            if not (np.isfinite(w) and w >= 0):
-                raise InputError(f"{name}: expected a finite number >= 0, got {w}")
-        if self.hybrid is not None and not isinstance(self.hybrid, Hybrid):
-            raise InputTypeError(f"hybrid: expected None or a Hybrid (hybrid_from_vocabs), got "
-                                 f"{type(self.hybrid).__name__}")
-        _check_temperature(self.student_temperature, "student_temperature")
-        _check_temperature(self.teacher_temperature, "teacher_temperature")
-        if self.merge not in MERGES:
-            raise InputError(f"merge: expected one of {MERGES}, got {self.merge!r}")
-
-    def describe(self) -> str:
-        form = "hybrid ULD" if self.hybrid is not None else "ULD"
-        return (f"{self.crossentropy_weight:g} * CE + {self.distillation_weight:g} * {form} (T student "
-                f"{self.student_temperature:g}, teacher {self.teacher_temperature:g}, {self.merge} merging of "
-                f"aligned groups; TRL's ULDLoss)")
-
-    def check(self, batch, *, hyper, teacher):
-        aligned = "group_valid" in batch
-        need = ("x", "y") + (("teacher_y",) + _ALIGNMENT if aligned else ("teacher_where",))
-        missing = [k for k in need if k not in batch]
-        if missing:
-            raise InputError(f"ULD: expected batch[{missing[0]!r}] ({'byte-offset' if aligned else 'positional'} "
-                             f"alignment), got keys {sorted(batch)}")
-        if "teacher_logits" not in batch and (teacher is None or "teacher_x" not in batch):
-            raise InputError("ULD: expected batch['teacher_logits'] or a bound teacher with batch['teacher_x'] "
-                             "(the teacher's tokenization of the same text)")
-
-    def loss(self, student, params, model_state, batch, *, rng, hyper, teacher):
-        from kdjax.objectives import apply_model  # kdjax.objectives imports the loss modules
-        from kdjax.losses import hard_ce, masked_mean
-
-        self.check(batch, hyper=hyper, teacher=teacher)
-        logits, new_state = apply_model(student, params, model_state, batch["x"], train=True, rng=rng)
-        if "teacher_logits" in batch:
-            t = batch["teacher_logits"]
-        else:
-            variables = dict(teacher.variables)
-            t = apply_model(teacher.model, variables.pop("params"), variables, batch["teacher_x"], train=False)[0]
-        where = batch.get("where", jnp.ones(logits.shape[:2], bool))
-        temps = {"student_temperature": self.student_temperature, "teacher_temperature": self.teacher_temperature}
-        if "group_valid" in batch:
-            uld = uld_loss_aligned(logits, t, student_tokens=batch["y"], teacher_tokens=batch["teacher_y"],
-                                   alignment={k: batch[k] for k in _ALIGNMENT}, hybrid=self.hybrid, merge=self.merge,
-                                   **temps)
-        else:
-            uld = uld_loss(logits, t, student_where=where, teacher_where=batch["teacher_where"],
-                           skip_student_eos=self.skip_student_eos, skip_teacher_eos=self.skip_teacher_eos,
-                           hybrid=self.hybrid, **temps)
-        loss = self.distillation_weight * uld
-        metrics = {"uld": uld}
-        if self.crossentropy_weight > 0:
-            ce = masked_mean(hard_ce(logits, batch["y"]), where)
-            loss = loss + self.crossentropy_weight * ce
-            metrics["ce"] = ce
-        return loss, (new_state, metrics)
+    _check_logits(teacher_logits, "teacher_logits")
+    _check_temperature(temperature, "temperature")
+    _check_merge(merge)
+    v = teacher_logits.shape[-1]
+    k = v if k is None else k
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= v:
+        raise InputError(f"k: expected an int in [1, {v}] (the teacher's vocabulary), got {k!r}")
+    _check_tokens("teacher_tokens", teacher_tokens, teacher_logits)
+    _check_alignment_keys(alignment)
+    check_alignment(alignment, None, teacher_logits.shape, None, teacher_tokens)
+    q = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+    tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
+                jnp.asarray(alignment["teacher_member"]), merge)
+    return jax.lax.top_k(tq, int(k))[0]
 
 
-_ALIGNMENT = ALIGNMENT
+def uld_loss_cached(student_logits, teacher_sorted, *, student_tokens, alignment, student_temperature=1.0,
+                    merge="observed"):
+    """``uld_loss_aligned`` against a teacher's cached ``teacher_sorted_groups``.
+
+    ``loss = mean_b (1/G_b) Σ_{g<G_b} Σ_v |sort↓(P_{b,g})_v − T_{b,g,v}|`` with ``T`` the
+    cached top-k, zero-padded to the student's vocabulary (the teacher's mass past its top
+    k counts as 0); equal to ``uld_loss_aligned`` when ``k = V_t``. The cache's temperature
+    and merge are the teacher's; ``merge`` here must be the one it was written with.
+
+    Args:
+      student_logits: ``[B, L_s, V_s]`` floats.
+      teacher_sorted: ``[B, G, k]`` floats (no gradient), ``G`` the alignment's groups.
+      student_tokens: ``[B, L_s]`` ints, the student's tokens at its positions.
+      alignment: ``alignment_indices(...)``'s dict.
+      student_temperature: the student's softmax temperature, positive.
+      merge: ``"observed"`` or ``"bayesian"``.
+
+    Returns:
+      The float scalar loss.
+
+    Raises:
+      InputError: shapes that disagree, a non-positive temperature or an unknown ``merge``.
+      InputTypeError: integer logits, integer cached values or non-integer tokens.
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_temperature(student_temperature, "student_temperature")
+    _check_merge(merge)
+    _check_tokens("student_tokens", student_tokens, student_logits)
+    _check_alignment_keys(alignment)
+    check_alignment(alignment, student_logits.shape, None, student_tokens, None)
+    want = tuple(jnp.shape(alignment["group_valid"]))
+    if jnp.ndim(teacher_sorted) != 3 or tuple(jnp.shape(teacher_sorted))[:2] != want:
+        raise InputError(f"teacher_sorted: expected [batch, groups, k] with [batch, groups] = {list(want)} (the "
+                         f"alignment's), got shape {list(jnp.shape(teacher_sorted))}")
+    if not jnp.issubdtype(jnp.result_type(teacher_sorted), jnp.floating):
+        raise InputTypeError(f"teacher_sorted: expected floating probabilities, got {jnp.result_type(teacher_sorted)}")
+    valid = jnp.asarray(alignment["group_valid"])
+    p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
+    sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),
+                jnp.asarray(alignment["student_member"]), merge)
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_sorted)).astype(sp.dtype)
+    return _group_mean(jnp.where(valid, _sorted_l1(sp, t), 0.0), valid)
+
+
+def _check_merge(merge) -> None:
+    if merge not in MERGES:
+        raise InputError(f"merge: expected one of {MERGES}, got {merge!r}")
+
+
+def _check_tokens(name: str, tokens, logits) -> None:
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise InputTypeError(f"{name}: expected integer token ids, got {jnp.result_type(tokens)}")
+    if tuple(jnp.shape(tokens)) != tuple(logits.shape[:2]):
+        raise InputError(f"{name}: expected shape {list(logits.shape[:2])}, got {list(jnp.shape(tokens))}")
+
+
+def _check_alignment_keys(alignment) -> None:
+    if not isinstance(alignment, dict) or any(k not in alignment for k in ALIGNMENT):
+        raise InputError(f"alignment: expected alignment_indices(...)'s dict with keys {ALIGNMENT}, got "
+                         f"{sorted(alignment) if isinstance(alignment, dict) else type(alignment).__name__}")
+
+
+# the objective (kdjax/crosstok/objective.py), importable from here
+from kdjax.crosstok.objective import ULD  # noqa: E402
+
+

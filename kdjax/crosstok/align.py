@@ -109,9 +109,20 @@ def alignment_indices(student_offsets, teacher_offsets, student_where, teacher_w
 
 
 def check_alignment(alignment, s_shape, t_shape, s_tokens, t_tokens) -> None:
-    """Shapes, dtypes and (for concrete arrays) index and token ranges of ``alignment_indices``' dict."""
-    b = s_shape[0]
-    if t_shape[0] != b:
+    """Shapes, dtypes and (for concrete arrays) index and token ranges of ``alignment_indices``' dict.
+
+    Args:
+      alignment: the dict to check.
+      s_shape, t_shape: the student's and the teacher's ``[batch, length, vocab]`` logits shapes;
+        one of them None when that side is not there (a cached teacher; a teacher alone).
+      s_tokens, t_tokens: each side's ``[batch, length]`` token ids (None with its shape).
+
+    Raises:
+      InputError: a shape, batch size, index or token id out of place.
+      InputTypeError: an array of the wrong dtype.
+    """
+    b = (s_shape or t_shape)[0]
+    if s_shape is not None and t_shape is not None and t_shape[0] != b:
         raise InputError(f"teacher_logits: expected batch size {b} (the student's), got {t_shape[0]}")
     shape = tuple(jnp.shape(alignment["student_index"]))
     if len(shape) != 3 or shape[0] != b:
@@ -125,8 +136,11 @@ def check_alignment(alignment, s_shape, t_shape, s_tokens, t_tokens) -> None:
         if not jnp.issubdtype(dtype, kind):
             raise InputTypeError(f"alignment: expected {key} of {'int' if kind is jnp.integer else 'bool'} dtype, "
                                  f"got {dtype}")
-    for key, length, tokens, vocab, side in (("student_index", s_shape[1], s_tokens, s_shape[2], "student"),
-                                             ("teacher_index", t_shape[1], t_tokens, t_shape[2], "teacher")):
+    for key, shape_, tokens, side in (("student_index", s_shape, s_tokens, "student"),
+                                      ("teacher_index", t_shape, t_tokens, "teacher")):
+        if shape_ is None:
+            continue
+        length, vocab = shape_[1], shape_[2]
         if not any(isinstance(a, jax.core.Tracer) for a in (alignment[key], tokens)):  # concrete: check ranges
             index, tok = np.asarray(alignment[key]), np.asarray(tokens)
             if index.size and (index.min() < 0 or index.max() >= length):

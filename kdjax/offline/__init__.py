@@ -33,7 +33,8 @@ from kdjax.offline.store import (  # noqa: F401  (the private names: importable 
     _read_shards, _sha, _shard_bytes, _write_manifest, _write_shards, fingerprint)
 
 __all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD", "fingerprint",
-           "write_topk_cache", "read_topk_cache", "write_generations", "read_generations", "check_cache_tokenizer"]
+           "write_topk_cache", "read_topk_cache", "write_generations", "read_generations", "check_cache_tokenizer",
+           "write_uld_cache", "read_uld_cache"]
 
 
 def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_size: int = 32,
@@ -190,3 +191,6 @@ def check_cache_tokenizer(manifest: dict, tokenizer) -> None:
 
 # teacher generations (SeqKD): kdjax/offline/generations.py, importable from here as before
 from kdjax.offline.generations import read_generations, write_generations  # noqa: E402
+
+# a teacher of another tokenizer, for ULD: kdjax/offline/uld.py, importable from here
+from kdjax.offline.uld import read_uld_cache, write_uld_cache  # noqa: E402

@@ -22,10 +22,13 @@ from kdjax.losses.sparse import _check_topk_ids, _check_topk_logprobs
 
 FORMAT = "kdjax-topk/2"  # 2: the manifest carries its own checksum (version 1 did not: refused, rebuild)
 GENERATIONS_FORMAT = "kdjax-generations/2"
+ULD_FORMAT = "kdjax-uld/1"  # a teacher's sorted probabilities per aligned group (kdjax.offline.uld)
 _CHECKSUM = "manifest_sha256"
 _REBUILD = {"kdjax-topk": "rebuild the cache (kdjax teacher-logits --overwrite, or write_topk_cache into a new "
                           "directory)",
-            "kdjax-generations": "rebuild it (write_generations into a new directory)"}
+            "kdjax-generations": "rebuild it (write_generations into a new directory)",
+            "kdjax-uld": "rebuild the cache (kdjax teacher-logits --method uld --overwrite, or write_uld_cache into a "
+                         "new directory)"}
 
 
 def fingerprint(model, variables) -> str:
@@ -129,8 +132,22 @@ def _read_shards(directory, fmt: str, rerun: str):
         if fmt == FORMAT:
             _check_topk_ids(arrays["indices"], m["vocab"], f"{path}: ")
             _check_topk_logprobs(arrays["values"], f"{path}: ")
+        if fmt == ULD_FORMAT:
+            _check_sorted_probs(arrays["values"], arrays["mass"], f"{path}: ")
     return {name: np.concatenate(p) for name, p in parts.items()}, m
 
+
+
+def _check_sorted_probs(values, mass, where: str) -> None:
+    """A ULD cache's numbers: probabilities in [0, 1], descending per group; masses in [0, 1]."""
+    v = values.astype(np.float32)
+    if not (np.isfinite(v).all() and np.isfinite(mass).all()):
+        raise InputError(f"{where}expected finite probabilities, got NaN or infinite ones")
+    if v.min(initial=0.0) < 0 or v.max(initial=0.0) > 1 or mass.min(initial=0.0) < 0 or mass.max(initial=0.0) > 1:
+        raise InputError(f"{where}expected probabilities and masses in [0, 1], got values in [{v.min()}, {v.max()}] "
+                         f"and masses in [{mass.min()}, {mass.max()}]")
+    if np.any(np.diff(v, axis=-1) > 0):
+        raise InputError(f"{where}expected each group's probabilities in descending order, got some out of order")
 
 
 def _optional_int(name: str, value):
@@ -221,6 +238,13 @@ _FIELDS = {  # what each format's manifest holds: key -> (check, what is expecte
              "values_dtype": (lambda v: v in ("float32", "float16"), "'float32' or 'float16'"),
              "teacher": _SHA256, "tokens": _SHA256, "bytes_per_token": _COUNT, "metadata": _OBJECT,
              "shards": _LIST},
+    ULD_FORMAT: {"k": _COUNT, "rows": _COUNT, "groups": _COUNT, "shard_rows": _COUNT, "vocab": _COUNT,
+                 "values_dtype": (lambda v: v in ("float32", "float16"), "'float32' or 'float16'"),
+                 "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e30,
+                                 "a number > 0"),
+                 "merge": (lambda v: v in ("observed", "bayesian"), "'observed' or 'bayesian'"),
+                 "teacher": _SHA256, "tokens": _SHA256, "bytes_per_group": _COUNT, "metadata": _OBJECT,
+                 "shards": _LIST},
     GENERATIONS_FORMAT: {"rows": _COUNT, "prompt_length": _COUNT, "max_new_tokens": _COUNT, "shard_rows": _COUNT,
                          "batch_size": _COUNT, "teacher": _SHA256, "prompts": _SHA256, "sampling": _OBJECT,
                          "metadata": _OBJECT, "shards": _LIST},
@@ -250,13 +274,13 @@ def _check_manifest(path: str, directory, m: dict) -> None:
     """Refuse a manifest (checksum already verified) whose keys, types or shards do not
     describe a cache of its format inside ``directory``."""
     _check_fields(path, m, _FIELDS[m["format"]])
-    if m["format"] == FORMAT:
+    if m["format"] in (FORMAT, ULD_FORMAT):
         if m["k"] > m["vocab"]:
             raise InputError(f"{path}: k: expected at most the vocabulary ({m['vocab']}), got {m['k']}")
-        want = m["k"] * (np.dtype(m["values_dtype"]).itemsize + 4)
-        if m["bytes_per_token"] != want:
-            raise InputError(f"{path}: bytes_per_token: expected {want} (k and values_dtype), got "
-                             f"{m['bytes_per_token']}")
+        key, want = (("bytes_per_token", m["k"] * (np.dtype(m["values_dtype"]).itemsize + 4)) if m["format"] == FORMAT
+                     else ("bytes_per_group", m["k"] * np.dtype(m["values_dtype"]).itemsize + 4))
+        if m[key] != want:
+            raise InputError(f"{path}: {key}: expected {want} (k and values_dtype), got {m[key]}")
     done = 0
     for i, sh in enumerate(m["shards"]):
         where = f"{path}: shards[{i}]"
@@ -284,6 +308,8 @@ def _shard_arrays(m: dict, rows: int) -> dict:
     if m["format"] == FORMAT:
         shape = (rows, m["length"], m["k"])
         return {"values": (shape, m["values_dtype"]), "indices": (shape, "int32")}
+    if m["format"] == ULD_FORMAT:
+        return {"values": ((rows, m["groups"], m["k"]), m["values_dtype"]), "mass": ((rows, m["groups"]), "float32")}
     shape = (rows, m["prompt_length"] + m["max_new_tokens"])
     return {"tokens": (shape, "int32"), "mask": (shape, "bool")}
 

@@ -299,9 +299,9 @@ def _objective_students(phase, objective, teacher, t_states, student, transfer, 
     return both, np.concatenate([std_losses, dist_losses]), dist
 
 
-def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], values, indices, *,
+def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], values=None, indices=None, *,
                     temperature: float = 3.0, alpha: float = 0.7, missing: str = "zero", loss: str = "kl",
-                    fused: bool = True,
+                    fused: bool = True, objective=None, extra_data: dict | None = None,
                     teacher_eval: dict | None = None, splits: Sequence[str] = ("test",),
                     checkpoints: Checkpoints | None = None, chunk: int | None = None,
                     on_chunk: OnChunk | None = None, log: Callable[[str], None] = lambda line: None, mesh=None,
@@ -319,13 +319,18 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     ``kdjax.objectives.TopKKD`` to float rounding), else ``TopKKD``. ``teacher_eval`` (``{split: {"accuracy": a, "loss": l}}``, e.g. stored in
     the cache when it was built) becomes the teacher's row; without it there is none.
     Checkpoints, resume, mesh and callbacks as in ``distill``; the result's ``teacher`` is
-    None.
+    None. With an ``objective`` that reads its teacher from ``extra_data`` instead (e.g.
+    ``kdjax.crosstok.ULD`` on a ULD cache, ``batch["teacher_sorted"]``), no ``values`` and
+    ``indices``: phases ``"standard"`` (cross-entropy) and ``"distilled"`` (the objective,
+    ``hyper=None``), paired by seed.
 
     Args:
       student, ds, cfg, seeds: as in ``distill``.
       values, indices: the teacher's top-k log-probabilities and token ids.
       temperature, alpha, missing, loss, fused, teacher_eval: as above (``loss``: one of
         ``kdjax.losses.SPARSE_LOSSES``); the rest as in ``distill``.
+      objective, extra_data: an objective of the protocol and the per-row arrays it reads
+        (instead of ``values``/``indices``).
 
     Returns:
       A ``DistillResult`` (``teacher`` None).
@@ -337,6 +342,18 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     if not seeds:
         raise InputError("seeds: expected at least one seed, got none")
     n = len(seeds)
+    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
+                              mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
+    if (objective is None) != (extra_data is None) or (objective is not None and values is not None):
+        raise InputError("distill_offline: expected values and indices (a top-k cache), or an objective with the "
+                         "extra_data it reads, not both")
+    if objective is not None:
+        std, std_losses = phase("standard", student, "ce", ds, cfg, seeds)
+        dist, dist_losses = phase("distilled", student, objective, ds, cfg, seeds, extra_data=extra_data)
+        states = jax.tree_util.tree_map(lambda a, b: np.concatenate([parallel.to_host(a), parallel.to_host(b)]),
+                                        std, dist)
+        return _offline_result(student, ds, seeds, states, np.concatenate([std_losses, dist_losses]), teacher_eval,
+                               splits)
     hyper = make_hyper(np.full(2 * n, temperature, np.float64), np.repeat([0.0, alpha], n))  # validates
     values, indices = np.asarray(values), np.asarray(indices)
     want = tuple(np.shape(ds.y_train))
@@ -348,12 +365,17 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     if indices.size and (indices.min() < 0 or indices.max() >= width):
         raise InputError(f"indices: expected token ids in [0, {width}) (the student's vocabulary), got ids from "
                          f"{int(indices.min())} to {int(indices.max())}")
-    phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
-                              mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
     objective = (FusedLM(missing=missing) if fused and loss == "kl" and hasattr(student, "output_layer")
                  else TopKKD(missing, loss))
     states, losses = phase("students", student, objective, ds, cfg, seeds + seeds, hyper=hyper,
                            extra_data={"teacher_topk_values": values, "teacher_topk_indices": indices})
+    return _offline_result(student, ds, seeds, states, losses, teacher_eval, splits)
+
+
+def _offline_result(student, ds, seeds, states, losses, teacher_eval, splits) -> DistillResult:
+    """``distill_offline``'s result: ``states`` and ``losses`` hold the standard students, then
+    the distilled ones."""
+    n = len(seeds)
     accuracy, eval_loss = {}, {}
     for split in splits:
         x, y = _split(ds, split)

@@ -108,6 +108,15 @@ def _positional_rows(ctx: Ctx, tol) -> list[Result]:
                                         teacher_temperature=tt, skip_student_eos=es, skip_teacher_eos=et)
         return jax.value_and_grad(f)(s)
 
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "merge"))
+    def cached_value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, merge):
+        # the teacher's side as a ULD cache stores it (all V_t sorted probabilities per group)
+        shift = (lambda z: jnp.roll(z, 1, axis=1)) if merge == "bayesian" else (lambda z: z)
+        cache = crosstok.teacher_sorted_groups(shift(t), ids_t, alignment, temperature=tt, merge=merge)
+        f = lambda a: crosstok.uld_loss_cached(shift(a), cache, student_tokens=ids_s, alignment=alignment,
+                                               student_temperature=ts, merge=merge)
+        return jax.value_and_grad(f)(s)
+
     for name, s, t, ys, yt, ref, want in _positional_cases(ctx.dtype, ctx.torch_device):
         val, grad = value_and_grad(jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ys != IGNORE),
                                    jnp.asarray(yt != IGNORE), ref.student_temperature, ref.teacher_temperature,
@@ -200,6 +209,15 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
                                                 hybrid=hybrid, merge=merge)
         return jax.value_and_grad(f)(s)
 
+    @functools.partial(jax.jit, static_argnames=("ts", "tt", "merge"))
+    def cached_value_and_grad(s, t, ids_s, ids_t, alignment, ts, tt, merge):
+        # the teacher's side as a ULD cache stores it (all V_t sorted probabilities per group)
+        shift = (lambda z: jnp.roll(z, 1, axis=1)) if merge == "bayesian" else (lambda z: z)
+        cache = crosstok.teacher_sorted_groups(shift(t), ids_t, alignment, temperature=tt, merge=merge)
+        f = lambda a: crosstok.uld_loss_cached(shift(a), cache, student_tokens=ids_s, alignment=alignment,
+                                               student_temperature=ts, merge=merge)
+        return jax.value_and_grad(f)(s)
+
     for name, s, t, (ids_s, ys, off_s), (ids_t, yt, off_t), ref, want in _extended_cases(ctx.dtype, ctx.torch_device):
         alignment = crosstok.alignment_indices(off_s, off_t, ys != IGNORE, yt != IGNORE,
                                                skip_student_eos=ref.skip_student_eos,
@@ -209,9 +227,16 @@ def _extended_rows(ctx: Ctx, tol) -> list[Result]:
                                    jnp.asarray(ids_t), {k: jnp.asarray(v) for k, v in alignment.items()},
                                    ref.student_temperature, ref.teacher_temperature, _hybrid(ref),
                                    ref.token_merge_strategy)
+        note = f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
         out.append(_row(f"ULD byte-offset alignment: {name}", ctx, {"loss": val, "grad": grad}, want, tol,
-                        note=f"{int(alignment['group_valid'].sum())} groups, {merged} merged"
-                        + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
+                        note=note + (f", {len(_hybrid(ref).teacher_ids)} shared" if ref.use_hybrid_loss else "")))
+        if not ref.use_hybrid_loss:  # a cache keeps sorted probabilities only: no hybrid form from it
+            val, grad = cached_value_and_grad(
+                jnp.asarray(s, ctx.jdtype), jnp.asarray(t, ctx.jdtype), jnp.asarray(ids_s), jnp.asarray(ids_t),
+                {k: jnp.asarray(v) for k, v in alignment.items()}, ref.student_temperature, ref.teacher_temperature,
+                ref.token_merge_strategy)
+            out.append(_row(f"ULD byte-offset alignment from a cache of the teacher's sorted groups (k = V_t): "
+                            f"{name}", ctx, {"loss": val, "grad": grad}, want, tol, note=note))
     return out
 
 
