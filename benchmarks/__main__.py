@@ -268,32 +268,32 @@ def main(argv=None) -> int:
                       else "(best)" if impl == g["best_torch"] else "")
         console.print(t)
     if "llama" in out:
+        mb = lambda b: "-" if b is None else f"{b / 2**20:.0f}"
         g = out["llama"]
         sh = g["shape"]
         t = Table(title=f"preset llama: teacher {sh['teacher']} -> student {sh['student']} (layers, hidden, heads, kv "
                         f"heads, SwiGLU), vocab {sh['vocab']}, {sh['batch']} x {sh['length']} tokens per step, "
                         f"teacher online")
-        for col in ("impl", "ms/step med", "min", "max", "tokens/s", "GFLOP/s", "% peak", "temp MB", "compile s",
-                    "× best torch", "× tunix", "peak RSS MB"):
+        for col in ("impl", "ms/step med", "min", "max", "tokens/s", "GFLOP/s", "% peak", "temp MB", "peak MB",
+                    "compile s", "× best torch", "× tunix", "peak RSS MB"):
             t.add_column(col, justify="left" if col == "impl" else "right")
         for impl, r in g["results"].items():
             if "ms_per_step" not in r:  # tunix: skipped (its venv is missing) or failed, with the reason
                 why = r.get("skipped") or r.get("error", "")
                 t.add_row(impl, "[yellow]skipped[/]" if "skipped" in r else "[red]failed[/]", "", "", "", "", "", "", "",
-                          "", "", why[:120])
+                          "", "", "", why[:120])
                 continue
             if impl == "tunix":
                 ms = r["ms_per_step"]
                 t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}",
                           f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
-                          "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
+                          mb(r.get("temp_bytes")), mb(r.get("peak_bytes")),
                           f"{r['compile_s']:.1f}", "", "(ref)", f"{r['peak_rss_bytes'] / 2**20:.0f}")
                 continue
             ms = r["ms_per_step"]
             t.add_row(impl, f"{ms['median']:.0f}", f"{ms['min']:.0f}", f"{ms['max']:.0f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
-                      "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
-                      "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}", mb(r.get("temp_bytes")),
+                      mb(r.get("peak_bytes")), "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                       f"{g['speedup_vs_best_torch'][impl]:.2f}" if impl in g["speedup_vs_best_torch"]
                       else "(best)" if impl == g["best_torch"] else "",
                       f"{r['speedup_vs_tunix']:.2f}" if "speedup_vs_tunix" in r else "", "")

@@ -155,6 +155,14 @@ class TorchRow(Impl):
         return time.perf_counter() - t0, len(self.batches)
 
 
+def program_bytes(compiled) -> tuple[int, int]:
+    """``(temporaries, peak)`` of a compiled program, from XLA's ``memory_analysis()``; the peak is
+    arguments + outputs - aliased (donated) + temporaries: everything live while it runs."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes), int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                          - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
 class KdjaxStep(_LoopedStep):
     """The MLP presets' looped row (its ``run``), set up for the language models: the jitted
     step with ``objective`` ("kd" on logits, or ``kdjax.fused.FusedLM``), teacher online."""
@@ -173,7 +181,7 @@ class KdjaxStep(_LoopedStep):
         t0 = time.perf_counter()
         self.fn = step.lower(self.state, self.batches[0], self.rng, self.hyper, self.tparams).compile()
         compile_s = time.perf_counter() - t0
-        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
+        self.temp_bytes, self.peak_bytes = program_bytes(self.fn)
         losses = []
         for b in self.batches[:2]:
             self.state, m = self.fn(self.state, b, self.rng, self.hyper, self.tparams)
@@ -200,7 +208,7 @@ class KdjaxFused(Impl):
         t0 = time.perf_counter()
         self.fn = run.lower(self.state, self.data, self.schedule, self.rng, self.hyper, self.tparams).compile()
         compile_s = time.perf_counter() - t0
-        self.temp_bytes = int(self.fn.memory_analysis().temp_size_in_bytes)
+        self.temp_bytes, self.peak_bytes = program_bytes(self.fn)
         self.state, m = self.fn(self.state, self.data, self.schedule, self.rng, self.hyper, self.tparams)
         return compile_s, [float(v) for v in m["loss"][:2]]
 

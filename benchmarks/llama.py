@@ -16,11 +16,14 @@ Rows (same process, same weights, same batches, interleaved repetitions, medians
   ``[tokens, vocab]`` array; teacher through its hidden states and head), a Python loop
   over the jitted step / one ``lax.scan``;
 * ``tunix``: google-tunix's ``DistillationTrainer`` + ``LogitStrategy`` on its own ``Qwen2``,
-  the same weights, in its own venv after the other rows (``benchmarks/tunix_row.py``);
-  reported skipped with its reason where that venv is missing.
+  the same weights, in its own venv: a worker process driven one repetition at a time, so its
+  repetitions interleave with the other rows' (``benchmarks/tunix_row.py``); reported skipped
+  with its reason where that venv is missing.
 
 Before timing, every row's first two losses must equal ``kdjax_step``'s to a relative 1e-4.
-The JSON also has each kdjax row's compiled temporary memory. FLOPs: matmuls only.
+The JSON also has each JAX row's compiled temporary memory and its peak (``peak_bytes``: XLA's
+arguments + outputs - donated + temporaries of kdjax's one program; for tunix the larger of its two
+programs' peaks, each with what stays live beside it). FLOPs: matmuls only.
 """
 
 from __future__ import annotations
@@ -152,11 +155,6 @@ class TorchRow(Impl):
 IMPLS = ("torch_eager", "torch_compile", "kdjax_step", "kdjax_fused", "tunix")
 
 
-def results_losses(results) -> list:
-    """The first two losses every timed row was checked to share with kdjax_step."""
-    return next(r["first_losses"] for r in results.values() if r.get("first_losses"))
-
-
 def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", peak_gflops: float | None = None,
                 which=IMPLS, eager_torch: bool = False, chunk: int = 256, on_progress=lambda msg: None) -> dict:
     """Time the rows in ``which``; raises if a row's first two losses differ from kdjax_step's."""
@@ -172,17 +170,16 @@ def bench_llama(s: LlamaShape, *, repeats: int = 3, torch_device: str = "cpu", p
     rows = [table[n]() for n in IMPLS if n in which and n in table]
     if not any(r.name == "kdjax_step" for r in rows):
         rows.insert(0, KdjaxStep(s, inp, fused))
-    results, med, best, speedup = time_checked_rows("llama", rows, which, repeats, on_progress)
+    peers = []
     if "tunix" in which:  # the JAX-native peer, in its own venv (skipped with its reason where absent)
-        from benchmarks.tunix_row import bench_tunix
+        from benchmarks.tunix_row import TunixRow
 
-        results["tunix"] = bench_tunix(s, inp, results_losses(results), temperature=TEMPERATURE, alpha=ALPHA,
-                                       repeats=repeats, on_progress=on_progress)
-        if "ms_per_step" in results["tunix"]:
-            med["tunix"] = results["tunix"]["ms_per_step"]["median"] / 1e3
-            tunix_vs = {n: med["tunix"] / m for n, m in med.items() if n.startswith("kdjax")}
-            for n, v in tunix_vs.items():
-                results[n]["speedup_vs_tunix"] = v
+        peers.append(TunixRow(s, inp, temperature=TEMPERATURE, alpha=ALPHA))
+    results, med, best, speedup = time_checked_rows("llama", rows, which, repeats, on_progress, peers=peers)
+    if "tunix" in med:
+        for n, m in med.items():
+            if n.startswith("kdjax"):
+                results[n]["speedup_vs_tunix"] = med["tunix"] / m
     flops = s.flops()
     for name, r in results.items():
         if "ms_per_step" not in r:

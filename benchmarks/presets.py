@@ -185,39 +185,65 @@ class Inputs:
             return torch.cat([self.t_teacher(x[i:i + 1024]) for i in range(0, len(x), 1024)])
 
 
-def time_checked_rows(preset: str, rows, which, repeats: int, on_progress=lambda msg: None):
+def time_checked_rows(preset: str, rows, which, repeats: int, on_progress=lambda msg: None, peers=()):
     """The language-model and feature presets' protocol: set up every row (compilation and
     its first two losses, ``setup() -> (compile seconds, losses)``), refuse any row whose
     first two losses differ from ``kdjax_step``'s by more than a relative 1e-4, then time the
     rows in ``which`` in ``repeats`` interleaved repetitions (``run() -> (seconds, steps)``).
 
+    ``peers``: rows of another library in a process of their own (``benchmarks.tunix_row.
+    TunixRow``), set up after the others; ``setup() -> dict`` (``{"skipped"|"error": why}``, or
+    ``first_losses`` and ``compile_s``), and a peer that is missing, fails or whose losses differ
+    is reported so in its result instead of raising. The others are timed in the same
+    interleaved repetitions, then ``finish() -> dict`` adds to their results; ``close()`` always.
+
     Returns ``(results, seconds per step by row (medians), best torch row, {kdjax row: best
     torch median / its median})``; ``results[row]`` has ``compile_s``, ``first_losses``,
-    ``temp_bytes`` (a kdjax row's compiled temporary memory, else None), ``ms_per_step``
-    (median, min, max) and ``repeats``."""
+    ``temp_bytes`` (a kdjax row's compiled temporary memory, else None), ``peak_bytes`` (its
+    program's peak: arguments + outputs - aliased + temporaries), ``ms_per_step`` (median,
+    min, max) and ``repeats``."""
     results, losses = {}, {}
     for row in rows:
         on_progress(f"{preset}: compiling {row.name}")
         compile_s, losses[row.name] = row.setup()
         results[row.name] = {"compile_s": compile_s, "first_losses": losses[row.name],
-                             "temp_bytes": getattr(row, "temp_bytes", None)}
+                             "temp_bytes": getattr(row, "temp_bytes", None),
+                             "peak_bytes": getattr(row, "peak_bytes", None)}
     want = losses["kdjax_step"]
     for name, got in losses.items():
         if not np.allclose(got, want, rtol=1e-4, atol=0):
             raise RuntimeError(f"{preset}: {name}'s first two losses {got} differ from kdjax_step's {want}")
-    timed = [r for r in rows if r.name in which]
-    samples = {r.name: [] for r in timed}
-    for k in range(repeats):
-        for row in timed:
-            on_progress(f"{preset}: repeat {k + 1}/{repeats} {row.name}")
-            seconds, steps = row.run()
-            samples[row.name].append(seconds / steps)
+    ready = []
+    try:
+        for peer in peers:
+            on_progress(f"{preset}: setting up {peer.name} (its own process)")
+            got = peer.setup()
+            if "first_losses" in got and not np.allclose(got["first_losses"], want, rtol=1e-4, atol=0):
+                got = {"error": f"{peer.name}'s first two losses {got['first_losses']} differ from kdjax_step's {want}"}
+            results[peer.name] = got
+            if "first_losses" in got:
+                ready.append(peer)
+            else:
+                peer.close()
+        timed = [r for r in rows if r.name in which] + ready
+        samples = {r.name: [] for r in timed}
+        for k in range(repeats):
+            for row in timed:
+                on_progress(f"{preset}: repeat {k + 1}/{repeats} {row.name}")
+                seconds, steps = row.run()
+                samples[row.name].append(seconds / steps)
+        for peer in ready:
+            results[peer.name].update(peer.finish())
+    finally:
+        for peer in peers:
+            peer.close()
     for name, sec in samples.items():
         results[name].update(ms_per_step={"median": 1e3 * statistics.median(sec), "min": 1e3 * min(sec),
                                           "max": 1e3 * max(sec)}, repeats=len(sec))
-    results = {name: results[name] for name in samples}
+    results = {name: results[name] for name in [*samples, *(p.name for p in peers if p.name not in samples)]}
     med = {name: statistics.median(sec) for name, sec in samples.items()}
-    peers = {n: m for n, m in med.items() if n.startswith("torch")}
-    best = min(peers, key=peers.get) if peers else None
-    speedup = {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch")}
+    torch_rows = {n: m for n, m in med.items() if n.startswith("torch")}
+    best = min(torch_rows, key=torch_rows.get) if torch_rows else None
+    peer_names = {p.name for p in peers}
+    speedup = {n: med[best] / m for n, m in med.items() if best and not n.startswith("torch") and n not in peer_names}
     return results, med, best, speedup

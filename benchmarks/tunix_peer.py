@@ -1,30 +1,58 @@
 """The ``tunix`` row's body; runs inside tunix's own virtual environment (``benchmarks/tunix_venv.sh``),
 never imported by the project's code (it imports tunix, which the project's environment lacks).
 
-    <tunix venv>/bin/python benchmarks/tunix_peer.py SPEC.json OUT.json
+    <tunix venv>/bin/python benchmarks/tunix_peer.py SPEC.json
+
+A worker driven over its standard input, so that its repetitions interleave with the other rows'
+(``benchmarks/tunix_row.py``; it waits, idle, while they run). Every answer is one line on standard
+output, ``KDJAX-TUNIX <json>`` (other output is ignored):
+
+* at start, once both programs are compiled: ``{"first_losses", "compile_s"}`` (the first two
+  losses, no update before the first), or ``{"error"}``;
+* ``run``: one repetition over the schedule, ``{"seconds", "steps"}``;
+* ``finish``: ``{"memory", "peak_rss_bytes", "versions"}``, then it exits.
 
 SPEC (written by ``benchmarks/tunix_row.py``): two Hugging Face folders (``teacher``, ``student``:
 ``Qwen2ForCausalLM.save_pretrained`` of the llama preset's models, the very weights kdjax's rows
 use), their shapes, ``tokens`` (an ``.npy`` of ``[windows, length + 1]`` token ids), ``schedule``
-(``[steps, batch]`` window indices per step), ``temperature``, ``alpha``, ``lr``, ``repeats``.
+(``[steps, batch]`` window indices per step), ``temperature``, ``alpha``, ``lr``.
 
 tunix's own model (``tunix.models.qwen2.model.Qwen2``, loaded by ``tunix.models.qwen2.params.
 create_model_from_safe_tensors``), its ``DistillationTrainer`` with ``strategies.LogitStrategy``
 and ``optax.adam(lr)``; one step is what ``trainer.train`` does per step: ``_prepare_inputs`` (the
-teacher's forward, here under ``nnx.jit``: the trainer calls the strategy's teacher function as
-given) and the trainer's jitted train step (``jit_train_and_eval_step``). The token windows carry
-``length + 1`` tokens: the forward functions read ``[:, :-1]``, the labels are ``[:, 1:]`` one-hot
-(``LogitStrategy`` takes label distributions). Writes the first two losses (no update before the
-first), per-step seconds of each repetition, and the process's peak resident memory."""
+teacher's forward, which the strategy jits itself with ``nnx.jit``) and the trainer's jitted train
+step (``jit_train_and_eval_step``). The token windows carry ``length + 1`` tokens: the forward
+functions read ``[:, :-1]``, the labels are ``[:, 1:]`` one-hot (``LogitStrategy`` takes label
+distributions)."""
 
 import json
 import resource
-import statistics
 import sys
 import time
 
+MARK = "KDJAX-TUNIX "
 
-def main(spec_path, out_path):
+
+def answer(obj):
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def nbytes(tree):
+    import jax
+
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes")))
+
+
+def program(compiled) -> dict:
+    """XLA's sizes of one compiled program; ``peak``: arguments + outputs - aliased + temporaries."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def main(spec_path):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,8 +87,8 @@ def main(spec_path, out_path):
     def labels(input_tokens, input_mask):
         return jax.nn.one_hot(input_tokens[:, 1:], vocab, dtype=jnp.float32)
 
-    teacher_forward = nnx.jit(forward)
-    strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=teacher_forward,
+    # the strategy wraps each function in nnx.jit itself (BaseStrategy.__init__)
+    strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=forward,
                                         labels_fn=labels, temperature=spec["temperature"], alpha=spec["alpha"])
     cfg = dt.TrainingConfig(eval_every_n_steps=10**9, max_steps=10**9, max_inflight_computations=1)
     trainer = dt.DistillationTrainer(student, teacher, strategy, optax.adam(spec["lr"]), cfg)
@@ -77,35 +105,48 @@ def main(spec_path, out_path):
 
     t0 = time.perf_counter()
     first = [float(step(b)) for b in batches[:2]]  # compiles both programs
-    compile_s = time.perf_counter() - t0
-    per_step = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        for b in batches:
-            loss = step(b)
-        jax.block_until_ready(loss)
-        per_step.append((time.perf_counter() - t0) / len(batches))
+    answer({"first_losses": first, "compile_s": time.perf_counter() - t0})
+
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "run":
+            t0 = time.perf_counter()
+            for b in batches:
+                loss = step(b)
+            jax.block_until_ready(loss)
+            answer({"seconds": time.perf_counter() - t0, "steps": len(batches)})
+        elif cmd == "finish":
+            break
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     memory = {}
-    try:  # XLA's compiled temporaries of the two programs (what kdjax's "temp MB" reports of its one)
+    try:  # XLA's sizes of the two programs, and what stays live beside each
         b = batches[0]
-        memory["teacher_temp_bytes"] = teacher_forward.lower(
-            teacher, b.input_tokens, b.input_mask).compile().memory_analysis().temp_size_in_bytes
+        t_fwd = strategy._teacher_forward_fn  # nnx.jit(forward): what _prepare_inputs calls
+        memory["teacher_program"] = program(t_fwd.lower(teacher, b.input_tokens, b.input_mask).compile())
+        memory["teacher_temp_bytes"] = memory["teacher_program"]["temp"]
         prepared = trainer._prepare_inputs(b)
         memory["teacher_logits_bytes"] = int(prepared.teacher_output.nbytes)
         jitted = trainer._jitted_train_step_fn  # functools.partial(nnx.jit(train_step), model, optimizer)
-        memory["step_temp_bytes"] = jitted.func.lower(*jitted.args, prepared).compile().memory_analysis(
-        ).temp_size_in_bytes
+        memory["step_program"] = program(jitted.func.lower(*jitted.args, prepared).compile())
+        memory["step_temp_bytes"] = memory["step_program"]["temp"]
+        memory["teacher_param_bytes"] = nbytes(nnx.state(teacher, nnx.Param))
+        memory["student_state_bytes"] = nbytes(nnx.state(student)) + nbytes(nnx.state(trainer.optimizer))
+        # the device's peak: the teacher program while the student and its optimizer state wait, or
+        # the train step (its arguments include them and the teacher logits) while the teacher's
+        # weights wait
+        memory["peak_bytes"] = max(memory["teacher_program"]["peak"] + memory["student_state_bytes"],
+                                   memory["step_program"]["peak"] + memory["teacher_param_bytes"])
     except Exception as e:  # reported, not fatal: the timings stand
         memory["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    import tunix  # noqa: F401  (version below)
     from importlib.metadata import version
 
-    json.dump({"first_losses": first, "seconds_per_step": per_step, "median_s": statistics.median(per_step),
-               "compile_s": compile_s, "peak_rss_bytes": peak, "memory": memory,
-               "versions": {"tunix": version("google-tunix"), "jax": jax.__version__,
-                            "flax": version("flax")}}, open(out_path, "w"))
+    answer({"memory": memory, "peak_rss_bytes": peak,
+            "versions": {"tunix": version("google-tunix"), "jax": jax.__version__, "flax": version("flax")}})
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    try:
+        main(sys.argv[1])
+    except Exception as e:  # the row reports it
+        answer({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+        raise
