@@ -162,7 +162,12 @@ def test_wrong_inputs_are_refused(paired, models, tmp_path):  # noqa: F811
         offline.write_uld_cache(tmp_path / "x", teacher, t_vars, paired.extra, 10**6)
     with pytest.raises(InputError, match="temperature"):
         offline.write_uld_cache(tmp_path / "x", teacher, t_vars, paired.extra, temperature=0)
+    bad = dict(paired.extra, teacher_index=paired.extra["teacher_index"] - 5)  # caught before the jitted pass
+    with pytest.raises(InputError, match="expected teacher_index in"):
+        offline.write_uld_cache(tmp_path / "x", teacher, t_vars, bad)
     assert not (tmp_path / "x").exists()  # nothing written for a refused call
+    with pytest.raises(InputError, match="probabilities in \\[0, 1\\]"):
+        crosstok.uld_loss_cached(s, -ts, student_tokens=b["y"], alignment=al)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -219,6 +224,14 @@ def test_uld_cache_refusals(capsys, other_teacher, uld_cache, tmp_path):  # noqa
     refused(tl("--method", "uld", "--k", "301"), "--k", "at most the teacher's vocabulary (300)")
     refused(tl("--method", "uld", "--temperature", "0"), "--temperature", "expected")
     assert not (tmp_path / "c").exists()
+    # the cache's temperature and merging are the run's when no flag says otherwise
+    assert tl("--method", "uld", "--k", "4", "--temperature", "2", "--uld-merge", "bayesian").returncode == 0
+    p = kdjax_here(capsys, "distill", *FROM_CACHE, "--steps", "2", "--teacher-logits", tmp_path / "c", "--method",
+                   "uld", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout)
+    assert "bayesian merging" in r["objective"] and "T student 2" in r["objective"], r["objective"]
+    assert r["teacher_logits"]["k"] == 4 and r["teacher_logits"]["values_dtype"] == "float32"
     # a top-k cache is not a ULD cache
     topk = tmp_path / "topk"
     assert kdjax_here(capsys, "teacher-logits", "--teacher", other_teacher, "--text-bytes", str(TEXT_BYTES),

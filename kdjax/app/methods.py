@@ -78,7 +78,7 @@ def _uld(args, teacher, student, total_steps, tokenizer):
             raise UsageError(f"--uld-hybrid: {e}") from None
     return crosstok.ULD(crossentropy_weight=1.0 - args.alpha, distillation_weight=args.alpha,
                         student_temperature=args.temperature, teacher_temperature=args.temperature, hybrid=hybrid,
-                        merge=args.uld_merge, teacher=teacher)
+                        merge=args.uld_merge or "observed", teacher=teacher)
 
 
 _MDISTILLER = "mdistiller's {} (mdistiller/distillers/{}.py, weights of engine/cfg.py)"

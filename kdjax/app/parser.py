@@ -251,10 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "the completion the student samples (default: half)")
     distill.add_argument("--uld-hybrid", action="store_true",
                          help="uld: TRL's hybrid form (JSD on the tokens both vocabularies share, ULD on the rest)")
-    distill.add_argument("--uld-merge", choices=["observed", "bayesian"], default="observed",
+    distill.add_argument("--uld-merge", choices=["observed", "bayesian"], default=None,
                          help="uld: a group of positions merges into the first position's distribution times the "
                               "later tokens' probabilities (observed, TRL's default) or the last one's times the "
-                              "earlier ones' (bayesian)")
+                              "earlier ones' (bayesian); with a ULD cache, the cache's")
     distill.add_argument("--teacher-logits", default=None, metavar="CACHE",
                          help="llama: train the students from a teacher's top-k cache (kdjax teacher-logits) "
                               "instead of running a teacher; the student is of the cached teacher's family")
@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_output(om)
     om.set_defaults(func=commands.cmd_omit_class, arch="mlp")
 
-    tl = add("teacher-logits", help="a Hugging Face teacher's top-k log-probabilities on the training text, "
-                                    "computed once into a cache for kdjax distill --teacher-logits")
+    tl = add("teacher-logits", help="a Hugging Face teacher's top-k log-probabilities on the training text (or, "
+                                    "with --method uld, its sorted probabilities per group aligned with another "
+                                    "tokenizer's), computed once into a cache for kdjax distill --teacher-logits")
     tl.add_argument("--teacher", required=True, metavar="DIR",
                     help="a Llama-family Hugging Face folder (config.json, *.safetensors, tokenizer.json)")
     tl.add_argument("--dataset", default="text", help="text (the bundled Python sources) or PATH.txt")
@@ -327,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uld without --tokenizer: the student's byte-level BPE, trained here on the training text "
                          "(as kdjax distill)")
     tl.add_argument("--min-coverage", type=_float_in(0, 1.0000001, "a fraction in [0, 1]"), default=0.5,
-                    help="warn when the top k keep less of the teacher's probability mass than this (the mean "
-                         "over the validation windows' positions; it is stored in the cache and printed)")
+                    help="warn when the top k keep less of the teacher's probability mass than this (kd: the mean "
+                         "over the validation windows' positions, stored in the cache; uld: over the training "
+                         "windows' aligned groups); printed")
     tl.add_argument("--values-dtype", choices=["float32", "float16"], default="float32",
-                    help="storage of the log-probabilities (token ids are int32): k * 8 or k * 6 bytes per token")
+                    help="storage of the values: kd's log-probabilities (token ids are int32, k * 8 or k * 6 bytes "
+                         "per token), uld's probabilities (k * 4 + 4 or k * 2 + 4 bytes per aligned group)")
     tl.add_argument("--batch-size", type=_positive_int, default=32, help="windows per teacher forward pass")
     tl.add_argument("--out", required=True, metavar="CACHE",
                     help="the cache directory (shards + manifest.json + tokenizer.json); run again to resume")

@@ -36,10 +36,15 @@ def _check_memory(rows: int, groups: int, k: int, itemsize: int, flag: str) -> N
                          f"(or --values-dtype float16, or less text)")
 
 
-def _coverage(values, mass, valid) -> float:
-    """The mean share of each valid group's merged probability its top k hold."""
-    share = values.astype(np.float64).sum(-1) / np.maximum(mass.astype(np.float64), 1e-30)
-    return float(np.mean(share[valid])) if valid.any() else 1.0
+def _coverage(values, mass, valid, k: int, vocab: int) -> float:
+    """The mean share of each valid group's merged probability its top k hold: 1 when k is the
+    whole vocabulary; else over the groups whose mass float32 holds (a product of many small
+    conditionals can underflow), each share at most 1 (float16 values round)."""
+    if k >= vocab:
+        return 1.0
+    keep = valid & (mass > 0)
+    share = np.minimum(values.astype(np.float64).sum(-1)[keep] / mass.astype(np.float64)[keep], 1.0)
+    return float(np.mean(share)) if share.size else 1.0
 
 
 def teacher_logits_uld(args, rep: Reporter) -> int:
@@ -51,13 +56,10 @@ def teacher_logits_uld(args, rep: Reporter) -> int:
     from kdjax.fitting import evaluate_on
     from kdjax.tokenizer import check_vocabulary
 
-    temperature = 1.0 if args.temperature is None else args.temperature
     from kdjax.losses import check_temperature
 
-    try:
-        check_temperature(temperature)
-    except InputError as e:
-        raise UsageError(f"--temperature: {e}") from None
+    temperature = 1.0 if args.temperature is None else args.temperature
+    check_temperature(temperature, "--temperature")
     tok = inputs.tokenizer(args)  # the student's
     teacher, t_state, _ = inputs.hf_teacher(args, student=False)
     t_tok = teacher_tokenizer(args)
@@ -77,7 +79,8 @@ def teacher_logits_uld(args, rep: Reporter) -> int:
     metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
                 "tokenizer_sha256": _sha256(tok.to_str().encode()),
                 "teacher_tokenizer_sha256": _sha256(t_tok.to_str().encode()), "dataset": paired.student.name,
-                "context": int(args.context), "batch_size": int(args.batch_size),
+                "context": int(args.context), "text_bytes": int(args.text_bytes),
+                "batch_size": int(args.batch_size),
                 "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(paired.teacher.x_test).tobytes()),
                                "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
                                "tokens_per_byte": paired.tokens_per_byte["teacher"]}}
@@ -93,20 +96,22 @@ def teacher_logits_uld(args, rep: Reporter) -> int:
     checkpoint.atomic_write_text(os.path.join(args.out, "teacher_tokenizer.json"), t_tok.to_str())
     inputs.seal_out(args)
     seconds = time.perf_counter() - t0
-    coverage = _coverage(values, mass, paired.extra["group_valid"])
+    coverage = _coverage(values, mass, paired.extra["group_valid"], k, m["vocab"])
     size = sum(os.path.getsize(os.path.join(args.out, sh["file"])) for sh in m["shards"])
     tokens = paired.student.y_train.size
     rep.line(f"wrote {args.out}: {len(m['shards'])} shard(s), {m['bytes_per_group']} bytes per group "
              f"({size / tokens:.1f} per student token on disk, against {4 * m['vocab']} for float32 logits of "
              f"each teacher token); {seconds:.1f} s")
-    rep.line(f"teacher on its validation windows: {float(ev['loss']) / np.log(2) * paired.tokens_per_byte['teacher']:.3f} "
-             f"bits per byte; its top {k} hold {coverage:.1%} of each group's merged probability (mean over groups)")
+    bpb = float(ev["loss"]) / np.log(2) * paired.tokens_per_byte["teacher"]
+    rep.line(f"teacher on its validation windows: {bpb:.3f} bits per byte; its top {k} hold {coverage:.1%} of each "
+             f"group's merged probability (mean over groups)")
     if coverage < args.min_coverage:
         rep.warn(f"warning: the top {k} keep only {coverage:.1%} of the teacher's merged probability (below "
                  f"--min-coverage {args.min_coverage:g}): the rest counts as 0 in the loss; raise --k")
     if args.json:
         print(json.dumps({"cache": args.out, "method": "uld", "rows": rows, "groups": groups, "k": k,
-                          "vocab": m["vocab"], "bytes_per_group": m["bytes_per_group"], "bytes_on_disk": size,
+                          "vocab": m["vocab"], "values_dtype": m["values_dtype"], "temperature": temperature,
+                          "merge": args.uld_merge, "bytes_per_group": m["bytes_per_group"], "bytes_on_disk": size,
                           "seconds": seconds, "coverage": coverage, "teacher_validation": metadata["validation"],
                           "kdjax_version": version()}))
     return 0
@@ -124,26 +129,33 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
     from kdjax.tokenizer import check_vocabulary, load_tokenizer
 
     for flag, given in (("--teacher", args.teacher), ("--tune", args.tune), ("--teacher-steps", args.teacher_steps),
-                        ("--uld-hybrid", args.uld_hybrid), ("--topk-loss", args.topk_loss != "kl"),
-                        ("--topk-missing", args.topk_missing != "zero")):
+                        ("--topk-loss", args.topk_loss != "kl"), ("--topk-missing", args.topk_missing != "zero")):
         if given:
-            raise UsageError(f"{flag}: not used with --teacher-logits and --method uld (the cache is the teacher, "
-                             f"its sorted probabilities per group; the hybrid form needs each shared token's)")
+            raise UsageError(f"{flag}: not used with --teacher-logits and --method uld (the cache is the teacher)")
+    if args.uld_hybrid:
+        raise UsageError("--uld-hybrid: not used with --teacher-logits (the cache keeps each group's sorted "
+                         "probabilities, not each shared token's: run the hybrid form with --teacher DIR)")
     check_alpha(args.alpha)
     cache = args.teacher_logits
     try:
         m = offline.store._read_manifest(cache, offline.store.ULD_FORMAT)
     except InputError as e:
         raise UsageError(f"--teacher-logits: {e}") from None
+    meta = m["metadata"]
+    if "teacher_config" not in meta:
+        raise UsageError(f"--teacher-logits {cache}: expected a cache written by kdjax teacher-logits --method uld "
+                         f"(its manifest names the teacher's configuration), got one without")
+    if sum(sh["rows"] for sh in m["shards"]) != m["rows"]:
+        raise UsageError(f"--teacher-logits {cache}: the cache is unfinished; run the same kdjax teacher-logits "
+                         f"--method uld command again to finish it")
     if args.temperature is not None and args.temperature != m["temperature"]:
         raise UsageError(f"--temperature {args.temperature:g}: the cache holds the teacher's probabilities at T = "
                          f"{m['temperature']:g} (kdjax teacher-logits --temperature); expected that, or a new cache")
-    if args.uld_merge != m["merge"]:
+    if args.uld_merge is not None and args.uld_merge != m["merge"]:
         raise UsageError(f"--uld-merge {args.uld_merge}: the cache's groups were merged {m['merge']}; expected "
-                         f"--uld-merge {m['merge']}, or a new cache")
-    args.temperature = float(m["temperature"])
+                         f"--uld-merge {m['merge']} (or none: the cache's), or a new cache")
+    args.temperature, args.uld_merge = float(m["temperature"]), m["merge"]
     ckpts = inputs.checkpoints(args)
-    meta = m["metadata"]
     teacher = inputs.cache_teacher(cache, m, meta)
     t_path = os.path.join(cache, "teacher_tokenizer.json")
     if not os.path.isfile(t_path):
@@ -155,6 +167,9 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
         check_vocabulary(t_tok, teacher)
     except InputError as e:
         raise UsageError(f"--teacher-logits: {e}") from None
+    if _sha256(t_tok.to_str().encode()) != meta.get("teacher_tokenizer_sha256"):
+        raise UsageError(f"--teacher-logits {cache}: teacher_tokenizer.json is not the tokenizer the cache was built "
+                         f"with (its content sha256 differs from the manifest's); rebuild the cache")
     if args.context != meta.get("context"):
         raise UsageError(f"--context {args.context}: the cache was built for windows of {meta.get('context')} tokens")
     paired = inputs.paired_text(args, tok, teacher, t_tok)
@@ -167,6 +182,10 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
     try:
         values, _, m = offline.read_uld_cache(cache, extra=paired.extra)
     except InputError as e:
+        if "built for other windows" in str(e):
+            raise UsageError(f"--teacher-logits {cache}: built for other windows than these ({paired.student.name}, "
+                             f"--text-bytes {args.text_bytes}; the cache: {meta.get('dataset')}, its --text-bytes "
+                             f"{meta.get('text_bytes', 'not recorded')})") from None
         raise UsageError(f"--teacher-logits: {e}") from None
     cfg = inputs.run_config(args)
     inputs.check_schedule_memory(args, len(ds.y_train), 2 * args.seeds)
@@ -200,6 +219,7 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
     per_byte = {"teacher": paired.tokens_per_byte["teacher"], "standard": paired.tokens_per_byte["student"],
                 "distilled": paired.tokens_per_byte["student"]}
     extra_out = {"teacher_logits": {"cache": cache, "method": "uld", "k": m["k"], "merge": m["merge"],
+                                    "values_dtype": m["values_dtype"],
                                     "temperature": m["temperature"], "bytes_per_group": m["bytes_per_group"],
                                     "teacher_folder": meta.get("teacher_folder")}}
     return report_distill(args, rep, r, ds, student, tok, seeds, teacher=None, objective=objective, tuned=None,

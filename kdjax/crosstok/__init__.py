@@ -24,8 +24,7 @@ weight 1, cross-entropy weight 0, "observed" merging):
   ``probs[i] · Π_{j=i+1..i+k} max(probs[j, token_j], 1e-8)`` (the first position's distribution
   times the conditional probabilities of the tokens actually there); ``n_b`` is the number of
   groups with positions on both sides.
-* **Hybrid** (``Hybrid``, TRL's ``uld_use_hybrid_loss``): JSD on the tokens both vocabularies share,
-  the sorted L1 on the rest.
+* **Hybrid** (``Hybrid``, TRL's ``uld_use_hybrid_loss``): JSD on shared tokens, sorted L1 on the rest.
 """
 
 from __future__ import annotations
@@ -354,11 +353,19 @@ def uld_loss_cached(student_logits, teacher_sorted, *, student_tokens, alignment
     _check_alignment_keys(alignment)
     check_alignment(alignment, student_logits.shape, None, student_tokens, None)
     want = tuple(jnp.shape(alignment["group_valid"]))
+    if not hasattr(teacher_sorted, "shape"):
+        raise InputTypeError(f"teacher_sorted: expected a [batch, groups, k] array, got "
+                             f"{type(teacher_sorted).__name__}")
     if jnp.ndim(teacher_sorted) != 3 or tuple(jnp.shape(teacher_sorted))[:2] != want:
         raise InputError(f"teacher_sorted: expected [batch, groups, k] with [batch, groups] = {list(want)} (the "
                          f"alignment's), got shape {list(jnp.shape(teacher_sorted))}")
     if not jnp.issubdtype(jnp.result_type(teacher_sorted), jnp.floating):
         raise InputTypeError(f"teacher_sorted: expected floating probabilities, got {jnp.result_type(teacher_sorted)}")
+    if jnp.shape(teacher_sorted)[-1] < 1:
+        raise InputError("teacher_sorted: expected at least one probability per group (k >= 1), got k = 0")
+    ts = None if isinstance(teacher_sorted, jax.core.Tracer) else np.asarray(teacher_sorted, np.float64)
+    if ts is not None and not (np.isfinite(ts).all() and ts.min() >= 0 and ts.max() <= 1):  # concrete: checked
+        raise InputError(f"teacher_sorted: expected probabilities in [0, 1], got values in [{ts.min()}, {ts.max()}]")
     valid = jnp.asarray(alignment["group_valid"])
     p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
     sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),

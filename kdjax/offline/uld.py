@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.crosstok import MERGES, teacher_sorted_groups
-from kdjax.crosstok.align import ALIGNMENT
+from kdjax.crosstok.align import ALIGNMENT, check_alignment
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.offline.store import (ULD_FORMAT, _check_directory, _check_metadata, _read_manifest, _read_shards,
                                  _write_shards, fingerprint)
@@ -116,6 +116,11 @@ def write_uld_cache(directory, teacher, variables, extra, k: int | None = None, 
         lo, hi = int(arrays[key].min()), int(arrays[key].max())
         if lo < 0 or hi >= vocab:
             raise InputError(f"extra: {key}: expected ids in [0, {vocab}) (the teacher's vocabulary), got [{lo}, {hi}]")
+    if arrays["teacher_y"].shape != tx.shape:
+        raise InputError(f"extra: teacher_y: expected shape {list(tx.shape)} (teacher_x's), got "
+                         f"{list(arrays['teacher_y'].shape)}")
+    # concrete here (inside the jitted pass below the ranges could not be checked)
+    check_alignment({key: arrays[key] for key in ALIGNMENT}, None, (*tx.shape, vocab), None, arrays["teacher_y"])
     rows, groups = arrays["group_valid"].shape
     itemsize = np.dtype(values_dtype).itemsize
     want = {"format": ULD_FORMAT, "k": int(k), "rows": int(rows), "groups": int(groups),
@@ -172,5 +177,6 @@ def read_uld_cache(directory, *, extra=None, teacher=None, variables=None, tempe
     for name, given in (("temperature", temperature), ("merge", merge)):
         if given is not None and given != m[name]:
             raise InputError(f"{directory}: written at {name} {m[name]!r}, expected {given!r}")
-    arrays, m = _read_shards(directory, ULD_FORMAT, "write_uld_cache")
+    arrays, m = _read_shards(directory, ULD_FORMAT, "the same kdjax teacher-logits --method uld command (or "
+                                                    "write_uld_cache)")
     return arrays["values"], arrays["mass"], m

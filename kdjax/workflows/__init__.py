@@ -344,7 +344,8 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
-    if (objective is None) != (extra_data is None) or (objective is not None and values is not None):
+    given = values is not None or indices is not None
+    if (objective is None) != (extra_data is None) or (objective is not None and given):
         raise InputError("distill_offline: expected values and indices (a top-k cache), or an objective with the "
                          "extra_data it reads, not both")
     if objective is not None:
