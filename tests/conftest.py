@@ -3,6 +3,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,3 +45,35 @@ def seed_data():
 
     return kdjax.data.synthetic(num_samples=500, input_dim=50, num_classes=5, seed=42,
                                 test_samples=100)
+
+
+STEPS = 30  # the length of the ``setup`` fixture's schedule
+
+
+@pytest.fixture(scope="session")
+def setup(seed_data):
+    """A teacher trained STEPS steps on ``seed_data``, its logits, an untrained student and the
+    schedule, for tests/test_step.py, test_sweep.py and test_evaluation.py: built once per test
+    process (they were one file, with this fixture per module, before they were split)."""
+    import kdjax
+    from kdjax import data as kdata
+
+    ds = seed_data
+    d = {"x": jnp.asarray(ds.x_train), "y": jnp.asarray(ds.y_train)}
+    rng = jax.random.PRNGKey(0)
+    schedule = kdata.seed_schedule(jax.random.PRNGKey(1), 500, 64, STEPS)
+    teacher, student = kdjax.TeacherMLP(128, 5), kdjax.StudentMLP(32, 5)
+    tstate = kdjax.create_train_state(teacher, jax.random.PRNGKey(2), 50)
+    tstate, _ = kdjax.make_run(teacher, "ce")(tstate, d, schedule, rng)
+    tlogits = kdjax.predict_logits(teacher, tstate.params, d["x"])
+    return dict(d=d, rng=rng, schedule=schedule, teacher=teacher, student=student,
+                tparams=tstate.params, tlogits=tlogits)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits, for tests/test_hinton.py, test_data.py and test_workflows.py."""
+    pytest.importorskip("sklearn")
+    from kdjax import data
+
+    return data.digits()

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -167,3 +170,9 @@ def test_linear_after_flatten_permutes_input_rows():
         torch_to_variables(sd, like, linear_after_flatten={"fc": (3, 4, 5)})
     with pytest.raises(ValueError, match="linear_after_flatten"):
         torch_to_variables(sd, like, linear_after_flatten={"head": (2, 4, 5)})
+
+
+def test_import_kdjax_does_not_import_torch():
+    code = "import sys, kdjax, kdjax.convert, kdjax.app.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,4 +1,5 @@
-"""kdjax.data.text: byte-level windows of the standard library's source, or the user's corpus."""
+"""kdjax.data.corpus (``kdjax.data.text``): byte-level windows of the standard library's
+source, or the user's corpus. (``take_batch`` is tests/test_data.py's.)"""
 
 import os
 import sysconfig
@@ -53,19 +54,3 @@ def test_text_errors(tmp_path):
         data.text(64, tmp_path / "short.txt")
     with pytest.raises(InputError, match="length: expected an int >= 1, got 0"):
         data.text(0)
-
-
-def test_take_batch_is_indexing_in_one_program():
-    import jax.numpy as jnp
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    d = {"x": jnp.asarray(rng.normal(size=(20, 3))), "y": jnp.arange(20)}
-    idx = np.array([3, 0, 19, 7])
-    got = data.take_batch(d, idx)
-    np.testing.assert_array_equal(np.asarray(got["x"]), np.asarray(d["x"])[idx])
-    np.testing.assert_array_equal(np.asarray(got["y"]), idx)
-    with pytest.raises(InputError, match=r"indices: expected values in \[0, 20\), got values from 3 to 20"):
-        data.take_batch(d, np.array([3, 20]))
-    with pytest.raises(InputError, match="equal numbers of rows"):
-        data.take_batch({"x": d["x"], "y": d["y"][:5]}, idx)
