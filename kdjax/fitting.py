@@ -380,7 +380,7 @@ def paired_students(seeds, teacher_logits, temperature: float, alpha: float, *,
                     per_seed: bool | None = None) -> dict:
     """``fit_members`` keyword arguments (``seeds``, ``hyper``, ``teacher_logits``) training standard
     (members 0..n-1: alpha = 0 makes ``distillation_loss`` exactly the CE, bitwise; see
-    tests/test_train.py) and distilled students (n..2n-1) as one vmapped program; i and n + i share
+    tests/test_step.py) and distilled students (n..2n-1) as one vmapped program; i and n + i share
     seed i, hence init, minibatches and a per-seed teacher. Split results with ``[:n]``, ``[n:]``.
 
     Args:

@@ -1,4 +1,5 @@
-"""The ``kdjax`` command: ``demo``, ``distill``, ``omit-class`` and ``sweep``.
+"""The ``kdjax`` command: ``demo``, ``distill``, ``omit-class``, ``sweep``, ``teacher-logits``,
+``on-policy`` and ``lm-methods``.
 
 User mistakes (bad arguments, invalid data, out-of-range hyperparameters: a
 ``UsageError`` here, ``kdjax.errors.InputError``/``InputTypeError`` in the library)

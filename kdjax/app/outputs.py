@@ -34,6 +34,7 @@ _PLOTS = {
     "omit-class": ("omitted_class.png",),
     "sweep": ("sweep_heatmap.png",),
     "on-policy": (),
+    "lm-methods": ("lm_methods_[0-9]*.png", "lm_methods_cost.png"),
 }
 _RUN = ("results.json", "metrics.jsonl", "checkpoints")
 _CACHE = ("manifest.json", "tokenizer.json", "teacher_tokenizer.json", "shard-[0-9][0-9][0-9][0-9][0-9].npz")  # offline's shard names exactly

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from kdjax.app import EXIT_USAGE, UsageError, commands
+from kdjax.app.lm_methods import METHODS as LM_METHODS
 from kdjax.app.methods import TABLE, method_options, only_with
 from kdjax.app.reporting import version
 
@@ -365,6 +366,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common_output(op)
     op.set_defaults(func=commands.cmd_on_policy, arch="llama")
 
+    lm = add("lm-methods", help="which language-model distillation method, at what cost: CE, dense KD, top-k caches, "
+                                "SeqKD, GKD, on-policy reverse KL and ULD on the bundled text at equal student "
+                                "updates, in bits per byte, with their costs")
+    lm.add_argument("--methods", nargs="+", choices=list(LM_METHODS), default=list(LM_METHODS),
+                    help="ce first (the paired baseline)")
+    lm.add_argument("--budgets", nargs="+", type=_positive_int, default=[100, 300],
+                    help="student updates at which every method is read (one run to the largest)")
+    lm.add_argument("--text-bytes", type=_positive_int, default=200_000, help="training bytes of the bundled text")
+    lm.add_argument("--context", type=_positive_int, default=64, help="tokens per window")
+    lm.add_argument("--vocab-size", type=_positive_int, default=512,
+                    help="the byte-level BPE of the teacher and the students, trained here")
+    lm.add_argument("--uld-vocab-size", type=_positive_int, default=1024,
+                    help="uld: the other tokenizer, of the second teacher")
+    lm.add_argument("--teacher-layers", type=_positive_int, default=2, help="each teacher's layers")
+    lm.add_argument("--teacher-dim", type=_positive_int, default=128, help="each teacher's hidden size")
+    lm.add_argument("--student-layers", type=_positive_int, default=2, help="the student's layers")
+    lm.add_argument("--student-dim", type=_positive_int, default=64,
+                    help="the student's hidden size (2 x 64: a quarter of a 2 x 128 teacher's transformer weights)")
+    lm.add_argument("--teacher-steps", type=_positive_int, default=1500, help="each teacher's cross-entropy steps")
+    lm.add_argument("--batch-size", type=_positive_int, default=32, help="windows per update")
+    lm.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (teachers and students)")
+    lm.add_argument("--temperature", type=float, default=1.0, help="kd, top-k and uld: T")
+    lm.add_argument("--alpha", type=float, default=0.5, help="kd, top-k and uld: the distillation weight")
+    lm.add_argument("--seeds", type=_positive_int, default=8, help="students per method (>= 2 for intervals)")
+    lm.add_argument("--seed", type=_seed, default=0, help="first seed (the teachers train on it)")
+    lm.add_argument("--resume", action="store_true", help="continue an interrupted study in --out (finished "
+                                                          "teachers and methods are read back)")
+    _common_output(lm)
+    lm.set_defaults(func=_lm_methods, arch="llama", dataset="text", tokenizer=None, teacher=None)
+
     sw = add("sweep", help="temperatures x alphas x seeds as one compiled program")
     _training_args(sw, seeds_default=2)
     sw.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="the grid's T values")
@@ -475,4 +506,10 @@ def check_modes(args, given: set[str]) -> None:
         applies, why = rules.get(dest, (None, None))
         if applies is not None and not applies(args):
             raise UsageError(f"--{dest.replace('_', '-')}: {why}")
+
+
+def _lm_methods(args, rep):
+    from kdjax.app.lm_methods import cmd_lm_methods
+
+    return cmd_lm_methods(args, rep)
 

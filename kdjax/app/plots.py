@@ -120,3 +120,29 @@ def omitted_class(path, mean_ci: dict, paper: dict, omit: int, title: str) -> st
     axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle(title)
     return _save(plt, fig, path)
+
+
+def methods_bars(path, names, means, halfwidths, title: str, ylabel: str) -> str:
+    """One bar per method with its 95% CI (``kdjax lm-methods``, one budget)."""
+    plt, fig, ax = _figure(figsize=(max(6, 0.7 * len(names) + 2), 4))
+    ax.bar(names, means, yerr=halfwidths, capsize=4, color=["#777"] + ["#47a"] * (len(names) - 1))
+    lo, hi = min(m - h for m, h in zip(means, halfwidths)), max(m + h for m, h in zip(means, halfwidths))
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=45)
+    return _save(plt, fig, path)
+
+
+def quality_cost(path, names, costs, means, halfwidths, title: str, xlabel: str, ylabel: str) -> str:
+    """Each method's quality (with its 95% CI) against its cost, log scale (``kdjax lm-methods``)."""
+    plt, fig, ax = _figure(figsize=(6.5, 4.5))
+    ax.errorbar(costs, means, yerr=halfwidths, fmt="o", capsize=4, color="#47a")
+    for name, x, y in zip(names, costs, means):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(plt, fig, path)
+

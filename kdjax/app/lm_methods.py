@@ -1,0 +1,364 @@
+"""``kdjax lm-methods``: which language-model distillation method, at what cost.
+
+On the bundled text (one byte-level BPE for teacher and students), a teacher trained here and a
+student of a quarter of its transformer parameters, trained by every method for the same
+student updates (same init and minibatches per seed, one vmapped program per method), read
+at each budget on the validation windows in **bits per byte**:
+
+* ``ce``: cross-entropy alone (the paired baseline);
+* ``kd``: dense KD, ``(1 − alpha) CE + alpha T² KL`` on the teacher's logits of every window;
+* ``topk8``, ``topk64``, ``topk_all``: the same loss from a cache of the teacher's top k
+  (``kdjax.fused.FusedLM``; ``topk_all`` keeps the whole vocabulary);
+* ``seqkd``: cross-entropy on windows whose second half the teacher wrote (greedy, Kim & Rush);
+* ``gkd0``, ``gkd0.5``, ``gkd1``: TRL's GKD (beta 0.5, sampling T 0.9) at lmbda 0, 0.5, 1,
+  completing the second half of each window;
+* ``reverse_kl``: on-policy reverse KL (tinker-cookbook's), the same split;
+* ``uld``: ``(1 − alpha) CE + alpha ULD`` against a second teacher of the same size trained
+  on another tokenizer's tokens of the same text (``kdjax.crosstok``).
+
+Costs per method: teacher tokens processed to reach the budget, wall seconds on this machine
+(the teacher's training, shared, apart), bytes kept per training token. Each finished method
+is saved (``--out``/checkpoints); ``--resume`` reruns only what a crash left undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from kdjax.app import UsageError
+
+__all__ = ["METHODS", "Setup", "run"]
+
+METHODS = ("ce", "kd", "topk8", "topk64", "topk_all", "seqkd", "gkd0", "gkd0.5", "gkd1", "reverse_kl", "uld")
+GKD_BETA, GKD_TEMPERATURE = 0.5, 0.9  # TRL's GKDConfig defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The study's sizes (``kdjax lm-methods``' flags)."""
+
+    text_bytes: int = 200_000
+    context: int = 64
+    vocab_size: int = 512
+    uld_vocab_size: int = 1024
+    teacher: tuple = (2, 128)  # layers, hidden size
+    student: tuple = (2, 64)
+    teacher_steps: int = 1500
+    budgets: tuple = (100, 300)
+    batch: int = 32
+    lr: float = 1e-3
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+    @property
+    def prompt(self) -> int:
+        """The on-policy methods' and SeqKD's prompt: the first half of each window."""
+        return self.context // 2
+
+
+def _llama(vocab: int, size: tuple, context: int):
+    from kdjax.models import Llama
+
+    layers, dim = size
+    heads = max(1, dim // 32)
+    return Llama(vocab_size=vocab, hidden_size=dim, intermediate_size=4 * dim, num_layers=layers, num_heads=heads,
+                 num_kv_heads=max(1, heads // 2), max_position_embeddings=context)
+
+
+def _cfg(s: Setup, steps: int):
+    from kdjax.fitting import RunConfig
+
+    return RunConfig(steps=steps, batch_size=s.batch, learning_rate=s.lr)
+
+
+class Study:
+    """The data, the two teachers and one method at a time; finished parts saved under
+    ``directory`` (None: nothing saved)."""
+
+    def __init__(self, s: Setup, seeds, directory: str | None, log):
+        from kdjax import data
+        from kdjax import tokenizer as tk
+        from kdjax.crosstok.text import paired_text
+
+        self.s, self.seeds, self.dir, self.log = s, [int(x) for x in seeds], directory, log
+        _, train, _, _ = data.text_documents(None, utf8=True)
+        docs = [data.decode_text(d) for d in data._first(train, s.text_bytes)]
+        self.tok = tk.train_bpe(docs, s.vocab_size)
+        self.uld_tok = tk.train_bpe(docs[::-1], s.uld_vocab_size)  # other merges, another size
+        self.paired = paired_text(s.context, student_tokenizer=self.tok, teacher_tokenizer=self.uld_tok,
+                                  max_bytes=s.text_bytes, max_teacher_length=4 * s.context)
+        self.ds = self.paired.student
+        self.per_byte = self.paired.tokens_per_byte
+        vocab = int(self.tok.get_vocab_size())
+        self.student = _llama(vocab, s.student, s.context)
+        self.teacher = _llama(vocab, s.teacher, s.context)
+        width = self.paired.extra["teacher_x"].shape[1]
+        self.uld_teacher = _llama(int(self.uld_tok.get_vocab_size()), s.teacher, max(width, s.context))
+
+    # ------------------------------------------------------------------ saved parts
+
+    def _path(self, name: str) -> str | None:
+        return None if self.dir is None else os.path.join(self.dir, name)
+
+    def _saved(self, name: str):
+        path = self._path(name)
+        if path is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def _save(self, name: str, value: dict) -> None:
+        from kdjax.checkpoint import atomic_write_text
+
+        if self.dir is not None:
+            os.makedirs(self.dir, exist_ok=True)
+            atomic_write_text(self._path(name), json.dumps(value))
+
+    # ------------------------------------------------------------------ teachers
+
+    def teacher_state(self, which: str):
+        """``(TrainState, {"bits_per_byte", "seconds"})`` of the main or ULD teacher: trained
+        here on the first seed, or loaded from a finished run's checkpoint."""
+        import jax
+        import jax.numpy as jnp
+
+        from kdjax import checkpoint
+        from kdjax.fitting import evaluate_on, fit_members
+        from kdjax.train import state_from_params
+
+        model, ds = (self.teacher, self.ds) if which == "main" else (self.uld_teacher, self.paired.teacher)
+        tpb = self.per_byte["student" if which == "main" else "teacher"]
+        info, path = self._saved(f"teacher_{which}.json"), self._path(f"teacher_{which}.ckpt")
+        if info is not None and os.path.exists(path):
+            tree, _ = checkpoint.load(path)
+            return state_from_params(jax.tree_util.tree_map(jnp.asarray, tree["params"])), info
+        t0 = time.perf_counter()
+        states, _ = fit_members(model, "ce", ds, _cfg(self.s, self.s.teacher_steps), self.seeds[:1])
+        state = jax.tree_util.tree_map(lambda a: a[0], states)
+        loss = float(evaluate_on(model, state, ds.x_test, ds.y_test)["loss"])
+        info = {"bits_per_byte": loss / math.log(2) * tpb, "seconds": time.perf_counter() - t0}
+        if self.dir is not None:
+            os.makedirs(self.dir, exist_ok=True)
+            checkpoint.save(path, {"params": state.params}, {"model": repr(model)})
+            self._save(f"teacher_{which}.json", info)  # after the weights: its presence means both are there
+        self.log(f"teacher ({which}): {info['bits_per_byte']:.3f} bits per byte, {info['seconds']:.0f} s")
+        return state, info
+
+    # ------------------------------------------------------------------ one method
+
+    def method(self, name: str, identity: dict) -> dict:
+        """The students of ``name`` at every budget (saved; a finished one is read back)."""
+        saved = self._saved(f"method_{name}.json")
+        if saved is not None and saved.get("identity") == identity:
+            self.log(f"{name}: finished in an earlier run, read back")
+            return saved
+        s, ds = self.s, self.ds
+        t0 = time.perf_counter()
+        objective, kw, ds, teacher_tokens, bytes_per_token = self._objective(name)
+        prep = time.perf_counter() - t0
+        budgets, out = sorted(s.budgets), {"bits_per_byte": {}, "seconds": {}, "teacher_tokens": {}}
+        chunk = math.gcd(*budgets)
+
+        def on_chunk(done, total, states):
+            from kdjax.fitting import evaluate_on
+
+            if done in budgets:
+                loss = evaluate_on(self.student, states, self.ds.x_test, self.ds.y_test, members=True)["loss"]
+                b = str(done)
+                out["bits_per_byte"][b] = (np.asarray(loss, np.float64) / math.log(2) * self.per_byte["student"]).tolist()
+                out["seconds"][b] = time.perf_counter() - t0
+                out["teacher_tokens"][b] = int(teacher_tokens(done))
+
+        from kdjax.fitting import fit_members
+
+        fit_members(self.student, objective, ds, _cfg(s, budgets[-1]), self.seeds, chunk=chunk, on_chunk=on_chunk,
+                    **kw)
+        out |= {"identity": identity, "prepare_seconds": prep, "bytes_per_token": bytes_per_token}
+        self._save(f"method_{name}.json", out)
+        b = str(budgets[-1])
+        self.log(f"{name}: {np.mean(out['bits_per_byte'][b]):.3f} bits per byte at {b} updates, "
+                 f"{out['seconds'][b]:.0f} s")
+        return out
+
+    def _objective(self, name: str):
+        """``(objective, fit_members keywords, data, teacher tokens at n updates, bytes per token)``."""
+        from kdjax.crosstok import ULD
+        from kdjax.fused import FusedLM
+        from kdjax.objectives import as_variables
+        from kdjax.train import make_hyper
+
+        s, ds, n = self.s, self.ds, len(self.seeds)
+        rows, length = ds.x_train.shape
+        once = lambda _: rows * length  # the teacher read every window once
+        hyper = make_hyper(np.full(n, s.temperature), np.full(n, s.alpha))
+        if name == "ce":
+            return "ce", {}, ds, lambda _: 0, 0
+        if name == "uld":
+            t_state, _ = self.teacher_state("uld")
+            width = self.paired.extra["teacher_x"].shape[1]
+            obj = ULD(crossentropy_weight=1 - s.alpha, distillation_weight=s.alpha, student_temperature=s.temperature,
+                      teacher_temperature=s.temperature, teacher=self.uld_teacher)
+            return obj, {"extra_data": self.paired.extra, "teacher_variables": as_variables(t_state)}, ds, \
+                lambda u: u * s.batch * width, 0
+        t_state, _ = self.teacher_state("main")
+        variables = as_variables(t_state)
+        vocab = int(self.teacher.vocab_size)
+        if name == "kd":
+            from kdjax.fitting import teacher_logits_for
+
+            logits = teacher_logits_for(self.teacher, t_state, ds)
+            return "kd", {"hyper": hyper, "teacher_logits": logits}, ds, once, 4 * vocab
+        if name.startswith("topk"):
+            k = vocab if name == "topk_all" else int(name[4:])
+            values, indices = _topk(self.teacher, variables, ds.x_train, k)
+            return FusedLM(missing="zero"), {"hyper": hyper, "extra_data": {
+                "teacher_topk_values": values, "teacher_topk_indices": indices}}, ds, once, 8 * k
+        if name == "seqkd":
+            return "ce", {}, _seqkd_data(self.teacher, variables, ds, s.prompt), \
+                lambda _: rows * (length + 1), 4
+        from kdjax.onpolicy import OnPolicy
+
+        new = s.context - s.prompt
+        if name == "reverse_kl":
+            obj = OnPolicy(self.teacher, "reverse_kl", max_new_tokens=new, prompt_length=s.prompt)
+        else:
+            obj = OnPolicy(self.teacher, "gkd", max_new_tokens=new, lmbda=float(name[3:]), beta=GKD_BETA,
+                           temperature=GKD_TEMPERATURE, prompt_length=s.prompt)
+        return obj, {"teacher_variables": variables}, ds, lambda u: u * s.batch * s.context, 0
+
+
+def _topk(teacher, variables, x, k: int, batch: int = 64):
+    """The teacher's top-k log-probabilities and ids on every window (in memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax.losses import topk_logprobs
+
+    f = jax.jit(lambda v, xb: topk_logprobs(teacher.apply(v, xb), k))
+    parts = [f(variables, jnp.asarray(x[i:i + batch])) for i in range(0, len(x), batch)]
+    return (np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts]))
+
+
+def _seqkd_data(teacher, variables, ds, prompt: int, batch: int = 64):
+    """``ds`` with each training window's text after ``prompt`` tokens written by the teacher (greedy)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax.data import Dataset
+    from kdjax.generation import generate
+
+    rows, length = ds.x_train.shape
+
+    @jax.jit
+    def write(v, p):  # the window's tokens after the prompt, then the target after its last
+        seq = generate(teacher, v, p, length - prompt)
+        return jnp.concatenate([seq, jnp.argmax(teacher.apply(v, seq)[:, -1:], axis=-1).astype(seq.dtype)], axis=1)
+
+    seq = np.concatenate([np.asarray(write(variables, jnp.asarray(ds.x_train[i:i + batch, :prompt])))
+                          for i in range(0, rows, batch)])
+    return Dataset(ds.name, seq[:, :length].astype(np.int32), seq[:, 1:].astype(np.int32), ds.x_test, ds.y_test,
+                   ds.num_classes)
+
+
+def summarize(results: dict, methods, budgets) -> dict:
+    """Mean ± 95% CI per method and budget, and each paired against ``ce`` (by seed)."""
+    from kdjax.stats import mean_ci
+
+    out = {}
+    for b in map(str, budgets):
+        base = np.asarray(results["ce"]["bits_per_byte"][b])
+        out[b] = {m: {"mean_ci": mean_ci(np.asarray(results[m]["bits_per_byte"][b])),
+                      "paired_vs_ce": mean_ci(np.asarray(results[m]["bits_per_byte"][b]) - base),
+                      "seconds": results[m]["seconds"][b], "teacher_tokens": results[m]["teacher_tokens"][b],
+                      "bytes_per_token": results[m]["bytes_per_token"]} for m in methods}
+    return out
+
+
+def run(s: Setup, seeds, methods, *, directory: str | None, identity: dict, log=print) -> dict:
+    """The study: both teachers (as the methods need them), then each method; results.json's body."""
+    if methods[0] != "ce":
+        raise UsageError(f"--methods: expected ce first (the paired baseline), got {methods[0]}")
+    study = Study(s, seeds, directory, log)
+    log(f"{study.ds.name}: {len(study.ds.y_train)} training / {len(study.ds.y_test)} validation windows of "
+        f"{s.context} tokens; teacher {s.teacher[0]} x {s.teacher[1]}, student {s.student[0]} x {s.student[1]}")
+    teachers = {}
+    if any(m != "ce" and m != "uld" for m in methods):
+        teachers["main"] = study.teacher_state("main")[1]
+    if "uld" in methods:
+        teachers["uld"] = study.teacher_state("uld")[1]
+    results = {m: study.method(m, identity) for m in methods}
+    return {"setup": dataclasses.asdict(s), "seeds": study.seeds, "methods": list(methods),
+            "tokens_per_byte": study.per_byte, "teachers": teachers, "per_method": results,
+            "summary": summarize(results, methods, s.budgets)}
+
+
+def cmd_lm_methods(args, rep) -> int:
+    """``kdjax lm-methods``: the study with the command's sizes; a table per budget (mean ± 95%
+    CI over seeds, paired against ce, costs), plots and results.json."""
+    from kdjax.app import inputs, plots
+    from kdjax.app.distill_report import finish
+    from kdjax.app.reporting import conclusion, fmt_ci, plural
+    from kdjax.losses import check_alpha, check_temperature
+
+    if len(set(args.methods)) != len(args.methods):
+        raise UsageError(f"--methods: expected each method once, got {args.methods}")
+    if args.methods[0] != "ce":
+        raise UsageError(f"--methods: expected ce first (the paired baseline), got {args.methods[0]}")
+    if len(set(args.budgets)) != len(args.budgets):
+        raise UsageError(f"--budgets: expected distinct numbers of updates, got {args.budgets}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise UsageError(f"--lr: expected a finite number > 0, got {args.lr}")
+    if args.context < 4:
+        raise UsageError(f"--context: expected at least 4 tokens (a prompt and a completion), got {args.context}")
+    if args.resume and not args.out:
+        raise UsageError("--resume: expected --out DIR (where the finished parts are), got none")
+    check_temperature(args.temperature, "--temperature")
+    check_alpha(args.alpha)
+    s = Setup(text_bytes=args.text_bytes, context=args.context, vocab_size=args.vocab_size,
+              uld_vocab_size=args.uld_vocab_size, teacher=(args.teacher_layers, args.teacher_dim),
+              student=(args.student_layers, args.student_dim), teacher_steps=args.teacher_steps,
+              budgets=tuple(sorted(args.budgets)), batch=args.batch_size, lr=args.lr, temperature=args.temperature,
+              alpha=args.alpha)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    identity = json.loads(json.dumps({"setup": dataclasses.asdict(s), "seeds": seeds}))
+    inputs.claim_out(args)
+    directory = None if args.out is None else os.path.join(args.out, "checkpoints")
+    rep.line(f"{len(args.methods)} methods x budgets {list(s.budgets)} student updates (batch {s.batch}, Adam "
+             f"{s.lr:g}); T = {s.temperature:g}, alpha = {s.alpha:g}; {plural(len(seeds), 'seed')}")
+    t0 = time.perf_counter()
+    r = run(s, seeds, tuple(args.methods), directory=directory, identity=identity, log=rep.line)
+    over = f"mean ± 95% CI over n = {plural(len(seeds), 'seed')}"
+    figs, lines = {}, []
+    for b in map(str, s.budgets):
+        rows = r["summary"][b]
+        rep.table(f"validation bits per byte after {b} student updates ({over}; lower is better)",
+                  ["method", "bits per byte", "- ce (paired)", "teacher tokens", "seconds", "bytes / token"],
+                  [[m, fmt_ci(c["mean_ci"]), "" if m == "ce" else fmt_ci(c["paired_vs_ce"], signed=True),
+                    f"{c['teacher_tokens']:,}", f"{c['seconds']:.0f}", str(c["bytes_per_token"])]
+                   for m, c in rows.items()])
+        if b == str(s.budgets[-1]):
+            lines += [conclusion(f"{m} - ce after {b} updates: validation bits per byte (paired by seed; lower is "
+                                 f"better)", rows[m]["paired_vs_ce"], len(seeds), lower_is_better=True, digits=3)
+                      for m in args.methods[1:]]
+        figs[f"budget_{b}"] = (lambda b=b, rows=rows: plots.methods_bars(
+            os.path.join(args.out, f"lm_methods_{b}.png"), list(rows), [c["mean_ci"][0] for c in rows.values()],
+            [c["mean_ci"][1] for c in rows.values()], f"after {b} student updates ({plural(len(seeds), 'seed')})",
+            "validation bits per byte"))
+    last = r["summary"][str(s.budgets[-1])]
+    figs["cost"] = lambda: plots.quality_cost(
+        os.path.join(args.out, "lm_methods_cost.png"), list(last), [c["seconds"] for c in last.values()],
+        [c["mean_ci"][0] for c in last.values()], [c["mean_ci"][1] for c in last.values()],
+        f"after {s.budgets[-1]} updates: quality against wall time", "wall seconds on this machine (log)",
+        "validation bits per byte")
+    teachers = ", ".join(f"{k} {v['bits_per_byte']:.3f}" for k, v in r["teachers"].items())
+    rep.line(f"teachers' validation bits per byte: {teachers}")
+    r["conclusion"] = rep.conclude(lines or ["One method (ce): nothing to compare; --methods lists several."])
+    r["seconds"] = time.perf_counter() - t0
+    r["config"] = vars(args) | {"func": None}
+    return finish(args, rep, r, {} if args.out is None else figs)
