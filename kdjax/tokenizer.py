@@ -28,7 +28,8 @@ def _tokenizers():
     return tokenizers
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None):
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None, *,
+              split_words: bool = True):
     """Train a byte-level BPE, ``EOS`` its token 0 and every byte in its alphabet (any text
     encodes). Deterministic for the same texts.
 
@@ -36,6 +37,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | N
       texts: the training text.
       vocab_size: the most tokens (fewer if the text has fewer merges); at least 257.
       path: where to write it as ``tokenizer.json``, or None.
+      split_words: GPT-2's pre-split into words first (the default); False: merges may cross
+        spaces and punctuation, so tokens straddle words (another segmentation of the same text).
 
     Returns:
       The ``tokenizers.Tokenizer``.
@@ -47,7 +50,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike | N
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
         raise InputError(f"vocab_size: expected an int >= 257 (the 256 bytes and {EOS}), got {vocab_size!r}")
     tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(split_words))
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())

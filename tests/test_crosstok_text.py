@@ -288,3 +288,18 @@ def test_distill_refuses_teacher_data_the_teacher_cannot_read():
         workflows.distill(t, t, ds, None, [0], teacher_state=object(), teacher_data={"x": 1})
     with pytest.raises(InputTypeError, match="extra_data: expected a dict"):
         workflows.distill(t, t, ds, None, [0], teacher_state=object(), extra_data=[1, 2])
+
+
+def test_a_bpe_that_does_not_split_words_is_another_segmentation():
+    """train_bpe(split_words=False): merges cross spaces, so its tokens straddle the default
+    BPE's words (kdjax lm-methods' ULD teacher); paired windows still compare the same bytes."""
+    docs = _docs()
+    s, t = tk.train_bpe(docs, 400), tk.train_bpe(docs, 400, split_words=False)
+    text = "def first(x):\n    return x + 1  # the first one\n"
+    a, b = s.encode(text), t.encode(text)
+    ends_in_space = lambda tok, ids: [tok.decode([i]) for i in ids if tok.decode([i]).strip() and
+                                      tok.decode([i]).endswith(" ")]
+    assert a.ids != b.ids and ends_in_space(t, b.ids) and not ends_in_space(s, a.ids)  # 'def ' vs 'de', 'f', ' f'...
+    assert s.decode(a.ids) == t.decode(b.ids) == text
+    paired = paired_text(16, student_tokenizer=s, teacher_tokenizer=t, max_bytes=TEXT_BYTES)
+    assert _check_groups(paired, s, t) > 0.3

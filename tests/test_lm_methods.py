@@ -44,6 +44,7 @@ def test_every_method_runs_and_is_read_at_every_budget(whole):
         assert rows["ce"]["paired_vs_ce"][0] == 0 and rows["ce"]["teacher_tokens"] == 0
         for m, r in rows.items():
             assert np.isfinite(r["mean_ci"][0]) and 3 < r["mean_ci"][0] < 12, (m, r)
+            assert np.isfinite(r["second_half_mean_ci"][0]), (m, r)
     # the costs say what each method read: once per window (kd, top-k, seqkd) or per update (on-policy, uld)
     rows4, rows2 = whole["summary"]["4"], whole["summary"]["2"]
     assert rows4["kd"]["teacher_tokens"] == rows2["kd"]["teacher_tokens"] > 0
@@ -80,6 +81,11 @@ def test_killed_with_sigkill_resumes_to_the_same_numbers(whole, tmp_path):
     for m in SUBSET:  # the same teachers, students and figures as the uninterrupted study's
         assert r["per_method"][m]["bits_per_byte"] == whole["per_method"][m]["bits_per_byte"], m
     assert r["teachers"]["main"]["bits_per_byte"] == whole["teachers"]["main"]["bits_per_byte"]
+    # a resumed study with other settings reads nothing of this one's back
+    (cut / "results.json").unlink()
+    p = subprocess.run(_cmd(cut, "--methods", *SUBSET, "--resume", "--teacher-steps", "30"), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and "belongs to a study with other settings" in p.stderr, p.stderr[-2000:]
 
 
 def test_lm_methods_refusals(capsys, tmp_path):
