@@ -53,7 +53,7 @@ TEACHER_SEED = 1_000_003  # the teachers' seed: the first student seed + this (t
 class Setup:
     """The study's sizes (``kdjax lm-methods``' flags)."""
 
-    text_bytes: int = 200_000
+    text_bytes: int = 2_000_000  # the whole bundled text (1.4 MB): a teacher trained longer on less overfits
     context: int = 64
     vocab_size: int = 512
     uld_vocab_size: int = 1024
@@ -191,6 +191,8 @@ class Study:
         if saved is not None:
             self.log(f"{name}: finished in an earlier run, read back")
             return saved
+        import jax
+
         s = self.s
         t0 = time.perf_counter()
         objective, kw, ds, teacher_tokens, bytes_per_token = self._objective(name)
@@ -200,6 +202,7 @@ class Study:
         evaluating, marks = [0.0], []  # seconds spent evaluating; (updates, seconds) at each chunk's end
 
         def on_chunk(done, total, states):
+            jax.block_until_ready(states)  # the chunk's work done (dispatch is asynchronous)
             now = time.perf_counter()
             marks.append((done, now - t0 - evaluating[0]))
             if done in budgets:
@@ -433,6 +436,12 @@ def cmd_lm_methods(args, rep) -> int:
         "validation bits per byte")
     teachers = ", ".join(f"{k} {v['bits_per_byte']:.3f}" for k, v in r["teachers"].items())
     rep.line(f"teachers' validation bits per byte: {teachers}")
+    ce = r["summary"][str(s.budgets[-1])]["ce"]["mean_ci"][0]
+    weak = [k for k, v in r["teachers"].items() if v["bits_per_byte"] >= ce]
+    if weak:
+        rep.warn(f"warning: the {' and '.join(weak)} teacher is no better than the ce student after "
+                 f"{s.budgets[-1]} updates ({ce:.3f} bits per byte): it has little to teach (train it longer, or on "
+                 f"more text if it overfits)")
     r["conclusion"] = rep.conclude(lines or ["One method (ce): nothing to compare; --methods lists several."])
     r["seconds"] = time.perf_counter() - t0
     r["config"] = vars(args) | {"func": None}

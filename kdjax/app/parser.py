@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ce first (the paired baseline)")
     lm.add_argument("--budgets", nargs="+", type=_positive_int, default=[100, 300],
                     help="student updates at which every method is read (one run to the largest)")
-    lm.add_argument("--text-bytes", type=_positive_int, default=200_000, help="training bytes of the bundled text")
+    lm.add_argument("--text-bytes", type=_positive_int, default=2_000_000,
+                    help="training bytes of the bundled text (default: all of it, 1.4 MB)")
     lm.add_argument("--context", type=_positive_int, default=64, help="tokens per window")
     lm.add_argument("--vocab-size", type=_positive_int, default=512,
                     help="the byte-level BPE of the teacher and the students, trained here")
