@@ -6,6 +6,8 @@ student updates (same init and minibatches per seed, one vmapped program per met
 at each budget on the validation windows in **bits per byte**:
 
 * ``ce``: cross-entropy alone (the paired baseline);
+* ``ce_half``: cross-entropy on the second half's targets only (what seqkd and the on-policy
+  methods see of each window: the control for their having half the targets);
 * ``kd``: dense KD, ``(1 − alpha) CE + alpha T² KL`` on the teacher's logits of every window
   (computed once and held in memory: the teacher reads the corpus once);
 * ``topk8``, ``topk64``, ``topk_all``: the same loss from a cache of the teacher's top k
@@ -44,7 +46,8 @@ from kdjax.app import UsageError
 
 __all__ = ["METHODS", "Setup", "run"]
 
-METHODS = ("ce", "kd", "topk8", "topk64", "topk_all", "seqkd", "gkd0", "gkd0.5", "gkd1", "reverse_kl", "uld")
+METHODS = ("ce", "ce_half", "kd", "topk8", "topk64", "topk_all", "seqkd", "gkd0", "gkd0.5", "gkd1", "reverse_kl",
+           "uld")
 GKD_BETA, GKD_TEMPERATURE = 0.5, 0.9  # TRL's GKDConfig defaults
 TEACHER_SEED = 1_000_003  # the teachers' seed: the first student seed + this (their own init and minibatches)
 
@@ -259,8 +262,10 @@ class Study:
         rows, length = ds.x_train.shape
         once = lambda _: rows * length  # the teacher read every window once
         hyper = make_hyper(np.full(n, s.temperature), np.full(n, s.alpha))
-        if name == "ce":
-            return "ce", {}, ds, lambda _: 0, 0
+        second_half = np.zeros(ds.y_train.shape, bool)
+        second_half[:, s.prompt - 1:] = True
+        if name in ("ce", "ce_half"):
+            return "ce", ({"extra_data": {"where": second_half}} if name == "ce_half" else {}), ds, lambda _: 0, 0
         if name == "uld":
             t_state, _ = self.teacher_state("uld")
             width = self.paired.extra["teacher_x"].shape[1]
@@ -282,9 +287,7 @@ class Study:
             return FusedLM(missing="zero"), {"hyper": hyper, "extra_data": {
                 "teacher_topk_values": values, "teacher_topk_indices": indices}}, ds, once, 8 * k
         if name == "seqkd":  # CE on the teacher's second halves only (Kim & Rush: its outputs, not the prompt)
-            where = np.zeros(ds.y_train.shape, bool)
-            where[:, s.prompt - 1:] = True
-            return "ce", {"extra_data": {"where": where}}, _seqkd_data(self.teacher, variables, ds, s.prompt), \
+            return "ce", {"extra_data": {"where": second_half}}, _seqkd_data(self.teacher, variables, ds, s.prompt), \
                 lambda _: rows * 2 * length, 4
         from kdjax.onpolicy import OnPolicy
 
@@ -357,7 +360,7 @@ def run(s: Setup, seeds, methods, *, directory: str | None, resume: bool = False
     log(f"{study.ds.name}: {len(study.ds.y_train)} training / {len(study.ds.y_test)} validation windows of "
         f"{s.context} tokens; teacher {s.teacher[0]} x {s.teacher[1]}, student {s.student[0]} x {s.student[1]}")
     teachers = {}
-    if any(m != "ce" and m != "uld" for m in methods):
+    if any(m not in ("ce", "ce_half", "uld") for m in methods):
         teachers["main"] = study.teacher_state("main")[1]
     if "uld" in methods:
         teachers["uld"] = study.teacher_state("uld")[1]
