@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from kdjax.app import UsageError, inputs, methods
-from kdjax.app.distill_report import SYNTHETIC, finish, metrics_log, report_distill
+from kdjax.app.distill_report import SYNTHETIC, distill_from_cache, finish, metrics_log, report_distill
 from kdjax.app.reporting import Reporter, conclusion, fmt_ci, plural, version
 from kdjax.errors import InputError
 
@@ -259,12 +259,6 @@ def topk_coverage(model, variables, tokens, k: int, batch_size: int) -> float:
     return total / tokens.size
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
 def cmd_teacher_logits(args, rep: Reporter) -> int:
     """``kdjax teacher-logits``: the teacher's top-k log-probabilities on the training windows
     of ``--dataset`` (as ``kdjax distill --arch llama`` cuts them), written once to a cache
@@ -272,7 +266,7 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
     figures; a killed build resumes when run again."""
     from kdjax import checkpoint, offline
     from kdjax.fitting import evaluate_on
-    from kdjax.tokenizer import check_vocabulary
+    from kdjax.tokenizer import check_vocabulary, content_sha256
 
     if not inputs.hf_folder(args):
         raise UsageError(f"--teacher: expected a Hugging Face checkpoint folder (config.json, *.safetensors), "
@@ -299,10 +293,10 @@ def cmd_teacher_logits(args, rep: Reporter) -> int:
     ev = evaluate_on(teacher, t_state, ds.x_test, ds.y_test)
     coverage = round(topk_coverage(teacher, variables, ds.x_test, args.k, min(args.batch_size, len(ds.x_test))), 6)
     metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
-                "tokenizer_sha256": _sha256(tok.to_str().encode()), "dataset": ds.name, "context": int(length),
+                "tokenizer_sha256": content_sha256(tok), "dataset": ds.name, "context": int(length),
                 # the shards' bytes depend on the batch (XLA's sums): a resume with another one is refused
                 "batch_size": int(args.batch_size),
-                "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(ds.x_test).tobytes()),
+                "validation": {"tokens_sha256": inputs.array_sha256(ds.x_test),
                                "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
                                "topk_coverage": coverage}}
     inputs.claim_out(args)
@@ -335,8 +329,9 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     """``kdjax distill --arch llama --teacher-logits CACHE``: the students of ``distill``
     trained from a teacher's cached top-k (``workflows.distill_offline``); no teacher runs.
     The student is of the cached teacher's family; the tokens must be the cache's."""
-    from kdjax import offline, workflows
+    from kdjax import offline
     from kdjax.losses import check_alpha, check_temperature
+    from kdjax.tokenizer import check_vocabulary, content_sha256
 
     if args.method == "uld":  # a teacher of another tokenizer, cached per aligned group
         from kdjax.app.uld_cache import distill_from_uld_cache
@@ -371,9 +366,8 @@ def _distill_from_cache(args, rep: Reporter) -> int:
                          f"names the teacher's configuration), got one without")
     tok = inputs.tokenizer(args)
     ds = inputs.dataset(args, tok)
-    if ds.x_train.shape != (m["rows"], m["length"]) or offline._sha(np.ascontiguousarray(ds.x_train).tobytes()) \
-            != m["tokens"]:
-        why = ("another tokenizer" if meta.get("tokenizer_sha256") != _sha256(tok.to_str().encode())
+    if ds.x_train.shape != (m["rows"], m["length"]) or inputs.array_sha256(ds.x_train) != m["tokens"]:
+        why = ("another tokenizer" if meta.get("tokenizer_sha256") != content_sha256(tok)
                else "other text or another --context / --text-bytes")
         raise UsageError(f"--teacher-logits {cache}: built for other training tokens than these ({why}; the cache: "
                          f"{meta.get('dataset')}, context {meta.get('context')})")
@@ -383,8 +377,6 @@ def _distill_from_cache(args, rep: Reporter) -> int:
         raise UsageError(f"--teacher-logits: {e}") from None
     teacher = inputs.cache_teacher(cache, m, meta)
     student = inputs.student_like(teacher, args)
-    from kdjax.tokenizer import check_vocabulary
-
     check_vocabulary(tok, student)
     inputs.validate_models((student,), ds)
     inputs.check_lm_memory(args, student, "student")
@@ -393,7 +385,7 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     ckpts = inputs.with_inputs(ckpts, ds, os.path.join(cache, "manifest.json"))
     validation = meta.get("validation") or {}
-    same_validation = validation.get("tokens_sha256") == _sha256(np.ascontiguousarray(ds.x_test).tobytes())
+    same_validation = validation.get("tokens_sha256") == inputs.array_sha256(ds.x_test)
     teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same_validation \
         else None
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
@@ -402,24 +394,9 @@ def _distill_from_cache(args, rep: Reporter) -> int:
     rep.line(f"teacher: the top-{m['k']} cache {cache} ({m['bytes_per_token']} bytes per token"
              + ("" if coverage is None else f", {coverage:.1%} of the teacher's probability mass")
              + f"; {inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
-    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size, [("student", student, ds.x_train[:1])])
-    from kdjax.app import metrics
-
-    metrics.check_tensorboard(args.tensorboard)
-    inputs.claim_out(args)
-    names = {k: [f"{k}/seed{s}" for s in seeds] for k in ("standard", "distilled")}
-    log = metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
-    with rep.progress() as on_chunk, contextlib.closing(log):
-        r = workflows.distill_offline(student, ds, cfg, seeds, values, indices, temperature=args.temperature,
-                                      alpha=args.alpha, missing=args.topk_missing, loss=args.topk_loss,
-                                      teacher_eval=teacher_eval,
-                                      checkpoints=ckpts, on_chunk=on_chunk, log=rep.line, mesh=mesh,
-                                      on_losses=rep.watch(log.losses))
-        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
-                       {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
-                       {"teacher": ["teacher/cached"], **names})
-    if teacher_eval is None:
-        rep.line("the cache's teacher figures are for other validation windows: no teacher row")
+    r = distill_from_cache(args, rep, student, ds, cfg, seeds, ckpts, teacher_eval, values=values, indices=indices,
+                           temperature=args.temperature, alpha=args.alpha, missing=args.topk_missing,
+                           loss=args.topk_loss)
     extra = {"teacher_logits": {"cache": cache, "k": m["k"], "bytes_per_token": m["bytes_per_token"],
                                 "missing": args.topk_missing, "loss": args.topk_loss, "teacher_folder": meta.get("teacher_folder"),
                                 "topk_coverage": coverage}}

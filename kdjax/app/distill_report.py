@@ -12,7 +12,7 @@ import numpy as np
 from kdjax.app import inputs, methods
 from kdjax.app.reporting import Reporter, conclusion, fmt_ci, jsonable, plural, version
 
-__all__ = ["SYNTHETIC", "finish", "metrics_log", "report_distill"]
+__all__ = ["SYNTHETIC", "finish", "metrics_log", "distill_from_cache", "report_distill"]
 
 
 SYNTHETIC = ("--dataset synthetic (the default) has random labels, the reference script 08_distillation.py's data: "
@@ -53,6 +53,33 @@ def metrics_log(args, members: dict):
         return MetricsLog(None, None, members)
     path = None if args.out is None else os.path.join(args.out, "metrics.jsonl")
     return MetricsLog(path, args.tensorboard, members, resume=getattr(args, "resume", False))
+
+
+def distill_from_cache(args, rep: Reporter, student, ds, cfg, seeds, ckpts, teacher_eval, **objective):
+    """The standard and distilled students of ``kdjax distill --teacher-logits CACHE``
+    (``workflows.distill_offline`` with the cache's ``objective`` arguments; no teacher runs):
+    the mesh, --out claimed, metrics.jsonl. ``teacher_eval``: the cache's teacher figures, None
+    when they are for other validation windows (then no teacher row, which is said)."""
+    import contextlib
+
+    from kdjax import workflows
+    from kdjax.app import metrics
+
+    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size, [("student", student, ds.x_train[:1])])
+    metrics.check_tensorboard(args.tensorboard)
+    inputs.claim_out(args)
+    names = {k: [f"{k}/seed{s}" for s in seeds] for k in ("standard", "distilled")}
+    log = metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
+    with rep.progress() as on_chunk, contextlib.closing(log):
+        r = workflows.distill_offline(student, ds, cfg, seeds, teacher_eval=teacher_eval, checkpoints=ckpts,
+                                      on_chunk=on_chunk, log=rep.line, mesh=mesh, on_losses=rep.watch(log.losses),
+                                      **objective)
+        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
+                       {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
+                       {"teacher": ["teacher/cached"], **names})
+    if teacher_eval is None:
+        rep.line("the cache's teacher figures are for other validation windows: no teacher row")
+    return r
 
 
 def _variables(states) -> dict:

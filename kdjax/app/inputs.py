@@ -13,9 +13,10 @@ from kdjax.app import UsageError
 from kdjax.app.reporting import Reporter, jsonable, plural
 from kdjax.errors import InputError
 
-__all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer", "hf_folder",
-           "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints", "make_mesh", "check_out", "claim_out",
-           "seal_out", "save_hf_overwrite", "identity", "with_inputs", "check_program_memory", "check_lm_memory", "check_schedule_memory"]
+__all__ = ["dataset", "run_config", "models", "teacher_and_student", "student_like", "hf_teacher", "tokenizer",
+           "hf_folder", "validate_models", "check_logits_memory", "describe", "load_teacher", "checkpoints",
+           "make_mesh", "check_out", "claim_out", "seal_out", "save_hf_overwrite", "identity", "with_inputs",
+           "array_sha256", "check_program_memory", "check_lm_memory", "check_schedule_memory"]
 
 
 def check_out(args) -> None:
@@ -108,7 +109,7 @@ def tokenizer(args):
     if args.tokenizer:
         tok = tk.load_tokenizer(args.tokenizer)
         own = os.path.join(args.teacher, "tokenizer.json") if hf_folder(args) else None
-        if not uld and own and os.path.isfile(own) and _content(tk.load_tokenizer(own)) != _content(tok):
+        if not uld and own and os.path.isfile(own) and not tk.same_tokenizer(own, tok):
             raise UsageError(f"--tokenizer {args.tokenizer}: expected the teacher's own tokenizer ({own}), got "
                              f"another one (its vocabulary or merges differ): the teacher's token ids would "
                              f"mean other text; a teacher with another tokenizer distils with --method uld")
@@ -160,11 +161,11 @@ def paired_text(args, tok, teacher, teacher_tok=None):
         raise UsageError(f"--method uld: {e}") from None
 
 
-def _content(tok) -> str:
-    """A tokenizer's content hash (vocabulary, merges, normalisation, special tokens)."""
+def array_sha256(a) -> str:
+    """The sha256 (hex) of an array's bytes in C order: which tokens a cache was built on."""
     import hashlib
 
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def dataset(args, tok=None):

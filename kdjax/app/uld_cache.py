@@ -5,7 +5,6 @@ cache with no teacher run."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -19,12 +18,6 @@ from kdjax.errors import InputError
 __all__ = ["teacher_logits_uld", "distill_from_uld_cache", "ULD_K"]
 
 ULD_K = 256  # probabilities kept per aligned group by default (--k); the teacher's whole vocabulary is exact
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def _check_memory(rows: int, groups: int, k: int, itemsize: int, flag: str) -> None:
@@ -54,9 +47,8 @@ def teacher_logits_uld(args, rep: Reporter) -> int:
     from kdjax import checkpoint, offline
     from kdjax.app.inputs import teacher_tokenizer
     from kdjax.fitting import evaluate_on
-    from kdjax.tokenizer import check_vocabulary
-
     from kdjax.losses import check_temperature
+    from kdjax.tokenizer import check_vocabulary, content_sha256
 
     temperature = 1.0 if args.temperature is None else args.temperature
     check_temperature(temperature, "--temperature")
@@ -77,11 +69,11 @@ def teacher_logits_uld(args, rep: Reporter) -> int:
     t0 = time.perf_counter()
     ev = evaluate_on(teacher, t_state, paired.teacher.x_test, paired.teacher.y_test)
     metadata = {"teacher_folder": os.path.abspath(args.teacher), "teacher_config": teacher.hf_config(),
-                "tokenizer_sha256": _sha256(tok.to_str().encode()),
-                "teacher_tokenizer_sha256": _sha256(t_tok.to_str().encode()), "dataset": paired.student.name,
+                "tokenizer_sha256": content_sha256(tok),
+                "teacher_tokenizer_sha256": content_sha256(t_tok), "dataset": paired.student.name,
                 "context": int(args.context), "text_bytes": int(args.text_bytes),
                 "batch_size": int(args.batch_size),
-                "validation": {"tokens_sha256": _sha256(np.ascontiguousarray(paired.teacher.x_test).tobytes()),
+                "validation": {"tokens_sha256": inputs.array_sha256(paired.teacher.x_test),
                                "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
                                "tokens_per_byte": paired.tokens_per_byte["teacher"]}}
     inputs.claim_out(args)
@@ -122,11 +114,10 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
     students of ``distill --method uld`` from a cache of ``teacher-logits --method uld``, no
     teacher run. The cache fixes the teacher's temperature and merging; the text, context and
     tokenizers must be the cache's."""
-    from kdjax import crosstok, offline, workflows
-    from kdjax.app import metrics
-    from kdjax.app.distill_report import metrics_log, report_distill
+    from kdjax import crosstok, offline
+    from kdjax.app.distill_report import distill_from_cache, report_distill
     from kdjax.losses import check_alpha
-    from kdjax.tokenizer import check_vocabulary, load_tokenizer
+    from kdjax.tokenizer import check_vocabulary, content_sha256, load_tokenizer
 
     for flag, given in (("--teacher", args.teacher), ("--tune", args.tune), ("--teacher-steps", args.teacher_steps),
                         ("--topk-loss", args.topk_loss != "kl"), ("--topk-missing", args.topk_missing != "zero")):
@@ -167,7 +158,7 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
         check_vocabulary(t_tok, teacher)
     except InputError as e:
         raise UsageError(f"--teacher-logits: {e}") from None
-    if _sha256(t_tok.to_str().encode()) != meta.get("teacher_tokenizer_sha256"):
+    if content_sha256(t_tok) != meta.get("teacher_tokenizer_sha256"):
         raise UsageError(f"--teacher-logits {cache}: teacher_tokenizer.json is not the tokenizer the cache was built "
                          f"with (its content sha256 differs from the manifest's); rebuild the cache")
     if args.context != meta.get("context"):
@@ -195,27 +186,15 @@ def distill_from_uld_cache(args, rep: Reporter) -> int:
                              student_temperature=args.temperature, teacher_temperature=args.temperature,
                              merge=args.uld_merge)
     validation = meta.get("validation") or {}
-    same = validation.get("tokens_sha256") == _sha256(np.ascontiguousarray(paired.teacher.x_test).tobytes())
+    same = validation.get("tokens_sha256") == inputs.array_sha256(paired.teacher.x_test)
     teacher_eval = {"test": {"accuracy": validation["accuracy"], "loss": validation["loss"]}} if same else None
     rep.line(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} validation windows; {cfg.describe()}; "
              f"method uld: {objective.describe()}; {plural(args.seeds, 'seed')}")
     rep.line(f"teacher: the ULD cache {cache} (top {m['k']} per group, {m['bytes_per_group']} bytes; "
              f"{inputs.describe(teacher)}, not loaded); student {inputs.describe(student)}")
-    mesh = inputs.make_mesh(args, rep, 2 * len(seeds), cfg.batch_size, [("student", student, ds.x_train[:1])])
-    metrics.check_tensorboard(args.tensorboard)
-    inputs.claim_out(args)
-    names = {k: [f"{k}/seed{s}" for s in seeds] for k in ("standard", "distilled")}
-    log = metrics_log(args, {"students": names["standard"] + names["distilled"], **names})
     extra = {k: paired.extra[k] for k in crosstok.align.ALIGNMENT} | {"teacher_sorted": values}
-    with rep.progress() as on_chunk, contextlib.closing(log):
-        r = workflows.distill_offline(student, ds, cfg, seeds, objective=objective, extra_data=extra,
-                                      teacher_eval=teacher_eval, checkpoints=ckpts, on_chunk=on_chunk, log=rep.line,
-                                      mesh=mesh, on_losses=rep.watch(log.losses))
-        log.evaluation("test", cfg.total_steps(len(ds.y_train)),
-                       {"accuracy": r.accuracy["test"], "loss": r.eval_loss["test"]},
-                       {"teacher": ["teacher/cached"], **names})
-    if teacher_eval is None:
-        rep.line("the cache's teacher figures are for other validation windows: no teacher row")
+    r = distill_from_cache(args, rep, student, ds, cfg, seeds, ckpts, teacher_eval, objective=objective,
+                           extra_data=extra)
     per_byte = {"teacher": paired.tokens_per_byte["teacher"], "standard": paired.tokens_per_byte["student"],
                 "distilled": paired.tokens_per_byte["student"]}
     extra_out = {"teacher_logits": {"cache": cache, "method": "uld", "k": m["k"], "merge": m["merge"],
