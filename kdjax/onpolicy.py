@@ -299,11 +299,8 @@ class OnPolicy:
         return loss, (model_state, metrics)
 
 
-def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_new_tokens: int = 16,
-                        lmbda: float = 0.5, beta: float = 0.5, seq_kd: bool = False, temperature: float = 1.0,
-                        top_k: int | None = None, top_p=None, eos_id: int | None = None, pad_id: int | None = None,
-                        coef: float = 1.0, discount: float = 0.0, jit: bool = True, donate: bool = True,
-                        mesh=None, rules=None):
+def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, jit: bool = True, donate: bool = True,
+                        mesh=None, rules=None, **options):
     """The on-policy step ``step(state, batch, rng, teacher_variables) -> (state, metrics)``.
 
     The step's key is ``fold_in(rng, state.step)`` (a resumed run draws what an uninterrupted
@@ -312,34 +309,34 @@ def make_on_policy_step(student, teacher, method: str = "gkd", *, tx=None, max_n
 
     Args:
       student, teacher: the decoders (kdjax's ``TransformerLM``, ``Llama``).
-      method, lmbda, beta, seq_kd, coef, discount: ``"gkd"`` (TRL's ``GKDTrainer``): with
-        probability ``lmbda`` the completions are sampled from the student, else the batch's (with
-        ``seq_kd``: the teacher's); the loss is ``generalized_jsd_loss`` with ``beta`` at T = 1 over
-        the completion tokens. ``"reverse_kl"`` (tinker-cookbook): always the student's; the loss
-        is ``importance_sampling_loss`` with ``reverse_kl_advantages(coef, discount)``.
-      max_new_tokens, temperature, top_k, top_p, eos_id, pad_id: the draws', as ``kdjax.generate``.
+      method: ``"gkd"`` (TRL's ``GKDTrainer``): with probability ``lmbda`` the completions are
+        sampled from the student, else the batch's (with ``seq_kd``: the teacher's); the loss is
+        ``generalized_jsd_loss`` with ``beta`` at T = 1 over the completion tokens.
+        ``"reverse_kl"`` (tinker-cookbook): always the student's; the loss is
+        ``importance_sampling_loss`` with ``reverse_kl_advantages(coef, discount)``.
       tx, jit, donate: as ``kdjax.make_train_step`` (``tx`` defaults to ``adam()``).
       mesh, rules: split the prompts over ``"data"`` and ``"fsdp"`` and the student's state and
         the teacher's variables over ``"fsdp"`` by ``rules``, as ``make_train_step(..., mesh=)``.
+      options: ``OnPolicy``'s other fields: ``lmbda``, ``beta``, ``seq_kd``, ``coef``,
+        ``discount`` (the method's), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_id``, ``pad_id`` (the draws', as ``kdjax.generate``), ``prompt_length``.
     Raises:
       InputError, InputTypeError: an option out of its range (checked as given, before any
         conversion), ``seq_kd`` without ``"gkd"``, a teacher that is not a Flax module.
     """
-    objective = _objective(teacher, method, max_new_tokens=max_new_tokens, lmbda=lmbda, beta=beta, seq_kd=seq_kd,
-                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
-                           coef=coef, discount=discount)
-    return _TeacherLast(make_train_step(student, objective, tx=tx, teacher=teacher, jit=jit, mesh=mesh, rules=rules,
-                                        donate=donate))
+    return _TeacherLast(make_train_step(student, _objective(teacher, method, **options), tx=tx, teacher=teacher,
+                                        jit=jit, mesh=mesh, rules=rules, donate=donate))
 
 
-def _objective(teacher, method="gkd", *, max_new_tokens=16, lmbda=0.5, beta=0.5, seq_kd=False, temperature=1.0,
-               top_k=None, top_p=None, eos_id=None, pad_id=None, coef=1.0, discount=0.0) -> OnPolicy:
-    """The ``OnPolicy`` of ``make_on_policy_step``'s options, checked as given (``int(2.5)``
-    would be 2) before they are converted."""
-    OnPolicy(teacher, method, max_new_tokens, lmbda, beta, seq_kd, temperature, top_k, top_p, eos_id, pad_id, coef,
-             discount)
-    return OnPolicy(teacher, method, int(max_new_tokens), float(lmbda), float(beta), bool(seq_kd),
-                    float(temperature), top_k, top_p, eos_id, pad_id, float(coef), float(discount))
+# the options converted once checked as given (int(2.5) would be 2)
+_CASTS = {"max_new_tokens": int, "lmbda": float, "beta": float, "seq_kd": bool, "temperature": float, "coef": float,
+          "discount": float}
+
+
+def _objective(teacher, method="gkd", **options) -> OnPolicy:
+    """The ``OnPolicy`` of ``make_on_policy_step``'s options, checked as given, then converted."""
+    given = OnPolicy(teacher, method, **options)
+    return dataclasses.replace(given, **{k: cast(getattr(given, k)) for k, cast in _CASTS.items()})
 
 
 class _TeacherLast:
@@ -360,19 +357,18 @@ class _TeacherLast:
         return getattr(self.fn, name)
 
 
-def make_on_policy_run(student, teacher, method: str = "gkd", *, donate: bool = True, mesh=None, rules=None,
-                       **options):
+def make_on_policy_run(student, teacher, method: str = "gkd", *, tx=None, donate: bool = True, mesh=None,
+                       rules=None, **options):
     """Many on-policy steps as one ``lax.scan``: ``run(state, data, schedule, rng,
     teacher_variables) -> (state, metrics [steps])``, batch k the rows ``schedule[k]`` of
     every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``); equal to calling
     ``make_on_policy_step``'s step ``steps`` times (tested).
 
     Args:
-      student, teacher, method, donate, mesh, rules, options: as ``make_on_policy_step``'s (and Raises).
+      student, teacher, method, tx, donate, mesh, rules, options: as ``make_on_policy_step``'s (and Raises).
     """
-    tx = options.pop("tx", None)
-    objective = _objective(teacher, method, **options)
-    return _TeacherLast(make_run(student, objective, tx=tx, teacher=teacher, mesh=mesh, rules=rules, donate=donate))
+    return _TeacherLast(make_run(student, _objective(teacher, method, **options), tx=tx, teacher=teacher, mesh=mesh,
+                                 rules=rules, donate=donate))
 
 
 def sequence_data(tokens, mask, prompt_length: int, pad_id: int = 0) -> dict:

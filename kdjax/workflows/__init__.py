@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from kdjax import checkpoint, data, parallel
+from kdjax import checkpoint, parallel
 from kdjax.data import Dataset
 from kdjax.errors import InputError, InputTypeError
 from kdjax.fused import FusedLM
@@ -238,7 +238,6 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
                          f"vocabulary), got {teacher_data.num_classes} classes")
     if extra_data is not None and not isinstance(extra_data, dict):
         raise InputTypeError(f"extra_data: expected a dict of per-row arrays, got {type(extra_data).__name__}")
-    n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
     transfer = ds if transfer is None else transfer
@@ -262,19 +261,9 @@ def distill(teacher, student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int],
         pairs = paired_students(seeds, logits, temperature, alpha, per_seed=teacher_state is None)
         s_states, s_losses = phase("students", student, "kd", transfer, cfg, pairs.pop("seeds"), **pairs)
         full = None
-    accuracy, eval_loss = {}, {}
-    for split in splits:
-        x, y = _split(ds, split)
-        t_ev = evaluate_on(teacher, t_states, *_split(ds if teacher_data is None else teacher_data, split), members=teacher_state is None)
-        s_ev = evaluate_on(student, s_states, x, y, members=True)
-        accuracy[split], eval_loss[split] = (
-            {"teacher": np.atleast_1d(t_ev[k]), "standard": s_ev[k][:n], "distilled": s_ev[k][n:]}
-            for k in ("accuracy", "loss"))
-    stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
-    gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
-    return DistillResult(seeds, t_states, t_losses, s_states,
-                         {"standard": s_losses[:n], "distilled": s_losses[n:]}, accuracy, stats, gain, eval_loss,
-                         distilled_states=full)
+    t_ds = ds if teacher_data is None else teacher_data
+    teacher_row = lambda split: evaluate_on(teacher, t_states, *_split(t_ds, split), members=teacher_state is None)
+    return _result(student, ds, seeds, s_states, s_losses, splits, teacher_row, t_states, t_losses, full)
 
 
 def _objective_students(phase, objective, teacher, t_states, student, transfer, cfg, seeds, logits, *, per_seed,
@@ -344,6 +333,9 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
     n = len(seeds)
     phase = functools.partial(_phase, checkpoints=checkpoints, on_chunk=on_chunk, log=log, chunk=chunk,
                               mesh=mesh, programs=Programs() if programs is None else programs, on_losses=on_losses)
+    rows = teacher_eval or {}  # the teacher's row, when the cache stored it
+    teacher_row = lambda split: None if rows.get(split) is None else {
+        k: np.asarray(rows[split][k], np.float64) for k in ("accuracy", "loss")}
     given = values is not None or indices is not None
     if (objective is None) != (extra_data is None) or (objective is not None and given):
         raise InputError("distill_offline: expected values and indices (a top-k cache), or an objective with the "
@@ -353,8 +345,7 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
         dist, dist_losses = phase("distilled", student, objective, ds, cfg, seeds, extra_data=extra_data)
         states = jax.tree_util.tree_map(lambda a, b: np.concatenate([parallel.to_host(a), parallel.to_host(b)]),
                                         std, dist)
-        return _offline_result(student, ds, seeds, states, np.concatenate([std_losses, dist_losses]), teacher_eval,
-                               splits)
+        return _result(student, ds, seeds, states, np.concatenate([std_losses, dist_losses]), splits, teacher_row)
     hyper = make_hyper(np.full(2 * n, temperature, np.float64), np.repeat([0.0, alpha], n))  # validates
     values, indices = np.asarray(values), np.asarray(indices)
     want = tuple(np.shape(ds.y_train))
@@ -370,25 +361,26 @@ def distill_offline(student, ds: Dataset, cfg: RunConfig, seeds: Sequence[int], 
                  else TopKKD(missing, loss))
     states, losses = phase("students", student, objective, ds, cfg, seeds + seeds, hyper=hyper,
                            extra_data={"teacher_topk_values": values, "teacher_topk_indices": indices})
-    return _offline_result(student, ds, seeds, states, losses, teacher_eval, splits)
+    return _result(student, ds, seeds, states, losses, splits, teacher_row)
 
 
-def _offline_result(student, ds, seeds, states, losses, teacher_eval, splits) -> DistillResult:
-    """``distill_offline``'s result: ``states`` and ``losses`` hold the standard students, then
-    the distilled ones."""
+def _result(student, ds, seeds, states, losses, splits, teacher_row, teacher=None, teacher_losses=None,
+            distilled_states=None) -> DistillResult:
+    """The ``DistillResult`` of students ``states`` (the standard ones, then the distilled) and
+    ``losses``, evaluated on ``splits``; ``teacher_row(split)``: the teacher's ``{"accuracy",
+    "loss"}`` there, or None (no teacher row)."""
     n = len(seeds)
     accuracy, eval_loss = {}, {}
     for split in splits:
-        x, y = _split(ds, split)
-        ev = evaluate_on(student, states, x, y, members=True)
-        teacher_row = (teacher_eval or {}).get(split)
-        accuracy[split], eval_loss[split] = (
-            ({} if teacher_row is None else {"teacher": np.atleast_1d(np.asarray(teacher_row[k], np.float64))})
-            | {"standard": ev[k][:n], "distilled": ev[k][n:]} for k in ("accuracy", "loss"))
+        ev = evaluate_on(student, states, *_split(ds, split), members=True)
+        row = teacher_row(split)
+        accuracy[split], eval_loss[split] = (({} if row is None else {"teacher": np.atleast_1d(row[k])})
+                                             | {"standard": ev[k][:n], "distilled": ev[k][n:]}
+                                             for k in ("accuracy", "loss"))
     stats = {sp: {k: mean_ci(v) for k, v in acc.items()} for sp, acc in accuracy.items()}
     gain = {sp: mean_ci(acc["distilled"] - acc["standard"]) for sp, acc in accuracy.items()}
-    return DistillResult(seeds, None, None, states, {"standard": losses[:n], "distilled": losses[n:]}, accuracy,
-                         stats, gain, eval_loss)
+    return DistillResult(seeds, teacher, teacher_losses, states, {"standard": losses[:n], "distilled": losses[n:]},
+                         accuracy, stats, gain, eval_loss, distilled_states)
 
 
 # the sweeps (kdjax/workflows/tuning.py), importable from here as before
