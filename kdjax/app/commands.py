@@ -67,23 +67,17 @@ def cmd_demo(args, rep: Reporter) -> int:
     results["seed_demos_seconds"] = time.perf_counter() - t0
     if 6 in sections:
         r6 = results["digits"] = demo.digits_heldout(rep, seeds, epochs=epochs, programs=programs)
-        figs["digits_comparison"] = lambda: plots.comparison(
-            os.path.join(out, "digits_comparison.png"), ["teacher", "standard", "distilled"],
-            [r6["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
-            [r6["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")],
-            r6["paired_gain"], f"digits test accuracy, {len(seeds)} seeds (95% CI)", "test accuracy")
+        figs["digits_comparison"] = lambda: _digits_plot(
+            os.path.join(out, "digits_comparison.png"), r6, f"digits test accuracy, {len(seeds)} seeds (95% CI)")
     if 7 in sections:
         r7 = results["omitted_class"] = demo.omitted_class(rep, seeds, epochs=epochs, programs=programs)
         figs["omitted_class"] = lambda: _omitted_plot(os.path.join(out, "omitted_class.png"), r7, len(seeds))
     if 8 in sections:
         r8 = results["tuned"] = demo.tuned_digits(rep, seeds, epochs=epochs, untuned=results.get("digits"),
                                                    programs=programs)
-        figs["tuned_comparison"] = lambda: plots.comparison(
-            os.path.join(out, "tuned_comparison.png"), ["teacher", "standard", "distilled"],
-            [r8["mean_ci"][k][0] for k in ("teacher", "standard", "distilled")],
-            [r8["mean_ci"][k][1] for k in ("teacher", "standard", "distilled")], r8["paired_gain"],
-            f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation",
-            "test accuracy")
+        figs["tuned_comparison"] = lambda: _digits_plot(
+            os.path.join(out, "tuned_comparison.png"), r8,
+            f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation")
     results["seconds"] = time.perf_counter() - t0
     results["conclusion"] = demo.conclusion(results)
     rep.section("CONCLUSION")
@@ -91,6 +85,15 @@ def cmd_demo(args, rep: Reporter) -> int:
         rep.line(line)
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
     return finish(args, rep, results, figs)
+
+
+def _digits_plot(path, r: dict, title: str) -> str:
+    """The teacher, standard and distilled students' test accuracy (95% CI) of a digits section."""
+    from kdjax.app import plots
+
+    kinds = ["teacher", "standard", "distilled"]
+    return plots.comparison(path, kinds, [r["mean_ci"][k][0] for k in kinds], [r["mean_ci"][k][1] for k in kinds],
+                            r["paired_gain"], title, "test accuracy")
 
 
 def _omitted_plot(path, r: dict, seeds: int) -> str:

@@ -164,18 +164,13 @@ def default_pairs(method: str, teacher, student) -> list[tuple[str, str]]:
 def parse_pairs(items) -> list[tuple[str, str]]:
     pairs = []
     for item in items:
-        t, sep, s = item.partition(":") if item.count(":") == 1 else _split_pair(item)
+        # taps may contain ':' (fc:input): then the pair is written TEACHER=STUDENT
+        t, sep, s = item.partition(":") if item.count(":") == 1 else item.partition("=")
         if not sep or not t or not s:
             raise UsageError(f"--feature-layers: expected TEACHER:STUDENT tap pairs (e.g. layer2:layer2 or "
                              f"fc:input=fc:input), got {item!r}")
         pairs.append((t, s))
     return pairs
-
-
-def _split_pair(item: str):
-    # taps may contain ':' (fc:input): then the pair is written TEACHER=STUDENT
-    t, sep, s = item.partition("=")
-    return t, sep, s
 
 
 def resolve_temperature(args) -> None:
