@@ -79,10 +79,7 @@ def cmd_demo(args, rep: Reporter) -> int:
             os.path.join(out, "tuned_comparison.png"), r8,
             f"digits, T = {r8['best']['temperature']:g}, alpha = {r8['best']['alpha']:g} chosen on validation")
     results["seconds"] = time.perf_counter() - t0
-    results["conclusion"] = demo.conclusion(results)
-    rep.section("CONCLUSION")
-    for line in results["conclusion"]:
-        rep.line(line)
+    results["conclusion"] = rep.conclude(demo.conclusion(results))
     rep.line(f"demo done in {results['seconds']:.1f} s (sections 1-5: {results['seed_demos_seconds']:.1f} s)")
     return finish(args, rep, results, figs)
 
