@@ -123,21 +123,14 @@ def make_train_step(model, objective="kd", *, tx=None, teacher=None, jit: bool =
     if mesh is None:
         return jax.jit(step, donate_argnums=donated)
     rules = parallel.check_rules(rules, mesh)
-    sharded = functools.partial(constrained_step, step=step, mesh=mesh, rules=rules)
+    sharded = functools.partial(_on_mesh, fn=step, mesh=mesh, rules=rules)
     return MeshStep(jax.jit(sharded, donate_argnums=donated), mesh, rules)
 
 
-def constrained_step(state, *args, step, mesh, rules):
-    """``step(state, *args)`` with the new state where the placement put the old one.
-
-    Args:
-      state, args: the step's arguments; step: the unjitted step.
-      mesh, rules: the state is sharded by ``rules`` over ``mesh``'s ``"fsdp"`` axis.
-
-    Returns:
-      ``(state, metrics)``, the metrics replicated.
-    """
-    state, metrics = step(state, *args)
+def _on_mesh(*args, fn, mesh, rules, **kwargs):
+    """``fn(*args, **kwargs)`` (a step or a run) with the new state where the placement put the
+    old one (sharded by ``rules`` over ``"fsdp"``) and the metrics replicated."""
+    state, metrics = fn(*args, **kwargs)
     state = parallel.constrain(state, parallel.model_shardings(state, mesh, rules))
     return state, parallel.constrain(metrics, parallel.replicated(mesh))
 
@@ -300,13 +293,8 @@ def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, rules=N
     rules = parallel.check_rules(rules, mesh)
     run = functools.partial(run_steps, step=step, batch_sharding=parallel.data_sharding(mesh),
                             state_sharding=functools.partial(parallel.model_shardings, mesh=mesh, rules=rules))
-    jitted = jax.jit(functools.partial(_replicated_metrics, run=run, mesh=mesh), donate_argnums=donated)
+    jitted = jax.jit(functools.partial(_on_mesh, fn=run, mesh=mesh, rules=rules), donate_argnums=donated)
     return CheckedRun(jitted, place=functools.partial(_place_run, mesh, rules))
-
-
-def _replicated_metrics(*args, run, mesh, **kwargs):
-    state, metrics = run(*args, **kwargs)
-    return state, parallel.constrain(metrics, parallel.replicated(mesh))
 
 
 def _place_run(mesh, rules, state, data, schedule, args, kwargs):
