@@ -7,7 +7,9 @@ Every name here is importable from ``kdjax.convert`` as well.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from typing import Mapping
 
@@ -128,9 +130,6 @@ def _gpt2_config(model) -> dict:
 def _weight_files(path: str) -> list:
     """The safetensors files of a checkpoint folder: those ``model.safetensors.index.json``
     lists (plain names inside the folder), else ``model.safetensors``."""
-    import json
-    import os
-
     index = os.path.join(path, "model.safetensors.index.json")
     if not os.path.exists(index):
         return ["model.safetensors"]
@@ -174,9 +173,6 @@ def load_hf(directory, *, dtype=None):
         named).
       InputTypeError: ``directory`` is not a path.
     """
-    import json
-    import os
-
     import jax
     import jax.numpy as jnp
 
@@ -252,8 +248,6 @@ def hf_files(directory) -> list:
     Returns:
       Sorted absolute paths of those files that exist.
     """
-    import os
-
     path = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(path):
         return []
@@ -312,8 +306,6 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
         ``directory`` that is a file, or one holding ``hf_files`` without ``overwrite``.
       InputTypeError: ``model`` is not one of kdjax's decoders.
     """
-    import os
-
     import jax
 
     from kdjax import parallel
@@ -350,12 +342,9 @@ def save_hf(model, variables, directory, *, overwrite: bool = False) -> list:
 
 
 def _write_hf_files(path: str, own: list, tensors: dict, config: dict) -> None:
-    import json
-    import os
-
     from safetensors.numpy import save_file
 
-    from kdjax.checkpoint import temp_file
+    from kdjax.checkpoint import _fsync_dir, temp_file
 
     created = not os.path.exists(path)
     os.makedirs(path, exist_ok=True)
@@ -383,11 +372,7 @@ def _write_hf_files(path: str, own: list, tensors: dict, config: dict) -> None:
                 os.unlink(name)
         os.replace(weights, os.path.join(path, "model.safetensors"))
         os.replace(cfg, os.path.join(path, "config.json"))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path)
     except BaseException:
         for name in temps:
             if os.path.exists(name):
