@@ -139,10 +139,22 @@ def check_labels(labels, logits_shape, where=None) -> None:
             raise InputError(f"labels: expected values in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
+def _checked_log_probs(student_logits, teacher_logits, temperature):
+    _check_pair(student_logits, teacher_logits)
+    check_temperature(temperature)
+    return _log_probs(student_logits, teacher_logits, temperature)
+
+
 def _log_probs(student_logits, teacher_logits, temperature):
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     return (jax.nn.log_softmax(teacher_logits / temperature, axis=-1),
             jax.nn.log_softmax(student_logits / temperature, axis=-1))
+
+
+def _kl(log_p, log_q):
+    """Per-position KL(P‖Q) from log-probabilities, with 0 log 0 = 0: p == 0 (an underflow) gives 0, never NaN."""
+    p = jnp.exp(log_p)
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
 def soft_kl(student_logits, teacher_logits, temperature=1.0):
@@ -167,12 +179,8 @@ def soft_kl(student_logits, teacher_logits, temperature=1.0):
     >>> float(soft_kl(s, s, 2.0)[0])
     0.0
     """
-    _check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
-    log_p, log_q = _log_probs(student_logits, teacher_logits, temperature)
-    p = jnp.exp(log_p)
-    terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)  # p == 0 (an underflow) gives 0, never NaN
-    return jnp.sum(terms, axis=-1)
+    log_p, log_q = _checked_log_probs(student_logits, teacher_logits, temperature)
+    return _kl(log_p, log_q)
 
 
 def reverse_kl(student_logits, teacher_logits, temperature=1.0):
@@ -189,20 +197,14 @@ def reverse_kl(student_logits, teacher_logits, temperature=1.0):
     >>> bool(reverse_kl(s, t)[0] != soft_kl(s, t)[0])
     True
     """
-    _check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
-    log_p, log_q = _log_probs(student_logits, teacher_logits, temperature)
-    q = jnp.exp(log_q)
-    return jnp.sum(jnp.where(q > 0, q * (log_q - log_p), 0.0), axis=-1)
+    log_p, log_q = _checked_log_probs(student_logits, teacher_logits, temperature)
+    return _kl(log_q, log_p)
 
 
 def _generalised_jsd(log_p, log_q, beta):
     # M = beta P + (1 - beta) Q in log space; beta KL(P||M) + (1 - beta) KL(Q||M)
     log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
-    p, q = jnp.exp(log_p), jnp.exp(log_q)
-    kl_pm = jnp.sum(jnp.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
-    kl_qm = jnp.sum(jnp.where(q > 0, q * (log_q - log_m), 0.0), axis=-1)
-    return beta * kl_pm + (1 - beta) * kl_qm
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
 def jsd(student_logits, teacher_logits, temperature=1.0, beta=0.5):
@@ -224,10 +226,8 @@ def jsd(student_logits, teacher_logits, temperature=1.0, beta=0.5):
     >>> bool(jnp.allclose(jsd(s, t, beta=0.0), soft_kl(s, t)))
     True
     """
-    _check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
+    log_p, log_q = _checked_log_probs(student_logits, teacher_logits, temperature)
     check_beta(beta)
-    log_p, log_q = _log_probs(student_logits, teacher_logits, temperature)
     b = _concrete_scalar("beta", beta)
     if b == 0.0:
         return soft_kl(student_logits, teacher_logits, temperature)
