@@ -241,9 +241,9 @@ def fit(model, objective, ds: Dataset, cfg: RunConfig, seed: int, *,
     programs = Programs() if programs is None else programs  # not `or`: an empty Programs is falsy
     run = programs.run(model, objective, cfg._tx_key(len(ds.y_train)),
                        mesh=None if mesh is None else parallel.data_only(mesh))
-    args, losses = (hyper,) if objective != "ce" else (), []
+    losses = []
     for a, b in _chunks(len(schedule), chunk):
-        state, m = run(state, data, schedule[a:b], keys["dropout"], *args)
+        state, m = run(state, data, schedule[a:b], keys["dropout"], hyper)
         losses.append(m["loss"])
         if on_chunk is not None:
             on_chunk(b, len(schedule), state)

@@ -174,10 +174,9 @@ def make_sweep_run(model, objective="kd", *, tx=None, teacher=None,
       InputTypeError: a model or teacher that is not a linen module called with ``train=``.
     """
     step = make_train_step(model, objective, tx=tx, teacher=teacher, jit=False)
-    hyper_axes = None if objective == "ce" else 0  # "ce": a Hyper, if any, is shared
     teacher_axes = 0 if member_teacher_logits else None  # an online teacher: one per member, or shared
     # (state, own data, schedule, rng, hyper, teacher variables)
-    in_axes = (0, 0, None if shared_schedule else 0, 0, hyper_axes, teacher_axes)
+    in_axes = (0, 0, None if shared_schedule else 0, 0, 0, teacher_axes)
     split = functools.partial(_split_data, member_teacher_logits)
     if members_per_group is not None:
         if mesh is not None:
@@ -301,7 +300,7 @@ def _place_members(mesh, rules, shared_schedule, member_teacher_logits, in_axes,
     schedules = parallel.put(schedules, parallel.schedule_sharding(mesh, members=not shared_schedule))
     states = parallel.put(states, parallel.model_shardings(states, mesh, rules, members=True))
     rngs, hyper, teacher = (tuple(args) + (None, None))[:3]
-    placed = [parallel.put(rngs, mem), parallel.put(hyper, mem if in_axes[4] == 0 else rep)]
+    placed = [parallel.put(rngs, mem), parallel.put(hyper, mem)]
     if teacher is not None:
         placed.append(parallel.put(teacher, parallel.model_shardings(teacher, mesh, rules, members=in_axes[5] == 0)))
     return states, data, schedules, tuple(placed), kwargs
