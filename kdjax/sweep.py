@@ -99,9 +99,7 @@ def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None
         return _create_sharded(model, keys, example_input, tx, learning_rate, mesh, rules, members=True)
     params, model_state = init_variables(model, init_keys, example_input, members=True)
     state = state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx, members=True)
-    if mesh is None:
-        return state
-    return parallel.put(state, parallel.model_shardings(state, mesh, rules, members=True))
+    return state if mesh is None else parallel.put(state, parallel.model_shardings(state, mesh, rules, members=True))
 
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,

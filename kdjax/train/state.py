@@ -202,10 +202,8 @@ def create_train_state(model, rng, example_input=None, *, tx: optax.GradientTran
     if mesh is not None and getattr(model, "kdjax_init", None) is None:
         return _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules)
     params, model_state = init_variables(model, rng, example_input)
-    if mesh is not None:
-        state = state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
-        return parallel.put(state, parallel.model_shardings(state, mesh, rules))
-    return state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
+    state = state_from_params(params, model_state=model_state, learning_rate=learning_rate, tx=tx)
+    return state if mesh is None else parallel.put(state, parallel.model_shardings(state, mesh, rules))
 
 
 def _create_sharded(model, rng, example_input, tx, learning_rate, mesh, rules, members: bool = False) -> TrainState:
