@@ -37,6 +37,7 @@ import numpy as np
 
 from kdjax.crosstok.align import ALIGNMENT, align_by_byte_offsets, alignment_indices, check_alignment
 from kdjax.errors import InputError, InputTypeError
+from kdjax.losses import check_beta, check_temperature
 
 __all__ = ["uld_loss", "uld_loss_aligned", "uld_loss_cached", "teacher_sorted_groups", "align_by_byte_offsets",
            "alignment_indices", "Hybrid", "hybrid_from_vocabs", "ULD", "MERGE_EPS", "MERGES"]
@@ -65,21 +66,14 @@ def _check_where(where, shape, name: str):
                          f"got {list(jnp.shape(where))}")
 
 
-def _check_temperature(t, name: str):
-    """A finite positive number (a traced value is checked where it is concrete)."""
-    from kdjax.losses import check_temperature  # kdjax.losses' rule: concrete scalars, finite and > 0
-
-    check_temperature(t, name)
-
-
 def _sorted_l1(p, q):
     """``Σ_v |sort↓(p)_v − sort↓(q)_v|`` per row, both zero-padded to the larger vocabulary."""
     v = max(p.shape[-1], q.shape[-1])
-    ps = -jnp.sort(-p, axis=-1)
-    qs = -jnp.sort(-q, axis=-1)
-    ps = jnp.pad(ps, [(0, 0)] * (p.ndim - 1) + [(0, v - p.shape[-1])])
-    qs = jnp.pad(qs, [(0, 0)] * (q.ndim - 1) + [(0, v - q.shape[-1])])
-    return jnp.sum(jnp.abs(ps - qs), axis=-1)
+
+    def descending(x):
+        return jnp.pad(-jnp.sort(-x, axis=-1), [(0, 0)] * (x.ndim - 1) + [(0, v - x.shape[-1])])
+
+    return jnp.sum(jnp.abs(descending(p) - descending(q)), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +90,6 @@ class Hybrid:
     unmatched_weight: float | None = None
 
     def __post_init__(self):
-        from kdjax.losses import check_beta
-
         for name in ("student_ids", "teacher_ids"):
             ids = np.asarray(getattr(self, name))
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0):
@@ -192,8 +184,8 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
         raise InputError(f"teacher_logits: expected batch size {b} (the student's), got {bt}")
     _check_where(student_where, (b, ls), "student_where")
     _check_where(teacher_where, (b, lt), "teacher_where")
-    _check_temperature(student_temperature, "student_temperature")
-    _check_temperature(teacher_temperature, "teacher_temperature")
+    check_temperature(student_temperature, "student_temperature")
+    check_temperature(teacher_temperature, "teacher_temperature")
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     k = min(ls, lt)
     # each side's masked positions first, in order (a stable sort of the unmasked flag)
@@ -214,7 +206,9 @@ def uld_loss(student_logits, teacher_logits, *, student_where, teacher_where, st
 def _merge(probs, tokens, index, member, merge: str):
     """Each group's merged distribution: ``"observed"``: ``probs[first] · Π_{later} p_own``;
     ``"bayesian"``: ``probs[last] · Π_{earlier} p_own``, where ``p_own = max(probs[pos,
-    tokens[pos]], MERGE_EPS)`` (TRL's ``_merge_probabilities_with_alignment_groups``)."""
+    tokens[pos]], MERGE_EPS)`` (TRL's ``_merge_probabilities_with_alignment_groups``); the index
+    arrays NumPy or jnp."""
+    tokens, index, member = jnp.asarray(tokens), jnp.asarray(index), jnp.asarray(member)
     b = index.shape[0]
     own = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]  # [B, L]: each position's own token
     scal = jnp.take_along_axis(own, index.reshape(b, -1), axis=1).reshape(index.shape)  # [B, G, M]
@@ -259,8 +253,8 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
     """
     _check_logits(student_logits, "student_logits")
     _check_logits(teacher_logits, "teacher_logits")
-    _check_temperature(student_temperature, "student_temperature")
-    _check_temperature(teacher_temperature, "teacher_temperature")
+    check_temperature(student_temperature, "student_temperature")
+    check_temperature(teacher_temperature, "teacher_temperature")
     _check_merge(merge)
     _check_alignment_keys(alignment)
     _check_tokens("student_tokens", student_tokens, student_logits)
@@ -270,10 +264,8 @@ def uld_loss_aligned(student_logits, teacher_logits, *, student_tokens, teacher_
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
     q = jax.nn.softmax(teacher_logits / teacher_temperature, axis=-1)
-    sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),
-                jnp.asarray(alignment["student_member"]), merge)
-    tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
-                jnp.asarray(alignment["teacher_member"]), merge)
+    sp = _merge(p, student_tokens, alignment["student_index"], alignment["student_member"], merge)
+    tq = _merge(q, teacher_tokens, alignment["teacher_index"], alignment["teacher_member"], merge)
     return _group_mean(jnp.where(valid, _position_loss(sp, tq, hybrid), 0.0), valid)
 
 
@@ -307,7 +299,7 @@ def teacher_sorted_groups(teacher_logits, teacher_tokens, alignment, *, temperat
       InputTypeError: integer logits or non-integer tokens.
     """
     _check_logits(teacher_logits, "teacher_logits")
-    _check_temperature(temperature, "temperature")
+    check_temperature(temperature, "temperature")
     _check_merge(merge)
     v = teacher_logits.shape[-1]
     k = v if k is None else k
@@ -317,8 +309,7 @@ def teacher_sorted_groups(teacher_logits, teacher_tokens, alignment, *, temperat
     _check_alignment_keys(alignment)
     check_alignment(alignment, None, teacher_logits.shape, None, teacher_tokens)
     q = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
-    tq = _merge(q, jnp.asarray(teacher_tokens), jnp.asarray(alignment["teacher_index"]),
-                jnp.asarray(alignment["teacher_member"]), merge)
+    tq = _merge(q, teacher_tokens, alignment["teacher_index"], alignment["teacher_member"], merge)
     return jax.lax.top_k(tq, int(k))[0]
 
 
@@ -347,7 +338,7 @@ def uld_loss_cached(student_logits, teacher_sorted, *, student_tokens, alignment
       InputTypeError: integer logits, integer cached values or non-integer tokens.
     """
     _check_logits(student_logits, "student_logits")
-    _check_temperature(student_temperature, "student_temperature")
+    check_temperature(student_temperature, "student_temperature")
     _check_merge(merge)
     _check_tokens("student_tokens", student_tokens, student_logits)
     _check_alignment_keys(alignment)
@@ -368,8 +359,7 @@ def uld_loss_cached(student_logits, teacher_sorted, *, student_tokens, alignment
         raise InputError(f"teacher_sorted: expected probabilities in [0, 1], got values in [{ts.min()}, {ts.max()}]")
     valid = jnp.asarray(alignment["group_valid"])
     p = jax.nn.softmax(student_logits / student_temperature, axis=-1)
-    sp = _merge(p, jnp.asarray(student_tokens), jnp.asarray(alignment["student_index"]),
-                jnp.asarray(alignment["student_member"]), merge)
+    sp = _merge(p, student_tokens, alignment["student_index"], alignment["student_member"], merge)
     t = jax.lax.stop_gradient(jnp.asarray(teacher_sorted)).astype(sp.dtype)
     return _group_mean(jnp.where(valid, _sorted_l1(sp, t), 0.0), valid)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from kdjax.crosstok.align import ALIGNMENT
 from kdjax.errors import InputError, InputTypeError
+from kdjax.losses import check_temperature, hard_ce, masked_mean
 
 if TYPE_CHECKING:
     from kdjax.crosstok import Hybrid
@@ -68,8 +69,8 @@ class ULD:
         if self.hybrid is not None and not isinstance(self.hybrid, crosstok.Hybrid):
             raise InputTypeError(f"hybrid: expected None or a Hybrid (hybrid_from_vocabs), got "
                                  f"{type(self.hybrid).__name__}")
-        crosstok._check_temperature(self.student_temperature, "student_temperature")
-        crosstok._check_temperature(self.teacher_temperature, "teacher_temperature")
+        check_temperature(self.student_temperature, "student_temperature")
+        check_temperature(self.teacher_temperature, "teacher_temperature")
         crosstok._check_merge(self.merge)
 
     def describe(self) -> str:
@@ -115,7 +116,6 @@ class ULD:
           ``(loss, (new model_state, {"uld", and "ce" when weighted}))``.
         """
         from kdjax import crosstok  # the package's losses (looked up at call time)
-        from kdjax.losses import hard_ce, masked_mean
         from kdjax.objectives import apply_model  # kdjax.objectives imports the loss modules
 
         self.check(batch, hyper=hyper, teacher=teacher)
