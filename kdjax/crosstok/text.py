@@ -102,19 +102,13 @@ def _tokens_per_byte(ids: np.ndarray, ends: np.ndarray, eos: int, length: int) -
     return n * length / max(int(covered), 1)
 
 
-def _teacher_windows(s_starts, s_ends, t_ids, t_starts, t_ends, length: int):
+def _teacher_windows(s_starts, s_ends, t_starts, t_ends, length: int):
     """Per student window (its ``length + 1`` tokens' text): the teacher's tokens fully inside it."""
     n = (len(s_starts) - 1) // length
     first, last = s_starts[np.arange(n) * length], s_ends[np.arange(n) * length + length]
     a = np.searchsorted(t_starts, first, side="left")
     b = np.searchsorted(t_ends, last, side="right")
     return [(int(i), int(j)) for i, j in zip(a, b)], n
-
-
-def _longest_fitting(spans, length: int, limit: int) -> int:
-    """A window length whose teacher spans fit ``limit``, scaled from the longest span (a guide)."""
-    width = max(b - a - 1 for a, b in spans)
-    return max(1, int(length * limit / width))
 
 
 def _group_ends(offsets, index, member) -> np.ndarray:
@@ -151,14 +145,15 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
         or a window whose teacher tokens exceed ``max_teacher_length``.
     """
     check_count("length", length)
-    for name, tok in (("student_tokenizer", student_tokenizer), ("teacher_tokenizer", teacher_tokenizer)):
+    tokenizers = {"student": student_tokenizer, "teacher": teacher_tokenizer}
+    for side, tok in tokenizers.items():
         if not hasattr(tok, "encode_batch"):
-            raise InputTypeError(f"{name}: expected a tokenizers.Tokenizer (kdjax.tokenizer.load_tokenizer), got "
-                                 f"{type(tok).__name__}")
+            raise InputTypeError(f"{side}_tokenizer: expected a tokenizers.Tokenizer (kdjax.tokenizer.load_tokenizer), "
+                                 f"got {type(tok).__name__}")
         try:
             eos_id(tok)
         except InputError as e:
-            raise InputError(f"{name}: {e}") from None
+            raise InputError(f"{side}_tokenizer: {e}") from None
     for name, value in (("max_bytes", max_bytes), ("max_teacher_length", max_teacher_length)):
         if value is not None:
             check_count(name, value)
@@ -171,20 +166,18 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
     if max_bytes is not None:
         train, val = _first(train, max_bytes), _first(val, max(length + 1, max_bytes // 10))
     train, val = ([decode_text(d, name) for d in docs] for docs in (train, val))
-    sides = {}
-    for side, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
-        sides[side] = {split: _stream(tok, docs) for split, docs in (("train", train), ("validation", val))}
+    sides = {side: {split: _stream(tok, docs) for split, docs in (("train", train), ("validation", val))}
+             for side, tok in tokenizers.items()}
     windows = {side: [_windows(sides[side][split][0], length, name, f"{side} {split}")
                       for split in ("train", "validation")] for side in sides}
-    per_byte = {side: _tokens_per_byte(sides[side]["validation"][0], sides[side]["validation"][2],
-                                       eos_id(tok), length)
-                for side, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer))}
+    per_byte = {side: _tokens_per_byte(sides[side]["validation"][0], sides[side]["validation"][2], eos_id(tok), length)
+                for side, tok in tokenizers.items()}
     s_ids, s_starts, s_ends = sides["student"]["train"]
     t_ids, t_starts, t_ends = sides["teacher"]["train"]
-    spans, n = _teacher_windows(s_starts, s_ends, t_ids, t_starts, t_ends, length)
+    spans, n = _teacher_windows(s_starts, s_ends, t_starts, t_ends, length)
     width = max(1, max(b - a - 1 for a, b in spans))
     if max_teacher_length is not None and width > max_teacher_length:
-        fits = _longest_fitting(spans, length, max_teacher_length)
+        fits = max(1, int(length * max_teacher_length / width))  # a guide: the length scaled to the widest span
         raise InputError(f"context: the teacher's tokenization of a {length}-token window takes up to {width} "
                          f"positions, more than its max_position_embeddings ({max_teacher_length}); expected a "
                          f"smaller context (about {fits} student tokens) or a student tokenizer "
@@ -209,8 +202,7 @@ def paired_text(length: int, path: str | os.PathLike | None = None, *, student_t
     alignment["group_valid"][:, 0] &= s_ends[np.arange(n) * length] == first_t
     (sx, sy), (svx, svy) = windows["student"]
     (tx, ty), (tvx, tvy) = windows["teacher"]
-    sizes = {side: int(tok.get_vocab_size()) for side, tok in (("student", student_tokenizer),
-                                                               ("teacher", teacher_tokenizer))}
+    sizes = {side: int(tok.get_vocab_size()) for side, tok in tokenizers.items()}
     return PairedText(Dataset(f"{name}, {sizes['student']}-token tokenizer", sx, sy, svx, svy, sizes["student"]),
                       Dataset(f"{name}, the teacher's {sizes['teacher']}-token tokenizer", tx, ty, tvx, tvy,
                               sizes["teacher"]),
