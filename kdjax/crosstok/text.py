@@ -19,7 +19,7 @@ import numpy as np
 
 from kdjax.crosstok.align import alignment_indices
 from kdjax.data import Dataset, TEXT_MODULES, decode_text, text_documents
-from kdjax.data.corpus import _first
+from kdjax.data.corpus import _first, _windows
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.tokenizer import eos_id
 
@@ -84,14 +84,6 @@ def _stream(tokenizer, docs: list[str]):
         base += len(raw) + 1
     cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     return cat(ids), cat(starts), cat(ends)
-
-
-def _windows(ids: np.ndarray, length: int, name: str, what: str):
-    n = (len(ids) - 1) // length
-    if n < 1:
-        raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(ids)}")
-    return ids[:n * length].reshape(n, length).astype(np.int32), ids[1:n * length + 1].reshape(n, length).astype(
-        np.int32)
 
 
 def _tokens_per_byte(ids: np.ndarray, ends: np.ndarray, eos: int, length: int) -> float:

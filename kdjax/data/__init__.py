@@ -278,26 +278,22 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset
     return _make(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], num_classes)
 
 
-def _check_schedule_args(num_samples: int, batch_size: int, count: int, what: str):
+def _schedule_generator(rng, num_samples: int, batch_size: int, count: int, what: str) -> np.random.Generator:
+    """Check a schedule's sizes (``count`` its steps or epochs, named ``what``); a NumPy generator
+    seeded from the JAX key ``rng`` (raw ``uint32[2]`` or typed)."""
     if batch_size < 1 or batch_size > num_samples:
         raise InputError(f"batch_size: expected 1 <= batch_size <= {num_samples} (examples), "
                          f"got {batch_size}")
     if count < 1:
         raise InputError(f"{what}: expected a positive count, got {count}")
-
-
-def _generator(rng) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX key (raw ``uint32[2]`` or typed)."""
     if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return np.random.default_rng(np.asarray(rng, dtype=np.uint32).ravel().tolist())
 
 
+@jax.jit
 def _take_rows(data, indices):
     return {name: jnp.take(array, indices, axis=0) for name, array in data.items()}
-
-
-_take_rows_jit = jax.jit(_take_rows)
 
 
 def take_batch(data: dict, indices) -> dict:
@@ -334,7 +330,7 @@ def take_batch(data: dict, indices) -> dict:
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             raise InputError(f"indices: expected values in [0, {n}), got values from {indices.min()} to "
                              f"{indices.max()}")
-    return _take_rows_jit(data, indices)
+    return _take_rows(data, indices)
 
 
 # Schedules are built with NumPy from the key: they are data, not computation, and
@@ -351,8 +347,7 @@ def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndar
     Raises:
       InputError: a batch size outside ``[1, n]`` or a count < 1.
     """
-    _check_schedule_args(num_samples, batch_size, steps, "steps")
-    g = _generator(rng)
+    g = _schedule_generator(rng, num_samples, batch_size, steps, "steps")
     rows = np.stack([g.permutation(num_samples)[:batch_size] for _ in range(steps)])
     return rows.astype(np.int32)
 
@@ -369,8 +364,7 @@ def epoch_schedule(rng, num_samples: int, batch_size: int, epochs: int) -> np.nd
     Raises:
       InputError: a batch size outside ``[1, n]`` or a count < 1.
     """
-    _check_schedule_args(num_samples, batch_size, epochs, "epochs")
-    g = _generator(rng)
+    g = _schedule_generator(rng, num_samples, batch_size, epochs, "epochs")
     per_epoch = num_samples // batch_size
     rows = np.concatenate([g.permutation(num_samples)[: per_epoch * batch_size] for _ in range(epochs)])
     return rows.reshape(epochs * per_epoch, batch_size).astype(np.int32)

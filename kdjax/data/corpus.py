@@ -24,9 +24,12 @@ TEXT_MODULES = ("abc", "argparse", "ast", "base64", "bisect", "calendar", "color
                 "weakref")
 
 
-def _windows(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows of ``length + 1`` tokens: inputs ``[:-1]``, next-token labels ``[1:]``."""
+def _windows(tokens: np.ndarray, length: int, name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of ``length + 1`` tokens: inputs ``[:-1]``, next-token labels ``[1:]``;
+    ``InputError`` (naming the corpus ``name`` and its ``what`` split) for less than one window."""
     n = (len(tokens) - 1) // length
+    if n < 1:
+        raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(tokens)}")
     x = tokens[: n * length].reshape(n, length)
     y = tokens[1: n * length + 1].reshape(n, length)
     return x.astype(np.int32), y.astype(np.int32)
@@ -84,10 +87,7 @@ def text(length: int = 64, path: str | os.PathLike | None = None, *, modules=TEX
             for e in tokenizer.encode_batch([decode_text(d, name) for d in docs])])
         train, val = encode(train), encode(val)
         name += f", {vocab}-token tokenizer"
-    for what, arr in (("training", train), ("validation", val)):
-        if len(arr) < length + 1:
-            raise InputError(f"text {name}: expected at least {length + 1} {what} tokens (one window), got {len(arr)}")
-    (xt, yt), (xv, yv) = _windows(train, length), _windows(val, length)
+    (xt, yt), (xv, yv) = _windows(train, length, name, "training"), _windows(val, length, name, "validation")
     return Dataset(name, xt, yt, xv, yv, int(vocab))
 
 
