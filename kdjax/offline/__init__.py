@@ -30,7 +30,7 @@ from kdjax.losses import MISSING, topk_distillation_loss, topk_kl, topk_logprobs
 from kdjax.objectives import TopKKD
 from kdjax.offline.store import (  # noqa: F401  (the private names: importable from here, as before)
     _CHECKSUM, FORMAT, GENERATIONS_FORMAT, _canonical, _check_directory, _check_metadata, _check_rows, _read_manifest,
-    _read_shards, _sha, _shard_bytes, _write_manifest, _write_shards, fingerprint)
+    _read_shards, _sha, _shard_bytes, _teacher_vocab, _write_manifest, _write_shards, fingerprint)
 
 __all__ = ["MISSING", "topk_logprobs", "topk_kl", "topk_distillation_loss", "TopKKD", "fingerprint",
            "write_topk_cache", "read_topk_cache", "write_generations", "read_generations", "check_cache_tokenizer",
@@ -81,8 +81,7 @@ def write_topk_cache(directory, teacher, variables, tokens, k: int, *, batch_siz
     directory = os.fspath(directory)
     _check_directory(directory)
     metadata = _check_metadata(metadata)
-    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tokens.shape[1]), jnp.int32))
-                .shape[-1])
+    vocab = _teacher_vocab(teacher, variables, tokens.shape[1])
     if k > vocab:
         raise InputError(f"k: expected at most the teacher's vocabulary ({vocab}), got {k}")
     lo, hi = int(tokens.min()), int(tokens.max())

@@ -14,7 +14,7 @@ import numpy as np
 
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.offline.store import (GENERATIONS_FORMAT, _check_directory, _check_metadata, _check_rows, _optional_int,
-                                 _read_manifest, _read_shards, _sha, _write_shards, fingerprint)
+                                 _read_manifest, _read_shards, _sha, _teacher_vocab, _write_shards, fingerprint)
 
 def write_generations(directory, teacher, variables, prompts, max_new_tokens: int, *, prompt_mask=None, rng=None,
                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -57,8 +57,7 @@ def write_generations(directory, teacher, variables, prompts, max_new_tokens: in
         raise InputError(f"prompt_mask: expected bool {list(prompts.shape)} (the prompts' shape), got "
                          f"{mask.dtype}{list(mask.shape)}")
     mask = mask.astype(bool)
-    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, prompts.shape[1]), jnp.int32))
-                .shape[-1])
+    vocab = _teacher_vocab(teacher, variables, prompts.shape[1])
     lo, hi = int(prompts.min()), int(prompts.max())
     if lo < 0 or hi >= vocab:
         raise InputError(f"prompts: expected ids in [0, {vocab}) (the teacher's vocabulary), got ids in [{lo}, {hi}]")

@@ -13,8 +13,10 @@ import re
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
 from kdjax.errors import InputError, InputTypeError
 from kdjax.losses.sparse import _check_topk_ids, _check_topk_logprobs
 
@@ -53,6 +55,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _teacher_vocab(teacher, variables, length: int) -> int:
+    """The vocabulary of the teacher's logits on ``[1, length]`` tokens (shapes only: nothing runs)."""
+    return int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, length), jnp.int32)).shape[-1])
+
+
 def _check_rows(name: str, tokens) -> np.ndarray:
     """``tokens`` as a NumPy array, refused unless integer ``[rows, length]`` with at least
     one row and one position (a cache of nothing is never written)."""
@@ -75,8 +82,6 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
     ``directory`` (``shard-NNNNN.npz``, each atomic), the manifest ``want | extra() |
     {"shards": [...]}`` after each; resume from the valid shards of a manifest with the same
     ``want`` (anything else is refused, naming what differs)."""
-    from kdjax.checkpoint import atomic_write_bytes
-
     manifest_path = os.path.join(directory, "manifest.json")
     shards = []
     if os.path.exists(manifest_path):
@@ -84,7 +89,6 @@ def _write_shards(directory, want: dict, rows: int, shard_rows: int, compute, ex
         if {key: old.get(key) for key in want} != want:
             diff = ", ".join(key for key in want if old.get(key) != want[key])
             raise InputError(f"{directory}: holds a cache built with another {diff}; use a new directory")
-        shards = []
         for sh in old["shards"]:  # the valid prefix: a later shard is never kept past a bad one
             if not _shard_ok(directory, sh):
                 break
@@ -184,8 +188,6 @@ def _canonical(manifest: dict) -> bytes:
 
 def _write_manifest(directory, manifest: dict) -> None:
     """Write ``manifest`` (any old checksum dropped) with its own checksum, atomically."""
-    from kdjax.checkpoint import atomic_write_text
-
     body = {key: value for key, value in manifest.items() if key != _CHECKSUM}
     atomic_write_text(os.path.join(directory, "manifest.json"),
                       json.dumps(body | {_CHECKSUM: _sha(_canonical(body))}, indent=1))

@@ -18,7 +18,7 @@ from kdjax.crosstok import MERGES, teacher_sorted_groups
 from kdjax.crosstok.align import ALIGNMENT, check_alignment
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.offline.store import (ULD_FORMAT, _check_directory, _check_metadata, _read_manifest, _read_shards,
-                                 _write_shards, fingerprint)
+                                 _teacher_vocab, _write_shards, fingerprint)
 
 __all__ = ["write_uld_cache", "read_uld_cache", "PAIRED_KEYS"]
 
@@ -106,8 +106,7 @@ def write_uld_cache(directory, teacher, variables, extra, k: int | None = None, 
     _check_directory(directory)
     metadata = _check_metadata(metadata)
     tx = arrays["teacher_x"]
-    vocab = int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, tx.shape[1]), jnp.int32))
-                .shape[-1])
+    vocab = _teacher_vocab(teacher, variables, tx.shape[1])
     k = vocab if k is None else k
     check_count("k", k)
     if k > vocab:
