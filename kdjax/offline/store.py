@@ -13,7 +13,6 @@ import re
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kdjax.checkpoint import atomic_write_bytes, atomic_write_text
@@ -57,7 +56,7 @@ def _sha(data: bytes) -> str:
 
 def _teacher_vocab(teacher, variables, length: int) -> int:
     """The vocabulary of the teacher's logits on ``[1, length]`` tokens (shapes only: nothing runs)."""
-    return int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, length), jnp.int32)).shape[-1])
+    return int(jax.eval_shape(teacher.apply, variables, jax.ShapeDtypeStruct((1, length), np.int32)).shape[-1])
 
 
 def _check_rows(name: str, tokens) -> np.ndarray:
