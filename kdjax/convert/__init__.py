@@ -57,6 +57,14 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _linear_leaf(value, weight: bool, what: str) -> np.ndarray:
+    """A Linear layer's weight (2-D, transposed) or bias (1-D) as a NumPy copy; ``what`` names it in the error."""
+    arr = _to_numpy(value)
+    if arr.ndim != (2 if weight else 1):
+        raise InputError(f"{what} expected {2 if weight else 1}-D, got shape {arr.shape}")
+    return arr.T.copy() if weight else arr.copy()
+
+
 def _check_against(converted: dict, like, what: str) -> None:
     """Compare the converted tree with a template tree: same keys, same shapes."""
     want = {(layer, name): np.shape(v) for layer, d in like.items() for name, v in d.items()}
@@ -89,11 +97,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], like=None) -> dict:
         if not layer or name not in _FLAX_NAME:
             raise InputError(f"state_dict: expected keys '<layer>.weight' or '<layer>.bias', "
                              f"got {key!r}")
-        arr = _to_numpy(value)
-        want_ndim = 2 if name == "weight" else 1
-        if arr.ndim != want_ndim:
-            raise InputError(f"state_dict: {key} expected {want_ndim}-D, got shape {arr.shape}")
-        params.setdefault(layer, {})[_FLAX_NAME[name]] = arr.T.copy() if name == "weight" else arr.copy()
+        params.setdefault(layer, {})[_FLAX_NAME[name]] = _linear_leaf(value, name == "weight", f"state_dict: {key}")
     if like is not None:
         _check_against(params, like, "state_dict")
     return params
@@ -122,11 +126,7 @@ def flax_to_torch(params: Mapping[str, Mapping[str, Any]], like=None) -> dict:
         for name, value in leaves.items():
             if name not in _TORCH_NAME:
                 raise InputError(f"params: expected leaves 'kernel' or 'bias', got {layer}.{name}")
-            arr = _to_numpy(value)
-            want_ndim = 2 if name == "kernel" else 1
-            if arr.ndim != want_ndim:
-                raise InputError(f"params: {layer}.{name} expected {want_ndim}-D, got shape {arr.shape}")
-            out[f"{layer}.{_TORCH_NAME[name]}"] = arr.T.copy() if name == "kernel" else arr.copy()
+            out[f"{layer}.{_TORCH_NAME[name]}"] = _linear_leaf(value, name == "kernel", f"params: {layer}.{name}")
     if like is not None:
         like_tree = torch_to_flax(like)
         _check_against(torch_to_flax(out), like_tree, "params")
@@ -192,14 +192,12 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def _to_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
-    return arr.transpose(_TO_TORCH_AXES[arr.ndim]) if leaf == "kernel" and arr.ndim in _TO_TORCH_AXES else arr
-
-
-def _from_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim in _TO_TORCH_AXES:
-        return arr.transpose(np.argsort(_TO_TORCH_AXES[arr.ndim]))
-    return arr
+def _torch_layout(leaf: str, arr: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """A Flax kernel in PyTorch's axis order (``inverse``: a PyTorch weight in Flax's); any other leaf as it is."""
+    if leaf != "kernel" or arr.ndim not in _TO_TORCH_AXES:
+        return arr
+    axes = _TO_TORCH_AXES[arr.ndim]
+    return arr.transpose(np.argsort(axes) if inverse else axes)
 
 
 def _flatten_permuted(weight: np.ndarray, chw, name: str, inverse: bool = False) -> np.ndarray:
@@ -255,9 +253,9 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
         module = name.rpartition(".")[0]
         if module in permute and path[-1] == "kernel":
             arr = _flatten_permuted(arr, permute[module], name)
-        arr = _from_torch_layout(path[-1], arr)
+        arr = _torch_layout(path[-1], arr, inverse=True)
         if arr.shape != tuple(np.shape(leaf)):
-            torch_shape = _to_torch_layout(path[-1], np.empty(np.shape(leaf), np.int8)).shape
+            torch_shape = _torch_layout(path[-1], np.empty(np.shape(leaf), np.int8)).shape
             misshaped.append(f"{name} expected shape {torch_shape}, got {tuple(_to_numpy(got[name]).shape)}")
             continue
         flat[path] = np.array(arr, dtype=leaf.dtype)
@@ -300,7 +298,7 @@ def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,
     """
     out: dict[str, np.ndarray] = {}
     for path, leaf in _leaves(variables).items():
-        arr = _to_torch_layout(path[-1], _to_numpy(leaf))
+        arr = _torch_layout(path[-1], _to_numpy(leaf))
         name = torch_name(path[0], path[1:])
         module = name.rpartition(".")[0]
         if path[-1] == "kernel" and module in (linear_after_flatten or {}):
