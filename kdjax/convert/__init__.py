@@ -245,7 +245,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want) - set(tied))
     misshaped = [f"{k} is tied to {tied[k]} but differs from it" for k in sorted(set(got) & set(tied))
-                 if tied[k] in got and not _equal(got[k], got[tied[k]])]
+                 if tied[k] in got and not np.array_equal(_to_numpy(got[k]), _to_numpy(got[tied[k]]))]
     flat = {}
     for name in sorted(set(want) & set(got)):
         path, leaf = want[name]
@@ -267,11 +267,6 @@ def torch_to_variables(state_dict: Mapping[str, Any], like, *,
     if unknown:
         raise InputError(f"linear_after_flatten: expected names of Linear layers, got {sorted(unknown)}")
     return _nest(flat)
-
-
-def _equal(a, b) -> bool:
-    a, b = _to_numpy(a), _to_numpy(b)
-    return a.shape == b.shape and np.array_equal(a, b)
 
 
 def variables_to_torch(variables, *, num_batches_tracked: int | None = 0,

@@ -226,11 +226,7 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-_COUNT = (_is_count, "an int >= 1")
+_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
 _SHA256 = (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 (64 hex digits)")
 _OBJECT = (lambda v: isinstance(v, dict), "a JSON object")
 _LIST = (lambda v: isinstance(v, list), "a list")

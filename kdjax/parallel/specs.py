@@ -23,14 +23,18 @@ def _name(key) -> str:
     return str(key)
 
 
+def _axis_names(axes) -> tuple:
+    """A spec entry's mesh axes (None, a name or a tuple of names) as a tuple."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _rule_spec(rule, path: str, shape: tuple, mesh: Mesh) -> tuple:
     pattern, spec = rule
     spec = tuple(spec)
     if len(spec) != len(shape):
         raise InputError(f"rule {pattern!r}: expected one entry per dimension of {path} {list(shape)}, got {spec}")
     for dim, (n, axes) in enumerate(zip(shape, spec)):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        size = math.prod(mesh.shape[a] for a in names)
+        size = math.prod(mesh.shape[a] for a in _axis_names(axes))
         if n % size:
             raise InputError(f"rule {pattern!r}: {path} {list(shape)} cannot be split over {axes!r} ({size} "
                              f"devices): dimension {dim} has size {n}")
@@ -78,8 +82,7 @@ def check_rules(rules, mesh: Mesh | None = None, *trees) -> tuple:
             raise InputError(f"rule {pattern!r}: expected a regular expression, got one that fails: {e}") from None
         spec = tuple(spec)
         for axes in spec:
-            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            bad = [a for a in names if a not in AXES[1:]]
+            bad = [a for a in _axis_names(axes) if a not in AXES[1:]]
             if bad:
                 raise InputError(f"rule {pattern!r}: expected mesh axes 'fsdp', 'data' or None per dimension, "
                                  f"got {bad[0]!r}")
@@ -231,8 +234,7 @@ def describe_sharding(tree, mesh: Mesh | None = None, rules=None) -> str:
         per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
     else:
         specs = jax.tree_util.tree_leaves(param_specs(tree, mesh, rules), is_leaf=lambda s: isinstance(s, P))
-        parts = [math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
-                 for spec in specs]
+        parts = [math.prod(mesh.shape[a] for axes in spec for a in _axis_names(axes)) for spec in specs]
         split = sum(n > 1 for n in parts)
         per_device = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // n for x, n in zip(leaves, parts))
     return (f"{split} of {len(leaves)} arrays split, {_mb(per_device)} of {_mb(total)} "
