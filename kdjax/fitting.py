@@ -37,9 +37,9 @@ LR_SCHEDULES = ("constant", "cosine")
 class RunConfig:
     """How long, how to batch, and the optimizer.
 
-    ``steps``: the seed's "epochs", one random minibatch (without replacement) per step.
+    ``steps``: the reference script's "epochs", one random minibatch (without replacement) per step.
     ``epochs``: real shuffled passes (overrides ``steps`` when set). ``optimizer``: ``"adam"``
-    (the seed's) or ``"sgd"`` (``momentum``, ``weight_decay``, ``nesterov``, as KD papers train
+    (the reference script's) or ``"sgd"`` (``momentum``, ``weight_decay``, ``nesterov``, as KD papers train
     ResNets); ``lr_schedule``: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run).
     """
 

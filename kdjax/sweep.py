@@ -104,7 +104,7 @@ def init_members(model, init_keys, example_input, learning_rate=1e-3, *, tx=None
 
 def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps: int | None = None,
                      epochs: int | None = None):
-    """One index schedule per member: the seed's random minibatches, or real epochs.
+    """One index schedule per member: the reference script's random minibatches, or real epochs.
 
     Args:
       schedule_keys: one key per member (``member_keys(seeds)["schedule"]``).

@@ -1,4 +1,4 @@
-"""``kdjax demo``: the seed's five demos, then distillation on real data.
+"""``kdjax demo``: the reference script's five demos, then distillation on real data.
 
 Each section prints through a ``Reporter`` (see ``kdjax.cli``) and returns a plain
 dict for ``results.json``. Sections 3-4 and 6 run ``kdjax.workflows.distill`` (one
@@ -35,7 +35,7 @@ def _member_param_count(batched_params) -> int:
 
 @jax.jit
 def _softened(logits, temperatures):
-    """softmax(z / T) and the seed's entropy -sum p log(p + 1e-10): ``[rows, T, C]``, ``[rows, T]``."""
+    """softmax(z / T) and the reference script's entropy -sum p log(p + 1e-10): ``[rows, T, C]``, ``[rows, T]``."""
     p = jax.nn.softmax(logits[:, None, :] / temperatures[None, :, None], axis=-1)
     return p, -jnp.sum(p * jnp.log(p + 1e-10), axis=-1)
 
@@ -50,7 +50,7 @@ def _soft_table():
 
 
 def temperature_effect(rep) -> dict:
-    """Demo 1: softmax(z / T) and its entropy -sum p log(p + 1e-10), as in the seed."""
+    """Demo 1: softmax(z / T) and its entropy -sum p log(p + 1e-10), as in the reference script."""
     rep.section("DEMO 1: Temperature effect on softmax")
     probs, entropy = (a[0, :len(SEED_TEMPERATURES)] for a in _soft_table())
     out = {"logits": list(SEED_LOGITS), "temperatures": list(SEED_TEMPERATURES),
@@ -77,20 +77,20 @@ def soft_vs_hard(rep) -> dict:
 
 
 def _log_every_20(rep, name, losses, accs):
-    """The seed's progress lines for member 0: minibatch loss and training accuracy."""
+    """The reference script's progress lines for member 0: minibatch loss and training accuracy."""
     for k, acc in enumerate(accs):
         step = 20 * (k + 1)
         rep.line(f"  {name} step {step:3d}: loss = {losses[step - 1]:.4f}, train acc = {acc:.4f}")
 
 
 def seed_comparison(rep, seeds, programs=None) -> dict:
-    """Demos 3 and 4 on the seed's data: teacher, standard student, distilled student."""
+    """Demos 3 and 4 on the reference script's data: teacher, standard student, distilled student."""
     ds, cfg = data.synthetic(500, 50, 5, seed=42, test_samples=500), RunConfig(steps=100, batch_size=64)
     teacher, student = TeacherMLP(256, 5), StudentMLP(64, 5)
     models, accs = {"teachers": teacher, "students": student}, {"teachers": [], "students": []}
 
     with rep.progress() as bar:
-        def on_chunk(phase, done, total, states):  # the seed's training accuracy every 20 steps
+        def on_chunk(phase, done, total, states):  # the reference script's training accuracy every 20 steps
             accs[phase].append(evaluate_on(models[phase], states, ds.x_train, ds.y_train, members=True)["accuracy"])
             bar(phase, done, total)
 
@@ -138,7 +138,7 @@ def seed_comparison(rep, seeds, programs=None) -> dict:
 
 
 def hyperparameters(rep, seeds, programs=None) -> dict:
-    """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the seed's demo-5 data."""
+    """Demo 5: temperature sweep (alpha 0.7) and alpha sweep (T 3) on the reference script's demo-5 data."""
     rep.section("DEMO 5: the reference script's temperature and alpha sweeps (one teacher; both sweeps x seeds as one program)")
     rep.line("As in the reference script, this ranks settings by TRAINING accuracy on random labels: how many of 400 random "
              "labels a student memorises, not how well it generalises (section 8 chooses T and alpha on "
@@ -148,7 +148,7 @@ def hyperparameters(rep, seeds, programs=None) -> dict:
     temps = np.repeat([c[0] for c in configs], len(seeds))
     alphas = np.repeat([c[1] for c in configs], len(seeds))
     member_seeds = np.tile(seeds, len(configs))  # a seed's students share init and minibatches
-    # as in the seed: one teacher, then a student per configuration (here x seeds)
+    # as in the reference script: one teacher, then a student per configuration (here x seeds)
     with rep.progress() as bar:
         r = workflows.run_sweep(TeacherMLP(200, 4), StudentMLP(50, 4), ds, cfg, temps, alphas, member_seeds,
                                 teacher_seed=seeds[0], split="train", on_chunk=bar, programs=programs)
@@ -166,7 +166,7 @@ def hyperparameters(rep, seeds, programs=None) -> dict:
 
 def digits_heldout(rep, seeds, epochs: int = 30, student_hidden: int = DIGITS_STUDENT_HIDDEN,
                    temperature: float = 3.0, alpha: float = 0.7, programs=None) -> dict:
-    """Beyond the seed: held-out test accuracy on scikit-learn's digits."""
+    """Beyond the reference script: held-out test accuracy on scikit-learn's digits."""
     rep.section("HELD-OUT: distillation on real data (scikit-learn digits, 8x8 images)")
     ds, cfg = data.digits(), RunConfig(epochs=epochs, batch_size=64)
     teacher, student = TeacherMLP(256, 10), StudentMLP(student_hidden, 10)

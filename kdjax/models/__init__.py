@@ -1,6 +1,6 @@
 """kdjax's models (flax.linen), named after their PyTorch counterparts for ``kdjax.convert``.
 
-* ``mlp``: the seed's ``TeacherMLP`` / ``StudentMLP`` and a plain ``MLP``.
+* ``mlp``: the reference script's ``TeacherMLP`` / ``StudentMLP`` and a plain ``MLP``.
 * ``resnet``: torchvision-layout ``ResNet`` / ``resnet18``, PyTorch-semantics ``BatchNorm``,
   and ``Conv`` / ``conv2d`` (convolutions whose gradients stay fast inside fused runs on CPU).
 * ``transformer``: ``TransformerLM``, GPT-2 with Hugging Face GPT-2's parameter names.

@@ -1,4 +1,4 @@
-"""Teacher and student MLPs (flax.linen) with the seed's architectures.
+"""Teacher and student MLPs (flax.linen) with the reference script's architectures.
 
 Inputs are ``[batch, features]``; inputs of higher rank (e.g. ``[batch, 8, 8, 1]``
 images) are flattened to ``[batch, -1]`` first, in row-major (NHWC) order, like a
@@ -15,7 +15,7 @@ bound), so training from scratch behaves statistically like the reference. Two w
 to get it: Flax's ``model.init(key, x)`` (``jax.random``, traceable), and
 ``init_params`` (NumPy on the host), which kdjax's own training uses because it
 compiles nothing (on CPU, compiling a jitted init's random-number code took longer than
-training the seed's student: docs/benchmarks.md).
+training the reference script's student: docs/benchmarks.md).
 """
 
 from __future__ import annotations

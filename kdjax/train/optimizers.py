@@ -1,5 +1,5 @@
 """Optimizers and learning-rate schedules that equal PyTorch's step for step: ``adam``
-(the seed's ``torch.optim.Adam``), ``sgd`` (``torch.optim.SGD`` as KD papers use it),
+(the reference script's ``torch.optim.Adam``), ``sgd`` (``torch.optim.SGD`` as KD papers use it),
 ``cosine_schedule`` and ``multistep_schedule`` (``torch.optim.lr_scheduler``)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _check_lr(learning_rate) -> None:
 
 
 def adam(learning_rate=1e-3, dtype=jnp.float32) -> optax.GradientTransformation:
-    """The seed's optimizer, ``torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8)``.
+    """The reference script's optimizer, ``torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8)``.
 
     The learning rate is injected into the optimizer state (a traced array), so
     changing it does not recompile; the betas and eps are static constants.

@@ -2,7 +2,7 @@
 
 ``TrainState(step, params, model_state, opt_state)`` holds only arrays, so it can be
 donated, vmapped and checkpointed. ``model_state`` is every non-parameter variable
-collection of the model (``{"batch_stats": ...}`` for BatchNorm; ``{}`` for the seed's
+collection of the model (``{"batch_stats": ...}`` for BatchNorm; ``{}`` for the reference script's
 MLPs). ``Hyper`` holds the distillation hyperparameters as traced arrays.
 
 A model with an initialisation of its own (kdjax's models draw PyTorch's, on the host)
