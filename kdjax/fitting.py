@@ -197,15 +197,13 @@ def teacher_features_for(teacher, teacher_state, taps, ds: Dataset, members: boo
     Args: teacher, teacher_state, ds, members: as ``teacher_logits_for``; taps: the tap names.
     Returns: ``{tap: [n, ...]}`` (``[N, n, ...]`` with ``members``). Raises: InputError: an unknown tap.
     """
-    params, model_state = teacher_state.params, teacher_state.model_state
-    return _teacher_features(teacher, tuple(taps), params, model_state, _on_device(ds.x_train), bool(members))
+    return _teacher_features(teacher, tuple(taps), teacher_state.variables, _on_device(ds.x_train), bool(members))
 
 
 @functools.partial(jax.jit, static_argnames=("teacher", "taps", "members"))
-def _teacher_features(teacher, taps, params, model_state, x, members):
-    def one(p, s):
-        return capture(teacher, {"params": p, **s}, x, list(taps))[1]
-    return jax.vmap(one)(params, model_state) if members else one(params, model_state)
+def _teacher_features(teacher, taps, variables, x, members):
+    one = lambda v: capture(teacher, v, x, list(taps))[1]
+    return jax.vmap(one)(variables) if members else one(variables)
 
 
 def evaluate_on(model, state, x, y, members: bool = False) -> dict:

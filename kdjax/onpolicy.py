@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kdjax.errors import InputError, InputTypeError, check_count
 from kdjax.generation import rollout
@@ -258,12 +257,12 @@ class OnPolicy:
         prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
         p, n = prompts.shape[1], self.max_new_tokens
         k_choice, k_sample = jax.random.split(key)
-        s_vars = jax.lax.stop_gradient({"params": params, **model_state})
+        s_vars = {"params": params, **model_state}
         sample = functools.partial(rollout, prompts=prompts, max_new_tokens=n, rng=k_sample,
                                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                    eos_id=self.eos_id, pad_id=self.pad_id, prompt_mask=prompt_mask)
         completion = lambda g: (g.tokens[:, p:], g.completion_mask, g.logprobs)
-        from_student = lambda: completion(sample(model, s_vars))
+        from_student = lambda: completion(sample(model, jax.lax.stop_gradient(s_vars)))
         if self.method == "gkd":
             on_policy = jax.random.uniform(k_choice) <= self.lmbda  # TRL: random.random() <= lmbda
             if self.seq_kd:
@@ -287,7 +286,7 @@ class OnPolicy:
         mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
         t_logits, t_logp = jax.tree_util.tree_map(jax.lax.stop_gradient,
                                                   sequence_logprobs(teacher.model, t_vars, tokens, mask, p))
-        s_logits, s_logp = sequence_logprobs(model, {"params": params, **model_state}, tokens, mask, p)
+        s_logits, s_logp = sequence_logprobs(model, s_vars, tokens, mask, p)
         if self.method == "gkd":
             loss = generalized_jsd_loss(s_logits, t_logits, jnp.where(completion_mask, completions, -100), self.beta)
         else:
