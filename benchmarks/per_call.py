@@ -43,7 +43,7 @@ def measure(preset: str, steps: int, repeats: int) -> dict:
     y = jnp.asarray(rng.integers(0, p.student[-1], n))
     t_state = kdjax.create_train_state(teacher, jax.random.PRNGKey(1), x[:1])
     t_logits = kdjax.predict_logits(teacher, t_state, x)
-    sched = kdjax.data.seed_schedule(jax.random.PRNGKey(2), n, p.batch, steps)
+    sched = kdjax.data.random_batch_schedule(jax.random.PRNGKey(2), n, p.batch, steps)
     data = {"x": x, "y": y, "teacher_logits": t_logits}
     batches = [{k: v[jnp.asarray(i)] for k, v in data.items()} for i in sched]
     online = [{"x": b["x"], "y": b["y"]} for b in batches]

@@ -143,7 +143,7 @@ class Inputs:
         self.y = rng.integers(0, p.classes, p.num_samples).astype(np.int32)
         # torch's layout: NCHW images
         self.x_torch = np.ascontiguousarray(self.x.transpose(0, 3, 1, 2)) if p.image else self.x
-        self.schedule = np.asarray(kdjax.data.seed_schedule(jax.random.PRNGKey(0), p.num_samples,
+        self.schedule = np.asarray(kdjax.data.random_batch_schedule(jax.random.PRNGKey(0), p.num_samples,
                                                              p.batch, p.steps))
         self.tdev = torch.device(torch_device)
         torch.manual_seed(0)

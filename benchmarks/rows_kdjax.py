@@ -84,7 +84,7 @@ class KdjaxSweep(Impl):
         temps, alphas, seeds = sweep.grid(SWEEP_T, SWEEP_ALPHA, [0])
         keys = sweep.member_keys(seeds)
         self.states = sweep.init_members(student, keys["init"], jnp.zeros((1, *self.p.input_shape)))
-        self.schedules = kdjax.data.seed_schedule(keys["schedule"][0], self.p.num_samples,
+        self.schedules = kdjax.data.random_batch_schedule(keys["schedule"][0], self.p.num_samples,
                                                   self.p.batch, self.p.sweep_steps)
         self.rngs, self.hyper = keys["dropout"], sweep.sweep_hyper(temps, alphas)
         self.members = len(temps)

@@ -73,12 +73,12 @@ def main(argv=None) -> int:
         runs = {}
         for k in args.devices:
             data_mesh = parallel.make_mesh(1, k, devices=devices[:k])
-            sched = data.seed_schedule(jax.random.PRNGKey(k), n, p.batch * k, args.steps)
+            sched = data.random_batch_schedule(jax.random.PRNGKey(k), n, p.batch * k, args.steps)
             fused = kdjax.make_run(student, "kd", mesh=data_mesh)
             members = args.members_per_device * k
             T, A, S = sweep.grid(np.linspace(1, 8, members), [0.7], [0])
             keys = sweep.member_keys(S)
-            member_sched = data.seed_schedule(jax.random.PRNGKey(0), n, p.batch, args.steps)
+            member_sched = data.random_batch_schedule(jax.random.PRNGKey(0), n, p.batch, args.steps)
             swept = sweep.make_sweep_run(student, "kd", shared_schedule=True,
                                          mesh=parallel.make_mesh(k, 1, devices=devices[:k]))
             def run_fused(fused=fused, sched=sched):

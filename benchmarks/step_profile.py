@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     step_j = kdjax.make_train_step(student_j, "ce", donate=False)
     run_j = kdjax.make_run(student_j, "ce", donate=False)
     steps = 10
-    sched = data.seed_schedule(jax.random.PRNGKey(0), args.batch, args.batch, steps)
+    sched = data.random_batch_schedule(jax.random.PRNGKey(0), args.batch, args.batch, steps)
     tx = kdjax.adam()
     adam_j = jax.jit(lambda g, o, prm: optax.apply_updates(prm, tx.update(g, o, prm)[0]))
     grads = grad_j(state.params, state.model_state)[0]

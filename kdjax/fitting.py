@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import parallel, sweep as sweeps
-from kdjax.data import Dataset, epoch_schedule, seed_schedule
+from kdjax.data import Dataset, epoch_schedule, random_batch_schedule
 from kdjax.errors import InputError, check_count
 from kdjax.features.taps import capture
 from kdjax.objectives import Teacher, as_variables
@@ -75,7 +75,7 @@ class RunConfig:
         """
         if self.epochs is not None:
             return epoch_schedule(key, num_samples, self.batch_size, self.epochs)
-        return seed_schedule(key, num_samples, self.batch_size, self.steps)
+        return random_batch_schedule(key, num_samples, self.batch_size, self.steps)
 
     def total_steps(self, num_samples: int) -> int:
         """The run's number of steps. Args: num_samples: the training rows."""

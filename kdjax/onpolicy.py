@@ -360,7 +360,7 @@ def make_on_policy_run(student, teacher, method: str = "gkd", *, tx=None, donate
                        rules=None, **options):
     """Many on-policy steps as one ``lax.scan``: ``run(state, data, schedule, rng,
     teacher_variables) -> (state, metrics [steps])``, batch k the rows ``schedule[k]`` of
-    every array in ``data`` (``kdjax.data.seed_schedule``/``epoch_schedule``); equal to calling
+    every array in ``data`` (``kdjax.data.random_batch_schedule``/``epoch_schedule``); equal to calling
     ``make_on_policy_step``'s step ``steps`` times (tested).
 
     Args:

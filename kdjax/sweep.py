@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import parallel
-from kdjax.data import epoch_schedule, seed_schedule
+from kdjax.data import epoch_schedule, random_batch_schedule
 from kdjax.errors import InputError
 from kdjax.train import (CheckedRun, evaluate, init_variables, make_hyper, make_train_step, run_steps,
                          state_from_params)
@@ -109,7 +109,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
     Args:
       schedule_keys: one key per member (``member_keys(seeds)["schedule"]``).
       num_samples, batch_size: the training rows and the minibatch size.
-      steps, epochs: exactly one of them: ``seed_schedule``'s steps or ``epoch_schedule``'s passes.
+      steps, epochs: exactly one of them: ``random_batch_schedule``'s steps or ``epoch_schedule``'s passes.
 
     Returns:
       ``[N, steps, batch_size]`` int32 indices (NumPy).
@@ -121,7 +121,7 @@ def member_schedules(schedule_keys, num_samples: int, batch_size: int, *, steps:
     if (steps is None) == (epochs is None):
         raise InputError("member_schedules: expected exactly one of steps or epochs")
     if steps is not None:
-        make = functools.partial(seed_schedule, num_samples=num_samples,
+        make = functools.partial(random_batch_schedule, num_samples=num_samples,
                                  batch_size=batch_size, steps=steps)
     else:
         make = functools.partial(epoch_schedule, num_samples=num_samples,

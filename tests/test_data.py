@@ -31,6 +31,14 @@ def test_schedules():
         kdata.seed_schedule(rng, 10, 32, 5)
 
 
+def test_random_batch_schedule_is_the_old_seed_schedule():
+    """Issue 37: the schedule has a name that says what it is; the old one keeps working."""
+    assert kdata.random_batch_schedule is kdata.seed_schedule
+    assert {"random_batch_schedule", "seed_schedule"} <= set(kdata.__all__)
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(kdata.random_batch_schedule(key, 40, 8, 5), kdata.seed_schedule(key, 40, 8, 5))
+
+
 def test_take_batch_is_indexing_in_one_program():
     import jax.numpy as jnp
     import numpy as np

@@ -106,7 +106,7 @@ def train_teacher(s: Setup, seed: int, prompts, answers):
     teacher = s.model(*s.teacher)
     data = _sequence_data(prompts, answers)
     state = kdjax.create_train_state(teacher, seed, data["x"][:1], learning_rate=s.lr)
-    schedule = kdjax.data.seed_schedule(jax.random.PRNGKey(seed), len(prompts), s.batch, s.teacher_steps)
+    schedule = kdjax.data.random_batch_schedule(jax.random.PRNGKey(seed), len(prompts), s.batch, s.teacher_steps)
     state, m = kdjax.make_run(teacher, "ce")(state, data, schedule, jax.random.PRNGKey(seed))
     return teacher, state, np.asarray(m["loss"])
 
@@ -162,9 +162,9 @@ def train_student(s: Setup, method: str, seed: int, runs: Runs, t_state, prompts
     student = runs.student
     state = kdjax.create_train_state(student, 1000 + seed, prompts[:1], learning_rate=s.lr)
     if s.warmup:  # the same supervised start for every method
-        warm = kdjax.data.seed_schedule(jax.random.PRNGKey(3000 + seed), len(prompts), s.batch, s.warmup)
+        warm = kdjax.data.random_batch_schedule(jax.random.PRNGKey(3000 + seed), len(prompts), s.batch, s.warmup)
         state, _ = runs.ce(state, _sequence_data(prompts, answers), warm, jax.random.PRNGKey(4000 + seed))
-    schedule = kdjax.data.seed_schedule(jax.random.PRNGKey(1000 + seed), len(prompts), s.batch, s.steps)
+    schedule = kdjax.data.random_batch_schedule(jax.random.PRNGKey(1000 + seed), len(prompts), s.batch, s.steps)
     rng = jax.random.PRNGKey(2000 + seed)
     if method in ("sft", "seqkd"):
         data = _sequence_data(prompts, answers if method == "sft" else teacher_answers)

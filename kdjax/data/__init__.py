@@ -6,9 +6,9 @@ the data boundary, so that bad values never reach a compiled step.
 Two schedules, both ``[num_steps, batch_size]`` int32 NumPy index arrays built up front
 (from a JAX key) so a whole run can be one ``lax.scan``:
 
-* ``seed_schedule`` — the seed's "epoch": every step draws ``batch_size`` distinct
-  indices at random (``randperm(n)[:batch_size]``), independently of other steps.
-  kdjax calls these *steps*.
+* ``random_batch_schedule`` — the reference script's "epoch": every step draws ``batch_size``
+  distinct indices at random (``randperm(n)[:batch_size]``), independently of other steps.
+  kdjax calls these *steps*. (``seed_schedule``, its name before version 4, is the same function.)
 * ``epoch_schedule`` — real epochs: each epoch is a fresh permutation cut into
   ``n // batch_size`` minibatches (the ragged tail is dropped so shapes stay static).
 """
@@ -26,8 +26,8 @@ import numpy as np
 from kdjax.errors import InputError, InputTypeError, check_count
 
 __all__ = ["Dataset", "synthetic", "synthetic_images", "digits", "load_npz", "validate_arrays",
-           "validation_split", "without_class", "text", "TEXT_MODULES", "seed_schedule", "epoch_schedule",
-           "take_batch", "text_documents", "decode_text"]
+           "validation_split", "without_class", "text", "TEXT_MODULES", "random_batch_schedule", "seed_schedule",
+           "epoch_schedule", "take_batch", "text_documents", "decode_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def synthetic(num_samples: int = 500, input_dim: int = 50, num_classes: int = 5,
     """The seed's data: x ~ N(0, 1), labels uniform in [0, num_classes), independent of x.
 
     The labels carry no signal, so held-out accuracy is chance (1 / num_classes);
-    training accuracy measures memorisation, as in the seed.
+    training accuracy measures memorisation, as in the reference script.
 
     Args:
       num_samples, test_samples: training and test rows; input_dim: features per row.
@@ -303,7 +303,7 @@ def take_batch(data: dict, indices) -> dict:
     For loops that call a step from Python: ``{k: v[idx] for k, v in data.items()}`` runs
     one indexing op per array, each through ``jnp``'s indexing path, which can cost more
     than a small step (docs/benchmarks.md has the figures). Pass
-    ``indices`` as a NumPy row of a schedule (``seed_schedule``, ``epoch_schedule``):
+    ``indices`` as a NumPy row of a schedule (``random_batch_schedule``, ``epoch_schedule``):
     their bounds are checked on the host (inside the program an out-of-range index could
     not raise); device indices are passed as they are.
 
@@ -333,9 +333,9 @@ def take_batch(data: dict, indices) -> dict:
     return _take_rows(data, indices)
 
 
-# Schedules are built with NumPy from the key: they are data, not computation, and
-# compiling a vmapped permutation costs about a second on CPU for every new shape.
-def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndarray:
+# Schedules are built with NumPy from the key: they are data, not computation (no program per
+# shape to compile; docs/benchmarks.md, "Initialising on the host", has both costs).
+def random_batch_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndarray:
     """``[steps, batch_size]`` int32 indices; row k = a random permutation of n, first batch_size.
 
     Args:
@@ -352,11 +352,14 @@ def seed_schedule(rng, num_samples: int, batch_size: int, steps: int) -> np.ndar
     return rows.astype(np.int32)
 
 
+seed_schedule = random_batch_schedule  # its name before version 4 (it collided with --seed)
+
+
 def epoch_schedule(rng, num_samples: int, batch_size: int, epochs: int) -> np.ndarray:
     """``[epochs * (n // batch_size), batch_size]`` int32 indices: shuffled passes over the data.
 
     Args:
-      rng: as ``seed_schedule``; num_samples: rows n; batch_size; epochs: passes.
+      rng: as ``random_batch_schedule``; num_samples: rows n; batch_size; epochs: passes.
 
     Returns:
       The schedule, a NumPy int32 array.

@@ -369,7 +369,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, a
         L = \alpha\, T^2\, \overline{D_i} + (1 - \alpha)\, \overline{\mathrm{CE}_i}
 
     with :math:`D` the divergence and the means over all positions, or those ``where`` selects (0
-    if none). For 2-D logits without ``where``, the seed's ``alpha * kl_div(log_softmax(s/T),
+    if none). For 2-D logits without ``where``, the reference script's ``alpha * kl_div(log_softmax(s/T),
     softmax(t/T), 'batchmean') * T**2 + (1 - alpha) * cross_entropy(s, y)``. ``temperature``,
     ``alpha`` and ``beta`` may be traced scalars (a vmapped sweep over them compiles once).
 
@@ -378,7 +378,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature=3.0, a
       labels: ``[...]`` integer class indices (anything at masked positions).
       temperature, alpha: the softening temperature T > 0; the soft term's weight, in [0, 1].
       where: optional bool ``[...]`` mask of the positions that count.
-      divergence: ``"kl"`` (``soft_kl``, the seed's), ``"reverse_kl"``, ``"jsd"`` (with
+      divergence: ``"kl"`` (``soft_kl``, the reference script's), ``"reverse_kl"``, ``"jsd"`` (with
         ``beta``) or a callable ``f(s, t, T) -> [...]``.
       beta: ``jsd``'s mixture weight in [0, 1].
     Returns:

@@ -206,7 +206,7 @@ def run_steps(state: TrainState, data: Mapping[str, jax.Array], schedule: jax.Ar
     Args:
       data: full arrays on device, ``{"x", "y"}`` and optionally ``"teacher_logits"``
         (cached teacher outputs for every example); ``x`` of any rank ``[n, ...]``.
-      schedule: ``[steps, batch]`` int indices (``kdjax.data.seed_schedule`` or
+      schedule: ``[steps, batch]`` int indices (``kdjax.data.random_batch_schedule`` or
         ``epoch_schedule``).
       step: an unjitted step from ``make_train_step(..., jit=False)``.
       batch_sharding: a sharding every gathered minibatch is constrained to (a mesh's

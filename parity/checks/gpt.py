@@ -72,7 +72,7 @@ def check_transformer(ctx: Ctx) -> list[Result]:
                        {k: p.grad for k, p in student_t.named_parameters()}, tol["grad"]))
 
     data = {"x": jnp.asarray(x), "y": jnp.asarray(y), "where": jnp.asarray(mask), "teacher_logits": tj}
-    sched = np.asarray(kdjax.data.seed_schedule(jax.random.PRNGKey(4), LM_N, LM_BATCH, LM_STEPS))
+    sched = np.asarray(kdjax.data.random_batch_schedule(jax.random.PRNGKey(4), LM_N, LM_BATCH, LM_STEPS))
     run = kdjax.make_run(student, "kd", tx=kdjax.adam(1e-3, ctx.jdtype))
     hyper = kdjax.make_hyper(T, alpha, ctx.jdtype)
     student_t, _, v = _lm_pair(ctx, LM_STUDENT, seed=1)

@@ -42,7 +42,7 @@ def jax_models(ctx: Ctx):
 
 
 def schedule(steps=STEPS):
-    return np.asarray(kdjax.data.seed_schedule(jax.random.PRNGKey(7), N, BATCH, steps))
+    return np.asarray(kdjax.data.random_batch_schedule(jax.random.PRNGKey(7), N, BATCH, steps))
 
 
 def dropout_masks(steps=STEPS, hidden=256, p=0.3):

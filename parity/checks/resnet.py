@@ -142,7 +142,7 @@ def _kdjax_res_run(ctx, student, v, tx, x, y, tj, sched, T, alpha):
 
 
 def _res_schedule(steps):
-    return np.asarray(kdjax.data.seed_schedule(jax.random.PRNGKey(9), RES_N, RES_BATCH, steps))
+    return np.asarray(kdjax.data.random_batch_schedule(jax.random.PRNGKey(9), RES_N, RES_BATCH, steps))
 
 
 def check_resnet_steps(ctx: Ctx) -> list[Result]:
