@@ -150,7 +150,6 @@ def fsdp(out_path):
     from kdjax.fused import FusedLM
     from kdjax.models import Llama
     from kdjax import onpolicy
-    from kdjax.train.step import place_model_args
 
     jax.config.update("jax_enable_x64", True)
     results = {"devices": len(jax.devices())}
@@ -184,7 +183,7 @@ def fsdp(out_path):
         sharded, l8 = run(start, d, sch, rng, *args)
         results[name] = {"init": init_diff, "state": maxdiff(one, sharded), "loss": maxdiff(l1, l8),
                          "held": split_fraction(sharded.params), "held_opt": split_fraction(sharded.opt_state),
-                         "teacher_held": split_fraction(place_model_args(mesh, (), (t_state,))[0].params)
+                         "teacher_held": split_fraction(parallel.put(t_state, parallel.model_shardings(t_state, mesh, ())).params)
                          if len(args) > 1 else None,
                          "describe": parallel.describe_sharding(sharded.params)}
     # the on-policy step (generation inside) and a host-fed step, sharded = unsharded

@@ -136,23 +136,17 @@ def _on_mesh(*args, fn, mesh, rules, **kwargs):
 
 
 def _is_model(x) -> bool:
-    """A teacher's params, variables or ``TrainState`` (not a ``Hyper``, key or None)."""
-    return x is not None and not isinstance(x, (Hyper, jax.Array, np.ndarray))
+    """A state or a teacher's params, variables or ``TrainState`` (not a ``Hyper``, key or None)."""
+    return isinstance(x, Mapping) or hasattr(x, "params")
 
 
-def place_model_args(mesh, rules, args):
-    """Place a step's trailing arguments on ``mesh``.
-
-    Args:
-      mesh, rules: the mesh and its sharding rules (``kdjax.parallel.param_specs``).
-      args: the arguments: a ``Hyper``, a key or None (replicated); a teacher's params,
-        variables or ``TrainState`` (sharded by ``rules``).
-
-    Returns:
-      The placed arguments, a tuple.
-    """
-    return tuple(parallel.put(x, parallel.model_shardings(x, mesh, rules) if _is_model(x)
-                              else parallel.replicated(mesh)) for x in args)
+def _shardings(mesh, rules, args) -> list:
+    """The shardings of a step's or run's arguments: a state and a teacher's params, variables
+    or ``TrainState`` by ``rules`` (checked against them first), the rest (a ``Hyper``, a key,
+    None) replicated."""
+    parallel.check_rules(rules, mesh, *[getattr(x, "params", x) for x in args if _is_model(x)])
+    rep = parallel.replicated(mesh)
+    return [parallel.model_shardings(x, mesh, rules) if _is_model(x) else rep for x in args]
 
 
 def _layout(tree) -> tuple:
@@ -184,13 +178,9 @@ class MeshStep:
         batch = {k: place(v) for k, v in batch.items()}
         args = (state, rng, *rest)
         key = tuple(_layout(x) for x in args)
-        placements = self._placements.get(key)
-        if placements is None:
-            teachers = [getattr(t, "params", t) for t in rest if _is_model(t)]
-            parallel.check_rules(self.rules, self.mesh, state.params, *teachers)
-            rep = parallel.replicated(self.mesh)
-            placements = [parallel.model_shardings(x, self.mesh, self.rules) if _is_model(x) else rep for x in args]
-            self._placements[key] = placements
+        if key not in self._placements:
+            self._placements[key] = _shardings(self.mesh, self.rules, args)
+        placements = self._placements[key]
         state, rng, *rest = [parallel.put(x, s) for x, s in zip(args, placements)]
         return self.jitted(state, batch, rng, *rest)
 
@@ -299,12 +289,11 @@ def make_run(model, objective="kd", *, tx=None, teacher=None, mesh=None, rules=N
 
 def _place_run(mesh, rules, state, data, schedule, args, kwargs):
     parallel.check_divides(np.shape(schedule)[-1], mesh, parallel.BATCH, "batch size")
-    rep = parallel.replicated(mesh)
-    teachers = [x for x in list(args[1:]) + list(kwargs.values()) if _is_model(x)]
-    parallel.check_rules(rules, mesh, state.params, *[getattr(t, "params", t) for t in teachers])
-    return (parallel.put(state, parallel.model_shardings(state, mesh, rules)), parallel.put(data, rep),
-            parallel.put(schedule, parallel.schedule_sharding(mesh)), place_model_args(mesh, rules, args),
-            dict(zip(kwargs, place_model_args(mesh, rules, tuple(kwargs.values())))))
+    values = (state, *args, *kwargs.values())
+    state, *values = [parallel.put(x, p) for x, p in zip(values, _shardings(mesh, rules, values))]
+    return (state, parallel.put(data, parallel.replicated(mesh)),
+            parallel.put(schedule, parallel.schedule_sharding(mesh)), tuple(values[:len(args)]),
+            dict(zip(kwargs, values[len(args):])))
 
 
 class CheckedRun:
