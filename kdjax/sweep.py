@@ -208,8 +208,19 @@ def _split_data(per_member: bool, data):
     return {k: v for k, v in data.items() if k not in own}, own
 
 
+def _check_hyper(states, hyper) -> None:
+    """One line when a field of ``hyper`` is not one value per member (shapes: free at trace time)."""
+    n = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(hyper):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+            raise InputError(f"hyper{jax.tree_util.keystr(path)}: expected one value per member, shape [{n}] "
+                             f"(kdjax.sweep.sweep_hyper), got shape {tuple(np.shape(leaf))}; an objective that "
+                             f"reads no hyper takes None")
+
+
 def _vmapped_run(states, data, schedules, rngs, hyper=None, teacher=None, *, step, in_axes, split, batch_sharding,
                  state_sharding=None):
+    _check_hyper(states, hyper)
     if batch_sharding is None and np.shape(jax.tree_util.tree_leaves(states)[0])[0] == 1:
         # one member: XLA:CPU runs a vmap over a batch of one slower than the plain program
         # (docs/benchmarks.md); the same member function, unbatched
@@ -270,6 +281,7 @@ def pick_members_per_group(model, objective, states, data, schedules, rngs, hype
 
 
 def _grouped_run(states, data, schedules, rngs, hyper=None, teacher=None, *, step, in_axes, size, split):
+    _check_hyper(states, hyper)
     # lax.map over the per-member arguments (in_axes 0; of data, the per-member teacher
     # entries); the rest is shared by every member.
     shared, own = split(data)
@@ -290,6 +302,7 @@ def _place_members(mesh, rules, shared_schedule, member_teacher_logits, in_axes,
                    args, kwargs):
     members = np.shape(jax.tree_util.tree_leaves(states)[0])[0]
     parallel.check_divides(members, mesh, "members", "members")
+    _check_hyper(states, args[1] if len(args) > 1 else kwargs.get("hyper"))
     parallel.check_divides(np.shape(schedules)[-1], mesh, parallel.BATCH, "batch size")
     parallel.check_rules(rules, mesh, states.params)
     rep, mem = parallel.replicated(mesh), parallel.member_sharding(mesh)

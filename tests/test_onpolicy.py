@@ -156,6 +156,23 @@ def test_the_fused_run_equals_its_steps(setup):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_the_step_takes_windows_with_prompt_length(setup):
+    """make_on_policy_step's options are OnPolicy's fields: with prompt_length it trains on windows
+    {"x": [B, P + N]} (prompt, then the data's completion), exactly the protocol's step on the
+    same OnPolicy."""
+    teacher, student, t_state, s_state, batch = setup
+    windows = {"x": jnp.concatenate([batch["prompts"], batch["completions"]], axis=1)}
+    opts = dict(lmbda=0.0, max_new_tokens=N, prompt_length=P)
+    step = onpolicy.make_on_policy_step(student, teacher, "gkd", donate=False, **opts)
+    a, ma = step(s_state, windows, jax.random.PRNGKey(3), t_state)
+    protocol = kdjax.make_train_step(student, onpolicy.OnPolicy(teacher, "gkd", **opts), teacher=teacher, donate=False)
+    b, mb = protocol(s_state, windows, jax.random.PRNGKey(3), None, t_state)
+    np.testing.assert_array_equal(ma["loss"], mb["loss"])
+    assert int(ma["completion_tokens"]) == B * N
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_bad_input_is_one_line(setup):
     teacher, student, t_state, s_state, batch = setup
     for kwargs, words in [(dict(method="ppo"), "method: expected one of"),

@@ -133,3 +133,21 @@ def test_pick_members_per_group(setup):
     np.asarray(states.params["fc1"]["kernel"])  # not donated: still readable
     with pytest.raises(ValueError, match="members_per_group"):
         sweep.make_sweep_run(s["student"], "kd", members_per_group=0)
+
+
+@pytest.mark.parametrize("objective", ["ce", "kd"])
+@pytest.mark.parametrize("members_per_group", [None, 1])
+def test_a_hyper_not_one_value_per_member_is_one_line(setup, objective, members_per_group):
+    """Every objective's hyper is batched on the member axis (no special case for "ce"): a
+    scalar or wrongly sized field is one InputError naming it, before anything runs."""
+    from kdjax.errors import InputError
+
+    s = setup
+    keys = sweep.member_keys([0, 1])
+    states = sweep.init_members(s["student"], keys["init"], 50)
+    run = sweep.make_sweep_run(s["student"], objective, shared_schedule=True, members_per_group=members_per_group)
+    d = dict(s["d"], teacher_logits=s["tlogits"])
+    for hyper, shape in ((kdjax.make_hyper(2.0, 0.5), "()"), (sweep.sweep_hyper([1.0] * 3, [0.5] * 3), "(3,)")):
+        with pytest.raises(InputError) as e:
+            run(jax.tree_util.tree_map(jnp.copy, states), d, s["schedule"][:2], keys["dropout"], hyper)
+        assert "\n" not in str(e.value) and f"got shape {shape}" in str(e.value) and "hyper.temperature" in str(e.value)
