@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.errors import InputError, InputTypeError, check_count
-from kdjax.generation import rollout
+from kdjax.generation import _check_sampling, rollout
 from kdjax.losses import _concrete_scalar, check_beta, check_temperature, jsd
 from kdjax.train import make_run, make_train_step
 
@@ -195,11 +195,7 @@ class OnPolicy:
         check_temperature(self.temperature)
         if not isinstance(self.seq_kd, (bool, np.bool_)):
             raise InputTypeError(f"seq_kd: expected True or False, got {self.seq_kd!r}")
-        if self.top_k is not None:
-            check_count("top_k", self.top_k)
-        p = None if self.top_p is None else _concrete_scalar("top_p", self.top_p)
-        if p is not None and not 0 < p <= 1:
-            raise InputError(f"top_p: expected a number in (0, 1], got {p}")
+        _check_sampling(self.temperature, self.top_k, self.top_p, None)  # top_k, top_p as generate checks them
         for name in ("eos_id", "pad_id"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name), 0)

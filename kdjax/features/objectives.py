@@ -31,7 +31,7 @@ from kdjax.features import crd as crd_lib
 from kdjax.features import losses as L
 from kdjax.features.connectors import check_mapped, connector_for
 from kdjax.features.taps import capture
-from kdjax.losses import DIVERGENCES, divergence_per_position, dkd, hard_ce, masked_mean
+from kdjax.losses import DIVERGENCES, check_temperature, divergence_per_position, dkd, hard_ce, masked_mean
 from kdjax.objectives import CONNECTORS, Teacher, apply_model, as_variables, own_variables, raw_key
 
 __all__ = ["Term", "Objective", "objective", "LOSSES", "CONNECTORS", "student_variables", "init_connectors"]
@@ -139,8 +139,7 @@ class Objective:
         object.__setattr__(self, "terms", terms)
         _check_weight("ce", self.ce)
         _check_weight("kd", self.kd)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise InputError(f"temperature: expected a finite number > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if self.divergence not in DIVERGENCES + ("dkd",):
             raise InputError(f"divergence: expected one of {DIVERGENCES + ('dkd',)}, got {self.divergence!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
